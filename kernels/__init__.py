@@ -1,0 +1,37 @@
+"""fleetserve.kernels: the compute kernels of the model forward pass.
+
+Each op lives in its own module with a pure-torch reference (`<op>_ref`) and a
+Triton implementation (`<op>_triton`) of the same signature beside it; tests
+compare the two. `get_ops(backend)` returns the set a model runs with: "torch"
+(references; the CPU path) or "triton" (GPU, or CPU under TRITON_INTERPRET=1).
+
+This package never imports fleetserve.runtime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The kernel functions a model forward uses, all of one backend."""
+
+    name: str
+    rms_norm: Callable
+    rotary_embedding: Callable
+    silu_and_mul: Callable
+    write_kv_cache: Callable
+    paged_attention: Callable
+
+
+def get_ops(backend: str = "torch") -> KernelOps:
+    from . import activation, attention, cache, norm, rotary
+
+    if backend == "torch":
+        return KernelOps("torch", norm.rms_norm_ref, rotary.rotary_embedding_ref, activation.silu_and_mul_ref,
+                         cache.write_kv_cache_ref, attention.paged_attention_ref)
+    if backend == "triton":
+        return KernelOps("triton", norm.rms_norm_triton, rotary.rotary_embedding_triton,
+                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton)
+    raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")

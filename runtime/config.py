@@ -1,0 +1,60 @@
+"""EngineConfig: every engine setting, typed and documented in one place.
+
+The offline `LLM(...)` keyword arguments, the `fleetserve serve` flags and the
+operator's engine settings all map onto these fields; nothing else holds a second
+list of them. Validation happens here, once, at the edge.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
+
+    model: Optional[str] = None
+    """Hugging Face model directory, a .gguf file, or a preset name (llama-3.2-1b, llama-3.1-8b, ...); None serves the embedded SmolLM2-135M-Instruct."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or tokenizer.json, if it differs from the model's."""
+    served_model_name: Optional[str] = None
+    """Name the model is served under; defaults to the model argument."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight and activation dtype; auto means bfloat16 on GPU and float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; auto picks cuda when available."""
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    """How weights are read; dummy builds random weights of the model's config (benchmarks)."""
+    max_model_len: Optional[int] = Field(None, ge=16)
+    """Maximum prompt + output length per request; defaults to the model's max_position_embeddings."""
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV cache block."""
+    num_kv_blocks: Optional[int] = Field(None, ge=1)
+    """Exact number of KV cache blocks; overrides the memory-based sizing."""
+    kv_cache_memory: Optional[int] = Field(None, ge=1)
+    """Bytes to reserve for the KV cache; by default derived from gpu_memory_utilization (GPU) or 1 GiB (CPU)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """Fraction of GPU memory the engine may use for weights, activations and KV cache."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Maximum number of sequences in the running batch."""
+    max_num_batched_tokens: Optional[int] = Field(None, ge=1)
+    """Token budget per engine step (prefill chunks plus decodes); default 8192 on GPU, 2048 on CPU."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernel implementation: triton on CUDA, the torch reference on CPU, unless forced."""
+    seed: int = 0
+    """Seed for weights of dummy models and for requests that bring no seed of their own."""
+    max_logprobs: int = Field(20, ge=0)
+    """Largest logprobs / prompt_logprobs a request may ask for."""
+    trust_remote_code: bool = False
+    """Accepted for vLLM compatibility; remote code is never executed."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+        return self

@@ -1,0 +1,63 @@
+"""Result objects returned by the engine and the offline API, shaped like vLLM's.
+
+`RequestOutput.outputs[i]` is cumulative: text and token_ids hold everything
+generated so far for completion i. Streaming consumers take the delta since the
+last output they saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one token, its rank in the distribution (1 = most likely) and its text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# One dict per position: token id -> Logprob (the chosen/prompt token plus the top-k).
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float] = None
+    logprobs: Optional[list[PositionLogprobs]] = None
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: Union[int, str, None] = None  # the stop string or stop token id that matched
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock timestamps (time.time()) of one request's life, for latency metrics."""
+
+    arrival_time: float
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+    num_cached_tokens: int = 0
+    metrics: Optional[RequestMetrics] = None
+    new_token_counts: list[int] = field(default_factory=list)
+    """Per completion: how many tokens were generated in the step that produced this output."""

@@ -1,0 +1,25 @@
+"""Repository-level contracts: CI runs exactly the README's test command."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [l.strip() for l in lines if l.strip().startswith("pip install")]
+
+
+def test_ci_runs_readme_test_command():
+    cmds = _readme_commands()
+    assert len(cmds) == 2, cmds
+    test_cmd = cmds[1]
+    assert "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in [l.strip() for l in ci]
+
+
+def test_operator_folder_does_not_shadow_stdlib():
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    import operator
+
+    assert hasattr(operator, "eq")
