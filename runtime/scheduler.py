@@ -1,0 +1,194 @@
+"""Scheduler: decides, each engine step, which sequences run and how many tokens each computes.
+
+There are no prefill and decode phases: every step lets each running sequence's
+computed tokens catch up with its known tokens, within a token budget
+(`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`). That gives
+continuous batching, chunked prefill (a long prompt is spread over several
+steps) and prefix caching (cached blocks count as computed) from one rule.
+When KV blocks run out, the most recently admitted running sequence is
+preempted by recompute: its blocks are freed and it goes back to the front of
+the waiting queue; seeds make its resumed output identical.
+
+The scheduler owns the waiting and running queues and every Sequence's
+scheduling state; it returns a plain `SchedulerOutput` and never touches
+device tensors.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .kv_cache import KVCacheManager
+from .request import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    """Tokens computed for this sequence this step, starting at seq.num_computed_tokens."""
+    sample: bool
+    """True when this step reaches the end of the known tokens, so a new token is sampled."""
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) KV block copies to do before the forward pass (copy-on-write)."""
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, status: SeqStatus, reason: int | str | None = None) -> None:
+        """End seq (stop, length or abort): free its blocks and drop it and its unforked siblings."""
+        if seq.is_finished:
+            return
+        seq.status = status
+        seq.stop_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.kv.free(seq)
+
+    # -- one step ---------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            copies = self.kv.allocate_slots(seq, n)
+            while copies is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+                copies = self.kv.allocate_slots(seq, n)
+            if copies is None:  # seq itself was preempted (it was the last one)
+                break
+            out.block_copies += copies
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            scheduled_ids.add(seq.seq_id)
+            budget -= n
+            i += 1
+
+        # Admit waiting sequences only when nothing was preempted this step (it would thrash).
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.kv.find_cached_prefix(seq)
+            computed = seq.num_computed_tokens + len(cached) * self.kv.block_size
+            n = min(seq.num_tokens - computed, budget)
+            copies = self.kv.allocate_slots(seq, n, cached)
+            if copies is None:
+                break
+            self.waiting.popleft()
+            if cached:
+                seq.num_computed_tokens = computed
+                if seq.num_output_tokens == 0:
+                    seq.num_cached_tokens = computed
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.block_copies += copies
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            budget -= n
+
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: Iterable[int]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens, fork n>1 siblings, finish on stop/length.
+
+        `sampled` maps seq_id -> new token for the sequences that sampled. Returns the
+        sequences that got a new token (finished ones included).
+        """
+        progressed = []
+        eos = set(eos_token_ids)
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.is_finished:  # aborted between schedule and update
+                continue
+            prev = seq.num_computed_tokens
+            seq.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(seq, prev)
+            if not s.sample:
+                continue
+            token = sampled[seq.seq_id]
+            if seq.pending_forks:
+                self._fork_siblings(seq)
+            seq.token_ids.append(token)
+            progressed.append(seq)
+            self._check_stop(seq, token, eos)
+        return progressed
+
+    def _check_stop(self, seq: Sequence, token: int, eos: set[int]) -> None:
+        p = seq.params
+        if seq.num_output_tokens > p.min_tokens:  # the sampler masks EOS / stop ids before min_tokens
+            if not p.ignore_eos and token in eos:
+                return self.finish(seq, SeqStatus.FINISHED_STOPPED, None)
+            if token in p.stop_token_ids:
+                return self.finish(seq, SeqStatus.FINISHED_STOPPED, token)
+        if seq.num_tokens >= seq.max_len:
+            self.finish(seq, SeqStatus.FINISHED_LENGTH)
+
+    def _fork_siblings(self, leader: Sequence) -> None:
+        """n > 1: siblings share the leader's prompt KV and recompute only its last prompt token."""
+        share = leader.num_prompt_tokens - 1
+        for child in leader.pending_forks:
+            if child.is_finished:
+                continue
+            if share > 0 and len(self.running) < self.max_num_seqs:
+                self.kv.fork(leader, child, share)
+                child.num_computed_tokens = share
+                child.num_cached_tokens = share
+                child.status = SeqStatus.RUNNING
+                self.running.append(child)
+            else:
+                self.waiting.appendleft(child)
+        leader.pending_forks = []
+
+    def abort(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            for child in seq.pending_forks:
+                child.status = SeqStatus.FINISHED_ABORTED
+            seq.pending_forks = []
+            self.finish(seq, SeqStatus.FINISHED_ABORTED)
