@@ -1,0 +1,454 @@
+"""Sampler: turns one step's logits [B, V] into one token per sequence.
+
+Owns the per-step batch tensors (`SamplingTensors`, built on the host from the
+scheduled sequences' `SamplingRow`s and copied to the device once per step) and
+the vectorised logits pipeline. Nothing here keeps state between steps: the
+engine owns tokens and seeds and hands them in again every step.
+
+Pipeline (the order vLLM uses):
+  1. logprobs of the raw model output (log_softmax), if any row asked for them
+  2. logit_bias, min_tokens suppression of EOS / stop ids
+  3. repetition (prompt + output), frequency and presence (output) penalties
+  4. temperature, min_p, top_k, top_p
+  5. greedy rows: argmax; random rows: Gumbel-max with counter-based noise
+
+Randomness: the noise for (seed, output position, vocab id) is a pure integer
+hash, so a request's tokens depend only on its own seed and logits, not on which
+other requests share the batch, their order, or the device (CPU and CUDA compute
+the same integers). It also makes recomputation after preemption replay the same
+tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import AbstractSet, NamedTuple, Optional, Sequence
+
+import torch
+
+from .sampling_params import SamplingParams
+
+# vLLM treats temperatures this small as greedy: dividing by them overflows.
+_GREEDY_TEMPERATURE = 1e-5
+_M32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------
+# Per-sequence inputs and per-step tensors
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence (one completion) this step."""
+
+    params: SamplingParams
+    seed: int
+    """The completion's random stream; the engine draws one for unseeded requests and
+    derives one per completion for n > 1 (see `completion_seed`)."""
+    output_token_ids: Sequence[int] = ()
+    """Tokens generated so far; its length is the position of the token being sampled."""
+    prompt_token_ids: Sequence[int] = ()
+    """Only read when the row has a repetition penalty."""
+    eos_token_ids: AbstractSet[int] = frozenset()
+    """The model's EOS ids; suppressed (unless ignore_eos) with params.stop_token_ids while
+    fewer than params.min_tokens tokens were generated."""
+
+
+def completion_seed(seed: int, index: int) -> int:
+    """Seed of completion `index` of an n > 1 request: vLLM's `seed + index`, so that
+    completion 0 of a seeded request matches the same request with n = 1."""
+    return seed + index
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError if logit_bias or stop_token_ids name ids outside the vocabulary
+    (for the engine's add_request; `SamplingTensors.build` silently skips them)."""
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class SamplingTensors:
+    """One step's sampling inputs on the device, plus host-side flags that let
+    `Sampler` skip whole stages. Per-row parameters of greedy rows are neutral
+    (temperature 1, no top-k/p, min-p 0): filters never change an argmax."""
+
+    batch_size: int
+    vocab_size: int
+    temperature: torch.Tensor  # float32 [B]
+    top_p: torch.Tensor  # float32 [B]
+    min_p: torch.Tensor  # float32 [B]
+    presence_penalty: torch.Tensor  # float32 [B]
+    frequency_penalty: torch.Tensor  # float32 [B]
+    repetition_penalty: torch.Tensor  # float32 [B]
+    top_k: torch.Tensor  # int64 [B], 0 = off
+    seed_lo: torch.Tensor  # int64 [B], low 32 bits of the seed
+    seed_hi: torch.Tensor  # int64 [B], high 32 bits
+    position: torch.Tensor  # int64 [B], index of the token being sampled within the output
+    random_rows: Optional[torch.Tensor] = None  # int64 [R], only for mixed batches
+    # Flat indices into logits.view(-1) (row * V + token).
+    output_token_index: Optional[torch.Tensor] = None  # counts for presence/frequency/repetition
+    prompt_token_index: Optional[torch.Tensor] = None  # seen-mask for repetition
+    bias_index: Optional[torch.Tensor] = None
+    bias_value: Optional[torch.Tensor] = None  # float32, same length as bias_index
+    suppress_index: Optional[torch.Tensor] = None  # min_tokens: EOS / stop ids set to -inf
+    # Host-side flags.
+    all_greedy: bool = False
+    all_random: bool = False
+    do_penalties: bool = False
+    do_repetition: bool = False
+    do_temperature: bool = False
+    do_min_p: bool = False
+    do_top_p: bool = False
+    max_top_k: int = 0  # 0 = no row uses top-k
+    max_num_logprobs: Optional[int] = None  # None = no row wants logprobs
+    num_logprobs: list[Optional[int]] = field(default_factory=list)  # per row, for the engine
+
+    @property
+    def fast_path(self) -> bool:
+        """All greedy, no bias, penalties, min_tokens or logprobs: the answer is an argmax."""
+        return (
+            self.all_greedy
+            and not self.do_penalties
+            and self.bias_index is None
+            and self.suppress_index is None
+            and self.max_num_logprobs is None
+        )
+
+    @classmethod
+    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> "SamplingTensors":
+        """Walk the rows once on the host, then copy two flat buffers (ints, floats) to the device."""
+        B, V = len(rows), vocab_size
+        device = torch.device(device)
+        floats: list[float] = []  # [B, 6] table, then bias values
+        ints: list[int] = []  # [B, 4] table, then the flat index lists
+        greedy_flags: list[bool] = []
+        out_idx: list[int] = []
+        prompt_idx: list[int] = []
+        bias_idx: list[int] = []
+        bias_val: list[float] = []
+        suppress_idx: list[int] = []
+        num_logprobs: list[Optional[int]] = []
+        do_pen = do_rep = do_temp = do_min_p = do_top_p = False
+        max_top_k = 0
+        max_lp: Optional[int] = None
+
+        for i, row in enumerate(rows):
+            p = row.params
+            base = i * V
+            out = row.output_token_ids
+            greedy = p.temperature < _GREEDY_TEMPERATURE
+            greedy_flags.append(greedy)
+            if greedy:
+                temp, top_p, min_p, top_k = 1.0, 1.0, 0.0, 0
+            else:
+                temp, top_p, min_p = p.temperature, p.top_p, p.min_p
+                top_k = p.top_k if 0 < p.top_k < V else 0
+                do_temp |= temp != 1.0
+                do_top_p |= top_p < 1.0
+                do_min_p |= min_p > 0.0
+                max_top_k = max(max_top_k, top_k)
+            pres, freq, rep = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            floats += (temp, top_p, min_p, pres, freq, rep)
+            seed = row.seed & _U64
+            ints += (top_k, seed & _M32, seed >> 32, len(out))
+
+            if pres != 0.0 or freq != 0.0 or rep != 1.0:
+                do_pen = True
+                out_idx += [base + t for t in out]
+                if rep != 1.0:
+                    do_rep = True
+                    prompt_idx += [base + t for t in row.prompt_token_ids]
+            if p.logit_bias:
+                for t, b in p.logit_bias.items():
+                    if 0 <= t < V:
+                        bias_idx.append(base + t)
+                        bias_val.append(b)
+            if len(out) < p.min_tokens:
+                stop_ids = set(p.stop_token_ids)
+                if not p.ignore_eos:
+                    stop_ids |= row.eos_token_ids
+                suppress_idx += [base + t for t in stop_ids if 0 <= t < V]
+            num_logprobs.append(p.logprobs)
+            if p.logprobs is not None:
+                max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)
+
+        all_greedy = all(greedy_flags)
+        all_random = not any(greedy_flags)
+        random_rows = [] if (all_greedy or all_random) else [i for i, g in enumerate(greedy_flags) if not g]
+        segments = [out_idx, prompt_idx, bias_idx, suppress_idx, random_rows]
+        for seg in segments:
+            ints += seg
+        floats += bias_val
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            host = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
+                return host.pin_memory().to(device, non_blocking=True)
+            return host.to(device)
+
+        int_buf = to_device(ints, torch.int64)
+        float_buf = to_device(floats, torch.float32)
+        table_i = int_buf[: 4 * B].view(B, 4)
+        table_f = float_buf[: 6 * B].view(B, 6)
+        pieces: list[Optional[torch.Tensor]] = []
+        off = 4 * B
+        for seg in segments:
+            pieces.append(int_buf[off : off + len(seg)] if seg else None)
+            off += len(seg)
+        out_t, prompt_t, bias_t, suppress_t, random_t = pieces
+        return cls(
+            batch_size=B,
+            vocab_size=V,
+            temperature=table_f[:, 0],
+            top_p=table_f[:, 1],
+            min_p=table_f[:, 2],
+            presence_penalty=table_f[:, 3],
+            frequency_penalty=table_f[:, 4],
+            repetition_penalty=table_f[:, 5],
+            top_k=table_i[:, 0],
+            seed_lo=table_i[:, 1],
+            seed_hi=table_i[:, 2],
+            position=table_i[:, 3],
+            random_rows=random_t,
+            output_token_index=out_t if do_pen else None,
+            prompt_token_index=prompt_t,
+            bias_index=bias_t,
+            bias_value=float_buf[6 * B :] if bias_idx else None,
+            suppress_index=suppress_t,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            do_penalties=do_pen,
+            do_repetition=do_rep,
+            do_temperature=do_temp,
+            do_min_p=do_min_p,
+            do_top_p=do_top_p,
+            max_top_k=max_top_k,
+            max_num_logprobs=max_lp,
+            num_logprobs=num_logprobs,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Counter-based random numbers
+# ----------------------------------------------------------------------------
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) held in int64, without ever overflowing
+    int64 (signed overflow is not something to rely on across devices)."""
+    if c < (1 << 31):
+        return (x * c) & _M32
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """`lowbias32` (C. Wellons): a bijective 32-bit integer hash with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+_vocab_hash_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _vocab_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
+    key = (vocab_size, device)
+    h = _vocab_hash_cache.get(key)
+    if h is None:
+        v = torch.arange(vocab_size, dtype=torch.int64, device=device)
+        h = _mix32(_mix32(v ^ 0x5BD1E995) ^ 0x27D4EB2F)
+        _vocab_hash_cache[key] = h
+    return h
+
+
+def random_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform 32-bit integers (int64 [R, V]) that depend only on (seed, position, vocab id)."""
+    # Per-row key: three chained rounds over the row's counters (cheap: R elements).
+    k = _mix32(seed_lo ^ 0x9E3779B9)
+    k = _mix32(k ^ seed_hi ^ 0x85EBCA6B)
+    k = _mix32(k ^ (position & _M32) ^ 0xC2B2AE35)
+    # Per element: the vocab id is pre-hashed (cached), so one round on [R, V] suffices.
+    return _mix32(k[:, None] ^ _vocab_hash(vocab_size, seed_lo.device)[None, :])
+
+
+def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 [R, V] uniforms in the open interval (0, 1).
+
+    23 bits, so that (k + 0.5) / 2**23 is exact in float32 and never rounds to 0 or 1."""
+    bits = random_bits(seed_lo, seed_hi, position, vocab_size) >> 9
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """-log(Exp(1)) noise: argmax(logits + noise) samples from softmax(logits)."""
+    u = uniform_noise(seed_lo, seed_hi, position, vocab_size)
+    return -torch.log(-torch.log(u))
+
+
+# ----------------------------------------------------------------------------
+# Logits processing (each function works on the whole batch)
+# ----------------------------------------------------------------------------
+
+
+def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over output tokens and HF/vLLM repetition
+    penalty over prompt + output tokens, in place."""
+    B, V = logits.shape
+    counts = torch.zeros(B * V, dtype=torch.int32, device=logits.device)
+    if st.output_token_index is not None:
+        counts.index_put_((st.output_token_index,), torch.ones_like(st.output_token_index, dtype=torch.int32), accumulate=True)
+    counts = counts.view(B, V)
+    if st.do_repetition:
+        seen = counts > 0
+        if st.prompt_token_index is not None:
+            seen.view(-1)[st.prompt_token_index] = True
+        rep = st.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    logits -= st.frequency_penalty[:, None] * counts
+    logits -= st.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with p < min_p * p_max; in log space, so no softmax is needed."""
+    max_logit = logits.amax(dim=-1, keepdim=True)
+    threshold = max_logit + torch.log(min_p)[:, None]  # log(0) = -inf: row unaffected
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], max_top_k: int) -> torch.Tensor:
+    """top_k (0 = off) then top_p over the distribution renormalised to the top k.
+    Ties with the k-th value are kept, as in vLLM."""
+    if top_p is None:
+        assert top_k is not None and max_top_k > 0
+        kth_values = logits.topk(max_top_k, dim=-1).values
+        kth = kth_values.gather(1, (top_k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill((top_k == 0)[:, None], float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None and max_top_k > 0:
+        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill((top_k == 0)[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill((sorted_logits < kth) & (ranks > 0), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    exclusive_cumsum = probs.cumsum(dim=-1) - probs
+    # Keep the smallest prefix whose mass reaches top_p; rows with top_p = 1 are left
+    # alone (rounding in the cumsum would otherwise drop tail tokens), and the first
+    # token is always kept.
+    drop = (exclusive_cumsum >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+# ----------------------------------------------------------------------------
+# Logprobs
+# ----------------------------------------------------------------------------
+
+
+class LogprobsTensors(NamedTuple):
+    """Column 0 is the sampled (or prompt) token; columns 1..K the top-K tokens, best
+    first, whose ranks are their column numbers. `ranks` is column 0's rank:
+    1 + the number of tokens with a strictly greater logprob."""
+
+    token_ids: torch.Tensor  # int64 [N, K+1]
+    logprobs: torch.Tensor  # float32 [N, K+1]
+    ranks: torch.Tensor  # int64 [N]
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """`logprobs` is a log_softmax [N, V]; `token_ids` [N] the tokens to report."""
+    token_ids = token_ids.to(torch.int64)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        ids = torch.cat([token_ids[:, None], top_ids], dim=1)
+        lps = torch.cat([chosen, top_lp], dim=1)
+    else:
+        ids, lps = token_ids[:, None], chosen
+    return LogprobsTensors(ids, lps, ranks)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """Prompt logprobs: logits [N, V] of positions whose next (prompt) token is target_ids [N]."""
+    return gather_logprobs(torch.log_softmax(logits.float(), dim=-1), target_ids, k)
+
+
+# ----------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: torch.Tensor  # int64 [B]
+    logprobs: Optional[LogprobsTensors] = None
+
+
+class Sampler:
+    """Stateless; `__call__` may modify `logits` in place."""
+
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+        if st.fast_path:
+            return SamplerOutput(logits.argmax(dim=-1))
+
+        raw_logprobs = None
+        if st.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        logits = logits.float().contiguous()
+
+        flat = logits.view(-1)
+        if st.bias_index is not None:
+            flat.index_put_((st.bias_index,), st.bias_value, accumulate=True)
+        if st.suppress_index is not None:
+            flat[st.suppress_index] = float("-inf")
+        if st.do_penalties:
+            logits = apply_penalties(logits, st)
+
+        if st.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, st)
+
+        lp = None
+        if raw_logprobs is not None:
+            lp = gather_logprobs(raw_logprobs, token_ids, st.max_num_logprobs)
+        return SamplerOutput(token_ids, lp)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        rows = st.random_rows  # None when every row samples
+        greedy_ids = None if st.all_random else logits.argmax(dim=-1)
+        if rows is not None:
+            logits = logits.index_select(0, rows)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
+        if st.do_temperature:
+            logits = logits / pick(st.temperature)[:, None]
+        if st.do_min_p:
+            logits = apply_min_p(logits, pick(st.min_p))
+        if st.max_top_k > 0 or st.do_top_p:
+            logits = apply_top_k_top_p(
+                logits,
+                pick(st.top_k) if st.max_top_k > 0 else None,
+                pick(st.top_p) if st.do_top_p else None,
+                st.max_top_k,
+            )
+        noise = gumbel_noise(pick(st.seed_lo), pick(st.seed_hi), pick(st.position), st.vocab_size)
+        sampled = (logits + noise).argmax(dim=-1)
+        if rows is None:
+            return sampled
+        return greedy_ids.index_copy(0, rows, sampled)
