@@ -1,0 +1,310 @@
+"""LLMEngine: the synchronous engine loop — add_request / step / abort.
+
+One step is schedule -> execute -> update: the Scheduler picks the work (a plain
+SchedulerOutput), the ModelRunner computes it on the device and samples, the
+Scheduler advances the sequences, and the engine detokenizes, applies stop
+strings and assembles RequestOutputs. The engine owns the per-request state
+that outlives a step (prompt, detokenizers, logprobs, timings). It is
+single-threaded; fleetserve.runtime.async_engine.AsyncLLM drives it from
+asyncio.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVCacheManager
+from .model_runner import ModelRunner, kv_bytes_per_block
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .request import Sequence, SeqStatus
+from .sampler import check_token_ids, completion_seed
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger("fleetserve.engine")
+
+PromptInput = Union[str, list[int], dict]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    logprobs: list[Optional[list]] = field(default_factory=list)
+    cumulative_logprob: list[Optional[float]] = field(default_factory=list)
+    prompt_logprobs: Optional[list] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from .loader import load_model
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        loaded = load_model(config, self.device, self.dtype)
+        self.model_config = loaded.model_config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = config.served_model_name or loaded.model_name
+        mc = self.model_config
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.block_size = config.block_size
+        self.num_kv_blocks = self._num_kv_blocks(loaded.model)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
+        self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
+                                  self.eos_token_ids)
+        budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        self.scheduler = Scheduler(KVCacheManager(self.num_kv_blocks, self.block_size, config.enable_prefix_caching),
+                                   config.max_num_seqs, budget)
+        self.max_concurrency = self.num_kv_blocks * self.block_size / self.max_model_len
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._pending_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
+                    "(max concurrency %.1fx at %d tokens)", self.model_name, time.perf_counter() - t0,
+                    str(self.dtype).replace("torch.", ""), self.device, self.num_kv_blocks, self.block_size,
+                    self.max_concurrency, self.max_model_len)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        return cls(config)
+
+    # -- sizing -------------------------------------------------------------
+    def _num_kv_blocks(self, model) -> int:
+        cfg = self.config
+        per_block = kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        if cfg.num_kv_blocks is not None:
+            n = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory is not None:
+            n = cfg.kv_cache_memory // per_block
+        elif self.device.type == "cuda":
+            n = self._profile_cuda_blocks(model, per_block)
+        else:
+            n = (1 << 30) // per_block  # 1 GiB on CPU
+        min_blocks = -(-16 // self.block_size)
+        if n < min_blocks:
+            raise ValueError(f"KV cache too small: {n} blocks of {self.block_size} tokens "
+                             f"({per_block} bytes each); give more memory or num_kv_blocks")
+        return int(n)
+
+    def _profile_cuda_blocks(self, model, per_block: int) -> int:
+        """Blocks that fit in gpu_memory_utilization of the card after weights and a peak-activation forward."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        used_before = total - free
+        # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
+        budget_tokens = self.config.max_num_batched_tokens or 8192
+        act = budget_tokens * (self.model_config.hidden_size * 12 + self.model_config.intermediate_size * 6) * 2
+        act += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
+        avail = total * self.config.gpu_memory_utilization - used_before - act
+        return max(int(avail // per_block), 0)
+
+    # -- requests -------------------------------------------------------------
+    def _tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
+                             f"but the prompt has {len(ids)} tokens (no room for any output)")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.config.max_logprobs:
+                raise ValueError(f"{name}={v} exceeds the maximum allowed ({self.config.max_logprobs})")
+        check_token_ids(params, self.vocab_size)
+        need_blocks = -(-min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) // self.block_size)
+        if need_blocks > self.num_kv_blocks:
+            raise ValueError(f"the request needs up to {need_blocks} KV blocks but the cache holds only "
+                             f"{self.num_kv_blocks}: lower max_tokens or give the KV cache more memory")
+        max_len = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(ids) + params.max_tokens)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
+                for i in range(params.n)]
+        seqs[0].pending_forks = seqs[1:]
+        state = _RequestState(
+            request_id=request_id, prompt=text, prompt_token_ids=ids, params=params, seqs=seqs,
+            detoks=[IncrementalDetokenizer(self.tokenizer, ids, params) for _ in seqs] if self.tokenizer else [],
+            metrics=RequestMetrics(arrival_time=arrival),
+            logprobs=[[] if params.logprobs is not None else None for _ in seqs],
+            cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in seqs],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        self._requests[request_id] = state
+        self.scheduler.add(seqs[0])
+        self.prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            state = self._requests.pop(rid, None)
+            if state is None:
+                continue
+            self.scheduler.abort([s for s in state.seqs if not s.is_finished])
+            for s in state.seqs:
+                if not s.is_finished:
+                    s.status = SeqStatus.FINISHED_ABORTED
+            state.metrics.finished_time = time.time()
+            self._pending_outputs.append(self._make_output(state))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the loop -------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        now = time.time()
+        for s in sched.scheduled:
+            m = self._requests[s.seq.request_id].metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        progressed = self.scheduler.update(sched, result.sampled, self.eos_token_ids)
+        now = time.time()
+        touched: dict[str, _RequestState] = {}
+        for seq_id, (first, entries) in result.prompt_logprobs.items():
+            seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
+            state = self._requests[seq.request_id]
+            have = len(state.prompt_logprobs) - 1  # prompt positions already covered (recompute after preemption repeats some)
+            state.prompt_logprobs.extend(self._logprob_dicts(entries[max(0, have - first):]))
+        for seq in progressed:
+            state = self._requests[seq.request_id]
+            touched[seq.request_id] = state
+            self.generation_tokens_total += 1
+            token = seq.token_ids[-1]
+            if seq.seq_id in result.logprobs:
+                ids, lps, rank = result.logprobs[seq.seq_id]
+                state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
+                state.cumulative_logprob[seq.index] += lps[0]
+            if state.detoks:
+                stop = state.detoks[seq.index].update([token])
+                if stop is not None and not seq.is_finished:
+                    self.scheduler.finish(seq, SeqStatus.FINISHED_STOPPED, stop)
+                elif stop is not None and seq.status == SeqStatus.FINISHED_LENGTH:
+                    seq.status, seq.stop_reason = SeqStatus.FINISHED_STOPPED, stop
+        for rid, state in touched.items():
+            m = state.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            if state.finished:
+                m.finished_time = now
+                m.num_preemptions = sum(s.num_preemptions for s in state.seqs)
+                del self._requests[rid]
+            outputs.append(self._make_output(state))
+        return outputs
+
+    # -- outputs --------------------------------------------------------------
+    def _decode_token(self, token_id: int) -> Optional[str]:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else None
+
+    def _logprob_dict(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
+        d = {ids[0]: Logprob(lps[0], rank, self._decode_token(ids[0]))}
+        for j in range(1, len(ids)):
+            if ids[j] not in d:
+                d[ids[j]] = Logprob(lps[j], j, self._decode_token(ids[j]))
+        return d
+
+    def _logprob_dicts(self, entries):
+        return [self._logprob_dict(ids, lps, rank) for ids, lps, rank in entries]
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        comps = []
+        for i, seq in enumerate(state.seqs):
+            text = state.detoks[i].output_text if state.detoks else ""
+            comps.append(CompletionOutput(
+                index=i, text=text, token_ids=seq.output_token_ids,
+                cumulative_logprob=state.cumulative_logprob[i], logprobs=state.logprobs[i],
+                finish_reason=seq.status.value if seq.is_finished else None, stop_reason=seq.stop_reason))
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+            outputs=comps, finished=state.finished,
+            prompt_logprobs=state.prompt_logprobs, num_cached_tokens=state.seqs[0].num_cached_tokens,
+            metrics=state.metrics)
+
+    def get_stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=kv.prefix_cache_queries, prefix_cache_hits_total=kv.prefix_cache_hits,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)

@@ -1,0 +1,81 @@
+"""LLM: the offline batch API, shaped like vLLM's so that users can switch.
+
+    llm = LLM(model=..., dtype=...)
+    outputs = llm.generate(prompts, SamplingParams(...))   # RequestOutputs in input order
+    outputs = llm.chat(messages, SamplingParams(...))       # chat template of the model
+
+It owns one LLMEngine and runs its loop until every submitted request finished.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Union
+
+from .config import EngineConfig
+from .engine import LLMEngine, PromptInput
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, **kwargs):
+        """Keyword arguments are EngineConfig fields (dtype, device, max_model_len, block_size,
+        num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed, ...)."""
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine.from_config(self.config)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        order: dict[str, int] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                rid = f"offline-{next(self._counter)}"
+                self.engine.add_request(rid, prompt, p)
+                order[rid] = i
+        except Exception:
+            self.engine.abort_request(list(order))
+            while self.engine.has_unfinished_requests():  # drain the abort outputs
+                self.engine.step()
+            raise
+        return self._run(order, use_tqdm)
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[Optional[RequestOutput]] = [None] * len(order)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(order), desc="Processed prompts")
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished and out.request_id in order:
+                    results[order[out.request_id]] = out
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts = []
+        for conv in convs:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
+            ids = tok.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
