@@ -1,0 +1,172 @@
+"""Create-or-patch of the operator's child objects through the kubernetes client.
+
+Owns the rule for changing a child: create it when missing; otherwise patch it
+with a JSON merge patch only when the rendered manifest differs from what was last
+applied (kept in an annotation, as `kubectl apply` does) or when someone changed
+an owned field in the cluster. Keys dropped from the rendered manifest are sent as
+null, so they are removed. Objects are never deleted and recreated, so an update
+of engine arguments rolls the Deployment instead of replacing it.
+
+Objects are handled as plain dicts (`_preload_content=False`): the operator does
+not depend on the client's model classes matching the server's version.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from fleetserve.operator.render import LAST_APPLIED
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    name: str
+    action: str
+    """created, patched or unchanged."""
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    return json.loads(resp.data)
+
+
+class Children:
+    """Typed access to the three kinds of children, as dicts."""
+
+    def __init__(self, api_client: client.ApiClient):
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+
+    def _ops(self, kind: str) -> tuple[Any, Any, Any, Any]:
+        ops = {
+            "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
+                           self.apps.patch_namespaced_deployment, self.apps.delete_namespaced_deployment),
+            "Service": (self.core.read_namespaced_service, self.core.create_namespaced_service,
+                        self.core.patch_namespaced_service, self.core.delete_namespaced_service),
+            "PersistentVolumeClaim": (
+                self.core.read_namespaced_persistent_volume_claim, self.core.create_namespaced_persistent_volume_claim,
+                self.core.patch_namespaced_persistent_volume_claim,
+                self.core.delete_namespaced_persistent_volume_claim),
+        }
+        return ops[kind]
+
+    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(self._ops(kind)[0](name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return _json(self._ops(obj["kind"])[1](meta["namespace"], obj, _preload_content=False))
+
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return _json(self._ops(kind)[2](name, namespace, patch, _preload_content=False, _content_type=MERGE_PATCH))
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._ops(kind)[3](name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def apply(children: Children, desired: dict[str, Any]) -> Outcome:
+    kind, meta = desired["kind"], desired["metadata"]
+    desired = copy.deepcopy(desired)
+    desired_core = copy.deepcopy(desired)  # without the annotation that records it
+    desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(desired_core, sort_keys=True)
+
+    existing = children.read(kind, meta["namespace"], meta["name"])
+    if existing is None:
+        children.create(desired)
+        return Outcome(kind, meta["name"], "created")
+
+    if kind == "PersistentVolumeClaim":
+        # A claim's spec is immutable once bound: only labels and owner references are kept in line.
+        desired_core = {"metadata": desired_core["metadata"]}
+        desired = {"metadata": desired["metadata"]}
+
+    last = _last_applied(existing)
+    if last == desired_core and is_subset(desired_core, existing):
+        return Outcome(kind, meta["name"], "unchanged")
+    patch = merge(desired, removals(last or {}, desired_core))
+    patch.pop("apiVersion", None), patch.pop("kind", None)
+    patch["metadata"].pop("name", None), patch["metadata"].pop("namespace", None)
+    children.patch(kind, meta["namespace"], meta["name"], patch)
+    return Outcome(kind, meta["name"], "patched")
+
+
+def _last_applied(obj: dict[str, Any]) -> dict[str, Any] | None:
+    raw = (obj.get("metadata", {}).get("annotations") or {}).get(LAST_APPLIED)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def removals(old: Any, new: Any) -> dict[str, Any]:
+    """A merge patch fragment that nulls the keys `old` had and `new` dropped (lists are replaced whole)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in old.items():
+        if key not in new:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            sub = removals(value, new[key])
+            if sub:
+                out[key] = sub
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def _quantity(value: str) -> float | None:
+    m = _QUANTITY.match(value)
+    if not m or m.group(2) not in _SUFFIX:
+        return None
+    try:
+        return float(m.group(1)) * _SUFFIX[m.group(2)]
+    except ValueError:
+        return None
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """Whether every field of `want` is present and equal in `have` (server-side defaults are ignored).
+
+    Quantities compare by value: the apiserver rewrites "1000m" as "1".
+    """
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and is_subset(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(map(is_subset, want, have))
+    if want == have:
+        return True
+    if isinstance(want, str) and isinstance(have, str):
+        a, b = _quantity(want), _quantity(have)
+        return a is not None and a == b
+    return str(want) == str(have) if isinstance(want, (int, str)) and isinstance(have, (int, str)) else False

@@ -1,0 +1,250 @@
+"""The kopf operator for InferenceService: handlers wiring spec -> children -> status -> scale.
+
+Owns the handlers and nothing else; the logic lives in pure modules:
+spec.py (parse/validate), render.py (manifests), apply.py (create-or-patch),
+status.py (conditions), metrics.py (scraping), autoscaler.py (decisions).
+
+- `reconcile`: one idempotent handler stacked on create/update/resume renders the
+  children, adopts them (owner references, so deletion garbage-collects them) and
+  creates or patches them. An invalid spec becomes an InvalidSpec condition and a
+  Warning event, then a PermanentError: no retry loop until the spec changes.
+- indexes of runtime pods, Deployments and Services (kopf watches) feed
+- `observe`: a timer per InferenceService that scrapes each ready pod's /metrics,
+  writes status, recreates children that disappeared, and applies autoscaling
+  decisions through the scale subresource (with an event for each).
+
+Never imports torch or fleetserve.runtime (checked by import-linter, see .importlinter).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from pydantic import ValidationError
+
+from fleetserve.operator import autoscaler, render, status as status_mod
+from fleetserve.operator.apply import MERGE_PATCH, Children, apply
+from fleetserve.operator.metrics import RateTracker, scrape_all
+from fleetserve.operator.settings import OperatorSettings
+from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
+                                      parse_spec)
+
+ISVC = (GROUP, VERSION, PLURAL)
+MANAGED = {"app.kubernetes.io/managed-by": "fleetserve-operator", render.ISVC_LABEL: kopf.PRESENT}
+# Read at import: kopf needs the timer interval when the handler is declared.
+SETTINGS = OperatorSettings.from_env()
+
+
+def _api_client() -> client.ApiClient:
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    # Handler logs stay in the operator's log; the events users see are the explicit ones below.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    memo.settings = SETTINGS
+    memo.api = _api_client()
+    logger.info("fleetserve operator: runtime image %s, metrics every %ss", SETTINGS.runtime_image,
+                SETTINGS.metrics_interval)
+
+
+@kopf.on.cleanup()
+def close_client(memo: kopf.Memo, **_: Any) -> None:
+    api = memo.get("api")
+    if api is not None:
+        api.close()
+
+
+@kopf.on.probe(id="watching")
+def probe(memo: kopf.Memo, **_: Any) -> str:
+    return memo.settings.runtime_image if "settings" in memo else "starting"
+
+
+# --- indexes: the operator's view of its children, kept current by watches ------------------------
+
+@kopf.index("pods", labels=MANAGED)
+def runtime_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[render.ISVC_LABEL]): status_mod.pod_view(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=MANAGED)
+def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    return {(namespace, labels[render.ISVC_LABEL]): {
+        "metadata": {"name": body.metadata.name, "generation": body.metadata.get("generation"),
+                     "lastApplied": annotations.get(render.LAST_APPLIED)},
+        "status": dict(body.get("status") or {})}}
+
+
+@kopf.index("services", labels=MANAGED)
+def runtime_services(namespace: str, labels: kopf.Labels, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[render.ISVC_LABEL]): name}
+
+
+def _first(index: kopf.Index, key: Any) -> Any:
+    return next(iter(index.get(key, ())), None)
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body,
+             settings: OperatorSettings) -> list[dict[str, Any]]:
+    children = render.render_all(name, namespace, spec, settings)
+    for child in children:
+        if not (child["kind"] == "PersistentVolumeClaim" and spec.modelCache.retainOnDelete):
+            kopf.adopt(child, owner=body)
+    return children
+
+
+def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: kopf.Memo,
+                    logger: logging.Logger) -> list[str]:
+    children = Children(memo.api)
+    changed = []
+    for child in _desired(name, namespace, spec, body, memo.settings):
+        outcome = apply(children, child)
+        if outcome.action != "unchanged":
+            changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
+            logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
+    if changed:
+        kopf.event(body, type="Normal", reason="Reconciled", message="; ".join(changed))
+    return changed
+
+
+def _parse(body: kopf.Body) -> tuple[InferenceServiceSpec | None, str | None]:
+    try:
+        return parse_spec(body.get("spec")), None
+    except ValidationError as exc:
+        return None, describe_validation_error(exc)
+
+
+def _static_status(name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings) -> dict[str, Any]:
+    return {"url": render.service_url(name, namespace, settings), "selector": render.selector_string(name),
+            "model": render.model_description(spec)}
+
+
+@kopf.on.resume(*ISVC)
+@kopf.on.create(*ISVC)
+@kopf.on.update(*ISVC)
+def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
+              patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
+              runtime_deployments: kopf.Index, **_: Any) -> None:
+    spec, error = _parse(body)
+    if spec is None:
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=error or "invalid spec")
+        _write_status(patch, status, _observe(name, namespace, None, error, body, memo, runtime_pods,
+                                              runtime_deployments, None), meta, reconciled=True)
+        # Children keep the last valid configuration; nothing to retry until the spec changes.
+        raise kopf.PermanentError(f"invalid spec: {error}")
+    _apply_children(name, namespace, spec, body, memo, logger)
+    patch.status.update(_static_status(name, namespace, spec, memo.settings))
+    patch.status["desiredReplicas"] = spec.target_replicas()
+    _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
+                                          runtime_deployments, None), meta, reconciled=True)
+
+
+@kopf.on.delete(*ISVC, optional=True)
+def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None:
+    # Children carry owner references: the garbage collector removes them. Nothing to do here.
+    logger.info("InferenceService %s/%s deleted; children are garbage-collected", namespace, name)
+
+
+# --- observe: status, metrics, self-healing, autoscaling --------------------------------------------
+
+def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None, body: kopf.Body,
+             memo: kopf.Memo, pods_index: kopf.Index, deployments_index: kopf.Index,
+             metrics: Any) -> dict[str, Any]:
+    key = (namespace, name)
+    pods = tuple(pods_index.get(key, ()))
+    cached_before = (any(c.get("type") == "ModelCached" and c.get("status") == "True"
+                         for c in (body.get("status") or {}).get("conditions") or [])
+                     and (body.get("status") or {}).get("model") == (render.model_description(spec) if spec else None))
+    target = spec.target_replicas() if spec else int((body.get("spec") or {}).get("replicas") or 0)
+    obs = status_mod.Observation(spec=spec, spec_error=error, target_replicas=target,
+                                 deployment=_first(deployments_index, key), pods=pods, metrics=metrics,
+                                 model_cached_before=bool(cached_before))
+    return status_mod.compute(obs)
+
+
+def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], meta: kopf.Meta,
+                  reconciled: bool = False) -> None:
+    generation = meta.get("generation")
+    new = dict(new)
+    new["conditions"] = status_mod.merge_conditions(status.get("conditions") or [], new["conditions"], generation)
+    if reconciled:
+        new["observedGeneration"] = generation
+    patch.status.update(new)
+
+
+def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: kopf.Memo,
+                 deployments_index: kopf.Index, services_index: kopf.Index) -> bool:
+    key = (namespace, name)
+    dep = _first(deployments_index, key)
+    if dep is None or _first(services_index, key) is None:
+        return True
+    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings) if c["kind"] == "Deployment")
+    return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True)
+
+
+async def _scale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, decision: autoscaler.Decision,
+                 logger: logging.Logger) -> None:
+    api = client.CustomObjectsApi(memo.api)
+    await asyncio.to_thread(api.patch_namespaced_custom_object_scale, GROUP, VERSION, namespace, PLURAL, name,
+                            {"spec": {"replicas": decision.desired}}, _content_type=MERGE_PATCH,
+                            _preload_content=False)
+    direction = "ScaledUp" if decision.desired > decision.current else "ScaledDown"
+    message = f"replicas {decision.current} -> {decision.desired}: {decision.reason}"
+    logger.info("%s: %s", direction, message)
+    kopf.event(body, type="Normal", reason=direction, message=message)
+
+
+@kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))
+async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
+                  memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
+                  runtime_deployments: kopf.Index, runtime_services: kopf.Index, **_: Any) -> None:
+    settings: OperatorSettings = memo.settings
+    spec, error = _parse(body)
+    if spec is not None and await asyncio.to_thread(_needs_apply, name, namespace, spec, body, memo,
+                                                    runtime_deployments, runtime_services):
+        # A child was deleted or edited behind our back: put it back.
+        await asyncio.to_thread(_apply_children, name, namespace, spec, body, memo, logger)
+
+    pods = tuple(runtime_pods.get((namespace, name), ()))
+    targets = {p.name: f"http://{p.ip}:{p.port}/metrics" for p in pods if p.ready and p.ip and not p.deleting}
+    tracker = memo.setdefault("rates", RateTracker())
+    metrics = await scrape_all(targets, tracker, settings.metrics_timeout)
+    new = _observe(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
+    if metrics is not None:
+        new["lastMetricsTime"] = status_mod.now_iso()
+
+    if spec is not None:
+        new.update(_static_status(name, namespace, spec, settings))
+        new["desiredReplicas"] = spec.target_replicas()
+        if spec.autoscaling.enabled:
+            history = memo.setdefault("history", autoscaler.History())
+            now = time.monotonic()
+            decision = autoscaler.decide(now, spec.replicas, metrics.waiting if metrics else 0.0,
+                                         metrics.running if metrics else 0.0, spec.autoscaling, history,
+                                         load_known=metrics is not None)
+            new["desiredReplicas"] = decision.desired
+            if decision.changes:
+                await _scale(name, namespace, body, memo, decision, logger)
+                autoscaler.record_change(history, now)
+                new["lastScaleTime"] = status_mod.now_iso()
+    _write_status(patch, status, new, meta)

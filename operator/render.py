@@ -1,0 +1,313 @@
+"""Renders an InferenceService spec into the child manifests the operator owns.
+
+Pure functions, no API calls: (name, namespace, spec, settings) -> plain dicts for
+a Deployment, a Service and (for hf:// models) the model-cache PVC. Everything
+here uses APIs that exist from Kubernetes 1.20 to current releases (apps/v1, v1).
+
+The defaults answer the pains users of KServe / vLLM production-stack report:
+- long model loads: a startupProbe with a budget of rollout.startupTimeoutSeconds,
+  so slow loads are not killed by liveness and get no traffic before /health is 200;
+- dropped requests on rollout: preStop sleep (endpoints drop the pod first), then
+  the server drains on SIGTERM within engine.shutdownTimeoutSeconds, and the grace
+  period covers both;
+- GPU rollout deadlock: pods with GPUs roll with maxSurge 0 (no extra GPU needed);
+- re-downloads on every restart: weights go to a PVC once; a marker file makes
+  the download init container a no-op afterwards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fleetserve.operator.settings import OperatorSettings
+from fleetserve.operator.spec import GROUP, InferenceServiceSpec
+
+PORT = 8000
+CACHE_MOUNT = "/models"
+SOURCE_MOUNT = "/mnt/model-source"
+MARKER_FILE = ".fleetserve-complete"
+ISVC_LABEL = f"{GROUP}/inferenceservice"
+LAST_APPLIED = f"{GROUP}/last-applied"
+RUNTIME_CONTAINER = "runtime"
+DOWNLOAD_CONTAINER = "model-download"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Runs in the runtime image (python + huggingface_hub) as the download init container.
+# argv: repo revision dest allow_pattern. Idempotent: a marker file written after a
+# complete download makes later runs exit at once; a file lock serialises replicas
+# that start together on a shared (RWX) cache.
+DOWNLOAD_SCRIPT = """\
+import fcntl, os, sys
+repo, revision, dest, pattern = sys.argv[1:5]
+marker = os.path.join(dest, ".fleetserve-complete")
+if os.path.exists(marker):
+    print(f"model cache hit: {repo}@{revision} in {dest}, nothing to download", flush=True)
+    sys.exit(0)
+os.makedirs(dest, exist_ok=True)
+with open(dest.rstrip("/") + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(marker):
+        print(f"model cache filled by another pod: {dest}", flush=True)
+        sys.exit(0)
+    print(f"downloading {repo}@{revision} into {dest}", flush=True)
+    from huggingface_hub import snapshot_download
+    snapshot_download(repo_id=repo, revision=revision, local_dir=dest,
+                      allow_patterns=[pattern] if pattern else None)
+    with open(marker, "w") as fh:
+        fh.write(f"{repo}@{revision}\\n")
+print("download complete", flush=True)
+"""
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "fleetserve-runtime", "app.kubernetes.io/instance": name}
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {**selector_labels(name), "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "fleetserve-operator", ISVC_LABEL: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def cache_claim_name(name: str, spec: InferenceServiceSpec) -> str | None:
+    """The PVC holding downloaded weights, or None when the model needs no download."""
+    if spec.model.scheme != "hf" or not spec.modelCache.enabled:
+        return None
+    return spec.modelCache.existingClaim or f"{name}-model-cache"
+
+
+def served_model_name(name: str, spec: InferenceServiceSpec) -> str:
+    return spec.model.servedModelName or name
+
+
+def _hf_parts(uri: str) -> tuple[str, str]:
+    ref = uri[len("hf://"):]
+    repo, _, revision = ref.partition("@")
+    return repo, revision or "main"
+
+
+def model_path(spec: InferenceServiceSpec) -> str | None:
+    """The MODEL argument of `fleetserve serve` inside the pod; None for the embedded default."""
+    scheme = spec.model.scheme
+    if scheme == "hf":
+        repo, revision = _hf_parts(spec.model.uri)
+        path = f"{CACHE_MOUNT}/hf/{repo}/{revision}"
+        return f"{path}/{spec.model.ggufFile}" if spec.model.ggufFile else path
+    if scheme == "pvc":
+        _, _, path = spec.model.uri[len("pvc://"):].partition("/")
+        return f"{SOURCE_MOUNT}/{path}"
+    if scheme == "file":
+        return spec.model.uri[len("file://"):]
+    return None
+
+
+def model_description(spec: InferenceServiceSpec) -> str:
+    return "embedded:SmolLM2-135M-Instruct" if spec.model.scheme == "embedded" else spec.model.uri
+
+
+def serve_args(name: str, spec: InferenceServiceSpec) -> list[str]:
+    e = spec.engine
+    args = [model_path(spec)] if model_path(spec) else []
+    args += ["--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served_model_name(name, spec),
+             "--dtype", e.dtype, "--device", e.device, "--shutdown-timeout", str(e.shutdownTimeoutSeconds)]
+    for flag, value in (("--max-model-len", e.maxModelLen), ("--max-num-seqs", e.maxNumSeqs),
+                        ("--max-num-batched-tokens", e.maxNumBatchedTokens), ("--block-size", e.blockSize),
+                        ("--gpu-memory-utilization", e.gpuMemoryUtilization)):
+        if value is not None:
+            args += [flag, str(value)]
+    args.append("--enable-prefix-caching" if e.enablePrefixCaching else "--no-enable-prefix-caching")
+    return args + list(e.extraArgs)
+
+
+def _int_or_percent(value: str) -> int | str:
+    return value if value.endswith("%") else int(value)
+
+
+def _strategy(spec: InferenceServiceSpec) -> dict[str, Any]:
+    r = spec.rollout
+    if r.strategy == "Recreate":
+        return {"type": "Recreate"}
+    # Auto with GPUs: never ask for a GPU beyond the replicas' own (a surge pod would wait forever
+    # on a full node while the old pod holds the GPU).
+    surge, unavailable = ("0", "1") if spec.resources.gpus > 0 and r.strategy == "Auto" else ("1", "0")
+    return {"type": "RollingUpdate", "rollingUpdate": {
+        "maxSurge": _int_or_percent(r.maxSurge or surge),
+        "maxUnavailable": _int_or_percent(r.maxUnavailable or unavailable)}}
+
+
+def _health_probe(period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": timeout, "successThreshold": 1}
+
+
+def _secret_env(env_name: str, ref: Any) -> dict[str, Any]:
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
+                      settings: OperatorSettings) -> dict[str, Any]:
+    image = spec.image or settings.runtime_image
+    pull_policy = spec.imagePullPolicy or settings.runtime_image_pull_policy
+    res = spec.resources
+    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = {"memory": res.memory}
+    if res.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
+
+    claim = cache_claim_name(name, spec)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if spec.model.scheme == "hf":
+        cache_volume = ({"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}})
+        volumes.append({"name": "model-cache", **cache_volume})
+        mounts.append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+    if spec.model.scheme == "pvc":
+        source_claim = spec.model.uri[len("pvc://"):].split("/", 1)[0]
+        volumes.append({"name": "model-source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}})
+        mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+    if res.shmSize:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    env = [{"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
+           # The server never downloads: weights are fetched by the init container or shipped.
+           {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    if spec.secrets.apiKey:
+        env.append(_secret_env("FLEETSERVE_API_KEY", spec.secrets.apiKey))
+
+    rollout = spec.rollout
+    startup_period = 10
+    container: dict[str, Any] = {
+        "name": RUNTIME_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["fleetserve", "serve"],
+        "args": serve_args(name, spec),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "resources": {"requests": requests, "limits": limits},
+        "volumeMounts": mounts,
+        "startupProbe": _health_probe(startup_period, math.ceil(rollout.startupTimeoutSeconds / startup_period), 5),
+        "readinessProbe": _health_probe(5, 2, 3),
+        "livenessProbe": _health_probe(15, 4, 5),
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if rollout.preStopSleepSeconds:
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(rollout.preStopSleepSeconds)]}}}
+
+    init_containers = []
+    if spec.model.scheme == "hf":
+        repo, revision = _hf_parts(spec.model.uri)
+        download_env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
+                        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+        if spec.secrets.hfToken:
+            download_env.append(_secret_env("HF_TOKEN", spec.secrets.hfToken))
+        init_containers.append({
+            "name": DOWNLOAD_CONTAINER,
+            "image": image,
+            "imagePullPolicy": pull_policy,
+            "command": ["python", "-c", DOWNLOAD_SCRIPT, repo, revision, f"{CACHE_MOUNT}/hf/{repo}/{revision}",
+                        spec.model.ggufFile or ""],
+            "env": download_env,
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+            "securityContext": _security_context(),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        })
+
+    sched = spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        # preStop sleep + server drain + margin for the process to exit.
+        "terminationGracePeriodSeconds": rollout.preStopSleepSeconds + spec.engine.shutdownTimeoutSeconds + 15,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.runtime_uid,
+                            "runAsGroup": settings.runtime_uid, "fsGroup": settings.runtime_uid},
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    if sched.nodeSelector:
+        pod_spec["nodeSelector"] = dict(sched.nodeSelector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = dict(sched.affinity)
+    if sched.priorityClassName:
+        pod_spec["priorityClassName"] = sched.priorityClassName
+    if sched.runtimeClassName:
+        pod_spec["runtimeClassName"] = sched.runtimeClassName
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.imagePullSecrets]
+
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "runtime")},
+        "spec": {
+            "replicas": spec.target_replicas(),
+            "selector": {"matchLabels": selector_labels(name)},
+            "strategy": _strategy(spec),
+            "revisionHistoryLimit": 3,
+            # Progressing=False (ProgressDeadlineExceeded) only after a pod had its full load budget.
+            "progressDeadlineSeconds": rollout.startupTimeoutSeconds + 600,
+            "template": {
+                "metadata": {
+                    "labels": labels(name, "runtime"),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(name: str, namespace: str, spec: InferenceServiceSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "runtime")},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """The claim the operator creates for downloads; None when an existing claim (or none) is used."""
+    if cache_claim_name(name, spec) is None or spec.modelCache.existingClaim:
+        return None
+    cache = spec.modelCache
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{name}-model-cache", "namespace": namespace, "labels": labels(name, "model-cache")},
+        "spec": {"accessModes": [cache.accessMode], "resources": {"requests": {"storage": cache.size}}},
+    }
+    if cache.storageClassName:
+        pvc["spec"]["storageClassName"] = cache.storageClassName
+    return pvc
+
+
+def render_all(name: str, namespace: str, spec: InferenceServiceSpec,
+               settings: OperatorSettings) -> list[dict[str, Any]]:
+    """All children, in the order they must be applied (the claim before the pods that mount it)."""
+    pvc = render_cache_pvc(name, namespace, spec)
+    return ([pvc] if pvc else []) + [render_service(name, namespace, spec),
+                                     render_deployment(name, namespace, spec, settings)]
+
+
+def service_url(name: str, namespace: str, settings: OperatorSettings) -> str:
+    return f"http://{name}.{namespace}.svc.{settings.cluster_domain}"

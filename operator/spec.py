@@ -1,0 +1,360 @@
+"""The InferenceService API: typed spec and status, the single source of the CRD schema.
+
+This module owns the shape of `serving.fleetserve.dev/v1alpha1` InferenceService
+objects. The CRD's OpenAPI schema in crds/ is generated from these models
+(`python -m fleetserve.operator.crd`), so the schema the apiserver enforces and
+the objects the operator parses cannot drift apart. Checks a structural schema
+cannot express (minReplicas > maxReplicas, scale to zero without opting in)
+live in the model validators here; the operator turns their failures into an
+`InvalidSpec` condition and event instead of a crash loop.
+
+Every field's docstring becomes its `description` in the CRD (and so in
+`kubectl explain`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GROUP = "serving.fleetserve.dev"
+VERSION = "v1alpha1"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ["fsvc"]
+
+# hf://org/name[@revision] | pvc://claim/path | file:///abs/path | embedded
+# The claim name follows DNS-1123 label rules; paths may not contain "..".
+MODEL_URI_PATTERN = (
+    r"^(embedded"
+    r"|hf://[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/\s]+)+"
+    r"|file:///[^\s]+)$"
+)
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class _Model(BaseModel):
+    """Base for API objects: camelCase as written by users, attribute docstrings as descriptions."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", populate_by_name=True,
+                              frozen=True)
+
+
+class ModelSource(_Model):
+    uri: str = Field("embedded", pattern=MODEL_URI_PATTERN)
+    """Where the weights come from: `hf://org/name[@revision]` (downloaded once into the model cache),
+    `pvc://claim/path` (a directory or .gguf file on an existing PersistentVolumeClaim, mounted read-only),
+    `file:///path` (a directory or .gguf file already inside the image) or `embedded` (the runtime's
+    built-in SmolLM2-135M-Instruct, nothing to download)."""
+
+    ggufFile: Optional[str] = Field(None, pattern=r"^[^/\s][^\s]*\.gguf$")
+    """For hf:// sources holding GGUF files: the file inside the repository to serve (only it is downloaded)."""
+
+    servedModelName: Optional[str] = Field(None, min_length=1, max_length=253)
+    """The model name clients send in requests and that labels the metrics; defaults to the resource name."""
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0] if "://" in self.uri else self.uri
+
+
+class EngineSettings(_Model):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight and activation dtype (`--dtype`)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device the runtime uses (`--device`); auto picks cuda when a GPU is visible."""
+
+    maxModelLen: Optional[int] = Field(None, ge=16)
+    """Longest sequence (prompt + output) in tokens (`--max-model-len`); default: the model's own."""
+
+    maxNumSeqs: Optional[int] = Field(None, ge=1)
+    """Most sequences batched in one step (`--max-num-seqs`)."""
+
+    maxNumBatchedTokens: Optional[int] = Field(None, ge=1)
+    """Token budget of one engine step (`--max-num-batched-tokens`)."""
+
+    blockSize: Optional[int] = Field(None, ge=1, le=1024)
+    """Tokens per KV-cache block (`--block-size`)."""
+
+    enablePrefixCaching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (`--enable-prefix-caching`)."""
+
+    gpuMemoryUtilization: Optional[float] = Field(None, ge=0.05, le=1.0)
+    """Fraction of GPU memory the runtime may use (`--gpu-memory-utilization`)."""
+
+    shutdownTimeoutSeconds: int = Field(30, ge=0, le=3600)
+    """How long the server drains in-flight requests after SIGTERM (`--shutdown-timeout`);
+    the pod's termination grace period is derived from it."""
+
+    extraArgs: list[str] = Field(default_factory=list)
+    """Further `fleetserve serve` flags, appended verbatim."""
+
+
+class Resources(_Model):
+    gpus: int = Field(0, ge=0, le=64)
+    """NVIDIA GPUs per pod (`nvidia.com/gpu` request and limit). With GPUs, rollouts never surge."""
+
+    cpu: str = Field("1", pattern=QUANTITY_PATTERN)
+    """CPU request per pod (no CPU limit is set: throttling hurts latency)."""
+
+    memory: str = Field("4Gi", pattern=QUANTITY_PATTERN)
+    """Memory request and limit per pod."""
+
+    shmSize: Optional[str] = Field(None, pattern=QUANTITY_PATTERN)
+    """Size of the in-memory /dev/shm volume; none by default."""
+
+
+class Toleration(_Model):
+    key: Optional[str] = None
+    """The taint key the toleration applies to."""
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    """Exists or Equal."""
+    value: Optional[str] = None
+    """The taint value for Equal."""
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    """The taint effect to tolerate; empty means all."""
+    tolerationSeconds: Optional[int] = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class Scheduling(_Model):
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pods tolerate (e.g. nvidia.com/gpu:NoSchedule on GPU pools)."""
+
+    affinity: Optional[dict[str, Any]] = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """A core/v1 Affinity, copied into the pod spec."""
+
+    priorityClassName: Optional[str] = None
+    """PriorityClass of the pods."""
+
+    runtimeClassName: Optional[str] = None
+    """RuntimeClass of the pods (e.g. `nvidia` where the GPU runtime is not the default)."""
+
+
+class ModelCache(_Model):
+    enabled: bool = True
+    """Keep downloaded weights on a PersistentVolumeClaim so restarts and new replicas skip the download.
+    Only hf:// models are downloaded; other sources never need a cache."""
+
+    existingClaim: Optional[str] = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
+    """Use this existing PersistentVolumeClaim instead of creating `<name>-model-cache`; it is never deleted."""
+
+    size: str = Field("20Gi", pattern=QUANTITY_PATTERN)
+    """Size of the claim the operator creates."""
+
+    storageClassName: Optional[str] = None
+    """StorageClass of the claim the operator creates; the cluster default when empty."""
+
+    accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    """Access mode of the created claim. Replicas on several nodes need ReadWriteMany."""
+
+    retainOnDelete: bool = False
+    """Keep the created claim (no owner reference) when the InferenceService is deleted."""
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    """Secret name in the InferenceService's namespace."""
+
+    key: str = Field(min_length=1)
+    """Key inside the Secret."""
+
+
+class Secrets(_Model):
+    hfToken: Optional[SecretKeyRef] = None
+    """Hugging Face token for gated or private hf:// models (env HF_TOKEN of the download step)."""
+
+    apiKey: Optional[SecretKeyRef] = None
+    """API key clients must send as a Bearer token (env FLEETSERVE_API_KEY of the server)."""
+
+
+class Autoscaling(_Model):
+    enabled: bool = True
+    """Let the operator scale on queue depth. Disable it when KEDA or an HPA drives the scale subresource."""
+
+    minReplicas: int = Field(1, ge=0)
+    """Fewest replicas; 0 needs scaleToZero."""
+
+    maxReplicas: Optional[int] = Field(None, ge=1)
+    """Most replicas; defaults to max(minReplicas, 1)."""
+
+    targetQueueDepth: float = Field(5.0, gt=0)
+    """Requests (waiting + running) one replica should carry: desired = ceil(total / target)."""
+
+    scaleUpStabilizationSeconds: int = Field(0, ge=0, le=3600)
+    """A higher replica count must be recommended for this long before scaling up."""
+
+    scaleDownStabilizationSeconds: int = Field(300, ge=0, le=86400)
+    """Scale down only to the highest count recommended over this window."""
+
+    cooldownSeconds: int = Field(60, ge=0, le=86400)
+    """No scale decision within this long after the previous one."""
+
+    scaleToZero: bool = False
+    """Allow minReplicas 0: idle services release their GPUs. Scaling up from zero needs an external
+    trigger (kubectl scale, KEDA): with no pod there is no queue to observe."""
+
+    @property
+    def effective_max(self) -> int:
+        return self.maxReplicas if self.maxReplicas is not None else max(self.minReplicas, 1)
+
+
+class Rollout(_Model):
+    strategy: Literal["Auto", "RollingUpdate", "Recreate"] = "Auto"
+    """Auto = RollingUpdate with maxSurge 0 when pods need GPUs (no spare GPU deadlock), else surge 1, unavailable 0."""
+
+    maxSurge: Optional[str] = Field(None, pattern=r"^[0-9]+%?$")
+    """Override for RollingUpdate maxSurge (a count or a percentage)."""
+
+    maxUnavailable: Optional[str] = Field(None, pattern=r"^[0-9]+%?$")
+    """Override for RollingUpdate maxUnavailable (a count or a percentage)."""
+
+    startupTimeoutSeconds: int = Field(1800, ge=30, le=86400)
+    """How long a pod may take to load the model before it is restarted (startupProbe budget)."""
+
+    preStopSleepSeconds: int = Field(10, ge=0, le=300)
+    """Pause before SIGTERM so endpoints drop the pod before it stops accepting requests."""
+
+
+class InferenceServiceSpec(_Model):
+    model: ModelSource = Field(default_factory=ModelSource)
+    """What to serve."""
+
+    image: Optional[str] = Field(None, min_length=1)
+    """Runtime image; defaults to the operator's configured runtime image."""
+
+    imagePullPolicy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    """Pull policy of the runtime image."""
+
+    imagePullSecrets: list[str] = Field(default_factory=list)
+    """Names of Secrets used to pull the image."""
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    """Runtime engine settings, mapped onto `fleetserve serve` flags."""
+
+    resources: Resources = Field(default_factory=Resources)
+    """Per-pod compute resources."""
+
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    """Where pods may run."""
+
+    modelCache: ModelCache = Field(default_factory=ModelCache)
+    """Persistent cache for downloaded weights."""
+
+    secrets: Secrets = Field(default_factory=Secrets)
+    """Secrets the pods read."""
+
+    replicas: int = Field(1, ge=0)
+    """Current replica count: the scale subresource (kubectl scale, the built-in autoscaler, KEDA) writes it.
+    With autoscaling enabled the pods run clamped to [minReplicas, maxReplicas]."""
+
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    """Queue-depth autoscaling bounds and windows."""
+
+    rollout: Rollout = Field(default_factory=Rollout)
+    """How new versions replace running pods."""
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "InferenceServiceSpec":
+        a = self.autoscaling
+        if a.maxReplicas is not None and a.minReplicas > a.maxReplicas:
+            raise ValueError(f"autoscaling.minReplicas ({a.minReplicas}) is greater than maxReplicas ({a.maxReplicas})")
+        if a.minReplicas == 0 and not a.scaleToZero:
+            raise ValueError("autoscaling.minReplicas is 0 but autoscaling.scaleToZero is false")
+        if self.model.ggufFile and self.model.scheme != "hf":
+            raise ValueError("model.ggufFile applies to hf:// sources only (give the .gguf path in the uri)")
+        if ".." in self.model.uri.split("/"):
+            raise ValueError("model.uri may not contain '..'")
+        r = self.rollout
+        if r.strategy != "Recreate" and r.maxSurge in ("0", "0%") and r.maxUnavailable in ("0", "0%"):
+            raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0")
+        if self.resources.gpus == 0 and self.engine.device == "cuda":
+            raise ValueError("engine.device is cuda but resources.gpus is 0")
+        return self
+
+    def target_replicas(self) -> int:
+        """Pods to run: spec.replicas, clamped to the autoscaling bounds while autoscaling is enabled."""
+        if not self.autoscaling.enabled:
+            return self.replicas
+        return min(max(self.replicas, self.autoscaling.minReplicas), self.autoscaling.effective_max)
+
+
+class Condition(_Model):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="ignore", frozen=True)
+
+    type: str
+    """ModelCached, Ready, Available, Progressing, Degraded or InvalidSpec."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str = ""
+    """One CamelCase word for machines."""
+    message: str = ""
+    """Details for humans."""
+    lastTransitionTime: Optional[str] = None
+    """When status last changed (RFC 3339)."""
+    observedGeneration: Optional[int] = None
+    """The generation the condition was computed for."""
+
+
+class InferenceServiceStatus(_Model):
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="ignore", frozen=True)
+
+    observedGeneration: Optional[int] = None
+    """The spec generation the operator last reconciled."""
+    phase: Optional[Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed", "ScaledToZero"]] = None
+    """Summary of the conditions for humans."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Latest observations of the service's state."""
+    model: Optional[str] = None
+    """The model being served (resolved source)."""
+    url: Optional[str] = None
+    """In-cluster base URL of the OpenAI-compatible API."""
+    selector: Optional[str] = None
+    """Label selector of the pods (for the scale subresource)."""
+    replicas: Optional[int] = None
+    """Pods that exist (the Deployment's replicas)."""
+    readyReplicas: Optional[int] = None
+    """Pods passing readiness (/health)."""
+    desiredReplicas: Optional[int] = None
+    """What the autoscaler currently wants."""
+    queueDepth: Optional[int] = None
+    """Requests waiting, summed over ready pods (vllm:num_requests_waiting)."""
+    runningRequests: Optional[int] = None
+    """Requests running, summed over ready pods (vllm:num_requests_running)."""
+    kvCacheUsage: Optional[float] = None
+    """Mean KV-cache usage of ready pods, 0 to 1 (vllm:kv_cache_usage_perc)."""
+    promptTokensPerSecond: Optional[float] = None
+    """Prompt tokens processed per second, summed over ready pods."""
+    generationTokensPerSecond: Optional[float] = None
+    """Output tokens generated per second, summed over ready pods."""
+    lastScaleTime: Optional[str] = None
+    """When the autoscaler last changed the replica count (RFC 3339)."""
+    lastMetricsTime: Optional[str] = None
+    """When pod metrics were last scraped (RFC 3339)."""
+
+
+def parse_spec(raw: Any) -> InferenceServiceSpec:
+    """Validate a raw spec dict (as read from the apiserver); raises pydantic.ValidationError."""
+    return InferenceServiceSpec.model_validate(dict(raw or {}))
+
+
+def describe_validation_error(exc: Exception) -> str:
+    """One line per problem, with the field path, for conditions and events."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = re.sub(r"^Value error, ", "", err.get("msg", ""))
+        parts.append(f"spec.{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
