@@ -6,10 +6,27 @@ into the cache) at positions seq_lens[b] - q_len_b .. seq_lens[b] - 1, and
 attends causally to all of its seq_lens[b] cached tokens, found through
 block_tables[b]. Grouped-query attention: query head h reads KV head
 h // (Hq // Hkv).
+
+Owns the torch reference (`paged_attention_ref`, the CPU path and the tests' oracle)
+and the Triton kernels behind `paged_attention_triton`:
+- decode (max_query_len == 1): flash-decoding. One program per (sequence, KV head,
+  split) loads each KV tile once for all G query heads of its group (G rows padded
+  to 16 for tl.dot); with few programs for the GPU, each sequence's context is cut
+  into `num_splits` equal parts whose partial softmax states a second kernel merges.
+- prefill / chunked prefill / mixed batches: one program per (query block, KV head);
+  its rows are BLOCK_Q tokens x G heads, so here too a KV tile is loaded once per
+  group. Tiles wholly before the block's first query position skip the causal mask.
+Both read K/V straight from the paged cache through the block tables.
+
+CUDA graphs: no host syncs; grids depend only on shapes and the Python ints
+max_query_len / max_seq_len (upper bounds are fine); everything else is read on
+the device. Output rows of tokens past query_start_loc[-1] are left unwritten.
 """
 from __future__ import annotations
 
 import torch
+
+from ._triton import cdiv, jit, next_pow2, num_sms, tl
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
@@ -51,5 +68,234 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     return out[qmask].to(q.dtype)
 
 
-def paged_attention_triton(q, kv_cache, query_start_loc, seq_lens, block_tables, max_query_len, max_seq_len, scale):
-    raise NotImplementedError("Triton paged attention not written yet")  # replaced by the Triton kernels
+_LOG2E = 1.4426950408889634
+
+
+@jit
+def _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE: tl.constexpr):
+    """Element offsets of tokens offs_n of one sequence (through its block-table row) for KV head kvh."""
+    blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)  # int64: ids * stride > 2^31
+    return blk * stride_blk + (offs_n % PAGE) * stride_pos + kvh * stride_kvh
+
+
+@jit
+def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, qk_scale,
+            stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
+            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax accumulation of q's rows over KV tokens [start, end) (scores in log2 units)."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        off = _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if CAUSAL:
+            s = tl.where(mask_n[None, :] & (offs_n[None, :] <= qpos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@jit
+def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
+                   stride_bt, HQ,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == tok:  # a sequence with nothing scheduled (padding)
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    # equal shares of this sequence's own tiles (not of max_seq_len, which may be a loose bound)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, DP)
+    mask_g = offs_g < G
+    mask_d = offs_d < D
+    heads = kvh * G + offs_g
+    q_mask = mask_g[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    acc = tl.zeros([GP, DP], dtype=tl.float32)
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, kv_ptr + stride_kv, bt_ptr + b.to(tl.int64) * stride_bt, kvh,
+                            offs_g, start, end, qk_scale, stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
+                            PAGE, BLOCK_N, False, IEEE)
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # partial state of (b, head, split): acc [DP] unnormalised, then m and l
+        row = (b.to(tl.int64) * HQ + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + row[:, None] * DP + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=mask_g)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=mask_g)
+
+
+@jit
+def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, stride_ot, stride_oh, HQ,
+                          D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr, SP: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == tok:
+        return
+    offs_s = tl.arange(0, SP)
+    offs_d = tl.arange(0, DP)
+    mask_s = offs_s < NUM_SPLITS
+    row = (b.to(tl.int64) * HQ + h) * NUM_SPLITS + offs_s
+    m = tl.load(part_ml_ptr + row * 2, mask=mask_s, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=mask_s, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all splits empty (seq_len 0): output zeros
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(part_acc_ptr + row[:, None] * DP + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+@jit
+def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale, num_seqs: tl.int32,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
+                    stride_bt,
+                    G: tl.constexpr, BLOCK_Q: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    # Query block pid belongs to the last sequence b with qsl[b] // BLOCK_Q + b <= pid: that index
+    # counts blocks monotonically and leaves each sequence room for its cdiv(q_len, BLOCK_Q) blocks,
+    # so the grid (T // BLOCK_Q + B) needs only shapes, never the device's query lengths.
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    b = lo - 1
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    qblk = pid - (q_start // BLOCK_Q + b)
+    if qblk * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len
+
+    offs_r = tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    mask_d = offs_d < D
+    t_local = qblk * BLOCK_Q + offs_r // G
+    heads = kvh * G + offs_r % G
+    mask_r = (offs_r < BLOCK_Q * G) & (t_local < q_len)
+    qpos = ctx_len + t_local
+    tok = (q_start + t_local).to(tl.int64)
+    q_mask = mask_r[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+
+    acc = tl.zeros([BM, DP], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    v_ptr = kv_ptr + stride_kv
+    # every row sees all tokens before the block's first query position: no causal mask there
+    full_end = (ctx_len + qblk * BLOCK_Q) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, 0, full_end, qk_scale,
+                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, False, IEEE)
+    end = tl.minimum(seq_len, ctx_len + (qblk + 1) * BLOCK_Q)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, full_end, end, qk_scale,
+                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, True, IEEE)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Split the context until the grid fills the GPU about twice over (no more splits than tiles)."""
+    sms = num_sms(device.index if device.type == "cuda" else None)
+    if device.type == "cuda" and device.index is None:
+        sms = num_sms(torch.cuda.current_device())
+    splits, max_splits = 1, min(64, max(1, cdiv(max_seq_len, block_n)))
+    while batch * num_kv_heads * splits < 2 * sms and splits * 2 <= max_splits:
+        splits *= 2
+    return splits
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
+                           scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+                           block_n: int | None = None, block_m: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
+    """Same contract as `paged_attention_ref`, but returns all T rows (rows of tokens outside
+    every sequence stay unwritten). max_query_len == 1 takes the decode path; max_seq_len
+    (an upper bound is fine) only sizes the decode split. The keyword arguments override
+    the tuned launch parameters (tests, benchmarks); `out` is an optional [T, Hq, D] buffer.
+    """
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    _, _, page, Hkv, _ = kv_cache.shape
+    G = Hq // Hkv
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
+        raise ValueError("paged_attention_triton needs q and kv_cache contiguous in head_dim")
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    DP = max(16, next_pow2(D))
+    ieee = q.dtype == torch.float32
+    qk_scale = float(scale) * _LOG2E
+    kv_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
+    if max_query_len == 1:
+        bn = block_n or 64
+        splits = num_splits or _decode_num_splits(B, Hkv, max_seq_len, bn, q.device)
+        if splits > 1:
+            part_acc = torch.empty(B * Hq * splits, DP, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(B * Hq * splits, 2, dtype=torch.float32, device=q.device)
+        else:
+            part_acc = part_ml = out  # unused
+        _decode_kernel[(B, Hkv, splits)](
+            q, kv_cache, out, part_acc, part_ml, query_start_loc, seq_lens, block_tables, qk_scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0), Hq,
+            G=G, GP=max(16, next_pow2(G)), D=D, DP=DP, PAGE=page, BLOCK_N=bn, NUM_SPLITS=splits, IEEE=ieee,
+            num_warps=num_warps or 4, num_stages=num_stages or 2)
+        if splits > 1:
+            _decode_reduce_kernel[(B, Hq)](out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1), Hq,
+                                           D=D, DP=DP, NUM_SPLITS=splits, SP=next_pow2(splits), num_warps=4)
+        return out
+    bm = block_m or 128
+    block_q = max(1, bm // G)
+    BM = next_pow2(block_q * G)
+    bn = block_n or 64
+    _prefill_kernel[(T // block_q + B, Hkv)](
+        q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
+        G=G, BLOCK_Q=block_q, BM=BM, D=D, DP=DP, PAGE=page, BLOCK_N=bn, IEEE=ieee,
+        num_warps=num_warps or (8 if DP >= 128 else 4), num_stages=num_stages or 2)
+    return out

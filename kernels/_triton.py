@@ -1,0 +1,74 @@
+"""Optional Triton import shared by the kernel modules.
+
+The torch references (the CPU engine's path) must import without Triton, so each
+module decorates its kernels with `jit` from here: with Triton missing, a kernel
+becomes a stub that raises on launch instead of failing at import.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only install: references still work
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let `range()` take loaded scalars in Triton's CPU interpreter with numpy >= 2.
+
+    The interpreter holds scalars as shape-(1,) arrays and converts them for range()
+    through `int(array)`, which numpy 2 refuses for arrays of ndim > 0 ("only
+    0-dimensional arrays can be converted"). Seen with triton 3.6.0, numpy 2.4.6.
+    """
+    import triton.runtime.interpreter as interp
+
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_fleetserve_patched", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._fleetserve_patched = True
+    interp._patch_lang_tensor = patched
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_scalar_index()
+
+
+class _MissingKernel:
+    def __init__(self, fn):
+        self.__name__ = fn.__name__
+
+    def __getitem__(self, grid):
+        raise ImportError(f"Triton is not installed: kernel {self.__name__} is unavailable")
+
+
+def jit(fn):
+    return triton.jit(fn) if HAS_TRITON else _MissingKernel(fn)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int | None) -> int:
+    """Multiprocessor count of a CUDA device; a small stand-in on CPU (interpreter)."""
+    import torch
+
+    if device_index is None or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -1,0 +1,152 @@
+"""paged_attention_triton against paged_attention_ref.
+
+CPU (interpreter) / any device: fp32 and fp16, small shapes, both paths, GQA,
+splits, padding sequences, loose max_seq_len bounds, and a cache past 2^31
+elements. GPU (`gpu` marker): bf16, Llama 1B/8B head shapes, long contexts,
+batch 256, and CUDA-graph capture with upper-bound max_seq_len.
+
+Tolerances (relative Frobenius error vs the float32 reference): fp32 1e-5 (the
+interpreter's dot is exact; on GPU fp32 takes the IEEE dot), fp16 2e-3, bf16 1e-2
+(p is rounded to the KV dtype before the PV dot, as in FlashAttention).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetserve.kernels.attention import paged_attention_ref, paged_attention_triton
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+HEADS = [(4, 4, 32), (8, 2, 64), (6, 2, 48)]  # MHA; GQA 4:1; GQA 3:1 with a non-power-of-2 head_dim
+
+
+def _check(kt, batch, tol, **kw):
+    ref = paged_attention_ref(*batch.args())
+    out = paged_attention_triton(*batch.args(kw.pop("max_seq_len", None)), **kw)
+    assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
+    err = kt.rel_err(out[:batch.T], ref)
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decode(kt, dtype, heads, num_splits):
+    b = kt.PagedBatch([1] * 4, [0, 17, 64, 150], *heads, page=16, dtype=dtype, seed=hash((heads, num_splits)) % 1000)
+    _check(kt, b, TOL[dtype], num_splits=num_splits, block_n=32)
+
+
+@pytest.mark.parametrize("page", [8, 32])
+def test_decode_pages_and_loose_max_seq_len(kt, page):
+    # graph capture passes max_model_len as max_seq_len: splits are then shares of each sequence's own length
+    b = kt.PagedBatch([1] * 3, [3, 90, 40], 8, 2, 32, page=page, dtype=torch.float16, table_cols=1024 // page)
+    _check(kt, b, TOL[torch.float16], max_seq_len=1024)
+
+
+def test_decode_padding_sequences(kt):
+    # CUDA-graph padding: sequences with no scheduled token, seq_len 0 and all-zero block tables
+    b = kt.PagedBatch([1, 0, 1, 0], [20, 0, 70, 5], 8, 2, 32, dtype=torch.float16)
+    b.seq_lens[1] = 0
+    for splits in (1, 4):
+        _check(kt, b, TOL[torch.float16], num_splits=splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("case", ["prefill", "chunked", "mixed"])
+def test_prefill(kt, dtype, heads, case):
+    q_lens, ctx_lens = {
+        "prefill": ([37, 5, 64], [0, 0, 0]),
+        "chunked": ([20, 33], [40, 7]),
+        "mixed": ([1, 19, 1, 0, 40, 1], [30, 0, 99, 12, 25, 3]),  # decodes, a zero-length chunk, prefills
+    }[case]
+    b = kt.PagedBatch(q_lens, ctx_lens, *heads, page=16, dtype=dtype, seed=len(case))
+    # block_m=32 gives several query blocks per sequence (exercises the block -> sequence search)
+    _check(kt, b, TOL[dtype], block_m=32, block_n=16)
+
+
+def test_prefill_single_sequence_default_blocks(kt):
+    b = kt.PagedBatch([130], [70], 8, 2, 64, page=16, dtype=torch.float16)
+    _check(kt, b, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [9, 1, 30]])
+def test_block_ids_past_int32_offsets(kt, q_lens):
+    # cache of 2^31+ elements per K/V half; ids in use > 2^20, so id * block stride overflows int32
+    b = kt.PagedBatch(q_lens, [40, 100, 16], 4, 2, 64, page=16, dtype=torch.float16, huge=True)
+    in_use = b.block_tables[b.block_tables > 0]  # 0 is table padding
+    assert int(in_use.min()) > 2 ** 16
+    assert int(in_use.min()) * b.kv_cache.stride(1) > 2 ** 31
+    _check(kt, b, TOL[torch.float16], num_splits=2 if b.max_query_len == 1 else None)
+
+
+# ---------------------------------------------------------------- GPU, bf16, realistic shapes
+LLAMA = {"1B": (32, 8, 64), "8B": (32, 8, 128)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(LLAMA))
+@pytest.mark.parametrize("batch,max_ctx", [(1, 4000), (37, 3000), (256, 2048)])
+def test_gpu_decode(kt, model, batch, max_ctx):
+    g = torch.Generator().manual_seed(batch)
+    ctx = torch.randint(1, max_ctx, (batch,), generator=g).tolist()
+    ctx[0] = max_ctx - 1
+    b = kt.PagedBatch([1] * batch, ctx, *LLAMA[model], page=16, dtype=torch.bfloat16, device="cuda")
+    _check(kt, b, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(LLAMA))
+@pytest.mark.parametrize("case", ["prefill", "chunked", "mixed"])
+def test_gpu_prefill(kt, model, case):
+    q_lens, ctx_lens = {
+        "prefill": ([2048, 512, 77], [0, 0, 0]),
+        "chunked": ([512, 1000], [1536, 24]),
+        "mixed": ([1] * 40 + [300, 1, 700], list(range(100, 4100, 100)) + [0, 2500, 1200]),
+    }[case]
+    b = kt.PagedBatch(q_lens, ctx_lens, *LLAMA[model], page=16, dtype=torch.bfloat16, device="cuda")
+    _check(kt, b, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", [True, False])
+def test_gpu_cuda_graph_replay(kt, decode):
+    """Capture once with max_seq_len = a max_model_len bound, replay with new lengths and tables."""
+    B, max_model_len = 64, 4096
+    g = torch.Generator().manual_seed(1)
+
+    def lengths():
+        q = [1] * B if decode else torch.randint(1, 9, (B,), generator=g).tolist()
+        return q, torch.randint(0, 3000, (B,), generator=g).tolist()
+
+    q_lens, ctx = lengths()
+    b = kt.PagedBatch(q_lens, ctx, 32, 8, 128, dtype=torch.bfloat16, device="cuda", table_cols=max_model_len // 16,
+                      extra_blocks=B * 256)
+    T = 8 * B  # fixed token count of the graph; rows past query_start_loc[-1] are padding
+    q = torch.randn(T, 32, 128, device="cuda", dtype=torch.bfloat16)
+    qsl, sl, bt = b.query_start_loc.clone(), b.seq_lens.clone(), b.block_tables.clone()
+    mq = 1 if decode else 8
+    out = torch.empty_like(q)
+
+    def step():
+        paged_attention_triton(q, b.kv_cache, qsl, sl, bt, mq, max_model_len, b.scale, out=out)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(2):
+        q_lens, ctx = lengths()
+        nb = kt.PagedBatch(q_lens, ctx, 32, 8, 128, dtype=torch.bfloat16, device="cuda",
+                           table_cols=max_model_len // 16, seed=seed + 10)
+        # same cache tensor: copy the new contents in, as a runner reuses its buffers
+        b.kv_cache[:, :nb.kv_cache.shape[1]].copy_(nb.kv_cache)
+        q[:nb.T].copy_(nb.q)
+        qsl.copy_(nb.query_start_loc)
+        sl.copy_(nb.seq_lens)
+        bt.copy_(nb.block_tables)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_attention_ref(*nb.args())
+        assert kt.rel_err(out[:nb.T], ref) < TOL[torch.bfloat16]
