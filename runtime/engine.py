@@ -99,6 +99,10 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
         self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                                   self.eos_token_ids)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            secs = self.runner.capture_decode_graphs(min(config.max_num_seqs, 512), self.max_model_len)
+            logger.info("captured CUDA graphs for decode batch sizes up to %d in %.1fs",
+                        min(config.max_num_seqs, 512), secs)
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.scheduler = Scheduler(KVCacheManager(self.num_kv_blocks, self.block_size, config.enable_prefix_caching),
                                    config.max_num_seqs, budget)
@@ -256,7 +260,12 @@ class LLMEngine:
                 state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
                 state.cumulative_logprob[seq.index] += lps[0]
             if state.detoks:
-                stop = state.detoks[seq.index].update([token])
+                det = state.detoks[seq.index]
+                # EOS / a stop token id ended it: the token stays in token_ids, its text is left out
+                by_token = seq.status == SeqStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
+                stop = det.update([token], stop_terminated=by_token)
+                if stop is None and seq.is_finished:
+                    stop = det.flush()
                 if stop is not None and not seq.is_finished:
                     self.scheduler.finish(seq, SeqStatus.FINISHED_STOPPED, stop)
                 elif stop is not None and seq.status == SeqStatus.FINISHED_LENGTH:
@@ -290,7 +299,10 @@ class LLMEngine:
     def _make_output(self, state: _RequestState) -> RequestOutput:
         comps = []
         for i, seq in enumerate(state.seqs):
-            text = state.detoks[i].output_text if state.detoks else ""
+            text = ""
+            if state.detoks:  # while running, hold back text that a stop string could still cut
+                det = state.detoks[i]
+                text = det.output_text if seq.is_finished else det.get_next_output_text(finished=False, delta=False)
             comps.append(CompletionOutput(
                 index=i, text=text, token_ids=seq.output_token_ids,
                 cumulative_logprob=state.cumulative_logprob[i], logprobs=state.logprobs[i],

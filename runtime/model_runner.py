@@ -6,6 +6,12 @@ into per-sequence results: it builds the step's input tensors on the host with
 numpy (a handful of host->device copies per step), applies copy-on-write block
 copies, runs the forward pass, and samples only the rows that end their known
 tokens. One host sync per step (reading the sampled tokens).
+
+On CUDA, pure decode steps replay CUDA graphs captured once per padded batch
+size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs): the step's inputs are
+copied into static buffers, padding rows get slot -1 (their K/V are dropped) and
+a context of one token, and attention is captured with max_seq_len =
+max_model_len so one graph serves every context length.
 """
 from __future__ import annotations
 
@@ -56,13 +62,69 @@ class ModelRunner:
             for _ in range(model_config.num_layers)
         ]
         self.sampler = Sampler()
-        self._pin = device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_sizes: list[int] = []
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        if self._pin:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return torch.from_numpy(arr).to(self.device)
+
+    # -- CUDA graphs ------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> float:
+        """Capture the decode forward for padded batch sizes up to max_batch; returns seconds spent."""
+        import time
+
+        t0 = time.perf_counter()
+        sizes = sorted({b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch})
+        B, dev = sizes[-1], self.device
+        max_blocks = -(-max_model_len // self.block_size)
+        self._static = dict(
+            input_ids=torch.zeros(B, dtype=torch.int64, device=dev),
+            positions=torch.zeros(B, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(B, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(B, max_blocks, dtype=torch.int32, device=dev),
+        )
+        self._graph_max_seq_len = max_model_len
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
+            args = self._static_args(b)
+            for _ in range(2):  # warm up (Triton autotuning / compilation happens outside the capture)
+                self.model(*args)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self.model(*args)
+            self._graphs[b] = (g, out)
+        torch.cuda.synchronize()
+        self._graph_sizes = sizes
+        return time.perf_counter() - t0
+
+    def _static_args(self, b: int):
+        st = self._static
+        attn = AttentionMetadata(st["slot_mapping"][:b], st["query_start_loc"][: b + 1], st["seq_lens"][:b],
+                                 st["block_tables"][:b], 1, self._graph_max_seq_len)
+        return st["input_ids"][:b], st["positions"][:b], attn, self.kv_caches
+
+    def _graph_size(self, batch: int, max_query_len: int) -> Optional[int]:
+        if max_query_len != 1 or not self._graph_sizes or batch > self._graph_sizes[-1]:
+            return None
+        return next(s for s in self._graph_sizes if s >= batch)
+
+    def _run_graph(self, b: int, padded: int, tokens, positions, slots, seq_lens, block_tables) -> torch.Tensor:
+        st = self._static
+        st["input_ids"][:b].copy_(torch.from_numpy(np.asarray(tokens, dtype=np.int64)))
+        st["positions"][:b].copy_(torch.from_numpy(positions))
+        st["slot_mapping"][:b].copy_(torch.from_numpy(slots))
+        st["seq_lens"][:b].copy_(torch.from_numpy(seq_lens.astype(np.int32)))
+        st["block_tables"][:b, : block_tables.shape[1]].copy_(torch.from_numpy(block_tables))
+        if padded > b:
+            st["slot_mapping"][b:padded].fill_(-1)
+            st["seq_lens"][b:padded].fill_(1)
+        graph, out = self._graphs[padded]
+        graph.replay()
+        return out
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -92,16 +154,21 @@ class ModelRunner:
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
-        input_ids = self._to_device(np.asarray(tokens, dtype=np.int64))
-        attn = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(qsl.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(block_tables),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
-        hidden = self.model(input_ids, self._to_device(positions), attn, self.kv_caches)
+        max_query_len = int(q_lens.max())
+        padded = self._graph_size(B, max_query_len)
+        if padded is not None:
+            hidden = self._run_graph(B, padded, tokens, positions, slots, seq_lens, block_tables)
+        else:
+            attn = AttentionMetadata(
+                slot_mapping=self._to_device(slots),
+                query_start_loc=self._to_device(qsl.astype(np.int32)),
+                seq_lens=self._to_device(seq_lens.astype(np.int32)),
+                block_tables=self._to_device(block_tables),
+                max_query_len=max_query_len,
+                max_seq_len=int(seq_lens.max()),
+            )
+            hidden = self.model(self._to_device(np.asarray(tokens, dtype=np.int64)), self._to_device(positions),
+                                attn, self.kv_caches)
 
         out = RunnerOutput()
         self._prompt_logprobs(items, qsl, starts, hidden, out)
@@ -116,8 +183,11 @@ class ModelRunner:
                 params=p, seed=seq.seed, output_token_ids=seq.output_token_ids,
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids))
-        last = torch.from_numpy(qsl[1:][sample_idx] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last])
+        if len(sample_idx) == T:  # pure decode: every token is sampled
+            logits = self.model.compute_logits(hidden[:T])
+        else:
+            last = torch.from_numpy(qsl[1:][sample_idx] - 1).to(self.device)
+            logits = self.model.compute_logits(hidden[last])
         st = SamplingTensors.build(rows, self.vocab_size, self.device)
         res = self.sampler(logits, st)
         token_list = res.token_ids.tolist()

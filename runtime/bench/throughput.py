@@ -1,0 +1,236 @@
+"""`fleetserve bench throughput`: offline engine throughput on a fixed synthetic workload.
+
+N requests of exactly `input_len` random prompt tokens each generate exactly
+`output_len` tokens (EOS ignored), all submitted at once. On CUDA the device's
+copy bandwidth and bf16 matmul rate are measured in the same process and give
+the roofline time of the workload (formulas in docs/benchmarks.md); with
+`--baseline hf` the Hugging Face transformers static-batch `generate` runs the
+same workload on the same dummy-weight architecture in the same process, so
+the ratio is measured side by side. Prints JSON lines and writes one JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Optional
+
+
+def _log(record: dict, sink: list) -> None:
+    sink.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def measure_device(torch) -> dict:
+    """Copy bandwidth (read + write counted) and dense bf16 matmul rate of the current CUDA device."""
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 2 / ((time.perf_counter() - t) / 10)
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    flops = 2 * 8192**3 / ((time.perf_counter() - t) / 20)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth_Bps": bw, "matmul_flops": flops}
+
+
+def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, bytes_per_param: int,
+                     bandwidth: float, flops: float) -> dict:
+    """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
+    all weights plus every sequence's KV (or is compute-bound, whichever is slower)."""
+    P = mc.num_params()
+    W = P * bytes_per_param
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bytes_per_param
+    attn_prefill = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * input_len * input_len / 2
+    prefill = num_prompts * (2 * P * input_len + attn_prefill) / flops
+    decode = 0.0
+    for j in range(1, output_len):  # the first output token comes out of the prefill
+        ctx = num_prompts * (input_len + j)
+        decode += max((W + kv_per_token * ctx) / bandwidth, 2 * P * num_prompts / flops)
+    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode}
+
+
+def run_fleetserve(args) -> tuple[dict, object, list]:
+    from fleetserve.runtime import LLM, SamplingParams
+
+    kw = dict(dtype=args.dtype, device=args.device, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
+              block_size=args.block_size, enforce_eager=args.enforce_eager,
+              gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+              max_model_len=args.input_len + args.output_len + 16)
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    t = time.perf_counter()
+    llm = LLM(model=args.model, **kw)
+    startup = time.perf_counter() - t
+    import numpy as np
+
+    vocab = llm.engine.vocab_size
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(min(100, vocab // 4), vocab, size=(args.num_prompts, args.input_len)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params.clone(max_tokens=8, min_tokens=8))  # warm-up
+    _sync()
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    _sync()
+    elapsed = time.perf_counter() - t
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    eng = llm.engine
+    res = {
+        "what": "fleetserve", "seconds": elapsed, "generated": generated,
+        "expected": len(prompts) * args.output_len,
+        "out_tok_s": generated / elapsed, "total_tok_s": (generated + len(prompts) * args.input_len) / elapsed,
+        "startup_s": startup, "num_kv_blocks": eng.num_kv_blocks, "preemptions": eng.scheduler.num_preemptions,
+        "dtype": str(eng.dtype).replace("torch.", ""), "device": str(eng.device),
+        "max_num_batched_tokens": eng.scheduler.max_num_batched_tokens, "cuda_graphs": bool(eng.runner._graphs),
+        "attention_backend": getattr(eng.runner.model, "ops", None).name if hasattr(eng.runner.model, "ops") else None,
+    }
+    model_config = eng.model_config
+    del llm, eng, outs
+    gc.collect()
+    _empty_cache()
+    return res, model_config, prompts
+
+
+def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int) -> dict:
+    """transformers' own LlamaForCausalLM.generate on the same architecture with dummy bf16 weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+                      num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
+                      num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
+                      max_position_embeddings=mc.max_position_embeddings, rope_theta=mc.rope_theta,
+                      tie_word_embeddings=mc.tie_word_embeddings,
+                      rms_norm_eps=mc.rms_norm_eps)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.02)
+    ids = torch.tensor(prompts)
+    model.generate(ids[:2].cuda(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    generated = 0
+    for i in range(0, len(prompts), batch_size):
+        out = model.generate(ids[i:i + batch_size].cuda(), max_new_tokens=output_len, min_new_tokens=output_len,
+                             do_sample=False, pad_token_id=0)
+        generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"what": "hf_static", "seconds": elapsed, "generated": generated, "batch_size": batch_size,
+            "out_tok_s": generated / elapsed,
+            "total_tok_s": (generated + ids.numel()) / elapsed}
+
+
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetserve bench throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b), HF dir or .gguf")
+    ap.add_argument("--load-format", default="dummy", choices=["auto", "safetensors", "gguf", "dummy"],
+                    help="dummy = random weights of the model's architecture")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", choices=["none", "hf"], default="none",
+                    help="also run Hugging Face transformers' static-batch generate on the same workload")
+    ap.add_argument("--hf-batch-size", type=int, default=None,
+                    help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)")
+    ap.add_argument("--output-json", default=None, help="write all records to this file")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    records: list[dict] = []
+    versions = {"what": "versions", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name()
+        versions["gpu_mem_GiB"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    _log(versions, records)
+    device_rates = measure_device(torch) if torch.cuda.is_available() else None
+    if device_rates:
+        _log({"what": "device", **device_rates}, records)
+
+    fs, mc, prompts = run_fleetserve(args)
+    if device_rates:
+        bpp = 2 if fs["dtype"] in ("bfloat16", "float16") else 4
+        roof = roofline_seconds(mc, args.num_prompts, args.input_len, args.output_len, bpp,
+                                device_rates["bandwidth_Bps"], device_rates["matmul_flops"])
+        fs["roofline"] = roof
+        fs["fraction_of_roofline"] = roof["total_s"] / fs["seconds"]
+    fs.update(model=args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+              params=mc.num_params())
+    _log(fs, records)
+    if args.baseline == "hf":
+        if not torch.cuda.is_available():
+            print("--baseline hf needs CUDA", file=sys.stderr)
+            return 2
+        bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
+        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed)
+        hf["model"] = args.model
+        _log(hf, records)
+        _log({"what": "ratio", "model": args.model, "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],
+              "fraction_of_roofline": fs.get("fraction_of_roofline")}, records)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
