@@ -20,10 +20,12 @@ tokens.
 """
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import AbstractSet, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
@@ -32,6 +34,11 @@ from .sampling_params import SamplingParams
 _GREEDY_TEMPERATURE = 1e-5
 _M32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
+# top_p is computed on torch.topk(max_top_k) instead of a full sort when every top_p row
+# also has a top_k up to this (topk beats a vocab-wide sort only for small k).
+_TOPK_INSTEAD_OF_SORT = 1024
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------
@@ -48,7 +55,8 @@ class SamplingRow:
     """The completion's random stream; the engine draws one for unseeded requests and
     derives one per completion for n > 1 (see `completion_seed`)."""
     output_token_ids: Sequence[int] = ()
-    """Tokens generated so far; its length is the position of the token being sampled."""
+    """Tokens generated so far; its length is the position of the token being sampled.
+    Read in full only when the row has a penalty (a list or a numpy int array)."""
     prompt_token_ids: Sequence[int] = ()
     """Only read when the row has a repetition penalty."""
     eos_token_ids: AbstractSet[int] = frozenset()
@@ -105,6 +113,7 @@ class SamplingTensors:
     do_min_p: bool = False
     do_top_p: bool = False
     max_top_k: int = 0  # 0 = no row uses top-k
+    top_p_within_top_k: bool = False  # every top_p row has 0 < top_k <= _TOPK_INSTEAD_OF_SORT
     max_num_logprobs: Optional[int] = None  # None = no row wants logprobs
     num_logprobs: list[Optional[int]] = field(default_factory=list)  # per row, for the engine
 
@@ -125,22 +134,24 @@ class SamplingTensors:
         B, V = len(rows), vocab_size
         device = torch.device(device)
         floats: list[float] = []  # [B, 6] table, then bias values
-        ints: list[int] = []  # [B, 4] table, then the flat index lists
+        ints: list[int] = []  # [B, 4] table
         greedy_flags: list[bool] = []
-        out_idx: list[int] = []
-        prompt_idx: list[int] = []
+        out_rows: list[int] = []  # penalty rows: their output tokens are counted
+        out_seqs: list[Sequence[int]] = []
+        prompt_rows: list[int] = []  # repetition-penalty rows: their prompt tokens are marked seen
+        prompt_seqs: list[Sequence[int]] = []
         bias_idx: list[int] = []
         bias_val: list[float] = []
         suppress_idx: list[int] = []
         num_logprobs: list[Optional[int]] = []
-        do_pen = do_rep = do_temp = do_min_p = do_top_p = False
+        do_temp = do_min_p = do_top_p = False
+        top_p_within_top_k = True
         max_top_k = 0
         max_lp: Optional[int] = None
 
         for i, row in enumerate(rows):
             p = row.params
-            base = i * V
-            out = row.output_token_ids
+            n_out = len(row.output_token_ids)
             greedy = p.temperature < _GREEDY_TEMPERATURE
             greedy_flags.append(greedy)
             if greedy:
@@ -149,30 +160,32 @@ class SamplingTensors:
                 temp, top_p, min_p = p.temperature, p.top_p, p.min_p
                 top_k = p.top_k if 0 < p.top_k < V else 0
                 do_temp |= temp != 1.0
-                do_top_p |= top_p < 1.0
                 do_min_p |= min_p > 0.0
                 max_top_k = max(max_top_k, top_k)
+                if top_p < 1.0:
+                    do_top_p = True
+                    top_p_within_top_k &= 0 < top_k <= _TOPK_INSTEAD_OF_SORT
             pres, freq, rep = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
             floats += (temp, top_p, min_p, pres, freq, rep)
             seed = row.seed & _U64
-            ints += (top_k, seed & _M32, seed >> 32, len(out))
+            ints += (top_k, seed & _M32, seed >> 32, n_out)
 
             if pres != 0.0 or freq != 0.0 or rep != 1.0:
-                do_pen = True
-                out_idx += [base + t for t in out]
+                out_rows.append(i)
+                out_seqs.append(row.output_token_ids)
                 if rep != 1.0:
-                    do_rep = True
-                    prompt_idx += [base + t for t in row.prompt_token_ids]
+                    prompt_rows.append(i)
+                    prompt_seqs.append(row.prompt_token_ids)
             if p.logit_bias:
                 for t, b in p.logit_bias.items():
                     if 0 <= t < V:
-                        bias_idx.append(base + t)
+                        bias_idx.append(i * V + t)
                         bias_val.append(b)
-            if len(out) < p.min_tokens:
+            if n_out < p.min_tokens:
                 stop_ids = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     stop_ids |= row.eos_token_ids
-                suppress_idx += [base + t for t in stop_ids if 0 <= t < V]
+                suppress_idx += [i * V + t for t in stop_ids if 0 <= t < V]
             num_logprobs.append(p.logprobs)
             if p.logprobs is not None:
                 max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)
@@ -180,25 +193,25 @@ class SamplingTensors:
         all_greedy = all(greedy_flags)
         all_random = not any(greedy_flags)
         random_rows = [] if (all_greedy or all_random) else [i for i, g in enumerate(greedy_flags) if not g]
+        out_idx = _flat_token_index(out_rows, out_seqs, V)
+        prompt_idx = _flat_token_index(prompt_rows, prompt_seqs, V)
         segments = [out_idx, prompt_idx, bias_idx, suppress_idx, random_rows]
-        for seg in segments:
-            ints += seg
+        host_ints = np.concatenate([np.asarray(ints, dtype=np.int64)] + [np.asarray(seg, dtype=np.int64) for seg in segments])
         floats += bias_val
 
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            host = torch.tensor(values, dtype=dtype)
+        def to_device(host: torch.Tensor) -> torch.Tensor:
             if device.type == "cuda":
                 return host.pin_memory().to(device, non_blocking=True)
             return host.to(device)
 
-        int_buf = to_device(ints, torch.int64)
-        float_buf = to_device(floats, torch.float32)
+        int_buf = to_device(torch.from_numpy(host_ints))
+        float_buf = to_device(torch.tensor(floats, dtype=torch.float32))
         table_i = int_buf[: 4 * B].view(B, 4)
         table_f = float_buf[: 6 * B].view(B, 6)
         pieces: list[Optional[torch.Tensor]] = []
         off = 4 * B
         for seg in segments:
-            pieces.append(int_buf[off : off + len(seg)] if seg else None)
+            pieces.append(int_buf[off : off + len(seg)] if len(seg) else None)
             off += len(seg)
         out_t, prompt_t, bias_t, suppress_t, random_t = pieces
         return cls(
@@ -215,22 +228,34 @@ class SamplingTensors:
             seed_hi=table_i[:, 2],
             position=table_i[:, 3],
             random_rows=random_t,
-            output_token_index=out_t if do_pen else None,
+            output_token_index=out_t,
             prompt_token_index=prompt_t,
             bias_index=bias_t,
             bias_value=float_buf[6 * B :] if bias_idx else None,
             suppress_index=suppress_t,
             all_greedy=all_greedy,
             all_random=all_random,
-            do_penalties=do_pen,
-            do_repetition=do_rep,
+            do_penalties=bool(out_rows),
+            do_repetition=bool(prompt_rows),
             do_temperature=do_temp,
             do_min_p=do_min_p,
             do_top_p=do_top_p,
             max_top_k=max_top_k,
+            top_p_within_top_k=do_top_p and top_p_within_top_k,
             max_num_logprobs=max_lp,
             num_logprobs=num_logprobs,
         )
+
+
+def _flat_token_index(row_ids: list[int], seqs: list[Sequence[int]], vocab_size: int) -> np.ndarray:
+    """row * V + token for every token of the given rows' sequences, in C-speed numpy
+    (this is the only part of a step's host work that grows with sequence length)."""
+    lengths = [len(x) for x in seqs]
+    total = sum(lengths)
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    tokens = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=total)
+    return tokens + np.repeat(np.asarray(row_ids, dtype=np.int64) * vocab_size, lengths)
 
 
 # ----------------------------------------------------------------------------
@@ -269,28 +294,45 @@ def _vocab_hash(vocab_size: int, device: torch.device) -> torch.Tensor:
     return h
 
 
-def random_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform 32-bit integers (int64 [R, V]) that depend only on (seed, position, vocab id)."""
-    # Per-row key: three chained rounds over the row's counters (cheap: R elements).
+def _row_key(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    # Three chained rounds over the row's counters (cheap: one element per row).
     k = _mix32(seed_lo ^ 0x9E3779B9)
     k = _mix32(k ^ seed_hi ^ 0x85EBCA6B)
-    k = _mix32(k ^ (position & _M32) ^ 0xC2B2AE35)
-    # Per element: the vocab id is pre-hashed (cached), so one round on [R, V] suffices.
-    return _mix32(k[:, None] ^ _vocab_hash(vocab_size, seed_lo.device)[None, :])
+    return _mix32(k ^ (position & _M32) ^ 0xC2B2AE35)
+
+
+def _bits(key: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    # The vocab id is pre-hashed (cached), so one round on [R, V] suffices.
+    return _mix32(key[:, None] ^ vocab_hash[None, :])
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    # 23 bits, so that (k + 0.5) / 2**23 is exact in float32 and never rounds to 0 or 1.
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def random_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform 32-bit integers (int64 [R, V]) that depend only on (seed, position, vocab id)."""
+    return _bits(_row_key(seed_lo, seed_hi, position), _vocab_hash(vocab_size, seed_lo.device))
 
 
 def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """float32 [R, V] uniforms in the open interval (0, 1).
-
-    23 bits, so that (k + 0.5) / 2**23 is exact in float32 and never rounds to 0 or 1."""
-    bits = random_bits(seed_lo, seed_hi, position, vocab_size) >> 9
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    """float32 [R, V] uniforms in the open interval (0, 1)."""
+    return _uniform(random_bits(seed_lo, seed_hi, position, vocab_size))
 
 
 def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """-log(Exp(1)) noise: argmax(logits + noise) samples from softmax(logits)."""
-    u = uniform_noise(seed_lo, seed_hi, position, vocab_size)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform_noise(seed_lo, seed_hi, position, vocab_size)))
+
+
+def gumbel_argmax(logits: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor,
+                  vocab_hash: torch.Tensor) -> torch.Tensor:
+    """argmax(logits + gumbel_noise(...)): one sample per row from softmax(logits).
+    Written as one function so that torch.compile fuses it into a single pass over
+    [R, V] (eager it is ~25 passes over int64 temporaries)."""
+    bits = _bits(_row_key(seed_lo, seed_hi, position), vocab_hash)
+    return (logits - torch.log(-torch.log(_uniform(bits)))).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -325,31 +367,38 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], max_top_k: int) -> torch.Tensor:
-    """top_k (0 = off) then top_p over the distribution renormalised to the top k.
-    Ties with the k-th value are kept, as in vLLM."""
-    if top_p is None:
-        assert top_k is not None and max_top_k > 0
-        kth_values = logits.topk(max_top_k, dim=-1).values
-        kth = kth_values.gather(1, (top_k - 1).clamp(min=0)[:, None])
-        kth = kth.masked_fill((top_k == 0)[:, None], float("-inf"))
-        return logits.masked_fill(logits < kth, float("-inf"))
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
+                      max_top_k: int, top_p_within_top_k: bool = False) -> torch.Tensor:
+    """top_k (0 = off), then top_p over the distribution renormalised to the top k (vLLM).
 
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    if top_k is not None and max_top_k > 0:
-        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
-        kth = sorted_logits.gather(1, (top_k - 1).clamp(min=0)[:, None])
-        kth = kth.masked_fill((top_k == 0)[:, None], float("-inf"))
-        sorted_logits = sorted_logits.masked_fill((sorted_logits < kth) & (ranks > 0), float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    Each row's filter ends up as a value threshold on its logits, so tokens tied with
+    the last kept one are kept, whatever order a sort puts ties in: the kept set
+    depends only on the row, not on the batch (which decides max_top_k and whether a
+    full sort is needed).
+    """
+    neg_inf = float("-inf")
+    if top_p is None or top_p_within_top_k:
+        # Rows with top_p < 1 all have top_k > 0 here: their kept set lies in the top max_top_k.
+        values = logits.topk(max_top_k, dim=-1).values
+    else:
+        values = logits.sort(dim=-1, descending=True).values
+    if top_k is not None:
+        kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill((top_k == 0)[:, None], neg_inf)
+        if top_p is None:
+            return logits.masked_fill(logits < kth, neg_inf)
+        values = values.masked_fill(values < kth, neg_inf)
+    probs = values.softmax(dim=-1)
     exclusive_cumsum = probs.cumsum(dim=-1) - probs
     # Keep the smallest prefix whose mass reaches top_p; rows with top_p = 1 are left
     # alone (rounding in the cumsum would otherwise drop tail tokens), and the first
-    # token is always kept.
-    drop = (exclusive_cumsum >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    # token is always kept. The kept entries form a prefix of `values`.
+    keep = ((exclusive_cumsum < top_p[:, None]) | (top_p >= 1.0)[:, None]) & (values > neg_inf)
+    keep[:, 0] = True
+    threshold = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+    if top_p_within_top_k:
+        threshold = threshold.masked_fill((top_k == 0)[:, None], neg_inf)  # these rows have top_p = 1
+    return logits.masked_fill(logits < threshold, neg_inf)
 
 
 # ----------------------------------------------------------------------------
@@ -397,7 +446,16 @@ class SamplerOutput(NamedTuple):
 
 
 class Sampler:
-    """Stateless; `__call__` may modify `logits` in place."""
+    """Stateless apart from compiled kernels; `__call__` may modify `logits` in place.
+
+    compile: fuse the Gumbel-max pass with torch.compile (None = on CUDA only). The
+    compiled and eager versions compute the same integers; if compilation fails the
+    sampler logs it once and stays eager.
+    """
+
+    def __init__(self, compile: Optional[bool] = None):
+        self._compile = compile
+        self._compiled_gumbel_argmax = None
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         if st.fast_path:
@@ -426,8 +484,7 @@ class Sampler:
             lp = gather_logprobs(raw_logprobs, token_ids, st.max_num_logprobs)
         return SamplerOutput(token_ids, lp)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         rows = st.random_rows  # None when every row samples
         greedy_ids = None if st.all_random else logits.argmax(dim=-1)
         if rows is not None:
@@ -446,9 +503,23 @@ class Sampler:
                 pick(st.top_k) if st.max_top_k > 0 else None,
                 pick(st.top_p) if st.do_top_p else None,
                 st.max_top_k,
+                st.top_p_within_top_k,
             )
-        noise = gumbel_noise(pick(st.seed_lo), pick(st.seed_hi), pick(st.position), st.vocab_size)
-        sampled = (logits + noise).argmax(dim=-1)
+        sampled = self._gumbel_argmax(
+            logits, pick(st.seed_lo), pick(st.seed_hi), pick(st.position), _vocab_hash(st.vocab_size, logits.device)
+        )
         if rows is None:
             return sampled
         return greedy_ids.index_copy(0, rows, sampled)
+
+    def _gumbel_argmax(self, logits, seed_lo, seed_hi, position, vocab_hash) -> torch.Tensor:
+        use = self._compile if self._compile is not None else logits.device.type == "cuda"
+        if use:
+            try:
+                if self._compiled_gumbel_argmax is None:
+                    self._compiled_gumbel_argmax = torch.compile(gumbel_argmax, dynamic=True)
+                return self._compiled_gumbel_argmax(logits, seed_lo, seed_hi, position, vocab_hash)
+            except Exception as e:  # a missing or broken compiler must not take sampling down
+                logger.warning("torch.compile of the sampler failed (%s: %s); sampling eagerly", type(e).__name__, e)
+                self._compile = False
+        return gumbel_argmax(logits, seed_lo, seed_hi, position, vocab_hash)

@@ -243,6 +243,51 @@ def test_top_k_then_top_p():
     assert_matches(counts, torch.cat([reference_top_p(BASE_LOGITS[:4], 0.7), torch.zeros(V - 4, dtype=torch.float64)]))
 
 
+def test_top_p_via_topk_equals_full_sort_and_keeps_ties():
+    """A top_k+top_p row gives the same tokens whether the batch lets the sampler use
+    torch.topk (all top_p rows have a top_k) or forces a full sort (another row has
+    top_p without top_k); tokens tied with the last kept one are all kept."""
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0, -1.0])
+    n = 4000
+    target = SP(top_k=2, top_p=0.9)
+    rows = [SamplingRow(target, seed=s) for s in range(n)]
+    st = SamplingTensors.build(rows, 8, "cpu")
+    assert st.top_p_within_top_k
+    alone = Sampler()(logits.expand(n, -1).clone(), st).token_ids
+    rows_mixed = rows + [SamplingRow(SP(top_p=0.5), seed=0)]
+    st = SamplingTensors.build(rows_mixed, 8, "cpu")
+    assert not st.top_p_within_top_k
+    mixed = Sampler()(logits.expand(n + 1, -1).clone(), st).token_ids[:n]
+    assert torch.equal(alone, mixed)
+    # top_k=2 keeps 2.0 and all four tokens tied at 1.0; top_p=0.9 then keeps them all too
+    probs = torch.softmax(torch.tensor([2.0, 1, 1, 1, 1], dtype=torch.float64), -1)
+    assert_matches(torch.bincount(alone, minlength=8), torch.cat([probs, torch.zeros(3, dtype=torch.float64)]))
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    rows = [SamplingRow(SP(), seed=s) for s in range(8)]
+    st = SamplingTensors.build(rows, V, "cpu")
+    logits = BASE_LOGITS.expand(8, -1)
+    sampler = Sampler(compile=True)
+    assert torch.equal(sampler(logits.clone(), st).token_ids, Sampler(compile=False)(logits.clone(), st).token_ids)
+    assert sampler._compile is False
+
+
+def test_build_accepts_numpy_token_arrays():
+    import numpy as np
+
+    params = SP(temperature=0.0, frequency_penalty=1.0, repetition_penalty=1.2)
+    as_list = SamplingRow(params, seed=0, output_token_ids=[3, 3, 1], prompt_token_ids=[5])
+    as_np = SamplingRow(params, seed=0, output_token_ids=np.array([3, 3, 1]), prompt_token_ids=np.array([5]))
+    a = SamplingTensors.build([as_list, as_np], V, "cpu")
+    assert a.output_token_index.tolist() == [3, 3, 1, V + 3, V + 3, V + 1]
+    assert a.prompt_token_index.tolist() == [5, V + 5]
+
+
 def test_min_p_after_temperature():
     min_p, temperature = 0.2, 0.8
     probs = torch.softmax(BASE_LOGITS.double() / temperature, -1)
@@ -382,5 +427,7 @@ def test_cuda_matches_cpu():
     bits_gpu = random_bits(seeds.cuda(), (seeds >> 3).cuda(), (seeds % 17).cuda(), vocab)
     assert torch.equal(bits_cpu, bits_gpu.cpu())
     cpu = Sampler()(logits.clone(), SamplingTensors.build(rows, vocab, "cpu")).token_ids
-    gpu = Sampler()(logits.cuda(), SamplingTensors.build(rows, vocab, "cuda")).token_ids
-    assert torch.equal(cpu, gpu.cpu())
+    st = SamplingTensors.build(rows, vocab, "cuda")
+    gpu_compiled = Sampler()(logits.cuda(), st).token_ids
+    gpu_eager = Sampler(compile=False)(logits.cuda(), st).token_ids
+    assert torch.equal(cpu, gpu_compiled.cpu()) and torch.equal(cpu, gpu_eager.cpu())
