@@ -1,0 +1,36 @@
+"""ServerConfig: the HTTP server's own settings (everything that is not the engine's).
+
+Engine settings live in `EngineConfig` (runtime/config.py); `fleetserve serve`
+generates its flags from both models, field by field, with these docstrings as
+help text. Nothing else holds a second list of them.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port to listen on (0 picks a free one)."""
+    api_key: Optional[str] = Field(None, repr=False)
+    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and /version stay open); env FLEETSERVE_API_KEY."""
+    max_waiting_requests: int = Field(1024, ge=0)
+    """Requests allowed to wait for a batch slot; beyond that new requests get 503 with Retry-After."""
+    max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; larger bodies get 413."""
+    shutdown_timeout: float = Field(30.0, ge=0.0)
+    """Seconds SIGTERM waits for in-flight requests to finish before aborting them and exiting."""
+    retry_after_seconds: int = Field(1, ge=0)
+    """Value of the Retry-After header sent with 503 responses."""
+    max_n: int = Field(16, ge=1)
+    """Largest n (completions per prompt) a request may ask for."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Logging level of the fleetserve loggers."""
+    disable_log_requests: bool = True
+    """Do not log one line per finished request."""

@@ -1,0 +1,144 @@
+"""Prometheus metrics with vLLM's names and types (label `model_name`).
+
+Dashboards and the operator's autoscaler (KEDA on vllm:num_requests_waiting)
+read these, so names, types and units follow vLLM exactly:
+- gauges and engine-wide counters are read from the latest `EngineStats`
+  snapshot at scrape time (EngineCollector), so they can never drift from the
+  engine's own bookkeeping;
+- latency histograms and request_success are observed per request from the
+  engine thread (`RequestMetricsObserver`, an AsyncLLM OutputObserver).
+Each app owns its own CollectorRegistry so several servers can share a process.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets, so that existing dashboards' histogram_quantile queries read the same.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0]
+REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+class EngineCollector:
+    """Gauges and counters straight from the engine's stats, read at scrape time."""
+
+    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int]):
+        self.model_name = model_name
+        self._stats = stats
+        self._num_waiting = num_waiting  # the engine's queue plus requests not handed to it yet
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self._stats()
+        labels = ["model_name"]
+        value = [self.model_name]
+
+        def gauge(name, doc, v):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(value, float(v))
+            return g
+
+        def counter(name, doc, v):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(value, float(v))
+            return c
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    self._num_waiting())
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        # The pre-v1 name, still used by many dashboards.
+        yield gauge("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage (deprecated name).",
+                    s.kv_cache_usage)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total)
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                      s.num_preemptions_total)
+        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                      s.prefix_cache_queries_total)
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                      s.prefix_cache_hits_total)
+
+
+class _RequestState:
+    __slots__ = ("arrival", "num_tokens", "last_token_time", "queued_observed")
+
+    def __init__(self, arrival: float):
+        self.arrival = arrival
+        self.num_tokens = 0
+        self.last_token_time: Optional[float] = None
+        self.queued_observed = False
+
+
+class RequestMetricsObserver:
+    """Per-request latency histograms and finish counters; runs on the engine thread."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str):
+        self.model_name = model_name
+        ln = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              ln, buckets=TTFT_BUCKETS, registry=registry).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             ln, buckets=ITL_BUCKETS, registry=registry).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             ln, buckets=REQUEST_BUCKETS, registry=registry).labels(model_name)
+        self.queue = Histogram("vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.",
+                               ln, buckets=REQUEST_BUCKETS, registry=registry).labels(model_name)
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               ["model_name", "finished_reason"], registry=registry)
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(model_name, reason)  # exported at 0 from the start
+        self._requests: dict[str, _RequestState] = {}
+        self._lock = threading.Lock()
+
+    def on_request_added(self, request_id: str, arrival_time: float) -> None:
+        with self._lock:
+            self._requests[request_id] = _RequestState(arrival_time)
+
+    def on_outputs(self, outputs, now: float) -> None:
+        for out in outputs:
+            st = self._requests.get(out.request_id)
+            if st is None:
+                continue
+            m = out.metrics
+            if not st.queued_observed and m is not None and m.first_scheduled_time is not None:
+                self.queue.observe(max(0.0, m.first_scheduled_time - st.arrival))
+                st.queued_observed = True
+            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            if num_tokens > st.num_tokens:
+                if st.last_token_time is None:
+                    self.ttft.observe(max(0.0, now - st.arrival))
+                else:
+                    self.itl.observe(max(0.0, now - st.last_token_time))
+                st.last_token_time = now
+                st.num_tokens = num_tokens
+            if out.finished:
+                self.e2e.observe(max(0.0, now - st.arrival))
+                for c in out.outputs:
+                    self.success.labels(self.model_name, c.finish_reason or "abort").inc()
+                with self._lock:
+                    self._requests.pop(out.request_id, None)
+
+
+class ServerMetrics:
+    """The registry of one app: engine collector plus request observer."""
+
+    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int]):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(model_name, stats, num_waiting))
+        self.observer = RequestMetricsObserver(self.registry, model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
