@@ -1,0 +1,59 @@
+"""The offline API on the embedded default model (SmolLM2-135M-Instruct from GGUF, CPU):
+text in, text out — tokenizer, chat template, stop strings, detokenization."""
+import pytest
+
+from fleetserve.runtime import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_model_len=1024, num_kv_blocks=256)
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0.0, **{"max_tokens": 16, **kw})
+
+
+def test_default_model_knows_paris(llm):
+    out = llm.generate("The capital of France is", greedy(max_tokens=8))[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.prompt == "The capital of France is"
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("The capital of France is")
+
+
+def test_text_equals_decode_of_tokens(llm):
+    out = llm.generate(["Write a haiku about the sea:"], greedy(max_tokens=24, ignore_eos=True))[0].outputs[0]
+    assert out.text == llm.get_tokenizer().decode(out.token_ids)
+
+
+def test_stop_string_not_emitted(llm):
+    base = llm.generate("The capital of France is", greedy(max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    assert "Paris" in base
+    stop_at = base.index("Paris") + 2  # a stop string inside a word: "ri" may span tokens
+    stop = base[stop_at: stop_at + 2]
+    out = llm.generate("The capital of France is", greedy(max_tokens=12, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == base[: base.index(stop)]
+    out = llm.generate("The capital of France is",
+                       greedy(max_tokens=12, stop=[stop], include_stop_str_in_output=True))[0].outputs[0]
+    assert out.text == base[: base.index(stop) + len(stop)]
+
+
+def test_chat_uses_the_models_template(llm):
+    messages = [{"role": "system", "content": "You are a geography expert."},
+                {"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    out = llm.chat(messages, greedy(max_tokens=16))[0]
+    assert "<|im_start|>assistant" in out.prompt  # ChatML from the GGUF metadata
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"  # the model ends its turn with <|im_end|>
+    assert "<|im_end|>" not in out.outputs[0].text
+
+
+def test_n_samples_and_logprobs_text(llm):
+    out = llm.generate("Once upon a time", SamplingParams(temperature=1.0, n=3, seed=3, max_tokens=10,
+                                                            logprobs=2))[0]
+    assert len(out.outputs) == 3
+    for c in out.outputs:
+        assert len(c.logprobs) == len(c.token_ids)
+        for tok, lp in zip(c.token_ids, c.logprobs):
+            assert tok in lp and lp[tok].decoded_token == llm.get_tokenizer().decode([tok], skip_special_tokens=False)
