@@ -89,15 +89,21 @@ def apply(children: Children, desired: dict[str, Any]) -> Outcome:
 
     existing = children.read(kind, meta["namespace"], meta["name"])
     if existing is None:
-        children.create(desired)
-        return Outcome(kind, meta["name"], "created")
+        try:
+            children.create(desired)
+            return Outcome(kind, meta["name"], "created")
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # Created meanwhile (e.g. a previous operator's request completed late): patch it instead.
+            existing = children.read(kind, meta["namespace"], meta["name"]) or {}
 
+    last = _last_applied(existing)
     if kind == "PersistentVolumeClaim":
         # A claim's spec is immutable once bound: only labels and owner references are kept in line.
         desired_core = {"metadata": desired_core["metadata"]}
         desired = {"metadata": desired["metadata"]}
-
-    last = _last_applied(existing)
+        last = {"metadata": last.get("metadata")} if last else None
     if last == desired_core and is_subset(desired_core, existing):
         return Outcome(kind, meta["name"], "unchanged")
     patch = merge(desired, removals(last or {}, desired_core))

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -40,13 +42,26 @@ MANAGED = {"app.kubernetes.io/managed-by": "fleetserve-operator", render.ISVC_LA
 SETTINGS = OperatorSettings.from_env()
 
 
-def _api_client() -> client.ApiClient:
+def _client_configuration() -> client.Configuration:
+    """In-cluster service account, else the kubeconfig ($KUBECONFIG read now, not at import)."""
     cfg = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
-    return client.ApiClient(cfg)
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
+    return cfg
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches and the kubernetes client of the handlers use the same credentials."""
+    cfg = _client_configuration()
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+                               username=cfg.username or None, password=cfg.password or None,
+                               scheme=scheme or None, token=token or None, certificate_path=cfg.cert_file,
+                               private_key_path=cfg.key_file, trust_env=settings.networking.trust_env)
 
 
 @kopf.on.startup()
@@ -60,7 +75,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     memo.settings = SETTINGS
-    memo.api = _api_client()
+    memo.api = client.ApiClient(_client_configuration())
     logger.info("fleetserve operator: runtime image %s, metrics every %ss", SETTINGS.runtime_image,
                 SETTINGS.metrics_interval)
 
@@ -117,11 +132,13 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
                     logger: logging.Logger) -> list[str]:
     children = Children(memo.api)
     changed = []
-    for child in _desired(name, namespace, spec, body, memo.settings):
-        outcome = apply(children, child)
-        if outcome.action != "unchanged":
-            changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
-            logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
+    # The reconcile handler and the timer both may apply (each in a worker thread): one at a time per object.
+    with memo.setdefault("apply_lock", threading.Lock()):
+        for child in _desired(name, namespace, spec, body, memo.settings):
+            outcome = apply(children, child)
+            if outcome.action != "unchanged":
+                changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
+                logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
     if changed:
         kopf.event(body, type="Normal", reason="Reconciled", message="; ".join(changed))
     return changed
