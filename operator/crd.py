@@ -48,7 +48,7 @@ def _structural_after_ref(node: dict[str, Any], defs: dict[str, Any]) -> dict[st
             continue
         if key == "default" and value is None:
             continue
-        if key == "exclusiveMinimum":
+        if key == "exclusiveMinimum" and not isinstance(value, bool):
             out["minimum"], out["exclusiveMinimum"] = value, True
         elif key == "properties":
             out["properties"] = {name: _structural(sub, defs) for name, sub in value.items()}
