@@ -123,10 +123,12 @@ def auth() -> dict:
 
 def metric_values(base_url: str) -> dict[str, float]:
     """Sample name (with sorted labels except model_name) -> value, parsed by prometheus-client's parser."""
-    import httpx
+    import urllib.request
+
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(base_url + "/metrics", timeout=30).text
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

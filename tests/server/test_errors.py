@@ -1,0 +1,189 @@
+"""Every error answers in OpenAI's shape with the right status; aborted requests free their KV blocks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import aiohttp
+import pytest
+
+from .conftest import API_KEY, metric_values, wait_for_idle
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def call(url: str, body=None, headers=None, method=None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def assert_error(resp, status: int, *, type_: str | None = None, param: str | None = None, contains: str = ""):
+    code, headers, body = resp
+    assert code == status, body
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if type_:
+        assert err["type"] == type_
+    if param:
+        assert err["param"] == param
+    assert contains.lower() in err["message"].lower()
+    return err, headers
+
+
+def test_health_version_metrics_need_no_key(base_url):
+    assert call(base_url + "/health")[0] == 200
+    code, _, body = call(base_url + "/version")
+    assert code == 200 and json.loads(body)["version"]
+    assert call(base_url + "/metrics")[0] == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
+                                     {"Authorization": API_KEY}])
+def test_401_bad_or_missing_key(base_url, headers):
+    assert_error(call(base_url + "/v1/models", headers=headers), 401, type_="authentication_error")
+    assert_error(call(base_url + "/v1/completions", {"prompt": "x"}, headers), 401)
+
+
+def test_404_unknown_model_and_route(base_url):
+    err, _ = assert_error(call(base_url + "/v1/completions", {"model": "nope", "prompt": "x"}, AUTH), 404,
+                          param="model", contains="nope")
+    assert err["code"] == "model_not_found"
+    assert_error(call(base_url + "/v1/chat/completions",
+                      {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, AUTH), 404)
+    assert_error(call(base_url + "/v1/models/nope", headers=AUTH), 404)
+    assert_error(call(base_url + "/v1/nothing-here", headers=AUTH), 404)
+    assert_error(call(base_url + "/v1/completions", headers=AUTH, method="GET"), 405)
+
+
+@pytest.mark.parametrize("body, param, contains", [
+    ({}, "prompt", "prompt"),
+    ({"prompt": "x", "temperature": -1}, "temperature", ""),
+    ({"prompt": "x", "bogus_field": 1}, "bogus_field", "unsupported"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", ""),
+    ({"prompt": "x", "max_tokens": 600}, "max_tokens", "maximum context length"),
+    ({"prompt": "hello " * 600}, None, "maximum context length"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": [10**9]}, "prompt", "token ids"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, None, "stream"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs", "logprobs"),
+    ({"prompt": "x", "n": 1000}, "n", ""),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", ""),
+    ({"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias", ""),
+    ({"prompt": "x", "suffix": "y"}, None, "suffix"),
+    ({"prompt": "x", "stop": [""]}, None, "stop"),
+    ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, None, "min_tokens"),
+])
+def test_400_completions(base_url, body, param, contains):
+    err, _ = assert_error(call(base_url + "/v1/completions", body, AUTH), 400, type_="invalid_request_error",
+                          contains=contains)
+    if param:
+        assert err["param"] and err["param"].startswith(param)
+
+
+@pytest.mark.parametrize("body, contains", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, ""),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000}, "maximum context length"),
+])
+def test_400_chat(base_url, body, contains):
+    assert_error(call(base_url + "/v1/chat/completions", body, AUTH), 400, contains=contains)
+
+
+def test_400_bad_json(base_url):
+    assert_error(call(base_url + "/v1/completions", headers=AUTH, raw=b"{not json"), 400, contains="json")
+    assert_error(call(base_url + "/v1/completions", headers=AUTH, raw=b"[1, 2]"), 400, contains="object")
+
+
+def test_413_body_too_large(base_url):
+    big = {"prompt": "x" * (2 << 20)}
+    assert_error(call(base_url + "/v1/completions", big, AUTH), 413)
+
+
+def test_500_leaks_nothing(server, base_url):
+    serving = server.serving()
+
+    async def broken(request):
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    serving.list_models = broken  # instance attribute shadows the method for this test only
+    try:
+        code, _, body = call(base_url + "/v1/models", headers=AUTH)
+    finally:
+        del serving.list_models
+    err, _ = assert_error((code, {}, body), 500, type_="internal_server_error")
+    assert "secret" not in body.decode() and "Traceback" not in body.decode()
+    assert call(base_url + "/v1/models", headers=AUTH)[0] == 200
+
+
+def test_503_when_waiting_queue_is_full(server):
+    url = server.urls["tight"] + "/v1/completions"
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            async def one(i):
+                async with s.post(url, json={"prompt": f"Burst {i}", "max_tokens": 2}) as r:
+                    return r.status, dict(r.headers), await r.read()
+
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    results = asyncio.run(main())
+    codes = [r[0] for r in results]
+    assert 200 in codes and 503 in codes, codes
+    for r in results:
+        if r[0] == 503:
+            _, headers = assert_error(r, 503, contains="overloaded")
+            assert int(headers["Retry-After"]) >= 0
+    wait_for_idle(server)
+
+
+def _abort_count(base_url) -> float:
+    return metric_values(base_url).get("vllm:request_success_total{finished_reason=abort}", 0.0)
+
+
+def test_stream_disconnect_aborts_and_frees_blocks(server, base_url):
+    before = _abort_count(base_url)
+    body = json.dumps({"prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True, "stream": True}).encode()
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while b"data: {" not in got:
+            got += sock.recv(65536)
+        assert b" 200 " in got.split(b"\r\n")[0]
+        assert server.llm.stats.kv_cache_usage > 0
+    wait_for_idle(server)
+    assert _abort_count(base_url) == before + 1
+    assert metric_values(base_url)["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_non_stream_disconnect_aborts_and_frees_blocks(server, base_url):
+    before = _abort_count(base_url)
+
+    async def main():
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            with pytest.raises(asyncio.TimeoutError):
+                async with s.post(base_url + "/v1/completions",
+                                  json={"prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True},
+                                  timeout=aiohttp.ClientTimeout(total=1.5)) as r:
+                    await r.read()
+
+    asyncio.run(main())
+    wait_for_idle(server)
+    assert _abort_count(base_url) == before + 1
+    assert metric_values(base_url)["vllm:kv_cache_usage_perc"] == 0
