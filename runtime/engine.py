@@ -58,6 +58,7 @@ class _RequestState:
     logprobs: list[Optional[list]] = field(default_factory=list)
     cumulative_logprob: list[Optional[float]] = field(default_factory=list)
     prompt_logprobs: Optional[list] = None
+    final_only: bool = False
 
     @property
     def finished(self) -> bool:
@@ -171,7 +172,9 @@ class LLMEngine:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, final_only: bool = False) -> None:
+        """Queue a request. final_only: step() reports it only once finished (offline batches),
+        which saves building an output object for every request in every step."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -206,6 +209,7 @@ class LLMEngine:
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
             cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in seqs],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            final_only=final_only,
         )
         self._requests[request_id] = state
         self.scheduler.add(seqs[0])
@@ -279,6 +283,8 @@ class LLMEngine:
                 m.finished_time = now
                 m.num_preemptions = sum(s.num_preemptions for s in state.seqs)
                 del self._requests[rid]
+            elif state.final_only:
+                continue
             outputs.append(self._make_output(state))
         return outputs
 

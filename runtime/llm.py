@@ -43,7 +43,7 @@ class LLM:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = f"offline-{next(self._counter)}"
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, final_only=True)
                 order[rid] = i
         except Exception:
             self.engine.abort_request(list(order))
