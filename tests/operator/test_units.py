@@ -1,0 +1,236 @@
+"""Unit tests of the operator's pure parts: autoscaler windows, status reasons, apply diffs,
+Prometheus parsing, and the download step's cache-hit skip."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fleetserve.operator import autoscaler, render
+from fleetserve.operator.apply import is_subset, merge, removals
+from fleetserve.operator.metrics import RateTracker, parse_prometheus, sample_from_text
+from fleetserve.operator.settings import OperatorSettings
+from fleetserve.operator.spec import Autoscaling, parse_spec
+from fleetserve.operator.status import Observation, compute, merge_conditions, pod_view
+
+
+# --- autoscaler ----------------------------------------------------------------------------------------
+
+def cfg(**kw) -> Autoscaling:
+    base = dict(minReplicas=1, maxReplicas=10, targetQueueDepth=4, scaleUpStabilizationSeconds=0,
+                scaleDownStabilizationSeconds=0, cooldownSeconds=0)
+    return Autoscaling(**{**base, **kw})
+
+
+@pytest.mark.parametrize("load,expected", [(0, 1), (1, 1), (4, 1), (5, 2), (16, 4), (17, 5), (1000, 10)])
+def test_recommend_is_ceil_of_load_over_target_clamped(load, expected):
+    assert autoscaler.recommend(load, cfg()) == expected
+
+
+def test_recommend_scale_to_zero_only_when_allowed():
+    assert autoscaler.recommend(0, cfg(minReplicas=0, scaleToZero=True)) == 0
+    assert autoscaler.recommend(3, cfg(minReplicas=0, scaleToZero=True)) == 1
+
+
+def test_scale_up_waits_for_the_up_window_and_takes_its_minimum():
+    c, h = cfg(scaleUpStabilizationSeconds=30), autoscaler.History()
+    assert autoscaler.decide(0, 1, 20, 0, c, h).desired == 1      # 5 wanted, window not yet observed
+    assert autoscaler.decide(10, 1, 8, 0, c, h).desired == 1      # 2 wanted
+    d = autoscaler.decide(30, 1, 40, 0, c, h)                      # 10 wanted; window min over [0, 30] is 2
+    assert d.recommended == 10 and d.desired == 2
+
+
+def test_scale_down_takes_the_highest_recommendation_of_the_window():
+    c, h = cfg(scaleDownStabilizationSeconds=60), autoscaler.History()
+    assert autoscaler.decide(0, 8, 12, 0, c, h).desired == 8       # 3 wanted: window not observed yet
+    assert autoscaler.decide(30, 8, 20, 0, c, h).desired == 8      # 5 wanted
+    d = autoscaler.decide(60, 8, 0, 0, c, h)                       # 1 wanted; max over the window is 5
+    assert d.desired == 5
+    assert autoscaler.decide(125, 5, 0, 0, c, h).desired == 1      # the lull lasted a whole window
+
+
+def test_cooldown_blocks_changes_after_a_scale():
+    c, h = cfg(cooldownSeconds=60), autoscaler.History()
+    d = autoscaler.decide(0, 1, 40, 0, c, h)
+    assert d.desired == 10 and d.changes
+    autoscaler.record_change(h, 0)
+    assert autoscaler.decide(30, 10, 0, 0, c, h).desired == 10
+    assert autoscaler.decide(61, 10, 0, 0, c, h).desired == 1
+
+
+def test_bounds_are_enforced_even_without_metrics():
+    c, h = cfg(maxReplicas=3), autoscaler.History()
+    assert autoscaler.decide(0, 7, 0, 0, c, h, load_known=False).desired == 3
+    assert autoscaler.decide(0, 2, 0, 0, c, h, load_known=False).desired == 2
+
+
+# --- status --------------------------------------------------------------------------------------------
+
+def _pod(name="p", ready=True, init=None, containers=None, conditions=None, ip="10.0.0.1"):
+    return pod_view({"metadata": {"name": name},
+                     "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000}]}]},
+                     "status": {"podIP": ip, "phase": "Running",
+                                "conditions": (conditions or []) + [{"type": "Ready",
+                                                                     "status": "True" if ready else "False"}],
+                                "initContainerStatuses": init or [], "containerStatuses": containers or []}})
+
+
+def _obs(pods, spec=None, target=1, deployment=None, cached=False, error=None):
+    spec = parse_spec(spec or {"model": {"uri": "hf://o/m"}}) if error is None else None
+    return Observation(spec=spec, spec_error=error, target_replicas=target, deployment=deployment, pods=tuple(pods),
+                       metrics=None, model_cached_before=cached)
+
+
+def _cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_download_states_drive_model_cached_and_phase():
+    running = _pod(ready=False, init=[{"name": "model-download", "state": {"running": {}}}])
+    st = compute(_obs([running]))
+    assert _cond(st, "ModelCached")["reason"] == "Downloading" and st["phase"] == "Downloading"
+    done = _pod(ready=False, init=[{"name": "model-download", "state": {"terminated": {"exitCode": 0}}}])
+    st = compute(_obs([done]))
+    assert _cond(st, "ModelCached")["status"] == "True" and st["phase"] == "Loading"
+    failed = _pod(ready=False, init=[{"name": "model-download", "restartCount": 3,
+                                      "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                      "lastState": {"terminated": {"exitCode": 1, "message": "401 gated repo"}}}])
+    st = compute(_obs([failed]))
+    assert _cond(st, "Degraded")["reason"] == "ModelDownloadFailed" and "401 gated repo" in _cond(st, "Degraded")[
+        "message"]
+    assert st["phase"] == "Degraded"
+
+
+@pytest.mark.parametrize("containers,reason", [
+    ([{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 5}],
+     "CrashLoopBackOff"),
+    ([{"name": "runtime", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}],
+     "ImagePullError"),
+    ([{"name": "runtime", "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                                "message": 'secret "hf" not found'}}}], "ContainerConfigError"),
+])
+def test_container_failures_are_degraded(containers, reason):
+    st = compute(_obs([_pod(ready=False, containers=containers)], spec={}))
+    assert _cond(st, "Degraded")["reason"] == reason
+    assert _cond(st, "Ready")["status"] == "False"
+
+
+def test_unschedulable_without_gpu_vs_other_reasons():
+    gpu = _pod(ready=False, ip=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                  "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}])
+    assert _cond(compute(_obs([gpu], spec={})), "Degraded")["reason"] == "InsufficientGPU"
+    mem = _pod(ready=False, ip=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                  "message": "0/1 nodes are available: 1 Insufficient memory."}])
+    assert _cond(compute(_obs([mem], spec={})), "Degraded")["reason"] == "Unschedulable"
+
+
+def test_stuck_rollout_and_scaled_to_zero():
+    dep = {"status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                      "message": "ReplicaSet has timed out progressing."}]}}
+    st = compute(_obs([], spec={}, deployment=dep))
+    assert _cond(st, "Degraded")["reason"] == "ProgressDeadlineExceeded"
+    assert _cond(st, "Progressing")["status"] == "False"
+    st = compute(_obs([], spec={}, target=0, deployment={"status": {}}))
+    assert st["phase"] == "ScaledToZero" and _cond(st, "Ready")["reason"] == "ScaledToZero"
+
+
+def test_invalid_spec_is_failed():
+    st = compute(_obs([], error="spec.autoscaling: bad"))
+    assert st["phase"] == "Failed" and _cond(st, "Ready")["reason"] == "InvalidSpec"
+
+
+def test_condition_transition_time_kept_while_status_unchanged():
+    old = [{"type": "Ready", "status": "True", "lastTransitionTime": "T0"}]
+    same = merge_conditions(old, [{"type": "Ready", "status": "True", "reason": "Serving", "message": ""}], 2, now="T1")
+    flipped = merge_conditions(old, [{"type": "Ready", "status": "False", "reason": "x", "message": ""}], 2, now="T1")
+    assert same[0]["lastTransitionTime"] == "T0" and flipped[0]["lastTransitionTime"] == "T1"
+    assert same[0]["observedGeneration"] == 2
+
+
+# --- apply ---------------------------------------------------------------------------------------------
+
+def test_removals_null_dropped_keys_and_lists_are_replaced():
+    old = {"spec": {"nodeSelector": {"a": "1", "b": "2"}, "tolerations": [{"key": "x"}], "keep": 1}}
+    new = {"spec": {"nodeSelector": {"a": "1"}, "keep": 1}}
+    assert removals(old, new) == {"spec": {"nodeSelector": {"b": None}, "tolerations": None}}
+    assert merge(new, removals(old, new))["spec"]["nodeSelector"] == {"a": "1", "b": None}
+
+
+def test_is_subset_ignores_server_defaults_and_quantity_spelling():
+    want = {"spec": {"replicas": 1, "resources": {"cpu": "1000m", "memory": "1024Mi"}, "ports": [{"port": 80}]}}
+    have = {"spec": {"replicas": 1, "resources": {"cpu": "1", "memory": "1Gi"},
+                     "ports": [{"port": 80, "protocol": "TCP"}], "dnsPolicy": "ClusterFirst"}}
+    assert is_subset(want, have)
+    assert not is_subset({"spec": {"replicas": 2}}, have)
+    assert not is_subset({"spec": {"ports": [{"port": 80}, {"port": 81}]}}, have)
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+PROM = """# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 3.0
+vllm:num_requests_running{model_name="m"} 2
+vllm:kv_cache_usage_perc{model_name="m"} 0.25
+vllm:generation_tokens_total{model_name="m"} 100
+vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 7
+process_cpu_seconds_total 1.5e+01
+"""
+
+
+def test_parse_prometheus_and_rates():
+    m = parse_prometheus(PROM)
+    assert m["vllm:num_requests_waiting"] == 3 and m["vllm:kv_cache_usage_perc"] == 0.25
+    assert m["process_cpu_seconds_total"] == 15
+    tracker = RateTracker()
+    assert tracker.rates(sample_from_text("p", PROM, now=0.0)) == (None, None)
+    later = PROM.replace("generation_tokens_total{model_name=\"m\"} 100", "generation_tokens_total{model_name=\"m\"} 300")
+    assert tracker.rates(sample_from_text("p", later, now=2.0)) == (None, 100.0)
+    restarted = PROM.replace("} 100", "} 5")
+    assert tracker.rates(sample_from_text("p", restarted, now=3.0))[1] is None  # counter reset
+
+
+# --- render: the download step -------------------------------------------------------------------------
+
+def _run_download(tmp_path, dest):
+    fake = tmp_path / "fakehub"
+    (fake / "huggingface_hub").mkdir(parents=True, exist_ok=True)
+    (fake / "huggingface_hub" / "__init__.py").write_text(
+        "import os\n"
+        "def snapshot_download(repo_id, revision, local_dir, allow_patterns=None):\n"
+        "    open(os.environ['CALLS'], 'a').write(f'{repo_id}@{revision} {allow_patterns}\\n')\n"
+        "    open(os.path.join(local_dir, 'config.json'), 'w').write('{}')\n")
+    calls = tmp_path / "calls.txt"
+    spec = parse_spec({"model": {"uri": "hf://org/model@rev1"}})
+    init = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]["initContainers"][0]
+    cmd = [sys.executable if c == "python" else c for c in init["command"]]
+    cmd[cmd.index("/models/hf/org/model/rev1")] = str(dest)
+    env = {**os.environ, "PYTHONPATH": str(fake), "CALLS": str(calls)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    return out, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_download_runs_once_then_the_marker_skips_it(tmp_path):
+    dest = tmp_path / "cache" / "hf" / "org" / "model" / "rev1"
+    out, calls = _run_download(tmp_path, dest)
+    assert calls == ["org/model@rev1 None"] and "download complete" in out
+    assert (dest / render.MARKER_FILE).exists() and (dest / "config.json").exists()
+    out, calls = _run_download(tmp_path, dest)
+    assert calls == ["org/model@rev1 None"]  # not called again
+    assert "model cache hit" in out
+
+
+def test_model_paths_and_flags():
+    s = parse_spec({"model": {"uri": "hf://org/m-GGUF", "ggufFile": "m.Q4.gguf"}, "engine": {"maxNumSeqs": 4}})
+    args = render.serve_args("svc", s)
+    assert args[0] == "/models/hf/org/m-GGUF/main/m.Q4.gguf"
+    assert args[args.index("--served-model-name") + 1] == "svc" and "--enable-prefix-caching" in args
+    assert render.model_path(parse_spec({"model": {"uri": "pvc://weights/a/b"}})) == "/mnt/model-source/a/b"
+    assert render.model_path(parse_spec({})) is None
+    cpu = render.render_deployment("x", "ns", parse_spec({}), OperatorSettings())
+    assert "initContainers" not in cpu["spec"]["template"]["spec"]
+    assert cpu["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    env = cpu["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in env
