@@ -186,7 +186,9 @@ def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_sc
                     stride_bt,
                     G: tl.constexpr, BLOCK_Q: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
+    # Highest block index first: later query blocks of a sequence see more keys (causal), and
+    # starting the long programs first leaves short ones for the tail.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     # Query block pid belongs to the last sequence b with qsl[b] // BLOCK_Q + b <= pid: that index
     # counts blocks monotonically and leaves each sequence room for its cdiv(q_len, BLOCK_Q) blocks,
@@ -289,7 +291,10 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
             _decode_reduce_kernel[(B, Hq)](out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1), Hq,
                                            D=D, DP=DP, NUM_SPLITS=splits, SP=next_pow2(splits), num_warps=4)
         return out
-    bm = block_m or 128
+    # Tuned on H100 (benchmarks/results/kernels-2026-11-24.md): D=128 prefers 64-row tiles on one
+    # warpgroup, D<=64 128-row tiles on two.
+    big_d = DP >= 128
+    bm = block_m or (64 if big_d else 128)
     block_q = max(1, bm // G)
     BM = next_pow2(block_q * G)
     bn = block_n or 64
@@ -297,5 +302,5 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
         G=G, BLOCK_Q=block_q, BM=BM, D=D, DP=DP, PAGE=page, BLOCK_N=bn, IEEE=ieee,
-        num_warps=num_warps or (8 if DP >= 128 else 4), num_stages=num_stages or 2)
+        num_warps=num_warps or (4 if big_d else 8), num_stages=num_stages or 2)
     return out
