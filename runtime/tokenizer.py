@@ -33,7 +33,9 @@ class Tokenizer:
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
-        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        # Like transformers 5: the clean-up (strip spaces before punctuation) is for WordPiece only;
+        # on BPE vocabularies it would corrupt text.
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces and isinstance(backend.model, models.WordPiece)
         self.bos_token_id = self._id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._id(self.special_tokens.get("eos_token"))
         self.pad_token_id = self._id(self.special_tokens.get("pad_token"))
@@ -107,7 +109,9 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         special = {name: _token_str(config.get(name)) for name in _SPECIAL_NAMES}
         _add_missing_special_tokens(backend, special.values())
-        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+        # tokenizer.json's own post-processor decides BOS/EOS (transformers 5 ignores the config's
+        # add_bos_token next to a tokenizer.json); the config only fills in when there is none.
+        if backend.post_processor is None:
             _set_template_processing(backend, special, config.get("add_bos_token", False),
                                      config.get("add_eos_token", False))
         return cls(backend, special, template, extra_eos_token_ids,

@@ -170,3 +170,47 @@ def test_config_parsing_and_errors():
 @pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9)])
 def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
+
+
+# ---- the embedded SmolLM2 GGUF vs transformers' own GGUF loading of the same file -----------------
+
+def greedy(model, prompt_ids, max_new_tokens, block_size=16):
+    """Prefill once, then decode one token per step through the paged cache (a shuffled block table)."""
+    runner = PagedRunner(model, block_size=block_size, num_blocks=1 + (len(prompt_ids) + max_new_tokens) // block_size + 2)
+    out = []
+    with torch.no_grad():
+        logits = runner.step({0: list(prompt_ids)})[-1]
+        for _ in range(max_new_tokens):
+            out.append(int(logits.argmax()))
+            logits = runner.step({0: [out[-1]]})[-1]
+    return out
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+           "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_smollm2_gguf_logits_match_transformers(smollm2_model, hf_smollm2):
+    tok, model = smollm2_model.tokenizer, smollm2_model.model
+    ids = tok.encode(PROMPTS[0])
+    runner = PagedRunner(model, block_size=16, num_blocks=4)
+    with torch.no_grad():
+        ours = runner.step({0: ids})
+    ref = hf_logits(hf_smollm2, ids)
+    assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_greedy_tokens_match_transformers(smollm2_model, hf_smollm2, prompt):
+    tok = smollm2_model.tokenizer
+    ids = tok.encode(prompt)
+    ours = greedy(smollm2_model.model, ids, 10)
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == ref, (tok.decode(ours), tok.decode(ref))
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2_model):
+    tok = smollm2_model.tokenizer
+    assert "Paris" in tok.decode(greedy(smollm2_model.model, tok.encode("The capital of France is"), 4))
