@@ -178,7 +178,13 @@ class AsyncLLM:
                 errors, aborted = self._apply(ops, observers)
                 outputs = []
                 if aborted or engine.has_unfinished_requests():
+                    t0 = time.perf_counter()
                     outputs = engine.step()
+                    if not outputs and time.perf_counter() - t0 < 5e-4:
+                        # Nothing could be scheduled (e.g. waiting for KV blocks): don't spin a core on it.
+                        with self._cv:
+                            if not self._ops and not self._stopping:
+                                self._cv.wait(0.002)
                 busy = engine.has_unfinished_requests()
                 self.stats = engine.get_stats()
                 now = time.time()

@@ -163,6 +163,13 @@ class OpenAIServing:
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
+    def _log_done(self, rid: str, usage: UsageInfo, latest: dict[int, RequestOutput], start: float) -> None:
+        if self.config.disable_log_requests:
+            return
+        reasons = sorted({c.finish_reason or "abort" for out in latest.values() for c in out.outputs})
+        logger.info("request %s done in %.3fs: prompt_tokens=%d completion_tokens=%d finish=%s", rid,
+                    time.time() - start, usage.prompt_tokens, usage.completion_tokens, ",".join(reasons))
+
     def _token_str(self, tid: int, lp) -> str:
         if lp is not None and getattr(lp, "decoded_token", None) is not None:
             return lp.decoded_token
@@ -253,12 +260,13 @@ class OpenAIServing:
         params = self._sampling_params(req, req.max_tokens)
         self._admit(len(ids_list))
         rid = random_id("cmpl")
-        created = int(time.time())
+        start = time.time()
+        created = int(start)
         stream = self._start(ids_list, params, rid)
         async with contextlib.aclosing(stream):
             first = await self._first(stream)
             if req.stream:
-                return await self._stream_completions(request, req, stream, first, rid, created, texts, ids_list)
+                return await self._stream_completions(request, req, stream, first, rid, start, texts, ids_list)
             latest: dict[int, RequestOutput] = {first[0]: first[1]}
             async for i, out in stream:
                 latest[i] = out
@@ -270,6 +278,7 @@ class OpenAIServing:
         choices.sort(key=lambda ch: ch.index)
         resp = CompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                   usage=_usage([len(x) for x in ids_list], latest))
+        self._log_done(rid, resp.usage, latest, start)
         return web.Response(body=resp.model_dump_json().encode(), content_type="application/json")
 
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:
@@ -288,8 +297,9 @@ class OpenAIServing:
         return CompletionChoice(index=i * req.n + c.index, text=body, logprobs=logprobs,
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
-    async def _stream_completions(self, request, req: CompletionRequest, stream, first, rid, created,
+    async def _stream_completions(self, request, req: CompletionRequest, stream, first, rid, start: float,
                                   texts, ids_list) -> web.StreamResponse:
+        created = int(start)
         resp = await sse.open_stream(request)
         sent_text: dict[tuple[int, int], int] = {}
         sent_tok: dict[tuple[int, int], int] = {}
@@ -332,9 +342,10 @@ class OpenAIServing:
 
         return await self._pump(resp, stream, first, emit, lambda: CompletionChunk(
             id=rid, created=created, model=self.served_model_name, choices=[],
-            usage=_usage(prompt_lens, latest)) if req.include_usage else None)
+            usage=_usage(prompt_lens, latest)) if req.include_usage else None,
+            lambda: self._log_done(rid, _usage(prompt_lens, latest), latest, start))
 
-    async def _pump(self, resp, stream, first, emit, usage_chunk) -> web.StreamResponse:
+    async def _pump(self, resp, stream, first, emit, usage_chunk, on_done) -> web.StreamResponse:
         """Writes every output as SSE, then the usage chunk and [DONE]; errors after the headers become events."""
         try:
             await emit(*first)
@@ -344,6 +355,7 @@ class OpenAIServing:
             if final is not None:
                 await resp.write(sse.event(final))
             await resp.write(sse.DONE)
+            on_done()
         except (ConnectionResetError, ConnectionError):
             return resp  # client went away; closing the stream aborts the requests
         except ValueError as e:
@@ -387,12 +399,13 @@ class OpenAIServing:
         params = self._sampling_params(req, max_tokens)
         self._admit(1)
         rid = random_id("chatcmpl")
-        created = int(time.time())
+        start = time.time()
+        created = int(start)
         stream = self._start([ids], params, rid)
         async with contextlib.aclosing(stream):
             first = await self._first(stream)
             if req.stream:
-                return await self._stream_chat(request, req, stream, first, rid, created, ids)
+                return await self._stream_chat(request, req, stream, first, rid, start, ids)
             out = first[1]
             async for _, out in stream:
                 pass
@@ -403,10 +416,12 @@ class OpenAIServing:
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         resp = ChatCompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                       usage=_usage([len(ids)], {0: out}))
+        self._log_done(rid, resp.usage, {0: out}, start)
         return web.Response(body=resp.model_dump_json().encode(), content_type="application/json")
 
-    async def _stream_chat(self, request, req: ChatCompletionRequest, stream, first, rid, created,
+    async def _stream_chat(self, request, req: ChatCompletionRequest, stream, first, rid, start: float,
                            ids) -> web.StreamResponse:
+        created = int(start)
         resp = await sse.open_stream(request)
         k = (req.top_logprobs or 0) if req.logprobs else None
         sent_text: dict[int, int] = {}
@@ -448,7 +463,8 @@ class OpenAIServing:
 
         return await self._pump(resp, stream, first, emit, lambda: ChatCompletionChunk(
             id=rid, created=created, model=self.served_model_name, choices=[],
-            usage=_usage([len(ids)], latest)) if req.include_usage else None)
+            usage=_usage([len(ids)], latest)) if req.include_usage else None,
+            lambda: self._log_done(rid, _usage([len(ids)], latest), latest, start))
 
     # ------------------------------------------------------------ the rest
 
