@@ -18,6 +18,7 @@ Never imports torch or fleetserve.runtime (checked by import-linter, see .import
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from kubernetes import client, config
 from pydantic import ValidationError
 
 from fleetserve.operator import autoscaler, render, status as status_mod
-from fleetserve.operator.apply import MERGE_PATCH, Children, apply
+from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset
 from fleetserve.operator.metrics import RateTracker, scrape_all
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
@@ -105,6 +106,7 @@ def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **
     return {(namespace, labels[render.ISVC_LABEL]): {
         "metadata": {"name": body.metadata.name, "generation": body.metadata.get("generation"),
                      "lastApplied": annotations.get(render.LAST_APPLIED)},
+        "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {})}}
 
 
@@ -201,12 +203,27 @@ def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error
 
 def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], meta: kopf.Meta,
                   reconciled: bool = False) -> None:
+    """Patches only the status fields that changed: an idle service costs the apiserver no writes."""
     generation = meta.get("generation")
     new = dict(new)
     new["conditions"] = status_mod.merge_conditions(status.get("conditions") or [], new["conditions"], generation)
     if reconciled:
         new["observedGeneration"] = generation
-    patch.status.update(new)
+    changed = {k: v for k, v in new.items() if k != "lastMetricsTime" and status.get(k) != v}
+    if changed or _stale(status.get("lastMetricsTime")):
+        patch.status.update(changed)
+        if "lastMetricsTime" in new:
+            patch.status["lastMetricsTime"] = new["lastMetricsTime"]
+
+
+def _stale(timestamp: str | None, seconds: float = 60.0) -> bool:
+    if not timestamp:
+        return True
+    try:
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return True
+    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds() >= seconds
 
 
 def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: kopf.Memo,
@@ -216,7 +233,9 @@ def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: ko
     if dep is None or _first(services_index, key) is None:
         return True
     desired = next(c for c in _desired(name, namespace, spec, body, memo.settings) if c["kind"] == "Deployment")
-    return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True)
+    # Changed by us (a new rendering) or by someone else (an owned field edited in the cluster).
+    return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True) or \
+        not is_subset(desired["spec"], dep["spec"])
 
 
 async def _scale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, decision: autoscaler.Decision,

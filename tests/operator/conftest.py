@@ -301,3 +301,15 @@ def helm(tmp_path_factory) -> Callable[..., str]:
         assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
     return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A hung watch or server must fail a test, not the CI run: every operator test gets a timeout
+    (the chart tests a longer one: the first may download helm)."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.parent == here and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(600 if path.name == "test_chart.py" else 120))

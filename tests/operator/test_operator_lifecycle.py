@@ -150,3 +150,25 @@ async def test_invalid_spec_condition_and_event_without_retry_loop(operator):
     await patch(operator, isvc_path("bad"), {"spec": {"autoscaling": {"maxReplicas": 6}}})
     await eventually(lambda: get(operator, DEPLOYMENTS, "bad"))
     await eventually(lambda: condition(get(operator, ISVC_RES, "bad"), "Degraded")["status"] == "False")
+
+
+async def test_edited_child_is_restored(operator):
+    await create(operator, isvc("llm", {"engine": {"maxNumSeqs": 8}}))
+    await eventually(lambda: get(operator, DEPLOYMENTS, "llm"))
+    # Someone edits an owned field in the cluster (kmock merges dicts and replaces lists, like a merge patch).
+    await patch(operator, "/apis/apps/v1/namespaces/default/deployments/llm", {"spec": {"replicas": 5}})
+    await eventually(lambda: get(operator, DEPLOYMENTS, "llm")["spec"]["replicas"] == 1)
+
+
+async def test_idle_service_causes_no_status_writes(operator):
+    import asyncio
+
+    await create(operator, isvc("llm"))
+    await eventually(lambda: (get(operator, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
+    await asyncio.sleep(1.0)  # settle
+
+    def status_writes():
+        return [r for r in list(operator) if r.resource == ISVC_RES and r.action == enums.action.UPDATE]
+    before = len(status_writes())
+    await asyncio.sleep(1.5)  # ~5 timer ticks
+    assert len(status_writes()) == before
