@@ -27,7 +27,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 _WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "

@@ -2,19 +2,15 @@
 
 Handlers raise `APIError` (or one of its subclasses); the error middleware in
 app.py turns it, aiohttp's HTTP exceptions and anything unexpected into a JSON
-response with the right status. Unexpected exceptions are logged with their
-traceback here and never leak internals to the client.
+response with the right status. Unexpected exceptions become a bare 500 (the
+middleware logs the traceback): internals never reach the client.
 """
 from __future__ import annotations
 
-import json
-import logging
 from typing import Optional
 
 from aiohttp import web
 from pydantic import ValidationError
-
-logger = logging.getLogger("fleetserve.server")
 
 
 class APIError(Exception):
@@ -100,8 +96,3 @@ def from_http_exception(e: web.HTTPException) -> web.Response:
 
 def internal_error() -> web.Response:
     return error_response(500, "Internal server error", "internal_server_error")
-
-
-def json_error_line(message: str, type_: str = "internal_server_error", code=None) -> str:
-    """An error for a stream that already started (headers sent): one SSE data line."""
-    return json.dumps(error_body(message, type_, None, code))

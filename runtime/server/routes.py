@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -21,7 +22,7 @@ from ..async_engine import AsyncLLM, EngineDeadError
 from ..outputs import CompletionOutput, RequestOutput
 from . import sse
 from .config import ServerConfig
-from .errors import APIError, BadRequest, NotFound, Overloaded, error_body, from_validation_error
+from .errors import BadRequest, NotFound, Overloaded, error_body, from_validation_error
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
@@ -337,7 +338,7 @@ class OpenAIServing:
                     CompletionChoice(index=i * req.n + c.index, text=prefix + delta, logprobs=logprobs,
                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
                 if req.stream_options and req.stream_options.continuous_usage_stats:
-                    chunk.usage = _usage(prompt_lens[: len(latest)], latest)
+                    chunk.usage = _usage([prompt_lens[k] for k in latest], latest)
                 await resp.write(sse.event(chunk, **dump_kw))
 
         return await self._pump(resp, stream, first, emit, lambda: CompletionChunk(
@@ -371,8 +372,6 @@ class OpenAIServing:
 
     @staticmethod
     async def _stream_error(resp, message: str, type_: str) -> None:
-        import json
-
         with contextlib.suppress(ConnectionError):
             await resp.write(sse.event(json.dumps(error_body(message, type_))))
             await resp.write(sse.DONE)

@@ -73,7 +73,11 @@ async def _stream_one(session, url, i):
     return text, finish, usage, done
 
 
-def test_32_concurrent_streams_batch(server, base_url):
+def test_32_concurrent_streams_batch(server, base_url, offline):
+    from fleetserve.runtime import SamplingParams
+
+    expected = offline.generate([f"Request number {i} says" for i in range(32)],
+                                SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     max_running = 0
     stop = threading.Event()
 
@@ -102,9 +106,10 @@ def test_32_concurrent_streams_batch(server, base_url):
         stop.set()
         poller.join()
     assert len(results) == 32
-    for text, finish, usage, done in results:
-        assert done and finish == "length" and text
-        assert usage["completion_tokens"] == 6
+    for (text, finish, usage, done), exp in zip(results, expected):
+        assert done and finish == "length"
+        assert text == exp.outputs[0].text  # batching with 31 others changes nothing for greedy decoding
+        assert usage["completion_tokens"] == 6 and usage["prompt_tokens"] == len(exp.prompt_token_ids)
     assert max_running > 1, "the running-requests gauge never exceeded 1: no continuous batching"
     assert "vllm:num_requests_running" in scraped[0]
     wait_for_idle(server)
