@@ -234,3 +234,28 @@ def test_model_paths_and_flags():
     assert cpu["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     env = cpu["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_HUB_OFFLINE", "value": "1"} in env
+
+
+# --- entry point and settings -----------------------------------------------------------------------------
+
+def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
+    import kopf
+
+    from fleetserve.operator import __main__ as entry
+    from fleetserve.operator import main
+
+    calls = {}
+    monkeypatch.setattr(kopf, "run", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(kopf, "configure", lambda **kw: calls.update(configure=kw))
+    monkeypatch.setattr(main, "SETTINGS", OperatorSettings.from_env({"FLEETSERVE_NAMESPACES": "a, b"}))
+    monkeypatch.setenv("FLEETSERVE_LOG_LEVEL", "debug")
+    entry.run()
+    assert calls["namespaces"] == ("a", "b") and calls["clusterwide"] is False and calls["standalone"] is True
+    assert calls["liveness_endpoint"].endswith(":8080/healthz") and calls["configure"]["debug"] is True
+
+
+def test_settings_from_env():
+    s = OperatorSettings.from_env({"FLEETSERVE_RUNTIME_IMAGE": "r/rt:1", "FLEETSERVE_METRICS_INTERVAL": "2.5",
+                                   "FLEETSERVE_CLUSTER_DOMAIN": "corp.local"})
+    assert s.runtime_image == "r/rt:1" and s.metrics_interval == 2.5 and s.namespaces == ()
+    assert render.service_url("a", "b", s) == "http://a.b.svc.corp.local"
