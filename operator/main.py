@@ -28,6 +28,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from fleetserve.operator import autoscaler, render, status as status_mod
@@ -136,11 +137,17 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
     changed = []
     # The reconcile handler and the timer both may apply (each in a worker thread): one at a time per object.
     with memo.setdefault("apply_lock", threading.Lock()):
-        for child in _desired(name, namespace, spec, body, memo.settings):
-            outcome = apply(children, child)
-            if outcome.action != "unchanged":
-                changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
-                logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
+        try:
+            for child in _desired(name, namespace, spec, body, memo.settings):
+                outcome = apply(children, child)
+                if outcome.action != "unchanged":
+                    changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
+                    logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
+        except ApiException as exc:
+            # Kept for status: Degraded=ApplyFailed until an apply succeeds.
+            memo["apply_error"] = f"{exc.status} {exc.reason}: {_api_message(exc)}"
+            raise
+        memo.pop("apply_error", None)
     if changed:
         kopf.event(body, type="Normal", reason="Reconciled", message="; ".join(changed))
     return changed
@@ -171,11 +178,30 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
                                               runtime_deployments, None), meta, reconciled=True)
         # Children keep the last valid configuration; nothing to retry until the spec changes.
         raise kopf.PermanentError(f"invalid spec: {error}")
-    _apply_children(name, namespace, spec, body, memo, logger)
+    try:
+        _apply_children(name, namespace, spec, body, memo, logger)
+    except ApiException as exc:
+        message = f"applying children failed: {exc.status} {exc.reason}: {_api_message(exc)}"
+        _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
+                                              runtime_deployments, None), meta)
+        if exc.status in (400, 422):
+            # The apiserver rejects what we rendered (e.g. a field this Kubernetes version lacks): retrying
+            # the same rendering cannot help; a spec change or an operator upgrade will.
+            kopf.event(body, type="Warning", reason="ApplyFailed", message=message)
+            raise kopf.PermanentError(message) from exc
+        # Conflicts, throttling, RBAC being rolled out, an apiserver restart: try again soon.
+        raise kopf.TemporaryError(message, delay=10) from exc
     patch.status.update(_static_status(name, namespace, spec, memo.settings))
     patch.status["desiredReplicas"] = spec.target_replicas()
     _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
                                           runtime_deployments, None), meta, reconciled=True)
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message", ""))[:300]
+    except ValueError:
+        return str(exc.body or "")[:300]
 
 
 @kopf.on.delete(*ISVC, optional=True)
@@ -197,7 +223,7 @@ def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error
     target = spec.target_replicas() if spec else int((body.get("spec") or {}).get("replicas") or 0)
     obs = status_mod.Observation(spec=spec, spec_error=error, target_replicas=target,
                                  deployment=_first(deployments_index, key), pods=pods, metrics=metrics,
-                                 model_cached_before=bool(cached_before))
+                                 model_cached_before=bool(cached_before), apply_error=memo.get("apply_error"))
     return status_mod.compute(obs)
 
 
@@ -259,7 +285,10 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
     if spec is not None and await asyncio.to_thread(_needs_apply, name, namespace, spec, body, memo,
                                                     runtime_deployments, runtime_services):
         # A child was deleted or edited behind our back: put it back.
-        await asyncio.to_thread(_apply_children, name, namespace, spec, body, memo, logger)
+        try:
+            await asyncio.to_thread(_apply_children, name, namespace, spec, body, memo, logger)
+        except ApiException as exc:
+            logger.warning("restoring children failed (next tick retries): %s %s", exc.status, _api_message(exc))
 
     pods = tuple(runtime_pods.get((namespace, name), ()))
     targets = {p.name: f"http://{p.ip}:{p.port}/metrics" for p in pods if p.ready and p.ip and not p.deleting}
@@ -280,7 +309,11 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
                                          load_known=metrics is not None)
             new["desiredReplicas"] = decision.desired
             if decision.changes:
-                await _scale(name, namespace, body, memo, decision, logger)
-                autoscaler.record_change(history, now)
-                new["lastScaleTime"] = status_mod.now_iso()
+                try:
+                    await _scale(name, namespace, body, memo, decision, logger)
+                except ApiException as exc:  # e.g. a conflicting writer: decide again next tick
+                    logger.warning("scaling to %d failed: %s %s", decision.desired, exc.status, _api_message(exc))
+                else:
+                    autoscaler.record_change(history, now)
+                    new["lastScaleTime"] = status_mod.now_iso()
     _write_status(patch, status, new, meta)

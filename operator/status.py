@@ -119,6 +119,8 @@ class Observation:
     pods: tuple[PodView, ...]
     metrics: Aggregate | None
     model_cached_before: bool
+    apply_error: str | None = None
+    """Why the last create/patch of a child failed, if it did."""
 
 
 def compute(obs: Observation) -> dict[str, Any]:
@@ -159,6 +161,8 @@ def compute(obs: Observation) -> dict[str, Any]:
             problems.append((cond.get("reason") or "ReplicaFailure", cond.get("message", "")))
     if obs.spec_error:
         degraded = _condition("Degraded", True, "InvalidSpec", obs.spec_error)
+    elif obs.apply_error:
+        degraded = _condition("Degraded", True, "ApplyFailed", obs.apply_error)
     elif problems:
         degraded = _condition("Degraded", True, problems[0][0], "; ".join(m for _, m in problems[:3]))
     else:

@@ -42,9 +42,24 @@ _counter = itertools.count(1)
 
 
 class Apiserver(kmock.KubernetesEmulator):
-    """kmock's emulator plus server-side metadata a kopf operator relies on."""
+    """kmock's emulator plus server-side metadata a kopf operator relies on.
+
+    `reject[(plural, action)] = (status, message)` makes the server refuse such requests
+    without storing anything, as a real apiserver's validation or admission would.
+    """
+
+    reject: dict[tuple[str, str], tuple[int, str]]
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.reject = {}
 
     async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and request.action is not None:
+            refusal = self.reject.get((request.resource.plural, str(request.action.value).lower()))
+            if refusal:
+                return await self._render_error(kmock.KubernetesError(status=refusal[0], reason="Invalid",
+                                                                      message=refusal[1]))
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})

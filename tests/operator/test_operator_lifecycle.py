@@ -172,3 +172,27 @@ async def test_idle_service_causes_no_status_writes(operator):
     before = len(status_writes())
     await asyncio.sleep(1.5)  # ~5 timer ticks
     assert len(status_writes()) == before
+
+
+async def test_rejected_child_is_a_permanent_error_with_condition_and_event(operator):
+    operator.reject[("deployments", "create")] = (422, 'Deployment.apps "llm" is invalid: spec.template: bad field')
+    await create(operator, isvc("llm"))
+    cond = await eventually(lambda: (c := condition(get(operator, ISVC_RES, "llm"), "Degraded"))
+                            and c["reason"] == "ApplyFailed" and c)
+    assert "bad field" in cond["message"]
+    warning = await eventually(lambda: events(operator, "ApplyFailed"))
+    assert warning[0]["type"] == "Warning"
+    # The apiserver accepts it again (e.g. after an upgrade): the timer's self-healing creates it.
+    del operator.reject[("deployments", "create")]
+    await eventually(lambda: get(operator, DEPLOYMENTS, "llm"))
+    await eventually(lambda: condition(get(operator, ISVC_RES, "llm"), "Degraded")["status"] == "False")
+
+
+async def test_transient_api_errors_are_retried(operator):
+    operator.reject[("services", "create")] = (500, "etcd leader changed")
+    await create(operator, isvc("llm"))
+    await eventually(lambda: condition(get(operator, ISVC_RES, "llm"), "Degraded")
+                     and condition(get(operator, ISVC_RES, "llm"), "Degraded")["reason"] == "ApplyFailed")
+    assert not events(operator, "ApplyFailed")  # transient: no warning, a TemporaryError and a retry
+    del operator.reject[("services", "create")]
+    await eventually(lambda: get(operator, SERVICES, "llm") and get(operator, DEPLOYMENTS, "llm"))
