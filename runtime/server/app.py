@@ -117,7 +117,7 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
         engine = llm or await asyncio.to_thread(AsyncLLM.from_config, engine_config)
         engine.start()
         served = engine_config.served_model_name or engine.model_name
-        metrics = ServerMetrics(served, lambda: engine.stats, lambda: engine.num_waiting)
+        metrics = ServerMetrics(served, lambda: engine.stats, lambda: engine.num_waiting, engine.max_model_len)
         engine.add_observer(metrics.observer)
         app[SERVING] = OpenAIServing(engine, server_config, metrics, served, engine_config.model)
         info = describe_engine(engine)

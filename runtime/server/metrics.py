@@ -71,6 +71,18 @@ class EngineCollector:
                       s.prefix_cache_hits_total)
 
 
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
+    out, exp = [], 0
+    while True:
+        for m in (1, 2, 5):
+            v = m * 10 ** exp
+            if v > max_value:
+                return out
+            out.append(v)
+        exp += 1
+
+
 class _RequestState:
     __slots__ = ("arrival", "num_tokens", "last_token_time", "queued_observed")
 
@@ -84,9 +96,26 @@ class _RequestState:
 class RequestMetricsObserver:
     """Per-request latency histograms and finish counters; runs on the engine thread."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str):
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int = 1 << 20):
         self.model_name = model_name
         ln = ["model_name"]
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, ln, buckets=buckets, registry=registry).labels(model_name)
+
+        # Older vLLM name of the inter-token latency; many dashboards still query it.
+        self.tpot = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
+                         ITL_BUCKETS)
+        token_buckets = build_1_2_5_buckets(max_model_len)
+        self.prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
+        self.generation_tokens = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                      token_buckets)
+        self.prefill_time = hist("vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_BUCKETS)
+        self.decode_time = hist("vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.", REQUEST_BUCKETS)
+        self.inference_time = hist("vllm:request_inference_time_seconds",
+                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_BUCKETS)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               ln, buckets=TTFT_BUCKETS, registry=registry).labels(model_name)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
@@ -121,11 +150,21 @@ class RequestMetricsObserver:
                 if st.last_token_time is None:
                     self.ttft.observe(max(0.0, now - st.arrival))
                 else:
-                    self.itl.observe(max(0.0, now - st.last_token_time))
+                    gap = max(0.0, now - st.last_token_time)
+                    self.itl.observe(gap)
+                    self.tpot.observe(gap)
                 st.last_token_time = now
                 st.num_tokens = num_tokens
             if out.finished:
                 self.e2e.observe(max(0.0, now - st.arrival))
+                self.prompt_tokens.observe(len(out.prompt_token_ids))
+                self.generation_tokens.observe(num_tokens)
+                if m is not None and m.first_scheduled_time is not None:
+                    end = m.finished_time or now
+                    self.inference_time.observe(max(0.0, end - m.first_scheduled_time))
+                    if m.first_token_time is not None:
+                        self.prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+                        self.decode_time.observe(max(0.0, (m.last_token_time or end) - m.first_token_time))
                 for c in out.outputs:
                     self.success.labels(self.model_name, c.finish_reason or "abort").inc()
                 with self._lock:
@@ -135,10 +174,11 @@ class RequestMetricsObserver:
 class ServerMetrics:
     """The registry of one app: engine collector plus request observer."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int]):
+    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int],
+                 max_model_len: int = 1 << 20):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(model_name, stats, num_waiting))
-        self.observer = RequestMetricsObserver(self.registry, model_name)
+        self.observer = RequestMetricsObserver(self.registry, model_name, max_model_len)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

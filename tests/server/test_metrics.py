@@ -21,6 +21,14 @@ EXPECTED = {
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram",
     "vllm:request_queue_time_seconds": "histogram",
+    # beyond the required list: older / extra vLLM names dashboards use
+    "vllm:gpu_cache_usage_perc": "gauge",
+    "vllm:time_per_output_token_seconds": "histogram",
+    "vllm:request_prompt_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram",
+    "vllm:request_decode_time_seconds": "histogram",
+    "vllm:request_inference_time_seconds": "histogram",
 }
 # The sample names dashboards and KEDA queries use.
 SAMPLES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -69,6 +77,10 @@ def test_metrics_move_with_a_request(server, base_url, client, model_name):
     assert delta("vllm:e2e_request_latency_seconds_count") == 1
     assert delta("vllm:request_queue_time_seconds_count") == 1
     assert delta("vllm:inter_token_latency_seconds_count") >= 1
+    assert delta("vllm:request_prompt_tokens_sum") == r.usage.prompt_tokens
+    assert delta("vllm:request_generation_tokens_sum") == 5
+    for name in ("prefill", "decode", "inference"):
+        assert delta(f"vllm:request_{name}_time_seconds_count") == 1
     assert delta("vllm:prefix_cache_queries_total") >= r.usage.prompt_tokens - 1
     assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
