@@ -27,9 +27,9 @@ import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
-from kmock._internal import enums  # noqa: E402
+from kmock import action as _action  # noqa: E402
 
-from fleetserve.operator import main as operator_main  # noqa: E402,F401  (registers handlers)
+import fleetserve.operator.main  # noqa: E402,F401  (registers the operator's handlers with kopf)
 from fleetserve.operator.spec import GROUP, KIND, PLURAL, VERSION  # noqa: E402
 
 ISVC_RES = kmock.resource(GROUP, VERSION, PLURAL)
@@ -63,14 +63,14 @@ class Apiserver(kmock.KubernetesEmulator):
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
-            if request.action == enums.action.CREATE:
+            if request.action == _action.CREATE:
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = f"{meta['generateName']}{next(_counter):05d}"
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
                 meta["generation"] = 1
                 meta["resourceVersion"] = str(next(_counter))
-            elif request.action == enums.action.UPDATE:
+            elif request.action == _action.UPDATE:
                 meta["resourceVersion"] = str(next(_counter))
                 if "spec" in data and request.subresource != "status":
                     key = (request.resource, request.namespace, request.name)

@@ -5,7 +5,6 @@ every (resource, verb) it used is granted by the chart and that nothing else is.
 """
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kmock._internal import enums
+from kmock import action as _action
 
 from fleetserve.operator import crd
 
@@ -82,8 +81,8 @@ def _granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     return out
 
 
-_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
-          enums.action.CREATE: "create", enums.action.UPDATE: "patch", enums.action.DELETE: "delete"}
+_VERBS = {_action.LIST: "list", _action.WATCH: "watch", _action.FETCH: "get",
+          _action.CREATE: "create", _action.UPDATE: "patch", _action.DELETE: "delete"}
 
 
 async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):

@@ -1,7 +1,9 @@
 """The real kopf operator against kmock: create, update, restart, delete, invalid specs."""
 from __future__ import annotations
 
-from kmock._internal import enums
+import asyncio
+
+from kmock import action as _action
 
 from .conftest import (DEPLOYMENTS, ISVC_RES, PVCS, SERVICES, condition, create, delete, eventually, events, get,
                        isvc, isvc_path, live, operator_running, patch)
@@ -70,18 +72,17 @@ async def test_update_patches_without_recreating(operator):
             d["spec"]["replicas"] == 2 and d
     dep = await eventually(updated)
     assert dep["metadata"]["uid"] == uid
-    assert len(_writes(operator, DEPLOYMENTS, enums.action.CREATE)) == 1
-    assert not [r for r in list(operator) if r.action == enums.action.DELETE]
+    assert len(_writes(operator, DEPLOYMENTS, _action.CREATE)) == 1
+    assert not [r for r in list(operator) if r.action == _action.DELETE]
     await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("observedGeneration") == 2)
 
     # An update that changes nothing the children depend on does not patch them.
-    patches_before = len(_writes(operator, DEPLOYMENTS, enums.action.UPDATE))
+    patches_before = len(_writes(operator, DEPLOYMENTS, _action.UPDATE))
     await patch(operator, isvc_path("llm"), {"metadata": {"annotations": {"note": "hello"}}})
     await eventually(lambda: get(operator, ISVC_RES, "llm")["metadata"]["annotations"].get("note"))
     await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("desiredReplicas") == 2)
-    import asyncio
     await asyncio.sleep(1.0)
-    assert len(_writes(operator, DEPLOYMENTS, enums.action.UPDATE)) == patches_before
+    assert len(_writes(operator, DEPLOYMENTS, _action.UPDATE)) == patches_before
 
 
 async def test_restart_creates_no_duplicates(apiserver):
@@ -89,14 +90,13 @@ async def test_restart_creates_no_duplicates(apiserver):
         await create(apiserver, isvc("llm", HF_SPEC))
         await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
         await eventually(lambda: (get(apiserver, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
-    creates = len([r for r in list(apiserver) if r.action == enums.action.CREATE and r.resource != ISVC_RES])
+    creates = len([r for r in list(apiserver) if r.action == _action.CREATE and r.resource != ISVC_RES])
     n_events = len(events(apiserver))
     async with operator_running():
-        import asyncio
         await asyncio.sleep(2.0)  # resume handlers and several timer ticks
     assert len(live(apiserver, DEPLOYMENTS)) == 1 and len(live(apiserver, SERVICES)) == 1
     assert len(live(apiserver, PVCS)) == 1
-    creates_after = [r for r in list(apiserver) if r.action == enums.action.CREATE and r.resource != ISVC_RES]
+    creates_after = [r for r in list(apiserver) if r.action == _action.CREATE and r.resource != ISVC_RES]
     assert not [r for r in creates_after[creates:] if r.resource.plural != "events"]
     assert len(events(apiserver)) == n_events, [(e["reason"], e["message"]) for e in events(apiserver)]
 
@@ -141,7 +141,6 @@ async def test_invalid_spec_condition_and_event_without_retry_loop(operator):
     assert get(operator, DEPLOYMENTS, "bad") is None
     warning = await eventually(lambda: events(operator, "InvalidSpec"))
     assert warning[0]["type"] == "Warning"
-    import asyncio
     await asyncio.sleep(1.5)
     assert len(events(operator, "InvalidSpec")) == 1  # a permanent error: not retried
     assert obj
@@ -161,14 +160,12 @@ async def test_edited_child_is_restored(operator):
 
 
 async def test_idle_service_causes_no_status_writes(operator):
-    import asyncio
-
     await create(operator, isvc("llm"))
     await eventually(lambda: (get(operator, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
     await asyncio.sleep(1.0)  # settle
 
     def status_writes():
-        return [r for r in list(operator) if r.resource == ISVC_RES and r.action == enums.action.UPDATE]
+        return [r for r in list(operator) if r.resource == ISVC_RES and r.action == _action.UPDATE]
     before = len(status_writes())
     await asyncio.sleep(1.5)  # ~5 timer ticks
     assert len(status_writes()) == before
