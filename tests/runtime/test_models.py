@@ -214,3 +214,53 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2_model, hf_smollm2, pro
 def test_smollm2_knows_the_capital_of_france(smollm2_model):
     tok = smollm2_model.tokenizer
     assert "Paris" in tok.decode(greedy(smollm2_model.model, tok.encode("The capital of France is"), 4))
+
+
+@pytest.mark.gpu
+def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
+    """On the GPU: bf16 weights + Triton ops, a decode step captured in a CUDA graph and replayed."""
+    dev = torch.device("cuda")
+    hf = make_hf_model(*CASES["llama-gqa2-d64-tied-llama3"])
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    model = build_model(cfg, get_ops("triton"), torch.bfloat16, dev)
+    model.load_weights(hf.state_dict().items())
+    hf = hf.to(dev)
+    bs, L = 16, 40
+    blocks = [9, 3, 7, 1]
+    kv = [torch.zeros(2, 12, bs, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16, device=dev)
+          for _ in range(cfg.num_layers)]
+    i32 = dict(dtype=torch.int32, device=dev)
+    slot = lambda p: blocks[p // bs] * bs + p % bs  # noqa: E731
+    ids = torch.randint(0, 97, (L,), device=dev)
+
+    def rel(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+
+    with torch.no_grad():
+        attn = AttentionMetadata(torch.tensor([slot(p) for p in range(L)], device=dev), torch.tensor([0, L], **i32),
+                                 torch.tensor([L], **i32), torch.tensor([blocks], **i32), L, L)
+        out = model.compute_logits(model(ids, torch.arange(L, device=dev), attn, kv))
+        assert rel(out, hf(ids[None]).logits[0].float()) < 3e-2
+        # static buffers for one decode token, captured once
+        s_ids, s_pos = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+        s_attn = AttentionMetadata(torch.full((1,), -1, device=dev), torch.tensor([0, 1], **i32),
+                                   torch.ones(1, **i32), torch.tensor([blocks], **i32), 1, len(blocks) * bs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(s_ids, s_pos, s_attn, kv)  # warm-up outside the graph (slot -1: writes nothing)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            s_out = model.compute_logits(model(s_ids, s_pos, s_attn, kv))
+        seq, nxt = ids.tolist(), int(out[-1].argmax())
+        for _ in range(3):
+            p = len(seq)
+            seq.append(nxt)
+            s_ids.fill_(nxt)
+            s_pos.fill_(p)
+            s_attn.slot_mapping.fill_(slot(p))
+            s_attn.seq_lens.fill_(p + 1)
+            graph.replay()
+            assert rel(s_out[0], hf(torch.tensor([seq], device=dev)).logits[0, -1].float()) < 3e-2
+            nxt = int(s_out[0].argmax())
