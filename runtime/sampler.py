@@ -59,6 +59,9 @@ class SamplingRow:
     Read in full only when the row has a penalty (a list or a numpy int array)."""
     prompt_token_ids: Sequence[int] = ()
     """Only read when the row has a repetition penalty."""
+    position: Optional[int] = None
+    """Index of the token being sampled within the output, when it differs from
+    len(output_token_ids) (pipelined steps: earlier tokens are still on the device)."""
     eos_token_ids: AbstractSet[int] = frozenset()
     """The model's EOS ids; suppressed (unless ignore_eos) with params.stop_token_ids while
     fewer than params.min_tokens tokens were generated."""
@@ -151,7 +154,7 @@ class SamplingTensors:
 
         for i, row in enumerate(rows):
             p = row.params
-            n_out = len(row.output_token_ids)
+            n_out = len(row.output_token_ids) if row.position is None else row.position
             greedy = p.temperature < _GREEDY_TEMPERATURE
             greedy_flags.append(greedy)
             if greedy:
