@@ -161,7 +161,7 @@ def live(server: Apiserver, resource: Any) -> list[dict[str, Any]]:
     return [obj.raw for (res, _, _), obj in list(server.objects.items()) if res == resource and not obj.deleted]
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
     """Polls `check` (sync or async) until it returns a truthy value; its last error explains a timeout."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
