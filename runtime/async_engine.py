@@ -48,7 +48,8 @@ def _snapshot(out: RequestOutput) -> RequestOutput:
     comps = [dataclasses.replace(c, token_ids=list(c.token_ids),
                                  logprobs=None if c.logprobs is None else list(c.logprobs))
              for c in out.outputs]
-    return dataclasses.replace(out, outputs=comps, new_token_counts=list(out.new_token_counts))
+    return dataclasses.replace(out, outputs=comps, new_token_counts=list(out.new_token_counts),
+                               prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs))
 
 
 class AsyncLLM:
