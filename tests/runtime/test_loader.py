@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from fleetserve.kernels import get_ops
 from fleetserve.runtime.attention import AttentionMetadata
 from fleetserve.runtime.config import EngineConfig
-from fleetserve.runtime.loader import ModelLoadError, init_dummy_weights, load_model
+from fleetserve.runtime.loader import ModelLoadError, load_model
 from fleetserve.runtime.loader import loader as loader_mod
-from fleetserve.runtime.models import PRESETS, ModelConfig
+from fleetserve.runtime.models import PRESETS
 
 transformers = pytest.importorskip("transformers")
 Q = gguf.GGMLQuantizationType
@@ -194,9 +192,8 @@ _GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
-    """Write an HF model as llama.cpp would (names, q/k permutation for llama), 2-D weights in `qtype`."""
-    c = hf.config
+def gguf_writer(path, c, arch="llama"):
+    """A GGUFWriter with the model metadata llama.cpp writes for an HF config `c`."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -208,6 +205,30 @@ def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.head_dim)
     w.add_tokenizer_model("gpt2")
+    return w
+
+
+def finish(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_name(hf_name):
+    """llama.cpp's tensor name for an HF one."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    parts = hf_name.split(".")
+    return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
+    """Write an HF model as llama.cpp would (names, q/k permutation for llama), 2-D weights in `qtype`."""
+    c = hf.config
+    w = gguf_writer(path, c, arch)
     w.add_tokenizer_pre("gpt2")
     toks = [chr(0x100 + i) if i > 2 else f"<|t{i}|>" for i in range(c.vocab_size)]
     w.add_token_list(toks)
@@ -219,21 +240,11 @@ def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        a = t.numpy().astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        elif name == "lm_head.weight":
-            g = "output.weight"
-        else:
-            layer, rest = name.split(".")[2], ".".join(name.split(".")[3:])
-            base, kind = rest.rsplit(".", 1)
-            g = f"blk.{layer}.{_GGUF_NAMES[base]}.{kind}"
-            if arch == "llama" and base == "self_attn.q_proj":
-                a = _permute(a, c.num_attention_heads)
-            elif arch == "llama" and base == "self_attn.k_proj":
-                a = _permute(a, c.num_key_value_heads)
+        a, g = t.numpy().astype(np.float32), write_name(name)
+        if arch == "llama" and ".q_proj." in name:
+            a = _permute(a, c.num_attention_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            a = _permute(a, c.num_key_value_heads)
         if a.ndim == 2 and qtype != Q.F32:
             data = gguf.quants.quantize(a, qtype)
             w.add_tensor(g, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
@@ -241,10 +252,7 @@ def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
         else:
             w.add_tensor(g, a)
             expected[name] = a
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return expected
 
 
@@ -323,15 +331,7 @@ def test_gguf_k_quants_against_transformers_dequantizer(tmp_path, qtype):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
     raw = {}
-    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    for key, fn in [("block_count", w.add_block_count), ("context_length", w.add_context_length)]:
-        fn(getattr(c, {"block_count": "num_hidden_layers", "context_length": "max_position_embeddings"}[key]))
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
+    w = gguf_writer(tmp_path / "k.gguf", c)
     w.add_token_list([chr(0x100 + i) for i in range(c.vocab_size)])
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight":
@@ -352,24 +352,12 @@ def test_gguf_k_quants_against_transformers_dequantizer(tmp_path, qtype):
         w.add_tensor(g, data, raw_dtype=qtype)
         raw[name] = data
     w.add_tensor("output.weight", np.zeros((c.vocab_size, c.hidden_size), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     model = load_model(cfg_for(tmp_path / "k.gguf")).model
     for name, data in raw.items():
         ref = hf_dequantize(torch.from_numpy(data.reshape(-1)), int(qtype)).reshape(hf.state_dict()[name].shape)
         ref = _unpermute_expected({name: ref.numpy()}, c)[name]
         torch.testing.assert_close(_our_weight(model, name), torch.from_numpy(np.asarray(ref)), atol=1e-6, rtol=1e-5)
-
-
-def write_name(hf_name):
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    parts = hf_name.split(".")
-    return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
 def test_gguf_errors(tmp_path):
@@ -388,10 +376,7 @@ def test_gguf_errors(tmp_path):
         load_model(cfg_for(path))
     w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gpt2'"):
         load_model(cfg_for(tmp_path / "gpt2.gguf"))
 
@@ -405,10 +390,7 @@ def test_gguf_unsupported_quant_type(tmp_path):
     w.add_token_list([chr(0x100 + i) for i in range(32)])
     block, size = gguf.GGML_QUANT_SIZES[Q.IQ4_NL]
     w.add_tensor("token_embd.weight", np.zeros((32, 64 // block * size), np.uint8), raw_dtype=Q.IQ4_NL)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(ModelLoadError, match="unsupported GGUF tensor type IQ4_NL for token_embd.weight in .*iq.gguf"):
         load_model(cfg_for(tmp_path / "iq.gguf"))
 
