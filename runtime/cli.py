@@ -68,7 +68,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, 
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(ann) is Literal:
             kw["choices"] = list(typing.get_args(ann))
-        elif ann is int and name.endswith("memory"):
+        elif ann is int and name.endswith(("memory", "_bytes")):
             kw["type"], kw["metavar"] = parse_bytes, "BYTES"
         elif ann in (int, float, str):
             kw["type"] = ann

@@ -122,8 +122,9 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
         app[SERVING] = OpenAIServing(engine, server_config, metrics, served, engine_config.model)
         info = describe_engine(engine)
         logger.info("engine ready: model=%s served as %r, dtype=%s, device=%s, max_model_len=%s, KV blocks=%s x %s "
-                    "tokens, max concurrency %.1fx", info["model"], served, info["dtype"], info["device"],
-                    info["max_model_len"], info["kv_blocks"], info["block_size"], float(info["max_concurrency"] or 0))
+                    "tokens, max concurrency %.1fx (requests of max_model_len tokens)", info["model"], served,
+                    info["dtype"], info["device"], info["max_model_len"], info["kv_blocks"], info["block_size"],
+                    float(info["max_concurrency"] or 0))
         try:
             yield
         finally:

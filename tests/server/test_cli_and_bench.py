@@ -41,12 +41,14 @@ def test_serve_flags_parse_into_configs(monkeypatch):
     monkeypatch.setattr("asyncio.run", fake_run)
     monkeypatch.setenv("FLEETSERVE_API_KEY", "from-env")
     rc = cli.main(["serve", "my-model", "--port", "9001", "--no-enable-prefix-caching", "--kv-cache-memory", "2GiB",
-                   "--dtype", "float32", "--max-num-seqs", "8", "--shutdown-timeout", "5"])
+                   "--dtype", "float32", "--max-num-seqs", "8", "--shutdown-timeout", "5",
+                   "--max-request-body-bytes", "4MiB"])
     assert rc == 0
     ec, sc = seen["frame"]["engine_config"], seen["frame"]["server_config"]
     assert ec.model == "my-model" and ec.enable_prefix_caching is False and ec.kv_cache_memory == 2 << 30
     assert ec.dtype == "float32" and ec.max_num_seqs == 8 and ec.block_size == EngineConfig().block_size
     assert sc.port == 9001 and sc.api_key == "from-env" and sc.shutdown_timeout == 5
+    assert sc.max_request_body_bytes == 4 << 20
 
 
 def test_invalid_flag_values_exit_2(capsys):
