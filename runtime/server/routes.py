@@ -137,16 +137,16 @@ class OpenAIServing:
         if self.vocab_size is not None and any(t < 0 or t >= self.vocab_size for t in ids):
             raise BadRequest(f"token ids must be in [0, {self.vocab_size})", param=param)
 
-    def _check_length(self, prompt_len: int, max_tokens: Optional[int]) -> None:
+    def _check_length(self, prompt_len: int, max_tokens: Optional[int], what: str) -> None:
         limit = self.max_model_len
         if prompt_len >= limit:
             raise BadRequest(f"This model's maximum context length is {limit} tokens. However, your request has "
-                             f"{prompt_len} input tokens. Please reduce the length of the input.",
-                             param="messages", code="context_length_exceeded")
+                             f"{prompt_len} input tokens. Please reduce the length of the {what}.",
+                             param=what, code="context_length_exceeded")
         if max_tokens is not None and prompt_len + max_tokens > limit:
             raise BadRequest(f"This model's maximum context length is {limit} tokens. However, you requested "
-                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
-                             f"completion). Please reduce the length of the messages or completion.",
+                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                             f"completion). Please reduce the length of the {what} or completion.",
                              param="max_tokens", code="context_length_exceeded")
 
     def _check_sampling(self, req, logprobs: Optional[int]) -> None:
@@ -256,7 +256,7 @@ class OpenAIServing:
                 texts.append(None)
             if not ids:
                 raise BadRequest("prompt must not be empty", param="prompt")
-            self._check_length(len(ids), req.max_tokens)
+            self._check_length(len(ids), req.max_tokens, "prompt")
             ids_list.append(ids)
         params = self._sampling_params(req, req.max_tokens)
         self._admit(len(ids_list))
@@ -280,7 +280,8 @@ class OpenAIServing:
         resp = CompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                   usage=_usage([len(x) for x in ids_list], latest))
         self._log_done(rid, resp.usage, latest, start)
-        return web.Response(body=resp.model_dump_json().encode(), content_type="application/json")
+        return web.Response(body=resp.model_dump_json().encode(), content_type="application/json",
+                            headers={"X-Request-Id": rid})
 
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:
         return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -301,7 +302,7 @@ class OpenAIServing:
     async def _stream_completions(self, request, req: CompletionRequest, stream, first, rid, start: float,
                                   texts, ids_list) -> web.StreamResponse:
         created = int(start)
-        resp = await sse.open_stream(request)
+        resp = await sse.open_stream(request, {"X-Request-Id": rid})
         sent_text: dict[tuple[int, int], int] = {}
         sent_tok: dict[tuple[int, int], int] = {}
         done: set[tuple[int, int]] = set()
@@ -394,7 +395,7 @@ class OpenAIServing:
         self._check_sampling(req, k)
         ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
         max_tokens = req.requested_max_tokens()
-        self._check_length(len(ids), max_tokens)
+        self._check_length(len(ids), max_tokens, "messages")
         params = self._sampling_params(req, max_tokens)
         self._admit(1)
         rid = random_id("chatcmpl")
@@ -416,12 +417,13 @@ class OpenAIServing:
         resp = ChatCompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                       usage=_usage([len(ids)], {0: out}))
         self._log_done(rid, resp.usage, {0: out}, start)
-        return web.Response(body=resp.model_dump_json().encode(), content_type="application/json")
+        return web.Response(body=resp.model_dump_json().encode(), content_type="application/json",
+                            headers={"X-Request-Id": rid})
 
     async def _stream_chat(self, request, req: ChatCompletionRequest, stream, first, rid, start: float,
                            ids) -> web.StreamResponse:
         created = int(start)
-        resp = await sse.open_stream(request)
+        resp = await sse.open_stream(request, {"X-Request-Id": rid})
         k = (req.top_logprobs or 0) if req.logprobs else None
         sent_text: dict[int, int] = {}
         sent_tok: dict[int, int] = {}

@@ -23,7 +23,7 @@ def event(payload: BaseModel | str, **dump_kw) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-async def open_stream(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers=HEADERS)
+async def open_stream(request: web.Request, headers: dict | None = None) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={**HEADERS, **(headers or {})})
     await resp.prepare(request)
     return resp

@@ -36,6 +36,7 @@ def test_raw_sse_framing_chat_n2_with_usage(base_url):
     code, headers, raw = call(base_url + "/v1/chat/completions", body, AUTH)
     assert code == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = _events(raw)
+    assert headers["X-Request-Id"] == events[0]["id"]  # for matching client reports with server logs
     assert all(e["object"] == "chat.completion.chunk" and "usage" in e for e in events)
     per_choice: dict[int, list] = {0: [], 1: []}
     for e in events[:-1]:

@@ -71,7 +71,7 @@ def test_404_unknown_model_and_route(base_url):
     ({"prompt": "x", "bogus_field": 1}, "bogus_field", "unsupported"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", ""),
     ({"prompt": "x", "max_tokens": 600}, "max_tokens", "maximum context length"),
-    ({"prompt": "hello " * 600}, None, "maximum context length"),
+    ({"prompt": "hello " * 600}, "prompt", "maximum context length"),
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "empty"),
     ({"prompt": [10**9]}, "prompt", "token ids"),
