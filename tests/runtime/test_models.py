@@ -190,14 +190,19 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a te
            "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_smollm2_gguf_logits_match_transformers(smollm2_model, hf_smollm2):
+def test_smollm2_gguf_weights_and_logits_match_transformers(smollm2_model, hf_smollm2):
     tok, model = smollm2_model.tokenizer, smollm2_model.model
-    ids = tok.encode(PROMPTS[0])
-    runner = PagedRunner(model, block_size=16, num_blocks=4)
-    with torch.no_grad():
-        ours = runner.step({0: ids})
-    ref = hf_logits(hf_smollm2, ids)
-    assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
+    # Same dequantized values and q/k row order as transformers' GGUF loader, bit for bit.
+    mine = type(model)(model.config, model.ops)  # a fresh float32 copy, filled from transformers' weights
+    mine.load_weights(hf_smollm2.state_dict().items())
+    for (name, a), b in zip(model.named_parameters(), mine.parameters()):
+        assert torch.equal(a, b), name
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        runner = PagedRunner(model, block_size=16, num_blocks=4)
+        with torch.no_grad():
+            ours = runner.step({0: ids})
+        torch.testing.assert_close(ours, hf_logits(hf_smollm2, ids), atol=5e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
