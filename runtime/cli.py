@@ -136,6 +136,12 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "throughput"]:
+        # Every argument (--help included) belongs to that module's own parser.
+        from .bench.throughput import main as throughput_main
+
+        return throughput_main(argv[2:]) or 0
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "serve":
@@ -145,10 +151,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         _setup_logging("info")
         return run(ns)
-    if ns.bench_command == "throughput":
-        from .bench.throughput import main as throughput_main  # another module's, imported only when used
-
-        return throughput_main(ns.rest) or 0
     parser.error("unknown command")
     return 2
 

@@ -19,7 +19,7 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on (0 picks a free one)."""
     api_key: Optional[str] = Field(None, repr=False)
-    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and /version stay open); env FLEETSERVE_API_KEY."""
+    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and /version stay open)."""
     max_waiting_requests: int = Field(1024, ge=0)
     """Requests allowed to wait for a batch slot; beyond that new requests get 503 with Retry-After."""
     max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)

@@ -104,3 +104,19 @@ def test_bench_serve_against_test_server(base_url, tmp_path, model_name):
                    "--input-len", "8", "--output-len", "3", "--request-rate", "20", "--ignore-eos",
                    "--api-key", API_KEY, "--result-file", str(out)])
     assert rc == 0 and json.loads(out.read_text())["output_lens"] == [3] * 3
+
+
+def test_bench_throughput_is_delegated_with_all_its_arguments(monkeypatch):
+    import types
+
+    from fleetserve.runtime import cli
+
+    seen = []
+    fake = types.ModuleType("fleetserve.runtime.bench.throughput")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "fleetserve.runtime.bench.throughput", fake)
+    import fleetserve.runtime.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "throughput", fake, raising=False)
+    assert cli.main(["bench", "throughput", "--help", "--num-prompts", "3"]) == 0
+    assert seen == [["--help", "--num-prompts", "3"]]
