@@ -5,8 +5,8 @@
 
 Every request streams (stream_options.include_usage) so that the time of each
 chunk is seen. Metrics follow vLLM's serving benchmark:
-- TTFT: request sent -> first chunk with text;
-- ITL: every gap between consecutive chunks with text;
+- TTFT: request sent -> first chunk with tokens (chat: with content);
+- ITL: every gap between consecutive such chunks;
 - TPOT: (E2E - TTFT) / (output tokens - 1), per request;
 - E2E: request sent -> stream ended;
 - throughput: completed requests, output tokens and all tokens per second of wall time.
@@ -137,9 +137,10 @@ async def _one(session, url: str, payload: dict, headers: dict, timeout: float) 
                     res.output_tokens = obj["usage"].get("completion_tokens", 0)
                 for ch in obj.get("choices") or []:
                     text = ch.get("text")
-                    if text is None:
-                        text = (ch.get("delta") or {}).get("content")
-                    if text:
+                    # A completions chunk is a step that produced tokens, even with its text held back
+                    # (vLLM's benchmark counts them the same way); a chat chunk counts when it has content.
+                    arrived = text is not None or bool((ch.get("delta") or {}).get("content"))
+                    if arrived:
                         now = time.perf_counter()
                         if last is None:
                             res.ttft = now - start

@@ -93,7 +93,8 @@ class OpenAIServing:
         self.max_model_len = llm.max_model_len
         engine_config = getattr(llm.engine, "config", None)
         self.max_logprobs = getattr(engine_config, "max_logprobs", 20)
-        self.vocab_size = getattr(self.tokenizer, "vocab_size", None)
+        # The model's vocabulary bounds token ids (a preset may borrow a smaller tokenizer).
+        self.vocab_size = getattr(llm.engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
         self.draining = False
         self.created = int(time.time())
 
@@ -126,7 +127,14 @@ class OpenAIServing:
             raise Overloaded("The server is overloaded: too many requests are waiting. Retry later.",
                              code="overloaded", headers={"Retry-After": str(self.config.retry_after_seconds)})
 
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise BadRequest(f"this model has no tokenizer: {what} needs one; send prompt token ids instead",
+                             code="no_tokenizer")
+        return self.tokenizer
+
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self._need_tokenizer("a text prompt")
         if len(text) > _INLINE_TOKENIZE_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -174,6 +182,8 @@ class OpenAIServing:
     def _token_str(self, tid: int, lp) -> str:
         if lp is not None and getattr(lp, "decoded_token", None) is not None:
             return lp.decoded_token
+        if self.tokenizer is None:
+            return f"token_id:{tid}"  # vLLM's spelling for tokens it cannot show as text
         return self.tokenizer.decode([tid], skip_special_tokens=False)
 
     def _start(self, prompts_ids: list[list[int]], params, request_id: str) -> AsyncIterator:
@@ -284,7 +294,9 @@ class OpenAIServing:
                             headers={"X-Request-Id": rid})
 
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:
-        return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
+        if text is not None:
+            return text
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _completion_choice(self, req, i: int, c: CompletionOutput, text: Optional[str], ids: list[int],
                            out: RequestOutput) -> CompletionChoice:
@@ -324,7 +336,8 @@ class OpenAIServing:
                 prefix = ""
                 if key not in sent_text and req.echo:
                     prefix = self._prompt_text(texts[i], ids_list[i])
-                if not (delta or finished or prefix or (new_ids and req.logprobs is not None)):
+                # Like vLLM, a step that produced tokens is a chunk even when the detokenizer holds its text back.
+                if not (delta or finished or prefix or new_ids):
                     continue
                 logprobs = None
                 if req.logprobs is not None and c.logprobs is not None:
@@ -380,9 +393,9 @@ class OpenAIServing:
     # ------------------------------------------------------------ chat
 
     async def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        tokenizer = self._need_tokenizer("chat")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
             raise BadRequest(f"chat template failed: {e}", param="messages") from None
         # The template already writes any BOS the model needs.
@@ -496,7 +509,8 @@ class OpenAIServing:
         req: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         self._check_model(req.model)
         self._check_ids(req.tokens, "tokens") if req.tokens else None
-        return web.json_response({"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+        text = self._need_tokenizer("detokenize").decode(req.tokens, skip_special_tokens=False)
+        return web.json_response({"prompt": text})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.draining:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 
@@ -145,3 +146,35 @@ async def test_shutdown_fails_waiting_consumers_and_refuses_new_ones():
     assert not llm.is_alive
     with pytest.raises(EngineDeadError):
         await _collect(llm, "after", 1)
+
+
+async def test_server_without_tokenizer_takes_token_ids_only():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from fleetserve.runtime.config import EngineConfig
+    from fleetserve.runtime.server.app import create_app
+    from fleetserve.runtime.server.config import ServerConfig
+
+    engine = StandInEngine()
+    engine.vocab_size = 100
+    llm = AsyncLLM(engine)
+    app = create_app(EngineConfig(), ServerConfig(), llm=llm)
+    try:
+        async with TestClient(TestServer(app)) as c:
+            r = await c.post("/v1/completions", json={"prompt": "text", "max_tokens": 2})
+            assert r.status == 400 and (await r.json())["error"]["code"] == "no_tokenizer"
+            r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert r.status == 400 and (await r.json())["error"]["code"] == "no_tokenizer"
+            assert (await c.post("/detokenize", json={"tokens": [1]})).status == 400
+            r = await c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "logprobs": None,
+                                                      "echo": True})
+            body = await r.json()
+            assert r.status == 200 and body["choices"][0]["text"] == "xxx" and body["usage"]["completion_tokens"] == 3
+            r = await c.post("/v1/completions", json={"prompt": [500], "max_tokens": 3})
+            assert r.status == 400  # past the model's vocabulary
+            r = await c.post("/v1/completions", json={"prompt": [5], "max_tokens": 3, "stream": True})
+            chunks = [json.loads(l[6:]) for l in (await r.text()).split("\n\n") if l.startswith("data: {")]
+            assert r.status == 200 and "".join(ch["choices"][0]["text"] for ch in chunks) == "xxx"
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        llm.shutdown()
