@@ -190,3 +190,33 @@ def test_sentencepiece_gguf_vocab_matches_transformers(tmp_path):
         assert ids == ref.encode(text), text
         assert ids[0] == 1  # llama.cpp adds BOS to SentencePiece vocabularies by default
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+@pytest.fixture(scope="module")
+def smollm2_meta(smollm2_path):
+    from fleetserve.runtime.loader.gguf_loader import GGUFFile
+
+    return GGUFFile(smollm2_path).meta
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt2"])
+def test_gguf_pre_tokenizer_splits_match_transformers(smollm2_meta, tmp_path, pre):
+    """The split regex chosen from `tokenizer.ggml.pre` (Llama 3, Qwen2, GPT-2 default) on SmolLM2's vocabulary."""
+    meta = {k: v for k, v in smollm2_meta.items() if k.startswith("tokenizer.ggml.")}
+    meta["tokenizer.ggml.pre"] = pre
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = Tokenizer.from_gguf_metadata(meta)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    _assert_same(ours, ref)
+    assert ours.encode("12345 67") == ref.encode("12345 67")
