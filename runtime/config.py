@@ -44,6 +44,8 @@ class EngineConfig(BaseModel):
     """Reuse KV blocks of identical prompt prefixes across requests."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
+    async_scheduling: Optional[bool] = None
+    """Schedule and queue the next step before reading back the previous one (overlaps host and device work); default on for CUDA."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """Kernel implementation: triton on CUDA, the torch reference on CPU, unless forced."""
     seed: int = 0

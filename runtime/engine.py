@@ -79,6 +79,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _needs_host_tokens(params: SamplingParams) -> bool:
+    """Penalties read the generated tokens themselves, so their steps cannot be pipelined."""
+    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from .loader import load_model
@@ -112,6 +117,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._pending_outputs: list[RequestOutput] = []
+        self._inflight = None  # the launched step whose tokens are not read back yet (async scheduling)
+        self._num_penalty_requests = 0
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
@@ -212,15 +221,18 @@ class LLMEngine:
             final_only=final_only,
         )
         self._requests[request_id] = state
+        if _needs_host_tokens(params):
+            self._num_penalty_requests += 1
         self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            state = self._requests.pop(rid, None)
+            state = self._requests.get(rid)
             if state is None:
                 continue
+            self._forget(rid)
             self.scheduler.abort([s for s in state.seqs if not s.is_finished])
             for s in state.seqs:
                 if not s.is_finished:
@@ -229,29 +241,61 @@ class LLMEngine:
             self._pending_outputs.append(self._make_output(state))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending_outputs)
+        return bool(self._requests) or bool(self._pending_outputs) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
     # -- the loop -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the outputs of requests that progressed.
+
+        With async scheduling (default on CUDA) the step is pipelined: the next step is
+        scheduled and queued on the device before the previous one's tokens are read
+        back, so host work (scheduling, input preparation, detokenization) overlaps
+        device work. Outputs then trail the device by one step. Requests with
+        repetition/presence/frequency penalties need every token on the host before
+        sampling: while any is running, steps run one at a time.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
+        pipelined = self.async_scheduling and self._num_penalty_requests == 0
+        if self._inflight is not None and not pipelined:
+            outputs += self._process(self._inflight)
+            self._inflight = None
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self._inflight is not None:
+                outputs += self._process(self._inflight)
+                self._inflight = None
             return outputs
         now = time.time()
         for s in sched.scheduled:
             m = self._requests[s.seq.request_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        result = self.runner.execute(sched)
+        launched = self.runner.launch(sched)
+        if self._inflight is not None:
+            outputs += self._process(self._inflight)
+        if pipelined:
+            self._inflight = launched
+        else:
+            self._inflight = None
+            outputs += self._process(launched)
+        return outputs
+
+    def _process(self, launched) -> list[RequestOutput]:
+        """Read back one launched step and turn its tokens into request outputs."""
+        result = self.runner.collect(launched)
+        sched = launched.sched
         progressed = self.scheduler.update(sched, result.sampled, self.eos_token_ids)
         now = time.time()
+        outputs: list[RequestOutput] = []
         touched: dict[str, _RequestState] = {}
         for seq_id, (first, entries) in result.prompt_logprobs.items():
             seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
-            state = self._requests[seq.request_id]
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
             have = len(state.prompt_logprobs) - 1  # prompt positions already covered (recompute after preemption repeats some)
             state.prompt_logprobs.extend(self._logprob_dicts(entries[max(0, have - first):]))
         for seq in progressed:
@@ -282,11 +326,16 @@ class LLMEngine:
             if state.finished:
                 m.finished_time = now
                 m.num_preemptions = sum(s.num_preemptions for s in state.seqs)
-                del self._requests[rid]
+                self._forget(rid)
             elif state.final_only:
                 continue
             outputs.append(self._make_output(state))
         return outputs
+
+    def _forget(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is not None and _needs_host_tokens(state.params):
+            self._num_penalty_requests -= 1
 
     # -- outputs --------------------------------------------------------------
     def _decode_token(self, token_id: int) -> Optional[str]:

@@ -125,8 +125,13 @@ class KVCacheManager:
         a shared, partly filled block), or None when there are not enough free blocks;
         on None nothing changed.
         """
-        cached_blocks = list(cached_blocks)
         bs = self.block_size
+        if not cached_blocks:  # the decode fast path: room left in an unshared last block
+            start = seq.num_computed_tokens
+            blocks = seq.block_ids
+            if start + num_new_tokens <= len(blocks) * bs and self.pool.blocks[blocks[start // bs]].ref_cnt == 1:
+                return []
+        cached_blocks = list(cached_blocks)
         start = seq.num_computed_tokens + len(cached_blocks) * bs
         have = len(seq.block_ids) + len(cached_blocks)
         need = -(-(start + num_new_tokens) // bs)
@@ -150,17 +155,22 @@ class KVCacheManager:
             seq.block_ids.append(self.pool.allocate().block_id)
         return copies
 
-    def cache_full_blocks(self, seq: Sequence, prev_num_computed: int) -> None:
-        """Register the blocks that became full (and computed) since prev_num_computed."""
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer seq's newly full blocks (all tokens known and scheduled) to the prefix cache.
+
+        A block registered while the step computing it is still on the device is safe:
+        any later reader runs after that step in stream order.
+        """
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
-        first, last = prev_num_computed // bs, min(seq.num_computed_tokens, seq.num_tokens) // bs
+        first = seq.num_registered_blocks
+        last = min(seq.num_computed_tokens, seq.num_tokens, len(seq.block_ids) * self.block_size) // self.block_size
         if last <= first:
             return
         hashes = self._block_hashes(seq, last)
         for i in range(first, last):
             self.pool.register(self.pool.blocks[seq.block_ids[i]], hashes[i])
+        seq.num_registered_blocks = last
 
     def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
         """Let child share the blocks holding parent's first num_tokens tokens (ref-counted)."""
@@ -170,6 +180,7 @@ class KVCacheManager:
             self.pool.touch(self.pool.blocks[bid])
         child.block_ids = list(parent.block_ids[:k])
         child.block_hashes = list(parent.block_hashes[: num_tokens // self.block_size])
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_tokens // self.block_size)
 
     def free(self, seq: Sequence) -> None:
         # Tail first: released blocks go to the back of the LRU queue, so the end of a
@@ -177,3 +188,4 @@ class KVCacheManager:
         for bid in reversed(seq.block_ids):
             self.pool.release(self.pool.blocks[bid])
         seq.block_ids = []
+        seq.num_registered_blocks = 0

@@ -15,6 +15,7 @@ max_model_len so one graph serves every context length.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -64,9 +65,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
-
-    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(arr).to(self.device)
+        self._prev_sampled: Optional[torch.Tensor] = None  # last launch's sampled tokens (device)
+        self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
 
     # -- CUDA graphs ------------------------------------------------------------
     @torch.inference_mode()
@@ -112,13 +112,14 @@ class ModelRunner:
             return None
         return next(s for s in self._graph_sizes if s >= batch)
 
-    def _run_graph(self, b: int, padded: int, tokens, positions, slots, seq_lens, block_tables) -> torch.Tensor:
+    def _run_graph(self, b: int, padded: int, dev: list[torch.Tensor]) -> torch.Tensor:
         st = self._static
-        st["input_ids"][:b].copy_(torch.from_numpy(np.asarray(tokens, dtype=np.int64)))
-        st["positions"][:b].copy_(torch.from_numpy(positions))
-        st["slot_mapping"][:b].copy_(torch.from_numpy(slots))
-        st["seq_lens"][:b].copy_(torch.from_numpy(seq_lens.astype(np.int32)))
-        st["block_tables"][:b, : block_tables.shape[1]].copy_(torch.from_numpy(block_tables))
+        st["input_ids"][:b].copy_(dev[0])
+        st["positions"][:b].copy_(dev[1])
+        st["slot_mapping"][:b].copy_(dev[2])
+        st["seq_lens"][:b].copy_(dev[4])
+        bt = dev[5]
+        st["block_tables"][:b, : bt.shape[1]].copy_(bt)
         if padded > b:
             st["slot_mapping"][b:padded].fill_(-1)
             st["seq_lens"][b:padded].fill_(1)
@@ -126,55 +127,107 @@ class ModelRunner:
         graph.replay()
         return out
 
+    def _stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Host arrays -> device tensors with one copy per dtype, without blocking the host.
+
+        A plain .to(device) from pageable memory waits for all queued GPU work; through
+        pinned memory (PyTorch's caching host allocator keeps the buffer alive until the
+        copy ran) the copy is queued and the host goes on preparing the next step.
+        """
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a).to(self.device) for a in arrays]
+        out: list[Optional[torch.Tensor]] = [None] * len(arrays)
+        for dtype in (np.int64, np.int32):
+            idx = [i for i, a in enumerate(arrays) if a.dtype == dtype]
+            if not idx:
+                continue
+            flat = np.concatenate([arrays[i].ravel() for i in idx])
+            dev = torch.from_numpy(flat).pin_memory().to(self.device, non_blocking=True)
+            off = 0
+            for i in idx:
+                n = arrays[i].size
+                out[i] = dev[off: off + n].view(arrays[i].shape)
+                off += n
+        return out  # type: ignore[return-value]
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step to completion (launch + collect)."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "_LaunchedStep":
+        """Queue one step on the device and return without waiting for it.
+
+        Tokens of the previous launch that are still on the device (placeholders: a
+        sequence's last token was sampled there but not yet appended on the host) are
+        gathered on the device from that launch's sampled-token tensor.
+        """
         if sched.block_copies:
-            src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
-            dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)
+            src, dst = self._stage([np.array(sched.block_copies, dtype=np.int64).T.copy()])[0]
             for cache in self.kv_caches:
                 cache[:, dst] = cache[:, src]
 
         items = sched.scheduled
         B, bs = len(items), self.block_size
         q_lens = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=B)
-        starts = np.fromiter((s.seq.num_computed_tokens for s in items), dtype=np.int64, count=B)
+        starts = np.fromiter((s.start for s in items), dtype=np.int64, count=B)
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         T = int(qsl[-1])
         seq_lens = starts + q_lens
+        n_blocks = np.fromiter((len(s.seq.block_ids) for s in items), dtype=np.int64, count=B)
         max_blocks = int((seq_lens.max() + bs - 1) // bs)
-        block_tables = np.zeros((B, max_blocks), dtype=np.int32)
-        tokens = []
+        # Block tables from one flat pass over all block ids (rows are ragged).
+        flat_ids = np.fromiter(itertools.chain.from_iterable(s.seq.block_ids for s in items), dtype=np.int32,
+                               count=int(n_blocks.sum()))
+        cols = np.arange(int(n_blocks.max()))
+        block_tables = np.zeros((B, cols.size), dtype=np.int32)
+        block_tables[cols[None, :] < n_blocks[:, None]] = flat_ids
+        block_tables = block_tables[:, :max_blocks]
+        tokens = np.zeros(T, dtype=np.int64)
+        placeholder_dst, placeholder_src = [], []
+        prev_rows = self._prev_rows
         for i, s in enumerate(items):
-            seq = s.seq
-            bids = seq.block_ids
-            block_tables[i, : len(bids)] = bids[:max_blocks]
-            tokens.extend(seq.token_ids[starts[i]: starts[i] + q_lens[i]])
+            seq, a, n = s.seq, int(starts[i]), int(q_lens[i])
+            ids = seq.token_ids
+            end = a + n
+            if end <= len(ids):
+                if n == 1:
+                    tokens[qsl[i]] = ids[a]
+                else:
+                    tokens[qsl[i]: qsl[i + 1]] = ids[a:end]
+            else:  # the last input token is still on the device
+                tokens[qsl[i]: qsl[i + 1] - 1] = ids[a:end - 1]
+                placeholder_dst.append(int(qsl[i + 1]) - 1)
+                placeholder_src.append(prev_rows[seq.seq_id])
         seq_of_token = np.repeat(np.arange(B), q_lens)
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         max_query_len = int(q_lens.max())
         padded = self._graph_size(B, max_query_len)
+        arrays = [tokens, positions, slots, qsl.astype(np.int32), seq_lens.astype(np.int32), block_tables]
+        if placeholder_dst:
+            arrays.append(np.array([placeholder_dst, placeholder_src], dtype=np.int64))
+        dev = self._stage(arrays)
+        input_ids = dev[0]
+        if placeholder_dst:
+            dst, src = dev[6]
+            input_ids.index_copy_(0, dst, self._prev_sampled.index_select(0, src))
         if padded is not None:
-            hidden = self._run_graph(B, padded, tokens, positions, slots, seq_lens, block_tables)
+            hidden = self._run_graph(B, padded, dev)
         else:
-            attn = AttentionMetadata(
-                slot_mapping=self._to_device(slots),
-                query_start_loc=self._to_device(qsl.astype(np.int32)),
-                seq_lens=self._to_device(seq_lens.astype(np.int32)),
-                block_tables=self._to_device(block_tables),
-                max_query_len=max_query_len,
-                max_seq_len=int(seq_lens.max()),
-            )
-            hidden = self.model(self._to_device(np.asarray(tokens, dtype=np.int64)), self._to_device(positions),
-                                attn, self.kv_caches)
+            attn = AttentionMetadata(slot_mapping=dev[2], query_start_loc=dev[3], seq_lens=dev[4],
+                                     block_tables=dev[5], max_query_len=max_query_len,
+                                     max_seq_len=int(seq_lens.max()))
+            hidden = self.model(input_ids, dev[1], attn, self.kv_caches)
 
-        out = RunnerOutput()
-        self._prompt_logprobs(items, qsl, starts, hidden, out)
+        step = _LaunchedStep(sched)
+        self._launch_prompt_logprobs(items, qsl, starts, hidden, step)
         sample_idx = [i for i, s in enumerate(items) if s.sample]
         if not sample_idx:
-            return out
+            return step
         rows = []
         for i in sample_idx:
             seq = items[i].seq
@@ -182,29 +235,43 @@ class ModelRunner:
             rows.append(SamplingRow(
                 params=p, seed=seq.seed, output_token_ids=seq.output_token_ids,
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
-                eos_token_ids=self.eos_token_ids))
+                eos_token_ids=self.eos_token_ids,
+                position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))
         if len(sample_idx) == T:  # pure decode: every token is sampled
             logits = self.model.compute_logits(hidden[:T])
         else:
-            last = torch.from_numpy(qsl[1:][sample_idx] - 1).to(self.device)
+            last = self._stage([qsl[1:][sample_idx] - 1])[0]
             logits = self.model.compute_logits(hidden[last])
         st = SamplingTensors.build(rows, self.vocab_size, self.device)
         res = self.sampler(logits, st)
-        token_list = res.token_ids.tolist()
-        seq_ids = [items[i].seq.seq_id for i in sample_idx]
-        out.sampled = dict(zip(seq_ids, token_list))
-        if res.logprobs is not None:
-            ids, lps, ranks = (t.tolist() for t in res.logprobs)
-            for r, (sid, n) in enumerate(zip(seq_ids, st.num_logprobs)):
-                if n is not None:
-                    out.logprobs[sid] = (ids[r][: n + 1], lps[r][: n + 1], ranks[r])
+        step.seq_ids = [items[i].seq.seq_id for i in sample_idx]
+        step.sampled = res.token_ids
+        step.logprobs = res.logprobs
+        step.num_logprobs = st.num_logprobs
+        self._prev_sampled = res.token_ids
+        self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
+        return step
+
+    def collect(self, step: "_LaunchedStep") -> RunnerOutput:
+        """Wait for a launched step and bring its results to the host (the step's one sync)."""
+        out = RunnerOutput()
+        if step.sampled is not None:
+            out.sampled = dict(zip(step.seq_ids, step.sampled.tolist()))
+            if step.logprobs is not None:
+                ids, lps, ranks = (t.tolist() for t in step.logprobs)
+                for r, (sid, n) in enumerate(zip(step.seq_ids, step.num_logprobs)):
+                    if n is not None:
+                        out.logprobs[sid] = (ids[r][: n + 1], lps[r][: n + 1], ranks[r])
+        for seq_id, first, k, lp in step.prompt_logprobs:
+            ids, lps, ranks = (t.tolist() for t in lp)
+            out.prompt_logprobs[seq_id] = (first, [(a[: k + 1], b[: k + 1], r) for a, b, r in zip(ids, lps, ranks)])
         return out
 
-    def _prompt_logprobs(self, items, qsl, starts, hidden, out: RunnerOutput) -> None:
+    def _launch_prompt_logprobs(self, items, qsl, starts, hidden, step: "_LaunchedStep") -> None:
         for i, s in enumerate(items):
             seq = s.seq
             k = seq.params.prompt_logprobs
-            if k is None or seq.num_output_tokens > 0:
+            if k is None or s.start >= seq.num_prompt_tokens:
                 continue
             first = int(starts[i])
             last = min(first + s.num_new_tokens, seq.num_prompt_tokens - 1)  # positions with a next prompt token
@@ -213,5 +280,16 @@ class ModelRunner:
             rows = torch.arange(int(qsl[i]), int(qsl[i]) + last - first, device=self.device)
             logits = self.model.compute_logits(hidden[rows])
             targets = torch.tensor(seq.token_ids[first + 1: last + 1], device=self.device)
-            ids, lps, ranks = (t.tolist() for t in compute_prompt_logprobs(logits, targets, k))
-            out.prompt_logprobs[seq.seq_id] = (first, [(a[: k + 1], b[: k + 1], r) for a, b, r in zip(ids, lps, ranks)])
+            step.prompt_logprobs.append((seq.seq_id, first, k, compute_prompt_logprobs(logits, targets, k)))
+
+
+@dataclass
+class _LaunchedStep:
+    """A step queued on the device: what collect() needs to read its results."""
+
+    sched: SchedulerOutput
+    seq_ids: list[int] = field(default_factory=list)
+    sampled: Optional[torch.Tensor] = None
+    logprobs: Optional[tuple] = None
+    num_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)

@@ -30,7 +30,8 @@ class Sequence:
 
     __slots__ = ("seq_id", "request_id", "index", "params", "seed", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "num_cached_tokens", "block_ids", "status", "stop_reason",
-                 "pending_forks", "arrival_time", "max_len", "num_preemptions", "block_hashes")
+                 "pending_forks", "arrival_time", "max_len", "num_preemptions", "block_hashes",
+                 "num_placeholders", "num_registered_blocks")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, seed: int, max_len: int, arrival_time: float):
@@ -41,7 +42,9 @@ class Sequence:
         self.seed = seed
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # includes tokens of steps scheduled but not yet finished on the device
+        self.num_placeholders = 0  # tokens being sampled on the device, not yet appended to token_ids
+        self.num_registered_blocks = 0  # leading full blocks already offered to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, computed lazily
@@ -55,6 +58,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens that exist or are being sampled: what the next step may compute up to."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

@@ -26,8 +26,10 @@ from .request import Sequence, SeqStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
+    start: int
+    """Position of the first token computed this step (the sequence's computed count before it)."""
     num_new_tokens: int
-    """Tokens computed for this sequence this step, starting at seq.num_computed_tokens."""
+    """Tokens computed for this sequence this step: positions start .. start + num_new_tokens - 1."""
     sample: bool
     """True when this step reaches the end of the known tokens, so a new token is sampled."""
 
@@ -81,12 +83,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            known = seq.num_known_tokens
+            if known >= seq.max_len or known <= seq.num_computed_tokens:
+                i += 1  # its last token is still being sampled and ends it (pipelined steps)
+                continue
+            n = min(known - seq.num_computed_tokens, budget)
             copies = self.kv.allocate_slots(seq, n)
             while copies is None:
                 victim = self.running[-1]
@@ -98,8 +103,7 @@ class Scheduler:
             if copies is None:  # seq itself was preempted (it was the last one)
                 break
             out.block_copies += copies
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
-            scheduled_ids.add(seq.seq_id)
+            self._commit(out, seq, n)
             budget -= n
             i += 1
 
@@ -108,7 +112,7 @@ class Scheduler:
             seq = self.waiting[0]
             cached = self.kv.find_cached_prefix(seq)
             computed = seq.num_computed_tokens + len(cached) * self.kv.block_size
-            n = min(seq.num_tokens - computed, budget)
+            n = min(seq.num_known_tokens - computed, budget)
             copies = self.kv.allocate_slots(seq, n, cached)
             if copies is None:
                 break
@@ -120,11 +124,21 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.block_copies += copies
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            self._commit(out, seq, n)
             budget -= n
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _commit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Count the step's tokens as computed now, so the next step can be scheduled before
+        this one finishes on the device; a sampled token is a placeholder until update()."""
+        start = seq.num_computed_tokens
+        sample = start + n == seq.num_known_tokens
+        out.scheduled.append(ScheduledSeq(seq, start, n, sample))
+        seq.num_computed_tokens = start + n
+        if sample:
+            seq.num_placeholders += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -136,7 +150,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: Iterable[int]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens, fork n>1 siblings, finish on stop/length.
+        """Turn the step's placeholders into sampled tokens, fork n>1 siblings, finish on stop/length.
 
         `sampled` maps seq_id -> new token for the sequences that sampled. Returns the
         sequences that got a new token (finished ones included).
@@ -145,17 +159,20 @@ class Scheduler:
         eos = set(eos_token_ids)
         for s in out.scheduled:
             seq = s.seq
-            if seq.is_finished:  # aborted between schedule and update
+            if s.sample:
+                seq.num_placeholders -= 1
+            if seq.is_finished:  # stopped, aborted or finished while this step was on the device
                 continue
-            prev = seq.num_computed_tokens
-            seq.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(seq, prev)
             if not s.sample:
+                if seq.block_ids:
+                    self.kv.cache_full_blocks(seq)
                 continue
             token = sampled[seq.seq_id]
             if seq.pending_forks:
                 self._fork_siblings(seq)
-            seq.token_ids.append(token)
+            seq.token_ids.append(token)  # also for a sequence preempted meanwhile: the token is valid
+            if seq.block_ids:
+                self.kv.cache_full_blocks(seq)
             progressed.append(seq)
             self._check_stop(seq, token, eos)
         return progressed
@@ -176,7 +193,7 @@ class Scheduler:
         for child in leader.pending_forks:
             if child.is_finished:
                 continue
-            if share > 0 and len(self.running) < self.max_num_seqs:
+            if share > 0 and leader.block_ids and len(self.running) < self.max_num_seqs:
                 self.kv.fork(leader, child, share)
                 child.num_computed_tokens = share
                 child.num_cached_tokens = share

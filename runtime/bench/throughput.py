@@ -89,10 +89,19 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params.clone(max_tokens=8, min_tokens=8))  # warm-up
     _sync()
+    profiler = None
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     _sync()
     elapsed = time.perf_counter() - t
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     eng = llm.engine
     res = {
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run Hugging Face transformers' static-batch generate on the same workload")
     ap.add_argument("--hf-batch-size", type=int, default=None,
                     help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the timed run (prints the top functions)")
     ap.add_argument("--output-json", default=None, help="write all records to this file")
     return ap
 

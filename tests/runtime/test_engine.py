@@ -80,9 +80,14 @@ def token_prompts(prompts):
     return [{"prompt_token_ids": p} for p in prompts]
 
 
-def test_greedy_matches_transformers(tiny):
+ASYNC = pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async-scheduling"])
+
+
+@ASYNC
+def test_greedy_matches_transformers(tiny, pipelined):
     path, _, refs = tiny
-    llm = LLM(model=str(path), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
+    llm = LLM(model=str(path), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
+              async_scheduling=pipelined)
     outs = llm.generate(token_prompts(PROMPTS), GREEDY)
     for out, ref, prompt in zip(outs, refs, PROMPTS):
         assert out.prompt_token_ids == prompt
@@ -91,10 +96,11 @@ def test_greedy_matches_transformers(tiny):
     assert llm.engine.scheduler.kv.num_free_blocks == 256
 
 
+@ASYNC
 @pytest.mark.parametrize("setting", ["alone", "prefix-cache-off", "preemption", "chunked-prefill", "mixed-traffic"])
-def test_batching_invariance(tiny, setting):
+def test_batching_invariance(tiny, setting, pipelined):
     path, _, refs = tiny
-    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
+    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, async_scheduling=pipelined)
     if setting == "prefix-cache-off":
         kw["enable_prefix_caching"] = False
     if setting == "preemption":
@@ -166,8 +172,10 @@ def sampled(temp=0.9, **kw):
     return SamplingParams(temperature=temp, max_tokens=12, ignore_eos=True, **kw)
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama):
-    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
+@ASYNC
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama, pipelined):
+    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
+              async_scheduling=pipelined)
     target = {"prompt_token_ids": [3, 14, 15, 92, 65]}
     alone = llm.generate([target], sampled(seed=1234))[0].outputs[0].token_ids
     again = llm.generate([target], sampled(seed=1234))[0].outputs[0].token_ids
@@ -206,9 +214,10 @@ def test_n_completions_share_prompt_blocks(tiny_llama):
     assert single.outputs[0].token_ids == final.outputs[0].token_ids
 
 
-def test_abort_at_any_moment_frees_blocks(tiny_llama):
+@ASYNC
+def test_abort_at_any_moment_frees_blocks(tiny_llama, pipelined):
     llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, async_scheduling=pipelined)
     eng = llm.engine
     eng.add_request("long", {"prompt_token_ids": list(range(1, 41))}, sampled())
     eng.add_request("short", {"prompt_token_ids": [5, 6]}, sampled())

@@ -57,3 +57,19 @@ def test_n_samples_and_logprobs_text(llm):
         assert len(c.logprobs) == len(c.token_ids)
         for tok, lp in zip(c.token_ids, c.logprobs):
             assert tok in lp and lp[tok].decoded_token == llm.get_tokenizer().decode([tok], skip_special_tokens=False)
+
+
+def test_async_scheduling_gives_the_same_text(llm):
+    """Pipelined steps (the CUDA default) read tokens back one step late; stop strings and EOS
+    that end a completion while the next step is in flight must not change the output."""
+    pipelined = LLM(max_model_len=1024, num_kv_blocks=256, async_scheduling=True)
+    prompts = ["The capital of France is", "Write a haiku about the sea:"]
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    for p in [greedy(max_tokens=20, stop=["."]), greedy(max_tokens=20), greedy(max_tokens=12, ignore_eos=True)]:
+        want = [o.outputs[0] for o in llm.generate(prompts, p)]
+        got = [o.outputs[0] for o in pipelined.generate(prompts, p)]
+        assert [(c.text, c.token_ids, c.finish_reason) for c in got] == [(c.text, c.token_ids, c.finish_reason) for c in want]
+    want = llm.chat(messages, greedy(max_tokens=16))[0].outputs[0]
+    got = pipelined.chat(messages, greedy(max_tokens=16))[0].outputs[0]
+    assert (got.text, got.finish_reason) == (want.text, want.finish_reason) and got.finish_reason == "stop"
+    assert pipelined.engine.scheduler.kv.num_free_blocks == pipelined.engine.num_kv_blocks
