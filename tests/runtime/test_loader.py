@@ -225,7 +225,7 @@ def write_name(hf_name):
     return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
+def write_gguf(path, hf, qtype=Q.F32, arch="llama", rope_freqs=None):
     """Write an HF model as llama.cpp would (names, q/k permutation for llama), 2-D weights in `qtype`."""
     c = hf.config
     w = gguf_writer(path, c, arch)
@@ -236,6 +236,8 @@ def write_gguf(path, hf, qtype=Q.F32, arch="llama"):
     w.add_token_merges([])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     expected = {}
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -280,6 +282,37 @@ def test_gguf_llama_matches_transformers_gguf_loader(tmp_path, tied):
     torch.testing.assert_close(prefill_logits(ours.model, IDS), hf_logits(ref, IDS), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(prefill_logits(ours.model, IDS), hf_logits(hf, IDS), atol=2e-5, rtol=1e-4)
     assert ours.tokenizer.eos_token_ids == {2} and ours.tokenizer.bos_token_id == 1
+
+
+def test_gguf_llama31_rope_freqs_tensor(tmp_path):
+    """llama.cpp stores llama3 rope scaling as a rope_freqs tensor of per-pair divisors."""
+    import math
+
+    hf = tiny_hf_model()
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf.config.rope_parameters = {**scaling, "rope_theta": 10000.0}
+    hf = type(hf)(hf.config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    # convert_hf_to_gguf's LlamaModel.generate_extra_tensors
+    d = hf.config.head_dim
+    factors = []
+    for f in 1.0 / (10000.0 ** (np.arange(0, d, 2) / d)):
+        wavelen = 2 * math.pi / f
+        if wavelen < 32 / 4.0:
+            factors.append(1.0)
+        elif wavelen > 32 / 1.0:
+            factors.append(8.0)
+        else:
+            smooth = (32 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 8.0 + smooth))
+    write_gguf(tmp_path / "m.gguf", hf, rope_freqs=np.array(factors, np.float32))
+    ours = load_model(cfg_for(tmp_path / "m.gguf"))
+    assert ours.model_config.rope_scaling["rope_type"] == "freq_factors"
+    ids = list(range(3, 60))
+    torch.testing.assert_close(prefill_logits(ours.model, ids), hf_logits(hf, ids), atol=2e-5, rtol=1e-4)
 
 
 def test_gguf_qwen2_biases_not_permuted(tmp_path):
