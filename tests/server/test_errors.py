@@ -187,3 +187,43 @@ def test_non_stream_disconnect_aborts_and_frees_blocks(server, base_url):
     wait_for_idle(server)
     assert _abort_count(base_url) == before + 1
     assert metric_values(base_url)["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_many_disconnects_at_every_stage_leave_nothing_behind(server, base_url):
+    """16 streams: some leave before their first token, some mid-stream, some finish; nothing leaks."""
+    host, port = base_url.removeprefix("http://").split(":")
+
+    def start(i: int) -> socket.socket:
+        body = json.dumps({"prompt": f"Story {i}:", "max_tokens": 24 if i % 4 else 3, "ignore_eos": True,
+                           "stream": i % 2 == 0}).encode()
+        sock = socket.create_connection((host, int(port)), timeout=120)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        return sock
+
+    socks = [start(i) for i in range(16)]
+    for i, s in enumerate(socks):
+        if i % 4 == 1:
+            s.close()  # before any output
+    for i, s in enumerate(socks):
+        if i % 4 == 2 and i % 2 == 0:
+            got = b""
+            while b"data: {" not in got:
+                got += s.recv(65536)
+            s.close()  # mid-stream
+    for i, s in enumerate(socks):
+        if i % 4 in (0, 3):  # these run to the end (i % 4 == 0 are the short ones)
+            got = b""
+            while not (got.endswith(b"data: [DONE]\n\n") or got.endswith(b"}") or got.endswith(b"\r\n0\r\n\r\n")):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            assert b" 200 " in got.split(b"\r\n")[0]
+            s.close()
+        elif i % 4 == 2 and i % 2 == 1:
+            s.close()
+    wait_for_idle(server, timeout=120)
+    m = metric_values(base_url)
+    assert m["vllm:kv_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
+    assert m["vllm:num_requests_waiting"] == 0
