@@ -72,6 +72,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
+    # No cluster-wide scanning of namespaces and CRDs: watched namespaces are exact names, and the CRD is
+    # installed before the operator (Helm's crds/). So no cluster-scoped permission is needed at all.
+    settings.scanning.disabled = True
+    # A deletion waits for the observe timer to finish its tick: let it finish (a tick is short) and
+    # re-check soon, instead of kopf's default 60 s polling that holds the finalizer for a minute.
+    settings.background.instant_exit_timeout = 5.0
+    settings.background.cancellation_polling = 1.0
     # Handler logs stay in the operator's log; the events users see are the explicit ones below.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300

@@ -114,8 +114,8 @@ async def apiserver(tmp_path, monkeypatch) -> AsyncIterator[Apiserver]:
 
 
 @contextlib.asynccontextmanager
-async def operator_running() -> AsyncIterator[None]:
-    """The real kopf operator (all namespaces, standalone) until the block ends.
+async def operator_running(namespaces: tuple[str, ...] = ()) -> AsyncIterator[None]:
+    """The real kopf operator (standalone; all namespaces unless given) until the block ends.
 
     It runs in a thread with its own event loop, as `kopf run` would: kopf cancels every task
     of its loop when it stops, which must not hit the test's own tasks or the kmock server.
@@ -125,8 +125,8 @@ async def operator_running() -> AsyncIterator[None]:
 
     def target() -> None:
         try:
-            asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
-                                      registry=kopf.get_default_registry()))
+            asyncio.run(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+                                      stop_flag=stop, ready_flag=ready, registry=kopf.get_default_registry()))
         except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
 

@@ -5,6 +5,7 @@ every (resource, verb) it used is granted by the chart and that nothing else is.
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def test_chart_crd_is_the_generated_one():
 def test_template_objects_validate_strict(helm, values):
     docs = _template(helm, *values)
     kinds = {d["kind"] for d in docs}
-    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole"} <= kinds
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount"} <= kinds
+    assert {"ClusterRole", "ClusterRoleBinding"} <= kinds or {"Role", "RoleBinding"} <= kinds
     crd_schema = next(d for d in docs if d["kind"] == "CustomResourceDefinition")[
         "spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for doc in docs:
@@ -68,7 +70,7 @@ def test_operator_deployment_settings(helm):
     assert pod["securityContext"]["runAsNonRoot"] is True
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert not [d for d in docs if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-discovery")]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # nothing cluster-scoped
 
 
 def _granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -116,6 +118,23 @@ async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):
     # The test's own requests (kmock client, python-aiohttp) are excluded above; the operator's remain.
     assert used, "no operator requests recorded"
     assert used <= granted, f"used but not granted: {used - granted}"
-    unused = granted - used
-    # Granted but not exercised by this scenario: only what kopf needs in situations the test does not create.
-    assert unused <= {("", "namespaces", "list"), ("", "namespaces", "watch")}, f"granted but unused: {unused}"
+    assert granted == used, f"granted but unused: {granted - used}"
+
+
+async def test_namespaced_mode_serves_only_its_namespaces_within_its_roles(helm, apiserver):
+    """watchNamespaces: the operator ignores other namespaces and stays within the Roles the chart makes."""
+    granted = _granted(_template(helm, "--set", "watchNamespaces={team-a}"))
+    async with operator_running(namespaces=("team-a",)):
+        await create(apiserver, isvc("llm", namespace="team-a"))
+        await create(apiserver, isvc("llm", namespace="team-b"))
+        await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm", "team-a"))
+        await asyncio.sleep(1.0)
+        assert get(apiserver, DEPLOYMENTS, "llm", "team-b") is None
+        assert not (get(apiserver, ISVC_RES, "llm", "team-b").get("status"))
+    for r in list(apiserver):
+        if r.resource is None or not r.resource.plural or r.action not in _VERBS \
+                or r.headers.get("User-Agent", "").startswith("kmock"):
+            continue
+        plural = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        assert (r.resource.group, plural, _VERBS[r.action]) in granted, (r.method, r.url)
+        assert r.namespace == "team-a", (r.method, r.url)  # every request stays in the served namespace

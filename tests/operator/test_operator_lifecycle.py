@@ -116,7 +116,7 @@ async def test_delete_leaves_nothing_behind(operator):
     owner_uid = get(operator, ISVC_RES, "llm")["metadata"]["uid"]
     await delete(operator, isvc_path("llm"))
     # The operator releases its finalizer: the object really goes away.
-    await eventually(lambda: get(operator, ISVC_RES, "llm") is None)
+    await eventually(lambda: get(operator, ISVC_RES, "llm") is None, timeout=10)  # not kopf's 60 s polling
     # What remains is exactly what the garbage collector deletes through owner references.
     leftovers = [o for res in (DEPLOYMENTS, SERVICES, PVCS) for o in live(operator, res)]
     assert leftovers and all(any(r["uid"] == owner_uid and r.get("blockOwnerDeletion")
