@@ -99,9 +99,20 @@ class LLMEngine:
         self.model_name = config.served_model_name or loaded.model_name
         mc = self.model_config
         self.vocab_size = mc.vocab_size
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # Attention here is always full: a sliding-window model is exact only up to its window.
+        limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds what {self.model_name} supports ({limit})")
+        self.max_model_len = config.max_model_len or limit
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks(loaded.model)
+        capacity = self.num_kv_blocks * self.block_size
+        if capacity < self.max_model_len:  # one full-length sequence must always fit (vLLM refuses to start)
+            if config.max_model_len is not None:
+                raise ValueError(f"max_model_len={self.max_model_len} does not fit in the KV cache ({capacity} tokens "
+                                 f"in {self.num_kv_blocks} blocks): lower it or give the KV cache more memory")
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
+            self.max_model_len = capacity
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
         self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                                   self.eos_token_ids)

@@ -280,3 +280,12 @@ def test_too_many_logprobs_and_bad_logit_bias(tiny_llama):
         llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(logprobs=21))
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(logit_bias={100000: 1.0}))
+
+
+def test_max_model_len_must_fit_the_kv_cache(tiny_llama):
+    with pytest.raises(ValueError, match="does not fit in the KV cache"):
+        LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=8, max_model_len=256)
+    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=8)
+    assert llm.engine.max_model_len == 32  # lowered to what the cache holds, with a warning
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 29 and out[0].outputs[0].finish_reason == "length"
