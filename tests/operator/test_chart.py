@@ -138,3 +138,10 @@ async def test_namespaced_mode_serves_only_its_namespaces_within_its_roles(helm,
         plural = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
         assert (r.resource.group, plural, _VERBS[r.action]) in granted, (r.method, r.url)
         assert r.namespace == "team-a", (r.method, r.url)  # every request stays in the served namespace
+
+
+@pytest.mark.parametrize("bad", ["logLevel=verbose", "metricsInterval=0", "watchNamespaces={Bad_NS}",
+                                 "imageTag=1", "runtimeImage.pullPolicy=Sometimes"])
+def test_values_schema_rejects_typos_and_bad_values(helm, bad):
+    with pytest.raises(AssertionError, match="values don't meet the specifications|schema"):
+        helm("template", "fs", str(CHART), "--set", bad)
