@@ -74,35 +74,65 @@ _LOG2E = 1.4426950408889634
 @jit
 def _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE: tl.constexpr):
     """Element offsets of tokens offs_n of one sequence (through its block-table row) for KV head kvh."""
-    blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)  # int64: ids * stride > 2^31
+    if mask_n is None:
+        blk = tl.load(bt_row_ptr + offs_n // PAGE)
+    else:
+        blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=mask_n, other=0)
+    blk = blk.to(tl.int64)  # int64: block id * block stride passes 2^31 in caches of a few GB
     return blk * stride_blk + (offs_n % PAGE) * stride_pos + kvh * stride_kvh
 
 
 @jit
 def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, qk_scale,
             stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
-            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """Online-softmax accumulation of q's rows over KV tokens [start, end) (scores in log2 units)."""
+            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
+            IEEE: tl.constexpr):
+    """Online-softmax accumulation of q's rows over KV tokens [start, end), scores in log2 units.
+
+    MASK: 0 = every token of every tile is valid for every row (whole tiles below the causal
+    frontier: no masks, no selects), 1 = bounds only (end may cut the last tile), 2 = bounds
+    and causal (key position <= the row's query position).
+    """
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        off = _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if MASK == 0:
+            off = _kv_offsets(bt_row_ptr, offs_n, None, kvh, stride_blk, stride_pos, stride_kvh, PAGE)
+            kv_ptrs = off[:, None] + offs_d[None, :]
+            if EVEN_D:
+                k = tl.load(k_ptr + kv_ptrs)
+            else:
+                k = tl.load(k_ptr + kv_ptrs, mask=mask_d[None, :], other=0.0)
+        else:
+            mask_n = offs_n < end
+            off = _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE)
+            kv_ptrs = off[:, None] + offs_d[None, :]
+            k = tl.load(k_ptr + kv_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if CAUSAL:
-            s = tl.where(mask_n[None, :] & (offs_n[None, :] <= qpos[:, None]), s, float("-inf"))
+        if MASK == 1:
+            # decode: scale first. Folding the scale into the exponent as below measured 5-7% slower
+            # here for D=64 (H100, 2026-11-24), though it helps prefill (+5-7% at D=64).
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
         else:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            if MASK == 2:
+                s = tl.where(mask_n[None, :] & (offs_n[None, :] <= qpos[:, None]), s, float("-inf"))
+            # scale folded into the exponent (one FMA per score); qk_scale > 0 keeps -inf and the max
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if MASK == 0:
+            if EVEN_D:
+                v = tl.load(v_ptr + kv_ptrs)
+            else:
+                v = tl.load(v_ptr + kv_ptrs, mask=mask_d[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptr + kv_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -143,7 +173,7 @@ def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, s
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, kv_ptr + stride_kv, bt_ptr + b.to(tl.int64) * stride_bt, kvh,
                             offs_g, start, end, qk_scale, stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
-                            PAGE, BLOCK_N, False, IEEE)
+                            PAGE, BLOCK_N, 1, D == DP, IEEE)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -230,10 +260,10 @@ def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_sc
     # every row sees all tokens before the block's first query position: no causal mask there
     full_end = (ctx_len + qblk * BLOCK_Q) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, 0, full_end, qk_scale,
-                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, False, IEEE)
+                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, 0, D == DP, IEEE)
     end = tl.minimum(seq_len, ctx_len + (qblk + 1) * BLOCK_Q)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, full_end, end, qk_scale,
-                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, True, IEEE)
+                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, 2, D == DP, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
