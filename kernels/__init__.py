@@ -4,6 +4,10 @@ Each op lives in its own module with a pure-torch reference (`<op>_ref`) and a
 Triton implementation (`<op>_triton`) of the same signature beside it; tests
 compare the two. `get_ops(backend)` returns the set a model runs with: "torch"
 (references; the CPU path) or "triton" (GPU, or CPU under TRITON_INTERPRET=1).
+On CUDA use "triton": each Triton kernel measured faster than its reference on
+an H100, and the attention and cache references sync with the host, so they
+cannot run inside CUDA graphs (benchmarks/results/kernels-2026-11-24.md).
+Triton is optional: without it the references still import and run.
 
 This package never imports fleetserve.runtime.
 """
