@@ -201,6 +201,19 @@ def test_seeded_sampling_reproducible_and_independent_of_batch():
     assert len(picks) > 5
 
 
+def test_explicit_position_equals_output_length():
+    """Pipelined steps pass `position` when earlier tokens are still on the device."""
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(6))
+    params = SP(temperature=1.0, min_tokens=6)
+    by_len = SamplingRow(params, seed=9, output_token_ids=[1] * 5, eos_token_ids={0})
+    by_pos = SamplingRow(params, seed=9, position=5, eos_token_ids={0})
+    a = SamplingTensors.build([by_len], 300, "cpu")
+    b = SamplingTensors.build([by_pos], 300, "cpu")
+    assert a.position.tolist() == b.position.tolist() == [5]
+    assert a.suppress_index.tolist() == b.suppress_index.tolist() == [0]  # min_tokens counts the position
+    assert torch.equal(Sampler()(logits.clone(), a).token_ids, Sampler()(logits.clone(), b).token_ids)
+
+
 # ---------------------------------------------------------------- distributions
 
 
