@@ -60,7 +60,8 @@ def decode_bytes(model: str, B: int, ctx: int) -> int:
 def bench_decode(sweep: bool) -> None:
     emit("## Decode attention (bf16, page 16, all sequences at the same context length)")
     emit()
-    emit("| model | batch | ctx | splits | triton us | GB/s | % of 3.0 TB/s | SDPA contiguous us | torch ref us (eager) |")
+    emit("| model | batch | ctx | splits | triton us | GB/s | % of 3.0 TB/s | SDPA contiguous us "
+         "| torch ref us (eager) |")
     emit("|---|---|---|---|---|---|---|---|---|")
     for model in MODELS:
         for B, ctx in [(256, 768), (256, 4096), (64, 2048), (16, 4096), (1, 4096), (1, 32768)]:
@@ -78,7 +79,6 @@ def bench_decode(sweep: bool) -> None:
             tr = eager_ms(lambda: attention.paged_attention_ref(*args)) * 1e3 if B * ctx <= 256 * 768 else float("nan")
             emit(f"| {model} | {B} | {ctx} | {splits} | {t:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / BW:.0f}% "
                  f"| {ts:.1f} | {tr:.1f} |")
-            del kc, vc, b
     if sweep:
         emit()
         emit("Decode launch-parameter sweep at batch 256 x ctx 768 (us, CUDA graph):")
@@ -170,7 +170,8 @@ def bench_small_ops() -> None:
     emit()
     emit("GPU time in a CUDA graph, and eager time per call (includes Python launch overhead).")
     emit()
-    emit("| op | tokens | bytes moved | triton graph us | torch graph us | triton GB/s | triton eager us | torch eager us |")
+    emit("| op | tokens | bytes moved | triton graph us | torch graph us | triton GB/s | triton eager us "
+         "| torch eager us |")
     emit("|---|---|---|---|---|---|---|---|")
     dt = torch.bfloat16
     for T in (256, 8192):
