@@ -70,6 +70,28 @@ def test_prefill_single_sequence_default_blocks(kt):
     _check(kt, b, TOL[torch.float16])
 
 
+def test_prefill_path_with_loose_bounds_and_out_buffer(kt):
+    # max_query_len / max_seq_len as upper bounds (a padded or graphed mixed step) on a decode-only batch,
+    # written into a caller's buffer whose padding rows (past query_start_loc[-1]) stay untouched
+    b = kt.PagedBatch([1, 1, 1], [10, 0, 33], 8, 2, 32, dtype=torch.float16, table_cols=16)
+    out = torch.full((b.T + 2, 8, 32), 7.0, dtype=b.q.dtype, device=b.q.device)
+    q = torch.cat([b.q, torch.randn(2, 8, 32).to(b.q)])
+    got = paged_attention_triton(q, b.kv_cache, b.query_start_loc, b.seq_lens, b.block_tables, 8, 256, b.scale,
+                                 out=out)
+    assert got is out and bool((out[b.T:] == 7.0).all())
+    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args())) < TOL[torch.float16]
+
+
+def test_decode_split_heuristic():
+    from fleetserve.kernels.attention import _decode_num_splits
+
+    cuda_like = torch.device("cpu")  # the CPU stand-in counts 4 SMs: the grid should reach 2 x 4 programs
+    assert _decode_num_splits(256, 8, 768, 64, cuda_like) == 1
+    assert _decode_num_splits(1, 2, 4096, 64, cuda_like) == 4
+    assert _decode_num_splits(1, 1, 100, 64, cuda_like) == 2  # never more splits than 64-token tiles
+    assert _decode_num_splits(1, 1, 10 ** 6, 64, cuda_like) == 8
+
+
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [9, 1, 30]])
 def test_block_ids_past_int32_offsets(kt, q_lens):
     # cache of 2^31+ elements per K/V half; ids in use > 2^20, so id * block stride overflows int32
