@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from fleetserve.operator.render import LAST_APPLIED
 
 MERGE_PATCH = "application/merge-patch+json"
+PDBS = "poddisruptionbudgets"
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,28 @@ def _json(resp: Any) -> dict[str, Any]:
 
 
 class Children:
-    """Typed access to the three kinds of children, as dicts."""
+    """get / create / merge-patch of the operator's children, as dicts.
+
+    Deployments, Services and PVCs go through the typed clients; PodDisruptionBudgets through the
+    generic group/version client, because the cluster may serve policy/v1 or (before 1.21) only
+    policy/v1beta1, whatever model classes this client version ships.
+    """
 
     def __init__(self, api_client: client.ApiClient):
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
+        self.generic = client.CustomObjectsApi(api_client)
 
-    def _ops(self, kind: str) -> tuple[Any, Any, Any]:
+    def _ops(self, kind: str, api_version: str) -> tuple[Any, Any, Any]:
         # get, create, patch: the only verbs the chart's RBAC grants on children. Children are never
         # deleted by the operator: owner references let the garbage collector do it.
+        if kind == "PodDisruptionBudget":
+            group, version = api_version.split("/")
+            g = self.generic
+            return (lambda name, ns, **kw: g.get_namespaced_custom_object(group, version, ns, PDBS, name, **kw),
+                    lambda ns, body, **kw: g.create_namespaced_custom_object(group, version, ns, PDBS, body, **kw),
+                    lambda name, ns, body, **kw: g.patch_namespaced_custom_object(group, version, ns, PDBS, name,
+                                                                                  body, **kw))
         ops = {
             "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
                            self.apps.patch_namespaced_deployment),
@@ -59,29 +73,34 @@ class Children:
         }
         return ops[kind]
 
-    def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def read(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        meta = obj["metadata"]
         try:
-            return _json(self._ops(kind)[0](name, namespace, _preload_content=False))
+            return _json(self._ops(obj["kind"], obj["apiVersion"])[0](meta["name"], meta["namespace"],
+                                                                      _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        meta = obj["metadata"]
-        return _json(self._ops(obj["kind"])[1](meta["namespace"], obj, _preload_content=False))
+        return _json(self._ops(obj["kind"], obj["apiVersion"])[1](obj["metadata"]["namespace"], obj,
+                                                                  _preload_content=False))
 
-    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return _json(self._ops(kind)[2](name, namespace, patch, _preload_content=False, _content_type=MERGE_PATCH))
+    def patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return _json(self._ops(obj["kind"], obj["apiVersion"])[2](meta["name"], meta["namespace"], patch,
+                                                                  _preload_content=False, _content_type=MERGE_PATCH))
 
 
 def apply(children: Children, desired: dict[str, Any]) -> Outcome:
     kind, meta = desired["kind"], desired["metadata"]
+    target = {"kind": kind, "apiVersion": desired["apiVersion"], "metadata": meta}
     desired = copy.deepcopy(desired)
     desired_core = copy.deepcopy(desired)  # without the annotation that records it
     desired["metadata"].setdefault("annotations", {})[LAST_APPLIED] = json.dumps(desired_core, sort_keys=True)
 
-    existing = children.read(kind, meta["namespace"], meta["name"])
+    existing = children.read(desired)
     if existing is None:
         try:
             children.create(desired)
@@ -90,7 +109,7 @@ def apply(children: Children, desired: dict[str, Any]) -> Outcome:
             if exc.status != 409:
                 raise
             # Created meanwhile (e.g. a previous operator's request completed late): patch it instead.
-            existing = children.read(kind, meta["namespace"], meta["name"]) or {}
+            existing = children.read(desired) or {}
 
     last = _last_applied(existing)
     if kind == "PersistentVolumeClaim":
@@ -103,7 +122,7 @@ def apply(children: Children, desired: dict[str, Any]) -> Outcome:
     patch = merge(desired, removals(last or {}, desired_core))
     patch.pop("apiVersion", None), patch.pop("kind", None)
     patch["metadata"].pop("name", None), patch["metadata"].pop("namespace", None)
-    children.patch(kind, meta["namespace"], meta["name"], patch)
+    children.patch(target, patch)
     return Outcome(kind, meta["name"], "patched")
 
 

@@ -85,8 +85,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.networking.request_timeout = 60
     memo.settings = SETTINGS
     memo.api = client.ApiClient(_client_configuration())
+    memo.pdb_api = _pdb_api_version(memo.api, logger)
     logger.info("fleetserve operator: runtime image %s, metrics every %ss", SETTINGS.runtime_image,
                 SETTINGS.metrics_interval)
+
+
+def _pdb_api_version(api: client.ApiClient, logger: logging.Logger) -> str | None:
+    """policy/v1 where served (1.21+), else policy/v1beta1 (1.20), else None: no PDBs."""
+    try:
+        groups = json.loads(client.ApisApi(api).get_api_versions(_preload_content=False).data).get("groups", [])
+    except (ApiException, ValueError) as exc:
+        logger.warning("API discovery failed, no PodDisruptionBudgets will be created: %s", exc)
+        return None
+    versions = {v.get("version") for g in groups if g.get("name") == "policy" for v in g.get("versions", [])}
+    chosen = next((f"policy/{v}" for v in ("v1", "v1beta1") if v in versions), None)
+    logger.info("PodDisruptionBudget API: %s", chosen or "none served")
+    return chosen
 
 
 @kopf.on.cleanup()
@@ -129,9 +143,9 @@ def _first(index: kopf.Index, key: Any) -> Any:
 
 # --- reconcile -------------------------------------------------------------------------------------
 
-def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body,
-             settings: OperatorSettings) -> list[dict[str, Any]]:
-    children = render.render_all(name, namespace, spec, settings)
+def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, settings: OperatorSettings,
+             pdb_api: str | None) -> list[dict[str, Any]]:
+    children = render.render_all(name, namespace, spec, settings, pdb_api=pdb_api)
     for child in children:
         if not (child["kind"] == "PersistentVolumeClaim" and spec.modelCache.retainOnDelete):
             kopf.adopt(child, owner=body)
@@ -145,7 +159,7 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
     # The reconcile handler and the timer both may apply (each in a worker thread): one at a time per object.
     with memo.setdefault("apply_lock", threading.Lock()):
         try:
-            for child in _desired(name, namespace, spec, body, memo.settings):
+            for child in _desired(name, namespace, spec, body, memo.settings, memo.get("pdb_api")):
                 outcome = apply(children, child)
                 if outcome.action != "unchanged":
                     changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
@@ -265,7 +279,8 @@ def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: ko
     dep = _first(deployments_index, key)
     if dep is None or _first(services_index, key) is None:
         return True
-    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings) if c["kind"] == "Deployment")
+    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings, memo.get("pdb_api"))
+                   if c["kind"] == "Deployment")
     # Changed by us (a new rendering) or by someone else (an owned field edited in the cluster).
     return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True) or \
         not is_subset(desired["spec"], dep["spec"])

@@ -301,12 +301,29 @@ def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> d
     return pvc
 
 
-def render_all(name: str, namespace: str, spec: InferenceServiceSpec,
-               settings: OperatorSettings) -> list[dict[str, Any]]:
-    """All children, in the order they must be applied (the claim before the pods that mount it)."""
+def render_pdb(name: str, namespace: str, spec: InferenceServiceSpec, api_version: str | None) -> dict[str, Any] | None:
+    """maxUnavailable 1: drains take replicas one at a time, and a single replica can still be drained
+    (minAvailable would block it forever). None when disabled or the cluster serves no PDB API."""
+    if not spec.rollout.podDisruptionBudget or api_version is None:
+        return None
+    return {
+        "apiVersion": api_version,
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "runtime")},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
+def render_all(name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings,
+               pdb_api: str | None = "policy/v1") -> list[dict[str, Any]]:
+    """All children, in the order they must be applied (the claim before the pods that mount it).
+
+    `pdb_api` is the PodDisruptionBudget API version the cluster serves (discovered at startup).
+    """
     pvc = render_cache_pvc(name, namespace, spec)
+    pdb = render_pdb(name, namespace, spec, pdb_api)
     return ([pvc] if pvc else []) + [render_service(name, namespace, spec),
-                                     render_deployment(name, namespace, spec, settings)]
+                                     render_deployment(name, namespace, spec, settings)] + ([pdb] if pdb else [])
 
 
 def service_url(name: str, namespace: str, settings: OperatorSettings) -> str:

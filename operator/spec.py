@@ -224,6 +224,10 @@ class Rollout(_Model):
     preStopSleepSeconds: int = Field(10, ge=0, le=300)
     """Pause before SIGTERM so endpoints drop the pod before it stops accepting requests."""
 
+    podDisruptionBudget: bool = True
+    """Create a PodDisruptionBudget (maxUnavailable 1) so node drains evict one replica at a time.
+    Its API version (policy/v1, else policy/v1beta1) is chosen from what the cluster serves."""
+
 
 class InferenceServiceSpec(_Model):
     model: ModelSource = Field(default_factory=ModelSource)

@@ -53,6 +53,8 @@ class Apiserver(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.reject = {}
+        # The kubernetes client's ApisApi asks for "/apis/", which a real apiserver serves like "/apis".
+        self.fallback["get /apis/"] << self._serve_apis
 
     async def _handle(self, request: Any) -> Any:
         if request.resource is not None and request.action is not None:
@@ -80,13 +82,17 @@ class Apiserver(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
 
-def _declare(server: Apiserver) -> None:
+PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
+PDBS_V1BETA1 = kmock.resource("policy", "v1beta1", "poddisruptionbudgets")
+
+
+def _declare(server: Apiserver, pdb_version: str = "v1") -> None:
     server.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
         kind=KIND, singular="inferenceservice", namespaced=True, subresources={"status", "scale"},
         verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
     for path, kind in (("apps/v1/deployments", "Deployment"), ("v1/services", "Service"),
                        ("v1/persistentvolumeclaims", "PersistentVolumeClaim"), ("v1/pods", "Pod"),
-                       ("v1/events", "Event")):
+                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget")):
         server.resources[path] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             subresources={"status"} if kind in ("Deployment", "Pod") else set())
@@ -97,10 +103,16 @@ def _declare(server: Apiserver) -> None:
         kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"})
 
 
+@pytest.fixture()
+def pdb_version() -> str:
+    """The policy API version the emulated cluster serves: v1 (1.21+); tests override it with v1beta1 (1.20)."""
+    return "v1"
+
+
 @pytest_asyncio.fixture()
-async def apiserver(tmp_path, monkeypatch) -> AsyncIterator[Apiserver]:
+async def apiserver(tmp_path, monkeypatch, pdb_version) -> AsyncIterator[Apiserver]:
     async with Apiserver() as handler, kmock.Server(handler) as server:
-        _declare(handler)
+        _declare(handler, pdb_version)
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",

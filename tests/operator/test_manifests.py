@@ -25,7 +25,7 @@ from fleetserve.operator.spec import parse_spec
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = ["1.25", kubernetes_validate.latest_version()]
 # APIs served by Kubernetes 1.20 and still by current releases.
-APIS_ON_1_20 = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "apiextensions.k8s.io/v1"}
+APIS_ON_1_20 = {"v1", "apps/v1", "policy/v1beta1", "rbac.authorization.k8s.io/v1", "apiextensions.k8s.io/v1"}
 
 SPECS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -66,15 +66,16 @@ def _example_crs() -> list[dict[str, Any]]:
     return [d for d in _examples() if d["kind"] == "InferenceService"]
 
 
-def _rendered() -> list[tuple[str, dict[str, Any]]]:
+def _rendered(pdb_api: str = "policy/v1") -> list[tuple[str, dict[str, Any]]]:
     settings = OperatorSettings()
     out = []
     for label, raw in SPECS.items():
-        out += [(f"{label}:{o['kind']}", o) for o in render.render_all("svc", "ns", parse_spec(raw), settings)]
+        out += [(f"{label}:{o['kind']}", o)
+                for o in render.render_all("svc", "ns", parse_spec(raw), settings, pdb_api=pdb_api)]
     for cr in _example_crs():
         name = cr["metadata"]["name"]
         out += [(f"{name}:{o['kind']}", o)
-                for o in render.render_all(name, "default", parse_spec(cr["spec"]), settings)]
+                for o in render.render_all(name, "default", parse_spec(cr["spec"]), settings, pdb_api=pdb_api)]
     return out
 
 
@@ -90,7 +91,12 @@ def test_rendered_manifests_validate_strict(version):
 
 
 def test_rendered_manifests_use_apis_served_by_1_20():
-    assert {obj["apiVersion"] for _, obj in _rendered()} <= APIS_ON_1_20
+    """On 1.20 discovery finds policy/v1beta1 only; the PDB is otherwise the same object."""
+    old, new = _rendered(pdb_api="policy/v1beta1"), _rendered()
+    assert {obj["apiVersion"] for _, obj in old} <= APIS_ON_1_20
+    for (_, a), (_, b) in zip(old, new):
+        assert {**a, "apiVersion": None} == {**b, "apiVersion": None}
+    assert "PodDisruptionBudget" in {obj["kind"] for _, obj in new}
 
 
 def test_example_native_objects_validate_strict():

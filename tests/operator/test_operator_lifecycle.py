@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from kmock import action as _action
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, PVCS, SERVICES, condition, create, delete, eventually, events, get,
+from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PDBS_V1BETA1, PVCS, SERVICES, condition, create, delete, eventually, events, get,
                        isvc, isvc_path, live, operator_running, patch)
 
 HF_SPEC = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct@abc123"},
@@ -196,3 +198,26 @@ async def test_transient_api_errors_are_retried(operator):
     assert not events(operator, "ApplyFailed")  # transient: no warning, a TemporaryError and a retry
     del operator.reject[("services", "create")]
     await eventually(lambda: get(operator, SERVICES, "llm") and get(operator, DEPLOYMENTS, "llm"))
+
+
+async def test_pdb_uses_policy_v1_where_served(operator):
+    await create(operator, isvc("llm"))
+    pdb = await eventually(lambda: get(operator, PDBS, "llm"))
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == get(operator, DEPLOYMENTS, "llm")["spec"]["selector"][
+        "matchLabels"]
+    assert pdb["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
+
+
+@pytest.mark.parametrize("pdb_version", ["v1beta1"])
+async def test_pdb_falls_back_to_v1beta1_on_kubernetes_1_20(operator, pdb_version):
+    await create(operator, isvc("llm"))
+    pdb = await eventually(lambda: get(operator, PDBS_V1BETA1, "llm"))
+    assert pdb["apiVersion"] == "policy/v1beta1"
+    assert get(operator, PDBS, "llm") is None
+
+
+async def test_pdb_can_be_disabled(operator):
+    await create(operator, isvc("llm", {"rollout": {"podDisruptionBudget": False}}))
+    await eventually(lambda: get(operator, DEPLOYMENTS, "llm"))
+    assert get(operator, PDBS, "llm") is None

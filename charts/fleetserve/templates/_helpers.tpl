@@ -34,6 +34,7 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
 - /status: kopf writes status; /scale: the built-in autoscaler scales through it.
 - deployments, services: read, created, patched (never deleted: owner references GC them); watched for status.
 - persistentvolumeclaims: read, created, patched (labels / owner references only).
+- poddisruptionbudgets: read, created, patched (policy/v1, or policy/v1beta1 on 1.20).
 - pods: watched for readiness, failures and metrics targets.
 - events: one per reconcile change, scale decision and invalid spec.
 */}}
@@ -52,6 +53,9 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
