@@ -53,8 +53,8 @@ class Children:
         self.generic = client.CustomObjectsApi(api_client)
 
     def _ops(self, kind: str, api_version: str) -> tuple[Any, Any, Any]:
-        # get, create, patch: the only verbs the chart's RBAC grants on children. Children are never
-        # deleted by the operator: owner references let the garbage collector do it.
+        # get, create, patch: the verbs the chart's RBAC grants on children. Children are not deleted by the
+        # operator (owner references let the garbage collector do it), except a PDB that was switched off.
         if kind == "PodDisruptionBudget":
             group, version = api_version.split("/")
             g = self.generic
@@ -86,6 +86,15 @@ class Children:
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         return _json(self._ops(obj["kind"], obj["apiVersion"])[1](obj["metadata"]["namespace"], obj,
                                                                   _preload_content=False))
+
+    def delete_pdb(self, api_version: str, namespace: str, name: str) -> None:
+        """The one child the operator deletes itself: a budget switched off (the others live as long as the owner)."""
+        group, version = api_version.split("/")
+        try:
+            self.generic.delete_namespaced_custom_object(group, version, namespace, PDBS, name, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
@@ -124,6 +133,17 @@ def apply(children: Children, desired: dict[str, Any]) -> Outcome:
     patch["metadata"].pop("name", None), patch["metadata"].pop("namespace", None)
     children.patch(target, patch)
     return Outcome(kind, meta["name"], "patched")
+
+
+def prune_pdb(children: Children, api_version: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Deletes the service's PodDisruptionBudget if it exists and is ours; True when one was deleted."""
+    existing = children.read({"kind": "PodDisruptionBudget", "apiVersion": api_version,
+                              "metadata": {"name": name, "namespace": namespace}})
+    refs = (existing or {}).get("metadata", {}).get("ownerReferences") or []
+    if not any(r.get("uid") == owner_uid for r in refs):
+        return False
+    children.delete_pdb(api_version, namespace, name)
+    return True
 
 
 def _last_applied(obj: dict[str, Any]) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from fleetserve.operator import autoscaler, render, status as status_mod
-from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset
+from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb
 from fleetserve.operator.metrics import RateTracker, scrape_all
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
@@ -164,6 +164,13 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
                 if outcome.action != "unchanged":
                     changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
                     logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
+            pdb_api = memo.get("pdb_api")
+            if pdb_api and not spec.rollout.podDisruptionBudget and memo.get("pdb_created", True):
+                if prune_pdb(children, pdb_api, namespace, name, body.metadata.uid):
+                    changed.append(f"deleted PodDisruptionBudget {name}")
+                memo["pdb_created"] = False  # checked once per switch-off, not on every tick
+            elif spec.rollout.podDisruptionBudget:
+                memo["pdb_created"] = True
         except ApiException as exc:
             # Kept for status: Degraded=ApplyFailed until an apply succeeds.
             memo["apply_error"] = f"{exc.status} {exc.reason}: {_api_message(exc)}"

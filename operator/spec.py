@@ -226,7 +226,8 @@ class Rollout(_Model):
 
     podDisruptionBudget: bool = True
     """Create a PodDisruptionBudget (maxUnavailable 1) so node drains evict one replica at a time.
-    Its API version (policy/v1, else policy/v1beta1) is chosen from what the cluster serves."""
+    Its API version (policy/v1, else policy/v1beta1) is chosen from what the cluster serves;
+    switching it off deletes the budget."""
 
 
 class InferenceServiceSpec(_Model):

@@ -17,7 +17,7 @@ from kmock import action as _action
 
 from fleetserve.operator import crd
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, PVCS, SERVICES, create, delete, eventually, fake_pod, get, isvc, isvc_path,
+from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PVCS, SERVICES, create, delete, eventually, fake_pod, get, isvc, isvc_path,
                        metrics_endpoint, operator_running, patch)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +105,8 @@ async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):
         await patch(apiserver, isvc_path("llm"), {"metadata": {"labels": {"team": "a"}}})
         await eventually(lambda: (get(apiserver, SERVICES, "llm")["metadata"]["labels"].get("team") == "a"
                                   and get(apiserver, PVCS, "llm-model-cache")["metadata"]["labels"].get("team")))
+        await patch(apiserver, isvc_path("llm"), {"spec": {"rollout": {"podDisruptionBudget": False}}})
+        await eventually(lambda: get(apiserver, PDBS, "llm") is None)
         await delete(apiserver, isvc_path("llm"))
         await eventually(lambda: get(apiserver, ISVC_RES, "llm") is None)
 

@@ -221,3 +221,8 @@ async def test_pdb_can_be_disabled(operator):
     await create(operator, isvc("llm", {"rollout": {"podDisruptionBudget": False}}))
     await eventually(lambda: get(operator, DEPLOYMENTS, "llm"))
     assert get(operator, PDBS, "llm") is None
+    await patch(operator, isvc_path("llm"), {"spec": {"rollout": {"podDisruptionBudget": True}}})
+    await eventually(lambda: get(operator, PDBS, "llm"))
+    await patch(operator, isvc_path("llm"), {"spec": {"rollout": {"podDisruptionBudget": False}}})
+    await eventually(lambda: get(operator, PDBS, "llm") is None)
+    assert get(operator, DEPLOYMENTS, "llm")  # only the budget goes

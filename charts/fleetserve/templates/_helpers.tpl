@@ -34,7 +34,8 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
 - /status: kopf writes status; /scale: the built-in autoscaler scales through it.
 - deployments, services: read, created, patched (never deleted: owner references GC them); watched for status.
 - persistentvolumeclaims: read, created, patched (labels / owner references only).
-- poddisruptionbudgets: read, created, patched (policy/v1, or policy/v1beta1 on 1.20).
+- poddisruptionbudgets: read, created, patched (policy/v1, or policy/v1beta1 on 1.20); deleted when
+  spec.rollout.podDisruptionBudget is switched off.
 - pods: watched for readiness, failures and metrics targets.
 - events: one per reconcile change, scale decision and invalid spec.
 */}}
@@ -56,7 +57,7 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
   verbs: ["get", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
