@@ -120,7 +120,8 @@ async def test_delete_leaves_nothing_behind(operator):
     # The operator releases its finalizer: the object really goes away.
     await eventually(lambda: get(operator, ISVC_RES, "llm") is None, timeout=10)  # not kopf's 60 s polling
     # What remains is exactly what the garbage collector deletes through owner references.
-    leftovers = [o for res in (DEPLOYMENTS, SERVICES, PVCS) for o in live(operator, res)]
+    leftovers = [o for res in (DEPLOYMENTS, SERVICES, PVCS, PDBS) for o in live(operator, res)]
+    assert {o["kind"] for o in leftovers} == {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget"}
     assert leftovers and all(any(r["uid"] == owner_uid and r.get("blockOwnerDeletion")
                                  for r in o["metadata"].get("ownerReferences", [])) for o in leftovers)
 
