@@ -32,6 +32,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 The operator's permissions on namespaced resources: exactly the verbs it uses.
 - inferenceservices: watched; patched by kopf (finalizer, progress annotations).
 - /status: kopf writes status; /scale: the built-in autoscaler scales through it.
+- /finalizers update: never called, but the OwnerReferencesPermissionEnforcement admission plugin
+  (on in OpenShift) requires it to create children with blockOwnerDeletion owner references.
 - deployments, services: read, created, patched (never deleted: owner references GC them); watched for status.
 - persistentvolumeclaims: read, created, patched (labels / owner references only).
 - poddisruptionbudgets: read, created, patched (policy/v1, or policy/v1beta1 on 1.20); deleted when
@@ -46,6 +48,9 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
 - apiGroups: ["serving.fleetserve.dev"]
   resources: ["inferenceservices/status", "inferenceservices/scale"]
   verbs: ["patch"]
+- apiGroups: ["serving.fleetserve.dev"]
+  resources: ["inferenceservices/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
