@@ -8,10 +8,11 @@ status.py (conditions), metrics.py (scraping), autoscaler.py (decisions).
   children, adopts them (owner references, so deletion garbage-collects them) and
   creates or patches them. An invalid spec becomes an InvalidSpec condition and a
   Warning event, then a PermanentError: no retry loop until the spec changes.
-- indexes of runtime pods, Deployments and Services (kopf watches) feed
-- `observe`: a timer per InferenceService that scrapes each ready pod's /metrics,
-  writes status, recreates children that disappeared, and applies autoscaling
-  decisions through the scale subresource (with an event for each).
+- `runtime_pods` / `runtime_deployments` / `runtime_services`: kopf indexes (watches) of the
+  children, the operator's in-memory view of them.
+- `observe`: a timer per InferenceService that scrapes each ready pod's /metrics, writes
+  status from the indexes and the metrics, restores children that were deleted or edited,
+  and applies autoscaling decisions through the scale subresource (with an event for each).
 
 Never imports torch or fleetserve.runtime (checked by import-linter, see .importlinter).
 """
@@ -164,13 +165,8 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
                 if outcome.action != "unchanged":
                     changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
                     logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
-            pdb_api = memo.get("pdb_api")
-            if pdb_api and not spec.rollout.podDisruptionBudget and memo.get("pdb_created", True):
-                if prune_pdb(children, pdb_api, namespace, name, body.metadata.uid):
-                    changed.append(f"deleted PodDisruptionBudget {name}")
-                memo["pdb_created"] = False  # checked once per switch-off, not on every tick
-            elif spec.rollout.podDisruptionBudget:
-                memo["pdb_created"] = True
+            if _prune_switched_off_pdb(children, name, namespace, spec, body, memo):
+                changed.append(f"deleted PodDisruptionBudget {name}")
         except ApiException as exc:
             # Kept for status: Degraded=ApplyFailed until an apply succeeds.
             memo["apply_error"] = f"{exc.status} {exc.reason}: {_api_message(exc)}"
@@ -179,6 +175,21 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
     if changed:
         kopf.event(body, type="Normal", reason="Reconciled", message="; ".join(changed))
     return changed
+
+
+def _prune_switched_off_pdb(children: Children, name: str, namespace: str, spec: InferenceServiceSpec,
+                            body: kopf.Body, memo: kopf.Memo) -> bool:
+    """Deletes our budget after rollout.podDisruptionBudget is switched off: checked once per switch-off
+    (and once after an operator start), not on every timer tick."""
+    pdb_api = memo.get("pdb_api")
+    if spec.rollout.podDisruptionBudget or not pdb_api:
+        memo["pdb_off_checked"] = False
+        return False
+    if memo.get("pdb_off_checked"):
+        return False
+    deleted = prune_pdb(children, pdb_api, namespace, name, body.metadata.uid)
+    memo["pdb_off_checked"] = True
+    return deleted
 
 
 def _parse(body: kopf.Body) -> tuple[InferenceServiceSpec | None, str | None]:
