@@ -151,38 +151,37 @@ def _security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
-def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
-                      settings: OperatorSettings) -> dict[str, Any]:
-    image = spec.image or settings.runtime_image
-    pull_policy = spec.imagePullPolicy or settings.runtime_image_pull_policy
-    res = spec.resources
-    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
-    limits: dict[str, Any] = {"memory": res.memory}
-    if res.gpus:
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
-
-    claim = cache_claim_name(name, spec)
+def _volumes(name: str, spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and the runtime container's mounts: model cache, read-only model claim, /dev/shm."""
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     if spec.model.scheme == "hf":
-        cache_volume = ({"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}})
+        claim = cache_claim_name(name, spec)
+        cache_volume = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
         volumes.append({"name": "model-cache", **cache_volume})
         mounts.append({"name": "model-cache", "mountPath": CACHE_MOUNT})
     if spec.model.scheme == "pvc":
         source_claim = spec.model.uri[len("pvc://"):].split("/", 1)[0]
         volumes.append({"name": "model-source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}})
         mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
-    if res.shmSize:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
+    if spec.resources.shmSize:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shmSize}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
 
+
+def _runtime_container(name: str, spec: InferenceServiceSpec, image: str, pull_policy: str,
+                       mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    res, rollout = spec.resources, spec.rollout
+    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = {"memory": res.memory}
+    if res.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
     env = [{"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
            # The server never downloads: weights are fetched by the init container or shipped.
            {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.secrets.apiKey:
         env.append(_secret_env("FLEETSERVE_API_KEY", spec.secrets.apiKey))
-
-    rollout = spec.rollout
     startup_period = 10
     container: dict[str, Any] = {
         "name": RUNTIME_CONTAINER,
@@ -194,6 +193,7 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
+        # Liveness only starts once /health answered: a load may use the whole startup budget.
         "startupProbe": _health_probe(startup_period, math.ceil(rollout.startupTimeoutSeconds / startup_period), 5),
         "readinessProbe": _health_probe(5, 2, 3),
         "livenessProbe": _health_probe(15, 4, 5),
@@ -202,52 +202,66 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
     }
     if rollout.preStopSleepSeconds:
         container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(rollout.preStopSleepSeconds)]}}}
+    return container
 
-    init_containers = []
-    if spec.model.scheme == "hf":
-        repo, revision = _hf_parts(spec.model.uri)
-        download_env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
-                        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
-        if spec.secrets.hfToken:
-            download_env.append(_secret_env("HF_TOKEN", spec.secrets.hfToken))
-        init_containers.append({
-            "name": DOWNLOAD_CONTAINER,
-            "image": image,
-            "imagePullPolicy": pull_policy,
-            "command": ["python", "-c", DOWNLOAD_SCRIPT, repo, revision, f"{CACHE_MOUNT}/hf/{repo}/{revision}",
-                        spec.model.ggufFile or ""],
-            "env": download_env,
-            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
-            "securityContext": _security_context(),
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-        })
 
-    sched = spec.scheduling
+def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str) -> dict[str, Any]:
+    """The init container that fills the cache once; a no-op when the marker file is there."""
+    repo, revision = _hf_parts(spec.model.uri)
+    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if spec.secrets.hfToken:
+        env.append(_secret_env("HF_TOKEN", spec.secrets.hfToken))
+    return {
+        "name": DOWNLOAD_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["python", "-c", DOWNLOAD_SCRIPT, repo, revision, f"{CACHE_MOUNT}/hf/{repo}/{revision}",
+                    spec.model.ggufFile or ""],
+        "env": env,
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _scheduling(spec: InferenceServiceSpec) -> dict[str, Any]:
+    sched, out = spec.scheduling, {}
+    if sched.nodeSelector:
+        out["nodeSelector"] = dict(sched.nodeSelector)
+    if sched.tolerations:
+        out["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
+    if sched.affinity:
+        out["affinity"] = dict(sched.affinity)
+    if sched.priorityClassName:
+        out["priorityClassName"] = sched.priorityClassName
+    if sched.runtimeClassName:
+        out["runtimeClassName"] = sched.runtimeClassName
+    if spec.imagePullSecrets:
+        out["imagePullSecrets"] = [{"name": s} for s in spec.imagePullSecrets]
+    return out
+
+
+def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
+                      settings: OperatorSettings) -> dict[str, Any]:
+    image = spec.image or settings.runtime_image
+    pull_policy = spec.imagePullPolicy or settings.runtime_image_pull_policy
+    volumes, mounts = _volumes(name, spec)
+    rollout = spec.rollout
     pod_spec: dict[str, Any] = {
-        "containers": [container],
+        "containers": [_runtime_container(name, spec, image, pull_policy, mounts)],
         # preStop sleep + server drain + margin for the process to exit.
         "terminationGracePeriodSeconds": rollout.preStopSleepSeconds + spec.engine.shutdownTimeoutSeconds + 15,
+        # fsGroup: the cache volume is writable by the image's non-root user.
         "securityContext": {"runAsNonRoot": True, "runAsUser": settings.runtime_uid,
                             "runAsGroup": settings.runtime_uid, "fsGroup": settings.runtime_uid},
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "volumes": volumes,
+        **_scheduling(spec),
     }
-    if init_containers:
-        pod_spec["initContainers"] = init_containers
-    if sched.nodeSelector:
-        pod_spec["nodeSelector"] = dict(sched.nodeSelector)
-    if sched.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
-    if sched.affinity:
-        pod_spec["affinity"] = dict(sched.affinity)
-    if sched.priorityClassName:
-        pod_spec["priorityClassName"] = sched.priorityClassName
-    if sched.runtimeClassName:
-        pod_spec["runtimeClassName"] = sched.runtimeClassName
-    if spec.imagePullSecrets:
-        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.imagePullSecrets]
+    if spec.model.scheme == "hf":
+        pod_spec["initContainers"] = [_download_container(spec, image, pull_policy)]
 
     return {
         "apiVersion": "apps/v1",
