@@ -177,7 +177,8 @@ def _runtime_container(name: str, spec: InferenceServiceSpec, image: str, pull_p
     limits: dict[str, Any] = {"memory": res.memory}
     if res.gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
-    env = [{"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
+    env = [{"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT},
+           {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
            # The server never downloads: weights are fetched by the init container or shipped.
            {"name": "HF_HUB_OFFLINE", "value": "1"}]
     if spec.secrets.apiKey:

@@ -80,9 +80,10 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
             problems.append(("CrashLoopBackOff", f"pod {meta.get('name')}: container {cs.get('name')} keeps "
                                                  f"crashing (restarts: {cs.get('restartCount', 0)})"))
         elif reason in _CONFIG_ERRORS:
-            problems.append(("ContainerConfigError", f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
+            problems.append(("ContainerConfigError",
+                             f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
             msg = cond.get("message", "")
             reason = "InsufficientGPU" if GPU_RESOURCE in msg else "Unschedulable"
             problems.append((reason, f"pod {meta.get('name')}: {msg}"[:400]))

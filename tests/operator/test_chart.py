@@ -17,7 +17,8 @@ from kmock import action as _action
 
 from fleetserve.operator import crd
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PVCS, SERVICES, create, delete, eventually, fake_pod, get, isvc, isvc_path,
+from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PVCS, SERVICES, create, delete, eventually, fake_pod, get, isvc,
+                       isvc_path,
                        metrics_endpoint, operator_running, patch)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import pytest
 
 from kmock import action as _action
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PDBS_V1BETA1, PVCS, SERVICES, condition, create, delete, eventually, events, get,
+from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PDBS_V1BETA1, PVCS, SERVICES, condition, create, delete,
+                       eventually, events, get,
                        isvc, isvc_path, live, operator_running, patch)
 
 HF_SPEC = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct@abc123"},

@@ -118,8 +118,9 @@ def test_container_failures_are_degraded(containers, reason):
 
 
 def test_unschedulable_without_gpu_vs_other_reasons():
-    gpu = _pod(ready=False, ip=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                                  "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}])
+    gpu = _pod(ready=False, ip=None, conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}])
     assert _cond(compute(_obs([gpu], spec={})), "Degraded")["reason"] == "InsufficientGPU"
     mem = _pod(ready=False, ip=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                                   "message": "0/1 nodes are available: 1 Insufficient memory."}])
@@ -186,7 +187,7 @@ def test_parse_prometheus_and_rates():
     assert m["process_cpu_seconds_total"] == 15
     tracker = RateTracker()
     assert tracker.rates(sample_from_text("p", PROM, now=0.0)) == (None, None)
-    later = PROM.replace("generation_tokens_total{model_name=\"m\"} 100", "generation_tokens_total{model_name=\"m\"} 300")
+    later = PROM.replace('generation_tokens_total{model_name="m"} 100', 'generation_tokens_total{model_name="m"} 300')
     assert tracker.rates(sample_from_text("p", later, now=2.0)) == (None, 100.0)
     restarted = PROM.replace("} 100", "} 5")
     assert tracker.rates(sample_from_text("p", restarted, now=3.0))[1] is None  # counter reset
@@ -204,7 +205,8 @@ def _run_download(tmp_path, dest):
         "    open(os.path.join(local_dir, 'config.json'), 'w').write('{}')\n")
     calls = tmp_path / "calls.txt"
     spec = parse_spec({"model": {"uri": "hf://org/model@rev1"}})
-    init = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]["initContainers"][0]
+    pod = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
     cmd = [sys.executable if c == "python" else c for c in init["command"]]
     cmd[cmd.index("/models/hf/org/model/rev1")] = str(dest)
     env = {**os.environ, "PYTHONPATH": str(fake), "CALLS": str(calls)}
