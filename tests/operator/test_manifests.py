@@ -222,3 +222,16 @@ def test_schema_defaults_match_model_defaults():
     defaulted = apply_defaults(schema, {})
     assert parse_spec(defaulted) == parse_spec({})
     assert defaulted["model"]["uri"] == "embedded" and defaulted["autoscaling"]["targetQueueDepth"] == 5
+
+
+def test_keda_example_targets_the_scale_subresource_of_a_cr_with_autoscaling_off():
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "keda" / "llama-1b-keda.yaml").read_text()) if d]
+    cr = next(d for d in docs if d["kind"] == "InferenceService")
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert not list(_spec_validator().iter_errors(cr))
+    assert parse_spec(cr["spec"]).autoscaling.enabled is False  # one autoscaler at a time
+    ref = scaled["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (cr["apiVersion"], cr["kind"], cr["metadata"]["name"])
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    assert "vllm:num_requests_waiting" in query and f'model_name="{cr["metadata"]["name"]}"' in query
+    assert "scale" in _crd()["spec"]["versions"][0]["subresources"]
