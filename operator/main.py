@@ -331,7 +331,7 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
             logger.warning("restoring children failed (next tick retries): %s %s", exc.status, _api_message(exc))
 
     pods = tuple(runtime_pods.get((namespace, name), ()))
-    targets = {p.name: f"http://{p.ip}:{p.port}/metrics" for p in pods if p.ready and p.ip and not p.deleting}
+    targets = {p.name: p.metrics_url for p in pods if p.ready and p.ip and not p.deleting}
     tracker = memo.setdefault("rates", RateTracker())
     metrics = await scrape_all(targets, tracker, settings.metrics_timeout)
     new = _observe(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)

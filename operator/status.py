@@ -40,6 +40,11 @@ class PodView:
     problems: tuple[tuple[str, str], ...]
     """(reason, message) of waiting/failing containers and scheduling failures."""
 
+    @property
+    def metrics_url(self) -> str:
+        host = f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip  # IPv6 pod addresses
+        return f"http://{host}:{self.port}/metrics"
+
 
 def _ready(status: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])

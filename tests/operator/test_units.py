@@ -87,6 +87,11 @@ def _cond(status, type_):
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
+def test_metrics_url_from_the_pods_own_port_and_address():
+    assert _pod().metrics_url == "http://10.0.0.1:8000/metrics"
+    assert _pod(ip="fd00::5").metrics_url == "http://[fd00::5]:8000/metrics"
+
+
 def test_download_states_drive_model_cached_and_phase():
     running = _pod(ready=False, init=[{"name": "model-download", "state": {"running": {}}}])
     st = compute(_obs([running]))
