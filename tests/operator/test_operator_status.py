@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, condition, create, eventually, events, fake_pod, get, isvc, isvc_path,
-                       metrics_endpoint, patch)
+from .conftest import (DEPLOYMENTS, ISVC_RES, condition, create, delete, eventually, events, fake_pod, get, isvc,
+                       isvc_path, metrics_endpoint, patch)
 
 
 async def _deployment_ready(server, name: str, replicas: int) -> None:
@@ -137,3 +137,22 @@ async def test_autoscaling_disabled_leaves_replicas_to_others(operator):
         await asyncio.sleep(0.8)
     assert not _scale_requests(operator)[1:]  # only the test's own request
     assert not events(operator, "ScaledUp")
+
+
+async def test_scale_to_zero_when_idle_and_allowed(operator):
+    spec = {"autoscaling": {"minReplicas": 0, "maxReplicas": 2, "scaleToZero": True,
+                            "scaleDownStabilizationSeconds": 1, "cooldownSeconds": 0}}
+    await create(operator, isvc("llm", spec))
+    await _deployment_ready(operator, "llm", 1)
+    async with metrics_endpoint({"vllm:num_requests_waiting": 0, "vllm:num_requests_running": 0}) as (port, _):
+        await create(operator, fake_pod("llm", 0, port))
+        await eventually(lambda: get(operator, ISVC_RES, "llm")["spec"].get("replicas") == 0)
+    await eventually(lambda: get(operator, DEPLOYMENTS, "llm")["spec"]["replicas"] == 0)
+    # The Deployment controller removes the pod; with no pod there is nothing to scale up from.
+    await delete(operator, "/api/v1/namespaces/default/pods/llm-0")
+    await patch(operator, "/apis/apps/v1/namespaces/default/deployments/llm/status",
+                {"status": {"replicas": 0, "readyReplicas": 0}})
+    st = await eventually(lambda: (s := get(operator, ISVC_RES, "llm")["status"]).get("phase") == "ScaledToZero" and s)
+    assert condition(get(operator, ISVC_RES, "llm"), "Ready")["reason"] == "ScaledToZero"
+    assert st["replicas"] == 0 and not events(operator, "ScaledUp")
+    assert "1 -> 0" in events(operator, "ScaledDown")[0]["message"]
