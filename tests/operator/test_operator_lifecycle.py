@@ -228,3 +228,38 @@ async def test_pdb_can_be_disabled(operator):
     await patch(operator, isvc_path("llm"), {"spec": {"rollout": {"podDisruptionBudget": False}}})
     await eventually(lambda: get(operator, PDBS, "llm") is None)
     assert get(operator, DEPLOYMENTS, "llm")  # only the budget goes
+
+
+async def test_python_m_entry_point_serves_and_stops_on_sigterm(apiserver, tmp_path):
+    """The image's entry point for real: `python -m fleetserve.operator` in its own process."""
+    import os
+    import signal
+    import socket
+    import sys
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLEETSERVE_LIVENESS": f"http://127.0.0.1:{port}/healthz",
+           "FLEETSERVE_LOG_LEVEL": "warning", "FLEETSERVE_RUNTIME_IMAGE": "registry.local/rt:7"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "fleetserve.operator", env=env,
+                                                cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        await create(apiserver, isvc("llm"))
+        dep = await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/rt:7"
+
+        async def healthy():
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    return resp.status == 200 and "watching" in await resp.json()
+            except aiohttp.ClientError:
+                return False
+        await eventually(healthy)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode()[-2000:]
