@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) PYTHONSAFEPATH=1 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_gpu_engine.py tests/kernels 2>&1 | tail -40 | tee "$OUT/gpu-tests.log" ;;
-    bench-1b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tail -12 ;;
-    bench-8b) timeout 400 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tail -12 ;;
+    tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
   esac
 done

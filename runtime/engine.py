@@ -134,10 +134,30 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        if self.device.type == "cuda":
+            self._warmup()
         logger.info("model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
                     "(max concurrency %.1fx at %d tokens)", self.model_name, time.perf_counter() - t0,
                     str(self.dtype).replace("torch.", ""), self.device, self.num_kv_blocks, self.block_size,
                     self.max_concurrency, self.max_model_len)
+
+    def _warmup(self) -> None:
+        """Run a prefill step, a mixed prefill+decode step, decode steps and a sampled row once,
+        so that Triton's JIT (and the sampler's torch.compile) work happens at startup instead
+        of inside the first requests. Counters are reset afterwards."""
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(0)
+        n = max(2, min(512, self.max_model_len // 4, self.scheduler.max_num_batched_tokens // 2))
+        prompt = lambda: torch.randint(0, self.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        self.add_request("__warmup-0", prompt(), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        self.step()
+        self.add_request("__warmup-1", prompt(), SamplingParams(temperature=1.0, seed=0, max_tokens=4, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.scheduler.num_preemptions = 0
+        self.scheduler.kv.prefix_cache_queries = self.scheduler.kv.prefix_cache_hits = 0
+        logger.info("warm-up steps took %.1fs", time.perf_counter() - t0)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":

@@ -227,6 +227,7 @@ class ModelRunner:
         self._launch_prompt_logprobs(items, qsl, starts, hidden, step)
         sample_idx = [i for i, s in enumerate(items) if s.sample]
         if not sample_idx:
+            step.start_readback()
             return step
         rows = []
         for i in sample_idx:
@@ -250,10 +251,12 @@ class ModelRunner:
         step.num_logprobs = st.num_logprobs
         self._prev_sampled = res.token_ids
         self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
+        step.start_readback()
         return step
 
     def collect(self, step: "_LaunchedStep") -> RunnerOutput:
-        """Wait for a launched step and bring its results to the host (the step's one sync)."""
+        """Wait for a launched step's results (the step's one sync) and convert them to lists."""
+        step.wait()
         out = RunnerOutput()
         if step.sampled is not None:
             out.sampled = dict(zip(step.seq_ids, step.sampled.tolist()))
@@ -293,3 +296,25 @@ class _LaunchedStep:
     logprobs: Optional[tuple] = None
     num_logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    _done: Optional[torch.cuda.Event] = None
+
+    def start_readback(self) -> None:
+        """Queue the copies of the results into pinned host memory and mark the point in the
+        stream. A plain .tolist() would wait for the whole stream, i.e. also for the next
+        step, which async scheduling has already queued behind this one."""
+        first = self.sampled if self.sampled is not None else (
+            self.prompt_logprobs[0][3][0] if self.prompt_logprobs else None)
+        if first is None or not first.is_cuda:
+            return
+        host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731  (pinned destination)
+        if self.sampled is not None:
+            self.sampled = host(self.sampled)
+        if self.logprobs is not None:
+            self.logprobs = tuple(host(t) for t in self.logprobs)
+        self.prompt_logprobs = [(sid, first, k, tuple(host(t) for t in lp)) for sid, first, k, lp in self.prompt_logprobs]
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self) -> None:
+        if self._done is not None:
+            self._done.synchronize()

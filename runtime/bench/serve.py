@@ -79,12 +79,15 @@ async def _fetch_model(session, base: str, headers: dict) -> str:
 
 
 async def _make_prompts(session, base: str, headers: dict, model: str, n: int, input_len: int,
-                        rng: random.Random) -> list[str]:
+                        rng: random.Random) -> list:
     prompts = [" ".join(rng.choice(_WORDS) for _ in range(max(1, input_len))) for _ in range(n)]
     # Exact lengths where the server can count tokens for us; any other server gets the approximation.
     try:
         async with session.post(f"{base}/tokenize", json={"model": model, "prompt": "hello"}, headers=headers) as r:
             if r.status != 200:
+                body = await r.text()
+                if "no_tokenizer" in body:  # e.g. dummy-weight presets: send token ids of the exact length
+                    return [[rng.randrange(100, 30000) for _ in range(input_len)] for _ in range(n)]
                 return prompts
     except Exception:
         return prompts
