@@ -86,10 +86,14 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     vocab = llm.engine.vocab_size
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(min(100, vocab // 4), vocab, size=(args.num_prompts, args.input_len)).tolist()
+    # different tokens for the warm-up, so the timed run gets no prefix-cache hits from it
+    warmup = rng.integers(min(100, vocab // 4), vocab, size=(min(64, args.num_prompts), args.input_len)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     # warm-up on the real shapes (the engine's own start-up warm-up covers the kernels' first compilation)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:64]], params.clone(max_tokens=4))
+    llm.generate([{"prompt_token_ids": p} for p in warmup], params.clone(max_tokens=4))
     _sync()
+    steps = _StepTimeline(llm.engine)
+    hits_before = llm.engine.scheduler.kv.prefix_cache_hits
     profiler = None
     if args.profile:
         import cProfile
@@ -99,6 +103,7 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     _sync()
     elapsed = time.perf_counter() - t
+    timeline = steps.summary(t + elapsed)
     if profiler is not None:
         import pstats
         profiler.disable()
@@ -113,12 +118,48 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
         "dtype": str(eng.dtype).replace("torch.", ""), "device": str(eng.device),
         "max_num_batched_tokens": eng.scheduler.max_num_batched_tokens, "cuda_graphs": bool(eng.runner._graphs),
         "attention_backend": getattr(eng.runner.model, "ops", None).name if hasattr(eng.runner.model, "ops") else None,
+        "async_scheduling": eng.async_scheduling, "steps": timeline,
+        "prefix_cache_hit_tokens": eng.scheduler.kv.prefix_cache_hits - hits_before,
     }
     model_config = eng.model_config
     del llm, eng, outs
     gc.collect()
     _empty_cache()
     return res, model_config, prompts
+
+
+class _StepTimeline:
+    """Wall time between consecutive schedule() calls, split into steps with prefill work and
+    pure decode steps: where the seconds of a run go, without a profiler's overhead."""
+
+    def __init__(self, engine):
+        self.marks: list[tuple[float, int, int]] = []
+        sched = engine.scheduler
+        original = sched.schedule
+
+        def timed():
+            out = original()
+            if not out.is_empty:
+                self.marks.append((time.perf_counter(), len(out.scheduled), out.num_batched_tokens))
+            return out
+
+        sched.schedule = timed
+
+    def summary(self, end: float) -> dict:
+        if not self.marks:
+            return {}
+        times = [m[0] for m in self.marks] + [end]
+        prefill = decode = 0.0
+        n_prefill = n_decode = 0
+        for (t0, seqs, toks), t1 in zip(self.marks, times[1:]):
+            if toks == seqs:
+                decode += t1 - t0
+                n_decode += 1
+            else:
+                prefill += t1 - t0
+                n_prefill += 1
+        return {"prefill_or_mixed_steps": n_prefill, "prefill_or_mixed_s": prefill, "decode_steps": n_decode,
+                "decode_s": decode, "decode_step_ms": 1e3 * decode / max(n_decode, 1)}
 
 
 def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int) -> dict:
