@@ -289,3 +289,21 @@ def test_max_model_len_must_fit_the_kv_cache(tiny_llama):
     assert llm.engine.max_model_len == 32  # lowered to what the cache holds, with a warning
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 29 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_penalties_and_logprobs_under_async_scheduling(tiny_llama):
+    """Penalties read every generated token on the host, so while such a request runs the engine
+    steps one at a time; the outputs must equal the synchronous engine's, for all requests."""
+    prompts = [{"prompt_token_ids": [3, 4, 5, 6]}, {"prompt_token_ids": [9, 9, 8]}, {"prompt_token_ids": [40, 41]}]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
+                             frequency_penalty=0.5),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, presence_penalty=1.0)]
+    results = []
+    for pipelined in (False, True):
+        llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
+                  async_scheduling=pipelined)
+        outs = llm.generate(prompts, params)
+        results.append([(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs or []]) for o in outs])
+        assert llm.engine._num_penalty_requests == 0
+    assert results[0] == results[1]
