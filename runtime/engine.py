@@ -62,7 +62,8 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -185,22 +185,24 @@ class ModelRunner:
         block_tables = np.zeros((B, cols.size), dtype=np.int32)
         block_tables[cols[None, :] < n_blocks[:, None]] = flat_ids
         block_tables = block_tables[:, :max_blocks]
-        tokens = np.zeros(T, dtype=np.int64)
+        token_list: list[int] = []
         placeholder_dst, placeholder_src = [], []
         prev_rows = self._prev_rows
-        for i, s in enumerate(items):
-            seq, a, n = s.seq, int(starts[i]), int(q_lens[i])
+        for s in items:
+            seq, a = s.seq, s.start
             ids = seq.token_ids
-            end = a + n
+            end = a + s.num_new_tokens
             if end <= len(ids):
-                if n == 1:
-                    tokens[qsl[i]] = ids[a]
+                if end == a + 1:
+                    token_list.append(ids[a])
                 else:
-                    tokens[qsl[i]: qsl[i + 1]] = ids[a:end]
-            else:  # the last input token is still on the device
-                tokens[qsl[i]: qsl[i + 1] - 1] = ids[a:end - 1]
-                placeholder_dst.append(int(qsl[i + 1]) - 1)
+                    token_list += ids[a:end]
+            else:  # the last input token is still on the device: a 0 here, gathered below
+                token_list += ids[a:end - 1]
+                placeholder_dst.append(len(token_list))
                 placeholder_src.append(prev_rows[seq.seq_id])
+                token_list.append(0)
+        tokens = np.array(token_list, dtype=np.int64)
         seq_of_token = np.repeat(np.arange(B), q_lens)
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
@@ -233,8 +235,9 @@ class ModelRunner:
         for i in sample_idx:
             seq = items[i].seq
             p = seq.params
+            penalties = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
             rows.append(SamplingRow(
-                params=p, seed=seq.seed, output_token_ids=seq.output_token_ids,
+                params=p, seed=seq.seed, output_token_ids=seq.output_token_ids if penalties else (),
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids,
                 position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))

@@ -22,7 +22,10 @@ class SeqStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH, SeqStatus.FINISHED_ABORTED)
+        return self in _FINISHED
+
+
+_FINISHED = frozenset((SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH, SeqStatus.FINISHED_ABORTED))
 
 
 class Sequence:
@@ -78,7 +81,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
