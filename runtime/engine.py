@@ -80,11 +80,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _needs_host_tokens(params: SamplingParams) -> bool:
-    """Penalties read the generated tokens themselves, so their steps cannot be pipelined."""
-    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0 or params.repetition_penalty != 1.0
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from .loader import load_model
@@ -253,7 +248,7 @@ class LLMEngine:
             final_only=final_only,
         )
         self._requests[request_id] = state
-        if _needs_host_tokens(params):
+        if params.has_penalties:
             self._num_penalty_requests += 1
         self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
@@ -366,7 +361,7 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
-        if state is not None and _needs_host_tokens(state.params):
+        if state is not None and state.params.has_penalties:
             self._num_penalty_requests -= 1
 
     # -- outputs --------------------------------------------------------------

@@ -235,9 +235,8 @@ class ModelRunner:
         for i in sample_idx:
             seq = items[i].seq
             p = seq.params
-            penalties = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
             rows.append(SamplingRow(
-                params=p, seed=seq.seed, output_token_ids=seq.output_token_ids if penalties else (),
+                params=p, seed=seq.seed, output_token_ids=seq.output_token_ids if p.has_penalties else (),
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids,
                 position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))

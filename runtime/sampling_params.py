@@ -93,6 +93,11 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Presence/frequency/repetition penalties read the generated tokens themselves."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
     def clone(self, **update) -> "SamplingParams":
         return self.model_copy(update=update, deep=True)
 
