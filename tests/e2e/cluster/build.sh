@@ -45,6 +45,15 @@ EOF
     cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
     find "$src/vendor/github.com/modern-go/reflect2" \( -name go.mod -o -name '*_test.go' \) -delete
     sed -i 's#github.com/modern-go/reflect2 v1.0.1#github.com/modern-go/reflect2 v1.0.2#' "$src/go.mod" "$src/vendor/modules.txt"
+    # Go >= 1.19 makes the vendored OpenAPI validators see every zero value ("" , 0, false) as null:
+    # the apiserver then rejects `default: ''` in a CRD and any custom resource holding "". Newer
+    # go-openapi / kube-openapi test only for nil, as Kubernetes built with its own Go behaves.
+    local f
+    for f in vendor/github.com/go-openapi/validate/type.go vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go; do
+        grep -q 'data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))' "$src/$f" \
+            || die "zero-value fix: pattern not found in $f"
+        sed -i 's/data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))/data == nil/' "$src/$f"
+    done
     log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy (minutes)"
     (cd "$src" && GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0 GOCACHE=$FS_CACHE/go-build \
         make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kube-proxy" \

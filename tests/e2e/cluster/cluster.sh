@@ -215,6 +215,21 @@ stop_pid() {  # name: TERM, then KILL after 15 s
     rm -f "$f"
 }
 
+kube_chains_cleanup() {
+    local ipt t rule chain
+    for ipt in iptables ip6tables; do
+        command -v "$ipt" >/dev/null || continue
+        for t in filter nat mangle; do
+            { "$ipt" -t "$t" -S 2>/dev/null || true; } | { grep -E '^-A [A-Z]+ .*-j KUBE-' || true; } | while read -r rule; do
+                case "$rule" in -A\ KUBE-*) continue ;; esac   # rules inside KUBE-* chains go with them
+                eval "$ipt -t $t ${rule/-A /-D }" 2>/dev/null || true
+            done
+            for chain in $("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/{print $2}'); do "$ipt" -t "$t" -F "$chain" 2>/dev/null || true; done
+            for chain in $("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/{print $2}'); do "$ipt" -t "$t" -X "$chain" 2>/dev/null || true; done
+        done
+    done
+}
+
 down() {
     [ -d "$FS_STATE" ] || { log "nothing to tear down ($FS_STATE absent)"; return 0; }
     local t0; t0=$(date +%s)
@@ -241,8 +256,9 @@ down() {
     for ((i=${#PROCS[@]}-1; i>=0; i--)); do stop_pid "${PROCS[i]}"; done
     # leftover shims of our containerd (their command line names our socket)
     for p in $(pgrep -f "containerd-shim.*$CTRD_SOCK" || true); do kill -KILL "$p" 2>/dev/null || true; done
-    # iptables: kube-proxy's chains, then our own rules
+    # iptables: kube-proxy's and the kubelet's KUBE-* chains (IPv4 and IPv6), then our own rules
     [ -x "$K8S_BIN/kube-proxy" ] && "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+    kube_chains_cleanup
     local rule
     while rule=$(iptables -S FORWARD | grep -- "--comment $FS_IPT_COMMENT" | head -1) && [ -n "$rule" ]; do
         eval "iptables ${rule/-A /-D }"

@@ -5,7 +5,7 @@ set -euo pipefail
 FS_CACHE=${FS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetserve}
 FS_STATE=${FS_STATE:-/tmp/fleetserve-e2e}        # pids, logs, certs, kubeconfig, etcd data
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1           # Debian bookworm's kubernetes source package
-K8S_BIN=$FS_CACHE/k8s-1.20.2/bin
+K8S_BIN=$FS_CACHE/k8s-1.20.2-fs2/bin      # -fsN: our build fixes (build.sh)
 HELM_BIN=$FS_CACHE/helm-v3.17.2/helm
 
 FS_BRIDGE=fsbr0

@@ -1,0 +1,212 @@
+"""End to end on a real cluster: helm install, an InferenceService serving, scaling, failures, rollouts.
+
+The tests run in file order and share one InferenceService (loading a model takes a while on a
+small CPU node): examples/cpu-embedded.yaml, then patched for the scenarios that need it.
+Requests come from client pods to the Service's cluster IP (see e2e_helpers.load).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from e2e_helpers import REPO, apply, events, kget, kubectl, load, run, wait_until, HELM
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = os.path.join(REPO, "examples", "cpu-embedded.yaml")
+NAME = "smollm2"
+LOAD_TIMEOUT = float(os.environ.get("FLEETSERVE_E2E_READY_TIMEOUT", "420"))
+CRD = "inferenceservices.serving.fleetserve.dev"
+
+
+def fsvc(ns: str) -> dict:
+    return kget("inferenceservice", NAME, ns)
+
+
+def status(ns: str) -> dict:
+    return fsvc(ns).get("status") or {}
+
+
+def service_ip(ns: str) -> str:
+    return kget("service", NAME, ns)["spec"]["clusterIP"]
+
+
+def patch(ns: str, spec: dict) -> None:
+    kubectl("patch", "inferenceservice", NAME, "-n", ns, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+
+def runtime_pods(ns: str) -> list[dict]:
+    out = kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={NAME}", "-o", "json")
+    return json.loads(out)["items"]
+
+
+def rolled_out(ns: str, replicas: int) -> bool:
+    """Deployment fully on its current template with `replicas` ready pods, status caught up."""
+    dep = kget("deployment", NAME, ns)
+    st, gen = dep.get("status") or {}, dep["metadata"]["generation"]
+    s = status(ns)
+    return (st.get("observedGeneration") == gen and st.get("updatedReplicas") == replicas
+            and st.get("readyReplicas") == replicas and st.get("replicas") == replicas
+            and s.get("readyReplicas") == replicas and s.get("phase") == "Ready")
+
+
+def ready_endpoints(ns: str) -> int:
+    ep = kget("endpoints", NAME, ns, check=False) or {}
+    return sum(len(sub.get("addresses") or []) for sub in ep.get("subsets") or [])
+
+
+def test_operator_ready(operator_release):
+    ns = operator_release["namespace"]
+    deps = json.loads(kubectl("get", "deployments", "-n", ns, "-o", "json"))["items"]
+    assert len(deps) == 1
+    st = deps[0]["status"]
+    assert st.get("readyReplicas") == 1 and st.get("availableReplicas") == 1, st
+    assert kget("crd", CRD)["spec"]["names"]["shortNames"] == ["fsvc"]
+
+
+def test_example_becomes_ready_and_answers(ns):
+    kubectl("apply", "-n", ns, "-f", EXAMPLE)
+    t0 = time.monotonic()
+    st = wait_until("the example InferenceService Ready with a URL",
+                    lambda: (s := status(ns)).get("phase") == "Ready" and s.get("url") and s, LOAD_TIMEOUT)
+    print(f"example Ready after {time.monotonic() - t0:.0f}s: {st.get('url')}")
+    assert st["url"] == f"http://{NAME}.{ns}.svc.cluster.local"
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
+
+    res = load(ns, service_ip(ns), NAME, workers=1, seconds=120, count=1, max_tokens=24,
+               prompt="What is the capital of France? Answer in one word.").result()
+    assert res["ok"] == 1, res
+    assert "paris" in res["answers"][0].lower(), res
+
+    table = kubectl("get", "inferenceservices", "-n", ns)
+    header = table.splitlines()[0].split()
+    assert header[:6] == ["NAME", "MODEL", "REPLICAS", "READY", "QUEUE", "PHASE"], table
+    assert NAME in table and "Ready" in table
+    wide = kubectl("get", "fsvc", "-n", ns, "-o", "wide")
+    assert "URL" in wide.splitlines()[0] and st["url"] in wide, wide
+
+
+def test_queue_depth_scales_up_then_down(ns):
+    # Room for 3 replicas on a small node, decisions within a test's time. The example holds the
+    # whole node (2 CPUs): a surge pod could never be scheduled, so this change recreates.
+    patch(ns, {"resources": {"cpu": "250m"}, "rollout": {"strategy": "Recreate"},
+               "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 2,
+                               "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20,
+                               "cooldownSeconds": 10}})
+    wait_until("the patched spec rolled out", lambda: rolled_out(ns, 1), LOAD_TIMEOUT)
+
+    client = load(ns, service_ip(ns), NAME, workers=8, seconds=150, max_tokens=48, req_timeout=120)
+    try:
+        wait_until("replicas > 1", lambda: (fsvc(ns)["spec"].get("replicas") or 1) > 1, 150, 1)
+        st = status(ns)
+        print(f"scaled up: spec.replicas={fsvc(ns)['spec']['replicas']} status={json.dumps(st)[:600]}")
+        ups = [e for e in events(ns, NAME) if e["reason"] == "ScaledUp"]
+        assert ups, "no ScaledUp event"
+        print("ScaledUp:", ups[-1]["message"])
+        assert "queue" in ups[-1]["message"].lower() or "load" in ups[-1]["message"].lower()
+        # never past max while loaded
+        wait_until("status shows the new replicas", lambda: (status(ns).get("replicas") or 0) > 1, 60, 1)
+        assert fsvc(ns)["spec"]["replicas"] <= 3
+    finally:
+        client.delete()
+    res = client.result(timeout=300) if client.phase() == "Succeeded" else None
+    print("load result:", res and {k: v for k, v in res.items() if k not in ("latencies", "answers")})
+
+    # load gone: back to minReplicas after the down-window (+ cooldown, + scrape interval)
+    seen = []
+    def back_to_one():
+        r = fsvc(ns)["spec"].get("replicas")
+        seen.append(r)
+        return r == 1
+    wait_until("scaled back to minReplicas", back_to_one, 240, 2)
+    assert min(x for x in seen if x is not None) >= 1
+    downs = [e for e in events(ns, NAME) if e["reason"] == "ScaledDown"]
+    assert downs, "no ScaledDown event"
+    print("ScaledDown:", downs[-1]["message"])
+    wait_until("one replica, Ready", lambda: rolled_out(ns, 1), LOAD_TIMEOUT)
+
+
+def test_killed_pod_is_replaced_and_requests_end(ns):
+    (old,) = [p["metadata"]["name"] for p in runtime_pods(ns) if not p["metadata"].get("deletionTimestamp")]
+    client = load(ns, service_ip(ns), NAME, workers=4, seconds=100, max_tokens=32, req_timeout=90)
+    client.wait_running()
+    wait_until("requests in flight", lambda: (status(ns).get("runningRequests") or 0) > 0, 60, 1)
+    phases: list[str] = []
+    kubectl("delete", "pod", "-n", ns, old, "--grace-period=0", "--force", "--wait=false")
+
+    def recovered():
+        phases.append(status(ns).get("phase"))
+        pods = [p for p in runtime_pods(ns) if not p["metadata"].get("deletionTimestamp")]
+        return phases[-1] == "Ready" and len(phases) > 1 and "Ready" != phases[0] or (
+            phases[-1] == "Ready" and any(p != "Ready" for p in phases)) and pods and all(
+            p["metadata"]["name"] != old for p in pods)
+    wait_until("the replacement pod Ready", recovered, LOAD_TIMEOUT, 1)
+    print("phases after the kill:", [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]])
+    assert any(p in ("Degraded", "Loading", "Pending") for p in phases), phases
+    res = client.result()
+    print("load result:", {k: v for k, v in res.items() if k not in ("latencies", "answers")})
+    assert res["timeouts"] == 0, f"requests left hanging: {res}"
+    assert res["ok"] > 0 and res["ok"] + res["errors"] == res["sent"], res
+
+
+def test_spec_update_rolls_without_losing_endpoints(ns):
+    # back to the default strategy (surge 1 without GPUs); the pod template does not change
+    patch(ns, {"autoscaling": {"minReplicas": 2, "maxReplicas": 2}, "rollout": {"strategy": "Auto"}})
+    wait_until("two replicas Ready", lambda: rolled_out(ns, 2), LOAD_TIMEOUT)
+    before = {p["metadata"]["name"] for p in runtime_pods(ns)}
+
+    counts: list[int] = []
+    stop = threading.Event()
+    def watch():
+        while not stop.is_set():
+            try:
+                counts.append(ready_endpoints(ns))
+            except Exception:
+                pass
+            time.sleep(0.3)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    client = load(ns, service_ip(ns), NAME, workers=2, seconds=400, max_tokens=16, req_timeout=90)
+    try:
+        client.wait_running()
+        patch(ns, {"engine": {"maxNumSeqs": 8}})
+        def done():
+            pods = runtime_pods(ns)
+            return rolled_out(ns, 2) and not ({p["metadata"]["name"] for p in pods} & before) and all(
+                "--max-num-seqs" in p["spec"]["containers"][0]["args"]
+                and p["spec"]["containers"][0]["args"][p["spec"]["containers"][0]["args"].index("--max-num-seqs") + 1] == "8"
+                for p in pods)
+        wait_until("the rollout to finish", done, 2 * LOAD_TIMEOUT, 2)
+    finally:
+        stop.set()
+        watcher.join()
+        client.delete()
+    print(f"ready endpoints during the rollout: min {min(counts)}, samples {len(counts)}")
+    assert counts and min(counts) >= 1, counts
+
+
+def test_delete_removes_every_child(ns):
+    kubectl("delete", "inferenceservice", NAME, "-n", ns, "--wait=true", timeout=120)
+    sel = f"app.kubernetes.io/instance={NAME}"
+    def gone():
+        out = kubectl("get", "deployments,services,pods,pdb,pvc,replicasets", "-n", ns, "-l", sel,
+                      "-o", "name", check=False)
+        return not out.strip()
+    wait_until("every child deleted", gone, 180, 2)
+
+
+def test_helm_uninstall_leaves_only_the_crd(operator_release):
+    ns, rel = operator_release["namespace"], operator_release["release"]
+    run(HELM, "uninstall", rel, "-n", ns, "--wait", timeout=180)
+    sel = f"app.kubernetes.io/instance={rel}"
+    def nothing_left():
+        ns_out = kubectl("get", "all,serviceaccounts,roles,rolebindings,configmaps,secrets", "-n", ns,
+                         "-l", sel, "-o", "name", check=False)
+        cl_out = kubectl("get", "clusterroles,clusterrolebindings", "-l", sel, "-o", "name", check=False)
+        return not ns_out.strip() and not cl_out.strip()
+    wait_until("the release's objects deleted", nothing_left, 120, 2)
+    assert kget("crd", CRD, check=False) is not None, "helm keeps CRDs from crds/"
