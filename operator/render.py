@@ -206,10 +206,13 @@ def _runtime_container(name: str, spec: InferenceServiceSpec, image: str, pull_p
     return container
 
 
-def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str) -> dict[str, Any]:
+def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str,
+                        hf_endpoint: str = "") -> dict[str, Any]:
     """The init container that fills the cache once; a no-op when the marker file is there."""
     repo, revision = _hf_parts(spec.model.uri)
     env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hf_endpoint})
     if spec.secrets.hfToken:
         env.append(_secret_env("HF_TOKEN", spec.secrets.hfToken))
     return {
@@ -262,7 +265,7 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
         **_scheduling(spec),
     }
     if spec.model.scheme == "hf":
-        pod_spec["initContainers"] = [_download_container(spec, image, pull_policy)]
+        pod_spec["initContainers"] = [_download_container(spec, image, pull_policy, settings.hf_endpoint)]
 
     return {
         "apiVersion": "apps/v1",

@@ -31,6 +31,10 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty means all (env FLEETSERVE_NAMESPACES, comma-separated)."""
 
+    hf_endpoint: str = ""
+    """Hugging Face Hub endpoint for the model-download step, e.g. a mirror (env FLEETSERVE_HF_ENDPOINT);
+    empty: huggingface_hub's default."""
+
     runtime_uid: int = 1000
     """UID/GID the runtime image runs as; the pod's fsGroup, so the cache volume is writable."""
 
@@ -44,5 +48,6 @@ class OperatorSettings:
             cluster_domain=env.get("FLEETSERVE_CLUSTER_DOMAIN") or d.cluster_domain,
             metrics_interval=float(env.get("FLEETSERVE_METRICS_INTERVAL") or d.metrics_interval),
             metrics_timeout=float(env.get("FLEETSERVE_METRICS_TIMEOUT") or d.metrics_timeout),
+            hf_endpoint=env.get("FLEETSERVE_HF_ENDPOINT") or d.hf_endpoint,
             namespaces=tuple(ns.strip() for ns in (env.get("FLEETSERVE_NAMESPACES") or "").split(",") if ns.strip()),
         )

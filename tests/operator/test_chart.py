@@ -67,6 +67,10 @@ def test_operator_deployment_settings(helm):
     assert c["image"] == "fleetserve/operator:9.9" and c["command"] == ["python", "-m", "fleetserve.operator"]
     assert env["FLEETSERVE_NAMESPACES"] == "team-a,team-b" and env["FLEETSERVE_RUNTIME_IMAGE"] == "reg/rt:0.1.0"
     assert dep["spec"]["strategy"]["type"] == "Recreate" and dep["spec"]["replicas"] == 1
+    assert "FLEETSERVE_HF_ENDPOINT" not in env
+    mirror = next(d for d in _template(helm, "--set", "hfEndpoint=http://hub.mirror:8080") if d["kind"] == "Deployment")
+    assert {"name": "FLEETSERVE_HF_ENDPOINT", "value": "http://hub.mirror:8080"} in \
+        mirror["spec"]["template"]["spec"]["containers"][0]["env"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["securityContext"]["runAsNonRoot"] is True
     roles = [d for d in docs if d["kind"] == "Role"]

@@ -266,3 +266,14 @@ def test_settings_from_env():
                                    "FLEETSERVE_CLUSTER_DOMAIN": "corp.local"})
     assert s.runtime_image == "r/rt:1" and s.metrics_interval == 2.5 and s.namespaces == ()
     assert render.service_url("a", "b", s) == "http://a.b.svc.corp.local"
+
+
+def test_hf_endpoint_reaches_the_download_step_only():
+    spec = parse_spec({"model": {"uri": "hf://org/m@v1"}})
+    s = OperatorSettings.from_env({"FLEETSERVE_HF_ENDPOINT": "http://hub-mirror.internal"})
+    pod = render.render_deployment("x", "ns", spec, s)["spec"]["template"]["spec"]
+    init_env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+    assert init_env["HF_ENDPOINT"] == "http://hub-mirror.internal"
+    assert "HF_ENDPOINT" not in {e["name"] for e in pod["containers"][0]["env"]}
+    default = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]
+    assert "HF_ENDPOINT" not in {e["name"] for e in default["initContainers"][0]["env"]}
