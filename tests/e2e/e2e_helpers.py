@@ -18,6 +18,9 @@ KUBECTL = os.environ.get("KUBECTL", "kubectl")
 HELM = os.environ.get("HELM", "helm")
 RUNTIME_IMAGE = os.environ.get("FLEETSERVE_E2E_RUNTIME_IMAGE", "fleetserve/runtime:e2e-cpu")
 OPERATOR_IMAGE = os.environ.get("FLEETSERVE_E2E_OPERATOR_IMAGE", "fleetserve/operator:e2e")
+# The stand-in hub (fake_hub.py) serves the GGUF the runtime image ships under this repo name.
+FAKE_HUB_REPO = "fleetserve-e2e/smollm2-gguf"
+FAKE_HUB_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def run(*args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
@@ -65,7 +68,12 @@ def events(ns: str, name: str) -> list[dict[str, Any]]:
     return json.loads(out)["items"]
 
 
-def pod_spec(name: str, script: str, args: list[str], deadline_s: int) -> dict[str, Any]:
+def pod_spec(name: str, script: str, args: list[str], deadline_s: int, run_as_root: bool = False,
+             volumes: dict[str, str] | None = None) -> dict[str, Any]:
+    """A client pod; `volumes` maps mount paths to claim names."""
+    claims = list((volumes or {}).values())
+    vols = [{"name": f"v{i}", "persistentVolumeClaim": {"claimName": c}} for i, c in enumerate(claims)]
+    mounts = [{"name": f"v{i}", "mountPath": m} for i, m in enumerate(volumes or {})]
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fleetserve-e2e-client"}},
@@ -74,10 +82,12 @@ def pod_spec(name: str, script: str, args: list[str], deadline_s: int) -> dict[s
             "activeDeadlineSeconds": deadline_s,
             "enableServiceLinks": False,
             "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+            "securityContext": {"runAsUser": 0} if run_as_root else {"runAsNonRoot": True, "runAsUser": 1000},
+            "volumes": vols,
             "containers": [{
                 "name": "client", "image": RUNTIME_IMAGE, "imagePullPolicy": "IfNotPresent",
                 "command": ["python", "-c", script, *args],
+                "volumeMounts": mounts,
                 # no CPU request: the example asks for the whole of a 2-CPU node
                 "resources": {"requests": {"memory": "64Mi"}, "limits": {"memory": "256Mi"}},
             }],
@@ -88,11 +98,11 @@ def pod_spec(name: str, script: str, args: list[str], deadline_s: int) -> dict[s
 class ClientPod:
     """A pod running a Python script (stdlib only) against the cluster; its last stdout line is JSON."""
 
-    def __init__(self, ns: str, script: str, args: list[str], deadline_s: int = 300):
+    def __init__(self, ns: str, script: str, args: list[str], deadline_s: int = 300, **pod_kw: Any):
         self.ns = ns
         self.name = f"e2e-client-{uuid.uuid4().hex[:6]}"
         self.deadline_s = deadline_s
-        apply(pod_spec(self.name, script, args, deadline_s), ns)
+        apply(pod_spec(self.name, script, args, deadline_s, **pod_kw), ns)
 
     def phase(self) -> str:
         pod = kget("pod", self.name, self.ns, check=False) or {}
@@ -105,7 +115,9 @@ class ClientPod:
         wait_until(f"client pod {self.name} to finish", lambda: self.phase() in ("Succeeded", "Failed"),
                    timeout or self.deadline_s + 60, 1)
         logs = kubectl("logs", "-n", self.ns, self.name)
-        assert self.phase() == "Succeeded", f"client pod failed:\n{logs}"
+        phase = self.phase()
+        self.delete()  # done: it no longer holds a claim or a node slot
+        assert phase == "Succeeded", f"client pod failed:\n{logs}"
         lines = [ln for ln in logs.splitlines() if ln.startswith("{")]
         assert lines, f"no JSON result in the client's output:\n{logs}"
         return json.loads(lines[-1])
@@ -121,7 +133,8 @@ class ClientPod:
 LOAD_SCRIPT = r"""
 import json, sys, threading, time, urllib.request, urllib.error
 url, model, workers, seconds, count, max_tokens, req_timeout = sys.argv[1:8]
-workers, seconds, count, max_tokens, req_timeout = int(workers), float(seconds), int(count), int(max_tokens), float(req_timeout)
+workers, seconds, count = int(workers), float(seconds), int(count)
+max_tokens, req_timeout = int(max_tokens), float(req_timeout)
 prompt = sys.argv[8] if len(sys.argv) > 8 else "Write a long story about a robot who learns to paint."
 lock = threading.Lock()
 out = {"ok": 0, "errors": 0, "timeouts": 0, "error_kinds": {}, "answers": [], "latencies": []}
@@ -140,7 +153,8 @@ def one():
             if len(out["answers"]) < 3: out["answers"].append(ans)
     except Exception as e:
         timeout = "timed out" in str(e) or isinstance(e, TimeoutError)
-        kind = "timeout" if timeout else type(e).__name__ + (f" {e.code}" if isinstance(e, urllib.error.HTTPError) else "")
+        code = f" {e.code}" if isinstance(e, urllib.error.HTTPError) else ""
+        kind = "timeout" if timeout else type(e).__name__ + code
         with lock:
             out["timeouts" if timeout else "errors"] += 1
             out["error_kinds"][kind] = out["error_kinds"].get(kind, 0) + 1

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from e2e_helpers import REPO, apply, events, kget, kubectl, load, run, wait_until, HELM
+from e2e_helpers import (FAKE_HUB_FILE, FAKE_HUB_REPO, HELM, REPO, ClientPod, apply, events, kget, kubectl, load,
+                         run, wait_until)
 
 pytestmark = pytest.mark.e2e
 
@@ -113,8 +114,6 @@ def test_queue_depth_scales_up_then_down(ns):
         assert fsvc(ns)["spec"]["replicas"] <= 3
     finally:
         client.delete()
-    res = client.result(timeout=300) if client.phase() == "Succeeded" else None
-    print("load result:", res and {k: v for k, v in res.items() if k not in ("latencies", "answers")})
 
     # load gone: back to minReplicas after the down-window (+ cooldown, + scrape interval)
     seen = []
@@ -141,9 +140,8 @@ def test_killed_pod_is_replaced_and_requests_end(ns):
     def recovered():
         phases.append(status(ns).get("phase"))
         pods = [p for p in runtime_pods(ns) if not p["metadata"].get("deletionTimestamp")]
-        return phases[-1] == "Ready" and len(phases) > 1 and "Ready" != phases[0] or (
-            phases[-1] == "Ready" and any(p != "Ready" for p in phases)) and pods and all(
-            p["metadata"]["name"] != old for p in pods)
+        return (phases[-1] == "Ready" and any(p != "Ready" for p in phases) and pods
+                and all(p["metadata"]["name"] != old for p in pods))
     wait_until("the replacement pod Ready", recovered, LOAD_TIMEOUT, 1)
     print("phases after the kill:", [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]])
     assert any(p in ("Degraded", "Loading", "Pending") for p in phases), phases
@@ -176,10 +174,11 @@ def test_spec_update_rolls_without_losing_endpoints(ns):
         patch(ns, {"engine": {"maxNumSeqs": 8}})
         def done():
             pods = runtime_pods(ns)
+            def seqs(pod):
+                args = pod["spec"]["containers"][0]["args"]
+                return args[args.index("--max-num-seqs") + 1] if "--max-num-seqs" in args else None
             return rolled_out(ns, 2) and not ({p["metadata"]["name"] for p in pods} & before) and all(
-                "--max-num-seqs" in p["spec"]["containers"][0]["args"]
-                and p["spec"]["containers"][0]["args"][p["spec"]["containers"][0]["args"].index("--max-num-seqs") + 1] == "8"
-                for p in pods)
+                seqs(p) == "8" for p in pods)
         wait_until("the rollout to finish", done, 2 * LOAD_TIMEOUT, 2)
     finally:
         stop.set()
@@ -187,6 +186,70 @@ def test_spec_update_rolls_without_losing_endpoints(ns):
         client.delete()
     print(f"ready endpoints during the rollout: min {min(counts)}, samples {len(counts)}")
     assert counts and min(counts) >= 1, counts
+
+
+HUB_COUNTS = r"""
+import json, sys, urllib.request
+print(json.dumps(json.loads(urllib.request.urlopen(sys.argv[1] + "/downloads", timeout=30).read())))
+"""
+
+
+def test_model_cache_filled_once(ns, operator_release):
+    """hf:// model → the download init container fills the cache PVC once; new pods skip it."""
+    name, claim, pv = "cached", "e2e-model-cache", f"{ns}-model-cache"
+    hub = operator_release["hub"]
+    # A hostPath-backed claim, bound statically (no provisioner needed); on the node under /tmp.
+    apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+           "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": f"/tmp/fleetserve-e2e/pv/{ns}", "type": "DirectoryOrCreate"}}}, ns)
+    apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}}}}, ns)
+    # hostPath volumes ignore fsGroup: hand the directory to the runtime's UID once, as root.
+    prep = ClientPod(ns, "import os; os.chown('/models', 1000, 1000); print('{}')", [], deadline_s=120,
+                     run_as_root=True, volumes={"/models": claim})
+    prep.result()
+    count = lambda: ClientPod(ns, HUB_COUNTS, [hub], deadline_s=60).result().get(FAKE_HUB_FILE, 0)  # noqa: E731
+    assert count() == 0
+
+    apply({"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
+           "spec": {"model": {"uri": f"hf://{FAKE_HUB_REPO}@main", "ggufFile": FAKE_HUB_FILE},
+                    "modelCache": {"existingClaim": claim},
+                    "engine": {"device": "cpu", "dtype": "float32", "maxModelLen": 2048},
+                    "resources": {"cpu": "250m", "memory": "2Gi"},
+                    "autoscaling": {"minReplicas": 1, "maxReplicas": 1}}}, ns)
+    get = lambda: kget("inferenceservice", name, ns).get("status") or {}  # noqa: E731
+    st = wait_until("the hf:// service Ready", lambda: (s := get()).get("phase") == "Ready" and s, LOAD_TIMEOUT)
+    cached = {c["type"]: c for c in st["conditions"]}["ModelCached"]
+    assert cached["status"] == "True" and cached["reason"] == "Downloaded", cached
+    assert count() == 1
+    (pod,) = [p for p in json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}",
+                                            "-o", "json"))["items"]]
+    first = kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", "model-download")
+    assert "downloading" in first and "download complete" in first, first
+    ip = kget("service", name, ns)["spec"]["clusterIP"]
+    res = load(ns, ip, name, workers=1, seconds=60, count=1, max_tokens=24,
+               prompt="What is the capital of France? Answer in one word.").result()
+    assert res["ok"] == 1 and "paris" in res["answers"][0].lower(), res
+
+    # delete the pods: the replacement finds the marker and downloads nothing
+    kubectl("delete", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "--wait=false")
+    def replaced_and_ready():
+        pods = json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}",
+                                  "-o", "json"))["items"]
+        fresh = [p for p in pods if p["metadata"]["name"] != pod["metadata"]["name"]
+                 and not p["metadata"].get("deletionTimestamp")]
+        ok = fresh and all(c.get("ready") for c in (fresh[0].get("status") or {}).get("containerStatuses") or [{}])
+        return ok and fresh[0]
+    new = wait_until("a replacement pod ready", replaced_and_ready, LOAD_TIMEOUT, 2)
+    second = kubectl("logs", "-n", ns, new["metadata"]["name"], "-c", "model-download")
+    assert "model cache hit" in second, second
+    assert count() == 1, "the replacement pod downloaded again"
+    kubectl("delete", "inferenceservice", name, "-n", ns, "--wait=true", timeout=120)
+    # the claim goes once the pods are gone (pvc-protection); the PV (Retain) is removed by hand
+    kubectl("delete", "pvc", claim, "-n", ns, "--wait=false")
+    kubectl("delete", "pv", pv, "--wait=false")
 
 
 def test_delete_removes_every_child(ns):
