@@ -104,7 +104,9 @@ def test_queue_depth_scales_up_then_down(ns):
     try:
         wait_until("replicas > 1", lambda: (fsvc(ns)["spec"].get("replicas") or 1) > 1, 150, 1)
         st = status(ns)
-        print(f"scaled up: spec.replicas={fsvc(ns)['spec']['replicas']} status={json.dumps(st)[:600]}")
+        print("scaled up:", {k: st.get(k) for k in ("desiredReplicas", "replicas", "readyReplicas", "queueDepth",
+                                                    "runningRequests", "lastScaleTime")})
+        assert st.get("desiredReplicas", 0) > 1
         ups = [e for e in events(ns, NAME) if e["reason"] == "ScaledUp"]
         assert ups, "no ScaledUp event"
         print("ScaledUp:", ups[-1]["message"])
