@@ -260,10 +260,26 @@ def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error
                          for c in (body.get("status") or {}).get("conditions") or [])
                      and (body.get("status") or {}).get("model") == (render.model_description(spec) if spec else None))
     target = spec.target_replicas() if spec else int((body.get("spec") or {}).get("replicas") or 0)
+    old_degraded = _degraded_reason((body.get("status") or {}).get("conditions"))
     obs = status_mod.Observation(spec=spec, spec_error=error, target_replicas=target,
                                  deployment=_first(deployments_index, key), pods=pods, metrics=metrics,
-                                 model_cached_before=bool(cached_before), apply_error=memo.get("apply_error"))
-    return status_mod.compute(obs)
+                                 model_cached_before=bool(cached_before), apply_error=memo.get("apply_error"),
+                                 previous_ready=memo.get("ready_pods", {}), previous_degraded_reason=old_degraded)
+    new = status_mod.compute(obs)
+    memo["ready_pods"] = {p.name: p.template_hash for p in pods if p.ready and not p.deleting}
+    new_degraded = _degraded_reason(new["conditions"])
+    if new_degraded == "ReplicaLost" and old_degraded != "ReplicaLost":
+        message = next(c["message"] for c in new["conditions"] if c["type"] == "Degraded")
+        kopf.event(body, type="Warning", reason="ReplicaLost", message=message)
+    elif old_degraded == "ReplicaLost" and new_degraded is None:
+        kopf.event(body, type="Normal", reason="ReplicasRestored",
+                   message=f"{new['readyReplicas']}/{target} replicas ready")
+    return new
+
+
+def _degraded_reason(conditions: Any) -> str | None:
+    return next((c.get("reason") for c in conditions or []
+                 if c.get("type") == "Degraded" and c.get("status") == "True"), None)
 
 
 def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], meta: kopf.Meta,

@@ -16,6 +16,8 @@ The defaults answer the pains users of KServe / vLLM production-stack report:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -28,6 +30,9 @@ SOURCE_MOUNT = "/mnt/model-source"
 MARKER_FILE = ".fleetserve-complete"
 ISVC_LABEL = f"{GROUP}/inferenceservice"
 LAST_APPLIED = f"{GROUP}/last-applied"
+TEMPLATE_HASH = f"{GROUP}/template-hash"
+"""Pod-template annotation: a digest of the rest of the template. A pod whose value differs from the
+Deployment's is from an older rollout; status.py tells a lost replica from a replaced one with it."""
 RUNTIME_CONTAINER = "runtime"
 DOWNLOAD_CONTAINER = "model-download"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -267,6 +272,16 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
     if spec.model.scheme == "hf":
         pod_spec["initContainers"] = [_download_container(spec, image, pull_policy, settings.hf_endpoint)]
 
+    template: dict[str, Any] = {
+        "metadata": {
+            "labels": labels(name, "runtime"),
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
+                            "prometheus.io/path": "/metrics"},
+        },
+        "spec": pod_spec,
+    }
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
+    template["metadata"]["annotations"][TEMPLATE_HASH] = digest
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -278,14 +293,7 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
             "revisionHistoryLimit": 3,
             # Progressing=False (ProgressDeadlineExceeded) only after a pod had its full load budget.
             "progressDeadlineSeconds": rollout.startupTimeoutSeconds + 600,
-            "template": {
-                "metadata": {
-                    "labels": labels(name, "runtime"),
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
-                                    "prometheus.io/path": "/metrics"},
-                },
-                "spec": pod_spec,
-            },
+            "template": template,
         },
     }
 

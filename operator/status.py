@@ -5,16 +5,20 @@ conditions (ModelCached, Ready, Available, Progressing, Degraded). Pure function
 main.py feeds them kopf index entries and writes the result to the status
 subresource. Pod failures users hit most (image pull errors, crash loops, no GPU
 to schedule on, a failed download, a missing secret) become Degraded with a
-reason a human and a machine can act on.
+reason a human and a machine can act on. So does a replica that stopped serving outside a rollout
+(ReplicaLost: killed, evicted, crashed or failing its readiness probe) until its replacement is
+ready; pods replaced by a rollout or a scale-down are not "lost" (told apart by the pod-template
+digest render.TEMPLATE_HASH).
 """
 from __future__ import annotations
 
 import datetime
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from fleetserve.operator.metrics import Aggregate
-from fleetserve.operator.render import DOWNLOAD_CONTAINER, GPU_RESOURCE, PORT, RUNTIME_CONTAINER
+from fleetserve.operator.render import DOWNLOAD_CONTAINER, GPU_RESOURCE, PORT, RUNTIME_CONTAINER, TEMPLATE_HASH
 from fleetserve.operator.spec import InferenceServiceSpec
 
 _PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -39,6 +43,8 @@ class PodView:
     """State of the download init container: running, done, failed, waiting, or None without one."""
     problems: tuple[tuple[str, str], ...]
     """(reason, message) of waiting/failing containers and scheduling failures."""
+    template_hash: str | None = None
+    """The pod template digest it was created from (render.TEMPLATE_HASH), None if unstamped."""
 
     @property
     def metrics_url(self) -> str:
@@ -94,7 +100,8 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
             problems.append((reason, f"pod {meta.get('name')}: {msg}"[:400]))
     return PodView(name=meta.get("name", ""), ip=status.get("podIP"), port=port, ready=_ready(status),
                    phase=status.get("phase", "Pending"), deleting=bool(meta.get("deletionTimestamp")),
-                   download=download, problems=tuple(problems))
+                   download=download, problems=tuple(problems),
+                   template_hash=(meta.get("annotations") or {}).get(TEMPLATE_HASH))
 
 
 def _condition(type_: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
@@ -127,6 +134,31 @@ class Observation:
     model_cached_before: bool
     apply_error: str | None = None
     """Why the last create/patch of a child failed, if it did."""
+    previous_ready: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    """Pods that were ready at the previous observation: name -> template digest."""
+    previous_degraded_reason: str | None = None
+    """The Degraded condition's reason as last written, when it was True."""
+
+
+def _template_hash(deployment: Mapping[str, Any] | None) -> str | None:
+    template = ((deployment or {}).get("spec") or {}).get("template") or {}
+    return ((template.get("metadata") or {}).get("annotations") or {}).get(TEMPLATE_HASH)
+
+
+def _replica_lost(obs: Observation, ready_names: set[str]) -> str | None:
+    """Why ready replicas fell short of the target outside a rollout, or None if they did not."""
+    current = _template_hash(obs.deployment)
+    if current is None or len(ready_names) >= obs.target_replicas:
+        return None
+    if any(p.template_hash != current for p in obs.pods):
+        return None  # a rollout replaces pods on purpose: Progressing tells that story
+    lost = sorted(n for n, h in obs.previous_ready.items() if n not in ready_names and h == current)
+    have = f"{len(ready_names)}/{obs.target_replicas} replicas ready"
+    if lost:
+        return f"replica(s) stopped serving outside a rollout: {', '.join(lost)}; {have}, replacements starting"
+    if obs.previous_degraded_reason == "ReplicaLost":
+        return f"a replica stopped serving; {have}, waiting for its replacement"
+    return None
 
 
 def compute(obs: Observation) -> dict[str, Any]:
@@ -165,6 +197,9 @@ def compute(obs: Observation) -> dict[str, Any]:
             problems.append(("ProgressDeadlineExceeded", cond.get("message", "rollout is stuck")))
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
             problems.append((cond.get("reason") or "ReplicaFailure", cond.get("message", "")))
+    lost = _replica_lost(obs, {p.name for p in live if p.ready})
+    if lost:
+        problems.append(("ReplicaLost", lost))
     if obs.spec_error:
         degraded = _condition("Degraded", True, "InvalidSpec", obs.spec_error)
     elif obs.apply_error:

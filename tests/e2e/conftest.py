@@ -58,8 +58,6 @@ def helm_install(hf_endpoint: str) -> str:
                "--set", "image.pullPolicy=IfNotPresent",
                "--set", f"runtimeImage.repository={rt_repo}", "--set", f"runtimeImage.tag={rt_tag}",
                "--set", "runtimeImage.pullPolicy=IfNotPresent",
-               # examples/cpu-embedded.yaml requests 2 CPUs: all of a 2-CPU node, so nothing else may ask for CPU
-               "--set", "resources.requests.cpu=0",
                # faster status and scaling decisions than the default 10 s
                "--set", "metricsInterval=3", "--set", "logLevel=debug",
                "--set", f"hfEndpoint={hf_endpoint}", timeout=240)

@@ -256,14 +256,19 @@ async def metrics_endpoint(values: dict[str, float]) -> AsyncIterator[tuple[int,
         await runner.cleanup()
 
 
-def fake_pod(isvc_name: str, index: int, port: int, ready: bool = True, **status: Any) -> dict[str, Any]:
-    """A pod as the Deployment controller and kubelet would report it, labelled like the template."""
+def fake_pod(isvc_name: str, index: int, port: int, ready: bool = True, template: dict[str, Any] | None = None,
+             **status: Any) -> dict[str, Any]:
+    """A pod as the Deployment controller and kubelet would report it, labelled like the template.
+
+    `template`: the Deployment's pod template, whose annotations the pod carries (as a ReplicaSet's do).
+    """
     from fleetserve.operator import render
 
     st = {"phase": "Running" if ready else "Pending", "podIP": "127.0.0.1",
           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}], **status}
+    annotations = dict(((template or {}).get("metadata") or {}).get("annotations") or {})
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{isvc_name}-{index}", "namespace": "default",
+            "metadata": {"name": f"{isvc_name}-{index}", "namespace": "default", "annotations": annotations,
                          "labels": render.labels(isvc_name, "runtime")},
             "spec": {"containers": [{"name": "runtime", "image": "x",
                                      "ports": [{"name": "http", "containerPort": port}]}]},

@@ -70,6 +70,31 @@ async def test_pod_failures_become_degraded(operator):
     assert "Insufficient nvidia.com/gpu" in cond["message"]
 
 
+async def test_killed_pod_is_degraded_then_ready_with_events(operator):
+    await create(operator, isvc("llm"))
+    await _deployment_ready(operator, "llm", 1)
+    template = get(operator, DEPLOYMENTS, "llm")["spec"]["template"]
+    async with metrics_endpoint({"vllm:num_requests_waiting": 0}) as (port, _):
+        await create(operator, fake_pod("llm", 0, port, template=template))
+        await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("phase") == "Ready")
+
+        await delete(operator, "/api/v1/namespaces/default/pods/llm-0")  # killed
+        await create(operator, fake_pod("llm", 1, port, ready=False, template=template))  # its replacement
+        cond = await eventually(lambda: (c := condition(get(operator, ISVC_RES, "llm"), "Degraded"))
+                                and c["status"] == "True" and c)
+        assert cond["reason"] == "ReplicaLost" and "llm-0" in cond["message"]
+        assert get(operator, ISVC_RES, "llm")["status"]["phase"] == "Degraded"
+        (lost,) = events(operator, "ReplicaLost")
+        assert lost["type"] == "Warning" and "llm-0" in lost["message"]
+
+        await patch(operator, "/api/v1/namespaces/default/pods/llm-1/status", {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+        await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("phase") == "Ready")
+        assert condition(get(operator, ISVC_RES, "llm"), "Degraded")["status"] == "False"
+        assert len(events(operator, "ReplicasRestored")) == 1
+        assert len(events(operator, "ReplicaLost")) == 1  # one loss, one event
+
+
 def _scale_requests(server):
     return [r for r in list(server) if r.subresource == "scale" and r.method.value == "PATCH"]
 

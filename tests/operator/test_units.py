@@ -68,8 +68,9 @@ def test_bounds_are_enforced_even_without_metrics():
 
 # --- status --------------------------------------------------------------------------------------------
 
-def _pod(name="p", ready=True, init=None, containers=None, conditions=None, ip="10.0.0.1"):
-    return pod_view({"metadata": {"name": name},
+def _pod(name="p", ready=True, init=None, containers=None, conditions=None, ip="10.0.0.1", template=None):
+    annotations = {render.TEMPLATE_HASH: template} if template else {}
+    return pod_view({"metadata": {"name": name, "annotations": annotations},
                      "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000}]}]},
                      "status": {"podIP": ip, "phase": "Running",
                                 "conditions": (conditions or []) + [{"type": "Ready",
@@ -77,10 +78,10 @@ def _pod(name="p", ready=True, init=None, containers=None, conditions=None, ip="
                                 "initContainerStatuses": init or [], "containerStatuses": containers or []}})
 
 
-def _obs(pods, spec=None, target=1, deployment=None, cached=False, error=None):
+def _obs(pods, spec=None, target=1, deployment=None, cached=False, error=None, **previous):
     spec = parse_spec(spec or {"model": {"uri": "hf://o/m"}}) if error is None else None
     return Observation(spec=spec, spec_error=error, target_replicas=target, deployment=deployment, pods=tuple(pods),
-                       metrics=None, model_cached_before=cached)
+                       metrics=None, model_cached_before=cached, **previous)
 
 
 def _cond(status, type_):
@@ -140,6 +141,82 @@ def test_stuck_rollout_and_scaled_to_zero():
     assert _cond(st, "Progressing")["status"] == "False"
     st = compute(_obs([], spec={}, target=0, deployment={"status": {}}))
     assert st["phase"] == "ScaledToZero" and _cond(st, "Ready")["reason"] == "ScaledToZero"
+
+
+def test_deployment_template_carries_a_digest_of_itself():
+    spec = parse_spec({})
+    a = render.render_deployment("m", "ns", spec, OperatorSettings())
+    digest = a["spec"]["template"]["metadata"]["annotations"][render.TEMPLATE_HASH]
+    assert len(digest) == 16
+    assert render.render_deployment("m", "ns", spec, OperatorSettings()) == a  # deterministic
+    scaled = render.render_deployment("m", "ns", parse_spec({"replicas": 3}), OperatorSettings())
+    assert scaled["spec"]["template"] == a["spec"]["template"]  # scaling is not a rollout
+    other = render.render_deployment("m", "ns", parse_spec({"engine": {"maxNumSeqs": 7}}), OperatorSettings())
+    assert other["spec"]["template"]["metadata"]["annotations"][render.TEMPLATE_HASH] != digest
+
+
+def _dep(template="h1", replicas=2):
+    return {"spec": {"replicas": replicas, "template": {"metadata": {"annotations": {render.TEMPLATE_HASH: template}}}},
+            "status": {"replicas": replicas}}
+
+
+def test_lost_replica_is_degraded_until_its_replacement_is_ready():
+    """Killed/evicted/unready outside a rollout: Degraded (ReplicaLost), still Ready while one serves."""
+    steady = compute(_obs([_pod("a", template="h1"), _pod("b", template="h1")], spec={}, target=2,
+                          deployment=_dep(), previous_ready={"a": "h1", "b": "h1"}))
+    assert steady["phase"] == "Ready" and _cond(steady, "Degraded")["status"] == "False"
+
+    # b killed: gone from the pods, its replacement c starting
+    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
+                      deployment=_dep(), previous_ready={"a": "h1", "b": "h1"}))
+    deg = _cond(st, "Degraded")
+    assert st["phase"] == "Degraded" and deg["reason"] == "ReplicaLost" and "b" in deg["message"]
+    assert "1/2 replicas ready" in deg["message"]
+    assert _cond(st, "Ready")["status"] == "True" and _cond(st, "Available")["status"] == "False"
+
+    # the next observation: nothing newly lost, but still short -> stays Degraded
+    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
+                      deployment=_dep(), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    assert st["phase"] == "Degraded" and _cond(st, "Degraded")["reason"] == "ReplicaLost"
+
+    # replacement ready -> Ready again
+    st = compute(_obs([_pod("a", template="h1"), _pod("c", template="h1")], spec={}, target=2,
+                      deployment=_dep(), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    assert st["phase"] == "Ready" and _cond(st, "Degraded")["status"] == "False"
+
+    # the only replica lost: Degraded with Ready=False (not merely Loading)
+    st = compute(_obs([_pod("c", ready=False, template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
+                      previous_ready={"a": "h1"}))
+    assert st["phase"] == "Degraded" and _cond(st, "Ready")["status"] == "False"
+    # a readiness failure counts too (the pod is there but stopped serving)
+    st = compute(_obs([_pod("a", ready=False, template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
+                      previous_ready={"a": "h1"}))
+    assert _cond(st, "Degraded")["reason"] == "ReplicaLost"
+
+
+def test_rollouts_and_scale_downs_are_not_lost_replicas():
+    # rollout (maxUnavailable 1): an old-template pod went away on purpose, the new one is loading
+    st = compute(_obs([_pod("a", template="h1"), _pod("n", ready=False, template="h2")], spec={}, target=2,
+                      deployment=_dep("h2"), previous_ready={"a": "h1", "b": "h1"}))
+    assert _cond(st, "Degraded")["status"] == "False" and st["phase"] == "Ready"
+    # Recreate: all old pods gone before the new ones exist
+    st = compute(_obs([], spec={}, target=1, deployment=_dep("h2", 1), previous_ready={"a": "h1"}))
+    assert _cond(st, "Degraded")["status"] == "False" and st["phase"] == "Pending"
+    # a rollout that starts while degraded clears ReplicaLost (Progressing tells the rollout)
+    st = compute(_obs([_pod("a", template="h1"), _pod("n", ready=False, template="h2")], spec={}, target=2,
+                      deployment=_dep("h2"), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    assert _cond(st, "Degraded")["status"] == "False"
+    # scale-down 2 -> 1: one ready pod left is the target
+    st = compute(_obs([_pod("a", template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
+                      previous_ready={"a": "h1", "b": "h1"}))
+    assert st["phase"] == "Ready"
+    # scale-up: short of the new target, nothing lost
+    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
+                      deployment=_dep(), previous_ready={"a": "h1"}))
+    assert st["phase"] == "Ready"
+    # a Deployment from before the digest existed: no claim either way
+    st = compute(_obs([], spec={}, target=1, deployment={"spec": {}, "status": {}}, previous_ready={"a": None}))
+    assert _cond(st, "Degraded")["status"] == "False"
 
 
 def test_invalid_spec_is_failed():
