@@ -18,6 +18,13 @@ def test_ci_runs_readme_test_command():
     assert test_cmd in [l.strip() for l in ci]
 
 
+def test_ci_runs_the_e2e_suite_on_a_real_cluster_as_documented():
+    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "bash tests/e2e/run.sh" in ci
+    assert ci.index("bash tests/e2e/run.sh") > max(i for i, l in enumerate(ci) if l.startswith("pip install"))
+    assert "bash tests/e2e/run.sh" in (ROOT / "README.md").read_text()
+
+
 def test_operator_folder_does_not_shadow_stdlib():
     assert not (ROOT / "operator" / "__init__.py").exists()
     import operator
