@@ -142,7 +142,7 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, q
     return acc, m_i, l_i
 
 
-@jit
+@jit(do_not_specialize=("stride_bt",))  # block-table width follows the longest sequence of each step
 def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
                    stride_bt, HQ,
@@ -210,7 +210,7 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, stride_ot
              mask=offs_d < D)
 
 
-@jit
+@jit(do_not_specialize=("num_seqs", "stride_bt"))  # both change every step
 def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale, num_seqs: tl.int32,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
                     stride_bt,

@@ -46,6 +46,24 @@ def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elt
 
 
+def pack_aligned(arrays: list[np.ndarray], align_bytes: int = 16) -> tuple[np.ndarray, list[int]]:
+    """Concatenate same-dtype arrays into one flat buffer, each starting `align_bytes`-aligned.
+
+    Returns (flat, element offset of each array). Triton specializes kernels on pointer alignment,
+    so views at offsets that follow each step's token and sequence counts would compile new kernel
+    variants mid-serving: a 1.1 s stall measured on an H100 the first step where B + 1 was a multiple
+    of 4 (the seq_lens view became 16-byte aligned)."""
+    align = max(1, align_bytes // arrays[0].dtype.itemsize)
+    starts, total = [], 0
+    for a in arrays:
+        starts.append(total)
+        total += -(-a.size // align) * align
+    flat = np.zeros(total, dtype=arrays[0].dtype)
+    for a, off in zip(arrays, starts):
+        flat[off: off + a.size] = a.ravel()
+    return flat, starts
+
+
 class ModelRunner:
     def __init__(self, model, model_config, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  block_size: int, eos_token_ids: set[int]):
@@ -141,13 +159,10 @@ class ModelRunner:
             idx = [i for i, a in enumerate(arrays) if a.dtype == dtype]
             if not idx:
                 continue
-            flat = np.concatenate([arrays[i].ravel() for i in idx])
+            flat, starts = pack_aligned([arrays[i] for i in idx])
             dev = torch.from_numpy(flat).pin_memory().to(self.device, non_blocking=True)
-            off = 0
-            for i in idx:
-                n = arrays[i].size
-                out[i] = dev[off: off + n].view(arrays[i].shape)
-                off += n
+            for i, off in zip(idx, starts):
+                out[i] = dev[off: off + arrays[i].size].view(arrays[i].shape)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()

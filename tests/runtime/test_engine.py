@@ -7,6 +7,7 @@ differences between implementations cannot flip a greedy choice.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,3 +308,18 @@ def test_penalties_and_logprobs_under_async_scheduling(tiny_llama):
         results.append([(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs or []]) for o in outs])
         assert llm.engine._num_penalty_requests == 0
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("sizes", [[5, 5, 3], [1, 2, 3, 4, 7], [8, 0, 9]])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_staged_arrays_start_16_byte_aligned_whatever_the_step_shape(sizes, dtype):
+    """Kernel pointer arguments must not change alignment with the step's token/sequence counts
+    (Triton would compile a new variant mid-serving)."""
+    from fleetserve.runtime.model_runner import pack_aligned
+
+    arrays = [np.arange(n, dtype=dtype) + 100 * k for k, n in enumerate(sizes)]
+    flat, starts = pack_aligned(arrays)
+    assert flat.dtype == dtype
+    for a, off in zip(arrays, starts):
+        assert (off * flat.itemsize) % 16 == 0
+        np.testing.assert_array_equal(flat[off: off + a.size], a)
