@@ -56,7 +56,7 @@ def main() -> None:
             st = pstats.Stats(prof, stream=sys.stdout)
             st.sort_stats("tottime").print_stats(12)
             st.sort_stats("cumulative").print_stats(25)
-        llm.engine.scheduler.schedule = type(llm.engine.scheduler).schedule.__get__(llm.engine.scheduler)
+        del llm.engine.scheduler.schedule  # drop the timeline's wrapper (an instance attribute)
         marks = steps.marks + [(end, 0, 0)]
         per = [(round((b[0] - a[0]) * 1e3, 1), a[1], a[2]) for a, b in zip(marks, marks[1:])][:24]
         print(f"{n} x 512 -> {out_len}: {end - t:.3f} s; {steps.summary(end)}")

@@ -61,7 +61,7 @@ def jit(fn=None, *, do_not_specialize: tuple[str, ...] = ()):
         return functools.partial(jit, do_not_specialize=do_not_specialize)
     if not HAS_TRITON:
         return _MissingKernel(fn)
-    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -43,16 +43,6 @@ NEW_TOKENS = 64
 TOP = 5
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    from fleetserve.runtime.loader import ModelLoadError, embedded_model_path
-
-    try:
-        return embedded_model_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
-
-
 def _ours(dtype: str):
     """Token ids of the prompts (half chat-formatted, half raw text), our greedy tokens and top-5 sets."""
     import torch
@@ -111,7 +101,7 @@ def _stats(label: str, got, got_top, want, want_top) -> tuple[float, list]:
 
 
 @pytest.fixture(scope="module")
-def runs(gguf_path):
+def runs(smollm2_path):
     """Greedy tokens and top-5 sets of ours and of transformers, in float32 and bfloat16."""
     import torch
 
@@ -120,7 +110,7 @@ def runs(gguf_path):
     out = {}
     for dtype in ("float32", "bfloat16"):
         prompts, *out[("ours", dtype)] = _ours(dtype)
-        out[("hf", dtype)] = _hf(gguf_path, dtype, prompts)
+        out[("hf", dtype)] = _hf(smollm2_path, dtype, prompts)
     return out
 
 
