@@ -70,13 +70,17 @@ async def test_pod_failures_become_degraded(operator):
     assert "Insufficient nvidia.com/gpu" in cond["message"]
 
 
+def _phase(server, name: str = "llm"):
+    return ((get(server, ISVC_RES, name) or {}).get("status") or {}).get("phase")  # no status before the first write
+
+
 async def test_killed_pod_is_degraded_then_ready_with_events(operator):
     await create(operator, isvc("llm"))
     await _deployment_ready(operator, "llm", 1)
     template = get(operator, DEPLOYMENTS, "llm")["spec"]["template"]
     async with metrics_endpoint({"vllm:num_requests_waiting": 0}) as (port, _):
         await create(operator, fake_pod("llm", 0, port, template=template))
-        await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("phase") == "Ready")
+        await eventually(lambda: _phase(operator) == "Ready")
 
         await delete(operator, "/api/v1/namespaces/default/pods/llm-0")  # killed
         await create(operator, fake_pod("llm", 1, port, ready=False, template=template))  # its replacement
@@ -89,7 +93,7 @@ async def test_killed_pod_is_degraded_then_ready_with_events(operator):
 
         await patch(operator, "/api/v1/namespaces/default/pods/llm-1/status", {"status": {
             "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
-        await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("phase") == "Ready")
+        await eventually(lambda: _phase(operator) == "Ready")
         assert condition(get(operator, ISVC_RES, "llm"), "Degraded")["status"] == "False"
         assert events(operator, "ReplicasRestored")
 
