@@ -186,6 +186,35 @@ def _grouped_gemm(a, b, out, weights, sorted_ids, expert_ids, num_padded, a_div,
         IEEE=a.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+# (device, dtype, E, 2I, H, top_k) of the expert shapes whose launch-config variants are compiled
+_PRECOMPILED: set = set()
+# mean rows per expert that select each BLOCK_M class of moe_launch_config
+_BLOCK_M_CLASSES = (1, 16, 64, 256)
+
+
+def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> None:
+    """Compile both GEMMs' kernel for every BLOCK_M class on first use of an expert shape.
+
+    The class follows the step's token count, so serving would otherwise first meet some variant
+    mid-run and stall that step for the compile (~1 s measured for the attention kernels). Each
+    launch is one program over an empty block list (num_padded = 0): it returns at once.
+    """
+    E, two_i, H = w13.shape
+    key = (str(x.device), x.dtype, E, two_i, H, top_k)
+    if key in _PRECOMPILED:
+        return
+    _PRECOMPILED.add(key)
+    dev = x.device
+    none = torch.zeros(1, dtype=torch.int32, device=dev)
+    for per_expert in _BLOCK_M_CLASSES:
+        for a, b, n_out in ((x, w13, two_i), (torch.empty(1, two_i // 2, dtype=x.dtype, device=dev), w2, H)):
+            cfg = moe_launch_config(per_expert * E, E, b.shape[1], b.shape[2])
+            ids = torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev)
+            out = torch.empty(1, n_out, dtype=x.dtype, device=dev)
+            w = torch.ones(1, dtype=torch.float32, device=dev) if b is w2 else None
+            _grouped_gemm(a, b, out, w, ids, none, none, 1 if b is w2 else top_k, cfg)
+
+
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, *, config: Optional[dict] = None) -> torch.Tensor:
     """Same contract as `fused_moe_ref`. `config` overrides the launch parameters of both GEMMs
@@ -200,6 +229,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("fused_moe_triton needs x, w13 and w2 contiguous in their last dimension")
     n = T * K
+    if config is None:
+        _precompile_variants(x, w13, w2, K)
     cfg1 = config or moe_launch_config(n, E, two_i, H)
     cfg2 = config or moe_launch_config(n, E, H, two_i // 2)
     # one alignment serves both GEMMs when they agree on BLOCK_M (always, unless overridden differently)
