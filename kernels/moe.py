@@ -9,7 +9,7 @@ renormalisation) is the model's business: `moe_topk` below does the common kind.
 
 Owns the torch reference (`fused_moe_ref`: a loop over the experts that got tokens,
 the CPU path and the tests' oracle) and the Triton implementation (`fused_moe_triton`):
-1. `moe_align_block_size` sorts the T*K (token, slot) pairs by expert and pads each
+1. `moe_align_block_size_triton` (reference: `moe_align_block_size_ref`) sorts the T*K (token, slot) pairs by expert and pads each
    expert's run to a multiple of BLOCK_M with a sentinel pair id (T*K), so every
    BLOCK_M-row block of the sorted list belongs to one expert (`expert_ids[block]`);
 2. a grouped GEMM (`_fused_moe_kernel`) over those blocks computes x[pair // K] @ w13[e].T
@@ -65,8 +65,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     return out.to(x.dtype)
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_block_size_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the flattened (token, slot) pairs by expert, each expert's run padded to block_m rows.
 
     Returns (sorted_ids [R] int32: pair ids, T*K where padding; expert_ids [R // block_m] int32:
@@ -91,6 +91,90 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
     # blocks past the last expert's run get num_experts - 1; the kernel skips them (num_padded)
     expert_ids = torch.searchsorted(pad_end, block_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
     return sorted_ids, expert_ids, pad_end[-1:].to(torch.int32)
+
+
+_ALIGN_CHUNK = 64  # pairs per program of the alignment kernels (a [chunk, experts] one-hot in registers)
+
+
+@jit(do_not_specialize=("n",))
+def _align_count_kernel(ids_ptr, table_ptr, n, E: tl.constexpr, EP: tl.constexpr, CHUNK: tl.constexpr):
+    """table[pid, e] = how many of this program's CHUNK pairs go to expert e."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n
+    e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+    bins = tl.arange(0, EP)
+    onehot = ((e[:, None] == bins[None, :]) & mask[:, None]).to(tl.int32)
+    tl.store(table_ptr + pid * EP + bins, tl.sum(onehot, axis=0))
+
+
+@jit(do_not_specialize=("num_programs", "num_blocks"))
+def _align_offsets_kernel(table_ptr, expert_ids_ptr, num_padded_ptr, num_programs, num_blocks,
+                          E: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr, PB: tl.constexpr):
+    """One program: per-expert totals, padded run starts, each count-program's first row per expert
+    (written back over its counts), the expert of every BLOCK_M block and the padded total."""
+    bins = tl.arange(0, EP)
+    counts = tl.zeros([EP], dtype=tl.int32)
+    for p0 in range(0, num_programs, PB):
+        rows = p0 + tl.arange(0, PB)
+        t = tl.load(table_ptr + rows[:, None] * EP + bins[None, :], mask=rows[:, None] < num_programs, other=0)
+        counts += tl.sum(t, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    running = pad_end - padded  # where each expert's run starts
+    for p0 in range(0, num_programs, PB):
+        rows = p0 + tl.arange(0, PB)
+        m = rows[:, None] < num_programs
+        ptrs = table_ptr + rows[:, None] * EP + bins[None, :]
+        t = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, running[None, :] + tl.cumsum(t, axis=0) - t, mask=m)  # exclusive over programs
+        running += tl.sum(t, axis=0)
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for b0 in range(0, num_blocks, PB):
+        blk = b0 + tl.arange(0, PB)
+        # the expert of block b: how many runs end at or before its first row (past the last run: E - 1)
+        ended = (pad_end[None, :] <= (blk * BLOCK_M)[:, None]) & (bins[None, :] < E)
+        expert = tl.minimum(tl.sum(ended.to(tl.int32), axis=1), E - 1)
+        tl.store(expert_ids_ptr + blk, expert, mask=blk < num_blocks)
+
+
+@jit(do_not_specialize=("n",))
+def _align_scatter_kernel(ids_ptr, table_ptr, sorted_ids_ptr, n, EP: tl.constexpr, CHUNK: tl.constexpr):
+    """Each pair to its row: its expert's first row for this program + its rank among this
+    program's pairs of that expert (programs and pairs in order: a stable sort)."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < n
+    e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+    bins = tl.arange(0, EP)
+    onehot = ((e[:, None] == bins[None, :]) & mask[:, None]).to(tl.int32)
+    base = tl.load(table_ptr + pid * EP + bins)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    dest = tl.sum(onehot * base[None, :], axis=1) + rank
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=mask)
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract and result as `moe_align_block_size_ref`, in four launches (the reference
+    takes ~25 small torch ops, a visible cost per MoE layer in a decode step)."""
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    rows = _max_padded_rows(n, num_experts, block_m)
+    EP = max(16, next_pow2(num_experts))
+    programs = max(1, cdiv(n, _ALIGN_CHUNK))
+    table = torch.empty(programs, EP, dtype=torch.int32, device=dev)
+    sorted_ids = torch.full((rows,), n, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    _align_count_kernel[(programs,)](flat, table, n, E=num_experts, EP=EP, CHUNK=_ALIGN_CHUNK, num_warps=4)
+    _align_offsets_kernel[(1,)](table, expert_ids, num_padded, programs, rows // block_m, E=num_experts, EP=EP,
+                                BLOCK_M=block_m, PB=max(1, min(64, 4096 // EP)), num_warps=4)
+    _align_scatter_kernel[(programs,)](flat, table, sorted_ids, n, EP=EP, CHUNK=_ALIGN_CHUNK, num_warps=4)
+    return sorted_ids, expert_ids, num_padded
 
 
 def _max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -193,7 +277,7 @@ _BLOCK_M_CLASSES = (1, 16, 64, 256)
 
 
 def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> None:
-    """Compile both GEMMs' kernel for every BLOCK_M class on first use of an expert shape.
+    """Compile the alignment and both GEMMs' kernels for every BLOCK_M class on first use of an expert shape.
 
     The class follows the step's token count, so serving would otherwise first meet some variant
     mid-run and stall that step for the compile (~1 s measured for the attention kernels). Each
@@ -206,7 +290,9 @@ def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     _PRECOMPILED.add(key)
     dev = x.device
     none = torch.zeros(1, dtype=torch.int32, device=dev)
+    ids = torch.arange(top_k, device=dev).view(1, top_k) % E
     for per_expert in _BLOCK_M_CLASSES:
+        moe_align_block_size_triton(ids, E, moe_launch_config(per_expert * E, E, two_i, H)["BLOCK_M"])
         for a, b, n_out in ((x, w13, two_i), (torch.empty(1, two_i // 2, dtype=x.dtype, device=dev), w2, H)):
             cfg = moe_launch_config(per_expert * E, E, b.shape[1], b.shape[2])
             ids = torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev)
@@ -234,12 +320,12 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     cfg1 = config or moe_launch_config(n, E, two_i, H)
     cfg2 = config or moe_launch_config(n, E, H, two_i // 2)
     # one alignment serves both GEMMs when they agree on BLOCK_M (always, unless overridden differently)
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, cfg1["BLOCK_M"])
+    sorted_ids, expert_ids, num_padded = moe_align_block_size_triton(topk_ids, E, cfg1["BLOCK_M"])
     gate_up = torch.empty(n, two_i, dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, None, sorted_ids, expert_ids, num_padded, K, cfg1)
     act = silu_and_mul_triton(gate_up)
     if cfg2["BLOCK_M"] != cfg1["BLOCK_M"]:
-        sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, cfg2["BLOCK_M"])
+        sorted_ids, expert_ids, num_padded = moe_align_block_size_triton(topk_ids, E, cfg2["BLOCK_M"])
     down = torch.empty(n, H, dtype=x.dtype, device=x.device)
     w = topk_weights.reshape(-1)
     if w.dtype != torch.float32:

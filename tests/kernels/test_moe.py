@@ -1,4 +1,5 @@
-"""fused_moe_triton against fused_moe_ref, and moe_align_block_size's invariants.
+"""fused_moe_triton against fused_moe_ref; moe_align_block_size_triton equal to its reference,
+whose invariants are checked directly.
 
 CPU (interpreter) / any device: fp32 and fp16, small shapes over a grid of routing cases
 (random, an expert without tokens, every token on one expert, top-k = number of experts),
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from fleetserve.kernels import get_ops
-from fleetserve.kernels.moe import fused_moe_ref, fused_moe_triton, moe_align_block_size, moe_topk
+from fleetserve.kernels.moe import (fused_moe_ref, fused_moe_triton, moe_align_block_size_ref,
+                                    moe_align_block_size_triton, moe_topk)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SHAPES = [  # T, H, I, E, K
@@ -85,12 +87,15 @@ def test_routing_cases_are_what_they_say():
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (10, 4, 2), (33, 16, 4), (6, 3, 3)])
-def test_align_block_size_invariants(T, E, K, block_m):
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (10, 4, 2), (33, 16, 4), (6, 3, 3), (70, 20, 3), (40, 128, 8), (300, 128, 8)])
+def test_align_block_size(kt, T, E, K, block_m):
     g = torch.Generator().manual_seed(T * E + K)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ids[: T // 2, 0] = 0  # skew towards expert 0
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, E, block_m)
+    ids[: T // 2, 0] = 0  # skew towards expert 0 (and, with E > T*K/2, leave experts empty)
+    sorted_ids, expert_ids, num_padded = moe_align_block_size_ref(ids, E, block_m)
+    got = moe_align_block_size_triton(ids.to(kt.DEVICE), E, block_m)  # T*K > 64: several count programs
+    for a, b in zip(got, (sorted_ids, expert_ids, num_padded)):
+        assert torch.equal(a.cpu(), b)
     n = T * K
     counts = torch.bincount(ids.flatten(), minlength=E)
     total = int(((counts + block_m - 1) // block_m * block_m).sum())
@@ -170,3 +175,14 @@ def test_fused_moe_cuda_graph_replay_follows_routing(kt):
         graph.replay()
         ref = fused_moe_ref(x.float(), w13.float(), w2.float(), w, ids)
         assert kt.rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,K", [(8192, 128, 8), (8192, 8, 2), (256, 128, 8), (1, 128, 8)])
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_align_block_size_triton_equals_reference_at_serving_sizes(T, E, K, block_m):
+    _, ids = moe_topk(torch.randn(T, E, device="cuda"), K, renormalize=False)
+    got = moe_align_block_size_triton(ids, E, block_m)
+    want = moe_align_block_size_ref(ids, E, block_m)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
