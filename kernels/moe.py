@@ -250,6 +250,9 @@ def moe_launch_config(num_pairs: int, num_experts: int, N: int, K: int) -> dict:
     else:
         bm = 128
     bn = 128 if N >= 128 else max(16, next_pow2(N))
+    # few tokens hit few experts: narrower N tiles give the GPU enough programs (~2 waves of 132 SMs)
+    if bn == 128 and min(num_experts, max(num_pairs, 1)) * cdiv(N, 128) < 264:
+        bn = 64
     bk = 64 if K >= 64 else max(16, next_pow2(K))
     if bm >= 128:
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
@@ -272,16 +275,24 @@ def _grouped_gemm(a, b, out, weights, sorted_ids, expert_ids, num_padded, a_div,
 
 # (device, dtype, E, 2I, H, top_k) of the expert shapes whose launch-config variants are compiled
 _PRECOMPILED: set = set()
-# mean rows per expert that select each BLOCK_M class of moe_launch_config
-_BLOCK_M_CLASSES = (1, 16, 64, 256)
+
+
+def _launch_variants(num_experts: int, N: int, K: int) -> list[dict]:
+    """Every distinct moe_launch_config of a GEMM shape, over all token counts: the config is a step
+    function of the pair count that is constant past 96 rows per expert (and past 264 pairs for N)."""
+    seen = {}
+    for n in range(1, 96 * num_experts + 266):
+        cfg = moe_launch_config(n, num_experts, N, K)
+        seen.setdefault(tuple(sorted(cfg.items())), cfg)
+    return list(seen.values())
 
 
 def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> None:
-    """Compile the alignment and both GEMMs' kernels for every BLOCK_M class on first use of an expert shape.
+    """Compile the alignment and both GEMMs' kernels for every launch config on first use of an expert shape.
 
-    The class follows the step's token count, so serving would otherwise first meet some variant
+    The config follows the step's token count, so serving would otherwise first meet some variant
     mid-run and stall that step for the compile (~1 s measured for the attention kernels). Each
-    launch is one program over an empty block list (num_padded = 0): it returns at once.
+    GEMM launch is one program over an empty block list (num_padded = 0): it returns at once.
     """
     E, two_i, H = w13.shape
     key = (str(x.device), x.dtype, E, two_i, H, top_k)
@@ -291,14 +302,17 @@ def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     dev = x.device
     none = torch.zeros(1, dtype=torch.int32, device=dev)
     ids = torch.arange(top_k, device=dev).view(1, top_k) % E
-    for per_expert in _BLOCK_M_CLASSES:
-        moe_align_block_size_triton(ids, E, moe_launch_config(per_expert * E, E, two_i, H)["BLOCK_M"])
-        for a, b, n_out in ((x, w13, two_i), (torch.empty(1, two_i // 2, dtype=x.dtype, device=dev), w2, H)):
-            cfg = moe_launch_config(per_expert * E, E, b.shape[1], b.shape[2])
-            ids = torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev)
+    act = torch.empty(1, two_i // 2, dtype=x.dtype, device=dev)
+    gemms = ((x, w13, None, top_k, two_i), (act, w2, torch.ones(1, dtype=torch.float32, device=dev), 1, H))
+    block_ms = set()
+    for a, b, w, a_div, n_out in gemms:
+        for cfg in _launch_variants(E, b.shape[1], b.shape[2]):
+            block_ms.add(cfg["BLOCK_M"])
             out = torch.empty(1, n_out, dtype=x.dtype, device=dev)
-            w = torch.ones(1, dtype=torch.float32, device=dev) if b is w2 else None
-            _grouped_gemm(a, b, out, w, ids, none, none, 1 if b is w2 else top_k, cfg)
+            _grouped_gemm(a, b, out, w, torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev), none, none,
+                          a_div, cfg)
+    for bm in sorted(block_ms):
+        moe_align_block_size_triton(ids, E, bm)
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
