@@ -32,7 +32,8 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
-    """Model family: "llama", "qwen2" or "mistral" (same code; only qkv_bias / defaults differ)."""
+    """Model family: "llama", "qwen2" or "mistral" (same code; only qkv_bias / defaults differ), or a
+    mixture of experts: "mixtral", "qwen3_moe", "qwen2_moe" (runtime/models/moe.py)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
