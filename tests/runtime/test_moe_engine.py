@@ -1,5 +1,5 @@
 """MoE models in the engine on CPU: greedy outputs equal transformers token for token (float32),
-alone, batched, with preemption forced and with chunked prefill.
+alone, batched, with preemption forced (steps synchronous or pipelined) and with chunked prefill.
 
 Same method as test_engine.py: tiny random checkpoints (save_pretrained, one tensor per
 expert as on the Hub) loaded through our safetensors loader, a large init std so logits
@@ -69,12 +69,14 @@ def prompts(ps):
     return [{"prompt_token_ids": p} for p in ps]
 
 
-@pytest.mark.parametrize("setting", ["batched", "alone", "preemption", "chunked-prefill"])
+@pytest.mark.parametrize("setting", ["batched", "alone", "preemption", "preemption-async-scheduling",
+                                     "chunked-prefill"])
 def test_greedy_matches_transformers(tiny, setting):
     path, refs = tiny
     kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
-    if setting == "preemption":
+    if setting.startswith("preemption"):
         kw["num_kv_blocks"] = 22  # 4 sequences of up to 61 tokens cannot all fit
+        kw["async_scheduling"] = setting.endswith("async-scheduling")
     if setting == "chunked-prefill":
         kw["max_num_batched_tokens"] = 8
     llm = LLM(model=str(path), **kw)
@@ -83,7 +85,7 @@ def test_greedy_matches_transformers(tiny, setting):
     else:
         outs = llm.generate(prompts(PROMPTS), GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == refs
-    if setting == "preemption":
+    if setting.startswith("preemption"):
         assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.scheduler.kv.num_free_blocks == llm.engine.num_kv_blocks
 
