@@ -186,3 +186,15 @@ def test_align_block_size_triton_equals_reference_at_serving_sizes(T, E, K, bloc
     want = moe_align_block_size_ref(ids, E, block_m)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("E,N,K", [(8, 28672, 4096), (8, 4096, 14336), (128, 1536, 2048), (128, 2048, 768),
+                                   (6, 80, 64), (60, 2816, 2048)])
+def test_precompiled_variants_cover_every_token_count(E, N, K):
+    """_precompile_variants compiles _launch_variants: every config any step can pick must be in it,
+    or serving compiles mid-run."""
+    from fleetserve.kernels.moe import _launch_variants, moe_launch_config
+
+    variants = [tuple(sorted(c.items())) for c in _launch_variants(E, N, K)]
+    for n in list(range(1, 4000)) + [2 ** p for p in range(12, 20)] + [65536 * 8 + 3]:
+        assert tuple(sorted(moe_launch_config(n, E, N, K).items())) in variants, n
