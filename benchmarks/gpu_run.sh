@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests, bench-1b, bench-8b (default: all); smollm2: the real-weights GPU tests against
+#   steps: tests, bench-1b, bench-8b (default: all); moe-kernel, moe-sweep, bench-qwen3moe, bench-mixtral; smollm2: the real-weights GPU tests against
 #   transformers. The embedded GGUF (98 MB) is over the 64 MiB carry limit: split it here
 #   (head -c 49000000 > .smollm2-a/part, the rest > .smollm2-b/part); one call carries .smollm2-a
 #   and runs step stash-a (a copy in /tmp survives while the machine stays warm, the carried
@@ -27,6 +27,11 @@ for step in $steps; do
                tests/runtime/test_gpu_smollm2.py tests/runtime/test_gpu_engine.py::test_smollm2_answers_paris_on_gpu 2>&1 \
                | grep -v -i warn | grep -v "it/s\]\|tensor/s\]" | tail -40 | tee "$OUT/gpu-smollm2.log" ;;
     bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    # -- mixture of experts (dummy weights; Mixtral-8x7B bf16 is 93 GB) --
+    moe-kernel) timeout 400 python3 benchmarks/moe_bench.py 2>&1 | grep -v Warning | tee "$OUT/moe-kernel.log" ;;
+    moe-sweep) timeout 580 python3 benchmarks/moe_bench.py --sweep --tokens 1,64,256,8192 2>&1 | grep -v Warning | tee "$OUT/moe-sweep.log" | tail -60 ;;
+    bench-qwen3moe) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model qwen3-30b-a3b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-qwen3-30b-a3b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
   esac
 done

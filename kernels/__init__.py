@@ -27,15 +27,18 @@ class KernelOps:
     silu_and_mul: Callable
     write_kv_cache: Callable
     paged_attention: Callable
+    fused_moe: Callable
+    """fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], topk_weights[T,K], topk_ids[T,K]) -> [T,H] (kernels/moe.py)."""
 
 
 def get_ops(backend: str = "torch") -> KernelOps:
-    from . import activation, attention, cache, norm, rotary
+    from . import activation, attention, cache, moe, norm, rotary
 
     if backend == "torch":
         return KernelOps("torch", norm.rms_norm_ref, rotary.rotary_embedding_ref, activation.silu_and_mul_ref,
-                         cache.write_kv_cache_ref, attention.paged_attention_ref)
+                         cache.write_kv_cache_ref, attention.paged_attention_ref, moe.fused_moe_ref)
     if backend == "triton":
         return KernelOps("triton", norm.rms_norm_triton, rotary.rotary_embedding_triton,
-                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton)
+                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton,
+                         moe.fused_moe_triton)
     raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")

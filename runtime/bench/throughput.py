@@ -53,12 +53,31 @@ def measure_device(torch) -> dict:
     return {"bandwidth_Bps": bw, "matmul_flops": flops}
 
 
+def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts a layer reads for `tokens` tokens routed uniformly at random (each picks
+    top_k distinct of num_experts): E * (1 - (1 - k/E)^B)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def step_weight_bytes(mc, tokens: int, bytes_per_param: int) -> float:
+    """Weight bytes one forward over `tokens` tokens reads: everything of a dense model; of a MoE
+    model the dense part (attention, norms, routers, embeddings, dense/shared MLPs) plus only the
+    experts its tokens hit, in expectation."""
+    P = mc.num_params()
+    if not getattr(mc, "is_moe", False):
+        return P * bytes_per_param
+    all_experts = mc.num_moe_layers * mc.num_experts * mc.expert_params
+    hit = expected_experts_hit(mc.num_experts, mc.num_experts_per_tok, tokens)
+    return (P - all_experts + mc.num_moe_layers * hit * mc.expert_params) * bytes_per_param
+
+
 def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, bytes_per_param: int,
                      bandwidth: float, flops: float) -> dict:
     """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
-    all weights plus every sequence's KV (or is compute-bound, whichever is slower)."""
-    P = mc.num_params()
-    W = P * bytes_per_param
+    the weights its batch uses (MoE: only the experts hit) plus every sequence's KV (or is
+    compute-bound, whichever is slower). Compute counts active parameters (MoE: top-k experts)."""
+    P = mc.num_active_params() if hasattr(mc, "num_active_params") else mc.num_params()
+    W = step_weight_bytes(mc, num_prompts, bytes_per_param)
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bytes_per_param
     attn_prefill = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * input_len * input_len / 2
     prefill = num_prompts * (2 * P * input_len + attn_prefill) / flops
@@ -66,7 +85,8 @@ def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, byte
     for j in range(1, output_len):  # the first output token comes out of the prefill
         ctx = num_prompts * (input_len + j)
         decode += max((W + kv_per_token * ctx) / bandwidth, 2 * P * num_prompts / flops)
-    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode}
+    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
+            "decode_step_weight_GB": W / 1e9}
 
 
 def run_fleetserve(args) -> tuple[dict, object, list]:
@@ -162,40 +182,68 @@ class _StepTimeline:
                 "decode_s": decode, "decode_step_ms": 1e3 * decode / max(n_decode, 1)}
 
 
-def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int) -> dict:
-    """transformers' own LlamaForCausalLM.generate on the same architecture with dummy bf16 weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_model_for(mc):
+    """transformers' own model class and config for a ModelConfig's architecture (dense families
+    run as Llama: same compute). Mixture-of-experts families get their own classes."""
+    import transformers
 
-    cfg = LlamaConfig(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-                      num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
-                      num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
-                      max_position_embeddings=mc.max_position_embeddings, rope_theta=mc.rope_theta,
-                      tie_word_embeddings=mc.tie_word_embeddings,
-                      rms_norm_eps=mc.rms_norm_eps)
+    common = dict(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
+                  num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
+                  num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
+                  max_position_embeddings=mc.max_position_embeddings, rope_theta=mc.rope_theta,
+                  tie_word_embeddings=mc.tie_word_embeddings, rms_norm_eps=mc.rms_norm_eps)
+    if mc.arch == "mixtral":
+        cfg = transformers.MixtralConfig(**{**common, "intermediate_size": mc.moe_intermediate_size},
+                                         num_local_experts=mc.num_experts, num_experts_per_tok=mc.num_experts_per_tok)
+        return transformers.MixtralForCausalLM, cfg
+    if mc.arch in ("qwen3_moe", "qwen2_moe"):
+        moe = dict(num_experts=mc.num_experts, num_experts_per_tok=mc.num_experts_per_tok,
+                   moe_intermediate_size=mc.moe_intermediate_size, norm_topk_prob=mc.norm_topk_prob,
+                   mlp_only_layers=list(mc.dense_layers), decoder_sparse_step=1)
+        if mc.arch == "qwen3_moe":
+            return transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**common, **moe)
+        moe["shared_expert_intermediate_size"] = mc.shared_expert_intermediate_size
+        return transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(**common, **moe)
+    return transformers.LlamaForCausalLM, transformers.LlamaConfig(**common)
+
+
+def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, device: str = "cuda") -> dict:
+    """transformers' own model (hf_model_for) .generate on the same architecture with dummy weights
+    (bf16 on CUDA, float32 on CPU), built in that dtype directly on the device: Mixtral-8x7B is
+    93 GB in bf16 and would not fit built in float32 first."""
+    import torch
+
+    cls, cfg = hf_model_for(mc)
     cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.02)
     ids = torch.tensor(prompts)
-    model.generate(ids[:2].cuda(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
+    model.generate(ids[:2].to(device), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    _sync()
     t = time.perf_counter()
     generated = 0
     for i in range(0, len(prompts), batch_size):
-        out = model.generate(ids[i:i + batch_size].cuda(), max_new_tokens=output_len, min_new_tokens=output_len,
+        out = model.generate(ids[i:i + batch_size].to(device), max_new_tokens=output_len, min_new_tokens=output_len,
                              do_sample=False, pad_token_id=0)
         generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t
     del model
     gc.collect()
-    torch.cuda.empty_cache()
-    return {"what": "hf_static", "seconds": elapsed, "generated": generated, "batch_size": batch_size,
+    _empty_cache()
+    return {"what": "hf_static", "class": cls.__name__, "seconds": elapsed, "generated": generated,
+            "batch_size": batch_size,
             "out_tok_s": generated / elapsed,
             "total_tok_s": (generated + ids.numel()) / elapsed}
 
@@ -215,7 +263,7 @@ def _empty_cache():
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fleetserve bench throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b), HF dir or .gguf")
+    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf")
     ap.add_argument("--load-format", default="dummy", choices=["auto", "safetensors", "gguf", "dummy"],
                     help="dummy = random weights of the model's architecture")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -266,14 +314,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         fs["roofline"] = roof
         fs["fraction_of_roofline"] = roof["total_s"] / fs["seconds"]
     fs.update(model=args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-              params=mc.num_params())
+              params=mc.num_params(), active_params=mc.num_active_params())
     _log(fs, records)
     if args.baseline == "hf":
-        if not torch.cuda.is_available():
-            print("--baseline hf needs CUDA", file=sys.stderr)
-            return 2
+        hf_device = "cuda" if fs["device"].startswith("cuda") else "cpu"  # CPU: checks the code path only
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
-        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed)
+        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, hf_device)
         hf["model"] = args.model
         _log(hf, records)
         _log({"what": "ratio", "model": args.model, "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],

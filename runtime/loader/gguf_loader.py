@@ -18,13 +18,22 @@ from tqdm.auto import tqdm
 from ..models.config import ModelConfig
 from .errors import ModelLoadError
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # -- mixture of experts (llama = Mixtral, qwen3moe, qwen2moe); *_exps are split in _expert_slices --
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# stacked [E, rows, cols] expert tensors and old per-expert ones (blk.N.ffn_gate.J.weight)
+_EXPS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_HF_EXPERT_PROJ = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
+                   "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -80,7 +89,8 @@ class GGUFFile:
                               "tokenizer.ggml.eom_token_id") if m.get(k) is not None]
         heads_kv = get("attention.head_count_kv", heads)
         return ModelConfig(
-            arch=_ARCHS[arch], vocab_size=int(vocab), hidden_size=hidden,
+            **_moe_fields(m, arch, "blk.0.attn_q_norm.weight" in self.tensors),
+            vocab_size=int(vocab), hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
             num_heads=heads, num_kv_heads=int(heads_kv), head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -112,10 +122,15 @@ class GGUFFile:
         permute = self.meta.get("general.architecture") in ("llama", "mistral")
         names = [n for n in self.tensors if n != "rope_freqs.weight"]
         for gname in tqdm(names, desc=f"Loading {os.path.basename(self.path)}", unit="tensor"):
+            if _EXPS.match(gname) or _PER_EXPERT.match(gname):
+                yield from _expert_slices(gname, self._array(gname), cfg)
+                continue
             hf_name = _hf_name(gname)
             if hf_name is None:
                 raise ModelLoadError(f"unexpected tensor {gname!r} in GGUF file {self.path}")
             arr = self._array(gname)
+            if gname.endswith("ffn_gate_inp_shexp.weight") and arr.ndim == 1:
+                arr = arr[None, :]  # llama.cpp stores the shared-expert gate [1, H] as a vector
             if permute and ".attn_q." in gname:
                 arr = _unpermute(arr, cfg.num_heads)
             elif permute and ".attn_k." in gname:
@@ -134,6 +149,37 @@ def _hf_name(gguf_name: str) -> str | None:
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def _moe_fields(m: dict, arch: str, qk_norm: bool) -> dict:
+    """arch (llama with experts = Mixtral) and the MoE fields of ModelConfig from GGUF metadata."""
+    experts = int(m.get(f"{arch}.expert_count") or 0)
+    if not experts:
+        return {"arch": _ARCHS[arch]}
+    fields = dict(num_experts=experts, num_experts_per_tok=int(m[f"{arch}.expert_used_count"]))
+    if arch in ("llama", "mistral"):
+        return {**fields, "arch": "mixtral", "moe_intermediate_size": int(m[f"{arch}.feed_forward_length"])}
+    shared = int(m.get(f"{arch}.expert_shared_feed_forward_length") or 0)
+    # llama.cpp renormalises qwen3moe's top-k weights and not qwen2moe's unless the file says
+    norm = m.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
+    return {**fields, "arch": _ARCHS[arch], "qk_norm": qk_norm, "norm_topk_prob": bool(norm),
+            "moe_intermediate_size": int(m[f"{arch}.expert_feed_forward_length"]),
+            "shared_expert_intermediate_size": shared if arch == "qwen2moe" else 0}
+
+
+def _expert_slices(gname: str, arr: np.ndarray, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF per-expert (name, tensor) pairs of a stacked [E, rows, cols] (or one per-expert) GGUF tensor."""
+    proj = _HF_EXPERT_PROJ["mixtral" if cfg.arch == "mixtral" else "qwen"]
+    block = "block_sparse_moe" if cfg.arch == "mixtral" else "mlp"
+    m = _EXPS.match(gname)
+    if m is None:
+        m = _PER_EXPERT.match(gname)
+        layer, kind, experts = m.group(1), m.group(2), [(int(m.group(3)), arr)]
+    else:
+        layer, kind, experts = m.group(1), m.group(2), enumerate(arr)
+    for j, w in experts:
+        yield (f"model.layers.{layer}.{block}.experts.{j}.{proj[kind]}.weight",
+               torch.from_numpy(np.array(w, dtype=np.float32)))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -14,8 +14,14 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    # -- mixture of experts (runtime/models/mixtral.py, qwen3_moe.py) --
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral",
+                "mixtral": "mixtral", "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen2_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -26,7 +32,8 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
-    """Model family: "llama", "qwen2" or "mistral" (same code; only qkv_bias / defaults differ)."""
+    """Model family: "llama", "qwen2" or "mistral" (same code; only qkv_bias / defaults differ), or a
+    mixture of experts: "mixtral", "qwen3_moe", "qwen2_moe" (runtime/models/moe.py)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -50,8 +57,39 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     """Mistral v0.1 / Qwen2 sliding window; attention here is always full, so the
     engine should cap max_model_len at this value when it is set."""
+    # -- mixture of experts (0 experts = a dense model) --
+    num_experts: int = 0
+    """Routed experts per MoE layer (Mixtral 8, Qwen3-30B-A3B 128)."""
+    num_experts_per_tok: int = 0
+    """Experts each token is routed to (top-k)."""
+    moe_intermediate_size: int = 0
+    """Width of one routed expert's gated MLP (Mixtral: intermediate_size)."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always; Qwen-MoE per config)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: width of the always-on shared expert (gated by sigmoid(shared_expert_gate)); 0 = none."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers that keep a dense MLP of intermediate_size (Qwen-MoE mlp_only_layers / decoder_sparse_step)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE)."""
     name: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.is_moe and i not in self.dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert of one layer (gate, up, down)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -66,8 +104,21 @@ class ModelConfig:
         attn = H * (self.q_size + 2 * self.kv_size) + self.q_size * H
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
-        layer = attn + 3 * H * I + 2 * H
-        return V * H * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + H
+        layer = attn + 2 * H + (2 * self.head_dim if self.qk_norm else 0)
+        total = V * H * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + H
+        for i in range(self.num_layers):
+            if not self.is_moe_layer(i):
+                total += 3 * H * I
+            else:  # router + experts (+ shared expert and its gate)
+                total += self.num_experts * (H + self.expert_params)
+                if self.shared_expert_intermediate_size:
+                    total += 3 * H * self.shared_expert_intermediate_size + H
+        return total
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward uses: only its top-k experts of each MoE layer."""
+        unused = self.num_moe_layers * (self.num_experts - self.num_experts_per_tok) * self.expert_params
+        return self.num_params() - unused
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], name: Optional[str] = None) -> "ModelConfig":
@@ -98,7 +149,10 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         qkv_bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
-        sliding = cfg.get("sliding_window") if arch == "mistral" else None
+        sliding = cfg.get("sliding_window") if arch in ("mistral", "mixtral") else None
+        moe = _moe_fields(arch, cfg) if arch in MOE_ARCHS else {}
+        if arch == "qwen2_moe":
+            qkv_bias = bool(cfg.get("qkv_bias", True))  # transformers 4.x Qwen2-MoE always has q/k/v biases
         return cls(
             arch=arch,
             vocab_size=cfg["vocab_size"],
@@ -119,9 +173,13 @@ class ModelConfig:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             sliding_window=sliding,
             name=name,
+            **moe,
         )
 
     def validate(self) -> "ModelConfig":
+        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UnsupportedModelError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts ({self.num_experts})")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -131,6 +189,24 @@ class ModelConfig:
 
     def with_(self, **kw) -> "ModelConfig":
         return replace(self, **kw)
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE part of a Mixtral / Qwen3-MoE / Qwen2-MoE config.json (4.x and 5.x key names)."""
+    if arch == "mixtral":
+        return dict(num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{arch} with use_sliding_window=True is not supported")
+    n = cfg.get("num_experts") or cfg.get("num_local_experts")
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
+    return dict(num_experts=n, num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg["moe_intermediate_size"], norm_topk_prob=bool(cfg.get("norm_topk_prob")),
+                shared_expert_intermediate_size=(cfg.get("shared_expert_intermediate_size") or 0)
+                if arch == "qwen2_moe" else 0,
+                dense_layers=dense, qk_norm=arch == "qwen3_moe")
 
 
 def _normalize_rope_scaling(scaling: Optional[dict]) -> Optional[dict]:
@@ -165,4 +241,17 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, max_position_embeddings=131072,
         tie_word_embeddings=False, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
         torch_dtype="bfloat16", name="llama-3.1-8b"),
+    # -- mixture of experts --
+    "mixtral-8x7b": ModelConfig(
+        arch="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1e6,
+        max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,),
+        torch_dtype="bfloat16", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
+        norm_topk_prob=True, name="mixtral-8x7b"),
+    "qwen3-30b-a3b": ModelConfig(
+        arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=40960, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_ids=(151645, 151643), torch_dtype="bfloat16", num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, qk_norm=True, name="qwen3-30b-a3b"),
 }

@@ -217,12 +217,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 def build_model(model_config: ModelConfig, ops: KernelOps, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> LlamaForCausalLM:
+                device: torch.device | str = "cpu", cls: type = None) -> LlamaForCausalLM:
     """An uninitialised model (weights empty) in `dtype` on `device`; fill it with load_weights
-    or runtime.loader's dummy initialiser. The RoPE table is ready, in float32."""
+    or runtime.loader's dummy initialiser. The RoPE table is ready, in float32. `cls`: the
+    family's class (runtime/models/__init__.py picks it), LlamaForCausalLM by default."""
     model_config.validate()
     with torch.device("meta"):  # no host allocation or init kernels for weights about to be overwritten
-        model = LlamaForCausalLM(model_config, ops).to(dtype)
+        model = (cls or LlamaForCausalLM)(model_config, ops).to(dtype)
     model = model.to_empty(device=device)
     model.reset_rope_cache()
     return model.eval().requires_grad_(False)
