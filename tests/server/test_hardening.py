@@ -235,3 +235,66 @@ def test_unknown_fields_are_ignored_and_logged_once_per_name(client, model_name,
             if f"'{name}'" in m:
                 per_model[m] = per_model.get(m, 0) + 1
         assert all(v == 1 for v in per_model.values()), per_model  # once per name, not per request
+
+
+# ---------------------------------------------------------------- 5. shutdown past the drain timeout
+
+
+def _read_until_eof(sock) -> bytes:
+    got = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+
+
+def test_shutdown_past_the_drain_timeout_ends_streams_with_an_error_event_and_others_with_503(server, caplog):
+    """run_server on the shared engine with a 1 s drain: a long stream and a long plain request are cut."""
+    import socket
+
+    from fleetserve.runtime.server.app import run_server
+    from fleetserve.runtime.server.config import ServerConfig
+
+    wait_for_idle(server)
+
+    async def start():
+        loop = asyncio.get_running_loop()
+        stop, url = asyncio.Event(), loop.create_future()
+        task = asyncio.ensure_future(run_server(
+            server.engine_config, ServerConfig(host="127.0.0.1", port=0, shutdown_timeout=1.0), llm=server.llm,
+            stop=stop, on_ready=url.set_result, handle_signals=False))
+        return await asyncio.wait_for(url, 60), stop, task
+
+    long = {"prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True}
+    with caplog.at_level(logging.INFO, logger="fleetserve.server"):
+        url, stop, task = _on_server_loop(server, start())
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({**long, "stream": True}).encode()
+        sock = socket.create_connection((host, int(port)), timeout=120)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while b"data: {" not in got:
+            got += sock.recv(65536)
+        plain = _post_in_thread(url + "/v1/completions", json.dumps(long).encode(), {})
+        deadline = time.time() + 60
+        while server.llm.num_in_flight < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        t0 = time.time()
+        server.loop.call_soon_threadsafe(stop.set)
+        got += _read_until_eof(sock)
+        sock.close()
+        plain["thread"].join(60)
+        _on_server_loop(server, asyncio.wait_for(task, 60))
+    assert time.time() - t0 < 30
+    events = [line[6:] for line in got.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "service_unavailable" and err["code"] == "shutting_down" and "shut" in err["message"]
+    assert len(events) > 3  # some tokens went out before the cut
+    err, _ = assert_error(plain["resp"], 503, type_="service_unavailable", contains="shut")
+    cut = [r.getMessage() for r in caplog.records if "shutdown timeout" in r.getMessage()]
+    assert cut and "cut 2 in-flight requests (1 streams" in cut[0] and "1 answered 503" in cut[0], cut
+    wait_for_idle(server)  # the engine freed both requests' KV blocks
+    assert server.llm.is_alive  # the shared engine belongs to the caller: still serving
