@@ -234,7 +234,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise InvalidParameter("prompt", "give exactly one of prompt or messages")
         return self
 
 

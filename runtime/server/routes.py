@@ -40,6 +40,8 @@ logger = logging.getLogger("fleetserve.server")
 # loop in every few ms; the tokenizer releases the GIL).
 _INLINE_TOKENIZE_CHARS = 4096
 _INLINE_CHAT_MESSAGES = 32
+# Names an engine refusal may start with ("logprobs=25 exceeds ...") when it carries no param.
+_ENGINE_PARAMS = frozenset(SamplingParams.model_fields) | {"prompt"}
 
 
 async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -236,7 +238,7 @@ class OpenAIServing:
         try:
             return await stream.__anext__()
         except ValueError as e:  # the engine refused the request (engine-side errors may carry a param)
-            raise to_bad_request(e) from None
+            raise to_bad_request(e, fields=_ENGINE_PARAMS) from None
         except EngineDeadError as e:
             raise Overloaded(str(e), code="engine_dead") from None
 
@@ -554,7 +556,8 @@ class OpenAIServing:
         req: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         self._check_model(req.model)
         self._check_ids(req.tokens, "tokens") if req.tokens else None
-        text = self._need_tokenizer("detokenize").decode(req.tokens, skip_special_tokens=False)
+        decode = functools.partial(self._need_tokenizer("detokenize").decode, req.tokens, skip_special_tokens=False)
+        text = await asyncio.to_thread(decode) if len(req.tokens) > _INLINE_TOKENIZE_CHARS else decode()
         return web.json_response({"prompt": text})
 
     async def health(self, request: web.Request) -> web.Response:

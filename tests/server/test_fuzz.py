@@ -134,6 +134,8 @@ def check_response(path: str, resp) -> None:
         assert set(err) == {"message", "type", "param", "code"}, err
         assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
         assert err["param"] is None or isinstance(err["param"], str)
+        if status == 400 and not err["message"].startswith("request body"):
+            assert err["param"], err  # every 400 about a field names it
         assert "Traceback" not in err["message"] and "Value error" not in err["message"]
         return
     assert status == 200, status
