@@ -57,16 +57,22 @@ class HealthProbe:
         host, port = url.removeprefix("http://").split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
         self.latencies: list[float] = []
+        self.failures: list[object] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
             t = time.perf_counter()
-            self.conn.request("GET", "/health")
-            r = self.conn.getresponse()
-            r.read()
-            assert r.status == 200
+            try:
+                self.conn.request("GET", "/health")
+                r = self.conn.getresponse()
+                r.read()
+            except OSError as e:
+                self.failures.append(e)
+                return
+            if r.status != 200:
+                self.failures.append(r.status)
             self.latencies.append(time.perf_counter() - t)
             time.sleep(0.005)
 
@@ -81,6 +87,7 @@ class HealthProbe:
 
     @property
     def worst(self) -> float:
+        assert not self.failures and self.latencies, self.failures
         return max(self.latencies)
 
 
@@ -206,7 +213,7 @@ def test_multi_turn_with_the_sdks_message_object(client, model_name):
     assert r4.choices[0].finish_reason
 
 
-def test_refusal_stands_in_for_missing_content(tokenizer, server):
+def test_refusal_stands_in_for_missing_content():
     from fleetserve.runtime.server.protocol import ChatCompletionRequest
 
     req = ChatCompletionRequest.model_validate({"messages": [
@@ -214,7 +221,10 @@ def test_refusal_stands_in_for_missing_content(tokenizer, server):
     assert req.chat_messages()[1]["content"] == "I can't."
 
 
-def test_unknown_fields_are_ignored_and_logged_once_per_name(client, model_name, caplog):
+def test_unknown_fields_are_ignored_and_logged_once_per_name(client, model_name, caplog, monkeypatch):
+    from fleetserve.runtime.server import protocol
+
+    monkeypatch.setattr(protocol, "_ignored_logged", set())  # other tests may have logged these names already
     kw = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0,
               service_tier="auto", reasoning_effort="low", prompt_cache_key="k1", safety_identifier="u1", store=True,
               metadata={"a": "b"}, extra_body={"some_future_field": {"x": 1}})
@@ -226,15 +236,11 @@ def test_unknown_fields_are_ignored_and_logged_once_per_name(client, model_name,
         assert chunks[-1].usage is not None
         client.completions.create(model=model_name, prompt="Hi", max_tokens=1, extra_body={"some_future_field": 1})
     logged = [r.getMessage() for r in caplog.records if "ignoring unknown request field" in r.getMessage()]
-    for name in ("service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier", "some_future_field",
-                 "include_obfuscation"):
-        assert [m for m in logged if f"'{name}' in ChatCompletionRequest" in m or f"'{name}' in StreamOptions" in m] \
-            or any(f"'{name}'" in m for m in caplog.text.splitlines()), (name, logged)
-        per_model = {}
-        for m in logged:
-            if f"'{name}'" in m:
-                per_model[m] = per_model.get(m, 0) + 1
-        assert all(v == 1 for v in per_model.values()), per_model  # once per name, not per request
+    expected = {f"'{name}' in ChatCompletionRequest" for name in (
+        "service_tier", "reasoning_effort", "prompt_cache_key", "safety_identifier", "some_future_field")}
+    expected |= {"'include_obfuscation' in StreamOptions", "'some_future_field' in CompletionRequest"}
+    found = [e for m in logged for e in expected if e in m]
+    assert sorted(found) == sorted(expected), logged  # each once, although sent in several requests
 
 
 # ---------------------------------------------------------------- 5. shutdown past the drain timeout
