@@ -297,8 +297,10 @@ def _max_chars_per_token(backend: _Backend) -> Optional[int]:
             return False
         if kind == "Split" and str(node.get("behavior", "")).lower() == "removed":
             return False
-        if kind == "Replace" and len(node.get("content", "")) < len(str(next(iter((node.get("pattern") or {"": ""}).values())))):
-            return False  # a shrinking replacement: the text gets shorter than its tokens suggest
+        if kind == "Replace":
+            pattern = next(iter((node.get("pattern") or {"": ""}).values()))
+            if len(node.get("content", "")) < len(str(pattern)):
+                return False  # a shrinking replacement: the text gets shorter than its tokens suggest
         if allowed is _KEEPING_NORMALIZERS:
             factor = max(factor, allowed[kind])
         return all(walk(child, allowed, key) for child in node.get(key, []) or [])
@@ -308,7 +310,8 @@ def _max_chars_per_token(backend: _Backend) -> Optional[int]:
     if not walk(spec.get("pre_tokenizer"), _KEEPING_PRE_TOKENIZERS, "pretokenizers"):
         return None
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (model.get("unk_token") and model.get("fuse_unk") and not model.get("byte_fallback")):
+    fuses_unknown = model.get("unk_token") and model.get("fuse_unk") and not model.get("byte_fallback")
+    if model.get("type") != "BPE" or fuses_unknown:
         return None
     longest = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1)
     return max(longest, 1) * factor

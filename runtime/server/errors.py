@@ -136,7 +136,7 @@ def to_bad_request(exc: Exception, *, param: Optional[str] = None, fields=()) ->
     where = first[1] or param
     msgs = list(dict.fromkeys(m for d, w, m, _ in found if d == deepest and w == first[1]))
     message = " or ".join(msgs)
-    got = _short(first[3]) if first[3] is not None and not msgs[0].startswith(("field required", "unsupported")) else None
+    got = None if first[3] is None or msgs[0].startswith(("field required", "unsupported")) else _short(first[3])
     if where and not message.startswith(where):
         message = f"Invalid value for '{where}': {message}"
     if got is not None and "(" not in message:

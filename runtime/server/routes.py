@@ -21,9 +21,9 @@ from pydantic import BaseModel
 
 from ..async_engine import AsyncLLM, EngineDeadError
 from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
 from . import sse
 from .config import ServerConfig
-from ..sampling_params import SamplingParams
 from .errors import APIError, BadRequest, NotFound, Overloaded, RequestCut, error_body, to_bad_request
 from .intake import Intake
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -163,7 +163,8 @@ class OpenAIServing:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (TypeError, ValueError) as e:  # text the tokenizer cannot take (intake refuses what we know of)
             logger.info("tokenizer refused the %s: %s", param, e)
-            raise BadRequest(f"Invalid value for '{param}': the tokenizer cannot encode this text", param=param) from None
+            raise BadRequest(f"Invalid value for '{param}': the tokenizer cannot encode this text",
+                             param=param) from None
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -439,7 +440,8 @@ class OpenAIServing:
         render = functools.partial(tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt,
                                    tokenize=False)
         try:
-            if len(messages) > _INLINE_CHAT_MESSAGES or sum(len(m["content"]) for m in messages) > _INLINE_TOKENIZE_CHARS:
+            chars = sum(len(m["content"]) for m in messages)
+            if len(messages) > _INLINE_CHAT_MESSAGES or chars > _INLINE_TOKENIZE_CHARS:
                 text = await asyncio.to_thread(render)
             else:
                 text = render()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetserve.runtime.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
+from fleetserve.runtime.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                                 DetokenizeRequest, TokenizeRequest)
 
 from .conftest import ENGINE_KW, wait_for_idle

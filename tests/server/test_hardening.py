@@ -9,10 +9,9 @@ import logging
 import threading
 import time
 
-import aiohttp
 import pytest
 
-from .conftest import API_KEY, ENGINE_KW, wait_for_idle
+from .conftest import wait_for_idle
 from .test_errors import AUTH, assert_error, assert_human, call
 
 # ---------------------------------------------------------------- 1. lone surrogates
