@@ -59,6 +59,7 @@ class AsyncLLM:
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
         self.stats = engine.get_stats()
+        self.max_num_seqs: Optional[int] = getattr(getattr(engine, "config", None), "max_num_seqs", None)
         self._observers: list[OutputObserver] = list(observers)
         self._cv = threading.Condition()
         self._ops: list[tuple] = []  # guarded by _cv
@@ -103,6 +104,14 @@ class AsyncLLM:
     def num_waiting(self) -> int:
         """Requests not running yet: the engine's waiting queue plus adds not handed over."""
         return self.stats.num_waiting + self._pending_adds
+
+    def num_unschedulable(self, extra: int = 0) -> int:
+        """Sequences that would find no batch slot at the next step if `extra` more arrived now:
+        what is running, waiting or not handed over yet, beyond max_num_seqs. (KV blocks may still
+        hold some of the rest back; this counts slots only.)"""
+        s = self.stats
+        total = s.num_running + s.num_waiting + self._pending_adds + extra
+        return max(0, total - self.max_num_seqs) if self.max_num_seqs else s.num_waiting + self._pending_adds + extra
 
     @property
     def num_in_flight(self) -> int:
@@ -155,6 +164,13 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def fail_request(self, request_id: str, exc: BaseException) -> None:
+        """Ends a request with `exc` (raised from its generate() iterator) and aborts it in the engine."""
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(exc)
+        self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Aborts a request (no-op if it already finished); its KV blocks are freed by the engine thread."""
@@ -210,7 +226,7 @@ class AsyncLLM:
         self._post(self._fail_all, EngineDeadError("engine is shut down"))
 
     def _apply(self, ops, observers) -> tuple[list, bool]:
-        errors, aborted, added = [], False, False
+        errors, aborted, added, handed = [], False, False, 0
         for op in ops:
             if op[0] == "add":
                 _, rid, prompt, params, arrival = op
@@ -223,9 +239,7 @@ class AsyncLLM:
                     if not isinstance(e, ValueError):
                         logger.exception("add_request(%s) failed", rid)
                     errors.append((rid, e))
-                finally:
-                    with self._cv:
-                        self._pending_adds -= 1
+                handed += 1
             else:
                 try:
                     self.engine.abort_request(op[1])
@@ -234,6 +248,10 @@ class AsyncLLM:
                     pass  # already finished
         if added:
             self.stats = self.engine.get_stats()  # admission control reads num_waiting during the next step
+        if handed:
+            # Only now: until the stats above show them, these requests must still count as pending.
+            with self._cv:
+                self._pending_adds -= handed
         return errors, aborted
 
     def _post(self, fn, *args) -> None:

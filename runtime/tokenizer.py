@@ -7,6 +7,9 @@ or from a GGUF file's tokenizer metadata; either way encode/decode/chat template
 give what transformers gives for the same files.
 
 CPU only; thread-safe for concurrent encode/decode (the backend is immutable after build).
+`encode` releases the GIL while the Rust tokenizer runs (the batch entry point does, the
+single-text one does not), so a long text encoded in a worker thread leaves other threads
+(an event loop) running.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Tokenizer:
         # Like transformers 5: the clean-up (strip spaces before punctuation) is for WordPiece only;
         # on BPE vocabularies it would corrupt text.
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces and isinstance(backend.model, models.WordPiece)
+        self._max_chars_per_token: Optional[int] | bool = False  # computed on first use
         self.bos_token_id = self._id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._id(self.special_tokens.get("eos_token"))
         self.pad_token_id = self._id(self.special_tokens.get("pad_token"))
@@ -57,7 +61,24 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch_fast runs without the GIL (encode() holds it: a 2M-character text froze every
+        # other thread for 1 s) and skips the offsets nobody reads; the ids are the same.
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def max_chars_per_token(self) -> Optional[int]:
+        """An upper bound on the input characters one token can stand for, or None where the pipeline
+        has no such bound. A text longer than n times this needs more than n tokens, which lets a
+        server refuse an oversized prompt before tokenizing it.
+
+        Known only for pipelines that keep every input character (byte-level / Metaspace / digit /
+        regex-split pre-tokenizers, no normalizer or Prepend/Replace/NFC/NFKC) with a BPE model that
+        never fuses unknown text into one token: then a token covers at most as many characters as
+        its own (byte-level or SentencePiece) spelling has; NFC/NFKC may compose up to 4 characters
+        into one, hence a factor 4.
+        """
+        if self._max_chars_per_token is False:
+            self._max_chars_per_token = _max_chars_per_token(self.backend)
+        return self._max_chars_per_token
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -257,6 +278,43 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
         merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
+
+
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation", "Sequence"}
+_KEEPING_NORMALIZERS = {"Prepend": 1, "Replace": 1, "NFC": 4, "NFKC": 4, "Sequence": 1}
+
+
+def _max_chars_per_token(backend: _Backend) -> Optional[int]:
+    spec = json.loads(backend.to_str())
+    factor = 1
+
+    def walk(node, allowed, key):
+        nonlocal factor
+        if node is None:
+            return True
+        kind = node.get("type")
+        if kind not in allowed:
+            return False
+        if kind == "Split" and str(node.get("behavior", "")).lower() == "removed":
+            return False
+        if kind == "Replace":
+            pattern = next(iter((node.get("pattern") or {"": ""}).values()))
+            if len(node.get("content", "")) < len(str(pattern)):
+                return False  # a shrinking replacement: the text gets shorter than its tokens suggest
+        if allowed is _KEEPING_NORMALIZERS:
+            factor = max(factor, allowed[kind])
+        return all(walk(child, allowed, key) for child in node.get(key, []) or [])
+
+    if not walk(spec.get("normalizer"), _KEEPING_NORMALIZERS, "normalizers"):
+        return None
+    if not walk(spec.get("pre_tokenizer"), _KEEPING_PRE_TOKENIZERS, "pretokenizers"):
+        return None
+    model = spec.get("model") or {}
+    fuses_unknown = model.get("unk_token") and model.get("fuse_unk") and not model.get("byte_fallback")
+    if model.get("type") != "BPE" or fuses_unknown:
+        return None
+    longest = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1)
+    return max(longest, 1) * factor
 
 
 def _clean_up_tokenization(s: str) -> str:

@@ -1,7 +1,8 @@
 """fleetserve.runtime.server: the OpenAI-compatible aiohttp server.
 
 config.py (ServerConfig) -> app.py (app factory, middlewares, lifecycle, runner)
--> routes.py (handlers) -> protocol.py (pydantic request/response models),
+-> routes.py (handlers) -> intake.py (body -> validated model off the event loop, cheap bounds)
+-> protocol.py (pydantic request/response models),
 sse.py (streaming), errors.py (OpenAI error bodies), metrics.py (Prometheus, vLLM names).
 """
 from __future__ import annotations

@@ -5,7 +5,9 @@ Lifecycle (owned here):
   AsyncLLM engine thread, attach the metrics observer, log what is served;
 - SIGTERM / SIGINT: stop listening (new connections are refused), answer 503 to
   new requests on open connections, let in-flight requests finish within
-  ServerConfig.shutdown_timeout, cancel (abort) the rest, stop the engine, exit 0.
+  ServerConfig.shutdown_timeout, then cut the rest (aborted in the engine; a stream
+  gets a final error event and [DONE], any other request a 503 body; the log says
+  how many), stop the engine, exit 0.
 
 Middlewares: errors (outermost: every failure becomes an OpenAI error body),
 then auth + draining. /health, /metrics and /version need no API key.
@@ -133,9 +135,23 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
                 await asyncio.to_thread(engine.shutdown)
 
     async def on_shutdown(app: web.Application):
+        # aiohttp calls this after the listeners closed and before it waits for (then cancels) the
+        # handlers: draining and cutting here lets every cut request still answer properly.
         serving = app.get(SERVING)
-        if serving is not None:
-            serving.draining = True
+        if serving is None:
+            return
+        serving.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + server_config.shutdown_timeout
+        while serving.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if serving.num_in_flight:
+            streams, others = serving.cut_in_flight()
+            logger.warning("shutdown timeout (%.0fs) reached: cut %d in-flight requests (%d streams ended with an "
+                           "error event and [DONE], %d answered 503)", server_config.shutdown_timeout,
+                           streams + others, streams, others)
+            while serving.num_in_flight and loop.time() < deadline + 5:  # let them write their last bytes
+                await asyncio.sleep(0.01)
 
     app.cleanup_ctx.append(engine_ctx)
     app.on_shutdown.append(on_shutdown)

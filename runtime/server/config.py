@@ -21,11 +21,13 @@ class ServerConfig(BaseModel):
     api_key: Optional[str] = Field(None, repr=False)
     """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and /version stay open)."""
     max_waiting_requests: int = Field(1024, ge=0)
-    """Requests allowed to wait for a batch slot; beyond that new requests get 503 with Retry-After."""
+    """Sequences (prompts x n) allowed beyond the engine's max_num_seqs batch slots, i.e. waiting for a slot;
+    beyond that new requests get 503 with Retry-After."""
     max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest accepted request body; larger bodies get 413."""
     shutdown_timeout: float = Field(30.0, ge=0.0)
-    """Seconds SIGTERM waits for in-flight requests to finish before aborting them and exiting."""
+    """Seconds SIGTERM waits for in-flight requests to finish; the rest are cut (streams get an error event and
+    [DONE], other requests 503) and the server exits."""
     retry_after_seconds: int = Field(1, ge=0)
     """Value of the Retry-After header sent with 503 responses."""
     max_n: int = Field(16, ge=1)

@@ -1,13 +1,16 @@
 """OpenAI-compatible protocol models (pydantic), requests and responses.
 
-Requests are validated here, once: unknown fields are rejected (extra="forbid")
-and OpenAI fields we do not implement are rejected by name when they ask for
-something (tools, images, ...) instead of being silently ignored. Each request
+Requests are validated here, once. Unknown fields are ignored and logged once
+per name (as vLLM does: new SDK versions send fields older servers never heard
+of); OpenAI fields we know but do not implement are rejected by name when they
+ask for something (tools, images, ...), and accepted in their null/empty form.
+Failures raise InvalidParameter naming the field (errors.to_bad_request). Each request
 knows how to become `SamplingParams`; responses are plain models that serialise
 to exactly the JSON the OpenAI SDK parses.
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -15,6 +18,10 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..sampling_params import SamplingParams
+from .errors import InvalidParameter
+
+logger = logging.getLogger("fleetserve.server")
+_ignored_logged: set[str] = set()
 
 
 def random_id(prefix: str) -> str:
@@ -22,7 +29,16 @@ def random_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _ignore_unknown(self):
+        for name in self.model_extra or ():
+            key = f"{type(self).__name__}.{name}"
+            if key not in _ignored_logged:  # once per name: clients send the same extras on every request
+                _ignored_logged.add(key)
+                logger.warning("ignoring unknown request field %r in %s (logged once)", name, type(self).__name__)
+        return self
 
 
 class StreamOptions(_Request):
@@ -72,7 +88,7 @@ class _SamplingRequest(_Request):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidParameter("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     @property
@@ -108,9 +124,9 @@ class CompletionRequest(_SamplingRequest):
     @model_validator(mode="after")
     def _unsupported(self):
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise InvalidParameter("suffix", "suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of different from n is not supported")
+            raise InvalidParameter("best_of", "best_of different from n is not supported")
         return self
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -138,10 +154,23 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: Optional[Union[str, list[TextContent]]] = None
     name: Optional[str] = None
+    # What the SDK sends back when a response message is put into the history as it is.
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    annotations: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _off_forms_only(self):
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(self, name):
+                raise InvalidParameter(name, f"{name} in messages is not supported by this server")
+        return self
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""  # a refusal is the assistant's turn as the client saw it
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
@@ -164,22 +193,23 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     store: Optional[bool] = None
-    metadata: Optional[dict[str, str]] = None
+    """Accepted and ignored: this server keeps no completions."""
+    metadata: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.tools or self.functions:
-            raise ValueError("tools and functions are not supported")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise ValueError("tool_choice / function_call are not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise InvalidParameter(name, f"{name} are not supported by this server")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise InvalidParameter(name, f"{name} is not supported by this server (only 'none')")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise InvalidParameter("response_format", "response_format other than {'type': 'text'} is not supported")
         if self.modalities and self.modalities != ["text"]:
-            raise ValueError("only the text modality is supported")
-        if self.store:
-            raise ValueError("store is not supported")
+            raise InvalidParameter("modalities", "only the text modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
@@ -204,7 +234,7 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise InvalidParameter("prompt", "give exactly one of prompt or messages")
         return self
 
 

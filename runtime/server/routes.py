@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from typing import AsyncIterator, Optional
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ..async_engine import AsyncLLM, EngineDeadError
 from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
 from . import sse
 from .config import ServerConfig
-from .errors import BadRequest, NotFound, Overloaded, error_body, from_validation_error
+from .errors import APIError, BadRequest, NotFound, Overloaded, RequestCut, error_body, to_bad_request
+from .intake import Intake
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
@@ -32,8 +35,13 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, Chat
 
 logger = logging.getLogger("fleetserve.server")
 
-# Prompts longer than this (characters) are tokenized off the event loop.
+# Prompts longer than this (characters) are tokenized off the event loop; chats with more
+# messages or characters are rendered off it (the template is Python: a worker thread lets the
+# loop in every few ms; the tokenizer releases the GIL).
 _INLINE_TOKENIZE_CHARS = 4096
+_INLINE_CHAT_MESSAGES = 32
+# Names an engine refusal may start with ("logprobs=25 exceeds ...") when it carries no param.
+_ENGINE_PARAMS = frozenset(SamplingParams.model_fields) | {"prompt"}
 
 
 async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -95,35 +103,49 @@ class OpenAIServing:
         self.max_logprobs = getattr(engine_config, "max_logprobs", 20)
         # The model's vocabulary bounds token ids (a preset may borrow a smaller tokenizer).
         self.vocab_size = getattr(llm.engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
+        max_chars = getattr(self.tokenizer, "max_chars_per_token", None)
+        self.intake = Intake(self.max_model_len, max_chars() if callable(max_chars) else None, self.vocab_size)
         self.draining = False
+        self.cut = False
+        """Set once shutdown cut the requests still running at the drain timeout: no new generation starts."""
+        self._in_flight: dict[str, tuple[list[str], bool]] = {}  # request id -> (engine request ids, streaming)
         self.created = int(time.time())
+
+    @property
+    def num_in_flight(self) -> int:
+        """This app's requests that are generating (the engine may be shared by several apps)."""
+        return len(self._in_flight)
+
+    def cut_in_flight(self) -> tuple[int, int]:
+        """Ends every generating request (shutdown past its drain timeout): streams get a final error
+        event and [DONE], the others a 503 body. Returns (streams, others) cut."""
+        self.cut = True
+        streams = others = 0
+        for rid, (engine_ids, streaming) in list(self._in_flight.items()):
+            for eid in engine_ids:
+                self.llm.fail_request(eid, RequestCut("The server shut down before this request finished "
+                                                      "(shutdown timeout reached). Retry on another replica."))
+            streams, others = (streams + 1, others) if streaming else (streams, others + 1)
+        return streams, others
 
     # ------------------------------------------------------------ helpers
 
     async def _parse(self, request: web.Request, model: type[BaseModel]):
-        try:
-            body = await request.json()
-        except web.HTTPException:
-            raise  # 413 from aiohttp's client_max_size
-        except Exception:
-            raise BadRequest("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        return await self.intake.parse(request, model)
 
     def _check_model(self, name: Optional[str]) -> None:
         # vLLM accepts an absent model; OpenAI clients always send one.
         if name is not None and name != self.served_model_name:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def _admit(self, num_requests: int) -> None:
+    def _admit(self, num_seqs: int) -> None:
+        if self.cut:
+            raise RequestCut("The server is shutting down.")
         if not self.llm.is_alive:
             raise Overloaded("The engine is not running.", code="engine_dead",
                              headers={"Retry-After": str(self.config.retry_after_seconds)})
-        if self.llm.num_waiting + num_requests > self.config.max_waiting_requests:
+        # Only what cannot get a batch slot waits: a burst that fits the batch is admitted whole.
+        if self.llm.num_unschedulable(num_seqs) > self.config.max_waiting_requests:
             raise Overloaded("The server is overloaded: too many requests are waiting. Retry later.",
                              code="overloaded", headers={"Retry-After": str(self.config.retry_after_seconds)})
 
@@ -133,11 +155,16 @@ class OpenAIServing:
                              code="no_tokenizer")
         return self.tokenizer
 
-    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
         self._need_tokenizer("a text prompt")
-        if len(text) > _INLINE_TOKENIZE_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            if len(text) > _INLINE_TOKENIZE_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except (TypeError, ValueError) as e:  # text the tokenizer cannot take (intake refuses what we know of)
+            logger.info("tokenizer refused the %s: %s", param, e)
+            raise BadRequest(f"Invalid value for '{param}': the tokenizer cannot encode this text",
+                             param=param) from None
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -165,12 +192,15 @@ class OpenAIServing:
         if req.logit_bias and self.vocab_size is not None:
             if any(not 0 <= int(k) < self.vocab_size for k in req.logit_bias):
                 raise BadRequest(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        if req.stop_token_ids and self.vocab_size is not None:
+            if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids):
+                raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
 
     def _sampling_params(self, req, max_tokens):
         try:
             return req.to_sampling_params(max_tokens)
         except ValueError as e:
-            raise BadRequest(str(e)) from None
+            raise to_bad_request(e, fields=SamplingParams.model_fields) from None
 
     def _log_done(self, rid: str, usage: UsageInfo, latest: dict[int, RequestOutput], start: float) -> None:
         if self.config.disable_log_requests:
@@ -186,19 +216,30 @@ class OpenAIServing:
             return f"token_id:{tid}"  # vLLM's spelling for tokens it cannot show as text
         return self.tokenizer.decode([tid], skip_special_tokens=False)
 
-    def _start(self, prompts_ids: list[list[int]], params, request_id: str) -> AsyncIterator:
+    def _start(self, prompts_ids: list[list[int]], params, request_id: str, streaming: bool) -> AsyncIterator:
         arrival = time.time()
-        gens = [self.llm.generate({"prompt_token_ids": ids}, params, f"{request_id}-{i}", arrival_time=arrival)
-                for i, ids in enumerate(prompts_ids)]
-        return merge(gens)
+        engine_ids = [f"{request_id}-{i}" for i in range(len(prompts_ids))]
+        gens = [self.llm.generate({"prompt_token_ids": ids}, params, eid, arrival_time=arrival)
+                for eid, ids in zip(engine_ids, prompts_ids)]
+        return self._tracked(request_id, engine_ids, streaming, merge(gens))
+
+    async def _tracked(self, request_id: str, engine_ids: list[str], streaming: bool, stream: AsyncIterator):
+        """The merged stream, listed in _in_flight while it runs (shutdown cuts what is listed)."""
+        self._in_flight[request_id] = (engine_ids, streaming)
+        try:
+            async with contextlib.aclosing(stream) as s:
+                async for item in s:
+                    yield item
+        finally:
+            self._in_flight.pop(request_id, None)
 
     @staticmethod
     async def _first(stream) -> tuple[int, RequestOutput]:
         """The first output, so that invalid input is still answered with 400 before any byte is sent."""
         try:
             return await stream.__anext__()
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        except ValueError as e:  # the engine refused the request (engine-side errors may carry a param)
+            raise to_bad_request(e, fields=_ENGINE_PARAMS) from None
         except EngineDeadError as e:
             raise Overloaded(str(e), code="engine_dead") from None
 
@@ -258,7 +299,7 @@ class OpenAIServing:
         texts, ids_list = [], []
         for p in prompts:
             if isinstance(p, str):
-                ids = await self._encode(p, add_special_tokens=True)
+                ids = await self._encode(p, add_special_tokens=True, param="prompt")
                 texts.append(p)
             else:
                 ids = list(p)
@@ -269,11 +310,11 @@ class OpenAIServing:
             self._check_length(len(ids), req.max_tokens, "prompt")
             ids_list.append(ids)
         params = self._sampling_params(req, req.max_tokens)
-        self._admit(len(ids_list))
+        self._admit(len(ids_list) * req.n)
         rid = random_id("cmpl")
         start = time.time()
         created = int(start)
-        stream = self._start(ids_list, params, rid)
+        stream = self._start(ids_list, params, rid, req.stream)
         async with contextlib.aclosing(stream):
             first = await self._first(stream)
             if req.stream:
@@ -375,6 +416,8 @@ class OpenAIServing:
             return resp  # client went away; closing the stream aborts the requests
         except ValueError as e:
             await self._stream_error(resp, str(e), "invalid_request_error")
+        except APIError as e:  # RequestCut: shutdown past its drain timeout
+            await self._stream_error(resp, e.message, e.type, e.code)
         except EngineDeadError as e:
             await self._stream_error(resp, str(e), "server_overloaded")
         except Exception:
@@ -385,21 +428,27 @@ class OpenAIServing:
         return resp
 
     @staticmethod
-    async def _stream_error(resp, message: str, type_: str) -> None:
+    async def _stream_error(resp, message: str, type_: str, code: Optional[str] = None) -> None:
         with contextlib.suppress(ConnectionError):
-            await resp.write(sse.event(json.dumps(error_body(message, type_))))
+            await resp.write(sse.event(json.dumps(error_body(message, type_, code=code))))
             await resp.write(sse.DONE)
 
     # ------------------------------------------------------------ chat
 
     async def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         tokenizer = self._need_tokenizer("chat")
+        render = functools.partial(tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                   tokenize=False)
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            chars = sum(len(m["content"]) for m in messages)
+            if len(messages) > _INLINE_CHAT_MESSAGES or chars > _INLINE_TOKENIZE_CHARS:
+                text = await asyncio.to_thread(render)
+            else:
+                text = render()
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
             raise BadRequest(f"chat template failed: {e}", param="messages") from None
         # The template already writes any BOS the model needs.
-        return await self._encode(text, add_special_tokens=False)
+        return await self._encode(text, add_special_tokens=False, param="messages")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
@@ -410,11 +459,11 @@ class OpenAIServing:
         max_tokens = req.requested_max_tokens()
         self._check_length(len(ids), max_tokens, "messages")
         params = self._sampling_params(req, max_tokens)
-        self._admit(1)
+        self._admit(req.n)
         rid = random_id("chatcmpl")
         start = time.time()
         created = int(start)
-        stream = self._start([ids], params, rid)
+        stream = self._start([ids], params, rid, req.stream)
         async with contextlib.aclosing(stream):
             first = await self._first(stream)
             if req.stream:
@@ -509,7 +558,8 @@ class OpenAIServing:
         req: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         self._check_model(req.model)
         self._check_ids(req.tokens, "tokens") if req.tokens else None
-        text = self._need_tokenizer("detokenize").decode(req.tokens, skip_special_tokens=False)
+        decode = functools.partial(self._need_tokenizer("detokenize").decode, req.tokens, skip_special_tokens=False)
+        text = await asyncio.to_thread(decode) if len(req.tokens) > _INLINE_TOKENIZE_CHARS else decode()
         return web.json_response({"prompt": text})
 
     async def health(self, request: web.Request) -> web.Response:

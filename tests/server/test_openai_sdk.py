@@ -123,13 +123,14 @@ def test_vllm_extras_through_extra_body(client, model_name):
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
-def test_unsupported_field_rejected_by_sdk(client, model_name):
+def test_unknown_field_ignored_unsupported_rejected_by_sdk(client, model_name):
+    # Unknown fields are ignored (vLLM behaviour, #13); a known field asking for what we lack is a 400 naming it.
+    r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"not_a_field": 1})
+    assert r.choices[0].finish_reason
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"not_a_field": 1})
-    assert "not_a_field" in str(e.value)
-    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert e.value.body["param"] == "tools"
 
 
 def test_async_client(base_url, model_name):
