@@ -2,8 +2,9 @@
 
 One step is schedule -> execute -> update: the Scheduler picks the work (a plain
 SchedulerOutput), the ModelRunner computes it on the device and samples, the
-Scheduler advances the sequences, and the engine detokenizes, applies stop
-strings and assembles RequestOutputs. The engine owns the per-request state
+Scheduler advances the sequences and finishes those that runtime/stop.py says
+are done (EOS, stop ids, stop strings via the detokenizers, length), and the
+engine assembles RequestOutputs. The engine owns the per-request state
 that outlives a step (prompt, detokenizers, logprobs, timings). It is
 single-threaded; fleetserve.runtime.async_engine.AsyncLLM drives it from
 asyncio.
@@ -24,10 +25,11 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from .request import Sequence, SeqStatus
+from .request import Sequence
 from .sampler import check_token_ids, completion_seed
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stop import StopChecker
 
 logger = logging.getLogger("fleetserve.engine")
 
@@ -110,6 +112,8 @@ class LLMEngine:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
+        # The one owner of stop decisions; it reads stop strings from the sequence's detokenizer.
+        self._stop = StopChecker(self.eos_token_ids, self._detokenizer_of)
         self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                                   self.eos_token_ids)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -261,9 +265,6 @@ class LLMEngine:
                 continue
             self._forget(rid)
             self.scheduler.abort([s for s in state.seqs if not s.is_finished])
-            for s in state.seqs:
-                if not s.is_finished:
-                    s.status = SeqStatus.FINISHED_ABORTED
             state.metrics.finished_time = time.time()
             self._pending_outputs.append(self._make_output(state))
 
@@ -314,7 +315,7 @@ class LLMEngine:
         """Read back one launched step and turn its tokens into request outputs."""
         result = self.runner.collect(launched)
         sched = launched.sched
-        progressed = self.scheduler.update(sched, result.sampled, self.eos_token_ids)
+        progressed = self.scheduler.update(sched, result.sampled, self._stop)
         now = time.time()
         outputs: list[RequestOutput] = []
         touched: dict[str, _RequestState] = {}
@@ -329,22 +330,10 @@ class LLMEngine:
             state = self._requests[seq.request_id]
             touched[seq.request_id] = state
             self.generation_tokens_total += 1
-            token = seq.token_ids[-1]
             if seq.seq_id in result.logprobs:
                 ids, lps, rank = result.logprobs[seq.seq_id]
                 state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
                 state.cumulative_logprob[seq.index] += lps[0]
-            if state.detoks:
-                det = state.detoks[seq.index]
-                # EOS / a stop token id ended it: the token stays in token_ids, its text is left out
-                by_token = seq.status == SeqStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
-                stop = det.update([token], stop_terminated=by_token)
-                if stop is None and seq.is_finished:
-                    stop = det.flush()
-                if stop is not None and not seq.is_finished:
-                    self.scheduler.finish(seq, SeqStatus.FINISHED_STOPPED, stop)
-                elif stop is not None and seq.status == SeqStatus.FINISHED_LENGTH:
-                    seq.status, seq.stop_reason = SeqStatus.FINISHED_STOPPED, stop
         for rid, state in touched.items():
             m = state.metrics
             if m.first_token_time is None:
@@ -358,6 +347,10 @@ class LLMEngine:
                 continue
             outputs.append(self._make_output(state))
         return outputs
+
+    def _detokenizer_of(self, seq: Sequence) -> Optional[IncrementalDetokenizer]:
+        state = self._requests.get(seq.request_id)
+        return state.detoks[seq.index] if state is not None and state.detoks else None
 
     def _forget(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)

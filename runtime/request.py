@@ -1,8 +1,9 @@
 """Sequence: all per-completion state of a request, on the CPU.
 
 The engine creates one Sequence per completion (n of them for `n > 1`); only the
-scheduler mutates scheduling state (status, num_computed_tokens) and only the
-KV cache manager mutates `block_ids`. Nothing here touches the device.
+scheduler mutates scheduling state (status, num_computed_tokens) -- a sequence
+ends only in `Scheduler.finish`, on a decision of runtime/stop.py or an abort --
+and only the KV cache manager mutates `block_ids`. Nothing here touches the device.
 """
 from __future__ import annotations
 

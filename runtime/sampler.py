@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
+from .stop import suppressed_token_ids
 
 # vLLM treats temperatures this small as greedy: dividing by them overflows.
 _GREEDY_TEMPERATURE = 1e-5
@@ -185,10 +186,7 @@ class SamplingTensors:
                         bias_idx.append(i * V + t)
                         bias_val.append(b)
             if n_out < p.min_tokens:
-                stop_ids = set(p.stop_token_ids)
-                if not p.ignore_eos:
-                    stop_ids |= row.eos_token_ids
-                suppress_idx += [i * V + t for t in stop_ids if 0 <= t < V]
+                suppress_idx += [i * V + t for t in suppressed_token_ids(p, row.eos_token_ids, n_out) if 0 <= t < V]
             num_logprobs.append(p.logprobs)
             if p.logprobs is not None:
                 max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 
 from .kv_cache import KVCacheManager
 from .request import Sequence, SeqStatus
+from .stop import StopChecker
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, status: SeqStatus, reason: int | str | None = None) -> None:
-        """End seq (stop, length or abort): free its blocks and drop it and its unforked siblings."""
+        """End seq (stop, length or abort): the only place a sequence finishes. Frees its
+        blocks and drops it from the queues; a no-op when it already finished."""
         if seq.is_finished:
             return
         seq.status = status
@@ -149,14 +151,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: Iterable[int]) -> list[Sequence]:
-        """Turn the step's placeholders into sampled tokens, fork n>1 siblings, finish on stop/length.
+    def update(self, out: SchedulerOutput, sampled: dict[int, int], stop: StopChecker) -> list[Sequence]:
+        """Turn the step's placeholders into sampled tokens, fork n>1 siblings, and finish the
+        sequences that `stop` (runtime/stop.py) says are done.
 
         `sampled` maps seq_id -> new token for the sequences that sampled. Returns the
         sequences that got a new token (finished ones included).
         """
         progressed = []
-        eos = set(eos_token_ids)
         for s in out.scheduled:
             seq = s.seq
             if s.sample:
@@ -174,18 +176,10 @@ class Scheduler:
             if seq.block_ids:
                 self.kv.cache_full_blocks(seq)
             progressed.append(seq)
-            self._check_stop(seq, token, eos)
+            decision = stop.check(seq, token)
+            if decision is not None:
+                self.finish(seq, decision.status, decision.reason)
         return progressed
-
-    def _check_stop(self, seq: Sequence, token: int, eos: set[int]) -> None:
-        p = seq.params
-        if seq.num_output_tokens > p.min_tokens:  # the sampler masks EOS / stop ids before min_tokens
-            if not p.ignore_eos and token in eos:
-                return self.finish(seq, SeqStatus.FINISHED_STOPPED, None)
-            if token in p.stop_token_ids:
-                return self.finish(seq, SeqStatus.FINISHED_STOPPED, token)
-        if seq.num_tokens >= seq.max_len:
-            self.finish(seq, SeqStatus.FINISHED_LENGTH)
 
     def _fork_siblings(self, leader: Sequence) -> None:
         """n > 1: siblings share the leader's prompt KV and recompute only its last prompt token."""
@@ -204,8 +198,9 @@ class Scheduler:
         leader.pending_forks = []
 
     def abort(self, seqs: Iterable[Sequence]) -> None:
+        """Abort seqs and the siblings still waiting to fork from them."""
         for seq in seqs:
-            for child in seq.pending_forks:
-                child.status = SeqStatus.FINISHED_ABORTED
-            seq.pending_forks = []
+            forks, seq.pending_forks = seq.pending_forks, []
+            for child in forks:
+                self.finish(child, SeqStatus.FINISHED_ABORTED)
             self.finish(seq, SeqStatus.FINISHED_ABORTED)

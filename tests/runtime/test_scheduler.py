@@ -5,6 +5,7 @@ from fleetserve.runtime.kv_cache import KVCacheManager
 from fleetserve.runtime.request import Sequence, SeqStatus
 from fleetserve.runtime.sampling_params import SamplingParams
 from fleetserve.runtime.scheduler import Scheduler
+from fleetserve.runtime.stop import StopChecker
 
 _ids = iter(range(10**9))
 
@@ -18,7 +19,7 @@ def make_seq(tokens, max_tokens=8, **kw):
 def run_step(sched, token=7):
     out = sched.schedule()
     sampled = {s.seq.seq_id: token for s in out.scheduled if s.sample}
-    sched.update(out, sampled, eos_token_ids=[0])
+    sched.update(out, sampled, StopChecker(eos_token_ids=[0]))
     return out
 
 
@@ -108,7 +109,7 @@ def test_fork_shares_prompt_blocks_and_copies_on_write():
     # every writer of the shared partial block copies it, except the last holder
     assert len(out.block_copies) == 3
     assert {s.num_new_tokens for s in out.scheduled} == {1}
-    sched.update(out, {s.seq.seq_id: 5 for s in out.scheduled}, [0])
+    sched.update(out, {s.seq.seq_id: 5 for s in out.scheduled}, StopChecker([0]))
     shared_full = set(leader.block_ids[:2])
     assert all(set(k.block_ids[:2]) == shared_full for k in kids)
     while sched.has_unfinished():
