@@ -25,15 +25,15 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from .protocols import PromptInput
 from .request import Sequence
-from .sampler import check_token_ids, completion_seed
+from .sampler import completion_seed
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop import StopChecker
+from .validation import InvalidRequestError, RequestLimits, validate
 
 logger = logging.getLogger("fleetserve.engine")
-
-PromptInput = Union[str, list[int], dict]
 
 
 @dataclass
@@ -111,6 +111,8 @@ class LLMEngine:
                                  f"in {self.num_kv_blocks} blocks): lower it or give the KV cache more memory")
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
+        self.limits = RequestLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+                                    max_logprobs=config.max_logprobs)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
         # The one owner of stop decisions; it reads stop strings from the sequence's detokenizer.
         self._stop = StopChecker(self.eos_token_ids, self._detokenizer_of)
@@ -202,41 +204,27 @@ class LLMEngine:
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids", param="prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
+        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] "
+                                  f"or dict", param="prompt")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None, final_only: bool = False) -> None:
-        """Queue a request. final_only: step() reports it only once finished (offline batches),
-        which saves building an output object for every request in every step."""
+        """Queue a request; runtime/validation.validate checks it first (InvalidRequestError, a
+        ValueError). final_only: step() reports it only once finished (offline batches), which
+        saves building an output object for every request in every step."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
-                             f"but the prompt has {len(ids)} tokens (no room for any output)")
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > self.config.max_logprobs:
-                raise ValueError(f"{name}={v} exceeds the maximum allowed ({self.config.max_logprobs})")
-        check_token_ids(params, self.vocab_size)
-        need_blocks = -(-min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) // self.block_size)
-        if need_blocks > self.num_kv_blocks:
-            raise ValueError(f"the request needs up to {need_blocks} KV blocks but the cache holds only "
-                             f"{self.num_kv_blocks}: lower max_tokens or give the KV cache more memory")
-        max_len = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(ids) + params.max_tokens)
+        validate(ids, params, self.limits)
+        max_len = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         arrival = arrival_time if arrival_time is not None else time.time()
         seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)

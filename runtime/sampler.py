@@ -74,15 +74,6 @@ def completion_seed(seed: int, index: int) -> int:
     return seed + index
 
 
-def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Raise ValueError if logit_bias or stop_token_ids name ids outside the vocabulary
-    (for the engine's add_request; `SamplingTensors.build` silently skips them)."""
-    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
-
-
 @dataclass
 class SamplingTensors:
     """One step's sampling inputs on the device, plus host-side flags that let
@@ -180,11 +171,10 @@ class SamplingTensors:
                 if rep != 1.0:
                     prompt_rows.append(i)
                     prompt_seqs.append(row.prompt_token_ids)
-            if p.logit_bias:
+            if p.logit_bias:  # ids were checked against the vocabulary by runtime/validation.py
                 for t, b in p.logit_bias.items():
-                    if 0 <= t < V:
-                        bias_idx.append(i * V + t)
-                        bias_val.append(b)
+                    bias_idx.append(i * V + t)
+                    bias_val.append(b)
             if n_out < p.min_tokens:
                 suppress_idx += [i * V + t for t in suppressed_token_ids(p, row.eos_token_ids, n_out) if 0 <= t < V]
             num_logprobs.append(p.logprobs)

@@ -119,7 +119,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, str):
             return [p]
         if not p:
-            raise ValueError("prompt must not be empty")
+            return [[]]  # one empty prompt: runtime/validation.validate refuses it
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]

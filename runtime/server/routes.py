@@ -20,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..async_engine import AsyncLLM, EngineDeadError
 from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from ..validation import InvalidRequestError, validate
 from . import sse
 from .config import ServerConfig
 from .errors import BadRequest, NotFound, Overloaded, error_body, from_validation_error
@@ -73,6 +75,12 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _bad_request(e: InvalidRequestError, prompt_param: str) -> BadRequest:
+    """The engine's refusal as a 400; the prompt is "messages" for chat."""
+    param = prompt_param if e.param == "prompt" else e.param
+    return BadRequest(e.message, param=param, code=e.code)
+
+
 def _usage(prompt_lens: list[int], latest: dict[int, RequestOutput]) -> UsageInfo:
     p = sum(prompt_lens)
     c = sum(len(co.token_ids) for out in latest.values() for co in out.outputs)
@@ -91,10 +99,10 @@ class OpenAIServing:
         self.served_model_name = served_model_name
         self.model_path = model_path
         self.max_model_len = llm.max_model_len
-        engine_config = getattr(llm.engine, "config", None)
-        self.max_logprobs = getattr(engine_config, "max_logprobs", 20)
+        self.limits = llm.limits  # what runtime/validation.validate checks requests against
+        self.max_logprobs = self.limits.max_logprobs
         # The model's vocabulary bounds token ids (a preset may borrow a smaller tokenizer).
-        self.vocab_size = getattr(llm.engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
+        self.vocab_size = self.limits.vocab_size
         self.draining = False
         self.created = int(time.time())
 
@@ -140,31 +148,22 @@ class OpenAIServing:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise BadRequest("prompt must not be empty", param=param)
-        if self.vocab_size is not None and any(t < 0 or t >= self.vocab_size for t in ids):
+        if any(t < 0 or t >= self.vocab_size for t in ids):
             raise BadRequest(f"token ids must be in [0, {self.vocab_size})", param=param)
 
-    def _check_length(self, prompt_len: int, max_tokens: Optional[int], what: str) -> None:
-        limit = self.max_model_len
-        if prompt_len >= limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens. However, your request has "
-                             f"{prompt_len} input tokens. Please reduce the length of the {what}.",
-                             param=what, code="context_length_exceeded")
-        if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens. However, you requested "
-                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                             f"completion). Please reduce the length of the {what} or completion.",
-                             param="max_tokens", code="context_length_exceeded")
-
     def _check_sampling(self, req, logprobs: Optional[int]) -> None:
+        """The HTTP-side limits; everything else is runtime/validation.validate's."""
         if req.n > self.config.max_n:
             raise BadRequest(f"n must be at most {self.config.max_n}", param="n")
         if logprobs is not None and logprobs > self.max_logprobs:
             raise BadRequest(f"at most {self.max_logprobs} logprobs may be requested", param="logprobs")
-        if req.logit_bias and self.vocab_size is not None:
-            if any(not 0 <= int(k) < self.vocab_size for k in req.logit_bias):
-                raise BadRequest(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+
+    def _validate(self, ids: list[int], params: SamplingParams, prompt_param: str) -> None:
+        """The engine's own check, run here so that a bad request gets its 400 before it is admitted."""
+        try:
+            validate(ids, params, self.limits)
+        except InvalidRequestError as e:
+            raise _bad_request(e, prompt_param) from None
 
     def _sampling_params(self, req, max_tokens):
         try:
@@ -197,6 +196,8 @@ class OpenAIServing:
         """The first output, so that invalid input is still answered with 400 before any byte is sent."""
         try:
             return await stream.__anext__()
+        except InvalidRequestError as e:
+            raise _bad_request(e, "prompt") from None
         except ValueError as e:
             raise BadRequest(str(e)) from None
         except EngineDeadError as e:
@@ -251,24 +252,18 @@ class OpenAIServing:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
         self._check_sampling(req, req.logprobs)
-        try:
-            prompts = req.prompts()
-        except ValueError as e:
-            raise BadRequest(str(e), param="prompt") from None
         texts, ids_list = [], []
-        for p in prompts:
+        for p in req.prompts():
             if isinstance(p, str):
                 ids = await self._encode(p, add_special_tokens=True)
                 texts.append(p)
             else:
                 ids = list(p)
-                self._check_ids(ids, "prompt")
                 texts.append(None)
-            if not ids:
-                raise BadRequest("prompt must not be empty", param="prompt")
-            self._check_length(len(ids), req.max_tokens, "prompt")
             ids_list.append(ids)
         params = self._sampling_params(req, req.max_tokens)
+        for ids in ids_list:
+            self._validate(ids, params, "prompt")
         self._admit(len(ids_list))
         rid = random_id("cmpl")
         start = time.time()
@@ -407,9 +402,8 @@ class OpenAIServing:
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
         ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
-        max_tokens = req.requested_max_tokens()
-        self._check_length(len(ids), max_tokens, "messages")
-        params = self._sampling_params(req, max_tokens)
+        params = self._sampling_params(req, req.requested_max_tokens())
+        self._validate(ids, params, "messages")
         self._admit(1)
         rid = random_id("chatcmpl")
         start = time.time()

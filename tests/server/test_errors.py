@@ -79,7 +79,8 @@ def test_404_unknown_model_and_route(base_url):
     ({"prompt": "x", "logprobs": 50}, "logprobs", "logprobs"),
     ({"prompt": "x", "n": 1000}, "n", ""),
     ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", ""),
-    ({"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias", ""),
+    ({"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias", "vocabulary"),
+    ({"prompt": "x", "stop_token_ids": [99999999]}, "stop_token_ids", "vocabulary"),
     ({"prompt": "x", "suffix": "y"}, None, "suffix"),
     ({"prompt": "x", "stop": [""]}, None, "stop"),
     ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, None, "min_tokens"),
@@ -102,6 +103,14 @@ def test_400_completions(base_url, body, param, contains):
 ])
 def test_400_chat(base_url, body, contains):
     assert_error(call(base_url + "/v1/chat/completions", body, AUTH), 400, contains=contains)
+
+
+def test_400_chat_context_length_names_messages(base_url):
+    """runtime/validation.validate refuses it; the server maps the prompt onto chat's field."""
+    body = {"messages": [{"role": "user", "content": "hello " * 600}]}
+    err, _ = assert_error(call(base_url + "/v1/chat/completions", body, AUTH), 400, param="messages",
+                          contains="maximum context length")
+    assert err["code"] == "context_length_exceeded"
 
 
 def test_400_bad_json(base_url):
