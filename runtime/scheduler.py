@@ -10,42 +10,18 @@ preempted by recompute: its blocks are freed and it goes back to the front of
 the waiting queue; seeds make its resumed output identical.
 
 The scheduler owns the waiting and running queues and every Sequence's
-scheduling state; it returns a plain `SchedulerOutput` and never touches
-device tensors.
+scheduling state; it returns a plain `SchedulerOutput` (runtime/scheduler_output.py)
+and never touches device tensors.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 from .kv_cache import KVCacheManager
 from .request import Sequence, SeqStatus
+from .scheduler_output import ScheduledSeq, SchedulerOutput
 from .stop import StopChecker
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    start: int
-    """Position of the first token computed this step (the sequence's computed count before it)."""
-    num_new_tokens: int
-    """Tokens computed for this sequence this step: positions start .. start + num_new_tokens - 1."""
-    sample: bool
-    """True when this step reaches the end of the known tokens, so a new token is sampled."""
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """(src, dst) KV block copies to do before the forward pass (copy-on-write)."""
-    num_batched_tokens: int = 0
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:
