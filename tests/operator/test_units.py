@@ -10,6 +10,7 @@ import pytest
 
 from fleetserve.operator import autoscaler, render
 from fleetserve.operator.apply import is_subset, merge, removals
+from fleetserve.operator.memo import OperatorMemo
 from fleetserve.operator.metrics import RateTracker, parse_prometheus, sample_from_text
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import Autoscaling, parse_spec
@@ -336,6 +337,20 @@ def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
     entry.run()
     assert calls["namespaces"] == ("a", "b") and calls["clusterwide"] is False and calls["standalone"] is True
     assert calls["liveness_endpoint"].endswith(":8080/healthz") and calls["configure"]["debug"] is True
+    assert isinstance(calls["memo"], OperatorMemo)
+
+
+def test_memo_copies_share_operator_state_but_not_per_object_state():
+    """kopf gives every InferenceService copy.copy(root memo)."""
+    import copy
+
+    root = OperatorMemo(api=object(), pdb_api="policy/v1")
+    a, b = copy.copy(root), copy.copy(root)
+    assert a.api is root.api and a.settings is root.settings and a.pdb_api == "policy/v1"
+    assert a.apply_lock is not b.apply_lock and a.rates is not b.rates and a.history is not b.history
+    a.ready_pods["p"] = "h"
+    a.apply_error = "409 Conflict"
+    assert b.ready_pods == {} and b.apply_error is None and root.ready_pods == {}
 
 
 def test_settings_from_env():
