@@ -231,8 +231,8 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
             raise kopf.PermanentError(message) from exc
         # Conflicts, throttling, RBAC being rolled out, an apiserver restart: try again soon.
         raise kopf.TemporaryError(message, delay=10) from exc
-    patch.status.update(_static_status(name, namespace, spec, memo.settings))
-    patch.status["desiredReplicas"] = spec.target_replicas()
+    patch.status.update(status_mod.status_fields({**_static_status(name, namespace, spec, memo.settings),
+                                                  "desiredReplicas": spec.target_replicas()}))
     _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
                                           runtime_deployments, None), meta, reconciled=True)
 
@@ -291,6 +291,7 @@ def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], m
     new["conditions"] = status_mod.merge_conditions(status.get("conditions") or [], new["conditions"], generation)
     if reconciled:
         new["observedGeneration"] = generation
+    new = status_mod.status_fields(new)
     changed = {k: v for k, v in new.items() if k != "lastMetricsTime" and status.get(k) != v}
     if changed or _stale(status.get("lastMetricsTime")):
         patch.status.update(changed)

@@ -369,3 +369,28 @@ def test_hf_endpoint_reaches_the_download_step_only():
     assert "HF_ENDPOINT" not in {e["name"] for e in pod["containers"][0]["env"]}
     default = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]
     assert "HF_ENDPOINT" not in {e["name"] for e in default["initContainers"][0]["env"]}
+
+
+# --- status is built through the model the CRD status schema is generated from -------------------------
+
+def test_status_model_and_crd_status_schema_have_the_same_fields():
+    from fleetserve.operator import crd
+    from fleetserve.operator.spec import Condition, InferenceServiceStatus
+
+    root = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    status = root["properties"]["status"]
+    assert set(status["properties"]) == set(InferenceServiceStatus.model_fields)
+    assert set(status["properties"]["conditions"]["items"]["properties"]) == set(Condition.model_fields)
+    assert set(status["properties"]["phase"]["enum"]) >= {"Pending", "Ready", "Degraded", "Failed"}
+
+
+def test_status_fields_refuse_what_the_schema_would_prune():
+    from fleetserve.operator.status import status_fields
+
+    assert status_fields({"phase": "Ready", "queueDepth": 3}) == {"phase": "Ready", "queueDepth": 3}
+    with pytest.raises(ValueError, match="queue_depth"):
+        status_fields({"queue_depth": 3})
+    with pytest.raises(ValueError):
+        status_fields({"phase": "Serving"})
+    with pytest.raises(ValueError):
+        status_fields({"conditions": [{"type": "Ready", "status": "yes"}]})
