@@ -17,6 +17,8 @@ from typing import Callable, Optional
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..protocols import StatsSnapshot
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so that existing dashboards' histogram_quantile queries read the same.
@@ -31,7 +33,7 @@ REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class EngineCollector:
     """Gauges and counters straight from the engine's stats, read at scrape time."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int]):
+    def __init__(self, model_name: str, stats: Callable[[], StatsSnapshot], num_waiting: Callable[[], int]):
         self.model_name = model_name
         self._stats = stats
         self._num_waiting = num_waiting  # the engine's queue plus requests not handed to it yet
@@ -174,7 +176,7 @@ class RequestMetricsObserver:
 class ServerMetrics:
     """The registry of one app: engine collector plus request observer."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int],
+    def __init__(self, model_name: str, stats: Callable[[], StatsSnapshot], num_waiting: Callable[[], int],
                  max_model_len: int = 1 << 20):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(model_name, stats, num_waiting))
