@@ -1,8 +1,9 @@
 """`python -m fleetserve.operator`: runs the kopf operator with the settings from the environment.
 
 Like `kopf run --standalone -m fleetserve.operator.main [--namespace=...|--all-namespaces]`, plus
-the typed memo (operator/memo.py) that the handlers need; the Helm chart uses this entry point. Env: FLEETSERVE_NAMESPACES (comma-separated, empty = all),
-FLEETSERVE_LOG_LEVEL (debug|info|warning), FLEETSERVE_LIVENESS (kopf liveness endpoint URL).
+the typed memo (operator/memo.py) that the handlers need; the Helm chart uses this entry point.
+Env: FLEETSERVE_NAMESPACES (comma-separated, empty = all), FLEETSERVE_LOG_LEVEL
+(debug|info|warning), FLEETSERVE_LIVENESS (kopf liveness endpoint URL).
 """
 from __future__ import annotations
 

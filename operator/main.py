@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from fleetserve.operator import autoscaler, render, status as status_mod
 from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb
 from fleetserve.operator.memo import OperatorMemo
-from fleetserve.operator.metrics import scrape_all
+from fleetserve.operator.metrics import Aggregate, scrape_all
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
                                       parse_spec)
@@ -214,16 +214,16 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
     spec, error = _parse(body)
     if spec is None:
         kopf.event(body, type="Warning", reason="InvalidSpec", message=error or "invalid spec")
-        _write_status(patch, status, _observe(name, namespace, None, error, body, memo, runtime_pods,
-                                              runtime_deployments, None), meta, reconciled=True)
+        _write_status(patch, status, _compute_status(name, namespace, None, error, body, memo, runtime_pods,
+                                                     runtime_deployments, None), meta, reconciled=True)
         # Children keep the last valid configuration; nothing to retry until the spec changes.
         raise kopf.PermanentError(f"invalid spec: {error}")
     try:
         _apply_children(name, namespace, spec, body, memo, logger)
     except ApiException as exc:
         message = f"applying children failed: {exc.status} {exc.reason}: {_api_message(exc)}"
-        _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
-                                              runtime_deployments, None), meta)
+        _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
+                                                     runtime_deployments, None), meta)
         if exc.status in (400, 422):
             # The apiserver rejects what we rendered (e.g. a field this Kubernetes version lacks): retrying
             # the same rendering cannot help; a spec change or an operator upgrade will.
@@ -233,8 +233,8 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
         raise kopf.TemporaryError(message, delay=10) from exc
     patch.status.update(status_mod.status_fields({**_static_status(name, namespace, spec, memo.settings),
                                                   "desiredReplicas": spec.target_replicas()}))
-    _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
-                                          runtime_deployments, None), meta, reconciled=True)
+    _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
+                                                 runtime_deployments, None), meta, reconciled=True)
 
 
 def _api_message(exc: ApiException) -> str:
@@ -252,9 +252,11 @@ def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None
 
 # --- observe: status, metrics, self-healing, autoscaling --------------------------------------------
 
-def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None, body: kopf.Body,
-             memo: OperatorMemo, pods_index: kopf.Index, deployments_index: kopf.Index,
-             metrics: Any) -> dict[str, Any]:
+def _compute_status(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None,
+                    body: kopf.Body, memo: OperatorMemo, pods_index: kopf.Index, deployments_index: kopf.Index,
+                    metrics: Aggregate | None) -> dict[str, Any]:
+    """Status fields for what the indexes and the scrape show now (a status.Observation through
+    status.compute); posts the ReplicaLost / ReplicasRestored events on a transition."""
     key = (namespace, name)
     pods = tuple(pods_index.get(key, ()))
     cached_before = (any(c.get("type") == "ModelCached" and c.get("status") == "True"
@@ -351,7 +353,7 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
     pods = tuple(runtime_pods.get((namespace, name), ()))
     targets = {p.name: p.metrics_url for p in pods if p.ready and p.ip and not p.deleting}
     metrics = await scrape_all(targets, memo.rates, settings.metrics_timeout)
-    new = _observe(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
+    new = _compute_status(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
     if metrics is not None:
         new["lastMetricsTime"] = status_mod.now_iso()
 

@@ -26,11 +26,12 @@ from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .protocols import PromptInput
-from .request import Sequence
+from .request import Seq
 from .sampler import completion_seed
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop import StopChecker
+from .utils import cdiv
 from .validation import InvalidRequestError, RequestLimits, validate
 
 logger = logging.getLogger("fleetserve.engine")
@@ -54,7 +55,7 @@ class _RequestState:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     params: SamplingParams
-    seqs: list[Sequence]
+    seqs: list[Seq]
     detoks: list[IncrementalDetokenizer]
     metrics: RequestMetrics
     logprobs: list[Optional[list]] = field(default_factory=list)
@@ -177,7 +178,7 @@ class LLMEngine:
             n = self._profile_cuda_blocks(model, per_block)
         else:
             n = (1 << 30) // per_block  # 1 GiB on CPU
-        min_blocks = -(-16 // self.block_size)
+        min_blocks = cdiv(16, self.block_size)
         if n < min_blocks:
             raise ValueError(f"KV cache too small: {n} blocks of {self.block_size} tokens "
                              f"({per_block} bytes each); give more memory or num_kv_blocks")
@@ -227,7 +228,7 @@ class LLMEngine:
         max_len = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         arrival = arrival_time if arrival_time is not None else time.time()
-        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
+        seqs = [Seq(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
                 for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]
         state = _RequestState(
@@ -336,7 +337,7 @@ class LLMEngine:
             outputs.append(self._make_output(state))
         return outputs
 
-    def _detokenizer_of(self, seq: Sequence) -> Optional[IncrementalDetokenizer]:
+    def _detokenizer_of(self, seq: Seq) -> Optional[IncrementalDetokenizer]:
         state = self._requests.get(seq.request_id)
         return state.detoks[seq.index] if state is not None and state.detoks else None
 

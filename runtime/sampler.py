@@ -356,14 +356,10 @@ def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.
     return _uniform(random_bits(seed_lo, seed_hi, position, vocab_size))
 
 
-def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """-log(Exp(1)) noise: argmax(logits + noise) samples from softmax(logits)."""
-    return -torch.log(-torch.log(uniform_noise(seed_lo, seed_hi, position, vocab_size)))
-
-
 def gumbel_argmax(logits: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor,
                   vocab_hash: torch.Tensor) -> torch.Tensor:
-    """argmax(logits + gumbel_noise(...)): one sample per row from softmax(logits).
+    """argmax(logits + Gumbel noise): one sample per row from softmax(logits); the noise is
+    -log(-log(u)) of the counter-based uniforms u.
     Written as one function so that torch.compile fuses it into a single pass over
     [R, V] (eager it is ~25 passes over int64 temporaries)."""
     bits = _bits(_row_key(seed_lo, seed_hi, position), vocab_hash)

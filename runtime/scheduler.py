@@ -9,7 +9,7 @@ When KV blocks run out, the most recently admitted running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of
 the waiting queue; seeds make its resumed output identical.
 
-The scheduler owns the waiting and running queues and every Sequence's
+The scheduler owns the waiting and running queues and every Seq's
 scheduling state; it returns a plain `SchedulerOutput` (runtime/scheduler_output.py)
 and never touches device tensors.
 """
@@ -19,7 +19,7 @@ from collections import deque
 from typing import Iterable
 
 from .kv_cache import KVCacheManager
-from .request import Sequence, SeqStatus
+from .request import Seq, SeqStatus
 from .scheduler_output import ScheduledSeq, SchedulerOutput
 from .stop import StopChecker
 
@@ -29,19 +29,19 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
         self.num_preemptions = 0
 
     # -- queue management -------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, status: SeqStatus, reason: int | str | None = None) -> None:
+    def finish(self, seq: Seq, status: SeqStatus, reason: int | str | None = None) -> None:
         """End seq (stop, length or abort): the only place a sequence finishes. Frees its
         blocks and drops it from the queues; a no-op when it already finished."""
         if seq.is_finished:
@@ -108,7 +108,7 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
-    def _commit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+    def _commit(self, out: SchedulerOutput, seq: Seq, n: int) -> None:
         """Count the step's tokens as computed now, so the next step can be scheduled before
         this one finishes on the device; a sampled token is a placeholder until update()."""
         start = seq.num_computed_tokens
@@ -118,7 +118,7 @@ class Scheduler:
         if sample:
             seq.num_placeholders += 1
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
@@ -127,7 +127,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int], stop: StopChecker) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled: dict[int, int], stop: StopChecker) -> list[Seq]:
         """Turn the step's placeholders into sampled tokens, fork n>1 siblings, and finish the
         sequences that `stop` (runtime/stop.py) says are done.
 
@@ -157,7 +157,7 @@ class Scheduler:
                 self.finish(seq, decision.status, decision.reason)
         return progressed
 
-    def _fork_siblings(self, leader: Sequence) -> None:
+    def _fork_siblings(self, leader: Seq) -> None:
         """n > 1: siblings share the leader's prompt KV and recompute only its last prompt token."""
         share = leader.num_prompt_tokens - 1
         for child in leader.pending_forks:
@@ -173,7 +173,7 @@ class Scheduler:
                 self.waiting.appendleft(child)
         leader.pending_forks = []
 
-    def abort(self, seqs: Iterable[Sequence]) -> None:
+    def abort(self, seqs: Iterable[Seq]) -> None:
         """Abort seqs and the siblings still waiting to fork from them."""
         for seq in seqs:
             forks, seq.pending_forks = seq.pending_forks, []

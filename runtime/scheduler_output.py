@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .request import Sequence
+from .request import Seq
 
 
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step."""
 
-    seq: Sequence
+    seq: Seq
     start: int
     """Position of the first token computed this step (the sequence's computed count before it)."""
     num_new_tokens: int
@@ -33,7 +33,7 @@ class SchedulerOutput:
     """(src, dst) KV block copies to do before the forward pass (copy-on-write)."""
     num_batched_tokens: int = 0
     """Tokens computed this step, over all scheduled sequences."""
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Seq] = field(default_factory=list)
     """Sequences preempted (blocks freed, back to waiting) while this step was scheduled."""
 
     @property

@@ -14,17 +14,17 @@ rules, in vLLM's order of precedence:
    (stop_reason: the string); text produced by the first `min_tokens` tokens is
    not searched. Matching is `find_stop_string`; the detokenizer applies it to the
    text it owns and cuts the text at the match.
-3. Reaching `Sequence.max_len` (prompt + max_tokens, or the context length)
+3. Reaching `Seq.max_len` (prompt + max_tokens, or the context length)
    ends it with "length" -- unless rule 2 matched on the same token.
 
-Nothing here touches the device or mutates a Sequence.
+Nothing here touches the device or mutates a Seq.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import AbstractSet, Callable, Iterable, Optional, Protocol
 
-from .request import Sequence, SeqStatus
+from .request import Seq, SeqStatus
 from .sampling_params import SamplingParams
 
 
@@ -73,11 +73,11 @@ class StopChecker:
     without a tokenizer: stop strings then never match)."""
 
     def __init__(self, eos_token_ids: Iterable[int],
-                 text_of: Optional[Callable[[Sequence], Optional[TextStopper]]] = None):
+                 text_of: Optional[Callable[[Seq], Optional[TextStopper]]] = None):
         self.eos_token_ids = frozenset(eos_token_ids)
         self._text_of = text_of
 
-    def check(self, seq: Sequence, token: int) -> Optional[StopDecision]:
+    def check(self, seq: Seq, token: int) -> Optional[StopDecision]:
         """Decide for `seq`, whose last token (`token`) was just appended."""
         p = seq.params
         by_token: Optional[StopDecision] = None

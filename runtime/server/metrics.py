@@ -85,7 +85,9 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exp += 1
 
 
-class _RequestState:
+class _RequestTiming:
+    """What the observer remembers of one running request, to time its tokens."""
+
     __slots__ = ("arrival", "num_tokens", "last_token_time", "queued_observed")
 
     def __init__(self, arrival: float):
@@ -131,12 +133,12 @@ class RequestMetricsObserver:
                                ["model_name", "finished_reason"], registry=registry)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)  # exported at 0 from the start
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, _RequestTiming] = {}
         self._lock = threading.Lock()
 
     def on_request_added(self, request_id: str, arrival_time: float) -> None:
         with self._lock:
-            self._requests[request_id] = _RequestState(arrival_time)
+            self._requests[request_id] = _RequestTiming(arrival_time)
 
     def on_outputs(self, outputs, now: float) -> None:
         for out in outputs:

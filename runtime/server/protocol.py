@@ -139,6 +139,11 @@ class ChatMessage(_Request):
     content: Optional[Union[str, list[TextContent]]] = None
     name: Optional[str] = None
 
+    @property
+    def template_role(self) -> str:
+        """The role as chat templates know it: OpenAI's "developer" is their "system"."""
+        return "system" if self.role == "developer" else self.role
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -190,7 +195,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+        return [{"role": m.template_role, "content": m.text(),
                  **({"name": m.name} if m.name else {})} for m in self.messages]
 
 

@@ -492,7 +492,7 @@ class OpenAIServing:
         req: TokenizeRequest = await self._parse(request, TokenizeRequest)
         self._check_model(req.model)
         if req.messages is not None:
-            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            msgs = [{"role": m.template_role, "content": m.text()} for m in req.messages]
             ids = await self._render_chat(msgs, req.add_generation_prompt)
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)

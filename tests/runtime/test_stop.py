@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fleetserve.runtime.detokenizer import IncrementalDetokenizer
 from fleetserve.runtime.kv_cache import KVCacheManager
-from fleetserve.runtime.request import Sequence, SeqStatus
+from fleetserve.runtime.request import Seq, SeqStatus
 from fleetserve.runtime.sampling_params import SamplingParams
 from fleetserve.runtime.scheduler import Scheduler
 from fleetserve.runtime.stop import StopChecker, StopDecision, find_stop_string, suppressed_token_ids
@@ -29,12 +29,12 @@ def tok() -> Tokenizer:
     return t
 
 
-def make_seq(params: SamplingParams, prompt=(5, 6, 7)) -> Sequence:
+def make_seq(params: SamplingParams, prompt=(5, 6, 7)) -> Seq:
     max_len = len(prompt) + (params.max_tokens or 100)
-    return Sequence(next(_ids), "r", 0, list(prompt), params, seed=0, max_len=max_len, arrival_time=0.0)
+    return Seq(next(_ids), "r", 0, list(prompt), params, seed=0, max_len=max_len, arrival_time=0.0)
 
 
-def feed(seq: Sequence, tokens, checker: StopChecker) -> tuple[int, StopDecision | None]:
+def feed(seq: Seq, tokens, checker: StopChecker) -> tuple[int, StopDecision | None]:
     """Append tokens one at a time like Scheduler.update; stop at the first decision."""
     for i, t in enumerate(tokens):
         seq.token_ids.append(t)
@@ -44,7 +44,7 @@ def feed(seq: Sequence, tokens, checker: StopChecker) -> tuple[int, StopDecision
     return len(tokens), None
 
 
-def text_checker(tok, seq: Sequence) -> tuple[StopChecker, IncrementalDetokenizer]:
+def text_checker(tok, seq: Seq) -> tuple[StopChecker, IncrementalDetokenizer]:
     det = IncrementalDetokenizer(tok, seq.prompt_token_ids, seq.params)
     return StopChecker([EOS], lambda s: det), det
 
@@ -141,7 +141,7 @@ def test_every_finish_goes_through_scheduler_finish(monkeypatch):
     assert stopped.status == SeqStatus.FINISHED_STOPPED and lengthy.status == SeqStatus.FINISHED_LENGTH
     # an n=3 request aborted before its prefill: the two siblings never forked
     leader = make_seq(SamplingParams(n=3, max_tokens=5))
-    kids = [Sequence(next(_ids), "k", i, leader.prompt_token_ids, leader.params, 0, leader.max_len, 0.0)
+    kids = [Seq(next(_ids), "k", i, leader.prompt_token_ids, leader.params, 0, leader.max_len, 0.0)
             for i in (1, 2)]
     leader.pending_forks = kids
     sched.add(leader)
