@@ -97,7 +97,7 @@ class IncrementalDetokenizer:
                 scan_from = len(self.output_text)
         if skipped is not None:
             self.token_ids.append(skipped)
-        return self._check_stop(scan_from)
+        return self._cut_at_stop_string(scan_from)
 
     def flush(self) -> Optional[str]:
         """At the end of a completion: add the text of tokens still held back because
@@ -107,9 +107,9 @@ class IncrementalDetokenizer:
             return None
         scan_from = len(self.output_text)
         self.output_text += self._decode_next(flush=True)
-        return self._check_stop(scan_from)
+        return self._cut_at_stop_string(scan_from)
 
-    def _check_stop(self, scan_from: int) -> Optional[str]:
+    def _cut_at_stop_string(self, scan_from: int) -> Optional[str]:
         if not self.stop or scan_from >= len(self.output_text):
             return None
         text = self.output_text
