@@ -25,6 +25,7 @@ import torch
 
 from fleetserve.runtime.config import EngineConfig
 from fleetserve.runtime.engine import LLMEngine
+from fleetserve.runtime.sampler import SamplingTensors
 from fleetserve.runtime.sampling_params import SamplingParams
 
 TINY = {
@@ -63,6 +64,13 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     sampler = _Timer(runner.sampler.__call__)
     model.forward, model.compute_logits = fwd, logits  # instance attributes shadow the methods
     runner.sampler = sampler
+    # The runner's named host stages (absent in older versions of the runner).
+    stages = {}
+    if hasattr(runner, "prepare_inputs"):
+        stages["prepare_inputs"] = runner.prepare_inputs = _Timer(runner.prepare_inputs)
+    build = _Timer(SamplingTensors.build)
+    SamplingTensors.build = build  # type: ignore[method-assign]
+    stages["sampling_tensors_build"] = build
     if sampling == "greedy":
         params = [SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True) for _ in range(batch)]
     else:  # a mix that exercises every SamplingTensors stage but penalties
@@ -74,15 +82,23 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     for _ in range(3):  # prefill + warm-up decode steps
         engine.step()
     times, device = [], []
-    for _ in range(steps):
-        f0, l0, s0 = fwd.total, logits.total, sampler.total
-        t0 = time.thread_time()
-        outs = engine.step()
-        times.append(time.thread_time() - t0)
-        device.append(fwd.total - f0 + logits.total - l0 + sampler.total - s0)
-        assert len(outs) == batch, "every request must decode in every measured step"
+    per_stage: dict[str, list[float]] = {k: [] for k in stages}
+    try:
+        for _ in range(steps):
+            f0, l0, s0 = fwd.total, logits.total, sampler.total
+            before = {k: t.total for k, t in stages.items()}
+            t0 = time.thread_time()
+            outs = engine.step()
+            times.append(time.thread_time() - t0)
+            device.append(fwd.total - f0 + logits.total - l0 + sampler.total - s0)
+            for k, t in stages.items():
+                per_stage[k].append(t.total - before[k])
+            assert len(outs) == batch, "every request must decode in every measured step"
+    finally:
+        SamplingTensors.build = build.fn  # type: ignore[method-assign]
     host = [t - d for t, d in zip(times, device)]
     return {"batch": batch, "steps": steps, "sampling": sampling,
+            **{f"{k}_ms_median": 1e3 * statistics.median(v) for k, v in per_stage.items()},
             "step_ms_median": 1e3 * statistics.median(times),
             "forward_and_sampler_ms_median": 1e3 * statistics.median(device),
             "host_ms_median": 1e3 * statistics.median(host),
@@ -103,7 +119,10 @@ def main() -> None:
     for r in results:
         print(f"batch {r['batch']} {r['sampling']:>6}: step {r['step_ms_median']:.2f} ms, forward+sampler "
               f"{r['forward_and_sampler_ms_median']:.2f} ms, host {r['host_ms_median']:.2f} ms "
-              f"(p90 {r['host_ms_p90']:.2f})")
+              f"(p90 {r['host_ms_p90']:.2f})" + "".join(f", {k.removesuffix('_ms_median')} {v:.2f} ms"
+                                                       for k, v in r.items() if k.endswith("_ms_median")
+                                                       and k.split("_ms")[0] in ("prepare_inputs",
+                                                                                 "sampling_tensors_build")))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=1)
