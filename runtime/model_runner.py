@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,10 @@ from .sampler import Sampler, SamplingRow, SamplingTensors, compute_prompt_logpr
 from .scheduler_output import ScheduledSeq, SchedulerOutput
 from .staging import HostStaging
 from .utils import cdiv
+
+if TYPE_CHECKING:
+    from .models import ModelConfig
+    from .protocols import CausalLM
 
 # (token ids [K+1], logprobs [K+1], rank of column 0) for one position; column 0 is the
 # sampled (or, for prompts, the actual next) token.
@@ -49,14 +53,14 @@ class RunnerOutput:
     """seq_id -> (first prompt position covered, entries for the next prompt tokens)."""
 
 
-def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elt = torch.empty((), dtype=dtype).element_size()
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elt
 
 
 class ModelRunner:
-    def __init__(self, model, model_config, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, eos_token_ids: set[int]):
+    def __init__(self, model: CausalLM, model_config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, num_blocks: int, block_size: int, eos_token_ids: set[int]):
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -111,7 +115,7 @@ class ModelRunner:
         self._graph_sizes = sizes
         return time.perf_counter() - t0
 
-    def _static_args(self, b: int):
+    def _static_args(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         st = self._static
         attn = AttentionMetadata(st["slot_mapping"][:b], st["query_start_loc"][: b + 1], st["seq_lens"][:b],
                                  st["block_tables"][:b], 1, self._graph_max_seq_len)
@@ -334,9 +338,11 @@ class _LaunchedStep:
     sched: SchedulerOutput
     seq_ids: list[int] = field(default_factory=list)
     sampled: Optional[torch.Tensor] = None
-    logprobs: Optional[tuple] = None
-    num_logprobs: list = field(default_factory=list)
-    prompt_logprobs: list = field(default_factory=list)
+    logprobs: Optional[tuple[torch.Tensor, ...]] = None
+    """(token ids, logprobs, ranks) of the sampled rows (see LogprobsTensors)."""
+    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)
+    """(seq_id, first prompt position, k, (token ids, logprobs, ranks)) per sequence that asked."""
     _done: Optional[torch.cuda.Event] = None
 
     def start_readback(self) -> None:

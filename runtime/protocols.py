@@ -3,22 +3,28 @@
 - `EngineCore`: what AsyncLLM drives (LLMEngine, or a test stand-in).
 - `LoadSettings`: the EngineConfig fields that `load_model` reads.
 - `StatsSnapshot`: the engine statistics the metrics collector exports (EngineStats).
+- `CausalLM`: the model surface the ModelRunner drives (runtime/models' LlamaForCausalLM, and
+  any other family that keeps the same contract, docs/ARCHITECTURE.md "Models").
 
 Structural types only: nothing here is imported at run time by the classes that
 satisfy them, and nothing here touches the device.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, Union
 
 from .validation import RequestLimits
 
 if TYPE_CHECKING:
+    import torch
+
+    from .attention import AttentionMetadata
+    from .models import ModelConfig
     from .outputs import RequestOutput
     from .sampling_params import SamplingParams
     from .tokenizer import Tokenizer
 
-PromptInput = Union[str, list[int], dict]
+PromptInput = Union[str, list[int], dict[str, Any]]
 """A prompt as the engine accepts it: text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...}."""
 
 
@@ -86,3 +92,16 @@ class LoadSettings(Protocol):
     def attention_backend(self) -> str: ...
     @property
     def seed(self) -> int: ...
+
+
+class CausalLM(Protocol):
+    """A decoder the ModelRunner can run: forward over the step's tokens (writing their K/V into the
+    paged caches), then logits for the rows to sample. CUDA-graph capturable (no host syncs)."""
+
+    @property
+    def config(self) -> "ModelConfig": ...
+
+    def __call__(self, input_ids: "torch.Tensor", positions: "torch.Tensor", attn: "AttentionMetadata",
+                 kv_caches: list["torch.Tensor"]) -> "torch.Tensor": ...
+
+    def compute_logits(self, hidden: "torch.Tensor") -> "torch.Tensor": ...
