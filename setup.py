@@ -15,5 +15,4 @@ for name, folder in ROOTS.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
 
-setup(packages=packages, package_dir=package_dir, include_package_data=True,
-      package_data={"fleetserve.operator": ["templates/*", "*.yaml"]})
+setup(packages=packages, package_dir=package_dir, package_data={"fleetserve.runtime": ["py.typed"]})

@@ -23,7 +23,6 @@ import datetime
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -34,7 +33,8 @@ from pydantic import ValidationError
 
 from fleetserve.operator import autoscaler, render, status as status_mod
 from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb
-from fleetserve.operator.metrics import RateTracker, scrape_all
+from fleetserve.operator.memo import OperatorMemo
+from fleetserve.operator.metrics import Aggregate, scrape_all
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
                                       parse_spec)
@@ -68,7 +68,10 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: logging.Logger, **_: Any) -> None:
+    if not isinstance(memo, OperatorMemo):
+        raise kopf.PermanentError("start the operator with `python -m fleetserve.operator` "
+                                  "(kopf.run(memo=OperatorMemo()))")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -105,15 +108,14 @@ def _pdb_api_version(api: client.ApiClient, logger: logging.Logger) -> str | Non
 
 
 @kopf.on.cleanup()
-def close_client(memo: kopf.Memo, **_: Any) -> None:
-    api = memo.get("api")
-    if api is not None:
-        api.close()
+def close_client(memo: OperatorMemo, **_: Any) -> None:
+    if memo.api is not None:
+        memo.api.close()
 
 
 @kopf.on.probe(id="watching")
-def probe(memo: kopf.Memo, **_: Any) -> str:
-    return memo.settings.runtime_image if "settings" in memo else "starting"
+def probe(memo: OperatorMemo, **_: Any) -> str:
+    return memo.settings.runtime_image if memo.started else "starting"
 
 
 # --- indexes: the operator's view of its children, kept current by watches ------------------------
@@ -153,14 +155,13 @@ def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.B
     return children
 
 
-def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: kopf.Memo,
+def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: OperatorMemo,
                     logger: logging.Logger) -> list[str]:
     children = Children(memo.api)
     changed = []
-    # The reconcile handler and the timer both may apply (each in a worker thread): one at a time per object.
-    with memo.setdefault("apply_lock", threading.Lock()):
+    with memo.apply_lock:
         try:
-            for child in _desired(name, namespace, spec, body, memo.settings, memo.get("pdb_api")):
+            for child in _desired(name, namespace, spec, body, memo.settings, memo.pdb_api):
                 outcome = apply(children, child)
                 if outcome.action != "unchanged":
                     changed.append(f"{outcome.action} {outcome.kind} {outcome.name}")
@@ -169,26 +170,26 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
                 changed.append(f"deleted PodDisruptionBudget {name}")
         except ApiException as exc:
             # Kept for status: Degraded=ApplyFailed until an apply succeeds.
-            memo["apply_error"] = f"{exc.status} {exc.reason}: {_api_message(exc)}"
+            memo.apply_error = f"{exc.status} {exc.reason}: {_api_message(exc)}"
             raise
-        memo.pop("apply_error", None)
+        memo.apply_error = None
     if changed:
         kopf.event(body, type="Normal", reason="Reconciled", message="; ".join(changed))
     return changed
 
 
 def _prune_switched_off_pdb(children: Children, name: str, namespace: str, spec: InferenceServiceSpec,
-                            body: kopf.Body, memo: kopf.Memo) -> bool:
+                            body: kopf.Body, memo: OperatorMemo) -> bool:
     """Deletes our budget after rollout.podDisruptionBudget is switched off: checked once per switch-off
     (and once after an operator start), not on every timer tick."""
-    pdb_api = memo.get("pdb_api")
+    pdb_api = memo.pdb_api
     if spec.rollout.podDisruptionBudget or not pdb_api:
-        memo["pdb_off_checked"] = False
+        memo.pdb_off_checked = False
         return False
-    if memo.get("pdb_off_checked"):
+    if memo.pdb_off_checked:
         return False
     deleted = prune_pdb(children, pdb_api, namespace, name, body.metadata.uid)
-    memo["pdb_off_checked"] = True
+    memo.pdb_off_checked = True
     return deleted
 
 
@@ -207,22 +208,22 @@ def _static_status(name: str, namespace: str, spec: InferenceServiceSpec, settin
 @kopf.on.resume(*ISVC)
 @kopf.on.create(*ISVC)
 @kopf.on.update(*ISVC)
-def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, memo: kopf.Memo,
+def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, memo: OperatorMemo,
               patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
               runtime_deployments: kopf.Index, **_: Any) -> None:
     spec, error = _parse(body)
     if spec is None:
         kopf.event(body, type="Warning", reason="InvalidSpec", message=error or "invalid spec")
-        _write_status(patch, status, _observe(name, namespace, None, error, body, memo, runtime_pods,
-                                              runtime_deployments, None), meta, reconciled=True)
+        _write_status(patch, status, _compute_status(name, namespace, None, error, body, memo, runtime_pods,
+                                                     runtime_deployments, None), meta, reconciled=True)
         # Children keep the last valid configuration; nothing to retry until the spec changes.
         raise kopf.PermanentError(f"invalid spec: {error}")
     try:
         _apply_children(name, namespace, spec, body, memo, logger)
     except ApiException as exc:
         message = f"applying children failed: {exc.status} {exc.reason}: {_api_message(exc)}"
-        _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
-                                              runtime_deployments, None), meta)
+        _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
+                                                     runtime_deployments, None), meta)
         if exc.status in (400, 422):
             # The apiserver rejects what we rendered (e.g. a field this Kubernetes version lacks): retrying
             # the same rendering cannot help; a spec change or an operator upgrade will.
@@ -230,10 +231,10 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
             raise kopf.PermanentError(message) from exc
         # Conflicts, throttling, RBAC being rolled out, an apiserver restart: try again soon.
         raise kopf.TemporaryError(message, delay=10) from exc
-    patch.status.update(_static_status(name, namespace, spec, memo.settings))
-    patch.status["desiredReplicas"] = spec.target_replicas()
-    _write_status(patch, status, _observe(name, namespace, spec, None, body, memo, runtime_pods,
-                                          runtime_deployments, None), meta, reconciled=True)
+    patch.status.update(status_mod.status_fields({**_static_status(name, namespace, spec, memo.settings),
+                                                  "desiredReplicas": spec.target_replicas()}))
+    _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
+                                                 runtime_deployments, None), meta, reconciled=True)
 
 
 def _api_message(exc: ApiException) -> str:
@@ -251,9 +252,11 @@ def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None
 
 # --- observe: status, metrics, self-healing, autoscaling --------------------------------------------
 
-def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None, body: kopf.Body,
-             memo: kopf.Memo, pods_index: kopf.Index, deployments_index: kopf.Index,
-             metrics: Any) -> dict[str, Any]:
+def _compute_status(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None,
+                    body: kopf.Body, memo: OperatorMemo, pods_index: kopf.Index, deployments_index: kopf.Index,
+                    metrics: Aggregate | None) -> dict[str, Any]:
+    """Status fields for what the indexes and the scrape show now (a status.Observation through
+    status.compute); posts the ReplicaLost / ReplicasRestored events on a transition."""
     key = (namespace, name)
     pods = tuple(pods_index.get(key, ()))
     cached_before = (any(c.get("type") == "ModelCached" and c.get("status") == "True"
@@ -263,10 +266,10 @@ def _observe(name: str, namespace: str, spec: InferenceServiceSpec | None, error
     old_degraded = _degraded_reason((body.get("status") or {}).get("conditions"))
     obs = status_mod.Observation(spec=spec, spec_error=error, target_replicas=target,
                                  deployment=_first(deployments_index, key), pods=pods, metrics=metrics,
-                                 model_cached_before=bool(cached_before), apply_error=memo.get("apply_error"),
-                                 previous_ready=memo.get("ready_pods", {}), previous_degraded_reason=old_degraded)
+                                 model_cached_before=bool(cached_before), apply_error=memo.apply_error,
+                                 previous_ready=memo.ready_pods, previous_degraded_reason=old_degraded)
     new = status_mod.compute(obs)
-    memo["ready_pods"] = {p.name: p.template_hash for p in pods if p.ready and not p.deleting}
+    memo.ready_pods = {p.name: p.template_hash for p in pods if p.ready and not p.deleting}
     new_degraded = _degraded_reason(new["conditions"])
     if new_degraded == "ReplicaLost" and old_degraded != "ReplicaLost":
         message = next(c["message"] for c in new["conditions"] if c["type"] == "Degraded")
@@ -290,6 +293,7 @@ def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], m
     new["conditions"] = status_mod.merge_conditions(status.get("conditions") or [], new["conditions"], generation)
     if reconciled:
         new["observedGeneration"] = generation
+    new = status_mod.status_fields(new)
     changed = {k: v for k, v in new.items() if k != "lastMetricsTime" and status.get(k) != v}
     if changed or _stale(status.get("lastMetricsTime")):
         patch.status.update(changed)
@@ -307,20 +311,20 @@ def _stale(timestamp: str | None, seconds: float = 60.0) -> bool:
     return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds() >= seconds
 
 
-def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: kopf.Memo,
+def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: OperatorMemo,
                  deployments_index: kopf.Index, services_index: kopf.Index) -> bool:
     key = (namespace, name)
     dep = _first(deployments_index, key)
     if dep is None or _first(services_index, key) is None:
         return True
-    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings, memo.get("pdb_api"))
+    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings, memo.pdb_api)
                    if c["kind"] == "Deployment")
     # Changed by us (a new rendering) or by someone else (an owned field edited in the cluster).
     return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True) or \
         not is_subset(desired["spec"], dep["spec"])
 
 
-async def _scale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, decision: autoscaler.Decision,
+async def _scale(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, decision: autoscaler.Decision,
                  logger: logging.Logger) -> None:
     api = client.CustomObjectsApi(memo.api)
     await asyncio.to_thread(api.patch_namespaced_custom_object_scale, GROUP, VERSION, namespace, PLURAL, name,
@@ -334,9 +338,9 @@ async def _scale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, de
 
 @kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))
 async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
-                  memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
+                  memo: OperatorMemo, patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
                   runtime_deployments: kopf.Index, runtime_services: kopf.Index, **_: Any) -> None:
-    settings: OperatorSettings = memo.settings
+    settings = memo.settings
     spec, error = _parse(body)
     if spec is not None and await asyncio.to_thread(_needs_apply, name, namespace, spec, body, memo,
                                                     runtime_deployments, runtime_services):
@@ -348,9 +352,8 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
 
     pods = tuple(runtime_pods.get((namespace, name), ()))
     targets = {p.name: p.metrics_url for p in pods if p.ready and p.ip and not p.deleting}
-    tracker = memo.setdefault("rates", RateTracker())
-    metrics = await scrape_all(targets, tracker, settings.metrics_timeout)
-    new = _observe(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
+    metrics = await scrape_all(targets, memo.rates, settings.metrics_timeout)
+    new = _compute_status(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
     if metrics is not None:
         new["lastMetricsTime"] = status_mod.now_iso()
 
@@ -358,7 +361,7 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
         new.update(_static_status(name, namespace, spec, settings))
         new["desiredReplicas"] = spec.target_replicas()
         if spec.autoscaling.enabled:
-            history = memo.setdefault("history", autoscaler.History())
+            history = memo.history
             now = time.monotonic()
             decision = autoscaler.decide(now, spec.replicas, metrics.waiting if metrics else 0.0,
                                          metrics.running if metrics else 0.0, spec.autoscaling, history,

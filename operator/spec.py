@@ -85,7 +85,7 @@ class EngineSettings(_Model):
     enablePrefixCaching: bool = True
     """Reuse KV blocks of shared prompt prefixes (`--enable-prefix-caching`)."""
 
-    gpuMemoryUtilization: Optional[float] = Field(None, ge=0.05, le=1.0)
+    gpuMemoryUtilization: Optional[float] = Field(None, gt=0.0, le=1.0)
     """Fraction of GPU memory the runtime may use (`--gpu-memory-utilization`)."""
 
     shutdownTimeoutSeconds: int = Field(30, ge=0, le=3600)

@@ -19,10 +19,20 @@ from typing import Any, Iterable, Mapping
 
 from fleetserve.operator.metrics import Aggregate
 from fleetserve.operator.render import DOWNLOAD_CONTAINER, GPU_RESOURCE, PORT, RUNTIME_CONTAINER, TEMPLATE_HASH
-from fleetserve.operator.spec import InferenceServiceSpec
+from fleetserve.operator.spec import InferenceServiceSpec, InferenceServiceStatus
 
 _PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+def status_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Status fields as the CRD schema holds them: every write goes through InferenceServiceStatus
+    (the model the CRD's status schema is generated from), so a misspelt or mistyped field fails
+    here instead of being pruned by the apiserver. Returns only the fields given."""
+    unknown = set(fields) - set(InferenceServiceStatus.model_fields)
+    if unknown:
+        raise ValueError(f"not InferenceServiceStatus fields: {sorted(unknown)}")
+    return InferenceServiceStatus.model_validate(dict(fields)).model_dump(mode="json", exclude_unset=True)
 
 
 def now_iso() -> str:
@@ -262,4 +272,4 @@ def compute(obs: Observation) -> dict[str, Any]:
             status["generationTokensPerSecond"] = round(m.generation_tps, 2)
     elif not ready:
         status.update({"queueDepth": 0, "runningRequests": 0})
-    return status
+    return status_fields(status)

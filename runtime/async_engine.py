@@ -23,10 +23,15 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Optional, Protocol
 
 from .outputs import RequestOutput
+from .protocols import EngineCore
 from .sampling_params import SamplingParams
+from .validation import RequestLimits
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
 
 logger = logging.getLogger("fleetserve.async_engine")
 
@@ -48,16 +53,17 @@ def _snapshot(out: RequestOutput) -> RequestOutput:
     comps = [dataclasses.replace(c, token_ids=list(c.token_ids),
                                  logprobs=None if c.logprobs is None else list(c.logprobs))
              for c in out.outputs]
-    return dataclasses.replace(out, outputs=comps, new_token_counts=list(out.new_token_counts),
+    return dataclasses.replace(out, outputs=comps,
                                prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs))
 
 
 class AsyncLLM:
-    def __init__(self, engine: Any, *, observers: tuple[OutputObserver, ...] = ()):
+    def __init__(self, engine: EngineCore, *, observers: tuple[OutputObserver, ...] = ()):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
+        self.limits: RequestLimits = engine.limits  # for runtime/validation.validate on the event loop
         self.stats = engine.get_stats()
         self.max_num_seqs: Optional[int] = getattr(getattr(engine, "config", None), "max_num_seqs", None)
         self._observers: list[OutputObserver] = list(observers)
@@ -71,7 +77,7 @@ class AsyncLLM:
         self._streams: dict[str, asyncio.Queue] = {}  # event loop only
 
     @classmethod
-    def from_config(cls, config, **kw) -> "AsyncLLM":
+    def from_config(cls, config: "EngineConfig", **kw) -> "AsyncLLM":
         """Loads the model (slow): call it from a worker thread when an event loop is running."""
         from .engine import LLMEngine
 

@@ -2,7 +2,9 @@
 
 Owns the per-completion decoding state (token ids, the prefix/read offsets, the
 cumulative output text, the stop-string scan position and what was already
-streamed). The engine owns one per completion and feeds it the sampled tokens.
+streamed). The engine owns one per completion; runtime/stop.py's StopChecker
+feeds it each sampled token and decides from its answer whether the completion
+ends (the matching rule itself is stop.find_stop_string).
 
 Decoding follows vLLM's prefix_offset/read_offset scheme with only
 `tokenizer.decode(ids, skip_special_tokens=...)`: the text of the new tokens is the
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Protocol, Sequence
 
 from .sampling_params import SamplingParams
+from .stop import find_stop_string
 
 # How many prompt tokens give the first output tokens their decoding context (vLLM's value).
 _INITIAL_CONTEXT_TOKENS = 5
@@ -94,7 +97,7 @@ class IncrementalDetokenizer:
                 scan_from = len(self.output_text)
         if skipped is not None:
             self.token_ids.append(skipped)
-        return self._check_stop(scan_from)
+        return self._cut_at_stop_string(scan_from)
 
     def flush(self) -> Optional[str]:
         """At the end of a completion: add the text of tokens still held back because
@@ -104,18 +107,13 @@ class IncrementalDetokenizer:
             return None
         scan_from = len(self.output_text)
         self.output_text += self._decode_next(flush=True)
-        return self._check_stop(scan_from)
+        return self._cut_at_stop_string(scan_from)
 
-    def _check_stop(self, scan_from: int) -> Optional[str]:
+    def _cut_at_stop_string(self, scan_from: int) -> Optional[str]:
         if not self.stop or scan_from >= len(self.output_text):
             return None
         text = self.output_text
-        best: Optional[tuple[int, str]] = None
-        for s in self.stop:
-            # Only new text, plus the tail a match spanning the old/new boundary starts in.
-            i = text.find(s, max(0, scan_from - len(s) + 1))
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
+        best = find_stop_string(text, scan_from, self.stop)
         if best is None:
             return None
         i, s = best

@@ -2,8 +2,9 @@
 
 One step is schedule -> execute -> update: the Scheduler picks the work (a plain
 SchedulerOutput), the ModelRunner computes it on the device and samples, the
-Scheduler advances the sequences, and the engine detokenizes, applies stop
-strings and assembles RequestOutputs. The engine owns the per-request state
+Scheduler advances the sequences and finishes those that runtime/stop.py says
+are done (EOS, stop ids, stop strings via the detokenizers, length), and the
+engine assembles RequestOutputs. The engine owns the per-request state
 that outlives a step (prompt, detokenizers, logprobs, timings). It is
 single-threaded; fleetserve.runtime.async_engine.AsyncLLM drives it from
 asyncio.
@@ -24,14 +25,16 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from .request import Sequence, SeqStatus
-from .sampler import check_token_ids, completion_seed
+from .protocols import PromptInput
+from .request import Seq
+from .sampler import completion_seed
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stop import StopChecker
+from .utils import cdiv
+from .validation import InvalidRequestError, RequestLimits, validate
 
 logger = logging.getLogger("fleetserve.engine")
-
-PromptInput = Union[str, list[int], dict]
 
 
 @dataclass
@@ -52,7 +55,7 @@ class _RequestState:
     prompt: Optional[str]
     prompt_token_ids: list[int]
     params: SamplingParams
-    seqs: list[Sequence]
+    seqs: list[Seq]
     detoks: list[IncrementalDetokenizer]
     metrics: RequestMetrics
     logprobs: list[Optional[list]] = field(default_factory=list)
@@ -109,7 +112,11 @@ class LLMEngine:
                                  f"in {self.num_kv_blocks} blocks): lower it or give the KV cache more memory")
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
             self.max_model_len = capacity
+        self.limits = RequestLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
+                                    max_logprobs=config.max_logprobs)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
+        # The one owner of stop decisions; it reads stop strings from the sequence's detokenizer.
+        self._stop = StopChecker(self.eos_token_ids, self._detokenizer_of)
         self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                                   self.eos_token_ids)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -171,7 +178,7 @@ class LLMEngine:
             n = self._profile_cuda_blocks(model, per_block)
         else:
             n = (1 << 30) // per_block  # 1 GiB on CPU
-        min_blocks = -(-16 // self.block_size)
+        min_blocks = cdiv(16, self.block_size)
         if n < min_blocks:
             raise ValueError(f"KV cache too small: {n} blocks of {self.block_size} tokens "
                              f"({per_block} bytes each); give more memory or num_kv_blocks")
@@ -198,44 +205,30 @@ class LLMEngine:
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids", param="prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict")
+        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] "
+                                  f"or dict", param="prompt")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None, final_only: bool = False) -> None:
-        """Queue a request. final_only: step() reports it only once finished (offline batches),
-        which saves building an output object for every request in every step."""
+        """Queue a request; runtime/validation.validate checks it first (InvalidRequestError, a
+        ValueError). final_only: step() reports it only once finished (offline batches), which
+        saves building an output object for every request in every step."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, "
-                             f"but the prompt has {len(ids)} tokens (no room for any output)")
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > self.config.max_logprobs:
-                raise ValueError(f"{name}={v} exceeds the maximum allowed ({self.config.max_logprobs})")
-        check_token_ids(params, self.vocab_size)
-        need_blocks = -(-min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len) // self.block_size)
-        if need_blocks > self.num_kv_blocks:
-            raise ValueError(f"the request needs up to {need_blocks} KV blocks but the cache holds only "
-                             f"{self.num_kv_blocks}: lower max_tokens or give the KV cache more memory")
-        max_len = self.max_model_len if params.max_tokens is None else min(self.max_model_len, len(ids) + params.max_tokens)
+        validate(ids, params, self.limits)
+        max_len = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         arrival = arrival_time if arrival_time is not None else time.time()
-        seqs = [Sequence(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
+        seqs = [Seq(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
                 for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]
         state = _RequestState(
@@ -261,9 +254,6 @@ class LLMEngine:
                 continue
             self._forget(rid)
             self.scheduler.abort([s for s in state.seqs if not s.is_finished])
-            for s in state.seqs:
-                if not s.is_finished:
-                    s.status = SeqStatus.FINISHED_ABORTED
             state.metrics.finished_time = time.time()
             self._pending_outputs.append(self._make_output(state))
 
@@ -314,7 +304,7 @@ class LLMEngine:
         """Read back one launched step and turn its tokens into request outputs."""
         result = self.runner.collect(launched)
         sched = launched.sched
-        progressed = self.scheduler.update(sched, result.sampled, self.eos_token_ids)
+        progressed = self.scheduler.update(sched, result.sampled, self._stop)
         now = time.time()
         outputs: list[RequestOutput] = []
         touched: dict[str, _RequestState] = {}
@@ -329,22 +319,10 @@ class LLMEngine:
             state = self._requests[seq.request_id]
             touched[seq.request_id] = state
             self.generation_tokens_total += 1
-            token = seq.token_ids[-1]
             if seq.seq_id in result.logprobs:
                 ids, lps, rank = result.logprobs[seq.seq_id]
                 state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
                 state.cumulative_logprob[seq.index] += lps[0]
-            if state.detoks:
-                det = state.detoks[seq.index]
-                # EOS / a stop token id ended it: the token stays in token_ids, its text is left out
-                by_token = seq.status == SeqStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
-                stop = det.update([token], stop_terminated=by_token)
-                if stop is None and seq.is_finished:
-                    stop = det.flush()
-                if stop is not None and not seq.is_finished:
-                    self.scheduler.finish(seq, SeqStatus.FINISHED_STOPPED, stop)
-                elif stop is not None and seq.status == SeqStatus.FINISHED_LENGTH:
-                    seq.status, seq.stop_reason = SeqStatus.FINISHED_STOPPED, stop
         for rid, state in touched.items():
             m = state.metrics
             if m.first_token_time is None:
@@ -358,6 +336,10 @@ class LLMEngine:
                 continue
             outputs.append(self._make_output(state))
         return outputs
+
+    def _detokenizer_of(self, seq: Seq) -> Optional[IncrementalDetokenizer]:
+        state = self._requests.get(seq.request_id)
+        return state.detoks[seq.index] if state is not None and state.detoks else None
 
     def _forget(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)

@@ -3,7 +3,7 @@
 `BlockPool` owns every block's state: reference count, free queue (LRU order,
 so cached blocks are evicted oldest first and blocks without a hash are reused
 before any cached one) and the prefix-cache map from chained block hashes to
-blocks. `KVCacheManager` is the only writer of `Sequence.block_ids`. Both deal in
+blocks. `KVCacheManager` is the only writer of `Seq.block_ids`. Both deal in
 block ids on the CPU; the KV tensors themselves belong to the model runner.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Optional
 
-from .request import Sequence
+from .request import Seq
+from .utils import cdiv
 
 
 class KVBlock:
@@ -93,7 +94,7 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
-    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+    def _block_hashes(self, seq: Seq, num_blocks: int) -> list[int]:
         """Chained hashes of seq's first num_blocks full blocks (token content is append-only, so memoised)."""
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
@@ -102,7 +103,7 @@ class KVCacheManager:
             hashes.append(hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))))
         return hashes[:num_blocks]
 
-    def find_cached_prefix(self, seq: Sequence) -> list[KVBlock]:
+    def find_cached_prefix(self, seq: Seq) -> list[KVBlock]:
         """Longest run of cached full blocks matching seq's tokens, leaving >= 1 token to compute."""
         if not self.enable_prefix_caching or seq.block_ids or seq.params.prompt_logprobs is not None:
             return []
@@ -117,7 +118,7 @@ class KVCacheManager:
         self.prefix_cache_hits += len(found) * self.block_size
         return found
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+    def allocate_slots(self, seq: Seq, num_new_tokens: int,
                        cached_blocks: Iterable[KVBlock] = ()) -> Optional[list[tuple[int, int]]]:
         """Make room for num_new_tokens more tokens after the computed (and cached) ones.
 
@@ -134,7 +135,7 @@ class KVCacheManager:
         cached_blocks = list(cached_blocks)
         start = seq.num_computed_tokens + len(cached_blocks) * bs
         have = len(seq.block_ids) + len(cached_blocks)
-        need = -(-(start + num_new_tokens) // bs)
+        need = cdiv(start + num_new_tokens, bs)
         num_new_blocks = max(0, need - have)
         cow_idx = start // bs
         cow = cow_idx < len(seq.block_ids) and self.pool.blocks[seq.block_ids[cow_idx]].ref_cnt > 1
@@ -155,7 +156,7 @@ class KVCacheManager:
             seq.block_ids.append(self.pool.allocate().block_id)
         return copies
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
+    def cache_full_blocks(self, seq: Seq) -> None:
         """Offer seq's newly full blocks (all tokens known and scheduled) to the prefix cache.
 
         A block registered while the step computing it is still on the device is safe:
@@ -172,17 +173,17 @@ class KVCacheManager:
             self.pool.register(self.pool.blocks[seq.block_ids[i]], hashes[i])
         seq.num_registered_blocks = last
 
-    def fork(self, parent: Sequence, child: Sequence, num_tokens: int) -> None:
+    def fork(self, parent: Seq, child: Seq, num_tokens: int) -> None:
         """Let child share the blocks holding parent's first num_tokens tokens (ref-counted)."""
         assert not child.block_ids
-        k = -(-num_tokens // self.block_size)
+        k = cdiv(num_tokens, self.block_size)
         for bid in parent.block_ids[:k]:
             self.pool.touch(self.pool.blocks[bid])
         child.block_ids = list(parent.block_ids[:k])
         child.block_hashes = list(parent.block_hashes[: num_tokens // self.block_size])
         child.num_registered_blocks = min(parent.num_registered_blocks, num_tokens // self.block_size)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Seq) -> None:
         # Tail first: released blocks go to the back of the LRU queue, so the end of a
         # sequence is evicted before its (more shareable) beginning.
         for bid in reversed(seq.block_ids):

@@ -1,11 +1,17 @@
 """ModelRunner: the device side of the engine.
 
 Owns the model weights, the KV cache tensors (one [2, num_blocks, block_size,
-Hkv, D] tensor per layer) and the sampler. `execute` turns one SchedulerOutput
-into per-sequence results: it builds the step's input tensors on the host with
-numpy (a handful of host->device copies per step), applies copy-on-write block
-copies, runs the forward pass, and samples only the rows that end their known
-tokens. One host sync per step (reading the sampled tokens).
+Hkv, D] tensor per layer), the sampler and the host staging buffers. Its API is
+`launch(SchedulerOutput)` -> a queued step, then `collect(step)` -> RunnerOutput
+(the step's one host sync). `launch` runs in named stages:
+
+  prepare_inputs(sched) -> StepInputs   host numpy -> one staged copy per step
+  forward(StepInputs)   -> hidden       eager, or a CUDA graph replay
+  prepare_sampling(...) -> logits, SamplingTensors   only the rows that sample
+  sampler(logits, SamplingTensors) -> tokens (+ logprobs)
+
+It reads scheduled sequences from a plain SchedulerOutput (runtime/scheduler_output.py)
+and never imports the scheduler. Copy-on-write block copies run before the forward.
 
 On CUDA, pure decode steps replay CUDA graphs captured once per padded batch
 size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs): the step's inputs are
@@ -17,14 +23,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from .attention import AttentionMetadata
 from .sampler import Sampler, SamplingRow, SamplingTensors, compute_prompt_logprobs
-from .scheduler import SchedulerOutput
+from .scheduler_output import ScheduledSeq, SchedulerOutput
+from .staging import HostStaging
+from .utils import cdiv
+
+if TYPE_CHECKING:
+    from .models import ModelConfig
+    from .protocols import CausalLM
 
 # (token ids [K+1], logprobs [K+1], rank of column 0) for one position; column 0 is the
 # sampled (or, for prompts, the actual next) token.
@@ -41,32 +53,14 @@ class RunnerOutput:
     """seq_id -> (first prompt position covered, entries for the next prompt tokens)."""
 
 
-def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elt = torch.empty((), dtype=dtype).element_size()
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elt
 
 
-def pack_aligned(arrays: list[np.ndarray], align_bytes: int = 16) -> tuple[np.ndarray, list[int]]:
-    """Concatenate same-dtype arrays into one flat buffer, each starting `align_bytes`-aligned.
-
-    Returns (flat, element offset of each array). Triton specializes kernels on pointer alignment,
-    so views at offsets that follow each step's token and sequence counts would compile new kernel
-    variants mid-serving: a 1.1 s stall measured on an H100 the first step where B + 1 was a multiple
-    of 4 (the seq_lens view became 16-byte aligned)."""
-    align = max(1, align_bytes // arrays[0].dtype.itemsize)
-    starts, total = [], 0
-    for a in arrays:
-        starts.append(total)
-        total += -(-a.size // align) * align
-    flat = np.zeros(total, dtype=arrays[0].dtype)
-    for a, off in zip(arrays, starts):
-        flat[off: off + a.size] = a.ravel()
-    return flat, starts
-
-
 class ModelRunner:
-    def __init__(self, model, model_config, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 block_size: int, eos_token_ids: set[int]):
+    def __init__(self, model: CausalLM, model_config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, num_blocks: int, block_size: int, eos_token_ids: set[int]):
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -85,6 +79,8 @@ class ModelRunner:
         self._graph_sizes: list[int] = []
         self._prev_sampled: Optional[torch.Tensor] = None  # last launch's sampled tokens (device)
         self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
+        # CUDA: reused pinned buffers for every host->device copy. CPU: arrays are used in place.
+        self._staging = HostStaging(device, pin=True) if device.type == "cuda" else None
 
     # -- CUDA graphs ------------------------------------------------------------
     @torch.inference_mode()
@@ -95,7 +91,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         sizes = sorted({b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch})
         B, dev = sizes[-1], self.device
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = cdiv(max_model_len, self.block_size)
         self._static = dict(
             input_ids=torch.zeros(B, dtype=torch.int64, device=dev),
             positions=torch.zeros(B, dtype=torch.int64, device=dev),
@@ -119,7 +115,7 @@ class ModelRunner:
         self._graph_sizes = sizes
         return time.perf_counter() - t0
 
-    def _static_args(self, b: int):
+    def _static_args(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         st = self._static
         attn = AttentionMetadata(st["slot_mapping"][:b], st["query_start_loc"][: b + 1], st["seq_lens"][:b],
                                  st["block_tables"][:b], 1, self._graph_max_seq_len)
@@ -130,13 +126,16 @@ class ModelRunner:
             return None
         return next(s for s in self._graph_sizes if s >= batch)
 
-    def _run_graph(self, b: int, padded: int, dev: list[torch.Tensor]) -> torch.Tensor:
-        st = self._static
-        st["input_ids"][:b].copy_(dev[0])
-        st["positions"][:b].copy_(dev[1])
-        st["slot_mapping"][:b].copy_(dev[2])
-        st["seq_lens"][:b].copy_(dev[4])
-        bt = dev[5]
+    def _run_graph(self, inputs: "StepInputs") -> torch.Tensor:
+        """Copy the step's inputs into the static buffers and replay the graph of its padded size."""
+        st, attn = self._static, inputs.attn
+        b, padded = inputs.num_seqs, inputs.graph_batch
+        assert padded is not None
+        st["input_ids"][:b].copy_(inputs.input_ids)
+        st["positions"][:b].copy_(inputs.positions)
+        st["slot_mapping"][:b].copy_(attn.slot_mapping)
+        st["seq_lens"][:b].copy_(attn.seq_lens)
+        bt = attn.block_tables
         st["block_tables"][:b, : bt.shape[1]].copy_(bt)
         if padded > b:
             st["slot_mapping"][b:padded].fill_(-1)
@@ -146,43 +145,53 @@ class ModelRunner:
         return out
 
     def _stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Host arrays -> device tensors with one copy per dtype, without blocking the host.
+        """Host arrays -> device tensors (see HostStaging); on the CPU they are used in place."""
+        if self._staging is None:
+            return [torch.from_numpy(a) for a in arrays]
+        return self._staging.stage(arrays)
 
-        A plain .to(device) from pageable memory waits for all queued GPU work; through
-        pinned memory (PyTorch's caching host allocator keeps the buffer alive until the
-        copy ran) the copy is queued and the host goes on preparing the next step.
-        """
-        if self.device.type != "cuda":
-            return [torch.from_numpy(a).to(self.device) for a in arrays]
-        out: list[Optional[torch.Tensor]] = [None] * len(arrays)
-        for dtype in (np.int64, np.int32):
-            idx = [i for i, a in enumerate(arrays) if a.dtype == dtype]
-            if not idx:
-                continue
-            flat, starts = pack_aligned([arrays[i] for i in idx])
-            dev = torch.from_numpy(flat).pin_memory().to(self.device, non_blocking=True)
-            for i, off in zip(idx, starts):
-                out[i] = dev[off: off + arrays[i].size].view(arrays[i].shape)
-        return out  # type: ignore[return-value]
-
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one step to completion (launch + collect)."""
-        return self.collect(self.launch(sched))
-
+    # -- one step: prepare inputs -> forward -> prepare sampling -> sample ----------
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "_LaunchedStep":
-        """Queue one step on the device and return without waiting for it.
+        """Queue one step on the device and return without waiting for it."""
+        if self._staging is not None:
+            self._staging.begin_step()
+        self._copy_blocks(sched.block_copies)
+        inputs = self.prepare_inputs(sched)
+        hidden = self.forward(inputs)
+        step = _LaunchedStep(sched)
+        self._launch_prompt_logprobs(sched.scheduled, inputs, hidden, step)
+        sample_idx = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        if sample_idx:
+            logits, st = self.prepare_sampling(sched, sample_idx, inputs, hidden)
+            res = self.sampler(logits, st)
+            step.seq_ids = [sched.scheduled[i].seq.seq_id for i in sample_idx]
+            step.sampled = res.token_ids
+            step.logprobs = res.logprobs
+            step.num_logprobs = st.num_logprobs
+            self._prev_sampled = res.token_ids
+            self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
+        if self._staging is not None:
+            self._staging.end_step()
+        step.start_readback()
+        return step
 
-        Tokens of the previous launch that are still on the device (placeholders: a
-        sequence's last token was sampled there but not yet appended on the host) are
-        gathered on the device from that launch's sampled-token tensor.
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write KV block copies, before the forward pass writes into them."""
+        if not copies:
+            return
+        src, dst = self._stage([np.array(copies, dtype=np.int64).T.copy()])[0]
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> "StepInputs":
+        """Build the step's token ids, positions and attention metadata on the host with numpy
+        and stage them to the device in one copy per dtype.
+
+        Tokens of the previous launch that are still on the device (placeholders: a sequence's
+        last token was sampled there but not yet appended on the host) are gathered on the
+        device from that launch's sampled-token tensor.
         """
-        if sched.block_copies:
-            src, dst = self._stage([np.array(sched.block_copies, dtype=np.int64).T.copy()])[0]
-            for cache in self.kv_caches:
-                cache[:, dst] = cache[:, src]
-
         items = sched.scheduled
         B, bs = len(items), self.block_size
         q_lens = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=B)
@@ -192,7 +201,7 @@ class ModelRunner:
         T = int(qsl[-1])
         seq_lens = starts + q_lens
         n_blocks = np.fromiter((len(s.seq.block_ids) for s in items), dtype=np.int64, count=B)
-        max_blocks = int((seq_lens.max() + bs - 1) // bs)
+        max_blocks = cdiv(int(seq_lens.max()), bs)
         # Block tables from one flat pass over all block ids (rows are ragged).
         flat_ids = np.fromiter(itertools.chain.from_iterable(s.seq.block_ids for s in items), dtype=np.int32,
                                count=int(n_blocks.sum()))
@@ -223,7 +232,6 @@ class ModelRunner:
         slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         max_query_len = int(q_lens.max())
-        padded = self._graph_size(B, max_query_len)
         arrays = [tokens, positions, slots, qsl.astype(np.int32), seq_lens.astype(np.int32), block_tables]
         if placeholder_dst:
             arrays.append(np.array([placeholder_dst, placeholder_src], dtype=np.int64))
@@ -231,21 +239,24 @@ class ModelRunner:
         input_ids = dev[0]
         if placeholder_dst:
             dst, src = dev[6]
+            assert self._prev_sampled is not None
             input_ids.index_copy_(0, dst, self._prev_sampled.index_select(0, src))
-        if padded is not None:
-            hidden = self._run_graph(B, padded, dev)
-        else:
-            attn = AttentionMetadata(slot_mapping=dev[2], query_start_loc=dev[3], seq_lens=dev[4],
-                                     block_tables=dev[5], max_query_len=max_query_len,
-                                     max_seq_len=int(seq_lens.max()))
-            hidden = self.model(input_ids, dev[1], attn, self.kv_caches)
+        attn = AttentionMetadata(slot_mapping=dev[2], query_start_loc=dev[3], seq_lens=dev[4],
+                                 block_tables=dev[5], max_query_len=max_query_len,
+                                 max_seq_len=int(seq_lens.max()))
+        return StepInputs(input_ids=input_ids, positions=dev[1], attn=attn, num_seqs=B, num_tokens=T,
+                          graph_batch=self._graph_size(B, max_query_len), query_start_loc=qsl)
 
-        step = _LaunchedStep(sched)
-        self._launch_prompt_logprobs(items, qsl, starts, hidden, step)
-        sample_idx = [i for i, s in enumerate(items) if s.sample]
-        if not sample_idx:
-            step.start_readback()
-            return step
+    def forward(self, inputs: "StepInputs") -> torch.Tensor:
+        """Hidden states [T, H] (or more rows: a CUDA graph's padded batch) of the step's tokens."""
+        if inputs.graph_batch is not None:
+            return self._run_graph(inputs)
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
+
+    def prepare_sampling(self, sched: SchedulerOutput, sample_idx: list[int], inputs: "StepInputs",
+                         hidden: torch.Tensor) -> tuple[torch.Tensor, SamplingTensors]:
+        """Logits of the rows that sample (the last scheduled token of each) and their SamplingTensors."""
+        items = sched.scheduled
         rows = []
         for i in sample_idx:
             seq = items[i].seq
@@ -255,21 +266,14 @@ class ModelRunner:
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids,
                 position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))
+        T = inputs.num_tokens
         if len(sample_idx) == T:  # pure decode: every token is sampled
             logits = self.model.compute_logits(hidden[:T])
         else:
-            last = self._stage([qsl[1:][sample_idx] - 1])[0]
+            last = self._stage([inputs.query_start_loc[1:][sample_idx] - 1])[0]
             logits = self.model.compute_logits(hidden[last])
-        st = SamplingTensors.build(rows, self.vocab_size, self.device)
-        res = self.sampler(logits, st)
-        step.seq_ids = [items[i].seq.seq_id for i in sample_idx]
-        step.sampled = res.token_ids
-        step.logprobs = res.logprobs
-        step.num_logprobs = st.num_logprobs
-        self._prev_sampled = res.token_ids
-        self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
-        step.start_readback()
-        return step
+        st = SamplingTensors.build(rows, self.vocab_size, self.device, stage=self._stage)
+        return logits, st
 
     def collect(self, step: "_LaunchedStep") -> RunnerOutput:
         """Wait for a launched step's results (the step's one sync) and convert them to lists."""
@@ -287,13 +291,15 @@ class ModelRunner:
             out.prompt_logprobs[seq_id] = (first, [(a[: k + 1], b[: k + 1], r) for a, b, r in zip(ids, lps, ranks)])
         return out
 
-    def _launch_prompt_logprobs(self, items, qsl, starts, hidden, step: "_LaunchedStep") -> None:
+    def _launch_prompt_logprobs(self, items: list[ScheduledSeq], inputs: "StepInputs", hidden: torch.Tensor,
+                                step: "_LaunchedStep") -> None:
+        qsl = inputs.query_start_loc
         for i, s in enumerate(items):
             seq = s.seq
             k = seq.params.prompt_logprobs
             if k is None or s.start >= seq.num_prompt_tokens:
                 continue
-            first = int(starts[i])
+            first = s.start
             last = min(first + s.num_new_tokens, seq.num_prompt_tokens - 1)  # positions with a next prompt token
             if last <= first:
                 continue
@@ -304,15 +310,39 @@ class ModelRunner:
 
 
 @dataclass
+class StepInputs:
+    """One step's model inputs on the device (built by `prepare_inputs`), plus the host
+    arrays that the sampling stage reads. Tokens are laid out sequence by sequence in
+    SchedulerOutput.scheduled order."""
+
+    input_ids: torch.Tensor
+    """[T] int64 token ids (placeholders already gathered from the previous step's samples)."""
+    positions: torch.Tensor
+    """[T] int64 position of each token in its sequence."""
+    attn: AttentionMetadata
+    """Where each token reads and writes the paged KV cache."""
+    num_seqs: int
+    """B: sequences in the step."""
+    num_tokens: int
+    """T: tokens in the step."""
+    graph_batch: Optional[int]
+    """Padded batch size of the CUDA graph that runs this step; None = eager forward."""
+    query_start_loc: np.ndarray
+    """Host copy of attn.query_start_loc ([B+1] int64)."""
+
+
+@dataclass
 class _LaunchedStep:
     """A step queued on the device: what collect() needs to read its results."""
 
     sched: SchedulerOutput
     seq_ids: list[int] = field(default_factory=list)
     sampled: Optional[torch.Tensor] = None
-    logprobs: Optional[tuple] = None
-    num_logprobs: list = field(default_factory=list)
-    prompt_logprobs: list = field(default_factory=list)
+    logprobs: Optional[tuple[torch.Tensor, ...]] = None
+    """(token ids, logprobs, ranks) of the sampled rows (see LogprobsTensors)."""
+    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)
+    """(seq_id, first prompt position, k, (token ids, logprobs, ranks)) per sequence that asked."""
     _done: Optional[torch.cuda.Event] = None
 
     def start_readback(self) -> None:

@@ -6,7 +6,7 @@ last output they saw.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 
@@ -59,5 +59,3 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     num_cached_tokens: int = 0
     metrics: Optional[RequestMetrics] = None
-    new_token_counts: list[int] = field(default_factory=list)
-    """Per completion: how many tokens were generated in the step that produced this output."""

@@ -1,13 +1,14 @@
-"""Sequence: all per-completion state of a request, on the CPU.
+"""Seq: all per-completion state of a request, on the CPU (named so that it never
+shadows typing.Sequence).
 
-The engine creates one Sequence per completion (n of them for `n > 1`); only the
-scheduler mutates scheduling state (status, num_computed_tokens) and only the
-KV cache manager mutates `block_ids`. Nothing here touches the device.
+The engine creates one Seq per completion (n of them for `n > 1`); only the
+scheduler mutates scheduling state (status, num_computed_tokens) -- a sequence
+ends only in `Scheduler.finish`, on a decision of runtime/stop.py or an abort --
+and only the KV cache manager mutates `block_ids`. Nothing here touches the device.
 """
 from __future__ import annotations
 
 import enum
-from typing import Optional
 
 from .sampling_params import SamplingParams
 
@@ -28,7 +29,7 @@ class SeqStatus(enum.Enum):
 _FINISHED = frozenset((SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH, SeqStatus.FINISHED_ABORTED))
 
 
-class Sequence:
+class Seq:
     """One completion stream: prompt + generated tokens, progress and KV blocks."""
 
     __slots__ = ("seq_id", "request_id", "index", "params", "seed", "token_ids", "num_prompt_tokens",
@@ -53,7 +54,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, computed lazily
         self.status = SeqStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.pending_forks: list["Sequence"] = []  # n > 1: siblings that fork from this one after its prefill
+        self.pending_forks: list["Seq"] = []  # n > 1: siblings that fork from this one after its prefill
         self.arrival_time = arrival_time
         self.max_len = max_len  # hard cap on len(token_ids): prompt + max_tokens, or the model's context
         self.num_preemptions = 0
@@ -84,5 +85,5 @@ class Sequence:
         return self.status in _FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+        return (f"Seq({self.request_id}#{self.index}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.value})")

@@ -23,15 +23,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import AbstractSet, NamedTuple, Optional, Sequence
+from typing import AbstractSet, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
+from .stop import suppressed_token_ids
 
-# vLLM treats temperatures this small as greedy: dividing by them overflows.
-_GREEDY_TEMPERATURE = 1e-5
 _M32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 # top_p is computed on torch.topk(max_top_k) instead of a full sort when every top_p row
@@ -71,15 +70,6 @@ def completion_seed(seed: int, index: int) -> int:
     """Seed of completion `index` of an n > 1 request: vLLM's `seed + index`, so that
     completion 0 of a seeded request matches the same request with n = 1."""
     return seed + index
-
-
-def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Raise ValueError if logit_bias or stop_token_ids name ids outside the vocabulary
-    (for the engine's add_request; `SamplingTensors.build` silently skips them)."""
-    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -132,94 +122,31 @@ class SamplingTensors:
         )
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> "SamplingTensors":
-        """Walk the rows once on the host, then copy two flat buffers (ints, floats) to the device."""
-        B, V = len(rows), vocab_size
-        device = torch.device(device)
-        floats: list[float] = []  # [B, 6] table, then bias values
-        ints: list[int] = []  # [B, 4] table
-        greedy_flags: list[bool] = []
-        out_rows: list[int] = []  # penalty rows: their output tokens are counted
-        out_seqs: list[Sequence[int]] = []
-        prompt_rows: list[int] = []  # repetition-penalty rows: their prompt tokens are marked seen
-        prompt_seqs: list[Sequence[int]] = []
-        bias_idx: list[int] = []
-        bias_val: list[float] = []
-        suppress_idx: list[int] = []
-        num_logprobs: list[Optional[int]] = []
-        do_temp = do_min_p = do_top_p = False
-        top_p_within_top_k = True
-        max_top_k = 0
-        max_lp: Optional[int] = None
+    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str,
+              stage: Optional[Stager] = None) -> "SamplingTensors":
+        """Walk the rows once on the host (`_HostRows.collect`), pack them into one int and one
+        float buffer (`_HostRows.pack`), stage both to the device in one go and view the tensors
+        out of them (`_from_device`). `stage`: the runner's staging (persistent pinned buffers
+        on CUDA); by default a plain copy (pinned per call on CUDA)."""
+        host = _HostRows.collect(rows, vocab_size)
+        int_buf, float_buf = host.pack()
+        int_t, float_t = (stage or _default_stager(torch.device(device)))([int_buf, float_buf])
+        return cls._from_device(host, int_t, float_t)
 
-        for i, row in enumerate(rows):
-            p = row.params
-            n_out = len(row.output_token_ids) if row.position is None else row.position
-            greedy = p.temperature < _GREEDY_TEMPERATURE
-            greedy_flags.append(greedy)
-            if greedy:
-                temp, top_p, min_p, top_k = 1.0, 1.0, 0.0, 0
-            else:
-                temp, top_p, min_p = p.temperature, p.top_p, p.min_p
-                top_k = p.top_k if 0 < p.top_k < V else 0
-                do_temp |= temp != 1.0
-                do_min_p |= min_p > 0.0
-                max_top_k = max(max_top_k, top_k)
-                if top_p < 1.0:
-                    do_top_p = True
-                    top_p_within_top_k &= 0 < top_k <= _TOPK_INSTEAD_OF_SORT
-            pres, freq, rep = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-            floats += (temp, top_p, min_p, pres, freq, rep)
-            seed = row.seed & _U64
-            ints += (top_k, seed & _M32, seed >> 32, n_out)
-
-            if pres != 0.0 or freq != 0.0 or rep != 1.0:
-                out_rows.append(i)
-                out_seqs.append(row.output_token_ids)
-                if rep != 1.0:
-                    prompt_rows.append(i)
-                    prompt_seqs.append(row.prompt_token_ids)
-            if p.logit_bias:
-                for t, b in p.logit_bias.items():
-                    if 0 <= t < V:
-                        bias_idx.append(i * V + t)
-                        bias_val.append(b)
-            if n_out < p.min_tokens:
-                stop_ids = set(p.stop_token_ids)
-                if not p.ignore_eos:
-                    stop_ids |= row.eos_token_ids
-                suppress_idx += [i * V + t for t in stop_ids if 0 <= t < V]
-            num_logprobs.append(p.logprobs)
-            if p.logprobs is not None:
-                max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)
-
-        all_greedy = all(greedy_flags)
-        all_random = not any(greedy_flags)
-        random_rows = [] if (all_greedy or all_random) else [i for i, g in enumerate(greedy_flags) if not g]
-        out_idx = _flat_token_index(out_rows, out_seqs, V)
-        prompt_idx = _flat_token_index(prompt_rows, prompt_seqs, V)
-        segments = [out_idx, prompt_idx, bias_idx, suppress_idx, random_rows]
-        host_ints = np.concatenate([np.asarray(ints, dtype=np.int64)] + [np.asarray(seg, dtype=np.int64) for seg in segments])
-        floats += bias_val
-
-        def to_device(host: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda":
-                return host.pin_memory().to(device, non_blocking=True)
-            return host.to(device)
-
-        int_buf = to_device(torch.from_numpy(host_ints))
-        float_buf = to_device(torch.tensor(floats, dtype=torch.float32))
+    @classmethod
+    def _from_device(cls, host: "_HostRows", int_buf: torch.Tensor, float_buf: torch.Tensor) -> "SamplingTensors":
+        B = host.batch_size
         table_i = int_buf[: 4 * B].view(B, 4)
         table_f = float_buf[: 6 * B].view(B, 6)
         pieces: list[Optional[torch.Tensor]] = []
         off = 4 * B
-        for seg in segments:
-            pieces.append(int_buf[off : off + len(seg)] if len(seg) else None)
-            off += len(seg)
+        for n in host.segment_lengths():
+            pieces.append(int_buf[off: off + n] if n else None)
+            off += n
         out_t, prompt_t, bias_t, suppress_t, random_t = pieces
         return cls(
             batch_size=B,
-            vocab_size=V,
+            vocab_size=host.vocab_size,
             temperature=table_f[:, 0],
             top_p=table_f[:, 1],
             min_p=table_f[:, 2],
@@ -234,20 +161,125 @@ class SamplingTensors:
             output_token_index=out_t,
             prompt_token_index=prompt_t,
             bias_index=bias_t,
-            bias_value=float_buf[6 * B :] if bias_idx else None,
+            bias_value=float_buf[6 * B:] if host.bias_val else None,
             suppress_index=suppress_t,
-            all_greedy=all_greedy,
-            all_random=all_random,
-            do_penalties=bool(out_rows),
-            do_repetition=bool(prompt_rows),
-            do_temperature=do_temp,
-            do_min_p=do_min_p,
-            do_top_p=do_top_p,
-            max_top_k=max_top_k,
-            top_p_within_top_k=do_top_p and top_p_within_top_k,
-            max_num_logprobs=max_lp,
-            num_logprobs=num_logprobs,
+            all_greedy=host.all_greedy,
+            all_random=host.all_random,
+            do_penalties=bool(host.out_rows),
+            do_repetition=bool(host.prompt_rows),
+            do_temperature=host.do_temp,
+            do_min_p=host.do_min_p,
+            do_top_p=host.do_top_p,
+            max_top_k=host.max_top_k,
+            top_p_within_top_k=host.do_top_p and host.top_p_within_top_k,
+            max_num_logprobs=host.max_lp,
+            num_logprobs=host.num_logprobs,
         )
+
+
+Stager = Callable[[list[np.ndarray]], list[torch.Tensor]]
+"""Host arrays -> device tensors of the same dtypes and shapes (ModelRunner._stage)."""
+
+
+def _default_stager(device: torch.device) -> Stager:
+    def stage(arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        if device.type == "cuda":
+            return [torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays]
+        return [torch.from_numpy(a).to(device) for a in arrays]
+    return stage
+
+
+@dataclass
+class _HostRows:
+    """The rows of one step gathered on the host: per-row tables and the flat index segments."""
+
+    batch_size: int
+    vocab_size: int
+    floats: list[float] = field(default_factory=list)  # [B, 6] table
+    ints: list[int] = field(default_factory=list)  # [B, 4] table
+    greedy_flags: list[bool] = field(default_factory=list)
+    out_rows: list[int] = field(default_factory=list)  # penalty rows: their output tokens are counted
+    out_seqs: list[Sequence[int]] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)  # repetition-penalty rows: prompt tokens marked seen
+    prompt_seqs: list[Sequence[int]] = field(default_factory=list)
+    bias_idx: list[int] = field(default_factory=list)
+    bias_val: list[float] = field(default_factory=list)
+    suppress_idx: list[int] = field(default_factory=list)
+    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    do_temp: bool = False
+    do_min_p: bool = False
+    do_top_p: bool = False
+    top_p_within_top_k: bool = True
+    max_top_k: int = 0
+    max_lp: Optional[int] = None
+    all_greedy: bool = False
+    all_random: bool = False
+    _segments: list[np.ndarray] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, rows: Sequence[SamplingRow], vocab_size: int) -> "_HostRows":
+        V = vocab_size
+        h = cls(batch_size=len(rows), vocab_size=V)
+        floats, ints = h.floats, h.ints
+        for i, row in enumerate(rows):
+            p = row.params
+            n_out = len(row.output_token_ids) if row.position is None else row.position
+            greedy = p.greedy
+            h.greedy_flags.append(greedy)
+            if greedy:
+                temp, top_p, min_p, top_k = 1.0, 1.0, 0.0, 0
+            else:
+                temp, top_p, min_p = p.temperature, p.top_p, p.min_p
+                top_k = p.top_k if 0 < p.top_k < V else 0
+                h.do_temp |= temp != 1.0
+                h.do_min_p |= min_p > 0.0
+                h.max_top_k = max(h.max_top_k, top_k)
+                if top_p < 1.0:
+                    h.do_top_p = True
+                    h.top_p_within_top_k &= 0 < top_k <= _TOPK_INSTEAD_OF_SORT
+            pres, freq, rep = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            floats += (temp, top_p, min_p, pres, freq, rep)
+            seed = row.seed & _U64
+            ints += (top_k, seed & _M32, seed >> 32, n_out)
+
+            if pres != 0.0 or freq != 0.0 or rep != 1.0:
+                h.out_rows.append(i)
+                h.out_seqs.append(row.output_token_ids)
+                if rep != 1.0:
+                    h.prompt_rows.append(i)
+                    h.prompt_seqs.append(row.prompt_token_ids)
+            if p.logit_bias:  # ids were checked against the vocabulary by runtime/validation.py
+                for t, b in p.logit_bias.items():
+                    h.bias_idx.append(i * V + t)
+                    h.bias_val.append(b)
+            if n_out < p.min_tokens:
+                h.suppress_idx += [i * V + t for t in suppressed_token_ids(p, row.eos_token_ids, n_out) if 0 <= t < V]
+            h.num_logprobs.append(p.logprobs)
+            if p.logprobs is not None:
+                h.max_lp = p.logprobs if h.max_lp is None else max(h.max_lp, p.logprobs)
+        h.all_greedy = all(h.greedy_flags)
+        h.all_random = not any(h.greedy_flags)
+        return h
+
+    def pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 buffer: [B, 4] table, then the index segments; float32: [B, 6] table, then bias values."""
+        V = self.vocab_size
+        random_rows = ([] if (self.all_greedy or self.all_random)
+                       else [i for i, g in enumerate(self.greedy_flags) if not g])
+        self._segments = [
+            _flat_token_index(self.out_rows, self.out_seqs, V),
+            _flat_token_index(self.prompt_rows, self.prompt_seqs, V),
+            np.asarray(self.bias_idx, dtype=np.int64),
+            np.asarray(self.suppress_idx, dtype=np.int64),
+            np.asarray(random_rows, dtype=np.int64),
+        ]
+        ints = np.concatenate([np.asarray(self.ints, dtype=np.int64)] + self._segments)
+        floats = np.asarray(self.floats + self.bias_val, dtype=np.float32)
+        return ints, floats
+
+    def segment_lengths(self) -> list[int]:
+        """Lengths of out / prompt / bias / suppress / random-row segments (after pack)."""
+        return [len(seg) for seg in self._segments]
 
 
 def _flat_token_index(row_ids: list[int], seqs: list[Sequence[int]], vocab_size: int) -> np.ndarray:
@@ -324,14 +356,10 @@ def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.
     return _uniform(random_bits(seed_lo, seed_hi, position, vocab_size))
 
 
-def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """-log(Exp(1)) noise: argmax(logits + noise) samples from softmax(logits)."""
-    return -torch.log(-torch.log(uniform_noise(seed_lo, seed_hi, position, vocab_size)))
-
-
 def gumbel_argmax(logits: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor,
                   vocab_hash: torch.Tensor) -> torch.Tensor:
-    """argmax(logits + gumbel_noise(...)): one sample per row from softmax(logits).
+    """argmax(logits + Gumbel noise): one sample per row from softmax(logits); the noise is
+    -log(-log(u)) of the counter-based uniforms u.
     Written as one function so that torch.compile fuses it into a single pass over
     [R, V] (eager it is ~25 passes over int64 temporaries)."""
     bits = _bits(_row_key(seed_lo, seed_hi, position), vocab_hash)

@@ -6,9 +6,12 @@ naming the offending field.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily (vLLM's threshold)."""
 
 
 class SamplingParams(BaseModel):
@@ -91,7 +94,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Decoded by argmax: temperature 0, or one so small that dividing by it overflows (vLLM)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -101,5 +105,3 @@ class SamplingParams(BaseModel):
     def clone(self, **update) -> "SamplingParams":
         return self.model_copy(update=update, deep=True)
 
-
-GenerationPrompt = Union[str, list[int], dict]

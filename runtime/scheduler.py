@@ -9,42 +9,19 @@ When KV blocks run out, the most recently admitted running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of
 the waiting queue; seeds make its resumed output identical.
 
-The scheduler owns the waiting and running queues and every Sequence's
-scheduling state; it returns a plain `SchedulerOutput` and never touches
-device tensors.
+The scheduler owns the waiting and running queues and every Seq's
+scheduling state; it returns a plain `SchedulerOutput` (runtime/scheduler_output.py)
+and never touches device tensors.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 from .kv_cache import KVCacheManager
-from .request import Sequence, SeqStatus
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    start: int
-    """Position of the first token computed this step (the sequence's computed count before it)."""
-    num_new_tokens: int
-    """Tokens computed for this sequence this step: positions start .. start + num_new_tokens - 1."""
-    sample: bool
-    """True when this step reaches the end of the known tokens, so a new token is sampled."""
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """(src, dst) KV block copies to do before the forward pass (copy-on-write)."""
-    num_batched_tokens: int = 0
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from .request import Seq, SeqStatus
+from .scheduler_output import ScheduledSeq, SchedulerOutput
+from .stop import StopChecker
 
 
 class Scheduler:
@@ -52,20 +29,21 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
         self.num_preemptions = 0
 
     # -- queue management -------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, status: SeqStatus, reason: int | str | None = None) -> None:
-        """End seq (stop, length or abort): free its blocks and drop it and its unforked siblings."""
+    def finish(self, seq: Seq, status: SeqStatus, reason: int | str | None = None) -> None:
+        """End seq (stop, length or abort): the only place a sequence finishes. Frees its
+        blocks and drops it from the queues; a no-op when it already finished."""
         if seq.is_finished:
             return
         seq.status = status
@@ -130,7 +108,7 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
-    def _commit(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+    def _commit(self, out: SchedulerOutput, seq: Seq, n: int) -> None:
         """Count the step's tokens as computed now, so the next step can be scheduled before
         this one finishes on the device; a sampled token is a placeholder until update()."""
         start = seq.num_computed_tokens
@@ -140,7 +118,7 @@ class Scheduler:
         if sample:
             seq.num_placeholders += 1
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
@@ -149,14 +127,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int], eos_token_ids: Iterable[int]) -> list[Sequence]:
-        """Turn the step's placeholders into sampled tokens, fork n>1 siblings, finish on stop/length.
+    def update(self, out: SchedulerOutput, sampled: dict[int, int], stop: StopChecker) -> list[Seq]:
+        """Turn the step's placeholders into sampled tokens, fork n>1 siblings, and finish the
+        sequences that `stop` (runtime/stop.py) says are done.
 
         `sampled` maps seq_id -> new token for the sequences that sampled. Returns the
         sequences that got a new token (finished ones included).
         """
         progressed = []
-        eos = set(eos_token_ids)
         for s in out.scheduled:
             seq = s.seq
             if s.sample:
@@ -174,20 +152,12 @@ class Scheduler:
             if seq.block_ids:
                 self.kv.cache_full_blocks(seq)
             progressed.append(seq)
-            self._check_stop(seq, token, eos)
+            decision = stop.check(seq, token)
+            if decision is not None:
+                self.finish(seq, decision.status, decision.reason)
         return progressed
 
-    def _check_stop(self, seq: Sequence, token: int, eos: set[int]) -> None:
-        p = seq.params
-        if seq.num_output_tokens > p.min_tokens:  # the sampler masks EOS / stop ids before min_tokens
-            if not p.ignore_eos and token in eos:
-                return self.finish(seq, SeqStatus.FINISHED_STOPPED, None)
-            if token in p.stop_token_ids:
-                return self.finish(seq, SeqStatus.FINISHED_STOPPED, token)
-        if seq.num_tokens >= seq.max_len:
-            self.finish(seq, SeqStatus.FINISHED_LENGTH)
-
-    def _fork_siblings(self, leader: Sequence) -> None:
+    def _fork_siblings(self, leader: Seq) -> None:
         """n > 1: siblings share the leader's prompt KV and recompute only its last prompt token."""
         share = leader.num_prompt_tokens - 1
         for child in leader.pending_forks:
@@ -203,9 +173,10 @@ class Scheduler:
                 self.waiting.appendleft(child)
         leader.pending_forks = []
 
-    def abort(self, seqs: Iterable[Sequence]) -> None:
+    def abort(self, seqs: Iterable[Seq]) -> None:
+        """Abort seqs and the siblings still waiting to fork from them."""
         for seq in seqs:
-            for child in seq.pending_forks:
-                child.status = SeqStatus.FINISHED_ABORTED
-            seq.pending_forks = []
+            forks, seq.pending_forks = seq.pending_forks, []
+            for child in forks:
+                self.finish(child, SeqStatus.FINISHED_ABORTED)
             self.finish(seq, SeqStatus.FINISHED_ABORTED)

@@ -3,7 +3,7 @@
 N requests of exactly `input_len` random prompt tokens each generate exactly
 `output_len` tokens (EOS ignored), all submitted at once. On CUDA the device's
 copy bandwidth and bf16 matmul rate are measured in the same process and give
-the roofline time of the workload (formulas in docs/benchmarks.md); with
+the roofline time of the workload (the formulas are `roofline_seconds` below); with
 `--baseline hf` the Hugging Face transformers static-batch `generate` runs the
 same workload on the same dummy-weight architecture in the same process, so
 the ratio is measured side by side. Prints JSON lines and writes one JSON file.

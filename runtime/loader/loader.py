@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from fleetserve.kernels import KernelOps, get_ops
 
 from ..models import PRESETS, ModelConfig, UnsupportedModelError, build_model
+from ..protocols import LoadSettings
 from ..tokenizer import Tokenizer, TokenizerLoadError
 from .errors import ModelLoadError
 from .gguf_loader import GGUFFile
@@ -62,18 +63,18 @@ def embedded_model_path() -> str:
     return path
 
 
-def load_model(engine_config: Any, device: Optional[torch.device | str] = None,
+def load_model(engine_config: LoadSettings, device: Optional[torch.device | str] = None,
                dtype: Optional[torch.dtype] = None, ops: Optional[KernelOps] = None) -> LoadedModel:
     """Build and fill the model engine_config names. device/dtype/ops default from engine_config
     (auto: cuda + bfloat16 + triton when CUDA is available, else cpu + float32 + torch)."""
     device = torch.device(device or _resolve_device(engine_config))
-    dtype = dtype or _resolve_dtype(getattr(engine_config, "dtype", "auto"), device)
-    ops = ops or get_ops(_resolve_backend(getattr(engine_config, "attention_backend", "auto"), device))
-    model_arg = getattr(engine_config, "model", None)
-    load_format = getattr(engine_config, "load_format", "auto")
-    seed = getattr(engine_config, "seed", 0)
-    tok_arg = getattr(engine_config, "tokenizer", None)
-    name = getattr(engine_config, "served_model_name", None) or model_arg or EMBEDDED_MODEL_NAME
+    dtype = dtype or _resolve_dtype(engine_config.dtype, device)
+    ops = ops or get_ops(_resolve_backend(engine_config.attention_backend, device))
+    model_arg = engine_config.model
+    load_format = engine_config.load_format
+    seed = engine_config.seed
+    tok_arg = engine_config.tokenizer
+    name = engine_config.served_model_name or model_arg or EMBEDDED_MODEL_NAME
 
     try:
         if model_arg is None:
@@ -181,8 +182,8 @@ def _preset_tokenizer() -> Optional[Tokenizer]:
         return None
 
 
-def _resolve_device(engine_config) -> str:
-    dev = getattr(engine_config, "device", "auto")
+def _resolve_device(engine_config: LoadSettings) -> str:
+    dev = engine_config.device
     return ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
 
 

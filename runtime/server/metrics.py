@@ -17,6 +17,8 @@ from typing import Callable, Optional
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..protocols import StatsSnapshot
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so that existing dashboards' histogram_quantile queries read the same.
@@ -31,7 +33,7 @@ REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class EngineCollector:
     """Gauges and counters straight from the engine's stats, read at scrape time."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int]):
+    def __init__(self, model_name: str, stats: Callable[[], StatsSnapshot], num_waiting: Callable[[], int]):
         self.model_name = model_name
         self._stats = stats
         self._num_waiting = num_waiting  # the engine's queue plus requests not handed to it yet
@@ -83,7 +85,9 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exp += 1
 
 
-class _RequestState:
+class _RequestTiming:
+    """What the observer remembers of one running request, to time its tokens."""
+
     __slots__ = ("arrival", "num_tokens", "last_token_time", "queued_observed")
 
     def __init__(self, arrival: float):
@@ -129,12 +133,12 @@ class RequestMetricsObserver:
                                ["model_name", "finished_reason"], registry=registry)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)  # exported at 0 from the start
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, _RequestTiming] = {}
         self._lock = threading.Lock()
 
     def on_request_added(self, request_id: str, arrival_time: float) -> None:
         with self._lock:
-            self._requests[request_id] = _RequestState(arrival_time)
+            self._requests[request_id] = _RequestTiming(arrival_time)
 
     def on_outputs(self, outputs, now: float) -> None:
         for out in outputs:
@@ -174,7 +178,7 @@ class RequestMetricsObserver:
 class ServerMetrics:
     """The registry of one app: engine collector plus request observer."""
 
-    def __init__(self, model_name: str, stats: Callable[[], object], num_waiting: Callable[[], int],
+    def __init__(self, model_name: str, stats: Callable[[], StatsSnapshot], num_waiting: Callable[[], int],
                  max_model_len: int = 1 << 20):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(model_name, stats, num_waiting))

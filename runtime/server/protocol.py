@@ -135,7 +135,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, str):
             return [p]
         if not p:
-            raise ValueError("prompt must not be empty")
+            return [[]]  # one empty prompt: runtime/validation.validate refuses it
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
@@ -167,6 +167,11 @@ class ChatMessage(_Request):
             if getattr(self, name):
                 raise InvalidParameter(name, f"{name} in messages is not supported by this server")
         return self
+
+    @property
+    def template_role(self) -> str:
+        """The role as chat templates know it: OpenAI's "developer" is their "system"."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         if self.content is None:
@@ -220,7 +225,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+        return [{"role": m.template_role, "content": m.text(),
                  **({"name": m.name} if m.name else {})} for m in self.messages]
 
 

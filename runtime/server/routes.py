@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from ..async_engine import AsyncLLM, EngineDeadError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
+from ..validation import InvalidRequestError, validate
 from . import sse
 from .config import ServerConfig
 from .errors import APIError, BadRequest, NotFound, Overloaded, RequestCut, error_body, to_bad_request
@@ -81,6 +82,12 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _bad_request(e: InvalidRequestError, prompt_param: str) -> BadRequest:
+    """The engine's refusal as a 400; the prompt is "messages" for chat."""
+    param = prompt_param if e.param == "prompt" else e.param
+    return BadRequest(e.message, param=param, code=e.code)
+
+
 def _usage(prompt_lens: list[int], latest: dict[int, RequestOutput]) -> UsageInfo:
     p = sum(prompt_lens)
     c = sum(len(co.token_ids) for out in latest.values() for co in out.outputs)
@@ -99,10 +106,10 @@ class OpenAIServing:
         self.served_model_name = served_model_name
         self.model_path = model_path
         self.max_model_len = llm.max_model_len
-        engine_config = getattr(llm.engine, "config", None)
-        self.max_logprobs = getattr(engine_config, "max_logprobs", 20)
+        self.limits = llm.limits  # what runtime/validation.validate checks requests against
+        self.max_logprobs = self.limits.max_logprobs
         # The model's vocabulary bounds token ids (a preset may borrow a smaller tokenizer).
-        self.vocab_size = getattr(llm.engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
+        self.vocab_size = self.limits.vocab_size
         max_chars = getattr(self.tokenizer, "max_chars_per_token", None)
         self.intake = Intake(self.max_model_len, max_chars() if callable(max_chars) else None, self.vocab_size)
         self.draining = False
@@ -167,34 +174,22 @@ class OpenAIServing:
                              param=param) from None
 
     def _check_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise BadRequest("prompt must not be empty", param=param)
-        if self.vocab_size is not None and any(t < 0 or t >= self.vocab_size for t in ids):
+        if any(t < 0 or t >= self.vocab_size for t in ids):
             raise BadRequest(f"token ids must be in [0, {self.vocab_size})", param=param)
 
-    def _check_length(self, prompt_len: int, max_tokens: Optional[int], what: str) -> None:
-        limit = self.max_model_len
-        if prompt_len >= limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens. However, your request has "
-                             f"{prompt_len} input tokens. Please reduce the length of the {what}.",
-                             param=what, code="context_length_exceeded")
-        if max_tokens is not None and prompt_len + max_tokens > limit:
-            raise BadRequest(f"This model's maximum context length is {limit} tokens. However, you requested "
-                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                             f"completion). Please reduce the length of the {what} or completion.",
-                             param="max_tokens", code="context_length_exceeded")
-
     def _check_sampling(self, req, logprobs: Optional[int]) -> None:
+        """The HTTP-side limits; everything else is runtime/validation.validate's."""
         if req.n > self.config.max_n:
             raise BadRequest(f"n must be at most {self.config.max_n}", param="n")
         if logprobs is not None and logprobs > self.max_logprobs:
             raise BadRequest(f"at most {self.max_logprobs} logprobs may be requested", param="logprobs")
-        if req.logit_bias and self.vocab_size is not None:
-            if any(not 0 <= int(k) < self.vocab_size for k in req.logit_bias):
-                raise BadRequest(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
-        if req.stop_token_ids and self.vocab_size is not None:
-            if any(not 0 <= t < self.vocab_size for t in req.stop_token_ids):
-                raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
+
+    def _validate(self, ids: list[int], params: SamplingParams, prompt_param: str) -> None:
+        """The engine's own check, run here so that a bad request gets its 400 before it is admitted."""
+        try:
+            validate(ids, params, self.limits)
+        except InvalidRequestError as e:
+            raise _bad_request(e, prompt_param) from None
 
     def _sampling_params(self, req, max_tokens):
         try:
@@ -238,7 +233,9 @@ class OpenAIServing:
         """The first output, so that invalid input is still answered with 400 before any byte is sent."""
         try:
             return await stream.__anext__()
-        except ValueError as e:  # the engine refused the request (engine-side errors may carry a param)
+        except InvalidRequestError as e:
+            raise _bad_request(e, "prompt") from None
+        except ValueError as e:  # other engine refusals (engine-side errors may carry a param)
             raise to_bad_request(e, fields=_ENGINE_PARAMS) from None
         except EngineDeadError as e:
             raise Overloaded(str(e), code="engine_dead") from None
@@ -292,24 +289,18 @@ class OpenAIServing:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
         self._check_sampling(req, req.logprobs)
-        try:
-            prompts = req.prompts()
-        except ValueError as e:
-            raise BadRequest(str(e), param="prompt") from None
         texts, ids_list = [], []
-        for p in prompts:
+        for p in req.prompts():
             if isinstance(p, str):
                 ids = await self._encode(p, add_special_tokens=True, param="prompt")
                 texts.append(p)
             else:
                 ids = list(p)
-                self._check_ids(ids, "prompt")
                 texts.append(None)
-            if not ids:
-                raise BadRequest("prompt must not be empty", param="prompt")
-            self._check_length(len(ids), req.max_tokens, "prompt")
             ids_list.append(ids)
         params = self._sampling_params(req, req.max_tokens)
+        for ids in ids_list:
+            self._validate(ids, params, "prompt")
         self._admit(len(ids_list) * req.n)
         rid = random_id("cmpl")
         start = time.time()
@@ -456,9 +447,8 @@ class OpenAIServing:
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
         ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
-        max_tokens = req.requested_max_tokens()
-        self._check_length(len(ids), max_tokens, "messages")
-        params = self._sampling_params(req, max_tokens)
+        params = self._sampling_params(req, req.requested_max_tokens())
+        self._validate(ids, params, "messages")
         self._admit(req.n)
         rid = random_id("chatcmpl")
         start = time.time()
@@ -547,7 +537,7 @@ class OpenAIServing:
         req: TokenizeRequest = await self._parse(request, TokenizeRequest)
         self._check_model(req.model)
         if req.messages is not None:
-            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            msgs = [{"role": m.template_role, "content": m.text()} for m in req.messages]
             ids = await self._render_chat(msgs, req.add_generation_prompt)
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)

@@ -30,6 +30,7 @@ from aiohttp import web  # noqa: E402
 from kmock import action as _action  # noqa: E402
 
 import fleetserve.operator.main  # noqa: E402,F401  (registers the operator's handlers with kopf)
+from fleetserve.operator.memo import OperatorMemo  # noqa: E402
 from fleetserve.operator.spec import GROUP, KIND, PLURAL, VERSION  # noqa: E402
 
 ISVC_RES = kmock.resource(GROUP, VERSION, PLURAL)
@@ -138,7 +139,8 @@ async def operator_running(namespaces: tuple[str, ...] = ()) -> AsyncIterator[No
     def target() -> None:
         try:
             asyncio.run(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
-                                      stop_flag=stop, ready_flag=ready, registry=kopf.get_default_registry()))
+                                      stop_flag=stop, ready_flag=ready, registry=kopf.get_default_registry(),
+                                      memo=OperatorMemo()))
         except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
 

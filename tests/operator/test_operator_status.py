@@ -88,14 +88,14 @@ async def test_killed_pod_is_degraded_then_ready_with_events(operator):
                                 and c["status"] == "True" and c)
         assert cond["reason"] == "ReplicaLost" and "llm-0" in cond["message"]
         assert get(operator, ISVC_RES, "llm")["status"]["phase"] == "Degraded"
-        lost = events(operator, "ReplicaLost")
+        lost = await eventually(lambda: events(operator, "ReplicaLost"))  # kopf posts events in the background
         assert lost and all(e["type"] == "Warning" and "llm-0" in e["message"] for e in lost)
 
         await patch(operator, "/api/v1/namespaces/default/pods/llm-1/status", {"status": {
             "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
         await eventually(lambda: _phase(operator) == "Ready")
         assert condition(get(operator, ISVC_RES, "llm"), "Degraded")["status"] == "False"
-        assert events(operator, "ReplicasRestored")
+        assert await eventually(lambda: events(operator, "ReplicasRestored"))
 
 
 def _scale_requests(server):

@@ -10,6 +10,7 @@ import pytest
 
 from fleetserve.operator import autoscaler, render
 from fleetserve.operator.apply import is_subset, merge, removals
+from fleetserve.operator.memo import OperatorMemo
 from fleetserve.operator.metrics import RateTracker, parse_prometheus, sample_from_text
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import Autoscaling, parse_spec
@@ -336,6 +337,20 @@ def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
     entry.run()
     assert calls["namespaces"] == ("a", "b") and calls["clusterwide"] is False and calls["standalone"] is True
     assert calls["liveness_endpoint"].endswith(":8080/healthz") and calls["configure"]["debug"] is True
+    assert isinstance(calls["memo"], OperatorMemo)
+
+
+def test_memo_copies_share_operator_state_but_not_per_object_state():
+    """kopf gives every InferenceService copy.copy(root memo)."""
+    import copy
+
+    root = OperatorMemo(api=object(), pdb_api="policy/v1")
+    a, b = copy.copy(root), copy.copy(root)
+    assert a.api is root.api and a.settings is root.settings and a.pdb_api == "policy/v1"
+    assert a.apply_lock is not b.apply_lock and a.rates is not b.rates and a.history is not b.history
+    a.ready_pods["p"] = "h"
+    a.apply_error = "409 Conflict"
+    assert b.ready_pods == {} and b.apply_error is None and root.ready_pods == {}
 
 
 def test_settings_from_env():
@@ -354,3 +369,28 @@ def test_hf_endpoint_reaches_the_download_step_only():
     assert "HF_ENDPOINT" not in {e["name"] for e in pod["containers"][0]["env"]}
     default = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]
     assert "HF_ENDPOINT" not in {e["name"] for e in default["initContainers"][0]["env"]}
+
+
+# --- status is built through the model the CRD status schema is generated from -------------------------
+
+def test_status_model_and_crd_status_schema_have_the_same_fields():
+    from fleetserve.operator import crd
+    from fleetserve.operator.spec import Condition, InferenceServiceStatus
+
+    root = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    status = root["properties"]["status"]
+    assert set(status["properties"]) == set(InferenceServiceStatus.model_fields)
+    assert set(status["properties"]["conditions"]["items"]["properties"]) == set(Condition.model_fields)
+    assert set(status["properties"]["phase"]["enum"]) >= {"Pending", "Ready", "Degraded", "Failed"}
+
+
+def test_status_fields_refuse_what_the_schema_would_prune():
+    from fleetserve.operator.status import status_fields
+
+    assert status_fields({"phase": "Ready", "queueDepth": 3}) == {"phase": "Ready", "queueDepth": 3}
+    with pytest.raises(ValueError, match="queue_depth"):
+        status_fields({"queue_depth": 3})
+    with pytest.raises(ValueError):
+        status_fields({"phase": "Serving"})
+    with pytest.raises(ValueError):
+        status_fields({"conditions": [{"type": "Ready", "status": "yes"}]})

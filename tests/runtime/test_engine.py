@@ -311,15 +311,45 @@ def test_penalties_and_logprobs_under_async_scheduling(tiny_llama):
 
 
 @pytest.mark.parametrize("sizes", [[5, 5, 3], [1, 2, 3, 4, 7], [8, 0, 9]])
-@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32])
 def test_staged_arrays_start_16_byte_aligned_whatever_the_step_shape(sizes, dtype):
     """Kernel pointer arguments must not change alignment with the step's token/sequence counts
-    (Triton would compile a new variant mid-serving)."""
-    from fleetserve.runtime.model_runner import pack_aligned
+    (Triton would compile a new variant mid-serving). HostStaging unpinned on the CPU: the same
+    packing as the pinned CUDA path (its views then alias the host buffer)."""
+    from fleetserve.runtime.staging import HostStaging
 
-    arrays = [np.arange(n, dtype=dtype) + 100 * k for k, n in enumerate(sizes)]
-    flat, starts = pack_aligned(arrays)
-    assert flat.dtype == dtype
-    for a, off in zip(arrays, starts):
-        assert (off * flat.itemsize) % 16 == 0
-        np.testing.assert_array_equal(flat[off: off + a.size], a)
+    staging = HostStaging("cpu", pin=False, num_slots=2, initial_bytes=64)  # small: forces a regrow
+    for step in range(3):
+        staging.begin_step()
+        arrays = [np.arange(n, dtype=dtype) + 100 * k + step for k, n in enumerate(sizes)]
+        mixed = [np.full((2, 3), 7, dtype=np.int32)]
+        for a, t in zip(arrays + mixed, staging.stage(arrays) + staging.stage(mixed)):
+            assert t.data_ptr() % 16 == 0 and t.shape == a.shape
+            np.testing.assert_array_equal(t.numpy(), a)
+        staging.end_step()
+
+
+@pytest.mark.gpu
+def test_pinned_staging_ring_survives_pipelined_steps_and_regrowth():
+    """CUDA: staged tensors keep their values although later steps refill (and outgrow) the
+    pinned ring while earlier copies may still be queued behind a long kernel."""
+    import torch
+
+    from fleetserve.runtime.staging import HostStaging
+
+    staging = HostStaging("cuda", pin=True, num_slots=2, initial_bytes=256)
+    big = torch.randn(2048, 2048, device="cuda")
+    kept = []
+    for step in range(6):
+        staging.begin_step()
+        _ = big @ big  # keeps the stream busy so the copies queue behind it
+        arrays = [np.arange(40 * (step + 1), dtype=np.int64) + step, np.full((3, 5), step, dtype=np.int32),
+                  np.linspace(0, 1, 7, dtype=np.float32)]
+        staged = staging.stage(arrays)
+        kept.append([t.clone() for t in staged])  # consumers on the stream read them in order
+        assert all(t.is_cuda and t.data_ptr() % 16 == 0 for t in staged)
+        staging.end_step()
+    torch.cuda.synchronize()
+    for step, ts in enumerate(kept):
+        np.testing.assert_array_equal(ts[0].cpu().numpy(), np.arange(40 * (step + 1)) + step)
+        assert (ts[1].cpu() == step).all() and ts[2].shape == (7,)

@@ -39,6 +39,22 @@ def test_stop_string_not_emitted(llm):
     assert out.text == base[: base.index(stop) + len(stop)]
 
 
+def test_stop_string_completed_by_the_last_allowed_token_is_stop_not_length(llm):
+    """runtime/stop.py precedence through the whole engine: a stop string matched on the token that
+    also reaches max_tokens finishes with "stop" (and the string), not "length"."""
+    prompt = "The capital of France is"
+    full = llm.generate(prompt, greedy(max_tokens=8, ignore_eos=True))[0].outputs[0]
+    tok = llm.get_tokenizer()
+    before_last = tok.decode(full.token_ids[:-1])
+    assert full.text.startswith(before_last) and len(full.text) > len(before_last)
+    stop = full.text[len(before_last) - 1:]  # ends in the last token's text, starts one char earlier
+    out = llm.generate(prompt, greedy(max_tokens=8, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and out.token_ids == full.token_ids
+    assert out.text == full.text[: full.text.index(stop)]
+    assert llm.generate(prompt, greedy(max_tokens=7, ignore_eos=True, stop=[stop]))[0].outputs[0].finish_reason \
+        == "length"
+
+
 def test_chat_uses_the_models_template(llm):
     messages = [{"role": "system", "content": "You are a geography expert."},
                 {"role": "user", "content": "What is the capital of France? Answer in one word."}]

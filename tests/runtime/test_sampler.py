@@ -16,7 +16,6 @@ from fleetserve.runtime.sampler import (
     Sampler,
     SamplingRow,
     SamplingTensors,
-    check_token_ids,
     completion_seed,
     compute_prompt_logprobs,
     random_bits,
@@ -152,14 +151,6 @@ def test_mixed_batch_greedy_rows_take_argmax():
     rows = [SamplingRow(SP(temperature=0.0 if i % 2 else 1.0), seed=i) for i in range(6)]
     out = Sampler()(logits.clone(), SamplingTensors.build(rows, 30, "cpu"))
     assert torch.equal(out.token_ids[1::2], logits[1::2].argmax(-1))
-
-
-def test_check_token_ids():
-    check_token_ids(SP(logit_bias={3: 1.0}, stop_token_ids=[4]), 10)
-    with pytest.raises(ValueError, match="logit_bias"):
-        check_token_ids(SP(logit_bias={10: 1.0}), 10)
-    with pytest.raises(ValueError, match="stop_token_ids"):
-        check_token_ids(SP(stop_token_ids=[-1]), 10)
 
 
 def test_completion_seed_matches_vllm():

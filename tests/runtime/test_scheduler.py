@@ -2,23 +2,25 @@
 import pytest
 
 from fleetserve.runtime.kv_cache import KVCacheManager
-from fleetserve.runtime.request import Sequence, SeqStatus
+from fleetserve.runtime.request import Seq, SeqStatus
 from fleetserve.runtime.sampling_params import SamplingParams
 from fleetserve.runtime.scheduler import Scheduler
+from fleetserve.runtime.stop import StopChecker
+from fleetserve.runtime.utils import cdiv
 
 _ids = iter(range(10**9))
 
 
 def make_seq(tokens, max_tokens=8, **kw):
     p = SamplingParams(max_tokens=max_tokens, **kw)
-    return Sequence(next(_ids), f"r{len(tokens)}", 0, list(tokens), p, seed=0,
+    return Seq(next(_ids), f"r{len(tokens)}", 0, list(tokens), p, seed=0,
                     max_len=len(tokens) + max_tokens, arrival_time=0.0)
 
 
 def run_step(sched, token=7):
     out = sched.schedule()
     sampled = {s.seq.seq_id: token for s in out.scheduled if s.sample}
-    sched.update(out, sampled, eos_token_ids=[0])
+    sched.update(out, sampled, StopChecker(eos_token_ids=[0]))
     return out
 
 
@@ -32,7 +34,7 @@ def test_blocks_allocated_lazily_and_all_returned():
     assert [s.num_new_tokens for s in out.scheduled] == [3, 4, 9]
     # waste is at most one partial block per sequence
     for s in seqs:
-        assert len(s.block_ids) == -(-s.num_computed_tokens // 4)
+        assert len(s.block_ids) == cdiv(s.num_computed_tokens, 4)
     while sched.has_unfinished():
         run_step(sched)
     assert all(s.status == SeqStatus.FINISHED_LENGTH and s.num_output_tokens == 5 for s in seqs)
@@ -108,7 +110,7 @@ def test_fork_shares_prompt_blocks_and_copies_on_write():
     # every writer of the shared partial block copies it, except the last holder
     assert len(out.block_copies) == 3
     assert {s.num_new_tokens for s in out.scheduled} == {1}
-    sched.update(out, {s.seq.seq_id: 5 for s in out.scheduled}, [0])
+    sched.update(out, {s.seq.seq_id: 5 for s in out.scheduled}, StopChecker([0]))
     shared_full = set(leader.block_ids[:2])
     assert all(set(k.block_ids[:2]) == shared_full for k in kids)
     while sched.has_unfinished():

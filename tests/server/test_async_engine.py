@@ -11,6 +11,7 @@ import pytest
 from fleetserve.runtime.async_engine import AsyncLLM, EngineDeadError
 from fleetserve.runtime.outputs import CompletionOutput, RequestOutput
 from fleetserve.runtime.sampling_params import SamplingParams
+from fleetserve.runtime.validation import RequestLimits
 
 
 class StandInEngine:
@@ -20,6 +21,7 @@ class StandInEngine:
         self.tokenizer = None
         self.model_name = "stand-in"
         self.max_model_len = 64
+        self.limits = RequestLimits(max_model_len=64, vocab_size=256, max_logprobs=20)
         self.step_s = step_s
         self.reqs: dict[str, list] = {}
         self.aborted: list[str] = []

@@ -21,6 +21,7 @@ from fleetserve.runtime.async_engine import AsyncLLM
 from fleetserve.runtime.config import EngineConfig
 from fleetserve.runtime.server.app import create_app
 from fleetserve.runtime.server.config import ServerConfig
+from fleetserve.runtime.validation import RequestLimits
 
 
 def _start_server(*extra: str):
@@ -110,6 +111,7 @@ class _CrashingEngine:
         self.tokenizer = _Tok()
         self.model_name = "stand-in"
         self.max_model_len = 128
+        self.limits = RequestLimits(max_model_len=128, vocab_size=256, max_logprobs=20)
         self.config = EngineConfig()
         self.requests = []
 

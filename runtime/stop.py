@@ -1,0 +1,102 @@
+"""Stopping: the one place that decides whether, and why, a completion finishes.
+
+`StopChecker.check(seq, token)` is called by `Scheduler.update` for every sampled
+token, after the token was appended; a decision it returns is applied with
+`Scheduler.finish`, the only code that ends a sequence (aborts included). The
+rules, in vLLM's order of precedence:
+
+1. EOS (unless `ignore_eos`) or one of `stop_token_ids` ends the completion with
+   "stop" (stop_reason: None for EOS, the token id otherwise). Not before
+   `min_tokens` tokens were generated: the sampler masks these ids until then
+   (`suppressed_token_ids` says which), and this check repeats the rule so that
+   a token that got through anyway (logit_bias cannot beat -inf) cannot stop early.
+2. A stop string matched in the detokenized text ends it with "stop"
+   (stop_reason: the string); text produced by the first `min_tokens` tokens is
+   not searched. Matching is `find_stop_string`; the detokenizer applies it to the
+   text it owns and cuts the text at the match.
+3. Reaching `Seq.max_len` (prompt + max_tokens, or the context length)
+   ends it with "length" -- unless rule 2 matched on the same token.
+
+Nothing here touches the device or mutates a Seq.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AbstractSet, Callable, Iterable, Optional, Protocol
+
+from .request import Seq, SeqStatus
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """Why a completion ends: the finished status and the matched stop token id / string."""
+
+    status: SeqStatus
+    reason: int | str | None = None
+
+
+class TextStopper(Protocol):
+    """The detokenizer side of rule 2 (runtime/detokenizer.py's IncrementalDetokenizer)."""
+
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> Optional[str]: ...
+
+    def flush(self) -> Optional[str]: ...
+
+
+def suppressed_token_ids(params: SamplingParams, eos_token_ids: AbstractSet[int],
+                         num_output_tokens: int) -> AbstractSet[int]:
+    """Token ids the sampler must not pick for output position `num_output_tokens`
+    (EOS and stop token ids before min_tokens); empty once min_tokens is reached."""
+    if num_output_tokens >= params.min_tokens:
+        return frozenset()
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids |= eos_token_ids
+    return ids
+
+
+def find_stop_string(text: str, scan_from: int, stop: Iterable[str]) -> Optional[tuple[int, str]]:
+    """The earliest stop string in `text` that ends after `scan_from` (text before it was
+    already searched): (start index, string), or None."""
+    best: Optional[tuple[int, str]] = None
+    for s in stop:
+        # Only new text, plus the tail a match spanning the old/new boundary starts in.
+        i = text.find(s, max(0, scan_from - len(s) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+class StopChecker:
+    """Applies the rules above. `text_of(seq)` gives the sequence's detokenizer (None
+    without a tokenizer: stop strings then never match)."""
+
+    def __init__(self, eos_token_ids: Iterable[int],
+                 text_of: Optional[Callable[[Seq], Optional[TextStopper]]] = None):
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._text_of = text_of
+
+    def check(self, seq: Seq, token: int) -> Optional[StopDecision]:
+        """Decide for `seq`, whose last token (`token`) was just appended."""
+        p = seq.params
+        by_token: Optional[StopDecision] = None
+        if seq.num_output_tokens > p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                by_token = StopDecision(SeqStatus.FINISHED_STOPPED, None)
+            elif token in p.stop_token_ids:
+                by_token = StopDecision(SeqStatus.FINISHED_STOPPED, token)
+        at_length = seq.num_tokens >= seq.max_len
+        text = self._text_of(seq) if self._text_of is not None else None
+        if text is not None:
+            # An EOS / stop token ends the completion; its own text is left out (vLLM).
+            matched = text.update([token], stop_terminated=by_token is not None)
+            if matched is None and (by_token is not None or at_length):
+                matched = text.flush()  # the last, incomplete character still becomes text
+            if matched is not None and by_token is None:
+                return StopDecision(SeqStatus.FINISHED_STOPPED, matched)
+        if by_token is not None:
+            return by_token
+        if at_length:
+            return StopDecision(SeqStatus.FINISHED_LENGTH, None)
+        return None

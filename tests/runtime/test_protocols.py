@@ -1,0 +1,35 @@
+"""The typed seams of runtime/protocols.py are satisfied by the real classes (and the test stand-ins).
+
+Protocols are structural: the check below compares member names at run time; `mypy` checks
+the same assignments statically (`_static_check` is never called)."""
+from __future__ import annotations
+
+import dataclasses
+
+from fleetserve.runtime import protocols
+from fleetserve.runtime.config import EngineConfig
+from fleetserve.runtime.engine import EngineStats, LLMEngine
+
+
+def _static_check(engine: LLMEngine, stats: EngineStats, config: EngineConfig) -> None:
+    e: protocols.EngineCore = engine
+    s: protocols.StatsSnapshot = stats
+    c: protocols.LoadSettings = config
+    del e, s, c
+
+
+def _members(proto: type) -> set[str]:
+    return {n for n in vars(proto) if not n.startswith("_")}
+
+
+def test_engine_satisfies_engine_core():
+    assert _members(protocols.EngineCore) <= set(dir(LLMEngine)) | {"tokenizer", "model_name", "max_model_len",
+                                                                    "limits"}
+    # the four attributes are set in LLMEngine.__init__
+    src = LLMEngine.__init__.__code__.co_names
+    assert {"tokenizer", "model_name", "max_model_len", "limits"} <= set(src)
+
+
+def test_stats_and_config_satisfy_their_protocols():
+    assert _members(protocols.StatsSnapshot) == {f.name for f in dataclasses.fields(EngineStats)}
+    assert _members(protocols.LoadSettings) <= set(EngineConfig.model_fields)
