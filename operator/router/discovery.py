@@ -140,6 +140,13 @@ class EndpointWatcher:
                 {"labelSelector": f"kubernetes.io/service-name={svc}"})
 
     def _members(self, obj: dict[str, Any]) -> dict[str, str]:
+        # The selectors above already narrow it; checked again so a broad answer can never route elsewhere.
+        meta = obj.get("metadata") or {}
+        if self.api == "endpoints":
+            if meta.get("name") != self.cfg.service:
+                return {}
+        elif (meta.get("labels") or {}).get("kubernetes.io/service-name") != self.cfg.service:
+            return {}
         port = self.cfg.backend_port_name
         return _endpoints_members(obj, port) if self.api == "endpoints" else _slice_members(obj, port)
 
