@@ -83,6 +83,9 @@ class Apiserver(kmock.KubernetesEmulator):
 
 
 PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
+SERVICEACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
+ROLES = kmock.resource("rbac.authorization.k8s.io", "v1", "roles")
+ROLEBINDINGS = kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 PDBS_V1BETA1 = kmock.resource("policy", "v1beta1", "poddisruptionbudgets")
 
 
@@ -92,7 +95,9 @@ def _declare(server: Apiserver, pdb_version: str = "v1") -> None:
         verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
     for path, kind in (("apps/v1/deployments", "Deployment"), ("v1/services", "Service"),
                        ("v1/persistentvolumeclaims", "PersistentVolumeClaim"), ("v1/pods", "Pod"),
-                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget")):
+                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget"),
+                       ("v1/serviceaccounts", "ServiceAccount"), ("rbac.authorization.k8s.io/v1/roles", "Role"),
+                       ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding")):
         server.resources[path] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             subresources={"status"} if kind in ("Deployment", "Pod") else set())

@@ -112,6 +112,11 @@ async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):
                                   and get(apiserver, PVCS, "llm-model-cache")["metadata"]["labels"].get("team")))
         await patch(apiserver, isvc_path("llm"), {"spec": {"rollout": {"podDisruptionBudget": False}}})
         await eventually(lambda: get(apiserver, PDBS, "llm") is None)
+        # maxReplicas 3: the router is on by default; switching it off deletes its Deployment and Service.
+        assert get(apiserver, DEPLOYMENTS, "llm-router") and get(apiserver, SERVICES, "llm-router")
+        await patch(apiserver, isvc_path("llm"), {"spec": {"router": {"enabled": False}}})
+        await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm-router") is None
+                         and get(apiserver, SERVICES, "llm-router") is None)
         await delete(apiserver, isvc_path("llm"))
         await eventually(lambda: get(apiserver, ISVC_RES, "llm") is None)
 
@@ -125,8 +130,11 @@ async def test_rbac_grants_exactly_what_the_operator_uses(helm, apiserver):
     # The test's own requests (kmock client, python-aiohttp) are excluded above; the operator's remain.
     assert used, "no operator requests recorded"
     assert used <= granted, f"used but not granted: {used - granted}"
-    # Checked by an admission plugin (OwnerReferencesPermissionEnforcement) rather than called.
-    admission_only = {("serving.fleetserve.dev", "inferenceservices/finalizers", "update")}
+    # Checked by an admission plugin (OwnerReferencesPermissionEnforcement) rather than called; and held only to
+    # be granted to the routers (a Role may grant only what its creator holds).
+    admission_only = {("serving.fleetserve.dev", "inferenceservices/finalizers", "update"),
+                      ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
+                      ("", "endpoints", "list"), ("", "endpoints", "watch")}
     assert granted == used | admission_only, f"granted but unused: {granted - used - admission_only}"
 
 
@@ -154,3 +162,16 @@ async def test_namespaced_mode_serves_only_its_namespaces_within_its_roles(helm,
 def test_values_schema_rejects_typos_and_bad_values(helm, bad):
     with pytest.raises(AssertionError, match="values don't meet the specifications|schema"):
         helm("template", "fs", str(CHART), "--set", bad)
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "watchNamespaces={team-a}"]])
+def test_router_role_grants_only_what_the_operator_holds(helm, values):
+    """Kubernetes refuses a Role granting more than its creator holds (RBAC escalation prevention)."""
+    from fleetserve.operator import render
+
+    held = _granted(_template(helm, *values))
+    for rule in next(o for o in render.render_router_rbac("llm", "ns") if o["kind"] == "Role")["rules"]:
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                for v in rule["verbs"]:
+                    assert (g, r, v) in held, (g, r, v)
