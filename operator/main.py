@@ -88,6 +88,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     # Handler logs stay in the operator's log; the events users see are the explicit ones below.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    settings.peering.lifetime = SETTINGS.peering_lifetime  # used only with peering (several replicas)
     settings.networking.request_timeout = 60
     memo.settings = SETTINGS
     memo.api = client.ApiClient(_client_configuration())

@@ -46,6 +46,14 @@ class OperatorSettings:
     """Seconds a router's demand annotation counts as current: a scaled-to-zero service with demand this
     recent is scaled up, and is not scaled back to zero while it lasts (env FLEETSERVE_DEMAND_TTL)."""
 
+    peering: str = ""
+    """kopf peering object to coordinate several operator replicas through (env FLEETSERVE_PEERING): only the
+    replica of highest priority acts. Empty: standalone, one replica."""
+
+    peering_lifetime: int = 20
+    """Seconds a peer's keep-alive stays valid (env FLEETSERVE_PEERING_LIFETIME): the longest an acting
+    operator that died without a word blocks the standby (one that stops cleanly withdraws at once)."""
+
     runtime_uid: int = 1000
     """UID/GID the runtime image runs as; the pod's fsGroup, so the cache volume is writable."""
 
@@ -63,5 +71,7 @@ class OperatorSettings:
             router_image=env.get("FLEETSERVE_ROUTER_IMAGE") or d.router_image,
             router_image_pull_policy=env.get("FLEETSERVE_ROUTER_IMAGE_PULL_POLICY") or d.router_image_pull_policy,
             demand_ttl=float(env.get("FLEETSERVE_DEMAND_TTL") or d.demand_ttl),
+            peering=env.get("FLEETSERVE_PEERING") or d.peering,
+            peering_lifetime=int(env.get("FLEETSERVE_PEERING_LIFETIME") or d.peering_lifetime),
             namespaces=tuple(ns.strip() for ns in (env.get("FLEETSERVE_NAMESPACES") or "").split(",") if ns.strip()),
         )

@@ -337,6 +337,17 @@ def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
     assert calls["namespaces"] == ("a", "b") and calls["clusterwide"] is False and calls["standalone"] is True
     assert calls["liveness_endpoint"].endswith(":8080/healthz") and calls["configure"]["debug"] is True
 
+    # With a peering (the chart's replicaCount > 1): kopf peering, mandatory, and a random priority per process,
+    # since kopf pauses *every* operator when two share one.
+    priorities = set()
+    for _ in range(2):
+        calls.clear()
+        monkeypatch.setattr(main, "SETTINGS", OperatorSettings.from_env({"FLEETSERVE_PEERING": "fs"}))
+        entry.run()
+        assert calls["standalone"] is False and calls["peering_name"] == "fs" and calls["clusterwide"] is True
+        priorities.add(calls["priority"])
+    assert len(priorities) == 2
+
 
 def test_settings_from_env():
     s = OperatorSettings.from_env({"FLEETSERVE_RUNTIME_IMAGE": "r/rt:1", "FLEETSERVE_METRICS_INTERVAL": "2.5",

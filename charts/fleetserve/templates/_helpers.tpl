@@ -44,6 +44,8 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
   spec.rollout.podDisruptionBudget is switched off.
 - pods: watched for readiness, failures and metrics targets.
 - events: one per reconcile change, scale decision and invalid spec.
+- kopfpeerings (KopfPeering in each watched namespace): with replicaCount > 1, kopf's keep-alives
+  (patch) and the watch of the peers. All namespaces: clusterkopfpeerings, in fleetserve.clusterRules.
 */}}
 {{- define "fleetserve.namespacedRules" -}}
 - apiGroups: ["serving.fleetserve.dev"]
@@ -85,4 +87,18 @@ The operator's permissions on namespaced resources: exactly the verbs it uses.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if and (gt (int .Values.replicaCount) 1) .Values.watchNamespaces }}
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- end -}}
+
+{{/* Cluster-wide mode only (no watchNamespaces): the peering object is a ClusterKopfPeering. */}}
+{{- define "fleetserve.clusterRules" -}}
+{{- if gt (int .Values.replicaCount) 1 }}
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end -}}
