@@ -8,7 +8,7 @@ Owns the router's only two conversations with Kubernetes:
   fails is resumed from the last resourceVersion; `410 Gone` (history compacted) relists.
   Endpoints that are not ready (starting, failing readiness, terminating) are left out: the
   kubelet's readiness probe on /health is the readiness the router trusts.
-- `DemandSignal`: a merge patch of the annotation `serving.fleetserve.dev/demand` (an RFC 3339
+- `DemandSignal`: a merge patch of the annotation `fleetserve.dev/demand` (an RFC 3339
   time) on the InferenceService while requests wait for a first replica; the operator's
   autoscaler reads it to scale up from zero (operator/autoscaler.py).
 
@@ -30,7 +30,9 @@ import aiohttp
 from fleetserve.operator.router.config import SA_DIR, RouterConfig
 
 log = logging.getLogger("fleetserve.router.discovery")
-DEMAND_ANNOTATION = "serving.fleetserve.dev/demand"
+DEMAND_ANNOTATION = "fleetserve.dev/demand"
+"""Not under serving.fleetserve.dev/: kopf leaves annotations of its own storage prefix out of the diffs
+it reacts to, and the operator must see this one change (its `demand_signalled` handler)."""
 ISVC_API = "/apis/serving.fleetserve.dev/v1alpha1"
 
 

@@ -7,6 +7,9 @@ keeps them retryable until the router sends its first byte.
 
 - Retries: a replica that refuses or drops the connection, or answers 503, before the router
   sent any byte to the client, is excluded and the next choice is tried (up to `max_attempts`).
+  When every replica answered 503 (all overloaded), the last one's answer is passed on; when
+  connections failed on every replica, the request waits for the replica set to change (a dead
+  pod leaves it, its replacement joins) within `queue_timeout`.
   Once a byte was sent there is no retry: the client's connection is closed instead, so a
   half-streamed answer never looks complete.
 - Client disconnects cancel the handler (aiohttp's handler_cancellation); closing the upstream
@@ -41,8 +44,12 @@ BACKEND_HEADER = "X-Fleetserve-Backend"
 _DROP_REQUEST = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                  "transfer-encoding", "upgrade", "host", "content-length"}
 _DROP_RESPONSE = _DROP_REQUEST | {"date", "server"}
-_RETRY = object()
-"""_forward's answer when nothing reached the client and another replica may be tried."""
+class _Retry:
+    """_forward's answer when nothing reached the client and another replica may be tried; `answer` is the
+    replica's own 503 (passed on when every replica answers so), None after a connection failure."""
+
+    def __init__(self, answer: web.Response | None = None):
+        self.answer = answer
 
 
 class RouterMetrics:
@@ -164,6 +171,7 @@ class Router:
                 parsed = None  # the replica answers 400 in the OpenAI error shape
             key = affinity_key(request.path, parsed, self.cfg.affinity_block_chars, self.cfg.affinity_blocks)
         tried: list[str] = []
+        refused: web.Response | None = None
         waited = 0.0
         deadline: float | None = None
         while True:
@@ -171,6 +179,10 @@ class Router:
             if backend is None:
                 if request.method != "POST" and not self.balancer.backends:
                     return self._error(503, "no ready replica", "no_replica")
+                if refused is not None:
+                    # Every replica answered 503 (overloaded or shutting down): theirs is the answer.
+                    self.metrics.rejected.labels("exhausted").inc()
+                    return refused
                 if len(tried) >= self.cfg.max_attempts:
                     return self._error(503, f"{len(tried)} replicas failed before answering", "exhausted")
                 if deadline is None:
@@ -191,10 +203,14 @@ class Router:
                 result = await self._forward(request, backend, body)
             finally:
                 backend.outstanding -= 1
-            if result is not _RETRY:
+            if not isinstance(result, _Retry):
                 return result
             tried.append(backend.address)
+            refused = result.answer or refused
             if len(tried) >= self.cfg.max_attempts:
+                if refused is not None:
+                    self.metrics.rejected.labels("exhausted").inc()
+                    return refused
                 return self._error(503, f"{len(tried)} replicas failed before answering", "exhausted")
 
     async def _wait_for_replica(self, deadline: float) -> web.Response | None:
@@ -237,20 +253,23 @@ class Router:
             m.errors.labels(backend.name, "connect").inc()
             log.warning("replica %s failed before answering (%s: %s): trying another", backend.name,
                         type(exc).__name__, exc)
-            return _RETRY
+            return _Retry()
         complete = False
         try:
-            if up.status == 503:
-                m.errors.labels(backend.name, "unavailable").inc()
-                return _RETRY
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE}
             out_headers[BACKEND_HEADER] = backend.name
+            if up.status == 503:
+                m.errors.labels(backend.name, "unavailable").inc()
+                try:
+                    return _Retry(web.Response(status=503, body=await up.read(), headers=out_headers))
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    return _Retry()
             if not up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 try:
                     data = await up.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     m.errors.labels(backend.name, "connect").inc()
-                    return _RETRY  # nothing was sent to the client yet
+                    return _Retry()  # nothing was sent to the client yet
                 complete = True
                 m.requests.labels(backend.name, str(up.status)).inc()
                 return web.Response(status=up.status, body=data, headers=out_headers)

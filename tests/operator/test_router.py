@@ -239,6 +239,14 @@ async def test_503_from_a_draining_replica_is_retried():
                 async with s.post(f"{url}/v1/completions", json={"prompt": f"p{i}", "model": "llm"}) as resp:
                     assert resp.status == 200 and resp.headers[BACKEND_HEADER] == "r1"
         assert reps[0].seen
+        # Every replica overloaded: the last replica's own 503 (its Retry-After included) is the answer, at once.
+        reps[1].mode = "unavailable"
+        async with aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            async with s.post(f"{url}/v1/completions", json={"prompt": "p", "model": "llm"}) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["message"] == "draining"
+                assert resp.headers[BACKEND_HEADER] in ("r0", "r1")
+            assert time.monotonic() - t0 < 1.0
 
 
 async def test_replica_killed_under_load_loses_only_started_streams():

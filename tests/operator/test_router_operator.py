@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import time
 
 import pytest
@@ -113,7 +114,8 @@ async def test_router_children_status_url_and_router_pods_are_not_replicas(opera
     await eventually(lambda: get(operator, DEPLOYMENTS, "llm-router"))
 
 
-async def test_router_demand_scales_up_from_zero(operator):
+async def test_router_demand_scales_up_from_zero(operator, caplog):
+    caplog.set_level(logging.INFO, logger="kopf")
     await create(operator, isvc("llm", ZERO))
     await eventually(lambda: get(operator, DEPLOYMENTS, "llm-router") and
                      (get(operator, ISVC_RES, "llm").get("status") or {}).get("phase") == "ScaledToZero")
@@ -131,6 +133,8 @@ async def test_router_demand_scales_up_from_zero(operator):
     up = await eventually(lambda: events(operator, "ScaledUp"))
     assert "scale from zero" in up[0]["message"] and "0 -> 1" in up[0]["message"]
     assert woke < 3.0, woke
+    # The annotation's change itself triggered the scale (not only the next timer tick).
+    assert any("demand_signalled" in r.getMessage() and "succeeded" in r.getMessage() for r in caplog.records)
     st = await eventually(lambda: (s := get(operator, ISVC_RES, "llm")["status"]).get("lastDemandTime") and s)
     assert st["lastDemandTime"] == get(operator, ISVC_RES, "llm")["metadata"]["annotations"][DEMAND_ANNOTATION]
     await asyncio.sleep(1.0)
