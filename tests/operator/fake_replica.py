@@ -7,6 +7,10 @@ and /v1/completions (streamed or not) with `tokens` chunks `delay` seconds apart
 /metrics with the gauges in `metrics`, and records every request it saw and whether the client
 went away before the end (`aborted`).
 
+Each replica also keeps a toy prefix cache (chained hashes of 64-character blocks of the rendered
+prompt, as a paged KV cache keys its blocks) and counts `cache_hits` / `cache_queries` in blocks,
+so tests can compare the hit rates that routing policies give.
+
 Modes: "ok"; "drop" (accept, read the request, close the connection without a byte);
 "break_after" (stream `break_after` chunks, then cut the connection); "unavailable" (503).
 """
@@ -42,6 +46,9 @@ class FakeReplica:
     metrics: dict[str, float] = field(default_factory=lambda: {"vllm:num_requests_waiting": 0.0,
                                                                "vllm:kv_cache_usage_perc": 0.0})
     seen: list[Seen] = field(default_factory=list)
+    cache: set[int] = field(default_factory=set)
+    cache_hits: int = 0
+    cache_queries: int = 0
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -101,10 +108,26 @@ class FakeReplica:
         return {"id": "cmpl-1", "object": "text_completion", "created": created, "model": "llm",
                 "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
 
+    def _lookup_and_fill(self, body: dict[str, Any]) -> None:
+        if isinstance(body.get("messages"), list):
+            text = "".join(f"<|{m.get('role')}|>{m.get('content')}" for m in body["messages"])
+        else:
+            text = str(body.get("prompt", ""))
+        key, prefix_alive = 0, True
+        for i in range(len(text) // 64):
+            key = hash((key, text[i * 64:(i + 1) * 64]))
+            self.cache_queries += 1
+            if prefix_alive and key in self.cache:
+                self.cache_hits += 1
+            else:
+                prefix_alive = False
+            self.cache.add(key)
+
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         seen = Seen(request.path, body, time.monotonic())
         self.seen.append(seen)
+        self._lookup_and_fill(body)
         chat = request.path.endswith("/chat/completions")
         if self.mode == "drop":
             assert request.transport is not None
