@@ -93,12 +93,15 @@ class Router:
         self.metrics = RouterMetrics()
         self.demand = demand or DemandSignal(None, cfg)
         self._change = asyncio.Event()
+        self._discovered = False
+        """Set by the first set_members: before it, 'no replica' means 'not known yet', not demand."""
         self._waiting = 0
         self.session: aiohttp.ClientSession | None = None
 
     # --- membership and load ------------------------------------------------------------------
     def set_members(self, members: dict[str, str]) -> None:
         """The ready endpoints {address: pod name} (from discovery.EndpointWatcher)."""
+        self._discovered = True
         if self.balancer.set_backends(members.items()):
             log.info("replicas: %s", ", ".join(sorted(members.values())) or "none")
         self._update_backend_gauges()
@@ -226,7 +229,9 @@ class Router:
                 if remaining <= 0:
                     return self._error(503, f"no replica became ready within {self.cfg.queue_timeout:g}s",
                                        "queue_timeout")
-                if not self.balancer.backends:
+                if not self.balancer.backends and self._discovered:
+                    # (A router that just started and has not listed the endpoints yet signals nothing: a
+                    # spurious signal would keep a running service from scaling to zero for a while.)
                     self.demand.poke(time.monotonic())
                 change = self._change
                 try:

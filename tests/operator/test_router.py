@@ -430,6 +430,16 @@ async def test_cold_requests_wait_signal_demand_and_are_forwarded_when_a_replica
         assert metric(text, "fleetserve_router_queue_wait_seconds_count") == 3
 
 
+async def test_no_demand_before_the_first_endpoint_list():
+    router = Router(dataclasses.replace(CFG, queue_timeout=0.3))
+    demand = router.demand = RecordingDemand()  # type: ignore[assignment]
+    assert await router._wait_for_replica(time.monotonic() + 0.3) is not None  # timed out, undiscovered
+    assert demand.pokes == []
+    router.set_members({})
+    assert await router._wait_for_replica(time.monotonic() + 0.3) is not None
+    assert len(demand.pokes) == 1
+
+
 async def test_cold_timeout_is_503_with_retry_after_and_the_queue_is_bounded():
     cfg = dataclasses.replace(CFG, queue_timeout=0.6, queue_size=2)
     async with router_running(cfg) as (url, router):
