@@ -82,6 +82,23 @@ class RouterMetrics:
                                    "request is aborted).", registry=r)
         self.backends = Gauge(f"{p}_backends", "Ready replicas known to the router, and how many are saturated.",
                               ["state"], registry=r)
+        self._labels: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+
+    def _count(self, metric: Counter, backend: str, *labels: str) -> None:
+        metric.labels(backend, *labels).inc()
+        self._labels.setdefault(backend, set()).add((metric, labels))
+
+    def answered(self, backend: str, status: int) -> None:
+        self._count(self.requests, backend, str(status))
+
+    def error(self, backend: str, kind: str) -> None:
+        self._count(self.errors, backend, kind)
+
+    def forget(self, keep: set[str]) -> None:
+        """Drops the series of replicas that left (pods come and go with every rollout and scale-down)."""
+        for backend in [b for b in self._labels if b not in keep]:
+            for metric, labels in self._labels.pop(backend):
+                metric.remove(backend, *labels)
 
 
 class Router:
@@ -104,6 +121,7 @@ class Router:
         self._discovered = True
         if self.balancer.set_backends(members.items()):
             log.info("replicas: %s", ", ".join(sorted(members.values())) or "none")
+            self.metrics.forget(set(members.values()))
         self._update_backend_gauges()
         # Wake every waiter: a replica appeared (cold queue) or the set changed (retry candidates).
         old, self._change = self._change, asyncio.Event()
@@ -255,7 +273,7 @@ class Router:
             m.disconnects.inc()
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            m.errors.labels(backend.name, "connect").inc()
+            m.error(backend.name, "connect")
             log.warning("replica %s failed before answering (%s: %s): trying another", backend.name,
                         type(exc).__name__, exc)
             return _Retry()
@@ -264,7 +282,7 @@ class Router:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE}
             out_headers[BACKEND_HEADER] = backend.name
             if up.status == 503:
-                m.errors.labels(backend.name, "unavailable").inc()
+                m.error(backend.name, "unavailable")
                 try:
                     return _Retry(web.Response(status=503, body=await up.read(), headers=out_headers))
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -273,10 +291,10 @@ class Router:
                 try:
                     data = await up.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                    m.errors.labels(backend.name, "connect").inc()
+                    m.error(backend.name, "connect")
                     return _Retry()  # nothing was sent to the client yet
                 complete = True
-                m.requests.labels(backend.name, str(up.status)).inc()
+                m.answered(backend.name, up.status)
                 return web.Response(status=up.status, body=data, headers=out_headers)
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)
@@ -285,7 +303,7 @@ class Router:
                     chunk = await up.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     # Streaming started: no retry. Drop the client's connection so the answer reads as cut.
-                    m.errors.labels(backend.name, "stream_broken").inc()
+                    m.error(backend.name, "stream_broken")
                     if request.transport is not None:
                         request.transport.close()
                     return resp
@@ -297,7 +315,7 @@ class Router:
                     m.disconnects.inc()
                     return resp
             complete = True
-            m.requests.labels(backend.name, str(up.status)).inc()
+            m.answered(backend.name, up.status)
             await resp.write_eof()
             return resp
         except asyncio.CancelledError:

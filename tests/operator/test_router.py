@@ -466,7 +466,7 @@ async def test_cold_timeout_is_503_with_retry_after_and_the_queue_is_bounded():
 
 
 async def test_gets_and_errors_pass_through_and_healthz_answers():
-    async with replicas(1) as reps, router_running(replicas=reps) as (url, _):
+    async with replicas(1) as reps, router_running(replicas=reps) as (url, router):
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{url}/v1/models") as resp:
                 assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "llm"
@@ -477,6 +477,10 @@ async def test_gets_and_errors_pass_through_and_healthz_answers():
         text = await router_metrics(url)
         assert metric(text, "fleetserve_router_added_latency_seconds_count") >= 2
         assert metric(text, "fleetserve_router_backends", state="ready") == 1
+        assert metric(text, "fleetserve_router_requests_total", backend="r0") >= 2
+        router.set_members({})  # the replica left: its series go (no unbounded growth over rollouts)
+        text = await router_metrics(url)
+        assert 'backend="r0"' not in text
 
 
 def _pct(xs: list[float], q: float) -> float:
