@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from fleetserve.operator.metrics import KV_USAGE, WAITING, scrape
+from fleetserve.operator.metrics import scrape
 from fleetserve.operator.router.balancer import Backend, Balancer, affinity_key
 from fleetserve.operator.router.config import RouterConfig
 from fleetserve.operator.router.discovery import DemandSignal
