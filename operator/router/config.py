@@ -77,6 +77,10 @@ class RouterConfig:
     connect_timeout: float = 3.0
     """Seconds to connect to a replica before trying another (env FLEETSERVE_ROUTER_CONNECT_TIMEOUT)."""
 
+    read_timeout: float = 600.0
+    """Seconds without a byte from a replica before its connection counts as dead (a node lost without a
+    FIN); long enough for a whole non-streamed generation (env FLEETSERVE_ROUTER_READ_TIMEOUT)."""
+
     queue_size: int = 256
     """Requests held while no replica is ready; more get 503 at once (env FLEETSERVE_ROUTER_QUEUE_SIZE)."""
 

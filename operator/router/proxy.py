@@ -6,7 +6,8 @@ written as soon as they are read, never buffered); JSON responses are read whole
 keeps them retryable until the router sends its first byte.
 
 - Retries: a replica that refuses or drops the connection, or answers 503, before the router
-  sent any byte to the client, is excluded and the next choice is tried (up to `max_attempts`).
+  sent any byte to the client (for streams: before the replica's first body chunk, which the
+  client's headers wait for), is excluded and the next choice is tried (up to `max_attempts`).
   When every replica answered 503 (all overloaded), the last one's answer is passed on; when
   connections failed on every replica, the request waits for the replica set to change (a dead
   pod leaves it, its replacement joins) within `queue_timeout`.
@@ -157,10 +158,11 @@ class Router:
 
     async def _start_session(self, _: web.Application) -> None:
         # No total timeout: generations stream for minutes. Connects are bounded, so a dead replica
-        # costs `connect_timeout` at most before the retry. auto_decompress off: bytes pass as they are.
+        # costs `connect_timeout` at most before the retry; reads too, for a peer gone without a word. auto_decompress off: bytes pass as they are.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
+                                          sock_read=self.cfg.read_timeout),
             auto_decompress=False, skip_auto_headers=("User-Agent",))
 
     async def _close_session(self, _: web.Application) -> None:
@@ -296,9 +298,22 @@ class Router:
                 complete = True
                 m.answered(backend.name, up.status)
                 return web.Response(status=up.status, body=data, headers=out_headers)
+            # The client gets the headers together with the first chunk: until the replica sent a body byte
+            # (a server may open its stream well before its first token), a failure can still go to another replica.
+            try:
+                chunk = await up.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                m.error(backend.name, "connect")
+                return _Retry()
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)
             while True:
+                if chunk:
+                    try:
+                        await resp.write(chunk)
+                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                        m.disconnects.inc()
+                        return resp
                 try:
                     chunk = await up.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -309,11 +324,6 @@ class Router:
                     return resp
                 if not chunk:
                     break
-                try:
-                    await resp.write(chunk)
-                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                    m.disconnects.inc()
-                    return resp
             complete = True
             m.answered(backend.name, up.status)
             await resp.write_eof()

@@ -170,8 +170,8 @@ print(json.dumps(out), flush=True)
 """
 
 
-# Streaming requests from `workers` threads for `seconds`; each outcome is classified by whether the
-# first SSE data line had arrived: ok, failed_unstarted (what the router must never lose), failed_started.
+# Streaming requests from `workers` threads for `seconds`; each outcome is classified by whether any byte
+# of the body had arrived: ok, failed_unstarted (what the router must never lose), failed_started.
 STREAM_SCRIPT = r"""
 import json, sys, threading, time, urllib.request, urllib.error
 url, model, workers, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -186,10 +186,9 @@ def one(i):
     try:
         with urllib.request.urlopen(req, timeout=180) as r:
             for line in r:
-                if line.startswith(b"data: "):
-                    started = True
-                    if line.strip() == b"data: [DONE]":
-                        done = True
+                started = True  # any byte of the body: from here on a failure may cut the answer
+                if line.strip() == b"data: [DONE]":
+                    done = True
         kind = "ok" if done else ("failed_started" if started else "failed_unstarted")
         err = None if done else "stream ended early"
     except Exception as e:

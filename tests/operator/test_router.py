@@ -263,6 +263,22 @@ async def test_retry_on_another_replica_before_the_first_byte():
         assert metric(text, "fleetserve_router_requests_total", backend="r2", code="200") == 30
 
 
+async def test_stream_opened_but_cut_before_its_first_chunk_is_retried():
+    """The replica sent its SSE headers, then died before any event: the client had received nothing yet
+    (the router holds the headers back until the first chunk), so another replica answers."""
+    async with replicas(2) as reps, router_running(replicas=reps) as (url, _):
+        reps[0].mode, reps[0].break_after = "break_after", 0
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        for i in range(8):
+            stream = await client.chat.completions.create(model="llm", stream=True,
+                                                          messages=[{"role": "user", "content": f"q{i}"}])
+            text = "".join([c.choices[0].delta.content or "" async for c in stream])
+            assert text == "r1-0 r1-1 r1-2 r1-3 "
+        await client.close()
+        assert reps[0].seen and all(s.streamed == 0 for s in reps[0].seen)
+        assert metric(await router_metrics(url), "fleetserve_router_retries_total") == len(reps[0].seen)
+
+
 async def test_503_from_a_draining_replica_is_retried():
     async with replicas(2) as reps, router_running(replicas=reps) as (url, _):
         reps[0].mode = "unavailable"
