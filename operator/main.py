@@ -391,9 +391,11 @@ async def demand_signalled(name: str, namespace: str, body: kopf.Body, memo: kop
     if spec is None or not spec.autoscaling.enabled or not _demand(body, memo.settings):
         return
     decision = autoscaler.wake_from_zero(spec.replicas, spec.autoscaling, demand=True)
-    if decision is None:
+    if decision is None or memo.get("woken_from_generation") == body.metadata.get("generation"):
         return
     await _scale(name, namespace, body, memo, decision, logger)
+    # The timer may still hold the body of before the scale: it must not wake (and announce) it again.
+    memo["woken_from_generation"] = body.metadata.get("generation")
     autoscaler.record_change(memo.setdefault("history", autoscaler.History()), time.monotonic())
 
 
@@ -431,6 +433,8 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
                                          metrics.running if metrics else 0.0, spec.autoscaling, history,
                                          load_known=metrics is not None, demand=_demand(body, settings))
             new["desiredReplicas"] = decision.desired
+            if decision.current == 0 and memo.get("woken_from_generation") == meta.get("generation"):
+                decision = autoscaler.Decision(0, decision.recommended, 0, "already scaling up from zero")
             if decision.changes:
                 try:
                     await _scale(name, namespace, body, memo, decision, logger)
@@ -439,4 +443,6 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
                 else:
                     autoscaler.record_change(history, now)
                     new["lastScaleTime"] = status_mod.now_iso()
+                    if decision.current == 0:
+                        memo["woken_from_generation"] = meta.get("generation")
     _write_status(patch, status, new, meta)
