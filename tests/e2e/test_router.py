@@ -219,9 +219,13 @@ def test_router_fronts_the_service(release, ns):
     res = ask(ns, f"http://{ip(ns, NAME + '-router')}")
     assert res["status"] == 200 and "paris" in res["answer"].lower(), res
     assert res["backend"] in {p["metadata"]["name"] for p in runtime_pods(ns)}, res
-    # Kubernetes 1.20 serves EndpointSlices as discovery.k8s.io/v1beta1 only: the router found them there.
+    # Kubernetes 1.20 serves EndpointSlices as discovery.k8s.io/v1beta1 only (v1 from 1.21): the router
+    # found them where they are.
     logs = kubectl("logs", "-n", ns, f"deployment/{NAME}-router")
-    print("router discovery:", [ln for ln in logs.splitlines() if "discovering replicas" in ln][:1])
+    found = [ln for ln in logs.splitlines() if "discovering replicas" in ln]
+    minor = int("".join(ch for ch in json.loads(kubectl("get", "--raw", "/version"))["minor"] if ch.isdigit()))
+    print("router discovery:", found[:1], f"(Kubernetes 1.{minor})")
+    assert found and ("EndpointSlice v1beta1" if minor <= 20 else "EndpointSlice v1") in found[0], logs[-2000:]
 
 
 def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
