@@ -225,7 +225,8 @@ def test_router_fronts_the_service(release, ns):
     found = [ln for ln in logs.splitlines() if "discovering replicas" in ln]
     minor = int("".join(ch for ch in json.loads(kubectl("get", "--raw", "/version"))["minor"] if ch.isdigit()))
     print("router discovery:", found[:1], f"(Kubernetes 1.{minor})")
-    assert found and ("EndpointSlice v1beta1" if minor <= 20 else "EndpointSlice v1") in found[0], logs[-2000:]
+    assert found and found[0].rstrip().endswith("EndpointSlice v1beta1" if minor <= 20 else "EndpointSlice v1"), \
+        logs[-2000:]
 
 
 def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
