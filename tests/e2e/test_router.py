@@ -40,8 +40,13 @@ def release(operator_release):
     """The chart installed (again, if test_inferenceservice.py uninstalled it at its end)."""
     ns = operator_release["namespace"]
     if not run(HELM, "status", RELEASE, "-n", ns, check=False, timeout=60).strip():
-        import conftest as e2e_conftest  # tests/e2e/conftest.py (on sys.path, see there)
+        import importlib.util
 
+        # helm_install of tests/e2e/conftest.py, loaded by path (a conftest is not importable by name).
+        spec = importlib.util.spec_from_file_location("e2e_conftest", os.path.join(os.path.dirname(__file__),
+                                                                                   "conftest.py"))
+        e2e_conftest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(e2e_conftest)
         e2e_conftest.helm_install(operator_release["hub"])
     return operator_release
 
