@@ -51,10 +51,11 @@ class Children:
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.generic = client.CustomObjectsApi(api_client)
+        self.rbac = client.RbacAuthorizationV1Api(api_client)
 
     def _ops(self, kind: str, api_version: str) -> tuple[Any, Any, Any]:
         # get, create, patch: the verbs the chart's RBAC grants on children. Children are not deleted by the
-        # operator (owner references let the garbage collector do it), except a PDB that was switched off.
+        # operator (owner references let the garbage collector do it), except a PDB or router switched off.
         if kind == "PodDisruptionBudget":
             group, version = api_version.split("/")
             g = self.generic
@@ -70,6 +71,12 @@ class Children:
             "PersistentVolumeClaim": (
                 self.core.read_namespaced_persistent_volume_claim, self.core.create_namespaced_persistent_volume_claim,
                 self.core.patch_namespaced_persistent_volume_claim),
+            # The router's identity (render.render_router_rbac).
+            "ServiceAccount": (self.core.read_namespaced_service_account, self.core.create_namespaced_service_account,
+                               self.core.patch_namespaced_service_account),
+            "Role": (self.rbac.read_namespaced_role, self.rbac.create_namespaced_role, self.rbac.patch_namespaced_role),
+            "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding,
+                            self.rbac.patch_namespaced_role_binding),
         }
         return ops[kind]
 
@@ -92,6 +99,16 @@ class Children:
         group, version = api_version.split("/")
         try:
             self.generic.delete_namespaced_custom_object(group, version, namespace, PDBS, name, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Deletes a router Deployment or Service after spec.router was switched off (404 is fine)."""
+        op = {"Deployment": self.apps.delete_namespaced_deployment,
+              "Service": self.core.delete_namespaced_service}[kind]
+        try:
+            op(name, namespace, _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -144,6 +161,21 @@ def prune_pdb(children: Children, api_version: str, namespace: str, name: str, o
         return False
     children.delete_pdb(api_version, namespace, name)
     return True
+
+
+def prune_router(children: Children, namespace: str, name: str, owner_uid: str) -> list[str]:
+    """Deletes the router's Deployment and Service where they exist and are ours (spec.router switched off).
+    Its ServiceAccount, Role and RoleBinding stay, inert, until the InferenceService is deleted."""
+    deleted = []
+    for kind, api_version in (("Deployment", "apps/v1"), ("Service", "v1")):
+        router = f"{name}-router"
+        existing = children.read({"kind": kind, "apiVersion": api_version,
+                                  "metadata": {"name": router, "namespace": namespace}})
+        refs = (existing or {}).get("metadata", {}).get("ownerReferences") or []
+        if any(r.get("uid") == owner_uid for r in refs):
+            children.delete(kind, namespace, router)
+            deleted.append(f"deleted {kind} {router}")
+    return deleted
 
 
 def _last_applied(obj: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ status.py (conditions), metrics.py (scraping), autoscaler.py (decisions).
 - `observe`: a timer per InferenceService that scrapes each ready pod's /metrics, writes
   status from the indexes and the metrics, restores children that were deleted or edited,
   and applies autoscaling decisions through the scale subresource (with an event for each).
+- `demand_signalled`: the router's demand annotation changed: scale up from zero at once.
 
 Never imports torch or fleetserve.runtime (checked by import-linter, see .importlinter).
 """
@@ -32,15 +33,19 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from fleetserve.operator import autoscaler, render, status as status_mod
-from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb
+from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb, prune_router
 from fleetserve.operator.memo import OperatorMemo
 from fleetserve.operator.metrics import Aggregate, scrape_all
 from fleetserve.operator.settings import OperatorSettings
+from fleetserve.operator.router.discovery import DEMAND_ANNOTATION
 from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
                                       parse_spec)
 
 ISVC = (GROUP, VERSION, PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "fleetserve-operator", render.ISVC_LABEL: kopf.PRESENT}
+# The runtime's pods, Deployment and Service; the router's carry component=router and are indexed apart.
+RUNTIME = {**MANAGED, "app.kubernetes.io/component": "runtime"}
+ROUTER = {**MANAGED, "app.kubernetes.io/component": "router"}
 # Read at import: kopf needs the timer interval when the handler is declared.
 SETTINGS = OperatorSettings.from_env()
 
@@ -86,6 +91,7 @@ def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: loggi
     # Handler logs stay in the operator's log; the events users see are the explicit ones below.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    settings.peering.lifetime = SETTINGS.peering_lifetime  # used only with peering (several replicas)
     settings.networking.request_timeout = 60
     memo.settings = SETTINGS
     memo.api = client.ApiClient(_client_configuration())
@@ -120,13 +126,12 @@ def probe(memo: OperatorMemo, **_: Any) -> str:
 
 # --- indexes: the operator's view of its children, kept current by watches ------------------------
 
-@kopf.index("pods", labels=MANAGED)
+@kopf.index("pods", labels=RUNTIME)
 def runtime_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): status_mod.pod_view(body)}
 
 
-@kopf.index("apps", "v1", "deployments", labels=MANAGED)
-def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+def _deployment_view(namespace: str, labels: kopf.Labels, body: kopf.Body) -> dict[Any, Any]:
     annotations = body.get("metadata", {}).get("annotations") or {}
     return {(namespace, labels[render.ISVC_LABEL]): {
         "metadata": {"name": body.metadata.name, "generation": body.metadata.get("generation"),
@@ -135,7 +140,17 @@ def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **
         "status": dict(body.get("status") or {})}}
 
 
-@kopf.index("services", labels=MANAGED)
+@kopf.index("apps", "v1", "deployments", labels=RUNTIME)
+def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return _deployment_view(namespace, labels, body)
+
+
+@kopf.index("apps", "v1", "deployments", labels=ROUTER)
+def router_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return _deployment_view(namespace, labels, body)
+
+
+@kopf.index("services", labels=RUNTIME)
 def runtime_services(namespace: str, labels: kopf.Labels, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): name}
 
@@ -168,6 +183,7 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
                     logger.info("%s %s/%s", outcome.action, outcome.kind, outcome.name)
             if _prune_switched_off_pdb(children, name, namespace, spec, body, memo):
                 changed.append(f"deleted PodDisruptionBudget {name}")
+            changed += _prune_switched_off_router(children, name, namespace, spec, body, memo)
         except ApiException as exc:
             # Kept for status: Degraded=ApplyFailed until an apply succeeds.
             memo.apply_error = f"{exc.status} {exc.reason}: {_api_message(exc)}"
@@ -193,6 +209,20 @@ def _prune_switched_off_pdb(children: Children, name: str, namespace: str, spec:
     return deleted
 
 
+def _prune_switched_off_router(children: Children, name: str, namespace: str, spec: InferenceServiceSpec,
+                               body: kopf.Body, memo: OperatorMemo) -> list[str]:
+    """Deletes the router's Deployment and Service once after spec.router is switched off (and once after an
+    operator start while it is off), like the budget above."""
+    if spec.router_enabled():
+        memo.router_off_checked = False
+        return []
+    if memo.router_off_checked:
+        return []
+    deleted = prune_router(children, namespace, name, body.metadata.uid)
+    memo.router_off_checked = True
+    return deleted
+
+
 def _parse(body: kopf.Body) -> tuple[InferenceServiceSpec | None, str | None]:
     try:
         return parse_spec(body.get("spec")), None
@@ -201,7 +231,7 @@ def _parse(body: kopf.Body) -> tuple[InferenceServiceSpec | None, str | None]:
 
 
 def _static_status(name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings) -> dict[str, Any]:
-    return {"url": render.service_url(name, namespace, settings), "selector": render.selector_string(name),
+    return {"url": render.service_url(name, namespace, settings, spec), "selector": render.selector_string(name),
             "model": render.model_description(spec)}
 
 
@@ -312,16 +342,36 @@ def _stale(timestamp: str | None, seconds: float = 60.0) -> bool:
 
 
 def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: OperatorMemo,
-                 deployments_index: kopf.Index, services_index: kopf.Index) -> bool:
+                 deployments_index: kopf.Index, services_index: kopf.Index,
+                 router_index: kopf.Index | None = None) -> bool:
     key = (namespace, name)
     dep = _first(deployments_index, key)
     if dep is None or _first(services_index, key) is None:
         return True
-    desired = next(c for c in _desired(name, namespace, spec, body, memo.settings, memo.pdb_api)
-                   if c["kind"] == "Deployment")
+    children = _desired(name, namespace, spec, body, memo.settings, memo.pdb_api)
+    wanted = [(dep, next(c for c in children if c["kind"] == "Deployment"))]
+    router = next((c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] != name), None)
+    if router is not None and router_index is not None:
+        have = _first(router_index, key)
+        if have is None:
+            return True
+        wanted.append((have, router))
     # Changed by us (a new rendering) or by someone else (an owned field edited in the cluster).
-    return dep["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True) or \
-        not is_subset(desired["spec"], dep["spec"])
+    return any(have["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True)
+               or not is_subset(desired["spec"], have["spec"]) for have, desired in wanted)
+
+
+def _router_status(spec: InferenceServiceSpec | None, body: kopf.Body, key: Any,
+                   router_index: kopf.Index) -> dict[str, Any]:
+    out: dict[str, Any] = {"lastDemandTime": (body.get("metadata", {}).get("annotations") or {}).get(DEMAND_ANNOTATION)}
+    router = _first(router_index, key) if spec is not None and spec.router_enabled() else None
+    out["routerReadyReplicas"] = int(router["status"].get("readyReplicas") or 0) if router else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _demand(body: kopf.Body, settings: OperatorSettings) -> bool:
+    stamp = (body.get("metadata", {}).get("annotations") or {}).get(DEMAND_ANNOTATION)
+    return autoscaler.demand_is_current(stamp, time.time(), settings.demand_ttl)
 
 
 async def _scale(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, decision: autoscaler.Decision,
@@ -336,14 +386,32 @@ async def _scale(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo,
     kopf.event(body, type="Normal", reason=direction, message=message)
 
 
+@kopf.on.field(*ISVC, field=("metadata", "annotations", DEMAND_ANNOTATION))
+async def demand_signalled(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, logger: logging.Logger,
+                           **_: Any) -> None:
+    """The router holds requests while there is no replica and says so in an annotation: scale up from zero
+    now instead of at the next timer tick (the timer checks the same, should this event be missed)."""
+    spec, _error = _parse(body)
+    if spec is None or not spec.autoscaling.enabled or not _demand(body, memo.settings):
+        return
+    decision = autoscaler.wake_from_zero(spec.replicas, spec.autoscaling, demand=True)
+    if decision is None or memo.woken_from_generation == body.metadata.get("generation"):
+        return
+    await _scale(name, namespace, body, memo, decision, logger)
+    # The timer may still hold the body of before the scale: it must not wake (and announce) it again.
+    memo.woken_from_generation = body.metadata.get("generation")
+    autoscaler.record_change(memo.history, time.monotonic())
+
+
 @kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))
 async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
                   memo: OperatorMemo, patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
-                  runtime_deployments: kopf.Index, runtime_services: kopf.Index, **_: Any) -> None:
+                  runtime_deployments: kopf.Index, runtime_services: kopf.Index, router_deployments: kopf.Index,
+                  **_: Any) -> None:
     settings = memo.settings
     spec, error = _parse(body)
     if spec is not None and await asyncio.to_thread(_needs_apply, name, namespace, spec, body, memo,
-                                                    runtime_deployments, runtime_services):
+                                                    runtime_deployments, runtime_services, router_deployments):
         # A child was deleted or edited behind our back: put it back.
         try:
             await asyncio.to_thread(_apply_children, name, namespace, spec, body, memo, logger)
@@ -357,6 +425,7 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
     if metrics is not None:
         new["lastMetricsTime"] = status_mod.now_iso()
 
+    new.update(_router_status(spec, body, (namespace, name), router_deployments))
     if spec is not None:
         new.update(_static_status(name, namespace, spec, settings))
         new["desiredReplicas"] = spec.target_replicas()
@@ -365,8 +434,10 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
             now = time.monotonic()
             decision = autoscaler.decide(now, spec.replicas, metrics.waiting if metrics else 0.0,
                                          metrics.running if metrics else 0.0, spec.autoscaling, history,
-                                         load_known=metrics is not None)
+                                         load_known=metrics is not None, demand=_demand(body, settings))
             new["desiredReplicas"] = decision.desired
+            if decision.current == 0 and memo.woken_from_generation == meta.get("generation"):
+                decision = autoscaler.Decision(0, decision.recommended, 0, "already scaling up from zero")
             if decision.changes:
                 try:
                     await _scale(name, namespace, body, memo, decision, logger)
@@ -375,4 +446,6 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
                 else:
                     autoscaler.record_change(history, now)
                     new["lastScaleTime"] = status_mod.now_iso()
+                    if decision.current == 0:
+                        memo.woken_from_generation = meta.get("generation")
     _write_status(patch, status, new, meta)

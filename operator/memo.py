@@ -40,6 +40,11 @@ class OperatorMemo:
     """Counter samples per pod, to turn scraped counters into rates."""
     history: History = dataclasses.field(default_factory=History)
     """The autoscaler's recommendation history."""
+    router_off_checked: bool = False
+    """A switched-off router's Deployment and Service were already looked for (and deleted)."""
+    woken_from_generation: int | None = None
+    """The spec generation at which this service was last scaled up from zero (so that the timer and the
+    demand handler do not both wake, and announce, the same scale-up)."""
 
     @property
     def started(self) -> bool:

@@ -1,7 +1,8 @@
 """Renders an InferenceService spec into the child manifests the operator owns.
 
 Pure functions, no API calls: (name, namespace, spec, settings) -> plain dicts for
-a Deployment, a Service and (for hf:// models) the model-cache PVC. Everything
+a Deployment, a Service and (for hf:// models) the model-cache PVC, and, when spec.router is
+on, the router's ServiceAccount, Role, RoleBinding, Service `<name>-router` and Deployment. Everything
 here uses APIs that exist from Kubernetes 1.20 to current releases (apps/v1, v1).
 
 The defaults answer the pains users of KServe / vLLM production-stack report:
@@ -311,6 +312,123 @@ def render_service(name: str, namespace: str, spec: InferenceServiceSpec) -> dic
     }
 
 
+ROUTER_PORT = 8080
+ROUTER_CONTAINER = "router"
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def router_selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "fleetserve-router", "app.kubernetes.io/instance": name}
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return {**router_selector_labels(name), "app.kubernetes.io/component": "router",
+            "app.kubernetes.io/managed-by": "fleetserve-operator", ISVC_LABEL: name}
+
+
+def router_env(name: str, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """The router's configuration (operator/router/config.py reads FLEETSERVE_ROUTER_*)."""
+    r = spec.router
+    values = {"SERVICE": name, "INFERENCE_SERVICE": name, "PORT": ROUTER_PORT,
+              "QUEUE_TIMEOUT": r.queueTimeoutSeconds, "QUEUE_SIZE": r.maxQueuedRequests,
+              "LOAD_FACTOR": r.loadFactor, "MAX_WAITING": r.saturationQueueDepth}
+    env = [{"name": "FLEETSERVE_ROUTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    return env + [{"name": f"FLEETSERVE_ROUTER_{k}", "value": str(v)} for k, v in values.items()]
+
+
+def render_router_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
+    """The router's identity: watch its Service's endpoints, annotate its own InferenceService (demand)."""
+    meta = {"name": router_name(name), "namespace": namespace, "labels": router_labels(name)}
+    rules = [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["endpoints"], "verbs": ["list", "watch"]},
+        {"apiGroups": [GROUP], "resources": ["inferenceservices"], "resourceNames": [name], "verbs": ["patch"]},
+    ]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta), "automountServiceAccountToken": True},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta), "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": router_name(name)},
+         "subjects": [{"kind": "ServiceAccount", "name": router_name(name), "namespace": namespace}]},
+    ]
+
+
+def render_router_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
+                             settings: OperatorSettings) -> dict[str, Any]:
+    r = spec.router
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 2,
+             "failureThreshold": 3}
+    container = {
+        "name": ROUTER_CONTAINER,
+        "image": settings.router_image,
+        "imagePullPolicy": settings.router_image_pull_policy,
+        "command": ["python", "-m", "fleetserve.operator.router"],
+        "env": router_env(name, spec),
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": r.resources.cpu, "memory": r.resources.memory},
+                      "limits": {"memory": r.resources.memory}},
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 4},
+        # The Service drops a stopping router before it stops accepting; requests in flight then finish.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        "securityContext": {**_security_context(), "readOnlyRootFilesystem": True},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": router_name(name),
+        "containers": [container],
+        "terminationGracePeriodSeconds": 45,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.runtime_uid,
+                            "runAsGroup": settings.runtime_uid},
+        "enableServiceLinks": False,
+    }
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.imagePullSecrets]
+    if spec.scheduling.tolerations:  # routers go where the service's pods may go (not to GPU-only taints)
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.scheduling.tolerations]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": router_name(name), "namespace": namespace, "labels": router_labels(name)},
+        "spec": {
+            "replicas": r.replicas,
+            "selector": {"matchLabels": router_selector_labels(name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "template": {"metadata": {"labels": router_labels(name),
+                                      "annotations": {"prometheus.io/scrape": "true",
+                                                      "prometheus.io/port": str(ROUTER_PORT),
+                                                      "prometheus.io/path": "/metrics"}},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def render_router_service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": router_name(name), "namespace": namespace, "labels": router_labels(name)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": router_selector_labels(name),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_router(name: str, namespace: str, spec: InferenceServiceSpec,
+                  settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The router's children (RBAC first: the pods need their service account), or none when it is off."""
+    if not spec.router_enabled():
+        return []
+    return render_router_rbac(name, namespace) + [render_router_service(name, namespace),
+                                                  render_router_deployment(name, namespace, spec, settings)]
+
+
 def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> dict[str, Any] | None:
     """The claim the operator creates for downloads; None when an existing claim (or none) is used."""
     if cache_claim_name(name, spec) is None or spec.modelCache.existingClaim:
@@ -349,8 +467,11 @@ def render_all(name: str, namespace: str, spec: InferenceServiceSpec, settings: 
     pvc = render_cache_pvc(name, namespace, spec)
     pdb = render_pdb(name, namespace, spec, pdb_api)
     return ([pvc] if pvc else []) + [render_service(name, namespace, spec),
-                                     render_deployment(name, namespace, spec, settings)] + ([pdb] if pdb else [])
+                                     render_deployment(name, namespace, spec, settings)] + ([pdb] if pdb else []) \
+        + render_router(name, namespace, spec, settings)
 
 
-def service_url(name: str, namespace: str, settings: OperatorSettings) -> str:
-    return f"http://{name}.{namespace}.svc.{settings.cluster_domain}"
+def service_url(name: str, namespace: str, settings: OperatorSettings, spec: InferenceServiceSpec | None = None) -> str:
+    """status.url: the router's Service when the router is on, else the replicas' Service."""
+    host = router_name(name) if spec is not None and spec.router_enabled() else name
+    return f"http://{host}.{namespace}.svc.{settings.cluster_domain}"

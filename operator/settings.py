@@ -35,6 +35,25 @@ class OperatorSettings:
     """Hugging Face Hub endpoint for the model-download step, e.g. a mirror (env FLEETSERVE_HF_ENDPOINT);
     empty: huggingface_hub's default."""
 
+    router_image: str = "fleetserve/operator:0.1.0"
+    """Image of the per-service router pods: the operator's own image, which carries
+    `python -m fleetserve.operator.router` (env FLEETSERVE_ROUTER_IMAGE)."""
+
+    router_image_pull_policy: str = "IfNotPresent"
+    """Pull policy of the router image (env FLEETSERVE_ROUTER_IMAGE_PULL_POLICY)."""
+
+    demand_ttl: float = 60.0
+    """Seconds a router's demand annotation counts as current: a scaled-to-zero service with demand this
+    recent is scaled up, and is not scaled back to zero while it lasts (env FLEETSERVE_DEMAND_TTL)."""
+
+    peering: str = ""
+    """kopf peering object to coordinate several operator replicas through (env FLEETSERVE_PEERING): only the
+    replica of highest priority acts. Empty: standalone, one replica."""
+
+    peering_lifetime: int = 20
+    """Seconds a peer's keep-alive stays valid (env FLEETSERVE_PEERING_LIFETIME): the longest an acting
+    operator that died without a word blocks the standby (one that stops cleanly withdraws at once)."""
+
     runtime_uid: int = 1000
     """UID/GID the runtime image runs as; the pod's fsGroup, so the cache volume is writable."""
 
@@ -49,5 +68,10 @@ class OperatorSettings:
             metrics_interval=float(env.get("FLEETSERVE_METRICS_INTERVAL") or d.metrics_interval),
             metrics_timeout=float(env.get("FLEETSERVE_METRICS_TIMEOUT") or d.metrics_timeout),
             hf_endpoint=env.get("FLEETSERVE_HF_ENDPOINT") or d.hf_endpoint,
+            router_image=env.get("FLEETSERVE_ROUTER_IMAGE") or d.router_image,
+            router_image_pull_policy=env.get("FLEETSERVE_ROUTER_IMAGE_PULL_POLICY") or d.router_image_pull_policy,
+            demand_ttl=float(env.get("FLEETSERVE_DEMAND_TTL") or d.demand_ttl),
+            peering=env.get("FLEETSERVE_PEERING") or d.peering,
+            peering_lifetime=int(env.get("FLEETSERVE_PEERING_LIFETIME") or d.peering_lifetime),
             namespaces=tuple(ns.strip() for ns in (env.get("FLEETSERVE_NAMESPACES") or "").split(",") if ns.strip()),
         )

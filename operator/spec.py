@@ -200,8 +200,9 @@ class Autoscaling(_Model):
     """No scale decision within this long after the previous one."""
 
     scaleToZero: bool = False
-    """Allow minReplicas 0: idle services release their GPUs. Scaling up from zero needs an external
-    trigger (kubectl scale, KEDA): with no pod there is no queue to observe."""
+    """Allow minReplicas 0: idle services release their GPUs. The router (spec.router) holds requests that
+    arrive meanwhile and signals demand, and the operator scales up from zero; without the router it needs
+    an external trigger (kubectl scale, KEDA)."""
 
     @property
     def effective_max(self) -> int:
@@ -228,6 +229,40 @@ class Rollout(_Model):
     """Create a PodDisruptionBudget (maxUnavailable 1) so node drains evict one replica at a time.
     Its API version (policy/v1, else policy/v1beta1) is chosen from what the cluster serves;
     switching it off deletes the budget."""
+
+
+class RouterResources(_Model):
+    cpu: str = Field("100m", pattern=QUANTITY_PATTERN)
+    """CPU request per router pod (no CPU limit)."""
+
+    memory: str = Field("256Mi", pattern=QUANTITY_PATTERN)
+    """Memory request and limit per router pod."""
+
+
+class Router(_Model):
+    enabled: Optional[bool] = None
+    """Put a model-aware router in front of the replicas (status.url then points at it). Default: on when
+    autoscaling.maxReplicas > 1, spec.replicas > 1 or scaleToZero is allowed; off for a single replica."""
+
+    replicas: int = Field(1, ge=1, le=20)
+    """Router pods (each routes on its own view of the replicas; 2 for a router that survives a node)."""
+
+    resources: RouterResources = Field(default_factory=RouterResources)
+    """Per-pod resources of the router."""
+
+    queueTimeoutSeconds: int = Field(300, ge=1, le=3600)
+    """How long a request waits for a ready replica (e.g. during a scale up from zero) before 503 + Retry-After."""
+
+    maxQueuedRequests: int = Field(256, ge=0, le=100000)
+    """Requests a router pod holds while no replica is ready; more get 503 at once."""
+
+    loadFactor: float = Field(1.25, ge=1.0, le=10.0)
+    """Bounded-load factor: a replica takes requests for its prefixes while it carries fewer than
+    loadFactor x the mean outstanding requests; above that they spill to the next replica on the ring."""
+
+    saturationQueueDepth: int = Field(8, ge=1)
+    """A replica with this many waiting requests (vllm:num_requests_waiting) gets no new ones while another
+    replica has room (as does one with KV-cache usage of 95% or more)."""
 
 
 class InferenceServiceSpec(_Model):
@@ -268,6 +303,9 @@ class InferenceServiceSpec(_Model):
     rollout: Rollout = Field(default_factory=Rollout)
     """How new versions replace running pods."""
 
+    router: Router = Field(default_factory=Router)
+    """The model-aware router: prefix-cache affinity, retries, holding requests while scaled to zero."""
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "InferenceServiceSpec":
         a = self.autoscaling
@@ -285,6 +323,13 @@ class InferenceServiceSpec(_Model):
         if self.resources.gpus == 0 and self.engine.device == "cuda":
             raise ValueError("engine.device is cuda but resources.gpus is 0")
         return self
+
+    def router_enabled(self) -> bool:
+        """spec.router.enabled, or by default: whenever there can be more than one replica or none."""
+        if self.router.enabled is not None:
+            return self.router.enabled
+        a = self.autoscaling
+        return a.effective_max > 1 or a.scaleToZero or self.replicas > 1
 
     def target_replicas(self) -> int:
         """Pods to run: spec.replicas, clamped to the autoscaling bounds while autoscaling is enabled."""
@@ -322,7 +367,12 @@ class InferenceServiceStatus(_Model):
     model: Optional[str] = None
     """The model being served (resolved source)."""
     url: Optional[str] = None
-    """In-cluster base URL of the OpenAI-compatible API."""
+    """In-cluster base URL of the OpenAI-compatible API: the router's Service when the router is on,
+    else the replicas' Service."""
+    routerReadyReplicas: Optional[int] = None
+    """Router pods passing readiness (absent without a router)."""
+    lastDemandTime: Optional[str] = None
+    """When the router last reported requests waiting for a replica (RFC 3339)."""
     selector: Optional[str] = None
     """Label selector of the pods (for the scale subresource)."""
     replicas: Optional[int] = None

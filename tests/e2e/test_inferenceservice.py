@@ -41,7 +41,9 @@ def patch(ns: str, spec: dict) -> None:
 
 
 def runtime_pods(ns: str) -> list[dict]:
-    out = kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={NAME}", "-o", "json")
+    # The runtime's pods only: the router's pods carry the same instance label (name fleetserve-router).
+    out = kubectl("get", "pods", "-n", ns, "-l",
+                  f"app.kubernetes.io/instance={NAME},app.kubernetes.io/name=fleetserve-runtime", "-o", "json")
     return json.loads(out)["items"]
 
 
@@ -65,7 +67,8 @@ def test_operator_ready(operator_release):
     deps = json.loads(kubectl("get", "deployments", "-n", ns, "-o", "json"))["items"]
     assert len(deps) == 1
     st = deps[0]["status"]
-    assert st.get("readyReplicas") == 1 and st.get("availableReplicas") == 1, st
+    # Two replicas in a kopf peering (the chart's default replicaCount): one acts, one stands by.
+    assert st.get("readyReplicas") == 2 and st.get("availableReplicas") == 2, st
     assert kget("crd", CRD)["spec"]["names"]["shortNames"] == ["fsvc"]
 
 
@@ -75,7 +78,8 @@ def test_example_becomes_ready_and_answers(ns):
     st = wait_until("the example InferenceService Ready with a URL",
                     lambda: (s := status(ns)).get("phase") == "Ready" and s.get("url") and s, LOAD_TIMEOUT)
     print(f"example Ready after {time.monotonic() - t0:.0f}s: {st.get('url')}")
-    assert st["url"] == f"http://{NAME}.{ns}.svc.cluster.local"
+    # maxReplicas 3: the router is on by default and the URL is its Service.
+    assert st["url"] == f"http://{NAME}-router.{ns}.svc.cluster.local"
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
 
     res = load(ns, service_ip(ns), NAME, workers=1, seconds=120, count=1, max_tokens=24,

@@ -64,6 +64,16 @@ class Apiserver(kmock.KubernetesEmulator):
                 return await self._render_error(kmock.KubernetesError(status=refusal[0], reason="Invalid",
                                                                       message=refusal[1]))
         data = request.data
+        if request.resource is not None and request.action == _action.UPDATE and isinstance(data, list):
+            # A JSON patch whose `test` of the resourceVersion fails is a 422 Conflict-like refusal on a real
+            # apiserver (kopf then retries on its next cycle with a fresh body); kmock would answer 500.
+            key = (request.resource, request.namespace, request.name)
+            current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
+            version = (current.get("metadata") or {}).get("resourceVersion")
+            if any(op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
+                   and op.get("value") != version for op in data if isinstance(op, dict)):
+                return await self._render_error(kmock.KubernetesError(status=422, reason="Invalid",
+                                                                      message="the object has been modified"))
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == _action.CREATE:
@@ -84,6 +94,9 @@ class Apiserver(kmock.KubernetesEmulator):
 
 
 PDBS = kmock.resource("policy", "v1", "poddisruptionbudgets")
+SERVICEACCOUNTS = kmock.resource("", "v1", "serviceaccounts")
+ROLES = kmock.resource("rbac.authorization.k8s.io", "v1", "roles")
+ROLEBINDINGS = kmock.resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 PDBS_V1BETA1 = kmock.resource("policy", "v1beta1", "poddisruptionbudgets")
 
 
@@ -93,10 +106,17 @@ def _declare(server: Apiserver, pdb_version: str = "v1") -> None:
         verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
     for path, kind in (("apps/v1/deployments", "Deployment"), ("v1/services", "Service"),
                        ("v1/persistentvolumeclaims", "PersistentVolumeClaim"), ("v1/pods", "Pod"),
-                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget")):
+                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget"),
+                       ("v1/serviceaccounts", "ServiceAccount"), ("rbac.authorization.k8s.io/v1/roles", "Role"),
+                       ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding")):
         server.resources[path] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             subresources={"status"} if kind in ("Deployment", "Pod") else set())
+    # kopf peering (several operator replicas): cluster-wide and per namespace.
+    server.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs={"get", "list", "watch", "create", "patch"})
+    server.resources["kopf.dev/v1/kopfpeerings"] = kmock.ResourceInfo(
+        kind="KopfPeering", namespaced=True, verbs={"get", "list", "watch", "create", "patch"})
     # kopf's observers wait for these to appear in discovery.
     server.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False,
                                                            verbs={"get", "list", "watch"})
@@ -127,18 +147,22 @@ async def apiserver(tmp_path, monkeypatch, pdb_version) -> AsyncIterator[Apiserv
 
 
 @contextlib.asynccontextmanager
-async def operator_running(namespaces: tuple[str, ...] = ()) -> AsyncIterator[None]:
-    """The real kopf operator (standalone; all namespaces unless given) until the block ends.
+async def operator_running(namespaces: tuple[str, ...] = (), peering: str | None = None,
+                           priority: int = 0) -> AsyncIterator[None]:
+    """The real kopf operator (standalone, or in `peering` with `priority`; all namespaces unless given)
+    until the block ends.
 
     It runs in a thread with its own event loop, as `kopf run` would: kopf cancels every task
     of its loop when it stops, which must not hit the test's own tasks or the kmock server.
     """
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
+    mode: dict[str, Any] = ({"standalone": True} if peering is None else
+                            {"standalone": False, "peering_name": peering, "priority": priority})
 
     def target() -> None:
         try:
-            asyncio.run(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+            asyncio.run(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, **mode,
                                       stop_flag=stop, ready_flag=ready, registry=kopf.get_default_registry(),
                                       memo=OperatorMemo()))
         except BaseException as exc:  # reported by the test, not lost in the thread
@@ -196,6 +220,13 @@ async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: 
         await asyncio.sleep(interval)
 
 
+def peering_object(name: str, namespace: str | None = None) -> dict[str, Any]:
+    """The peering object the chart creates (templates/peering.yaml) for several operator replicas."""
+    kind = "KopfPeering" if namespace else "ClusterKopfPeering"
+    meta: dict[str, Any] = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": meta}
+
+
 def isvc(name: str = "llm", spec: dict[str, Any] | None = None, namespace: str = "default") -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
             "metadata": {"name": name, "namespace": namespace}, "spec": spec or {}}
@@ -206,7 +237,9 @@ async def create(server: Apiserver, obj: dict[str, Any]) -> None:
     client = server.clients[0] if server.clients else None
     assert client is not None
     plural = {"InferenceService": f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
-              "Pod": f"/api/v1/namespaces/{ns}/pods"}[obj["kind"]]
+              "Pod": f"/api/v1/namespaces/{ns}/pods",
+              "ClusterKopfPeering": "/apis/kopf.dev/v1/clusterkopfpeerings",
+              "KopfPeering": f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings"}[obj["kind"]]
     async with client.post(plural, json=obj) as resp:
         assert resp.status < 300, await resp.text()
 

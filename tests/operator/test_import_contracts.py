@@ -42,6 +42,7 @@ def test_import_linter_catches_a_runtime_import(tmp_path):
 
 def test_importing_the_operator_loads_no_heavy_modules():
     code = ("import sys, fleetserve.operator.main, fleetserve.operator.crd\n"
+            "import fleetserve.operator.router.__main__, fleetserve.operator.router.proxy\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'numpy', 'transformers')"
             " or m.startswith(('fleetserve.runtime', 'fleetserve.kernels')))\n"
             "assert not heavy, heavy\n")

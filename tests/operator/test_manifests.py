@@ -52,6 +52,9 @@ SPECS: dict[str, dict[str, Any]] = {
     "hf-no-cache": {"model": {"uri": "hf://org/model"}, "modelCache": {"enabled": False}},
     "pvc-source": {"model": {"uri": "pvc://weights/llama/8b"}},
     "file-gguf": {"model": {"uri": "file:///opt/models/tiny.gguf"}},
+    "scale-to-zero-router": {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "scaleToZero": True},
+                             "router": {"replicas": 2, "queueTimeoutSeconds": 60, "maxQueuedRequests": 10,
+                                        "resources": {"cpu": "200m", "memory": "128Mi"}}},
 }
 
 
