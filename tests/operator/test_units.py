@@ -338,6 +338,16 @@ def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
     assert calls["namespaces"] == ("a", "b") and calls["clusterwide"] is False and calls["standalone"] is True
     assert calls["liveness_endpoint"].endswith(":8080/healthz") and calls["configure"]["debug"] is True
     assert isinstance(calls["memo"], OperatorMemo)
+    # With a peering (the chart's replicaCount > 1): kopf peering, mandatory, and a random priority per process,
+    # since kopf pauses *every* operator when two share one.
+    priorities = set()
+    for _ in range(2):
+        calls.clear()
+        monkeypatch.setattr(main, "SETTINGS", OperatorSettings.from_env({"FLEETSERVE_PEERING": "fs"}))
+        entry.run()
+        assert calls["standalone"] is False and calls["peering_name"] == "fs" and calls["clusterwide"] is True
+        priorities.add(calls["priority"])
+    assert len(priorities) == 2
 
 
 def test_memo_copies_share_operator_state_but_not_per_object_state():
@@ -352,16 +362,6 @@ def test_memo_copies_share_operator_state_but_not_per_object_state():
     a.apply_error = "409 Conflict"
     assert b.ready_pods == {} and b.apply_error is None and root.ready_pods == {}
 
-    # With a peering (the chart's replicaCount > 1): kopf peering, mandatory, and a random priority per process,
-    # since kopf pauses *every* operator when two share one.
-    priorities = set()
-    for _ in range(2):
-        calls.clear()
-        monkeypatch.setattr(main, "SETTINGS", OperatorSettings.from_env({"FLEETSERVE_PEERING": "fs"}))
-        entry.run()
-        assert calls["standalone"] is False and calls["peering_name"] == "fs" and calls["clusterwide"] is True
-        priorities.add(calls["priority"])
-    assert len(priorities) == 2
 
 
 def test_settings_from_env():
