@@ -27,6 +27,7 @@ class KernelOps:
     silu_and_mul: Callable
     write_kv_cache: Callable
     paged_attention: Callable
+    gelu_tanh_and_mul: Callable
 
 
 def get_ops(backend: str = "torch") -> KernelOps:
@@ -34,8 +35,10 @@ def get_ops(backend: str = "torch") -> KernelOps:
 
     if backend == "torch":
         return KernelOps("torch", norm.rms_norm_ref, rotary.rotary_embedding_ref, activation.silu_and_mul_ref,
-                         cache.write_kv_cache_ref, attention.paged_attention_ref)
+                         cache.write_kv_cache_ref, attention.paged_attention_ref,
+                         gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref)
     if backend == "triton":
         return KernelOps("triton", norm.rms_norm_triton, rotary.rotary_embedding_triton,
-                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton)
+                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton,
+                         gelu_tanh_and_mul=activation.gelu_tanh_and_mul_triton)
     raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")
