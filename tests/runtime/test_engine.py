@@ -29,6 +29,10 @@ CONFIGS = {
     "mistral-gqa2-untied": ("mistral", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                             num_attention_heads=8, num_key_value_heads=4, head_dim=16,
                                             tie_word_embeddings=False, sliding_window=None)),
+    # sliding windows of 8 tokens: shorter than three of the four prompts and than every output
+    "mistral-sliding-window": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                               sliding_window=8)),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]
@@ -39,15 +43,11 @@ def build_hf(kind: str, kw: dict, path):
     torch.manual_seed(0)
     common = dict(vocab_size=256, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-5,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, **kw)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**common, **kw)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    else:
-        cfg = transformers.MistralConfig(**common, **kw)
-        model = transformers.MistralForCausalLM(cfg)
+    names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma2": "Gemma2",
+             "gemma3": "Gemma3", "phi3": "Phi3"}
+    cfg_cls = getattr(transformers, "Gemma3TextConfig" if kind == "gemma3" else f"{names[kind]}Config")
+    cfg = cfg_cls(**common, **kw)
+    model = getattr(transformers, f"{names[kind]}ForCausalLM")(cfg)
     model = model.float().eval()
     if kind == "qwen2":  # random biases so they matter
         with torch.no_grad():

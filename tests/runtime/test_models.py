@@ -1,10 +1,16 @@
-"""Our Llama-family model vs transformers' own modeling classes, float32, tiny random configs.
+"""Every model family vs transformers' own modeling classes, float32, tiny random configs.
 
 Covers prefill, chunked prefill and decode through the paged KV cache (shuffled
 block tables), GQA ratios 1/2/4, head dims 32/64, tied and untied embeddings,
-llama3 rope scaling, Qwen2 q/k/v biases and Mistral.
+llama3 rope scaling, Qwen2 q/k/v biases, Mistral, and the newer families with every
+feature on: Qwen3 q/k norms; Gemma 2 soft-caps, query_pre_attn_scalar, sandwich norms
+and alternating sliding/global layers; Gemma 3 q/k norms, local/global RoPE bases and
+linear scaling on global layers; Phi-3 fused checkpoint tensors and longrope; sliding
+windows (5-6 tokens) shorter than the prompts (up to 19 tokens) wherever a family has them.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,7 +18,7 @@ import torch
 from fleetserve.kernels import get_ops
 from fleetserve.runtime.attention import AttentionMetadata
 from fleetserve.runtime.models import PRESETS, ModelConfig, UnsupportedModelError, build_model
-from fleetserve.runtime.models.llama import rope_inv_freq
+from fleetserve.runtime.models.layers import rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,21 +26,26 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64}
 
 CASES = {
-    # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling)
+    # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling[, extra config keys])
     "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
     "llama-gqa2-d64-tied-llama3": ("LlamaForCausalLM", 64, 4, 2, True, LLAMA3),
     "qwen2-gqa4-d32-bias": ("Qwen2ForCausalLM", 32, 8, 2, False, None),
+    "qwen2-gqa2-d32-sliding": ("Qwen2ForCausalLM", 32, 4, 2, True, None,
+                               dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "mistral-gqa2-d64-tied": ("MistralForCausalLM", 64, 4, 2, True, None),
+    "mistral-gqa2-d32-sliding": ("MistralForCausalLM", 32, 4, 2, False, None, dict(sliding_window=5)),
 }
 
 
-def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, seed=0):
+def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, extra=None, seed=0):
     cls = getattr(transformers, cls_name)
-    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config").replace("Gemma3Config",
+                                                                                      "Gemma3TextConfig"))
     kw = dict(vocab_size=97, hidden_size=heads * head_dim // 2 + 16, intermediate_size=88, num_hidden_layers=2,
               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
               max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
               rope_theta=10000.0, rope_scaling=rope_scaling)
+    kw.update(extra or {})
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -172,6 +183,34 @@ def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
 
 
+
+
+
+
+
+
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_config_dict_round_trips_through_transformers(case):
+    """hf_config_dict (the HF baseline's config for a preset) means the same model to transformers as to us."""
+    from fleetserve.runtime.models import hf_config_dict
+
+    mc = ours_from_hf(make_hf_model(*CASES[case])).config
+    d = hf_config_dict(mc)
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    assert ModelConfig.from_hf_config(hf_cfg.to_dict()) == mc
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_through_transformers_configs(name):
+    from fleetserve.runtime.models import hf_config_dict
+
+    d = hf_config_dict(PRESETS[name])
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    assert ModelConfig.from_hf_config(hf_cfg.to_dict(), name=name) == PRESETS[name]
+
+
 # ---- the embedded SmolLM2 GGUF vs transformers' own GGUF loading of the same file -----------------
 
 def greedy(model, prompt_ids, max_new_tokens, block_size=16):
@@ -219,6 +258,30 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2_model, hf_smollm2, pro
 def test_smollm2_knows_the_capital_of_france(smollm2_model):
     tok = smollm2_model.tokenizer
     assert "Paris" in tok.decode(greedy(smollm2_model.model, tok.encode("The capital of France is"), 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("llama")])
+def test_gpu_triton_bf16_families_match_transformers(case):
+    """Each family on the GPU: bf16 weights, Triton kernels (windows, soft-caps, GELU), vs transformers fp32."""
+    dev = torch.device("cuda")
+    hf = make_hf_model(*CASES[case])
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    model = build_model(cfg, get_ops("triton"), torch.bfloat16, dev)
+    model.load_weights(hf.state_dict().items())
+    runner = PagedRunner(model, block_size=16, num_blocks=8)
+    runner.kv = [t.to(dev, torch.bfloat16) for t in runner.kv]
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = hf_logits(hf, ids)
+        pos = torch.arange(30, device=dev)
+        slots = torch.tensor([runner.free[-1 - p // 16] * 16 + p % 16 for p in range(30)], device=dev)
+        attn = AttentionMetadata(slots, torch.tensor([0, 30], dtype=torch.int32, device=dev),
+                                 torch.tensor([30], dtype=torch.int32, device=dev),
+                                 torch.tensor([[runner.free[-1], runner.free[-2]]], dtype=torch.int32, device=dev),
+                                 30, 30)
+        out = model.compute_logits(model(torch.tensor(ids, device=dev), pos, attn, runner.kv)).cpu()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 3e-2
 
 
 @pytest.mark.gpu
