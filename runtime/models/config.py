@@ -260,4 +260,10 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, max_position_embeddings=131072,
         tie_word_embeddings=False, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
         torch_dtype="bfloat16", name="llama-3.1-8b"),
+    # Qwen/Qwen3-8B config.json: 36 layers, 32 q / 8 kv heads of 128, q/k norms, untied embeddings.
+    "qwen3-8b": ModelConfig(
+        arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=40960, tie_word_embeddings=False, qk_norm=True, bos_token_id=151643,
+        eos_token_ids=(151645,), torch_dtype="bfloat16", name="qwen3-8b"),
 }

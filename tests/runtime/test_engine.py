@@ -33,6 +33,13 @@ CONFIGS = {
     "mistral-sliding-window": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                                sliding_window=8)),
+    "qwen3-gqa2-tied": ("qwen3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      tie_word_embeddings=True)),
+    "qwen3-gqa4-untied-sliding": ("qwen3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                                num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                                tie_word_embeddings=False, use_sliding_window=True,
+                                                sliding_window=8, max_window_layers=1)),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]

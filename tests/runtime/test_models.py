@@ -34,6 +34,9 @@ CASES = {
                                dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "mistral-gqa2-d64-tied": ("MistralForCausalLM", 64, 4, 2, True, None),
     "mistral-gqa2-d32-sliding": ("MistralForCausalLM", 32, 4, 2, False, None, dict(sliding_window=5)),
+    "qwen3-gqa2-d32-tied": ("Qwen3ForCausalLM", 32, 4, 2, True, None),
+    "qwen3-gqa4-d64-untied-sliding": ("Qwen3ForCausalLM", 64, 8, 2, False, None,
+                                      dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
 }
 
 
@@ -178,7 +181,7 @@ def test_config_parsing_and_errors():
                                     "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
-@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9)])
+@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9)])
 def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
 
