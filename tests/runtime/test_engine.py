@@ -40,6 +40,10 @@ CONFIGS = {
                                                 num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                                                 tie_word_embeddings=False, use_sliding_window=True,
                                                 sliding_window=8, max_window_layers=1)),
+    "gemma2-softcap-sliding": ("gemma2", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                              sliding_window=8, query_pre_attn_scalar=24,
+                                              attn_logit_softcapping=8.0, final_logit_softcapping=15.0)),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]

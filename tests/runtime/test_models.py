@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
+GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5)
 CASES = {
     # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling[, extra config keys])
     "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
@@ -37,6 +38,7 @@ CASES = {
     "qwen3-gqa2-d32-tied": ("Qwen3ForCausalLM", 32, 4, 2, True, None),
     "qwen3-gqa4-d64-untied-sliding": ("Qwen3ForCausalLM", 64, 8, 2, False, None,
                                       dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma2-gqa2-d32-softcap-sliding": ("Gemma2ForCausalLM", 32, 4, 2, True, None, GEMMA2),
 }
 
 
