@@ -44,6 +44,12 @@ CONFIGS = {
                                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                               sliding_window=8, query_pre_attn_scalar=24,
                                               attn_logit_softcapping=8.0, final_logit_softcapping=15.0)),
+    "gemma3-sliding-local-rope": ("gemma3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                                 sliding_window=8, query_pre_attn_scalar=48,
+                                                 sliding_window_pattern=3, rope_local_base_freq=100.0,
+                                                 rope_theta=50000.0,
+                                                 rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]

@@ -26,6 +26,9 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64}
 
 GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5)
+GEMMA3 = dict(sliding_window=6, query_pre_attn_scalar=40, num_hidden_layers=3, sliding_window_pattern=3,
+              rope_local_base_freq=100.0)
+
 CASES = {
     # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling[, extra config keys])
     "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
@@ -39,6 +42,8 @@ CASES = {
     "qwen3-gqa4-d64-untied-sliding": ("Qwen3ForCausalLM", 64, 8, 2, False, None,
                                       dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "gemma2-gqa2-d32-softcap-sliding": ("Gemma2ForCausalLM", 32, 4, 2, True, None, GEMMA2),
+    "gemma3-gqa2-d32-sliding-local-rope": ("Gemma3ForCausalLM", 32, 4, 2, True,
+                                           {"rope_type": "linear", "factor": 4.0}, GEMMA3),
 }
 
 
