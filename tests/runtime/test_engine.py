@@ -50,6 +50,12 @@ CONFIGS = {
                                                  sliding_window_pattern=3, rope_local_base_freq=100.0,
                                                  rope_theta=50000.0,
                                                  rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "phi3-longrope-sliding": ("phi3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                           original_max_position_embeddings=128,
+                                           rope_scaling={"rope_type": "longrope",
+                                                         "short_factor": [1.0 + 0.05 * i for i in range(16)],
+                                                         "long_factor": [3.0 + i for i in range(16)]})),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]

@@ -25,6 +25,8 @@ transformers = pytest.importorskip("transformers")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
+            "long_factor": [2.0 + 0.5 * i for i in range(16)], "original_max_position_embeddings": 64}
 GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5)
 GEMMA3 = dict(sliding_window=6, query_pre_attn_scalar=40, num_hidden_layers=3, sliding_window_pattern=3,
               rope_local_base_freq=100.0)
@@ -44,6 +46,10 @@ CASES = {
     "gemma2-gqa2-d32-softcap-sliding": ("Gemma2ForCausalLM", 32, 4, 2, True, None, GEMMA2),
     "gemma3-gqa2-d32-sliding-local-rope": ("Gemma3ForCausalLM", 32, 4, 2, True,
                                            {"rope_type": "linear", "factor": 4.0}, GEMMA3),
+    # Phi-3 sizes RoPE factors by hidden_size // heads: keep head_dim equal to it
+    "phi3-gqa2-d32-longrope-sliding": ("Phi3ForCausalLM", 32, 4, 2, False, LONGROPE,
+                                       dict(sliding_window=5, hidden_size=128, pad_token_id=0, eos_token_id=2,
+                                            original_max_position_embeddings=64)),
 }
 
 
@@ -193,12 +199,65 @@ def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
 
 
+def test_unsupported_architecture_error_lists_every_supported_one():
+    from fleetserve.runtime.models import supported_architectures
+
+    with pytest.raises(UnsupportedModelError) as e:
+        ModelConfig.from_hf_config({"architectures": ["FalconForCausalLM"]})
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
+        assert arch in supported_architectures() and arch in str(e.value)
 
 
+def _cfg(arch, **kw):
+    return {"architectures": [arch], "vocab_size": 10, "hidden_size": 16, "intermediate_size": 16,
+            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, **kw}
 
 
+def test_transformers_4x_configs_give_the_same_layer_patterns():
+    """Checkpoints on the Hub carry 4.x config.json files (no layer_types, rope_scaling, rope_local_base_freq)."""
+    g2 = ModelConfig.from_hf_config(_cfg("Gemma2ForCausalLM", sliding_window=4096, query_pre_attn_scalar=144,
+                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                         hidden_activation="gelu_pytorch_tanh"))
+    assert [g2.layer_window(i) for i in range(6)] == [4096, None] * 3
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.attn_scale) == (50.0, 30.0, 144 ** -0.5)
+    assert g2.hidden_act == "gelu_pytorch_tanh" and g2.tie_word_embeddings
+    g3 = ModelConfig.from_hf_config(_cfg("Gemma3ForCausalLM", sliding_window=512, rope_theta=1e6,
+                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                         sliding_window_pattern=6))
+    assert [g3.layer_window(i) for i in range(6)] == [512] * 5 + [None]
+    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+    assert g3.qk_norm and g3.attn_logit_softcap is None
+    q2 = ModelConfig.from_hf_config(_cfg("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=131072,
+                                         max_window_layers=28))
+    assert q2.sliding_window is None and q2.layer_types == ()
+    q3 = ModelConfig.from_hf_config(_cfg("Qwen3ForCausalLM", use_sliding_window=True, sliding_window=8,
+                                         max_window_layers=4))
+    assert [q3.layer_window(i) for i in range(6)] == [None] * 4 + [8, 8] and q3.qk_norm and not q3.qkv_bias
+    phi = ModelConfig.from_hf_config(_cfg("Phi3ForCausalLM", sliding_window=2047, max_position_embeddings=131072,
+                                          original_max_position_embeddings=4096,
+                                          rope_scaling={"type": "su", "short_factor": [1.0] * 4,
+                                                        "long_factor": [2.0] * 4}))
+    assert [phi.layer_window(i) for i in range(6)] == [2047] * 6
+    assert phi.rope_scaling["rope_type"] == "longrope"
+    assert phi.rope_scaling["attention_factor"] == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    with pytest.raises(UnsupportedModelError, match="partial rotary"):
+        ModelConfig.from_hf_config(_cfg("Phi3ForCausalLM", partial_rotary_factor=0.75))
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        ModelConfig.from_hf_config(_cfg("LlamaForCausalLM", hidden_act="relu"))
 
 
+def test_longrope_table_uses_short_then_long_factors_like_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_hf_model(*CASES["phi3-gqa2-d32-longrope-sliding"])
+    ours = ours_from_hf(hf)
+    short, mscale = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu", seq_len=65)
+    assert mscale == pytest.approx(ours.config.rope_scaling["attention_factor"]) and mscale > 1.1
+    pos = torch.arange(256, dtype=torch.float32)[:, None]
+    want = torch.where(pos < 64, pos * short[None], pos * long[None])
+    torch.testing.assert_close(ours.cos_sin_cache, torch.cat([want.cos(), want.sin()], -1) * mscale)
 
 
 @pytest.mark.parametrize("case", list(CASES))
