@@ -53,19 +53,30 @@ def measure_device(torch) -> dict:
     return {"bandwidth_Bps": bw, "matmul_flops": flops}
 
 
+def _visible_pairs(n: int, window) -> int:
+    """(query, key) pairs of causal attention over n tokens, each query seeing at most `window` keys."""
+    if not window or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, bytes_per_param: int,
                      bandwidth: float, flops: float) -> dict:
     """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
-    all weights plus every sequence's KV (or is compute-bound, whichever is slower)."""
+    all weights plus every sequence's KV (or is compute-bound, whichever is slower). A
+    sliding-window layer reads (and attends over) at most its window of each sequence's KV."""
     P = mc.num_params()
     W = P * bytes_per_param
-    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bytes_per_param
-    attn_prefill = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * input_len * input_len / 2
+    windows = [mc.layer_window(i) for i in range(mc.num_layers)]
+    kv_per_token_layer = 2 * mc.num_kv_heads * mc.head_dim * bytes_per_param
+    pair_flops = 2 * 2 * mc.num_heads * mc.head_dim  # q.k and p.v, multiply-add each
+    attn_prefill = pair_flops * sum(_visible_pairs(input_len, w) for w in windows)
     prefill = num_prompts * (2 * P * input_len + attn_prefill) / flops
     decode = 0.0
     for j in range(1, output_len):  # the first output token comes out of the prefill
-        ctx = num_prompts * (input_len + j)
-        decode += max((W + kv_per_token * ctx) / bandwidth, 2 * P * num_prompts / flops)
+        ctx = input_len + j
+        kv = num_prompts * kv_per_token_layer * sum(min(ctx, w or ctx) for w in windows)
+        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / flops)
     return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode}
 
 
@@ -162,41 +173,41 @@ class _StepTimeline:
                 "decode_s": decode, "decode_step_ms": 1e3 * decode / max(n_decode, 1)}
 
 
-def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int) -> dict:
-    """transformers' own LlamaForCausalLM.generate on the same architecture with dummy bf16 weights."""
+def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, device: str = "cuda") -> dict:
+    """transformers' own model class of the same architecture (any registered family, built from
+    `hf_config_dict`) with dummy weights, static-batch `generate`: bf16 on CUDA, fp32 on CPU."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = LlamaConfig(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-                      num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
-                      num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
-                      max_position_embeddings=mc.max_position_embeddings, rope_theta=mc.rope_theta,
-                      tie_word_embeddings=mc.tie_word_embeddings,
-                      rms_norm_eps=mc.rms_norm_eps)
+    from fleetserve.runtime.models import hf_config_dict
+
+    d = hf_config_dict(mc)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.02)
     ids = torch.tensor(prompts)
-    model.generate(ids[:2].cuda(), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
+    model.generate(ids[:2].to(device), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    _sync()
     t = time.perf_counter()
     generated = 0
     for i in range(0, len(prompts), batch_size):
-        out = model.generate(ids[i:i + batch_size].cuda(), max_new_tokens=output_len, min_new_tokens=output_len,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(ids[i:i + batch_size].to(device), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
         generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    _empty_cache()
     return {"what": "hf_static", "seconds": elapsed, "generated": generated, "batch_size": batch_size,
-            "out_tok_s": generated / elapsed,
+            "hf_class": cfg.architectures[0], "out_tok_s": generated / elapsed,
             "total_tok_s": (generated + ids.numel()) / elapsed}
 
 
@@ -215,7 +226,7 @@ def _empty_cache():
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fleetserve bench throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b), HF dir or .gguf")
+    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b), HF dir or .gguf")
     ap.add_argument("--load-format", default="dummy", choices=["auto", "safetensors", "gguf", "dummy"],
                     help="dummy = random weights of the model's architecture")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -269,11 +280,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               params=mc.num_params())
     _log(fs, records)
     if args.baseline == "hf":
-        if not torch.cuda.is_available():
-            print("--baseline hf needs CUDA", file=sys.stderr)
-            return 2
+        device = "cuda" if fs["device"].startswith("cuda") else "cpu"  # where fleetserve ran (CPU: a smoke test)
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
-        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed)
+        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, device)
         hf["model"] = args.model
         _log(hf, records)
         _log({"what": "ratio", "model": args.model, "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],
