@@ -3,7 +3,7 @@ attention and MLP, GELU(tanh)-gated MLP, attention scale query_pre_attn_scalar *
 attention-logit and final-logit soft-capping, sliding and global layers alternating.
 
 Our RMSNorm multiplies by its weight, so checkpoint norm weights w are stored as 1 + w
-(`transform_weight`); llama.cpp's GGUF files already hold 1 + w.
+(`transform_weight`); the GGUF reader hands llama.cpp's 1 + w back as w first.
 """
 from __future__ import annotations
 
@@ -47,8 +47,6 @@ class GemmaCausalLM(CausalLM):
     """Shared by Gemma 2 and 3: the layer, the embedding scale and the (1 + w) norm weights."""
 
     layer_cls = GemmaDecoderLayer
-    norm_weights_hold_offset = False
-    """True when checkpoint norm weights are already 1 + w (llama.cpp's GGUF files)."""
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
@@ -56,7 +54,7 @@ class GemmaCausalLM(CausalLM):
         return x * float(torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype))
 
     def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name.endswith("norm.weight") and not self.norm_weights_hold_offset:
+        if name.endswith("norm.weight"):
             return tensor.float() + 1.0
         return tensor
 
