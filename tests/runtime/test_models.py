@@ -401,3 +401,15 @@ def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
             graph.replay()
             assert rel(s_out[0], hf(torch.tensor([seq], device=dev)).logits[0, -1].float()) < 3e-2
             nxt = int(s_out[0].argmax())
+
+
+def test_docs_list_every_registered_architecture():
+    import pathlib
+
+    from fleetserve.runtime.models import FAMILIES
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    for fam in FAMILIES.values():
+        assert fam.checked_against, fam.name
+        for arch in fam.architectures:
+            assert f"`{arch}`" in doc, f"docs/models.md does not list {arch}"
