@@ -113,7 +113,8 @@ class ModelConfig:
         rope = dict(rope)
         partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
-            raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+            raise UnsupportedModelError(
+                f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
         rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         scaling = _normalize_rope_scaling(rope if rope else cfg.get("rope_scaling"), cfg)
 
@@ -163,7 +164,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedModelError(f"unsupported hidden_act {self.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {SUPPORTED_ACTIVATIONS}")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise UnsupportedModelError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
         return self
@@ -221,7 +223,8 @@ def hf_config_dict(mc: ModelConfig) -> dict[str, Any]:
     if mc.rope_scaling:
         rope.update(mc.rope_scaling)
     if mc.local_rope_theta is not None:
-        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": mc.local_rope_theta, "rope_type": "default"}}
+        rope = {"full_attention": rope,
+                "sliding_attention": {"rope_theta": mc.local_rope_theta, "rope_type": "default"}}
     d: dict[str, Any] = dict(
         architectures=[fam.architectures[0]], model_type=fam.model_types[0], vocab_size=mc.vocab_size,
         hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_layers,

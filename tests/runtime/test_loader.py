@@ -453,7 +453,8 @@ FAMILY_GGUF = {
 
 def family_hf_model(arch):
     cls_name, extra = FAMILY_GGUF[arch]
-    cfg_cls = getattr(transformers, "Gemma3TextConfig" if arch == "gemma3" else cls_name.replace("ForCausalLM", "Config"))
+    cfg_name = "Gemma3TextConfig" if arch == "gemma3" else cls_name.replace("ForCausalLM", "Config")
+    cfg_cls = getattr(transformers, cfg_name)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
