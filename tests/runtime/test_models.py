@@ -329,28 +329,40 @@ def test_smollm2_knows_the_capital_of_france(smollm2_model):
     assert "Paris" in tok.decode(greedy(smollm2_model.model, tok.encode("The capital of France is"), 4))
 
 
+def _triton_prefill_vs_transformers(case, dev, dtype):
+    """Prefill of 30 tokens (past every window) through the Triton ops; max error relative to the logit range."""
+    hf = make_hf_model(*CASES[case])
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    model = build_model(cfg, get_ops("triton"), dtype, dev)
+    model.load_weights(hf.state_dict().items())
+    runner = PagedRunner(model, block_size=16, num_blocks=8)
+    runner.kv = [t.to(dev, dtype) for t in runner.kv]
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    i32 = dict(dtype=torch.int32, device=dev)
+    with torch.no_grad():
+        ref = hf_logits(hf, ids)
+        blocks = [runner.free[-1], runner.free[-2]]
+        slots = torch.tensor([blocks[p // 16] * 16 + p % 16 for p in range(30)], device=dev)
+        attn = AttentionMetadata(slots, torch.tensor([0, 30], **i32), torch.tensor([30], **i32),
+                                 torch.tensor([blocks], **i32), 30, 30)
+        out = model.compute_logits(model(torch.tensor(ids, device=dev), torch.arange(30, device=dev), attn,
+                                         runner.kv)).cpu()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", ["qwen3-gqa4-d64-untied-sliding", "gemma2-gqa2-d32-softcap-sliding",
+                                  "gemma3-gqa2-d32-sliding-local-rope", "phi3-gqa2-d32-longrope-sliding"])
+def test_triton_kernels_run_the_families_like_transformers(case):
+    """The whole forward on the Triton ops (the interpreter on CPU): windows, soft-caps, GELU, q/k norms."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _triton_prefill_vs_transformers(case, torch.device(dev), torch.float32) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("llama")])
 def test_gpu_triton_bf16_families_match_transformers(case):
     """Each family on the GPU: bf16 weights, Triton kernels (windows, soft-caps, GELU), vs transformers fp32."""
-    dev = torch.device("cuda")
-    hf = make_hf_model(*CASES[case])
-    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
-    model = build_model(cfg, get_ops("triton"), torch.bfloat16, dev)
-    model.load_weights(hf.state_dict().items())
-    runner = PagedRunner(model, block_size=16, num_blocks=8)
-    runner.kv = [t.to(dev, torch.bfloat16) for t in runner.kv]
-    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        ref = hf_logits(hf, ids)
-        pos = torch.arange(30, device=dev)
-        slots = torch.tensor([runner.free[-1 - p // 16] * 16 + p % 16 for p in range(30)], device=dev)
-        attn = AttentionMetadata(slots, torch.tensor([0, 30], dtype=torch.int32, device=dev),
-                                 torch.tensor([30], dtype=torch.int32, device=dev),
-                                 torch.tensor([[runner.free[-1], runner.free[-2]]], dtype=torch.int32, device=dev),
-                                 30, 30)
-        out = model.compute_logits(model(torch.tensor(ids, device=dev), pos, attn, runner.kv)).cpu()
-    assert ((out - ref).abs().max() / ref.abs().max()).item() < 3e-2
+    assert _triton_prefill_vs_transformers(case, torch.device("cuda"), torch.bfloat16) < 3e-2
 
 
 @pytest.mark.gpu
