@@ -203,3 +203,12 @@ def test_gpu_write_kv_cache(D, T):
 def test_gpu_write_kv_cache_past_int32_offsets():
     Hkv, D, page = 8, 128, 16
     _kv_case(256, Hkv, D, page, (1 << 31) // (page * Hkv * D) + 64, torch.bfloat16, "cuda", huge=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("I", [9216, 14336])  # Gemma 2 2B / 9B intermediate sizes
+@pytest.mark.parametrize("T", [1, 4096])
+def test_gpu_gelu_tanh_and_mul(I, T):
+    g = torch.Generator().manual_seed(I + T)
+    x = (torch.randn(T, 2 * I, generator=g) * 3).to("cuda", torch.bfloat16)
+    _close(gelu_tanh_and_mul_triton(x), gelu_tanh_and_mul_ref(x), torch.bfloat16)
