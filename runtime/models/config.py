@@ -231,10 +231,10 @@ def hf_config_dict(mc: ModelConfig) -> dict[str, Any]:
         num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim,
         rms_norm_eps=mc.rms_norm_eps, rope_parameters=rope, max_position_embeddings=mc.max_position_embeddings,
         tie_word_embeddings=mc.tie_word_embeddings, attention_bias=mc.qkv_bias, bos_token_id=mc.bos_token_id,
-        eos_token_id=list(mc.eos_token_ids) or None, sliding_window=mc.sliding_window,
-        hidden_act=mc.hidden_act, hidden_activation=mc.hidden_act,
-        query_pre_attn_scalar=mc.query_pre_attn_scalar, attn_logit_softcapping=mc.attn_logit_softcap,
-        final_logit_softcapping=mc.final_logit_softcap)
+        eos_token_id=list(mc.eos_token_ids) or None, sliding_window=mc.sliding_window, hidden_act=mc.hidden_act)
+    if mc.arch.startswith("gemma"):  # Gemma-only keys (explicit None: their configs default the caps on)
+        d.update(hidden_activation=mc.hidden_act, query_pre_attn_scalar=mc.query_pre_attn_scalar,
+                 attn_logit_softcapping=mc.attn_logit_softcap, final_logit_softcapping=mc.final_logit_softcap)
     if mc.layer_types:
         d["layer_types"] = list(mc.layer_types)
         d["use_sliding_window"] = True

@@ -37,10 +37,14 @@ def test_visible_pairs():
 def test_roofline_of_the_new_shapes():
     q3 = PRESETS["qwen3-8b"]
     r = roofline_seconds(q3, 256, 512, 256, 2, bandwidth=4e12, flops=8e14)
-    # decode is bandwidth-bound here: the first decode step reads 16.4 GB of weights + 256 x 513 tokens of KV
+    # anchors.md formulas (W = 2P bytes, every parameter): decode is bandwidth-bound here, each step
+    # reads W plus 256 sequences' KV, step j sees 512 + j tokens; prefill 2P FLOPs/token + attention
+    P = q3.num_params()
     kv_token = 2 * 36 * 8 * 128 * 2
-    first = (q3.num_params() * 2 + 256 * 513 * kv_token) / 4e12
-    assert r["decode_s"] > 255 * first and r["prefill_s"] > 256 * 2 * q3.num_params() * 512 / 8e14
+    want = sum((P * 2 + 256 * (512 + j) * kv_token) / 4e12 for j in range(1, 256))
+    assert r["decode_s"] == pytest.approx(want)
+    attn = 2 * 2 * 32 * 128 * 36 * (512 * 513 // 2)
+    assert r["prefill_s"] == pytest.approx(256 * (2 * P * 512 + attn) / 8e14)
     # half the layers sliding over 64 tokens read less KV and attend over fewer pairs
     slid = q3.with_(sliding_window=64, layer_types=("sliding_attention", "full_attention") * 18)
     r2 = roofline_seconds(slid, 256, 512, 256, 2, bandwidth=4e12, flops=8e14)
