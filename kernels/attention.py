@@ -407,7 +407,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
     bm = block_m or (64 if big_d else 128)
     block_q = max(1, bm // G)
     BM = next_pow2(block_q * G)
-    bn = block_n or (32 if DP >= 256 else 64)  # Gemma's head_dim 256: keep K/V tiles (x stages) in shared memory
+    bn = block_n or 64
     _prefill_kernel[(T // block_q + B, Hkv)](
         q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B, window, cap_in, cap_out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
