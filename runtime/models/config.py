@@ -96,6 +96,12 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any], name: Optional[str] = None) -> "ModelConfig":
         """Parse a config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
         fam = family_of_hf_config(cfg)
+        if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg:
+            # a multimodal wrapper (Gemma3ForConditionalGeneration): serve its language model; the
+            # wrapper's own token ids and dtype, where it sets them, win over the text config's defaults
+            top = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype", "dtype")
+                   if cfg.get(k) is not None}
+            cfg = {**cfg["text_config"], **top, "architectures": cfg.get("architectures")}
         if cfg.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=True is not supported")
         num_heads = cfg["num_attention_heads"]

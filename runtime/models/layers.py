@@ -244,6 +244,10 @@ class CausalLM(nn.Module):
         """The parameter names load_weights must fill."""
         return {n for n, _ in self.named_parameters()}
 
+    def checkpoint_name(self, name: str) -> Optional[str]:
+        """A checkpoint tensor name -> the HF causal-LM name load_weights maps; None = not ours (skip)."""
+        return name
+
     def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor (HF name) -> the value our parameter stores. Identity here."""
         return tensor
@@ -262,7 +266,8 @@ class CausalLM(nn.Module):
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            name = self.checkpoint_name(name)
+            if name is None or "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied checkpoints sometimes store a copy of the embedding

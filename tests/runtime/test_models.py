@@ -425,3 +425,35 @@ def test_docs_list_every_registered_architecture():
         assert fam.checked_against, fam.name
         for arch in fam.architectures:
             assert f"`{arch}`" in doc, f"docs/models.md does not list {arch}"
+
+
+@pytest.mark.parametrize("naming", ["transformers-5", "transformers-4"])
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(naming):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: text config nested, vision weights beside the LM's."""
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
+              sliding_window_pattern=3, max_position_embeddings=256,
+              rope_scaling={"rope_type": "linear", "factor": 2.0})
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299,
+                                    boi_token_index=297, eoi_token_index=298)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mc = ModelConfig.from_hf_config(hf.config.to_dict())
+    assert (mc.arch, mc.num_layers, mc.sliding_window, mc.rope_scaling) == ("gemma3", 3, 5, tc["rope_scaling"])
+    ours = build_model(mc, get_ops("torch"), torch.float32, "cpu")
+    weights = hf.state_dict().items()
+    if naming == "transformers-4":
+        weights = [(n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
+                    "vision_tower.").replace("model.multi_modal_projector.", "multi_modal_projector."), t)
+                   for n, t in weights]
+    assert ours.load_weights(weights) == ours.weight_names()
+    ids = torch.randint(0, 296, (18,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        out = PagedRunner(ours).step({0: ids})
+    torch.testing.assert_close(out, hf_logits(hf, ids), atol=2e-5, rtol=1e-4)
