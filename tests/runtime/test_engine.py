@@ -1,7 +1,9 @@
 """Engine correctness on CPU: greedy outputs equal Hugging Face transformers token for token,
 and do not depend on batching, prefix caching, preemption or chunked prefill.
 
-Tiny random-weight models (saved with save_pretrained, loaded through our safetensors
+Every model family runs here (Llama, Qwen2, Mistral, Qwen3, Gemma 2, Gemma 3, Phi-3), with sliding
+windows of 8 tokens (shorter than the prompts and outputs), soft-caps and GQA where the family has
+them. Tiny random-weight models (saved with save_pretrained, loaded through our safetensors
 loader) keep this fast; a larger init std makes logits peaked, so float32 rounding
 differences between implementations cannot flip a greedy choice.
 """
