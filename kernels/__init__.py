@@ -29,6 +29,7 @@ class KernelOps:
     paged_attention: Callable
     fused_moe: Callable
     """fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], topk_weights[T,K], topk_ids[T,K]) -> [T,H] (kernels/moe.py)."""
+    gelu_tanh_and_mul: Callable
 
 
 def get_ops(backend: str = "torch") -> KernelOps:
@@ -36,9 +37,10 @@ def get_ops(backend: str = "torch") -> KernelOps:
 
     if backend == "torch":
         return KernelOps("torch", norm.rms_norm_ref, rotary.rotary_embedding_ref, activation.silu_and_mul_ref,
-                         cache.write_kv_cache_ref, attention.paged_attention_ref, moe.fused_moe_ref)
+                         cache.write_kv_cache_ref, attention.paged_attention_ref, moe.fused_moe_ref,
+                         gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref)
     if backend == "triton":
         return KernelOps("triton", norm.rms_norm_triton, rotary.rotary_embedding_triton,
                          activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton,
-                         moe.fused_moe_triton)
+                         moe.fused_moe_triton, gelu_tanh_and_mul=activation.gelu_tanh_and_mul_triton)
     raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")

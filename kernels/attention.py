@@ -7,6 +7,12 @@ attends causally to all of its seq_lens[b] cached tokens, found through
 block_tables[b]. Grouped-query attention: query head h reads KV head
 h // (Hq // Hkv).
 
+Per-layer options (Python numbers, fixed per layer, so CUDA graphs keep them):
+- `sliding_window` W: a query at position p sees keys at positions > p - W only
+  (Hugging Face's `kv_idx > q_idx - sliding_window`); None = full causal attention.
+- `softcap` c: scores s = scale * q.k become c * tanh(s / c) before the softmax
+  (Gemma 2's attention-logit soft-capping); None = no capping.
+
 Owns the torch reference (`paged_attention_ref`, the CPU path and the tests' oracle)
 and the Triton kernels behind `paged_attention_triton`:
 - decode (max_query_len == 1): flash-decoding. One program per (sequence, KV head,
@@ -15,7 +21,10 @@ and the Triton kernels behind `paged_attention_triton`:
   into `num_splits` equal parts whose partial softmax states a second kernel merges.
 - prefill / chunked prefill / mixed batches: one program per (query block, KV head);
   its rows are BLOCK_Q tokens x G heads, so here too a KV tile is loaded once per
-  group. Tiles wholly before the block's first query position skip the causal mask.
+  group. Tiles wholly before the block's first query position (and, with a
+  window, wholly inside every row's window) skip the masks.
+With a sliding window, both kernels start at the first tile any of their rows can
+see, so a layer's work and KV reads are bounded by the window, not the context.
 Both read K/V straight from the paged cache through the block tables.
 
 CUDA graphs: no host syncs; grids depend only on shapes and the Python ints
@@ -31,9 +40,11 @@ from ._triton import cdiv, jit, next_pow2, num_sms, tl
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int,
-                        max_seq_len: int, scale: float) -> torch.Tensor:
+                        max_seq_len: int, scale: float, sliding_window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, N, block_size, Hkv, D]; query_start_loc: [B+1];
     seq_lens: [B]; block_tables: [B, max_blocks] -> out [T, Hq, D] in q's dtype.
+    sliding_window / softcap: see the module docstring.
 
     Vectorised over the batch (pads to the longest query and context); float32 math.
     """
@@ -60,8 +71,12 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     kpos = torch.arange(max_seq_len, device=dev)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < seq_lens[:, None, None])
     mask &= qmask[:, :, None]
+    if sliding_window:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
 
     scores = torch.einsum("bqhgd,bkhd->bhgqk", qq, keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, vals).reshape(B, max_query_len, Hq, D)
@@ -83,15 +98,25 @@ def _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_
 
 
 @jit
-def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, qk_scale,
-            stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
+def _tanh(x):
+    # tanh from exp2 (the interpreter and every backend have it); saturates to +-1 without NaN
+    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@jit
+def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, qk_scale, win_lo, window,
+            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
-            IEEE: tl.constexpr):
+            IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online-softmax accumulation of q's rows over KV tokens [start, end), scores in log2 units.
 
     MASK: 0 = every token of every tile is valid for every row (whole tiles below the causal
-    frontier: no masks, no selects), 1 = bounds only (end may cut the last tile), 2 = bounds
-    and causal (key position <= the row's query position).
+    frontier and inside every row's window: no masks, no selects), 1 = bounds only (end may cut
+    the last tile; with WINDOW also tokens < win_lo, the decode window's first token), 2 = bounds,
+    causal (key position <= the row's query position) and, with WINDOW, key > qpos - window.
+    SOFTCAP: scores become cap_out * tanh(cap_in * q.k) (cap_in = scale / cap, cap_out = cap * log2 e),
+    already scaled, so the scale multiply is skipped.
     """
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -104,6 +129,9 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, q
                 k = tl.load(k_ptr + kv_ptrs, mask=mask_d[None, :], other=0.0)
         else:
             mask_n = offs_n < end
+            if MASK == 1:
+                if WINDOW:
+                    mask_n = mask_n & (offs_n >= win_lo)
             off = _kv_offsets(bt_row_ptr, offs_n, mask_n, kvh, stride_blk, stride_pos, stride_kvh, PAGE)
             kv_ptrs = off[:, None] + offs_d[None, :]
             k = tl.load(k_ptr + kv_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -111,20 +139,38 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, q
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s = _tanh(s * cap_in) * cap_out
         if MASK == 1:
             # decode: scale first. Folding the scale into the exponent as below measured 5-7% slower
             # here for D=64 (H100, 2026-11-24), though it helps prefill (+5-7% at D=64).
-            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            if SOFTCAP:
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+            else:
+                s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
         else:
             if MASK == 2:
-                s = tl.where(mask_n[None, :] & (offs_n[None, :] <= qpos[:, None]), s, float("-inf"))
-            # scale folded into the exponent (one FMA per score); qk_scale > 0 keeps -inf and the max
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
+                valid = mask_n[None, :] & (offs_n[None, :] <= qpos[:, None])
+                if WINDOW:
+                    valid = valid & (offs_n[None, :] > qpos[:, None] - window)
+                s = tl.where(valid, s, float("-inf"))
+            if SOFTCAP:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+            else:
+                # scale folded into the exponent (one FMA per score); qk_scale > 0 keeps -inf and the max
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = m_new
+            if WINDOW:
+                # a row may see no key of a tile before its window starts: keep exp2 away from -inf - -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            if SOFTCAP:
+                p = tl.exp2(s - m_use[:, None])
+            else:
+                p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK == 0:
             if EVEN_D:
@@ -144,10 +190,12 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, q
 
 @jit(do_not_specialize=("stride_bt",))  # block-table width follows the longest sequence of each step
 def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
+                   window, cap_in, cap_out,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
                    stride_bt, HQ,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -155,9 +203,14 @@ def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, s
     if tl.load(qsl_ptr + b + 1) == tok:  # a sequence with nothing scheduled (padding)
         return
     seq_len = tl.load(seq_lens_ptr + b)
-    # equal shares of this sequence's own tiles (not of max_seq_len, which may be a loose bound)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    # the one query sits at seq_len - 1: a window lets it see keys from seq_len - window on
+    win_lo = 0
+    if WINDOW:
+        win_lo = tl.maximum(seq_len - window, 0)
+    first = win_lo // BLOCK_N * BLOCK_N
+    # equal shares of the tiles this sequence's query sees (not of max_seq_len, which may be a loose bound)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, BLOCK_N), NUM_SPLITS)
+    start = first + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     offs_g = tl.arange(0, GP)
@@ -172,8 +225,9 @@ def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, s
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, kv_ptr + stride_kv, bt_ptr + b.to(tl.int64) * stride_bt, kvh,
-                            offs_g, start, end, qk_scale, stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
-                            PAGE, BLOCK_N, 1, D == DP, IEEE)
+                            offs_g, start, end, qk_scale, win_lo, window, cap_in, cap_out,
+                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
+                            PAGE, BLOCK_N, 1, D == DP, IEEE, WINDOW, SOFTCAP)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -212,10 +266,12 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, stride_ot
 
 @jit(do_not_specialize=("num_seqs", "stride_bt"))  # both change every step
 def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale, num_seqs: tl.int32,
+                    window, cap_in, cap_out,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
                     stride_bt,
                     G: tl.constexpr, BLOCK_Q: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     # Highest block index first: later query blocks of a sequence see more keys (causal), and
     # starting the long programs first leaves short ones for the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -258,12 +314,28 @@ def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_sc
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     v_ptr = kv_ptr + stride_kv
     # every row sees all tokens before the block's first query position: no causal mask there
-    full_end = (ctx_len + qblk * BLOCK_Q) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, 0, full_end, qk_scale,
-                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, 0, D == DP, IEEE)
-    end = tl.minimum(seq_len, ctx_len + (qblk + 1) * BLOCK_Q)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, full_end, end, qk_scale,
-                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N, 2, D == DP, IEEE)
+    min_qpos = ctx_len + qblk * BLOCK_Q
+    end = tl.minimum(seq_len, min_qpos + BLOCK_Q)
+    full_hi = min_qpos // BLOCK_N * BLOCK_N
+    if WINDOW:
+        # [lo, mid): tiles the earliest rows see but later rows' windows have left (masked);
+        # [mid, full_hi): inside every row's window and below every row's position (unmasked);
+        # [full_hi, end): the causal frontier (masked).
+        lo = tl.maximum(min_qpos - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N
+        mid = tl.maximum(lo, tl.minimum(full_lo, full_hi))
+        full_hi = tl.maximum(mid, full_hi)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, lo, mid, qk_scale, 0, window,
+                                cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
+                                2, D == DP, IEEE, WINDOW, SOFTCAP)
+    else:
+        mid = 0
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, mid, full_hi, qk_scale, 0, window,
+                            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
+                            0, D == DP, IEEE, WINDOW, SOFTCAP)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, full_hi, end, qk_scale, 0, window,
+                            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
+                            2, D == DP, IEEE, WINDOW, SOFTCAP)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -282,7 +354,8 @@ def _decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n:
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
-                           scale: float, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+                           scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
                            block_n: int | None = None, block_m: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None) -> torch.Tensor:
     """Same contract as `paged_attention_ref`, but returns all T rows (rows of tokens outside
@@ -303,10 +376,16 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
     DP = max(16, next_pow2(D))
     ieee = q.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
+    window = int(sliding_window or 0)
+    cap = float(softcap or 0.0)
+    cap_in, cap_out = (float(scale) / cap, cap * _LOG2E) if cap else (0.0, 0.0)
+    opts = dict(WINDOW=window > 0, SOFTCAP=cap > 0)
     kv_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
     if max_query_len == 1:
         bn = block_n or 64
-        splits = num_splits or _decode_num_splits(B, Hkv, max_seq_len, bn, q.device)
+        # a window bounds what each query reads: size the split by that, not by the context
+        span = min(max_seq_len, window) if window else max_seq_len
+        splits = num_splits or _decode_num_splits(B, Hkv, span, bn, q.device)
         if splits > 1:
             part_acc = torch.empty(B * Hq * splits, DP, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(B * Hq * splits, 2, dtype=torch.float32, device=q.device)
@@ -314,9 +393,10 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
             part_acc = part_ml = out  # unused
         _decode_kernel[(B, Hkv, splits)](
             q, kv_cache, out, part_acc, part_ml, query_start_loc, seq_lens, block_tables, qk_scale,
+            window, cap_in, cap_out,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0), Hq,
             G=G, GP=max(16, next_pow2(G)), D=D, DP=DP, PAGE=page, BLOCK_N=bn, NUM_SPLITS=splits, IEEE=ieee,
-            num_warps=num_warps or 4, num_stages=num_stages or 2)
+            **opts, num_warps=num_warps or 4, num_stages=num_stages or 2)
         if splits > 1:
             _decode_reduce_kernel[(B, Hq)](out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1), Hq,
                                            D=D, DP=DP, NUM_SPLITS=splits, SP=next_pow2(splits), num_warps=4)
@@ -329,8 +409,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
     BM = next_pow2(block_q * G)
     bn = block_n or 64
     _prefill_kernel[(T // block_q + B, Hkv)](
-        q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B,
+        q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B, window, cap_in, cap_out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
         G=G, BLOCK_Q=block_q, BM=BM, D=D, DP=DP, PAGE=page, BLOCK_N=bn, IEEE=ieee,
-        num_warps=num_warps or (4 if big_d else 8), num_stages=num_stages or 2)
+        **opts, num_warps=num_warps or (4 if big_d else 8), num_stages=num_stages or 2)
     return out

@@ -98,8 +98,8 @@ class LLMEngine:
         self.model_name = config.served_model_name or loaded.model_name
         mc = self.model_config
         self.vocab_size = mc.vocab_size
-        # Attention here is always full: a sliding-window model is exact only up to its window.
-        limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+        # Sliding-window layers attend over their window in the kernels: the whole context is served.
+        limit = mc.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds what {self.model_name} supports ({limit})")
         self.max_model_len = config.max_model_len or limit

@@ -3,8 +3,8 @@
 - `EngineCore`: what AsyncLLM drives (LLMEngine, or a test stand-in).
 - `LoadSettings`: the EngineConfig fields that `load_model` reads.
 - `StatsSnapshot`: the engine statistics the metrics collector exports (EngineStats).
-- `CausalLM`: the model surface the ModelRunner drives (runtime/models' LlamaForCausalLM, and
-  any other family that keeps the same contract, docs/ARCHITECTURE.md "Models").
+- `CausalLM`: the model surface the ModelRunner drives (runtime/models/layers.py's CausalLM, which
+  every registered family subclasses, docs/ARCHITECTURE.md "Models").
 
 Structural types only: nothing here is imported at run time by the classes that
 satisfy them, and nothing here touches the device.

@@ -71,20 +71,31 @@ def step_weight_bytes(mc, tokens: int, bytes_per_param: int) -> float:
     return (P - all_experts + mc.num_moe_layers * hit * mc.expert_params) * bytes_per_param
 
 
+def _visible_pairs(n: int, window) -> int:
+    """(query, key) pairs of causal attention over n tokens, each query seeing at most `window` keys."""
+    if not window or window >= n:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, bytes_per_param: int,
                      bandwidth: float, flops: float) -> dict:
     """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
     the weights its batch uses (MoE: only the experts hit) plus every sequence's KV (or is
-    compute-bound, whichever is slower). Compute counts active parameters (MoE: top-k experts)."""
-    P = mc.num_active_params() if hasattr(mc, "num_active_params") else mc.num_params()
+    compute-bound, whichever is slower). Compute counts active parameters (MoE: top-k experts).
+    A sliding-window layer reads (and attends over) at most its window of each sequence's KV."""
+    P = mc.num_active_params()
     W = step_weight_bytes(mc, num_prompts, bytes_per_param)
-    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bytes_per_param
-    attn_prefill = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * input_len * input_len / 2
+    windows = [mc.layer_window(i) for i in range(mc.num_layers)]
+    kv_per_token_layer = 2 * mc.num_kv_heads * mc.head_dim * bytes_per_param
+    pair_flops = 2 * 2 * mc.num_heads * mc.head_dim  # q.k and p.v, multiply-add each
+    attn_prefill = pair_flops * sum(_visible_pairs(input_len, w) for w in windows)
     prefill = num_prompts * (2 * P * input_len + attn_prefill) / flops
     decode = 0.0
     for j in range(1, output_len):  # the first output token comes out of the prefill
-        ctx = num_prompts * (input_len + j)
-        decode += max((W + kv_per_token * ctx) / bandwidth, 2 * P * num_prompts / flops)
+        ctx = input_len + j
+        kv = num_prompts * kv_per_token_layer * sum(min(ctx, w or ctx) for w in windows)
+        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / flops)
     return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
             "decode_step_weight_GB": W / 1e9}
 
@@ -182,38 +193,18 @@ class _StepTimeline:
                 "decode_s": decode, "decode_step_ms": 1e3 * decode / max(n_decode, 1)}
 
 
-def hf_model_for(mc):
-    """transformers' own model class and config for a ModelConfig's architecture (dense families
-    run as Llama: same compute). Mixture-of-experts families get their own classes."""
-    import transformers
-
-    common = dict(hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-                  num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
-                  num_key_value_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
-                  max_position_embeddings=mc.max_position_embeddings, rope_theta=mc.rope_theta,
-                  tie_word_embeddings=mc.tie_word_embeddings, rms_norm_eps=mc.rms_norm_eps)
-    if mc.arch == "mixtral":
-        cfg = transformers.MixtralConfig(**{**common, "intermediate_size": mc.moe_intermediate_size},
-                                         num_local_experts=mc.num_experts, num_experts_per_tok=mc.num_experts_per_tok)
-        return transformers.MixtralForCausalLM, cfg
-    if mc.arch in ("qwen3_moe", "qwen2_moe"):
-        moe = dict(num_experts=mc.num_experts, num_experts_per_tok=mc.num_experts_per_tok,
-                   moe_intermediate_size=mc.moe_intermediate_size, norm_topk_prob=mc.norm_topk_prob,
-                   mlp_only_layers=list(mc.dense_layers), decoder_sparse_step=1)
-        if mc.arch == "qwen3_moe":
-            return transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**common, **moe)
-        moe["shared_expert_intermediate_size"] = mc.shared_expert_intermediate_size
-        return transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig(**common, **moe)
-    return transformers.LlamaForCausalLM, transformers.LlamaConfig(**common)
-
-
 def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, device: str = "cuda") -> dict:
-    """transformers' own model (hf_model_for) .generate on the same architecture with dummy weights
-    (bf16 on CUDA, float32 on CPU), built in that dtype directly on the device: Mixtral-8x7B is
-    93 GB in bf16 and would not fit built in float32 first."""
+    """transformers' own model class of the same architecture (any registered family, built from
+    `hf_config_dict`) with dummy weights, static-batch `generate`: bf16 on CUDA, fp32 on CPU. Built
+    in that dtype directly on the device: Mixtral-8x7B is 93 GB in bf16 and would not fit built in
+    float32 first."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cls, cfg = hf_model_for(mc)
+    from fleetserve.runtime.models import hf_config_dict
+
+    d = hf_config_dict(mc)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     cfg._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
@@ -221,7 +212,7 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(cfg).eval()
+            model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     finally:
         torch.set_default_dtype(default)
     with torch.no_grad():
@@ -234,17 +225,16 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
     t = time.perf_counter()
     generated = 0
     for i in range(0, len(prompts), batch_size):
-        out = model.generate(ids[i:i + batch_size].to(device), max_new_tokens=output_len, min_new_tokens=output_len,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(ids[i:i + batch_size].to(device), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
         generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
     _sync()
     elapsed = time.perf_counter() - t
     del model
     gc.collect()
     _empty_cache()
-    return {"what": "hf_static", "class": cls.__name__, "seconds": elapsed, "generated": generated,
-            "batch_size": batch_size,
-            "out_tok_s": generated / elapsed,
+    return {"what": "hf_static", "seconds": elapsed, "generated": generated, "batch_size": batch_size,
+            "hf_class": cfg.architectures[0], "out_tok_s": generated / elapsed,
             "total_tok_s": (generated + ids.numel()) / elapsed}
 
 
@@ -263,7 +253,8 @@ def _empty_cache():
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fleetserve bench throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.2-1b", help="preset name (llama-3.2-1b, llama-3.1-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf")
+    ap.add_argument("--model", default="llama-3.2-1b",
+                    help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf")
     ap.add_argument("--load-format", default="dummy", choices=["auto", "safetensors", "gguf", "dummy"],
                     help="dummy = random weights of the model's architecture")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -317,9 +308,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               params=mc.num_params(), active_params=mc.num_active_params())
     _log(fs, records)
     if args.baseline == "hf":
-        hf_device = "cuda" if fs["device"].startswith("cuda") else "cpu"  # CPU: checks the code path only
+        device = "cuda" if fs["device"].startswith("cuda") else "cpu"  # where fleetserve ran (CPU: a smoke test)
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
-        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, hf_device)
+        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, device)
         hf["model"] = args.model
         _log(hf, records)
         _log({"what": "ratio", "model": args.model, "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],

@@ -4,9 +4,20 @@ Owns the translation of llama.cpp's conventions back to Hugging Face's: metadata
 keys -> ModelConfig, tensor names -> HF names, quantized blocks -> float tensors
 (dequantized once, at load), and the inverse of llama.cpp's q/k row permutation
 (it reorders rotary pairs to interleaved layout; our RoPE is NeoX/rotate_half).
+
+Architectures: llama, mistral, qwen2, qwen3, gemma2, gemma3 (text), phi3, and the
+mixture-of-experts ones: llama with experts (Mixtral), qwen3moe, qwen2moe (stacked
+`ffn_*_exps` or old per-expert tensors, split into HF per-expert names). Where
+llama.cpp's metadata has no key, its own fixed rules are followed: Gemma 2 slides
+on even layers and Gemma 3 on five of every six, Gemma 3's sliding layers use RoPE
+base 10000 unless `rope.freq_base_swa` says otherwise, and Gemma's attention scale
+is head_dim ** -0.5 except for the 27B models (hidden / heads). llama.cpp stores
+Gemma norm weights as 1 + w: they are yielded as w, Hugging Face's convention.
+Phi-3's longrope factors come from its rope_factors_long/short tensors.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Iterator
@@ -18,14 +29,16 @@ from tqdm.auto import tqdm
 from ..models.config import ModelConfig
 from .errors import ModelLoadError
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+          "gemma3": "gemma3", "phi3": "phi3", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     # -- mixture of experts (llama = Mixtral, qwen3moe, qwen2moe); *_exps are split in _expert_slices --
-    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp": "mlp.gate",
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
@@ -34,6 +47,14 @@ _EXPS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 _HF_EXPERT_PROJ = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
                    "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+# Where an architecture names a layer tensor differently (Gemma's sandwich norms; Phi-3's fused gate+up).
+_ARCH_LAYER_NAMES = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},
+}
+_ARCH_LAYER_NAMES["gemma3"] = _ARCH_LAYER_NAMES["gemma2"]
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -81,6 +102,16 @@ class GGUFFile:
         scaling = None
         if "rope_freqs.weight" in self.tensors:
             scaling = {"rope_type": "freq_factors", "factors": self._array("rope_freqs.weight").tolist()}
+        elif "rope_factors_long.weight" in self.tensors:  # Phi-3 longrope
+            orig = int(m.get(f"{arch}.rope.scaling.original_context_length") or get("context_length"))
+            ctx = int(get("context_length", orig))
+            attn_factor = m.get(f"{arch}.rope.scaling.attn_factor")
+            if attn_factor is None:
+                attn_factor = 1.0 if ctx <= orig else math.sqrt(1 + math.log(ctx / orig) / math.log(orig))
+            scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                       "attention_factor": float(attn_factor),
+                       "short_factor": self._array("rope_factors_short.weight").reshape(-1).tolist(),
+                       "long_factor": self._array("rope_factors_long.weight").reshape(-1).tolist()}
         elif m.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(m[f"{arch}.rope.scaling.factor"])}
         elif m.get(f"{arch}.rope.scaling.type") not in (None, "none"):
@@ -88,19 +119,39 @@ class GGUFFile:
         eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                               "tokenizer.ggml.eom_token_id") if m.get(k) is not None]
         heads_kv = get("attention.head_count_kv", heads)
+        layers = int(get("block_count"))
+        window = m.get(f"{arch}.attention.sliding_window")
+        kw: dict[str, Any] = {}
+        if arch in ("gemma2", "gemma3"):
+            big = layers == (46 if arch == "gemma2" else 62)  # the 27B models scale by hidden / heads
+            kw.update(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=float(hidden // heads if big else head_dim),
+                      attn_logit_softcap=m.get(f"{arch}.attn_logit_softcapping"),
+                      final_logit_softcap=m.get(f"{arch}.final_logit_softcapping"))
+        if window:
+            pattern = m.get(f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):  # per layer: True = sliding
+                slides = [bool(x) for x in pattern]
+            else:
+                period = {"gemma2": 2, "gemma3": 6}.get(arch, 1) if pattern is None else int(pattern)
+                slides = [period == 1 or (i + 1) % period != 0 for i in range(layers)]
+            if arch in ("phi3", "gemma2", "gemma3") and any(slides):
+                kw.update(sliding_window=int(window),
+                          layer_types=tuple("sliding_attention" if x else "full_attention" for x in slides))
+        if arch == "gemma3":
+            kw["local_rope_theta"] = float(m.get(f"{arch}.rope.freq_base_swa", 10000.0))
         return ModelConfig(
-            **_moe_fields(m, arch, "blk.0.attn_q_norm.weight" in self.tensors),
-            vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+            **_moe_fields(m, arch), vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")), num_layers=layers,
             num_heads=heads, num_kv_heads=int(heads_kv), head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
             max_position_embeddings=int(get("context_length", 2048)),
             tie_word_embeddings="output.weight" not in self.tensors,
-            qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            qkv_bias="blk.0.attn_q.bias" in self.tensors or "blk.0.attn_qkv.bias" in self.tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)),
-            name=name or m.get("general.name"),
-        )
+            name=name or m.get("general.name"), **kw,
+        ).validate()
 
     def _array(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32, in PyTorch's [rows, cols] orientation."""
@@ -118,14 +169,17 @@ class GGUFFile:
             raise ModelLoadError(f"corrupt GGUF file {self.path}: tensor {name!r}: {e}") from e
 
     def iter_weights(self, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 CPU tensor) of every weight, q/k rows un-permuted for llama.cpp's llama arch."""
-        permute = self.meta.get("general.architecture") in ("llama", "mistral")
-        names = [n for n in self.tensors if n != "rope_freqs.weight"]
+        """(HF name, float32 CPU tensor) of every weight, in Hugging Face's conventions: q/k rows
+        un-permuted for llama.cpp's llama arch, Gemma norm weights back from 1 + w to w."""
+        arch = self.meta.get("general.architecture")
+        permute = arch in ("llama", "mistral")
+        gemma = arch in ("gemma2", "gemma3")
+        names = [n for n in self.tensors if n not in _CONFIG_TENSORS]
         for gname in tqdm(names, desc=f"Loading {os.path.basename(self.path)}", unit="tensor"):
             if _EXPS.match(gname) or _PER_EXPERT.match(gname):
                 yield from _expert_slices(gname, self._array(gname), cfg)
                 continue
-            hf_name = _hf_name(gname)
+            hf_name = _hf_name(gname, arch)
             if hf_name is None:
                 raise ModelLoadError(f"unexpected tensor {gname!r} in GGUF file {self.path}")
             arr = self._array(gname)
@@ -135,6 +189,8 @@ class GGUFFile:
                 arr = _unpermute(arr, cfg.num_heads)
             elif permute and ".attn_k." in gname:
                 arr = _unpermute(arr, cfg.num_kv_heads)
+            elif gemma and hf_name.endswith("norm.weight"):
+                arr = arr - 1.0
             yield hf_name, torch.from_numpy(np.array(arr, dtype=np.float32))  # own, writable copy
 
 
@@ -142,16 +198,16 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     m = _BLOCK.match(gguf_name)
     if m:
-        part = _LAYER_NAMES.get(m.group(2))
+        part = _ARCH_LAYER_NAMES.get(arch, {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
 
 
-def _moe_fields(m: dict, arch: str, qk_norm: bool) -> dict:
+def _moe_fields(m: dict, arch: str) -> dict:
     """arch (llama with experts = Mixtral) and the MoE fields of ModelConfig from GGUF metadata."""
     experts = int(m.get(f"{arch}.expert_count") or 0)
     if not experts:
@@ -162,7 +218,7 @@ def _moe_fields(m: dict, arch: str, qk_norm: bool) -> dict:
     shared = int(m.get(f"{arch}.expert_shared_feed_forward_length") or 0)
     # llama.cpp renormalises qwen3moe's top-k weights and not qwen2moe's unless the file says
     norm = m.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
-    return {**fields, "arch": _ARCHS[arch], "qk_norm": qk_norm, "norm_topk_prob": bool(norm),
+    return {**fields, "arch": _ARCHS[arch], "norm_topk_prob": bool(norm),
             "moe_intermediate_size": int(m[f"{arch}.expert_feed_forward_length"]),
             "shared_expert_intermediate_size": shared if arch == "qwen2moe" else 0}
 

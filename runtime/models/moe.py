@@ -1,10 +1,12 @@
-"""Mixture-of-experts building blocks on top of the Llama decoder (runtime/models/llama.py).
+"""Mixture-of-experts building blocks on top of the shared decoder blocks (runtime/models/layers.py).
 
 Owns the sparse MoE block (router, stacked expert weights, optional shared expert),
-the decoder layer that puts it where Llama has its dense MLP, the per-head q/k RMSNorm
-attention of Qwen3(-MoE), and `MoeForCausalLM`: the Llama model with those layers
-plus the mapping of Hugging Face's per-expert weight names onto the stacked tensors.
-Families (runtime/models/mixtral.py, qwen3_moe.py) only say which HF names they use.
+the decoder layer that puts it where the dense families have their gated MLP, and
+`MoeForCausalLM`: the `CausalLM` skeleton with those layers plus the mapping of Hugging
+Face's per-expert weight names onto the stacked tensors. Attention is layers.Attention
+(its per-head q/k RMSNorm serves Qwen3-MoE as it serves dense Qwen3). Families
+(runtime/models/mixtral.py, qwen3_moe.py) register themselves and say which HF names
+they use; `qwen_moe_fields` reads the Qwen-MoE config.json keys they share.
 
 Expert weights are stacked per layer as `mlp.experts.gate_up_proj` [E, 2I, H] (rows
 [gate | up], transformers 5.x's in-memory layout) and `mlp.experts.down_proj` [E, H, I],
@@ -14,7 +16,7 @@ logits, top-k, renormalised when the config says (`moe_topk`).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -23,7 +25,8 @@ from fleetserve.kernels import KernelOps
 from fleetserve.kernels.moe import moe_topk
 
 from .config import ModelConfig
-from .llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm, _copy
+from .layers import Attention, CausalLM, DecoderLayer, GatedMLP, RMSNorm, _copy
+from .registry import UnsupportedModelError
 
 
 class Experts(nn.Module):
@@ -35,14 +38,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
 
 
-class SharedExpertMLP(MLP):
+class SharedExpertMLP(GatedMLP):
     """Qwen2-MoE's always-on expert: a dense gated MLP of its own width."""
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps, inter: int):
-        nn.Module.__init__(self)
-        self.ops = ops
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        super().__init__(cfg.with_(intermediate_size=inter), ops)
 
 
 class SparseMoeBlock(nn.Module):
@@ -65,36 +65,14 @@ class SparseMoeBlock(nn.Module):
         return out
 
 
-class QKNormAttention(Attention):
-    """Llama attention with a per-head RMSNorm of q and k before RoPE (Qwen3, Qwen3-MoE).
-    TODO(merge): the dense Qwen3 lane adds the same; keep one."""
-
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
-        super().__init__(cfg, ops)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
-
-    def forward(self, positions, x, attn, kv_cache, cos_sin_cache):
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim))
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        q, k = self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
-        self.ops.write_kv_cache(k, v, kv_cache, attn.slot_mapping)
-        o = self.ops.paged_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-                                     attn.max_query_len, attn.max_seq_len, self.scale)
-        return self.o_proj(o.reshape(T, self.q_size))
-
-
 class MoeDecoderLayer(DecoderLayer):
-    """Llama's decoder layer (same forward) with the MoE block in place of the dense MLP,
-    except on the config's dense layers."""
+    """The dense pre-norm decoder layer (same forward) with the MoE block in place of the gated
+    MLP, except on the config's dense layers."""
 
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_idx: int):
-        nn.Module.__init__(self)
-        self.self_attn = QKNormAttention(cfg, ops) if cfg.qk_norm else Attention(cfg, ops)
-        self.mlp = SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer_idx) else MLP(cfg, ops)
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int):
+        nn.Module.__init__(self)  # not DecoderLayer's: it would build a dense MLP only to replace it
+        self.self_attn = Attention(cfg, ops, layer)
+        self.mlp = SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer) else GatedMLP(cfg, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -105,21 +83,18 @@ _EXPERT_NAME = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.exp
 _SHARED_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.shared_expert)\.(gate_proj|up_proj)\.weight$")
 
 
-class MoeForCausalLM(LlamaForCausalLM):
-    """Llama with MoE decoder layers. Subclasses set `expert_projections`: the HF per-expert
+class MoeForCausalLM(CausalLM):
+    """CausalLM with MoE decoder layers. Subclasses set `expert_projections`: the HF per-expert
     projection names as (gate, up, down), and `block_aliases`: HF module names of the MoE
     block other than `mlp`."""
 
+    layer_cls = MoeDecoderLayer
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     block_aliases: tuple[str, ...] = ()
 
-    def __init__(self, cfg: ModelConfig, ops: KernelOps):
-        super().__init__(cfg, ops)  # built on the meta device (build_model): the dense layers cost nothing
-        self.model.layers = nn.ModuleList(MoeDecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
-
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Llama's loading, plus per-expert tensors copied into the stacked ones (HF checkpoints on
+        """CausalLM's loading, plus per-expert tensors copied into the stacked ones (HF checkpoints on
         disk hold one tensor per expert and projection; transformers 5.x state dicts already hold
         the stacked `experts.gate_up_proj` / `experts.down_proj`, which load as they are)."""
         params = dict(self.named_parameters())
@@ -177,3 +152,18 @@ def _param(params: dict, pname: str, name: str) -> torch.Tensor:
 def _check_expert(dst: torch.Tensor, j: int, name: str) -> None:
     if j >= dst.shape[0]:
         raise ValueError(f"weight {name!r}: expert {j} out of range (the config has {dst.shape[0]} experts)")
+
+
+def qwen_moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE part of a Qwen3-MoE / Qwen2-MoE config.json (4.x and 5.x key names): experts,
+    top-k, renormalisation and the layers that stay dense (mlp_only_layers, and those off the
+    decoder_sparse_step grid)."""
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{cfg.get('model_type') or 'Qwen-MoE'} with use_sliding_window=True "
+                                    "is not supported")
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
+    return dict(num_experts=cfg.get("num_experts") or cfg.get("num_local_experts"),
+                num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=cfg["moe_intermediate_size"],
+                norm_topk_prob=bool(cfg.get("norm_topk_prob")), dense_layers=dense)

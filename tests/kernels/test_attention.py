@@ -1,8 +1,10 @@
 """paged_attention_triton against paged_attention_ref.
 
 CPU (interpreter) / any device: fp32 and fp16, small shapes, both paths, GQA,
-splits, padding sequences, loose max_seq_len bounds, and a cache past 2^31
-elements. GPU (`gpu` marker): bf16, Llama 1B/8B head shapes, long contexts,
+splits, padding sequences, loose max_seq_len bounds, a cache past 2^31 elements, and
+per-layer sliding windows and attention-logit soft-capping over a grid of windows,
+caps, head shapes and batch kinds (the reference itself checked against the dense
+definitions). GPU (`gpu` marker): bf16, Llama 1B/8B head shapes, long contexts,
 batch 256, and CUDA-graph capture with upper-bound max_seq_len.
 
 Tolerances (relative Frobenius error vs the float32 reference): fp32 1e-5 (the
@@ -199,3 +201,85 @@ def test_gpu_batch_size_and_table_width_do_not_recompile(kt, decode):
         n = _compiled_variants(kernel)
         seen = n if seen is None else seen
         assert n == seen, f"batch {batch}, table width {cols}: {n} compiled variants (was {seen})"
+
+
+# ---------------------------------------------------------------- sliding window and soft-capping
+def _naive_attention(b, sliding_window=None, softcap=None):
+    """Per token, dense math straight from the definitions (HF: key j visible to query i iff
+    j <= i and j > i - window; scores capped as c * tanh(s / c)): the oracle of the reference."""
+    page = b.kv_cache.shape[2]
+    out = torch.zeros(b.T, *b.q.shape[1:], dtype=torch.float64)
+    G = b.q.shape[1] // b.kv_cache.shape[3]
+    t = 0
+    for s, (ql, cl) in enumerate(zip(b.q_lens, b.ctx_lens)):
+        n = ql + cl
+        slots = [int(b.block_tables[s, p // page]) * page + p % page for p in range(n)]
+        keys = b.kv_cache[0].reshape(-1, *b.kv_cache.shape[3:])[slots].double().cpu()
+        vals = b.kv_cache[1].reshape(-1, *b.kv_cache.shape[3:])[slots].double().cpu()
+        for i in range(ql):
+            qpos = cl + i
+            vis = [j for j in range(n) if j <= qpos and (not sliding_window or j > qpos - sliding_window)]
+            qi = b.q[t + i].double().cpu()
+            for h in range(qi.shape[0]):
+                sc = keys[vis, h // G] @ qi[h] * b.scale
+                if softcap:
+                    sc = torch.tanh(sc / softcap) * softcap
+                out[t + i, h] = torch.softmax(sc, 0) @ vals[vis, h // G]
+        t += ql
+    return out
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (1, None), (16, 20.0), (None, 3.0), (40, 50.0)])
+def test_reference_window_and_softcap_follow_the_definitions(kt, window, softcap):
+    b = kt.PagedBatch([1, 9, 3], [30, 0, 14], 4, 2, 16, page=4, seed=3)
+    b.q.mul_(3.0)  # large scores, so the cap matters
+    ref = paged_attention_ref(*b.args(), sliding_window=window, softcap=softcap)
+    assert kt.rel_err(ref, _naive_attention(b, window, softcap)) < 1e-6
+    plain = paged_attention_ref(*b.args())
+    assert kt.rel_err(ref, plain) > 1e-3  # the option changed something: this case exercises it
+
+
+WINDOW_CASES = {
+    # id: (q_lens, ctx_lens) -- decodes before/inside/past the window, prefills longer than it,
+    # chunks whose context the window has partly left, and a zero-length chunk
+    "decode": ([1] * 5, [0, 6, 40, 100, 170]),
+    "prefill": ([37, 5, 70], [0, 0, 0]),
+    "chunked": ([20, 33, 8], [45, 7, 130]),
+    "mixed": ([1, 19, 1, 0, 40, 1], [30, 0, 99, 12, 25, 3]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+@pytest.mark.parametrize("window,softcap", [(7, None), (32, None), (50, 30.0), (None, 5.0)])
+@pytest.mark.parametrize("heads", [(4, 4, 32), (6, 2, 48)])
+def test_sliding_window_and_softcap_kernels(kt, dtype, case, window, softcap, heads):
+    q_lens, ctx_lens = WINDOW_CASES[case]
+    b = kt.PagedBatch(q_lens, ctx_lens, *heads, page=8, dtype=dtype, seed=len(case) + (window or 0))
+    b.q.mul_(2.0)
+    kw = dict(sliding_window=window, softcap=softcap)
+    ref = paged_attention_ref(*b.args(), **kw)
+    # small tiles: several tiles per window, window edges inside tiles, several query blocks
+    launch = dict(block_n=16, num_splits=3) if case == "decode" else dict(block_m=16, block_n=16)
+    out = paged_attention_triton(*b.args(), **kw, **launch)
+    err = kt.rel_err(out[:b.T], ref)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_sliding_window_decode_splits_and_loose_bound(kt, num_splits):
+    # graph capture passes max_model_len as max_seq_len; splits share only the window's tiles
+    b = kt.PagedBatch([1] * 4, [3, 64, 200, 31], 8, 2, 32, page=16, dtype=torch.float16, table_cols=32)
+    kw = dict(sliding_window=24, softcap=None)
+    out = paged_attention_triton(*b.args(512), **kw, num_splits=num_splits)
+    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["decode", "prefill"])
+def test_gpu_sliding_window_softcap_bf16(kt, case):
+    q_lens, ctx = ([1] * 64, list(range(100, 6500, 100))) if case == "decode" else ([2048, 300], [0, 3000])
+    b = kt.PagedBatch(q_lens, ctx, 16, 8, 256, page=16, dtype=torch.bfloat16, device="cuda")  # Gemma 2 9B heads
+    kw = dict(sliding_window=4096 if case == "decode" else 1024, softcap=50.0)
+    out = paged_attention_triton(*b.args(), **kw)
+    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.bfloat16]

@@ -1,4 +1,4 @@
-"""rms_norm, rotary_embedding, silu_and_mul and write_kv_cache: Triton against the torch references.
+"""rms_norm, rotary_embedding, silu_and_mul, gelu_tanh_and_mul and write_kv_cache: Triton against the torch references.
 
 Small shapes on any device (the CPU interpreter in CI), fp32 and fp16; bf16 at
 Llama 1B/8B sizes under the `gpu` marker. Tolerances: fp32 1e-5 (abs and rel);
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fleetserve.kernels import get_ops
-from fleetserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from fleetserve.kernels.activation import (gelu_tanh_and_mul_ref, gelu_tanh_and_mul_triton, silu_and_mul_ref,
+                                           silu_and_mul_triton)
 from fleetserve.kernels.cache import write_kv_cache_ref, write_kv_cache_triton
 from fleetserve.kernels.norm import rms_norm_ref, rms_norm_triton
 from fleetserve.kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
@@ -100,6 +101,16 @@ def test_silu_and_mul(kt, dtype, shape):
     g = torch.Generator().manual_seed(shape[-1])
     x = _rand(*shape, dtype=dtype, device=kt.DEVICE, gen=g) * 3
     _close(silu_and_mul_triton(x), silu_and_mul_ref(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (5, 2 * 48), (3, 2 * 1100), (2, 3, 2 * 40)])
+def test_gelu_tanh_and_mul(kt, dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1] + 1)
+    x = _rand(*shape, dtype=dtype, device=kt.DEVICE, gen=g) * 4  # far into both tails of the tanh
+    want = gelu_tanh_and_mul_ref(x)
+    _close(gelu_tanh_and_mul_triton(x), want, dtype)
+    assert not torch.allclose(want, silu_and_mul_ref(x), atol=1e-2)  # a different function than SiLU
 
 
 # ------------------------------------------------------------------------------------------ write_kv_cache
@@ -192,3 +203,12 @@ def test_gpu_write_kv_cache(D, T):
 def test_gpu_write_kv_cache_past_int32_offsets():
     Hkv, D, page = 8, 128, 16
     _kv_case(256, Hkv, D, page, (1 << 31) // (page * Hkv * D) + 64, torch.bfloat16, "cuda", huge=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("I", [9216, 14336])  # Gemma 2 2B / 9B intermediate sizes
+@pytest.mark.parametrize("T", [1, 4096])
+def test_gpu_gelu_tanh_and_mul(I, T):
+    g = torch.Generator().manual_seed(I + T)
+    x = (torch.randn(T, 2 * I, generator=g) * 3).to("cuda", torch.bfloat16)
+    _close(gelu_tanh_and_mul_triton(x), gelu_tanh_and_mul_ref(x), torch.bfloat16)

@@ -1,7 +1,9 @@
 """Engine correctness on CPU: greedy outputs equal Hugging Face transformers token for token,
 and do not depend on batching, prefix caching, preemption or chunked prefill.
 
-Tiny random-weight models (saved with save_pretrained, loaded through our safetensors
+Every model family runs here (Llama, Qwen2, Mistral, Qwen3, Gemma 2, Gemma 3, Phi-3), with sliding
+windows of 8 tokens (shorter than the prompts and outputs), soft-caps and GQA where the family has
+them. Tiny random-weight models (saved with save_pretrained, loaded through our safetensors
 loader) keep this fast; a larger init std makes logits peaked, so float32 rounding
 differences between implementations cannot flip a greedy choice.
 """
@@ -29,6 +31,33 @@ CONFIGS = {
     "mistral-gqa2-untied": ("mistral", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                             num_attention_heads=8, num_key_value_heads=4, head_dim=16,
                                             tie_word_embeddings=False, sliding_window=None)),
+    # sliding windows of 8 tokens: shorter than three of the four prompts and than every output
+    "mistral-sliding-window": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                               sliding_window=8)),
+    "qwen3-gqa2-tied": ("qwen3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      tie_word_embeddings=True)),
+    "qwen3-gqa4-untied-sliding": ("qwen3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                                num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                                tie_word_embeddings=False, use_sliding_window=True,
+                                                sliding_window=8, max_window_layers=1)),
+    "gemma2-softcap-sliding": ("gemma2", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                              sliding_window=8, query_pre_attn_scalar=24,
+                                              attn_logit_softcapping=8.0, final_logit_softcapping=15.0)),
+    "gemma3-sliding-local-rope": ("gemma3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                                 sliding_window=8, query_pre_attn_scalar=48,
+                                                 sliding_window_pattern=3, rope_local_base_freq=100.0,
+                                                 rope_theta=50000.0,
+                                                 rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "phi3-longrope-sliding": ("phi3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                           original_max_position_embeddings=128,
+                                           rope_scaling={"rope_type": "longrope",
+                                                         "short_factor": [1.0 + 0.05 * i for i in range(16)],
+                                                         "long_factor": [3.0 + i for i in range(16)]})),
 }
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]
@@ -39,15 +68,11 @@ def build_hf(kind: str, kw: dict, path):
     torch.manual_seed(0)
     common = dict(vocab_size=256, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-5,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, **kw)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(**common, **kw)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    else:
-        cfg = transformers.MistralConfig(**common, **kw)
-        model = transformers.MistralForCausalLM(cfg)
+    names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma2": "Gemma2",
+             "gemma3": "Gemma3", "phi3": "Phi3"}
+    cfg_cls = getattr(transformers, "Gemma3TextConfig" if kind == "gemma3" else f"{names[kind]}Config")
+    cfg = cfg_cls(**common, **kw)
+    model = getattr(transformers, f"{names[kind]}ForCausalLM")(cfg)
     model = model.float().eval()
     if kind == "qwen2":  # random biases so they matter
         with torch.no_grad():

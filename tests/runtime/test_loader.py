@@ -433,3 +433,106 @@ def test_smollm2_embedded_default(smollm2_model):
     cfg = smollm2_model.model_config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings and smollm2_model.tokenizer.eos_token_ids == {2}
+
+
+# ---- GGUF of the newer families, written as llama.cpp's convert_hf_to_gguf does --------------------
+FAMILY_GGUF = {
+    # arch: (HF class, extra config keys)
+    "qwen3": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
+    "gemma2": ("Gemma2ForCausalLM", dict(num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=16,
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=6, sliding_window=5, query_pre_attn_scalar=16,
+                                         rope_local_base_freq=100.0,
+                                         rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "phi3": ("Phi3ForCausalLM", dict(sliding_window=5, original_max_position_embeddings=32,
+                                     rope_scaling={"rope_type": "longrope",
+                                                   "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                   "long_factor": [2.0 + i for i in range(8)]})),
+}
+
+
+def family_hf_model(arch):
+    cls_name, extra = FAMILY_GGUF[arch]
+    cfg_name = "Gemma3TextConfig" if arch == "gemma3" else cls_name.replace("ForCausalLM", "Config")
+    cfg_cls = getattr(transformers, cfg_name)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg_cls(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def write_family_gguf(path, hf, arch):
+    """Names from the gguf package's own HF -> GGUF map (llama.cpp's), its metadata keys for the arch,
+    Gemma norm weights stored as 1 + w, Phi-3's longrope factors as tensors: all as llama.cpp converts."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
+    if arch in ("gemma2", "gemma3", "phi3"):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(c.rope_parameters["sliding_attention"]["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch == "phi3":
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors((1 + np.log(scale) / np.log(c.original_max_position_embeddings)) ** 0.5)
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list([chr(0x100 + i) if i > 2 else f"<|t{i}|>" for i in range(c.vocab_size)])
+    w.add_token_types([3 if i <= 2 else 1 for i in range(c.vocab_size)])
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.numpy().astype(np.float32)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            a = a + 1.0
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), a)
+    finish(w)
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_GGUF))
+def test_gguf_of_newer_families_matches_transformers(tmp_path, arch):
+    from fleetserve.runtime.models import ModelConfig
+
+    hf = family_hf_model(arch)
+    write_family_gguf(tmp_path / "m.gguf", hf, arch)
+    ours = load_model(cfg_for(tmp_path / "m.gguf"))
+    want = ModelConfig.from_hf_config(hf.config.to_dict())
+    got = ours.model_config
+    for field in ("arch", "num_layers", "head_dim", "qk_norm", "sliding_window", "layer_types", "hidden_act",
+                  "attn_logit_softcap", "final_logit_softcap", "attn_scale", "rope_theta", "local_rope_theta",
+                  "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert (got.rope_scaling is None) == (want.rope_scaling is None)
+    if want.rope_scaling:
+        for k, v in want.rope_scaling.items():
+            assert got.rope_scaling[k] == pytest.approx(v), k
+    ids = list(range(3, 23))  # 20 tokens: past every sliding window, under Phi-3's original length
+    torch.testing.assert_close(prefill_logits(ours.model, ids), hf_logits(hf, ids), atol=2e-5, rtol=1e-4)

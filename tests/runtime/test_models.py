@@ -1,10 +1,16 @@
-"""Our Llama-family model vs transformers' own modeling classes, float32, tiny random configs.
+"""Every model family vs transformers' own modeling classes, float32, tiny random configs.
 
 Covers prefill, chunked prefill and decode through the paged KV cache (shuffled
 block tables), GQA ratios 1/2/4, head dims 32/64, tied and untied embeddings,
-llama3 rope scaling, Qwen2 q/k/v biases and Mistral.
+llama3 rope scaling, Qwen2 q/k/v biases, Mistral, and the newer families with every
+feature on: Qwen3 q/k norms; Gemma 2 soft-caps, query_pre_attn_scalar, sandwich norms
+and alternating sliding/global layers; Gemma 3 q/k norms, local/global RoPE bases and
+linear scaling on global layers; Phi-3 fused checkpoint tensors and longrope; sliding
+windows (5-6 tokens) shorter than the prompts (up to 19 tokens) wherever a family has them.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,29 +18,50 @@ import torch
 from fleetserve.kernels import get_ops
 from fleetserve.runtime.attention import AttentionMetadata
 from fleetserve.runtime.models import PRESETS, ModelConfig, UnsupportedModelError, build_model
-from fleetserve.runtime.models.llama import rope_inv_freq
+from fleetserve.runtime.models.layers import rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
+            "long_factor": [2.0 + 0.5 * i for i in range(16)], "original_max_position_embeddings": 64}
+GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5)
+GEMMA3 = dict(sliding_window=6, query_pre_attn_scalar=40, num_hidden_layers=3, sliding_window_pattern=3,
+              rope_local_base_freq=100.0)
+
 CASES = {
-    # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling)
+    # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling[, extra config keys])
     "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
     "llama-gqa2-d64-tied-llama3": ("LlamaForCausalLM", 64, 4, 2, True, LLAMA3),
     "qwen2-gqa4-d32-bias": ("Qwen2ForCausalLM", 32, 8, 2, False, None),
+    "qwen2-gqa2-d32-sliding": ("Qwen2ForCausalLM", 32, 4, 2, True, None,
+                               dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "mistral-gqa2-d64-tied": ("MistralForCausalLM", 64, 4, 2, True, None),
+    "mistral-gqa2-d32-sliding": ("MistralForCausalLM", 32, 4, 2, False, None, dict(sliding_window=5)),
+    "qwen3-gqa2-d32-tied": ("Qwen3ForCausalLM", 32, 4, 2, True, None),
+    "qwen3-gqa4-d64-untied-sliding": ("Qwen3ForCausalLM", 64, 8, 2, False, None,
+                                      dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma2-gqa2-d32-softcap-sliding": ("Gemma2ForCausalLM", 32, 4, 2, True, None, GEMMA2),
+    "gemma3-gqa2-d32-sliding-local-rope": ("Gemma3ForCausalLM", 32, 4, 2, True,
+                                           {"rope_type": "linear", "factor": 4.0}, GEMMA3),
+    # Phi-3 sizes RoPE factors by hidden_size // heads: keep head_dim equal to it
+    "phi3-gqa2-d32-longrope-sliding": ("Phi3ForCausalLM", 32, 4, 2, False, LONGROPE,
+                                       dict(sliding_window=5, hidden_size=128, pad_token_id=0, eos_token_id=2,
+                                            original_max_position_embeddings=64)),
 }
 
 
-def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, seed=0):
+def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, extra=None, seed=0):
     cls = getattr(transformers, cls_name)
-    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config").replace("Gemma3Config",
+                                                                                      "Gemma3TextConfig"))
     kw = dict(vocab_size=97, hidden_size=heads * head_dim // 2 + 16, intermediate_size=88, num_hidden_layers=2,
               num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
               max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
               rope_theta=10000.0, rope_scaling=rope_scaling)
+    kw.update(extra or {})
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -167,9 +194,90 @@ def test_config_parsing_and_errors():
                                     "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
-@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9)])
+@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9)])
 def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
+
+
+def test_unsupported_architecture_error_lists_every_supported_one():
+    from fleetserve.runtime.models import supported_architectures
+
+    with pytest.raises(UnsupportedModelError) as e:
+        ModelConfig.from_hf_config({"architectures": ["FalconForCausalLM"]})
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
+        assert arch in supported_architectures() and arch in str(e.value)
+
+
+def _cfg(arch, **kw):
+    return {"architectures": [arch], "vocab_size": 10, "hidden_size": 16, "intermediate_size": 16,
+            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, **kw}
+
+
+def test_transformers_4x_configs_give_the_same_layer_patterns():
+    """Checkpoints on the Hub carry 4.x config.json files (no layer_types, rope_scaling, rope_local_base_freq)."""
+    g2 = ModelConfig.from_hf_config(_cfg("Gemma2ForCausalLM", sliding_window=4096, query_pre_attn_scalar=144,
+                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                         hidden_activation="gelu_pytorch_tanh"))
+    assert [g2.layer_window(i) for i in range(6)] == [4096, None] * 3
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.attn_scale) == (50.0, 30.0, 144 ** -0.5)
+    assert g2.hidden_act == "gelu_pytorch_tanh" and g2.tie_word_embeddings
+    g3 = ModelConfig.from_hf_config(_cfg("Gemma3ForCausalLM", sliding_window=512, rope_theta=1e6,
+                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                         sliding_window_pattern=6))
+    assert [g3.layer_window(i) for i in range(6)] == [512] * 5 + [None]
+    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+    assert g3.qk_norm and g3.attn_logit_softcap is None
+    q2 = ModelConfig.from_hf_config(_cfg("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=131072,
+                                         max_window_layers=28))
+    assert q2.sliding_window is None and q2.layer_types == ()
+    q3 = ModelConfig.from_hf_config(_cfg("Qwen3ForCausalLM", use_sliding_window=True, sliding_window=8,
+                                         max_window_layers=4))
+    assert [q3.layer_window(i) for i in range(6)] == [None] * 4 + [8, 8] and q3.qk_norm and not q3.qkv_bias
+    phi = ModelConfig.from_hf_config(_cfg("Phi3ForCausalLM", sliding_window=2047, max_position_embeddings=131072,
+                                          original_max_position_embeddings=4096,
+                                          rope_scaling={"type": "su", "short_factor": [1.0] * 4,
+                                                        "long_factor": [2.0] * 4}))
+    assert [phi.layer_window(i) for i in range(6)] == [2047] * 6
+    assert phi.rope_scaling["rope_type"] == "longrope"
+    assert phi.rope_scaling["attention_factor"] == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    with pytest.raises(UnsupportedModelError, match="partial rotary"):
+        ModelConfig.from_hf_config(_cfg("Phi3ForCausalLM", partial_rotary_factor=0.75))
+    with pytest.raises(UnsupportedModelError, match="hidden_act"):
+        ModelConfig.from_hf_config(_cfg("LlamaForCausalLM", hidden_act="relu"))
+
+
+def test_longrope_table_uses_short_then_long_factors_like_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_hf_model(*CASES["phi3-gqa2-d32-longrope-sliding"])
+    ours = ours_from_hf(hf)
+    short, mscale = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu", seq_len=65)
+    assert mscale == pytest.approx(ours.config.rope_scaling["attention_factor"]) and mscale > 1.1
+    pos = torch.arange(256, dtype=torch.float32)[:, None]
+    want = torch.where(pos < 64, pos * short[None], pos * long[None])
+    torch.testing.assert_close(ours.cos_sin_cache, torch.cat([want.cos(), want.sin()], -1) * mscale)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_config_dict_round_trips_through_transformers(case):
+    """hf_config_dict (the HF baseline's config for a preset) means the same model to transformers as to us."""
+    from fleetserve.runtime.models import hf_config_dict
+
+    mc = ours_from_hf(make_hf_model(*CASES[case])).config
+    d = hf_config_dict(mc)
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    assert ModelConfig.from_hf_config(hf_cfg.to_dict()) == mc
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_through_transformers_configs(name):
+    from fleetserve.runtime.models import hf_config_dict
+
+    d = hf_config_dict(PRESETS[name])
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    assert ModelConfig.from_hf_config(hf_cfg.to_dict(), name=name) == PRESETS[name]
 
 
 # ---- the embedded SmolLM2 GGUF vs transformers' own GGUF loading of the same file -----------------
@@ -221,6 +329,42 @@ def test_smollm2_knows_the_capital_of_france(smollm2_model):
     assert "Paris" in tok.decode(greedy(smollm2_model.model, tok.encode("The capital of France is"), 4))
 
 
+def _triton_prefill_vs_transformers(case, dev, dtype):
+    """Prefill of 30 tokens (past every window) through the Triton ops; max error relative to the logit range."""
+    hf = make_hf_model(*CASES[case])
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    model = build_model(cfg, get_ops("triton"), dtype, dev)
+    model.load_weights(hf.state_dict().items())
+    runner = PagedRunner(model, block_size=16, num_blocks=8)
+    runner.kv = [t.to(dev, dtype) for t in runner.kv]
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    i32 = dict(dtype=torch.int32, device=dev)
+    with torch.no_grad():
+        ref = hf_logits(hf, ids)
+        blocks = [runner.free[-1], runner.free[-2]]
+        slots = torch.tensor([blocks[p // 16] * 16 + p % 16 for p in range(30)], device=dev)
+        attn = AttentionMetadata(slots, torch.tensor([0, 30], **i32), torch.tensor([30], **i32),
+                                 torch.tensor([blocks], **i32), 30, 30)
+        out = model.compute_logits(model(torch.tensor(ids, device=dev), torch.arange(30, device=dev), attn,
+                                         runner.kv)).cpu()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", ["qwen3-gqa4-d64-untied-sliding", "gemma2-gqa2-d32-softcap-sliding",
+                                  "gemma3-gqa2-d32-sliding-local-rope", "phi3-gqa2-d32-longrope-sliding"])
+def test_triton_kernels_run_the_families_like_transformers(case):
+    """The whole forward on the Triton ops (the interpreter on CPU): windows, soft-caps, GELU, q/k norms."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _triton_prefill_vs_transformers(case, torch.device(dev), torch.float32) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("llama")])
+def test_gpu_triton_bf16_families_match_transformers(case):
+    """Each family on the GPU: bf16 weights, Triton kernels (windows, soft-caps, GELU), vs transformers fp32."""
+    assert _triton_prefill_vs_transformers(case, torch.device("cuda"), torch.bfloat16) < 3e-2
+
+
 @pytest.mark.gpu
 def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
     """On the GPU: bf16 weights + Triton ops, a decode step captured in a CUDA graph and replayed."""
@@ -269,3 +413,47 @@ def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
             graph.replay()
             assert rel(s_out[0], hf(torch.tensor([seq], device=dev)).logits[0, -1].float()) < 3e-2
             nxt = int(s_out[0].argmax())
+
+
+def test_docs_list_every_registered_architecture():
+    import pathlib
+
+    from fleetserve.runtime.models import FAMILIES
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "models.md").read_text()
+    for fam in FAMILIES.values():
+        assert fam.checked_against, fam.name
+        for arch in fam.architectures:
+            assert f"`{arch}`" in doc, f"docs/models.md does not list {arch}"
+
+
+@pytest.mark.parametrize("naming", ["transformers-5", "transformers-4"])
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(naming):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: text config nested, vision weights beside the LM's."""
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
+              sliding_window_pattern=3, max_position_embeddings=256,
+              rope_scaling={"rope_type": "linear", "factor": 2.0})
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299,
+                                    boi_token_index=297, eoi_token_index=298)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mc = ModelConfig.from_hf_config(hf.config.to_dict())
+    assert (mc.arch, mc.num_layers, mc.sliding_window, mc.rope_scaling) == ("gemma3", 3, 5, tc["rope_scaling"])
+    ours = build_model(mc, get_ops("torch"), torch.float32, "cpu")
+    weights = hf.state_dict().items()
+    if naming == "transformers-4":
+        weights = [(n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
+                    "vision_tower.").replace("model.multi_modal_projector.", "multi_modal_projector."), t)
+                   for n, t in weights]
+    assert ours.load_weights(weights) == ours.weight_names()
+    ids = torch.randint(0, 296, (18,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        out = PagedRunner(ours).step({0: ids})
+    torch.testing.assert_close(out, hf_logits(hf, ids), atol=2e-5, rtol=1e-4)

@@ -53,6 +53,6 @@ def test_bench_throughput_with_hf_baseline_runs_on_cpu(name, monkeypatch, tmp_pa
     records = {r["what"]: r for r in json.loads(out.read_text())}
     fs, hf = records["fleetserve"], records["hf_static"]
     assert fs["generated"] == fs["expected"] == 12 and fs["active_params"] < fs["params"]
-    assert hf["generated"] == 12 and hf["class"] == ("MixtralForCausalLM" if "mixtral" in name
+    assert hf["generated"] == 12 and hf["hf_class"] == ("MixtralForCausalLM" if "mixtral" in name
                                                      else "Qwen3MoeForCausalLM")
     assert records["ratio"]["fleetserve_over_hf"] > 0

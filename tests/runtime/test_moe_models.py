@@ -31,6 +31,9 @@ CASES = {
     # 4 experts top-2, GQA 2:1, untied
     "mixtral-e4-k2": ("MixtralConfig", dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
                                              num_experts_per_tok=2)),
+    # every layer sliding over 4 tokens (shorter than both prompts): the dense side's windowed attention
+    "mixtral-e4-k2-sliding": ("MixtralConfig", dict(intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                                                     num_experts_per_tok=2, sliding_window=4)),
     # 8 experts top-3 renormalised, q/k norm, a dense layer in the middle, tied embeddings
     "qwen3moe-e8-k3-dense-layer-tied": ("Qwen3MoeConfig", dict(
         intermediate_size=80, moe_intermediate_size=32, num_hidden_layers=3, num_experts=8, num_experts_per_tok=3,
@@ -164,6 +167,24 @@ def test_config_parsing():
     cfg = ModelConfig.from_hf_config(mixtral)
     assert (cfg.arch, cfg.num_experts, cfg.moe_intermediate_size, cfg.norm_topk_prob) == ("mixtral", 8, 14336, True)
     assert cfg.num_params() == PRESETS["mixtral-8x7b"].num_params()
+
+
+def test_moe_families_are_registered_on_the_shared_blocks():
+    from fleetserve.runtime.models import FAMILIES, supported_architectures
+    from fleetserve.runtime.models.layers import Attention, CausalLM
+
+    for name, arch in [("mixtral", "MixtralForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                       ("qwen2_moe", "Qwen2MoeForCausalLM")]:
+        assert FAMILIES[name].model_cls.__name__ == arch and issubclass(FAMILIES[name].model_cls, CausalLM)
+        assert arch in supported_architectures()
+    # Qwen3-MoE's q/k norms are the dense Qwen3 attention's (one implementation)
+    model = build_model(PRESETS["qwen3-30b-a3b"].with_(num_layers=1), get_ops("torch"), torch.bfloat16, "meta")
+    attn = model.model.layers[0].self_attn
+    assert type(attn) is Attention and attn.q_norm is not None and attn.k_norm is not None
+    cfg = ModelConfig.from_hf_config({"architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+                                      "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4})
+    assert cfg.layer_window(0) == cfg.layer_window(1) == 4
 
 
 @pytest.mark.parametrize("name,total,active", [("mixtral-8x7b", 46.70e9, 12.88e9), ("qwen3-30b-a3b", 30.53e9, 3.35e9)])
