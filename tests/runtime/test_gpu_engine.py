@@ -7,6 +7,7 @@ kernels round differently from the reference, and with random weights the top
 logits are near-ties, so the test reports the tokens matched before the first
 divergence and checks only that the paths agree where a wrong kernel would not.
 """
+import gc
 import importlib.util
 
 import pytest
@@ -24,7 +25,6 @@ def _prompts(n=8):
 
 def _engine(backend, dtype, eager):
     import torch
-
     from fleetserve.runtime import LLM
 
     llm = LLM(model="llama-3.2-1b", load_format="dummy", device="cuda", dtype=dtype, max_model_len=1024,
@@ -60,10 +60,12 @@ def _compare(dtype):
     got = _greedy(tri, prompts)
     single = [tri.generate([p], _sp())[0].outputs[0].token_ids for p in prompts[:3]]
     del tri
+    gc.collect()
     torch.cuda.empty_cache()
     ref = _engine("torch", dtype, eager=True)
     want = _greedy(ref, prompts)
     del ref
+    gc.collect()
     torch.cuda.empty_cache()
     matched = sum(_prefix_match(a, b) for a, b in zip(got, want))
     total = sum(len(w) for w in want)
@@ -124,7 +126,6 @@ def test_no_triton_compile_after_startup():
     sizes, prompt lengths 3..700, requests finishing during mixed prefill steps) compiles nothing
     more. A variant first met mid-serving stalls that step for the compile (~1 s measured)."""
     import numpy as np
-
     from fleetserve.runtime import LLM, SamplingParams
 
     llm = LLM(model="llama-3.2-1b", load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=1024,

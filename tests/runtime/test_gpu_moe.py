@@ -5,6 +5,8 @@ Mixtral-8x7B / Qwen3-30B-A3B presets build directly on the device.
 Shapes: the presets' real hidden sizes, expert counts and top-k with fewer layers (and a
 smaller vocabulary), registered as extra presets for the test.
 """
+import gc
+
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +26,6 @@ def small_preset(request, monkeypatch):
 
 def _engine(name, backend, dtype, eager, **kw):
     import torch
-
     from fleetserve.runtime import LLM
 
     llm = LLM(model=name, load_format="dummy", device="cuda", dtype=dtype, max_model_len=1024,
@@ -56,6 +57,7 @@ def test_triton_graphs_match_torch_reference_fp32(small_preset, capsys):
     assert tri.engine.runner._graphs
     got = _greedy(tri, prompts)
     del tri
+    gc.collect()
     torch.cuda.empty_cache()
     ref = _engine(small_preset, "torch", "float32", eager=True)
     want = _greedy(ref, prompts)
@@ -82,7 +84,6 @@ def test_no_triton_compile_after_startup(small_preset):
     """Every fused-MoE launch-config class (it follows the step's token count) is compiled on first
     use; a varied workload afterwards compiles nothing."""
     import numpy as np
-
     from fleetserve.runtime import SamplingParams
 
     llm = _engine(small_preset, "triton", "bfloat16", eager=False, max_num_batched_tokens=4096)
@@ -103,9 +104,10 @@ def test_no_triton_compile_after_startup(small_preset):
 def test_full_preset_dummy_weights_allocate_on_the_device(name, gib):
     """bf16 Mixtral-8x7B (~93 GB) does not fit host-side staging twice: weights are created on the GPU."""
     import torch
-
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.loader import load_model
+
+    gc.collect()
 
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -115,4 +117,5 @@ def test_full_preset_dummy_weights_allocate_on_the_device(name, gib):
     assert w.is_cuda and w.dtype == torch.bfloat16 and float(w.float().std()) == pytest.approx(0.02, rel=0.05)
     assert used == pytest.approx(gib, rel=0.02)
     del loaded, w
+    gc.collect()
     torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ graphs, one batch) against Hugging Face transformers loading the same GGUF on th
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -46,7 +47,6 @@ TOP = 5
 def _ours(dtype: str):
     """Token ids of the prompts (half chat-formatted, half raw text), our greedy tokens and top-5 sets."""
     import torch
-
     from fleetserve.runtime import LLM, SamplingParams
 
     llm = LLM(device="cuda", dtype=dtype, max_model_len=1024, seed=0)
@@ -60,6 +60,7 @@ def _ours(dtype: str):
     tops = [[{t for t, lp in step.items() if lp.rank is not None and lp.rank <= TOP} for step in o.outputs[0].logprobs]
             for o in outs]
     del llm
+    gc.collect()
     torch.cuda.empty_cache()
     return prompts, tokens, tops
 
@@ -80,6 +81,7 @@ def _hf(path: str, dtype: str, prompts: list[list[int]]):
             tokens.append(out.sequences[0, len(ids):].tolist())
             tops.append([set(s[0].float().topk(TOP).indices.tolist()) for s in out.scores])
     del model
+    gc.collect()
     torch.cuda.empty_cache()
     return tokens, tops
 
