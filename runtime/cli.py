@@ -131,8 +131,7 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from .server.app import run_server
 
-    asyncio.run(run_server(engine_config, server_config))
-    return 0
+    return asyncio.run(run_server(engine_config, server_config)) or 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
