@@ -262,9 +262,8 @@ def core_process_main(config, req_conn, out_conn, log_level: str = "info", paren
         out_q.put(None)
         wt.join(10)
         out_conn.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # no interpreter teardown (CUDA contexts, daemon threads)
+        # SystemExit lets multiprocessing run its finalizers (tqdm's semaphore) and report the exit code.
+        sys.exit(code)
 
     try:
         from .engine import LLMEngine
