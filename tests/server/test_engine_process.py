@@ -338,3 +338,12 @@ def test_sigterm_stops_the_core_and_server_kill_leaves_no_orphan():
     finally:
         if core and _alive(core):
             os.kill(core, signal.SIGKILL)
+
+
+def test_engine_start_failure_exits_1_with_the_cause(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fleetserve.runtime.cli", "serve", str(tmp_path / "missing"),
+                        "--port", "0"], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 1
+    assert "the engine did not start: ModelLoadError" in r.stderr and "not found" in r.stderr
+    assert "Traceback" not in r.stderr
