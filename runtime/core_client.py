@@ -112,7 +112,21 @@ class ProcessCoreClient:
         self._on_stopped: Optional[OnStopped] = None
         self._stopping = False
         self._ended = False
-        self._send_lock = threading.Lock()
+        # Writes happen on a thread of their own: a burst of large prompts fills the pipe faster than
+        # the core reads it between steps, and the event loop must not wait for that.
+        self._send_q: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="core-client-writer", daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._send_q.get()
+            if data is None:
+                return
+            try:
+                self._req_w.send_bytes(data)
+            except OSError:
+                return  # the core is gone: the output pipe's EOF reports it
 
     def wait_ready(self, timeout: float = 3600.0) -> None:
         """Blocks until the core loaded the model (or raises EngineStartError)."""
@@ -179,17 +193,14 @@ class ProcessCoreClient:
         self._on_stopped(reason or ("engine core process died" if crashed else "engine is shut down"), crashed)
 
     def send(self, op: tuple) -> None:
-        data = pickle.dumps(op, protocol=PICKLE_PROTOCOL)
-        try:
-            with self._send_lock:
-                self._req_w.send_bytes(data)
-        except OSError:
-            pass  # the core is gone: the output pipe's EOF reports it
+        self._send_q.put(pickle.dumps(op, protocol=PICKLE_PROTOCOL))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Asks the core to abort what is left and exit; kills it if it does not within timeout."""
         self._stopping = True
         self.send(("shutdown",))
+        self._send_q.put(None)
+        self._writer.join(timeout)
         self.process.join(timeout)
         if self.process.is_alive():
             logger.warning("engine core process (pid %d) did not stop in %.0fs: killing it", self.process.pid,
@@ -201,3 +212,4 @@ class ProcessCoreClient:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(10)
+        self._send_q.put(None)
