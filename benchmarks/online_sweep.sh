@@ -6,6 +6,9 @@
 # Usage (GPU machine, repo root, carried wheels in .whl/ as for gpu_run.sh):
 #   MODES=process bash benchmarks/online_sweep.sh      # one device call (< 10 min for the 8B)
 #   MODES=thread  bash benchmarks/online_sweep.sh      # the second call
+#   MODES=vllm VLLM_MODEL_DIR=DIR bash benchmarks/online_sweep.sh   # vLLM's api_server, same workload
+#     (vLLM installed under /tmp/vllm-site by ../shared/bench/vllm_peer; DIR holds config.json and a
+#     tokenizer, see that README; its server gets the same max_model_len and step token budget)
 # Settings (environment): MODEL (llama-3.1-8b), RATES ("16 40 80 inf"; inf = all at once: saturation),
 #   NUM_PROMPTS (400), INPUT_LEN (512), OUTPUT_LEN (256), MAX_MODEL_LEN (1024), BUDGET (8192, the
 #   step token budget), WARMUPS (32 requests before each server's first rate), SERVE_ARGS (extra
@@ -46,6 +49,7 @@ for mode in $MODES; do
   case $mode in
     process) flag=--engine-process ;;
     thread) flag=--no-engine-process ;;
+    vllm) flag= ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
   tok=()
@@ -53,9 +57,16 @@ for mode in $MODES; do
   model_arg=("$MODEL")
   [ "$MODEL" = embedded ] && model_arg=()
   echo "=== $mode: starting server $(date -u +%H:%M:%S)"
-  $PY -m fleetserve.runtime.cli serve "${model_arg[@]}" --load-format dummy --max-model-len "$MAX_MODEL_LEN" \
-    --max-num-batched-tokens "$BUDGET" --host 127.0.0.1 --port "$PORT" --disable-log-requests $flag \
-    "${tok[@]}" ${SERVE_ARGS:-} >"$OUT/server-$mode.log" 2>&1 &
+  if [ "$mode" = vllm ]; then
+    [ -n "${VLLM_MODEL_DIR:-}" ] || { echo "MODES=vllm needs VLLM_MODEL_DIR"; exit 2; }
+    PYTHONPATH=/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 python3 -m vllm.entrypoints.openai.api_server \
+      --model "$VLLM_MODEL_DIR" --load-format dummy --max-model-len "$MAX_MODEL_LEN" \
+      --max-num-batched-tokens "$BUDGET" --host 127.0.0.1 --port "$PORT" ${VLLM_ARGS:-} >"$OUT/server-$mode.log" 2>&1 &
+  else
+    $PY -m fleetserve.runtime.cli serve "${model_arg[@]}" --load-format dummy --max-model-len "$MAX_MODEL_LEN" \
+      --max-num-batched-tokens "$BUDGET" --host 127.0.0.1 --port "$PORT" --disable-log-requests $flag \
+      "${tok[@]}" ${SERVE_ARGS:-} >"$OUT/server-$mode.log" 2>&1 &
+  fi
   server=$!
   up=0
   for _ in $(seq 1 600); do
