@@ -176,7 +176,8 @@ async def test_server_without_tokenizer_takes_token_ids_only():
             assert r.status == 400  # past the model's vocabulary
             r = await c.post("/v1/completions", json={"prompt": [5], "max_tokens": 3, "stream": True})
             chunks = [json.loads(l[6:]) for l in (await r.text()).split("\n\n") if l.startswith("data: {")]
-            assert r.status == 200 and len(chunks) == 3 and "".join(ch["choices"][0]["text"] for ch in chunks) == ""
+            # Deltas of steps the stream fell behind on are merged: up to one chunk per token.
+            assert r.status == 200 and 1 <= len(chunks) <= 3 and "".join(ch["choices"][0]["text"] for ch in chunks) == ""
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     finally:
         llm.shutdown()
