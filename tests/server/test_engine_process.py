@@ -271,6 +271,15 @@ def _serve(*extra: str):
     return proc, found["url"], found.get("pid"), lines
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of pid (the engine core and multiprocessing's resource tracker)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(x) for x in f.read().split()]
+    return kids
+
+
 def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -322,22 +331,29 @@ def test_sigterm_stops_the_core_and_server_kill_leaves_no_orphan():
     proc, url, core, _ = _serve()
     try:
         assert core is not None and _alive(core)
+        kids = _children(proc.pid)
+        assert core in kids
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert _wait_gone(core, 10), "engine core outlived a clean shutdown"
+        for k in kids:
+            assert _wait_gone(k, 10), f"child {k} outlived a clean shutdown"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     proc, url, core, _ = _serve()
+    kids = []
     try:
         assert core is not None and _alive(core)
+        kids = _children(proc.pid)
         proc.kill()  # SIGKILL: no handler of ours runs
         proc.wait()
-        assert _wait_gone(core, 30), "engine core orphaned after the server was killed"
+        for k in kids:
+            assert _wait_gone(k, 30), f"child {k} orphaned after the server was killed"
     finally:
-        if core and _alive(core):
-            os.kill(core, signal.SIGKILL)
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
 
 
 def test_engine_start_failure_exits_1_with_the_cause(tmp_path):
