@@ -219,7 +219,7 @@ class OutputProcessor:
             if kind is OutputKind.DELTA:
                 if c.num_sent < 0:
                     continue  # its finish was already delivered
-                new = c.token_ids[c.num_sent:] if c.num_sent else c.token_ids
+                new = c.token_ids[c.num_sent:]  # a copy: the consumer may read it after more tokens arrived
                 if not new and not finished:
                     continue
                 text = det.get_next_output_text(finished=finished, delta=True) if det is not None else ""
