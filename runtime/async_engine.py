@@ -1,39 +1,40 @@
-"""AsyncLLM: the single-threaded `LLMEngine` driven from asyncio.
+"""AsyncLLM: the engine driven from asyncio, with the engine loop in a thread or in its own process.
 
 Ownership:
-- One background thread ("fleetserve-engine") owns the engine: it alone calls
-  add_request / abort_request / step / get_stats. It sleeps on a condition
-  variable while there is nothing to do (no busy-spin).
-- Callers on the event loop never touch the engine. They append ("add" | "abort")
-  operations to a list guarded by that condition; the engine thread applies them
-  between steps, in order.
-- Outputs go back per request through an asyncio.Queue that lives on the event
-  loop; the engine thread hands each step's outputs over with one
-  loop.call_soon_threadsafe call.
-- `stats` is the latest EngineStats snapshot, replaced (never mutated) by the
-  engine thread, so the event loop can read it at any time (metrics, admission).
+- The engine loop (EngineCore around an LLMEngine, runtime/engine_core.py) runs
+  either in a background thread ("fleetserve-engine", ThreadCoreClient) or in a
+  spawned process (ProcessCoreClient, runtime/core_client.py). Either way it alone
+  calls add_request / abort_request / step / get_stats, and it reports per-step
+  deltas (new token ids, new logprobs, finish reasons), never cumulative copies.
+- This side (the event loop) owns tokenization of text prompts, detokenization,
+  stop strings and logprob token strings (OutputProcessor, runtime/output_processor.py),
+  one asyncio.Queue per request, the metrics observers, and `stats`: the latest
+  EngineStats the core sent (replaced, never mutated).
+- Operations ("add" | "abort" | "shutdown") go to the core in order; the core
+  applies them between steps.
 
 `generate()` aborts its request when the consumer goes away (cancellation,
-GeneratorExit), which frees the request's KV blocks.
+GeneratorExit), which frees the request's KV blocks in the core.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Protocol
 
-from .outputs import RequestOutput
-from .protocols import EngineCore
+from .output_processor import OutputKind, OutputProcessor, RequestProgress
+from .outputs import CompletionOutput, RequestOutput
+from .protocols import CoreClient, EngineCore, PromptInput
 from .sampling_params import SamplingParams
-from .validation import RequestLimits
+from .validation import InvalidRequestError, RequestLimits
 
 if TYPE_CHECKING:
     from .config import EngineConfig
 
 logger = logging.getLogger("fleetserve.async_engine")
+
+__all__ = ["AsyncLLM", "EngineDeadError", "OutputKind", "OutputObserver", "RequestProgress"]
 
 
 class EngineDeadError(RuntimeError):
@@ -41,101 +42,164 @@ class EngineDeadError(RuntimeError):
 
 
 class OutputObserver(Protocol):
-    """Sees every request the engine accepted and every step's outputs, on the engine thread."""
+    """Sees every request the engine accepted and how each progressed, on the event loop."""
 
     def on_request_added(self, request_id: str, arrival_time: float) -> None: ...
 
-    def on_outputs(self, outputs: list[RequestOutput], now: float) -> None: ...
+    def on_outputs(self, progress: list[RequestProgress], now: float) -> None: ...
 
 
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy the event loop can read while the engine keeps appending to its own lists."""
-    comps = [dataclasses.replace(c, token_ids=list(c.token_ids),
-                                 logprobs=None if c.logprobs is None else list(c.logprobs))
-             for c in out.outputs]
-    return dataclasses.replace(out, outputs=comps,
-                               prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs))
+class _Stats:
+    """The core's EngineStats as a plain object (attributes num_running, num_waiting, kv_cache_usage, ...)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+    def __repr__(self) -> str:
+        return f"EngineStats({', '.join(f'{k}={v}' for k, v in self.__dict__.items())})"
+
+
+def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of one request as one (when the consumer fell behind)."""
+    comps = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        old = comps.get(c.index)
+        if old is None:
+            comps[c.index] = c
+            continue
+        comps[c.index] = CompletionOutput(
+            c.index, old.text + c.text, old.token_ids + c.token_ids, c.cumulative_logprob,
+            None if c.logprobs is None else (old.logprobs or []) + c.logprobs, c.finish_reason, c.stop_reason)
+    b.outputs = [comps[i] for i in sorted(comps)]
+    return b
 
 
 class AsyncLLM:
-    def __init__(self, engine: EngineCore, *, observers: tuple[OutputObserver, ...] = ()):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_name: str = engine.model_name
-        self.max_model_len: int = engine.max_model_len
-        self.limits: RequestLimits = engine.limits  # for runtime/validation.validate on the event loop
-        self.stats = engine.get_stats()
-        self.max_num_seqs: Optional[int] = getattr(getattr(engine, "config", None), "max_num_seqs", None)
+    def __init__(self, engine: Optional[EngineCore] = None, *, observers: tuple[OutputObserver, ...] = (),
+                 client: Optional[CoreClient] = None):
+        """engine: an LLMEngine (or any EngineCore) to run in a thread of this process; or client: a
+        started core client (ProcessCoreClient.wait_ready() done). `engine` then is the core's EngineInfo."""
+        if client is None:
+            from .core_client import ThreadCoreClient
+
+            client = ThreadCoreClient(engine)
+        self._client = client
+        info = client.info
+        self.engine: Any = engine if engine is not None else info
+        self.tokenizer = client.tokenizer
+        self.model_name: str = info.model_name
+        self.max_model_len: int = info.max_model_len
+        # For runtime/validation.validate on the event loop; in process mode the core sent it at start-up.
+        self.limits: RequestLimits = info.limits
+        self.max_num_seqs: Optional[int] = getattr(info.config, "max_num_seqs", None)
+        self.stats: Any = _Stats(client.stats)
         self._observers: list[OutputObserver] = list(observers)
-        self._cv = threading.Condition()
-        self._ops: list[tuple] = []  # guarded by _cv
-        self._pending_adds = 0  # guarded by _cv; adds not yet handed to the engine
+        self._processor = OutputProcessor(self.tokenizer, self._abort_core)
+        self._num_adds_sent = 0
+        self._num_adds_applied = 0
+        self._started = False
         self._stopping = False
-        self._error: Optional[BaseException] = None
-        self._thread: Optional[threading.Thread] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._error: Optional[str] = None
+        self._stopped_reason: Optional[str] = None
         self._streams: dict[str, asyncio.Queue] = {}  # event loop only
+        self.died: Optional[asyncio.Event] = None  # set when the core stopped without being asked to
 
     @classmethod
-    def from_config(cls, config: "EngineConfig", **kw) -> "AsyncLLM":
-        """Loads the model (slow): call it from a worker thread when an event loop is running."""
+    def from_config(cls, config: "EngineConfig", *, engine_process: bool = False, log_level: str = "info", **kw) -> "AsyncLLM":
+        """Loads the model (slow): call it from a worker thread when an event loop is running.
+        engine_process: run the engine loop in its own (spawned) process."""
+        if engine_process:
+            client = cls.spawn_core(config, log_level)
+            client.wait_ready()
+            return cls(client=client, **kw)
         from .engine import LLMEngine
 
         return cls(LLMEngine.from_config(config), **kw)
 
+    @staticmethod
+    def spawn_core(config, log_level: str = "info"):
+        """Starts the engine-core process (returns at once; call wait_ready() on the result, off the loop)."""
+        from .core_client import ProcessCoreClient
+
+        return ProcessCoreClient(config, log_level)
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Starts the engine thread; outputs are delivered to the running event loop."""
-        if self._thread is not None:
+        """Starts the engine loop (thread) or listens to the core process; outputs go to the running loop."""
+        if self._started:
             return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="fleetserve-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        self.died = asyncio.Event()
+        self._client.start(self._on_batch, self._on_stopped)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stops the engine thread; requests still in it are aborted."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        """Stops the engine loop; requests still in it are aborted. Blocking: call it off the event loop."""
+        self._stopping = True
+        self._client.shutdown(timeout)
 
     @property
     def is_alive(self) -> bool:
-        return (self._thread is not None and self._thread.is_alive() and self._error is None
-                and not self._stopping)
+        return self._started and self._client.is_running and self._error is None and not self._stopping
+
+    @property
+    def core_pid(self) -> Optional[int]:
+        proc = getattr(self._client, "process", None)
+        return None if proc is None else proc.pid
 
     @property
     def num_waiting(self) -> int:
-        """Requests not running yet: the engine's waiting queue plus adds not handed over."""
-        return self.stats.num_waiting + self._pending_adds
+        """Requests not running yet: the engine's waiting queue plus adds not applied by the core yet."""
+        return self.stats.num_waiting + self._num_pending_adds
+
+    @property
+    def _num_pending_adds(self) -> int:
+        # Adds the core has not applied yet. The core reports how many it applied in the same batch
+        # as the stats taken after applying them, so a request counts here until the stats show it.
+        return self._num_adds_sent - self._num_adds_applied
 
     def num_unschedulable(self, extra: int = 0) -> int:
         """Sequences that would find no batch slot at the next step if `extra` more arrived now:
-        what is running, waiting or not handed over yet, beyond max_num_seqs. (KV blocks may still
-        hold some of the rest back; this counts slots only.)"""
+        what is running, waiting or not applied by the core yet, beyond max_num_seqs. (KV blocks may
+        still hold some of the rest back; this counts slots only.)"""
         s = self.stats
-        total = s.num_running + s.num_waiting + self._pending_adds + extra
-        return max(0, total - self.max_num_seqs) if self.max_num_seqs else s.num_waiting + self._pending_adds + extra
+        pending = self._num_pending_adds
+        total = s.num_running + s.num_waiting + pending + extra
+        return max(0, total - self.max_num_seqs) if self.max_num_seqs else s.num_waiting + pending + extra
 
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
     def add_observer(self, observer: OutputObserver) -> None:
-        with self._cv:
-            self._observers = self._observers + [observer]
+        self._observers = self._observers + [observer]
 
     def remove_observer(self, observer: OutputObserver) -> None:
-        with self._cv:
-            self._observers = [o for o in self._observers if o is not observer]
+        self._observers = [o for o in self._observers if o is not observer]
 
     # ------------------------------------------------------------ requests
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str,
-                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs until the request finishes.
+    def _prompt(self, prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids", param="prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] "
+                                  f"or dict", param="prompt")
+
+    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
+                       arrival_time: Optional[float] = None,
+                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        """Yields outputs until the request finished: cumulative ones by default, only what is new
+        with OutputKind.DELTA, or just the finished one with OutputKind.FINAL.
 
         Invalid input raises ValueError from the first iteration. If the consumer
         stops early (break, cancellation, disconnect) the request is aborted.
@@ -144,20 +208,22 @@ class AsyncLLM:
             raise EngineDeadError("engine is not running")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt(prompt)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         arrival = time.time() if arrival_time is None else arrival_time
-        with self._cv:
-            self._ops.append(("add", request_id, prompt, params, arrival))
-            self._pending_adds += 1
-            self._cv.notify()
+        self._processor.add(request_id, text, ids, params, output_kind, arrival)
+        self._num_adds_sent += 1
+        self._client.send(("add", request_id, ids, params, arrival))
         finished = False
+        delta = output_kind is OutputKind.DELTA
         try:
             while True:
                 item = await queue.get()
-                # Outputs are cumulative: when the consumer fell behind, only the newest matters.
+                # When the consumer fell behind: cumulative outputs, only the newest matters; deltas are merged.
                 while not isinstance(item, BaseException) and not queue.empty():
-                    item = queue.get_nowait()
+                    nxt = queue.get_nowait()
+                    item = nxt if isinstance(nxt, BaseException) or not delta else merge_deltas(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -172,115 +238,57 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def fail_request(self, request_id: str, exc: BaseException) -> None:
-        """Ends a request with `exc` (raised from its generate() iterator) and aborts it in the engine."""
+        """Ends a request with `exc` (raised from its generate() iterator) and aborts it in the core."""
         q = self._streams.get(request_id)
         if q is not None:
             q.put_nowait(exc)
         self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Aborts a request (no-op if it already finished); its KV blocks are freed by the engine thread."""
-        with self._cv:
-            self._ops.append(("abort", request_id))
-            self._cv.notify()
+        """Aborts a request (no-op if it already finished); its KV blocks are freed by the engine loop.
+        Its state here stays until the core's abort output arrives, so the metrics count the abort."""
+        self._abort_core(request_id)
 
-    # ------------------------------------------------------------ engine thread
+    def _abort_core(self, request_id: str) -> None:
+        if self._client.is_running:
+            self._client.send(("abort", [request_id]))
 
-    def _run(self) -> None:
-        engine = self.engine
-        busy = False
-        try:
-            while True:
-                with self._cv:
-                    while not self._ops and not busy and not self._stopping:
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    ops, self._ops = self._ops, []
-                    observers = self._observers
-                errors, aborted = self._apply(ops, observers)
-                outputs = []
-                if aborted or engine.has_unfinished_requests():
-                    t0 = time.perf_counter()
-                    outputs = engine.step()
-                    if not outputs and time.perf_counter() - t0 < 5e-4:
-                        # Nothing could be scheduled (e.g. waiting for KV blocks): don't spin a core on it.
-                        with self._cv:
-                            if not self._ops and not self._stopping:
-                                self._cv.wait(0.002)
-                busy = engine.has_unfinished_requests()
-                self.stats = engine.get_stats()
-                now = time.time()
-                for obs in observers:
-                    obs.on_outputs(outputs, now)
-                if outputs or errors:
-                    self._post(self._deliver, [_snapshot(o) for o in outputs], errors)
-        except BaseException as e:  # the engine is broken: fail every request, health turns 503
-            logger.exception("engine loop crashed")
-            self._error = e
-            self._post(self._fail_all, EngineDeadError(f"engine loop crashed: {type(e).__name__}"))
-            return
-        # Shutdown: abort whatever is left so that the engine frees its blocks.
-        try:
-            rids = list(self._streams)
-            if rids:
-                engine.abort_request(rids)
-                engine.step()
-            self.stats = engine.get_stats()
-        except Exception:
-            logger.exception("aborting requests at shutdown failed")
-        self._post(self._fail_all, EngineDeadError("engine is shut down"))
+    # ------------------------------------------------------------ from the core (event loop)
 
-    def _apply(self, ops, observers) -> tuple[list, bool]:
-        errors, aborted, added, handed = [], False, False, 0
-        for op in ops:
-            if op[0] == "add":
-                _, rid, prompt, params, arrival = op
-                try:
-                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
-                    added = True
-                    for obs in observers:
-                        obs.on_request_added(rid, arrival)
-                except Exception as e:  # bad input: ValueError; anything else fails only this request
-                    if not isinstance(e, ValueError):
-                        logger.exception("add_request(%s) failed", rid)
-                    errors.append((rid, e))
-                handed += 1
-            else:
-                try:
-                    self.engine.abort_request(op[1])
-                    aborted = True
-                except (KeyError, ValueError):
-                    pass  # already finished
-        if added:
-            self.stats = self.engine.get_stats()  # admission control reads num_waiting during the next step
-        if handed:
-            # Only now: until the stats above show them, these requests must still count as pending.
-            with self._cv:
-                self._pending_adds -= handed
-        return errors, aborted
-
-    def _post(self, fn, *args) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed between the check and the call
-            pass
-
-    # ------------------------------------------------------------ event loop side
-
-    def _deliver(self, outputs: list[RequestOutput], errors: list) -> None:
-        for rid, exc in errors:
+    def _on_batch(self, batch) -> None:
+        now, stats, num_applied, outputs, errors = batch
+        self.stats = _Stats(stats)
+        self._num_adds_applied = num_applied
+        for rid, kind, message, param, code in errors:
+            self._processor.discard(rid)
             q = self._streams.get(rid)
-            if q is not None:
-                q.put_nowait(exc)
-        for out in outputs:
-            q = self._streams.get(out.request_id)
+            if q is not None:  # the core's InvalidRequestError keeps its param and code (the 400's)
+                q.put_nowait(InvalidRequestError(message, param=param, code=code) if kind == "invalid"
+                             else ValueError(message) if kind == "value" else RuntimeError(message))
+        if not outputs:
+            return
+        observers = self._observers
+        if observers:
+            for rid, *_ in outputs:
+                st = self._processor.requests.get(rid)
+                if st is not None and st.metrics.first_scheduled_time is None:
+                    for obs in observers:
+                        obs.on_request_added(rid, st.metrics.arrival_time)
+        deliver, progress = self._processor.process(outputs, now)
+        for obs in observers:
+            obs.on_outputs(progress, now)
+        for rid, out in deliver:
+            q = self._streams.get(rid)
             if q is not None:  # None: the consumer left and the request was aborted
                 q.put_nowait(out)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _on_stopped(self, reason: str, crashed: bool) -> None:
+        if crashed:
+            self._error = reason
+            if self.died is not None:
+                self.died.set()
+        self._stopped_reason = reason
+        exc = EngineDeadError(reason)
         for q in self._streams.values():
             q.put_nowait(exc)
+        self._processor.requests.clear()

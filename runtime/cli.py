@@ -129,10 +129,14 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _setup_logging(server_config.log_level)
     import asyncio
 
+    from .core_client import EngineStartError
     from .server.app import run_server
 
-    asyncio.run(run_server(engine_config, server_config))
-    return 0
+    try:
+        return asyncio.run(run_server(engine_config, server_config)) or 0
+    except EngineStartError as e:  # the core process logged the details already
+        logging.getLogger("fleetserve.server").error("the engine did not start: %s", e)
+        return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -62,6 +62,11 @@ class _RequestState:
     cumulative_logprob: list[Optional[float]] = field(default_factory=list)
     prompt_logprobs: Optional[list] = None
     final_only: bool = False
+    delta: bool = False
+    # delta outputs: per completion, output tokens already reported (-1 once its finish was);
+    # prompt logprob positions already reported
+    num_sent: list[int] = field(default_factory=list)
+    num_prompt_lp_sent: int = 0
 
     @property
     def finished(self) -> bool:
@@ -137,6 +142,9 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # False: no text and no stop strings here (the caller detokenizes, as the server's
+        # OutputProcessor does); logprobs then carry no decoded_token.
+        self.detokenize = True
         if self.device.type == "cuda":
             self._warmup()
         logger.info("model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
@@ -216,10 +224,12 @@ class LLMEngine:
                                   f"or dict", param="prompt")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None, final_only: bool = False) -> None:
+                    arrival_time: Optional[float] = None, final_only: bool = False, delta: bool = False) -> None:
         """Queue a request; runtime/validation.validate checks it first (InvalidRequestError, a
         ValueError). final_only: step() reports it only once finished (offline batches), which
-        saves building an output object for every request in every step."""
+        saves building an output object for every request in every step. delta: each output
+        holds only what is new since the request's previous output (token ids, logprobs, text,
+        prompt logprobs), so no cumulative list is copied per step."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -233,12 +243,13 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]
         state = _RequestState(
             request_id=request_id, prompt=text, prompt_token_ids=ids, params=params, seqs=seqs,
-            detoks=[IncrementalDetokenizer(self.tokenizer, ids, params) for _ in seqs] if self.tokenizer else [],
+            detoks=([IncrementalDetokenizer(self.tokenizer, ids, params) for _ in seqs]
+                    if self.tokenizer and self.detokenize else []),
             metrics=RequestMetrics(arrival_time=arrival),
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
             cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in seqs],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            final_only=final_only,
+            final_only=final_only, delta=delta, num_sent=[0] * len(seqs),
         )
         self._requests[request_id] = state
         if params.has_penalties:
@@ -348,7 +359,9 @@ class LLMEngine:
 
     # -- outputs --------------------------------------------------------------
     def _decode_token(self, token_id: int) -> Optional[str]:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else None
+        if self.tokenizer is None or not self.detokenize:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _logprob_dict(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
         d = {ids[0]: Logprob(lps[0], rank, self._decode_token(ids[0]))}
@@ -361,6 +374,8 @@ class LLMEngine:
         return [self._logprob_dict(ids, lps, rank) for ids, lps, rank in entries]
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
+        if state.delta:
+            return self._make_delta_output(state)
         comps = []
         for i, seq in enumerate(state.seqs):
             text = ""
@@ -376,6 +391,32 @@ class LLMEngine:
             outputs=comps, finished=state.finished,
             prompt_logprobs=state.prompt_logprobs, num_cached_tokens=state.seqs[0].num_cached_tokens,
             metrics=state.metrics)
+
+    def _make_delta_output(self, state: _RequestState) -> RequestOutput:
+        comps = []
+        for i, seq in enumerate(state.seqs):
+            sent = state.num_sent[i]
+            if sent < 0:
+                continue  # its finish was already reported
+            start = seq.num_prompt_tokens + sent
+            if start >= len(seq.token_ids) and not seq.is_finished:
+                continue  # nothing new for this completion (n > 1: a sibling progressed)
+            state.num_sent[i] = -1 if seq.is_finished else len(seq.token_ids) - seq.num_prompt_tokens
+            lps = state.logprobs[i]
+            text = ""
+            if state.detoks:
+                text = state.detoks[i].get_next_output_text(finished=seq.is_finished, delta=True)
+            comps.append(CompletionOutput(
+                index=i, text=text, token_ids=seq.token_ids[start:],
+                cumulative_logprob=state.cumulative_logprob[i], logprobs=None if lps is None else lps[sent:],
+                finish_reason=seq.status.value if seq.is_finished else None, stop_reason=seq.stop_reason))
+        plp = state.prompt_logprobs
+        if plp is not None:
+            plp, state.num_prompt_lp_sent = plp[state.num_prompt_lp_sent:], len(plp)
+        return RequestOutput(
+            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+            outputs=comps, finished=state.finished, prompt_logprobs=plp,
+            num_cached_tokens=state.seqs[0].num_cached_tokens, metrics=state.metrics)
 
     def get_stats(self) -> EngineStats:
         kv = self.scheduler.kv

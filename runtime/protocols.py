@@ -1,6 +1,8 @@
 """Typed seams between runtime layers: what one side needs of the other, as Protocols.
 
-- `EngineCore`: what AsyncLLM drives (LLMEngine, or a test stand-in).
+- `EngineCore`: the synchronous engine the core loop drives (runtime/engine_core.py's EngineCore
+  loop, in a thread via `AsyncLLM(engine)` or in the engine-core process): LLMEngine, or a test stand-in.
+- `CoreClient`: how AsyncLLM reaches that loop (runtime/core_client.py: ThreadCoreClient, ProcessCoreClient).
 - `LoadSettings`: the EngineConfig fields that `load_model` reads.
 - `StatsSnapshot`: the engine statistics the metrics collector exports (EngineStats).
 - `CausalLM`: the model surface the ModelRunner drives (runtime/models/layers.py's CausalLM, which
@@ -11,7 +13,7 @@ satisfy them, and nothing here touches the device.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Union
 
 from .validation import RequestLimits
 
@@ -50,7 +52,9 @@ class StatsSnapshot(Protocol):
 
 
 class EngineCore(Protocol):
-    """The synchronous engine AsyncLLM runs on its engine thread (runtime/engine.py's LLMEngine)."""
+    """The synchronous engine the core loop runs (runtime/engine.py's LLMEngine). The loop sets
+    `detokenize = False` and adds requests with delta=True: per-step deltas of token ids and
+    logprobs, no text and no stop strings (the HTTP side's OutputProcessor owns those)."""
 
     @property
     def tokenizer(self) -> Optional["Tokenizer"]: ...
@@ -61,8 +65,11 @@ class EngineCore(Protocol):
     @property
     def limits(self) -> RequestLimits: ...
 
+    detokenize: bool
+
     def add_request(self, request_id: str, prompt: PromptInput, params: "SamplingParams",
-                    arrival_time: Optional[float] = None) -> None: ...
+                    arrival_time: Optional[float] = None, final_only: bool = False,
+                    delta: bool = False) -> None: ...
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None: ...
 
@@ -71,6 +78,40 @@ class EngineCore(Protocol):
     def has_unfinished_requests(self) -> bool: ...
 
     def get_stats(self) -> StatsSnapshot: ...
+
+
+class CoreInfo(Protocol):
+    """What the HTTP side knows of an engine it may not hold (runtime/engine_core.py's EngineInfo)."""
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def limits(self) -> Optional[RequestLimits]: ...
+    @property
+    def config(self) -> Any: ...
+
+
+class CoreClient(Protocol):
+    """How AsyncLLM reaches the engine core loop (runtime/core_client.py). `info`, `tokenizer` and
+    `stats` are known once the core is up; `start` registers callbacks run on the event loop;
+    `send` takes ("add" | "abort" | "shutdown", ...) operations (engine_core.py's wire format)."""
+
+    @property
+    def info(self) -> CoreInfo: ...
+    @property
+    def tokenizer(self) -> Optional["Tokenizer"]: ...
+    @property
+    def stats(self) -> dict: ...
+    @property
+    def is_running(self) -> bool: ...
+
+    def start(self, on_batch: Callable[[tuple], None], on_stopped: Callable[[str, bool], None]) -> None: ...
+
+    def send(self, op: tuple) -> None: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None: ...
 
 
 class LoadSettings(Protocol):

@@ -17,6 +17,13 @@ rules, in vLLM's order of precedence:
 3. Reaching `Seq.max_len` (prompt + max_tokens, or the context length)
    ends it with "length" -- unless rule 2 matched on the same token.
 
+Where the text lives elsewhere -- the engine core runs with `detokenize = False`
+and the server's OutputProcessor (runtime/output_processor.py) owns the
+detokenizers -- rules 1 and 3 are decided in the core (StopChecker without a
+text source) and rule 2 on the text side with the same helpers
+(`match_stop_string`, `resolve`), token by token, so both places apply one rule
+set.
+
 Nothing here touches the device or mutates a Seq.
 """
 from __future__ import annotations
@@ -68,6 +75,29 @@ def find_stop_string(text: str, scan_from: int, stop: Iterable[str]) -> Optional
     return best
 
 
+def match_stop_string(text: TextStopper, token: int, by_token: bool, ends: bool) -> Optional[str]:
+    """Rule 2 for one appended token: feed it to the detokenizer and return the stop string it
+    completed, or None. `by_token`: rule 1 ended the completion on this token (its text is left
+    out); `ends`: the completion ends on this token whatever the text says (rule 1 or 3, or an
+    abort), so the last incomplete character is flushed into the text first."""
+    matched = text.update([token], stop_terminated=by_token)
+    if matched is None and (by_token or ends):
+        matched = text.flush()  # the last, incomplete character still becomes text
+    return matched
+
+
+def resolve(by_token: Optional[StopDecision], matched: Optional[str], at_length: bool) -> Optional[StopDecision]:
+    """The precedence of the rules for one token: rule 1, else a matched stop string (rule 2,
+    which also beats rule 3 on the same token), else rule 3."""
+    if by_token is not None:
+        return by_token
+    if matched is not None:
+        return StopDecision(SeqStatus.FINISHED_STOPPED, matched)
+    if at_length:
+        return StopDecision(SeqStatus.FINISHED_LENGTH, None)
+    return None
+
+
 class StopChecker:
     """Applies the rules above. `text_of(seq)` gives the sequence's detokenizer (None
     without a tokenizer: stop strings then never match)."""
@@ -88,15 +118,8 @@ class StopChecker:
                 by_token = StopDecision(SeqStatus.FINISHED_STOPPED, token)
         at_length = seq.num_tokens >= seq.max_len
         text = self._text_of(seq) if self._text_of is not None else None
+        matched = None
         if text is not None:
             # An EOS / stop token ends the completion; its own text is left out (vLLM).
-            matched = text.update([token], stop_terminated=by_token is not None)
-            if matched is None and (by_token is not None or at_length):
-                matched = text.flush()  # the last, incomplete character still becomes text
-            if matched is not None and by_token is None:
-                return StopDecision(SeqStatus.FINISHED_STOPPED, matched)
-        if by_token is not None:
-            return by_token
-        if at_length:
-            return StopDecision(SeqStatus.FINISHED_LENGTH, None)
-        return None
+            matched = match_stop_string(text, token, by_token is not None, at_length)
+        return resolve(by_token, matched, at_length)

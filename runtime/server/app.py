@@ -1,8 +1,12 @@
 """The aiohttp application: app factory, middlewares, engine lifecycle, server runner.
 
 Lifecycle (owned here):
-- startup (cleanup context): load the model off the event loop, start the
-  AsyncLLM engine thread, attach the metrics observer, log what is served;
+- startup (cleanup context): start the engine core (its own process by default,
+  ServerConfig.engine_process; else a thread) and wait for its model off the event
+  loop, attach the metrics observer, log what is served;
+- the engine core dies (crash, killed): /health and new requests answer 503,
+  streams in flight end with an error, the server shuts down and `run_server`
+  returns exit code 1;
 - SIGTERM / SIGINT: stop listening (new connections are refused), answer 503 to
   new requests on open connections, let in-flight requests finish within
   ServerConfig.shutdown_timeout, then cut the rest (aborted in the engine; a stream
@@ -116,7 +120,19 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
 
     async def engine_ctx(app: web.Application):
         owned = llm is None
-        engine = llm or await asyncio.to_thread(AsyncLLM.from_config, engine_config)
+        if llm is not None:
+            engine = llm
+        elif server_config.engine_process:
+            # Spawned from the loop's thread (it outlives start-up); the model loads in the core meanwhile.
+            client = AsyncLLM.spawn_core(engine_config, server_config.log_level)
+            try:
+                await asyncio.to_thread(client.wait_ready)
+            except BaseException:
+                await asyncio.to_thread(client.shutdown, 5.0)
+                raise
+            engine = AsyncLLM(client=client)
+        else:
+            engine = await asyncio.to_thread(AsyncLLM.from_config, engine_config)
         engine.start()
         served = engine_config.served_model_name or engine.model_name
         metrics = ServerMetrics(served, lambda: engine.stats, lambda: engine.num_waiting, engine.max_model_len)
@@ -127,6 +143,8 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
                     "tokens, max concurrency %.1fx (requests of max_model_len tokens)", info["model"], served,
                     info["dtype"], info["device"], info["max_model_len"], info["kv_blocks"], info["block_size"],
                     float(info["max_concurrency"] or 0))
+        if engine.core_pid is not None:
+            logger.info("engine loop runs in its own process (pid %d)", engine.core_pid)
         try:
             yield
         finally:
@@ -172,9 +190,11 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
 async def run_server(engine_config: Optional[EngineConfig] = None, server_config: Optional[ServerConfig] = None, *,
                      llm: Optional[AsyncLLM] = None, stop: Optional[asyncio.Event] = None,
                      on_ready: Optional[Callable[[str], Awaitable[None] | None]] = None,
-                     handle_signals: bool = True) -> None:
-    """Serves until SIGTERM/SIGINT (or `stop` is set), then drains and returns."""
+                     handle_signals: bool = True) -> int:
+    """Serves until SIGTERM/SIGINT (or `stop` is set), then drains and returns 0; returns 1 after
+    shutting down because the engine core died."""
     server_config = server_config or ServerConfig()
+    exit_code = 0
     app = create_app(engine_config, server_config, llm=llm)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server_config.shutdown_timeout,
                            access_log=None)
@@ -195,7 +215,17 @@ async def run_server(engine_config: Optional[EngineConfig] = None, server_config
             res = on_ready(url)
             if asyncio.iscoroutine(res):
                 await res
-        await stop.wait()
+        llm_running = app[SERVING].llm
+        waits = [asyncio.ensure_future(stop.wait())]
+        if llm_running.died is not None:
+            waits.append(asyncio.ensure_future(llm_running.died.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if llm_running.died is not None and llm_running.died.is_set() and not stop.is_set():
+            exit_code = 1
+            app[SERVING].draining = True
+            logger.error("engine core died: shutting down with exit code 1")
         logger.info("shutting down: refusing new requests, draining %d in flight (up to %.0fs)",
                     app[SERVING].llm.num_in_flight, server_config.shutdown_timeout)
         if handle_signals:
@@ -204,3 +234,4 @@ async def run_server(engine_config: Optional[EngineConfig] = None, server_config
     finally:
         await runner.cleanup()
     logger.info("server stopped")
+    return exit_code

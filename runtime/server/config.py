@@ -36,3 +36,5 @@ class ServerConfig(BaseModel):
     """Logging level of the fleetserve loggers."""
     disable_log_requests: bool = True
     """Do not log one line per finished request."""
+    engine_process: bool = True
+    """Run the engine loop (scheduler, KV cache, model) in its own process, so per-token HTTP work (detokenization, SSE) does not compete with it for the GIL; --no-engine-process runs it in a thread of the server."""

@@ -5,8 +5,10 @@ read these, so names, types and units follow vLLM exactly:
 - gauges and engine-wide counters are read from the latest `EngineStats`
   snapshot at scrape time (EngineCollector), so they can never drift from the
   engine's own bookkeeping;
-- latency histograms and request_success are observed per request from the
-  engine thread (`RequestMetricsObserver`, an AsyncLLM OutputObserver).
+- latency histograms and request_success are observed per request on the
+  event loop from the per-step progress the OutputProcessor reports
+  (`RequestMetricsObserver`, an AsyncLLM OutputObserver), with the engine core's
+  step timestamps, so they read the same whether the core is a thread or a process.
 Each app owns its own CollectorRegistry so several servers can share a process.
 """
 from __future__ import annotations
@@ -98,7 +100,7 @@ class _RequestTiming:
 
 
 class RequestMetricsObserver:
-    """Per-request latency histograms and finish counters; runs on the engine thread."""
+    """Per-request latency histograms and finish counters; runs on the event loop."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int = 1 << 20):
         self.model_name = model_name
@@ -140,16 +142,17 @@ class RequestMetricsObserver:
         with self._lock:
             self._requests[request_id] = _RequestTiming(arrival_time)
 
-    def on_outputs(self, outputs, now: float) -> None:
-        for out in outputs:
-            st = self._requests.get(out.request_id)
+    def on_outputs(self, progress, now: float) -> None:
+        """progress: RequestProgress items (runtime/output_processor.py) of one engine step."""
+        for p in progress:
+            st = self._requests.get(p.request_id)
             if st is None:
                 continue
-            m = out.metrics
+            m = p.metrics
             if not st.queued_observed and m is not None and m.first_scheduled_time is not None:
                 self.queue.observe(max(0.0, m.first_scheduled_time - st.arrival))
                 st.queued_observed = True
-            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            num_tokens = p.num_output_tokens
             if num_tokens > st.num_tokens:
                 if st.last_token_time is None:
                     self.ttft.observe(max(0.0, now - st.arrival))
@@ -159,9 +162,9 @@ class RequestMetricsObserver:
                     self.tpot.observe(gap)
                 st.last_token_time = now
                 st.num_tokens = num_tokens
-            if out.finished:
+            if p.finished:
                 self.e2e.observe(max(0.0, now - st.arrival))
-                self.prompt_tokens.observe(len(out.prompt_token_ids))
+                self.prompt_tokens.observe(p.num_prompt_tokens)
                 self.generation_tokens.observe(num_tokens)
                 if m is not None and m.first_scheduled_time is not None:
                     end = m.finished_time or now
@@ -169,10 +172,10 @@ class RequestMetricsObserver:
                     if m.first_token_time is not None:
                         self.prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
                         self.decode_time.observe(max(0.0, (m.last_token_time or end) - m.first_token_time))
-                for c in out.outputs:
-                    self.success.labels(self.model_name, c.finish_reason or "abort").inc()
+                for reason in p.finish_reasons:
+                    self.success.labels(self.model_name, reason or "abort").inc()
                 with self._lock:
-                    self._requests.pop(out.request_id, None)
+                    self._requests.pop(p.request_id, None)
 
 
 class ServerMetrics:

@@ -1,8 +1,8 @@
 """Route handlers: OpenAI completions / chat completions, models, tokenize, health, metrics.
 
 A request reads in one direction: JSON body -> protocol model (validated) ->
-prompt token ids + SamplingParams -> AsyncLLM.generate -> cumulative
-RequestOutputs -> JSON response or SSE deltas. The server tokenizes prompts
+prompt token ids + SamplingParams -> AsyncLLM.generate -> RequestOutputs
+(deltas for streams, the finished output for JSON) -> JSON response or SSE chunks. The server tokenizes prompts
 itself (so it can check lengths and count usage before the engine sees them)
 and hands the engine token ids only.
 """
@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from ..async_engine import AsyncLLM, EngineDeadError
+from ..async_engine import AsyncLLM, EngineDeadError, OutputKind
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from ..validation import InvalidRequestError, validate
@@ -92,6 +92,33 @@ def _usage(prompt_lens: list[int], latest: dict[int, RequestOutput]) -> UsageInf
     p = sum(prompt_lens)
     c = sum(len(co.token_ids) for out in latest.values() for co in out.outputs)
     return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def _reasons(latest: dict[int, RequestOutput]) -> set[str]:
+    return {c.finish_reason or "abort" for out in latest.values() for c in out.outputs}
+
+
+class _StreamTally:
+    """What a stream of delta outputs has produced so far: token counts and finish reasons per choice."""
+
+    def __init__(self):
+        self.tokens: dict = {}  # choice key -> completion tokens so far
+        self.reasons: dict = {}  # choice key -> finish reason
+        self.prompts: set[int] = set()  # prompts (of a batch) that produced output
+
+    def add(self, i: int, key, c: CompletionOutput) -> None:
+        self.prompts.add(i)
+        self.tokens[key] = self.tokens.get(key, 0) + len(c.token_ids)
+        if c.finish_reason is not None:
+            self.reasons[key] = c.finish_reason
+
+    def usage(self, prompt_lens: list[int], seen_only: bool = False) -> UsageInfo:
+        p = sum(prompt_lens[i] for i in self.prompts) if seen_only else sum(prompt_lens)
+        c = sum(self.tokens.values())
+        return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    def finish_reasons(self) -> set[str]:
+        return {self.reasons.get(k, "abort") for k in self.tokens}
 
 
 class OpenAIServing:
@@ -197,10 +224,10 @@ class OpenAIServing:
         except ValueError as e:
             raise to_bad_request(e, fields=SamplingParams.model_fields) from None
 
-    def _log_done(self, rid: str, usage: UsageInfo, latest: dict[int, RequestOutput], start: float) -> None:
+    def _log_done(self, rid: str, usage: UsageInfo, finish_reasons: set[str], start: float) -> None:
         if self.config.disable_log_requests:
             return
-        reasons = sorted({c.finish_reason or "abort" for out in latest.values() for c in out.outputs})
+        reasons = sorted(finish_reasons)
         logger.info("request %s done in %.3fs: prompt_tokens=%d completion_tokens=%d finish=%s", rid,
                     time.time() - start, usage.prompt_tokens, usage.completion_tokens, ",".join(reasons))
 
@@ -212,9 +239,11 @@ class OpenAIServing:
         return self.tokenizer.decode([tid], skip_special_tokens=False)
 
     def _start(self, prompts_ids: list[list[int]], params, request_id: str, streaming: bool) -> AsyncIterator:
+        # Streams get only what is new per step; a JSON response only the finished output.
+        kind = OutputKind.DELTA if streaming else OutputKind.FINAL
         arrival = time.time()
         engine_ids = [f"{request_id}-{i}" for i in range(len(prompts_ids))]
-        gens = [self.llm.generate({"prompt_token_ids": ids}, params, eid, arrival_time=arrival)
+        gens = [self.llm.generate({"prompt_token_ids": ids}, params, eid, arrival_time=arrival, output_kind=kind)
                 for eid, ids in zip(engine_ids, prompts_ids)]
         return self._tracked(request_id, engine_ids, streaming, merge(gens))
 
@@ -321,7 +350,7 @@ class OpenAIServing:
         choices.sort(key=lambda ch: ch.index)
         resp = CompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                   usage=_usage([len(x) for x in ids_list], latest))
-        self._log_done(rid, resp.usage, latest, start)
+        self._log_done(rid, resp.usage, _reasons(latest), start)
         return web.Response(body=resp.model_dump_json().encode(), content_type="application/json",
                             headers={"X-Request-Id": rid})
 
@@ -347,50 +376,43 @@ class OpenAIServing:
                                   texts, ids_list) -> web.StreamResponse:
         created = int(start)
         resp = await sse.open_stream(request, {"X-Request-Id": rid})
-        sent_text: dict[tuple[int, int], int] = {}
-        sent_tok: dict[tuple[int, int], int] = {}
+        tally = _StreamTally()
         done: set[tuple[int, int]] = set()
         offsets: dict[tuple[int, int], int] = {}
-        latest: dict[int, RequestOutput] = {}
         prompt_lens = [len(x) for x in ids_list]
         dump_kw = {} if req.include_usage else {"exclude": {"usage"}}
 
-        async def emit(i: int, out: RequestOutput):
-            latest[i] = out
+        async def emit(i: int, out: RequestOutput):  # out holds only what is new (OutputKind.DELTA)
             for c in out.outputs:
                 key = (i, c.index)
                 if key in done:
                     continue
-                n_text, n_tok = sent_text.get(key, 0), sent_tok.get(key, 0)
-                delta = c.text[n_text:]
-                new_ids = c.token_ids[n_tok:]
-                finished = c.finish_reason is not None
                 prefix = ""
-                if key not in sent_text and req.echo:
+                if key not in tally.tokens and req.echo:
                     prefix = self._prompt_text(texts[i], ids_list[i])
+                tally.add(i, key, c)
+                finished = c.finish_reason is not None
                 # Like vLLM, a step that produced tokens is a chunk even when the detokenizer holds its text back.
-                if not (delta or finished or prefix or new_ids):
+                if not (c.text or finished or prefix or c.token_ids):
                     continue
                 logprobs = None
                 if req.logprobs is not None and c.logprobs is not None:
-                    logprobs = self._completion_logprobs(new_ids, c.logprobs[n_tok:], req.logprobs,
-                                                         offsets.get(key, 0))
+                    logprobs = self._completion_logprobs(c.token_ids, c.logprobs, req.logprobs, offsets.get(key, 0))
                     if logprobs.text_offset:
                         offsets[key] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
-                sent_text[key], sent_tok[key] = len(c.text), len(c.token_ids)
                 if finished:
                     done.add(key)
                 chunk = CompletionChunk(id=rid, created=created, model=self.served_model_name, choices=[
-                    CompletionChoice(index=i * req.n + c.index, text=prefix + delta, logprobs=logprobs,
+                    CompletionChoice(index=i * req.n + c.index, text=prefix + c.text, logprobs=logprobs,
                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
                 if req.stream_options and req.stream_options.continuous_usage_stats:
-                    chunk.usage = _usage([prompt_lens[k] for k in latest], latest)
+                    chunk.usage = tally.usage(prompt_lens, seen_only=True)
                 await resp.write(sse.event(chunk, **dump_kw))
 
         return await self._pump(resp, stream, first, emit, lambda: CompletionChunk(
             id=rid, created=created, model=self.served_model_name, choices=[],
-            usage=_usage(prompt_lens, latest)) if req.include_usage else None,
-            lambda: self._log_done(rid, _usage(prompt_lens, latest), latest, start))
+            usage=tally.usage(prompt_lens)) if req.include_usage else None,
+            lambda: self._log_done(rid, tally.usage(prompt_lens), tally.finish_reasons(), start))
 
     async def _pump(self, resp, stream, first, emit, usage_chunk, on_done) -> web.StreamResponse:
         """Writes every output as SSE, then the usage chunk and [DONE]; errors after the headers become events."""
@@ -468,7 +490,7 @@ class OpenAIServing:
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         resp = ChatCompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                       usage=_usage([len(ids)], {0: out}))
-        self._log_done(rid, resp.usage, {0: out}, start)
+        self._log_done(rid, resp.usage, _reasons({0: out}), start)
         return web.Response(body=resp.model_dump_json().encode(), content_type="application/json",
                             headers={"X-Request-Id": rid})
 
@@ -477,36 +499,31 @@ class OpenAIServing:
         created = int(start)
         resp = await sse.open_stream(request, {"X-Request-Id": rid})
         k = (req.top_logprobs or 0) if req.logprobs else None
-        sent_text: dict[int, int] = {}
-        sent_tok: dict[int, int] = {}
+        tally = _StreamTally()
         done: set[int] = set()
-        latest: dict[int, RequestOutput] = {}
         dump_kw = {} if req.include_usage else {"exclude": {"usage"}}
 
         def chunk(choice: ChatStreamChoice) -> bytes:
             ch = ChatCompletionChunk(id=rid, created=created, model=self.served_model_name, choices=[choice])
-            if req.stream_options and req.stream_options.continuous_usage_stats and latest:
-                ch.usage = _usage([len(ids)], latest)
+            if req.stream_options and req.stream_options.continuous_usage_stats and tally.tokens:
+                ch.usage = tally.usage([len(ids)])
             return sse.event(ch, **dump_kw)
 
-        async def emit(_: int, out: RequestOutput):
-            latest[0] = out
+        async def emit(_: int, out: RequestOutput):  # out holds only what is new (OutputKind.DELTA)
             for c in out.outputs:
                 j = c.index
                 if j in done:
                     continue
-                if j not in sent_text:  # OpenAI opens each choice with the role and empty content
-                    sent_text[j] = sent_tok[j] = 0
+                opening = j not in tally.tokens
+                tally.add(0, j, c)
+                if opening:  # OpenAI opens each choice with the role and empty content
                     await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))))
-                delta = c.text[sent_text[j]:]
-                new_ids = c.token_ids[sent_tok[j]:]
                 finished = c.finish_reason is not None
-                if not (delta or finished or (new_ids and k is not None)):
+                if not (c.text or finished or (c.token_ids and k is not None)):
                     continue
-                logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[sent_tok[j]:], k) if k is not None else None
-                sent_text[j], sent_tok[j] = len(c.text), len(c.token_ids)
-                if delta or logprobs is not None:
-                    await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(content=delta),
+                logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
+                if c.text or logprobs is not None:
+                    await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(content=c.text),
                                                             logprobs=logprobs)))
                 if finished:
                     done.add(j)
@@ -516,8 +533,8 @@ class OpenAIServing:
 
         return await self._pump(resp, stream, first, emit, lambda: ChatCompletionChunk(
             id=rid, created=created, model=self.served_model_name, choices=[],
-            usage=_usage([len(ids)], latest)) if req.include_usage else None,
-            lambda: self._log_done(rid, _usage([len(ids)], latest), latest, start))
+            usage=tally.usage([len(ids)])) if req.include_usage else None,
+            lambda: self._log_done(rid, tally.usage([len(ids)]), tally.finish_reasons(), start))
 
     # ------------------------------------------------------------ the rest
 

@@ -33,3 +33,18 @@ def test_engine_satisfies_engine_core():
 def test_stats_and_config_satisfy_their_protocols():
     assert _members(protocols.StatsSnapshot) == {f.name for f in dataclasses.fields(EngineStats)}
     assert _members(protocols.LoadSettings) <= set(EngineConfig.model_fields)
+
+
+def test_core_clients_satisfy_core_client():
+    from fleetserve.runtime.core_client import ProcessCoreClient, ThreadCoreClient
+    from fleetserve.runtime.engine_core import EngineInfo
+
+    # info / tokenizer / stats are set in __init__ (ProcessCoreClient fills them in wait_ready)
+    members = _members(protocols.CoreClient) - {"info", "tokenizer", "stats"}
+    for cls in (ThreadCoreClient, ProcessCoreClient):
+        assert members <= set(dir(cls)), cls
+        assert {"info", "tokenizer", "stats"} <= set(cls.__init__.__code__.co_names), cls
+    assert _members(protocols.CoreInfo) <= {f.name for f in dataclasses.fields(EngineInfo)}
+    # the core loop turns detokenization off: the engine must have the switch
+    assert "detokenize" in protocols.EngineCore.__annotations__
+    assert "detokenize" in LLMEngine.__init__.__code__.co_names

@@ -11,7 +11,7 @@ from fleetserve.runtime.kv_cache import KVCacheManager
 from fleetserve.runtime.request import Seq, SeqStatus
 from fleetserve.runtime.sampling_params import SamplingParams
 from fleetserve.runtime.scheduler import Scheduler
-from fleetserve.runtime.stop import StopChecker, StopDecision, find_stop_string, suppressed_token_ids
+from fleetserve.runtime.stop import StopChecker, StopDecision, find_stop_string, resolve, suppressed_token_ids
 
 EOS = 0
 _ids = iter(range(10**9))
@@ -149,3 +149,12 @@ def test_every_finish_goes_through_scheduler_finish(monkeypatch):
     assert all(s.status == SeqStatus.FINISHED_ABORTED for s in [leader, *kids])
     assert [sid for sid, _ in calls] == [stopped.seq_id, lengthy.seq_id, kids[0].seq_id, kids[1].seq_id, leader.seq_id]
     assert not sched.has_unfinished() and kv.num_free_blocks == 32
+
+
+def test_resolve_precedence_shared_by_the_engine_and_the_output_processor():
+    """The order both StopChecker (engine detokenizes) and the OutputProcessor (server) apply per token."""
+    eos = StopDecision(SeqStatus.FINISHED_STOPPED, None)
+    assert resolve(eos, "STOP", at_length=True) == eos  # rule 1 first
+    assert resolve(None, "STOP", at_length=True) == StopDecision(SeqStatus.FINISHED_STOPPED, "STOP")  # 2 beats 3
+    assert resolve(None, None, at_length=True) == StopDecision(SeqStatus.FINISHED_LENGTH, None)
+    assert resolve(None, None, at_length=False) is None

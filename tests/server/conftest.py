@@ -20,8 +20,9 @@ ENGINE_KW = dict(max_model_len=512, num_kv_blocks=512, max_num_seqs=64, seed=0)
 
 
 class ServerThread:
-    def __init__(self, engine_config, server_configs: dict):
+    def __init__(self, engine_config, server_configs: dict, engine_process: bool = False):
         self.engine_config = engine_config
+        self.engine_process = engine_process
         self.server_configs = server_configs
         self.urls: dict[str, str] = {}
         self.apps: dict = {}
@@ -58,7 +59,8 @@ class ServerThread:
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.llm = await asyncio.to_thread(AsyncLLM.from_config, self.engine_config)
+        self.llm = await asyncio.to_thread(AsyncLLM.from_config, self.engine_config,
+                                           engine_process=self.engine_process)
         self.llm.start()
         runners = []
         for name, cfg in self.server_configs.items():

@@ -255,7 +255,12 @@ def _read_until_eof(sock) -> bytes:
 
 
 def test_shutdown_past_the_drain_timeout_ends_streams_with_an_error_event_and_others_with_503(server, caplog):
-    """run_server on the shared engine with a 1 s drain: a long stream and a long plain request are cut."""
+    """run_server on the shared engine with a 1 s drain: a long stream and a long plain request are cut.
+    (test_engine_process.py runs the same check with the engine core in its own process.)"""
+    check_shutdown_cut(server, caplog)
+
+
+def check_shutdown_cut(server, caplog) -> None:
     import socket
 
     from fleetserve.runtime.server.app import run_server

@@ -120,7 +120,7 @@ class _CrashingEngine:
                                num_preemptions_total=0, prefix_cache_queries_total=0, prefix_cache_hits_total=0,
                                prompt_tokens_total=0, generation_tokens_total=0)
 
-    def add_request(self, request_id, prompt, params, arrival_time=None):
+    def add_request(self, request_id, prompt, params, arrival_time=None, delta=False):
         self.requests.append(request_id)
 
     def abort_request(self, request_id):
