@@ -25,6 +25,7 @@ import torch
 from .attention import AttentionMetadata
 from .sampler import Sampler, SamplingRow, SamplingTensors, compute_prompt_logprobs
 from .scheduler import SchedulerOutput
+from .structured.bitmask import fill_token_mask
 
 # (token ids [K+1], logprobs [K+1], rank of column 0) for one position; column 0 is the
 # sampled (or, for prompts, the actual next) token.
@@ -261,7 +262,10 @@ class ModelRunner:
             last = self._stage([qsl[1:][sample_idx] - 1])[0]
             logits = self.model.compute_logits(hidden[last])
         st = SamplingTensors.build(rows, self.vocab_size, self.device)
-        res = self.sampler(logits, st)
+        # Structured outputs: the host fills the grammar bitmasks while the device runs the forward pass.
+        grammars = [(r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None]
+        token_mask = fill_token_mask(grammars, self.device, len(sample_idx)) if grammars else None
+        res = self.sampler(logits, st, token_mask)
         step.seq_ids = [items[i].seq.seq_id for i in sample_idx]
         step.sampled = res.token_ids
         step.logprobs = res.logprobs

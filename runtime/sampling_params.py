@@ -10,6 +10,8 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .structured.params import StructuredOutputsParams
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
@@ -54,6 +56,8 @@ class SamplingParams(BaseModel):
     """Keep the matched stop string at the end of the output text."""
     logit_bias: Optional[dict[int, float]] = None
     """Added to the logits of the given token ids before sampling (values clamped to [-100, 100])."""
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, one of some strings or an EBNF grammar."""
 
     @field_validator("stop", mode="before")
     @classmethod
