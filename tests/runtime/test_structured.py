@@ -236,3 +236,16 @@ def test_engine_compiles_off_thread_and_fails_cleanly(engine):
     assert re.fullmatch(r"(ab){2,4}", done["late"].outputs[0].text)
     if not raised:
         assert done["bad"].outputs[0].finish_reason == "abort" and "grammar" in done["bad"].outputs[0].stop_reason
+
+
+def test_engine_constraint_starts_after_given_tokens(engine):
+    """start_after_token_ids (the end of a reasoning block): tokens up to and including them are
+    free, what follows is constrained. The 'end' here is what greedy SmolLM2 writes first anyway."""
+    prompt = _chat(engine, "Describe a person as JSON with name and age.")
+    free = _run(engine, [("free", prompt, SamplingParams(temperature=0.0, max_tokens=3))])["free"].outputs[0]
+    so = StructuredOutputsParams(json=SCHEMA, start_after_token_ids=tuple(free.token_ids[1:3]))
+    out = _run(engine, [("after", prompt, SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so))])
+    c = out["after"].outputs[0]
+    assert c.token_ids[:3] == free.token_ids
+    rest = engine.tokenizer.decode(c.token_ids[3:])
+    assert _valid(json.loads(rest)), rest

@@ -96,7 +96,7 @@ def test_400_completions(base_url, body, param, contains):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, ""),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "json_schema"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000}, "maximum context length"),
 ])
