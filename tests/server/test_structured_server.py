@@ -354,3 +354,45 @@ def test_structured_output_waits_for_reasoning_end(srv, model):
     assert _reasoning(m) and not m.content
     plain = _client(srv).chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0)
     assert _reasoning(m) == plain.choices[0].message.content  # unconstrained: same greedy text
+
+
+# ----------------------------------------------------------------- langchain-openai, unchanged
+
+def test_langchain_with_structured_output_and_bind_tools(srv, model):
+    try:
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+    except ImportError as e:
+        pytest.skip(f"langchain-openai is not installed: {e}")
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=10)
+        age: int
+
+    llm = ChatOpenAI(model=model, base_url=srv.urls["tools"] + "/v1", api_key="x", temperature=0, max_tokens=80,
+                     max_retries=0, timeout=300)
+    for method in ("json_schema", "function_calling", "json_mode"):
+        structured = llm.with_structured_output(Person, method=method)
+        prompt = "Make up a person. Answer in JSON with name and age."
+        try:
+            p = structured.invoke(prompt)
+        except Exception as e:
+            raise AssertionError(f"with_structured_output(method={method!r}) failed: {e!r}") from None
+        assert isinstance(p, Person) and p.name, method
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    for choice in ("get_weather", "any"):
+        msg = llm.bind_tools([get_weather], tool_choice=choice).invoke("Weather in Paris?")
+        assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather", choice
+        assert isinstance(msg.tool_calls[0]["args"].get("city"), str)
+    msg = llm.bind_tools([get_weather]).invoke("Say hi.")  # auto: SmolLM2 answers in text
+    assert msg.content is not None
+    chunks = list(llm.bind_tools([get_weather], tool_choice="get_weather").stream("Weather in Rome?"))
+    merged = chunks[0]
+    for ch in chunks[1:]:
+        merged = merged + ch
+    assert merged.tool_calls and merged.tool_calls[0]["name"] == "get_weather"
