@@ -352,7 +352,7 @@ class LLMEngine:
         if self._grammar_waiting:
             self._admit_compiled()
         outputs, self._pending_outputs = self._pending_outputs, []
-        pipelined = self.async_scheduling and self._num_penalty_requests == 0 and self._num_grammar_requests == 0
+        pipelined = self.async_scheduling and self._num_penalty_requests == 0
         if self._inflight is not None and not pipelined:
             outputs += self._process(self._inflight)
             self._inflight = None
@@ -367,9 +367,14 @@ class LLMEngine:
             m = self._requests[s.seq.request_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        launched = self.runner.launch(sched)
+        # Grammar masks need the previous step's tokens: queue this step's forward pass, read
+        # back and process the previous step while it runs, then fill the masks and sample.
+        defer = self._inflight is not None and self._num_grammar_requests > 0
+        launched = self.runner.launch(sched, defer_sample=defer)
         if self._inflight is not None:
             outputs += self._process(self._inflight)
+        if defer:
+            self.runner.finish_launch(launched)
         if pipelined:
             self._inflight = launched
         else:

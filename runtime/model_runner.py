@@ -172,8 +172,9 @@ class ModelRunner:
         return self.collect(self.launch(sched))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "_LaunchedStep":
-        """Queue one step on the device and return without waiting for it.
+    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> "_LaunchedStep":
+        """Queue one step on the device and return without waiting for it (defer_sample: only
+        the forward pass and logits; `finish_launch` queues the sampling).
 
         Tokens of the previous launch that are still on the device (placeholders: a
         sequence's last token was sampled there but not yet appended on the host) are
@@ -247,6 +248,28 @@ class ModelRunner:
         if not sample_idx:
             step.start_readback()
             return step
+        if len(sample_idx) == T:  # pure decode: every token is sampled
+            logits = self.model.compute_logits(hidden[:T])
+        else:
+            last = self._stage([qsl[1:][sample_idx] - 1])[0]
+            logits = self.model.compute_logits(hidden[last])
+        step.seq_ids = [items[i].seq.seq_id for i in sample_idx]
+        self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
+        step._pending = (items, sample_idx, logits)
+        if not defer_sample:
+            self.finish_launch(step)
+        return step
+
+    @torch.inference_mode()
+    def finish_launch(self, step: "_LaunchedStep") -> None:
+        """Queue the sampling of a step launched with defer_sample=True. Structured outputs: the
+        engine reads back the previous step and advances the grammars in between, while the
+        device runs this step's forward pass; the bitmasks are filled here, from the grammars'
+        up-to-date state."""
+        if step._pending is None:
+            return
+        items, sample_idx, logits = step._pending
+        step._pending = None
         rows = []
         for i in sample_idx:
             seq = items[i].seq
@@ -256,24 +279,16 @@ class ModelRunner:
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids,
                 position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))
-        if len(sample_idx) == T:  # pure decode: every token is sampled
-            logits = self.model.compute_logits(hidden[:T])
-        else:
-            last = self._stage([qsl[1:][sample_idx] - 1])[0]
-            logits = self.model.compute_logits(hidden[last])
         st = SamplingTensors.build(rows, self.vocab_size, self.device)
         # Structured outputs: the host fills the grammar bitmasks while the device runs the forward pass.
         grammars = [(r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None]
         token_mask = fill_token_mask(grammars, self.device, len(sample_idx)) if grammars else None
         res = self.sampler(logits, st, token_mask)
-        step.seq_ids = [items[i].seq.seq_id for i in sample_idx]
         step.sampled = res.token_ids
         step.logprobs = res.logprobs
         step.num_logprobs = st.num_logprobs
         self._prev_sampled = res.token_ids
-        self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
         step.start_readback()
-        return step
 
     def collect(self, step: "_LaunchedStep") -> RunnerOutput:
         """Wait for a launched step's results (the step's one sync) and convert them to lists."""
@@ -318,6 +333,7 @@ class _LaunchedStep:
     num_logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     _done: Optional[torch.cuda.Event] = None
+    _pending: Optional[tuple] = None  # (items, sample rows, logits) until finish_launch
 
     def start_readback(self) -> None:
         """Queue the copies of the results into pinned host memory and mark the point in the
