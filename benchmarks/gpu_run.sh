@@ -2,7 +2,8 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests, bench-1b, bench-8b (default: all); smollm2: the real-weights GPU tests against
+#   steps: tests, bench-1b, bench-8b (default: all); structured-tests, structured-8b (carry .bench/smollm2-tokenizer,
+#   made by benchmarks/export_tokenizer.py, and the xgrammar + apache-tvm-ffi cp312 wheels in .whl/); smollm2: the real-weights GPU tests against
 #   transformers. The embedded GGUF (98 MB) is over the 64 MiB carry limit: split it here
 #   (head -c 49000000 > .smollm2-a/part, the rest > .smollm2-b/part); one call carries .smollm2-a
 #   and runs step stash-a (a copy in /tmp survives while the machine stays warm, the carried
@@ -27,6 +28,8 @@ for step in $steps; do
                tests/runtime/test_gpu_smollm2.py tests/runtime/test_gpu_engine.py::test_smollm2_answers_paris_on_gpu 2>&1 \
                | grep -v -i warn | grep -v "it/s\]\|tensor/s\]" | tail -40 | tee "$OUT/gpu-smollm2.log" ;;
     bench-1b) timeout 200 python3 -m fleetserve.runtime.bench.throughput --model llama-3.2-1b --baseline hf --hf-batch-size 128 --output-json "$OUT/bench-1b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    structured-8b) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 64 --input-len 512 --output-len 256 --structured json-schema --tokenizer .bench/smollm2-tokenizer --output-json "$OUT/bench-structured-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -8 ;;
+    structured-tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime/test_gpu_structured.py 2>&1 | grep -v -i warn | tail -20 | tee "$OUT/gpu-structured-tests.log" ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 64 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
   esac
 done

@@ -94,8 +94,10 @@ class GrammarCompiler:
         try:
             if kind == "json_schema":
                 schema = so.json_schema if isinstance(so.json_schema, str) else json.dumps(so.json_schema)
-                return c.compile_json_schema(schema, any_whitespace=True, strict_mode=True)
+                return c.compile_json_schema(schema, any_whitespace=not so.disable_any_whitespace, strict_mode=True)
             if kind == "json_object":
+                if so.disable_any_whitespace:
+                    return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
                 return c.compile_builtin_json_grammar()
             if kind == "regex":
                 return c.compile_regex(so.regex)

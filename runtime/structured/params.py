@@ -28,6 +28,8 @@ class StructuredOutputsParams(BaseModel):
     """The output is exactly one of these strings."""
     grammar: Optional[str] = None
     """An EBNF grammar (GBNF / xgrammar dialect, start rule `root`)."""
+    disable_any_whitespace: bool = False
+    """JSON constraints: no free whitespace between tokens (compact JSON); by default any is allowed."""
     start_after_token_ids: Optional[tuple[int, ...]] = None
     """Leave the output free until these tokens appeared in it (the end of a reasoning block),
     then constrain what follows. Set by the server's reasoning parser, not by clients."""
@@ -65,8 +67,9 @@ class StructuredOutputsParams(BaseModel):
             return json.dumps(self.choice)
         return getattr(self, kind)
 
-    def key(self) -> tuple[str, str]:
+    def key(self) -> tuple[str, str, bool]:
         kind = self.kind
+        ws = self.disable_any_whitespace and kind in ("json_schema", "json_object")
         if kind == "json_schema" and isinstance(self.json_schema, str):
-            return kind, json.dumps(json.loads(self.json_schema), sort_keys=True)
-        return kind, self.spec_text()
+            return kind, json.dumps(json.loads(self.json_schema), sort_keys=True), ws
+        return kind, self.spec_text(), ws
