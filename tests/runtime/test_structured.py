@@ -275,3 +275,25 @@ def test_engine_pipelined_steps_give_the_same_tokens(smollm2_path):
             if c.finish_reason == "stop":
                 assert _valid(json.loads(c.text)), c.text
     assert results[0] == results[1]
+
+
+def test_engine_abort_while_compiling(engine, monkeypatch):
+    """A request aborted while its grammar compiles is gone (no blocks, no output but the abort);
+    the compile still lands in the cache. The slow compile is a stand-in (mock): a sleep before
+    the real one."""
+    c = engine.structured
+    real = c._compile
+    monkeypatch.setattr(c, "_compile", lambda so: (time.sleep(0.5), real(so))[1])
+    so = StructuredOutputsParams(regex=r"slowly[0-9]{3}")
+    engine.add_request("slow", _chat(engine, "hi"), SamplingParams(max_tokens=8, structured_outputs=so))
+    assert engine.step() == []  # waiting for its grammar: nothing scheduled
+    engine.abort_request("slow")
+    outs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outs if o.request_id == "slow"] == ["abort"]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.kv.usage == 0 and engine._num_grammar_requests == 0
+    time.sleep(0.6)
+    hits = c.hits
+    c.compile(so)
+    assert c.hits == hits + 1
