@@ -21,6 +21,7 @@ import collections
 import concurrent.futures as cf
 import json
 import logging
+import re
 import threading
 from typing import Optional, Sequence
 
@@ -49,8 +50,13 @@ def _xgr():
 
 
 def _ebnf_literal(s: str) -> str:
-    # JSON string escapes (\" \\ \n \uXXXX) are what xgrammar's EBNF literals accept.
-    return json.dumps(s)
+    # JSON's escapes for quotes, backslashes and control characters are EBNF's too; other
+    # characters stay raw UTF-8 (a \uXXXX surrogate pair would not be one character there).
+    return json.dumps(s, ensure_ascii=False)
+
+
+# xgrammar prefixes its messages with "[hh:mm:ss] /path/file.cc:123: ".
+_XGR_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -108,7 +114,8 @@ class GrammarCompiler:
             what = {"json_schema": "invalid JSON schema", "json_object": "JSON grammar",
                     "regex": "invalid regex", "choice": "invalid choice", "grammar": "invalid grammar"}[kind]
             msg = str(e).strip().splitlines()
-            raise GrammarError(f"{what}: {msg[0] if msg else type(e).__name__}", param=kind) from None
+            text = _XGR_PREFIX.sub("", msg[0]) if msg else type(e).__name__
+            raise GrammarError(f"{what}: {text}", param=kind) from None
 
     def _finish(self, key, fut: cf.Future) -> None:
         with self._lock:

@@ -297,3 +297,21 @@ def test_engine_abort_while_compiling(engine, monkeypatch):
     hits = c.hits
     c.compile(so)
     assert c.hits == hits + 1
+
+
+@pytest.mark.parametrize("choices", [["café", "naïve 😀"], ['say "hi"', "back\\slash", "new\nline"], ["a"]])
+def test_choice_literals_accept_exactly_their_tokens(compiler, smollm2_tokenizer, choices):
+    so = StructuredOutputsParams(choice=choices)
+    compiled = compiler.compile(so)
+    for text in choices:
+        g = compiler.new_state(compiled, so)
+        assert all(g.accept(t) for t in smollm2_tokenizer.encode(text, add_special_tokens=False)), text
+        assert g.accept(2) and g.terminated  # then only EOS
+    g = compiler.new_state(compiled, so)
+    assert not g.accept(smollm2_tokenizer.encode("zzz", add_special_tokens=False)[0])
+
+
+def test_compile_error_messages_are_clean(compiler):
+    with pytest.raises(GrammarError) as ei:
+        compiler.compile(StructuredOutputsParams(regex="(?<=a)b"))
+    assert str(ei.value) == "invalid regex: Regex parsing error at position 3: Lookbehind is not supported yet."
