@@ -129,7 +129,8 @@ class LLMEngine:
         self._inflight = None  # the launched step whose tokens are not read back yet (async scheduling)
         self._num_penalty_requests = 0
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
-        # count of running ones (their masks need the previous token on the host: no pipelining).
+        # count of running ones (while any runs, pipelined steps sample only after the previous
+        # step was processed: their masks need its tokens; see step()).
         self._grammar_waiting: list[tuple[_RequestState, cf.Future]] = []
         self._num_grammar_requests = 0
         self._structured = None

@@ -282,6 +282,9 @@ class ModelRunner:
         st = SamplingTensors.build(rows, self.vocab_size, self.device)
         # Structured outputs: the host fills the grammar bitmasks while the device runs the forward pass.
         grammars = [(r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None]
+        for r, g in grammars:
+            if g.num_tokens != rows[r].position:  # a mask for the wrong position would be silently wrong
+                raise RuntimeError(f"grammar of row {r} saw {g.num_tokens} tokens, sampling position {rows[r].position}")
         token_mask = fill_token_mask(grammars, self.device, len(sample_idx)) if grammars else None
         res = self.sampler(logits, st, token_mask)
         step.sampled = res.token_ids
