@@ -79,7 +79,7 @@ class GrammarCompiler:
         for tok, i in backend.get_vocab(with_added_tokens=True).items():
             if i < len(vocab):
                 vocab[i] = tok
-        meta = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
+        meta = _vocab_metadata(xgr, backend, vocab)
         self.tokenizer_info = xgr.TokenizerInfo(vocab, meta["vocab_type"], vocab_size=len(vocab),
                                                 stop_token_ids=self.eos_token_ids,
                                                 add_prefix_space=meta["add_prefix_space"])
@@ -167,6 +167,20 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _vocab_metadata(xgr, backend, vocab: list[str]) -> dict:
+    """How token strings map to bytes: xgrammar's own detection from tokenizer.json (a private
+    helper), else by the tokens' spelling (GPT-2 byte-level 'Ġ', SentencePiece '▁' + <0x..>)."""
+    try:
+        return xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
+    except Exception as e:  # a renamed helper in another xgrammar version
+        logger.warning("xgrammar vocabulary detection failed (%s); guessing from the tokens", e)
+    if any(t.startswith("\u2581") for t in vocab) and "<0x0A>" in vocab:
+        return {"vocab_type": xgr.VocabType.BYTE_FALLBACK, "add_prefix_space": True}
+    if any(t.startswith("\u0120") for t in vocab):
+        return {"vocab_type": xgr.VocabType.BYTE_LEVEL, "add_prefix_space": False}
+    return {"vocab_type": xgr.VocabType.RAW, "add_prefix_space": False}
 
 
 class GrammarState:

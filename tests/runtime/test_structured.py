@@ -315,3 +315,21 @@ def test_compile_error_messages_are_clean(compiler):
     with pytest.raises(GrammarError) as ei:
         compiler.compile(StructuredOutputsParams(regex="(?<=a)b"))
     assert str(ei.value) == "invalid regex: Regex parsing error at position 3: Lookbehind is not supported yet."
+
+
+def test_vocab_metadata_fallback_guesses_byte_level(smollm2_tokenizer, monkeypatch):
+    import xgrammar as xgr
+
+    from fleetserve.runtime.structured.grammar import _vocab_metadata
+
+    vocab = [""] * smollm2_tokenizer.vocab_size
+    for t, i in smollm2_tokenizer.backend.get_vocab(with_added_tokens=True).items():
+        vocab[i] = t
+    want = _vocab_metadata(xgr, smollm2_tokenizer.backend, vocab)
+    assert want["vocab_type"] == xgr.VocabType.BYTE_LEVEL
+
+    def broken(_):
+        raise AttributeError("gone")
+
+    monkeypatch.setattr(xgr.TokenizerInfo, "_detect_metadata_from_hf", staticmethod(broken))
+    assert _vocab_metadata(xgr, smollm2_tokenizer.backend, vocab) == want
