@@ -70,6 +70,21 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: O
     return out
 
 
+_BATCH_FILL_MIN_ROWS = 8
+_BATCH_MATCHER = None
+
+
+def _batch_matcher():
+    global _BATCH_MATCHER
+    if _BATCH_MATCHER is None:
+        import os
+
+        import xgrammar
+
+        _BATCH_MATCHER = xgrammar.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    return _BATCH_MATCHER
+
+
 def fill_token_mask(states: list, device: torch.device, num_rows: int) -> Optional[TokenMask]:
     """Host side: fill the bitmasks of (row, GrammarState) pairs and queue their copy to the device.
     num_rows: rows of the step's logits (rows=None when every row is masked). None if no state constrains."""
@@ -79,8 +94,16 @@ def fill_token_mask(states: list, device: torch.device, num_rows: int) -> Option
     width = (states[0][1].vocab_size + 31) // 32  # the grammar vocabulary's (>= the tokenizer's)
     cuda = device.type == "cuda"
     host = torch.empty((len(states), width), dtype=torch.int32, pin_memory=cuda)
-    for k, (_, g) in enumerate(states):
-        g.fill(host, k)
+    batch = [k for k, (_, g) in enumerate(states) if not g.terminated]
+    if len(batch) >= _BATCH_FILL_MIN_ROWS:  # xgrammar fills these rows on its own threads
+        _batch_matcher().batch_fill_next_token_bitmask([states[k][1].matcher for k in batch], host, batch)
+        batch_set = set(batch)
+        for k, (_, g) in enumerate(states):
+            if k not in batch_set:
+                g.fill(host, k)
+    else:
+        for k, (_, g) in enumerate(states):
+            g.fill(host, k)
     bitmask = host.to(device, non_blocking=cuda)
     rows = None
     if len(states) != num_rows:

@@ -195,7 +195,7 @@ class GrammarState:
         self.num_tokens = 0  # output tokens seen (accepted or, before activation, skipped)
         self.terminated = False
         self.vocab_size = vocab_size
-        self._eos = list(eos_token_ids)
+        self._eos = frozenset(eos_token_ids)
         self._tail: list[int] = []
 
     def accept(self, token: int) -> bool:
@@ -215,7 +215,7 @@ class GrammarState:
             self.active = False
             self.start_after = (-1,)  # never re-activates
             return False
-        if self.matcher.is_terminated():
+        if token in self._eos and self.matcher.is_terminated():  # only a stop token ends a grammar
             self.terminated = True
         return True
 
@@ -227,7 +227,7 @@ class GrammarState:
         """Write the allowed next tokens into bitmask[row] (int32, one bit per token id)."""
         if self.terminated:
             bitmask[row].zero_()
-            for t in self._eos:
+            for t in sorted(self._eos):
                 bitmask[row, t // 32] |= _bit(t % 32)
             return
         self.matcher.fill_next_token_bitmask(bitmask, row)

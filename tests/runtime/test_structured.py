@@ -333,3 +333,25 @@ def test_vocab_metadata_fallback_guesses_byte_level(smollm2_tokenizer, monkeypat
 
     monkeypatch.setattr(xgr.TokenizerInfo, "_detect_metadata_from_hf", staticmethod(broken))
     assert _vocab_metadata(xgr, smollm2_tokenizer.backend, vocab) == want
+
+
+def test_batched_mask_fill_equals_per_row_fill(compiler, smollm2_tokenizer):
+    """Eight or more rows are filled by xgrammar's batch matcher (threads): same masks as one by one,
+    including a row whose grammar ended (EOS only) and rows at different positions."""
+    from fleetserve.runtime.structured.bitmask import _BATCH_FILL_MIN_ROWS, fill_token_mask
+
+    so = StructuredOutputsParams(json=SCHEMA)
+    compiled = compiler.compile(so)
+    text = '{"name": "Ann", "age": 42}'
+    ids = smollm2_tokenizer.encode(text, add_special_tokens=False) + [2]
+    states = []
+    for k in range(_BATCH_FILL_MIN_ROWS + 2):
+        g = compiler.new_state(compiled, so)
+        for t in ids[: k % len(ids) if k < _BATCH_FILL_MIN_ROWS + 1 else len(ids)]:
+            assert g.accept(t)
+        states.append(g)
+    assert states[-1].terminated
+    batched = fill_token_mask(list(enumerate(states)), torch.device("cpu"), len(states)).bitmask
+    for k, g in enumerate(states):
+        one = fill_token_mask([(0, g)], torch.device("cpu"), 1).bitmask
+        assert torch.equal(batched[k], one[0]), k
