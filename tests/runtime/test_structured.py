@@ -335,10 +335,17 @@ def test_vocab_metadata_fallback_guesses_byte_level(smollm2_tokenizer, monkeypat
     assert _vocab_metadata(xgr, smollm2_tokenizer.backend, vocab) == want
 
 
-def test_batched_mask_fill_equals_per_row_fill(compiler, smollm2_tokenizer):
+def test_batched_mask_fill_equals_per_row_fill(compiler, smollm2_tokenizer, monkeypatch):
     """Eight or more rows are filled by xgrammar's batch matcher (threads): same masks as one by one,
     including a row whose grammar ended (EOS only) and rows at different positions."""
+    import fleetserve.runtime.structured.bitmask as bitmask
     from fleetserve.runtime.structured.bitmask import _BATCH_FILL_MIN_ROWS, fill_token_mask
+
+    monkeypatch.setattr(bitmask, "_BATCH_THREADS", 2)
+    monkeypatch.setattr(bitmask, "_BATCH_MATCHER", None)
+    calls = []
+    real = bitmask._batch_matcher
+    monkeypatch.setattr(bitmask, "_batch_matcher", lambda: calls.append(1) or real())
 
     so = StructuredOutputsParams(json=SCHEMA)
     compiled = compiler.compile(so)
@@ -352,6 +359,7 @@ def test_batched_mask_fill_equals_per_row_fill(compiler, smollm2_tokenizer):
         states.append(g)
     assert states[-1].terminated
     batched = fill_token_mask(list(enumerate(states)), torch.device("cpu"), len(states)).bitmask
+    assert calls  # the batch path ran
     for k, g in enumerate(states):
         one = fill_token_mask([(0, g)], torch.device("cpu"), 1).bitmask
         assert torch.equal(batched[k], one[0]), k
