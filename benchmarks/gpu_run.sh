@@ -4,7 +4,9 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
 #   steps: tests, bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
 #   bench-qwen3moe, bench-mixtral; engine-process: the engine core process on CUDA
-#   (tests/server/test_gpu_engine_process.py, not in the default list); smollm2: the real-weights GPU tests against
+#   (tests/server/test_gpu_engine_process.py, not in the default list); structured-tests, structured-8b (carry
+#   .bench/smollm2-tokenizer, made by benchmarks/export_tokenizer.py, and the xgrammar + apache-tvm-ffi cp312 wheels
+#   in .whl/); smollm2: the real-weights GPU tests against
 #   transformers. The embedded GGUF (98 MB) is over the 64 MiB carry limit: split it here
 #   (head -c 49000000 > .smollm2-a/part, the rest > .smollm2-b/part); one call carries .smollm2-a
 #   and runs step stash-a (a copy in /tmp survives while the machine stays warm, the carried
@@ -37,5 +39,7 @@ for step in $steps; do
     bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b ${MOE_BASELINE---baseline hf --hf-batch-size 64} --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-qwen3-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model qwen3-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-qwen3-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    structured-8b) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 64 --input-len 512 --output-len 256 --structured json-schema --tokenizer .bench/smollm2-tokenizer --output-json "$OUT/bench-structured-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -8 ;;
+    structured-tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime/test_gpu_structured.py 2>&1 | grep -v -i warn | tail -20 | tee "$OUT/gpu-structured-tests.log" ;;
   esac
 done

@@ -52,6 +52,14 @@ class EngineConfig(BaseModel):
     """Seed for weights of dummy models and for requests that bring no seed of their own."""
     max_logprobs: int = Field(20, ge=0)
     """Largest logprobs / prompt_logprobs a request may ask for."""
+    grammar_compile_timeout: float = Field(10.0, gt=0.0)
+    """Seconds a structured-output grammar (JSON schema, regex, EBNF) may take to compile before the request is refused."""
+    grammar_compile_threads: int = Field(2, ge=1)
+    """Threads that compile grammars (off the engine thread)."""
+    grammar_cache_size: int = Field(256, ge=1)
+    """Compiled grammars kept, keyed by their schema / regex / grammar text (LRU)."""
+    max_grammar_bytes: int = Field(256 * 1024, ge=1024)
+    """Largest JSON schema / regex / grammar text accepted, in bytes."""
     trust_remote_code: bool = False
     """Accepted for vLLM compatibility; remote code is never executed."""
 

@@ -11,9 +11,11 @@ asyncio.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -26,7 +28,7 @@ from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .protocols import PromptInput
-from .request import Seq
+from .request import Seq, SeqStatus
 from .sampler import completion_seed
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -138,6 +140,13 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self._inflight = None  # the launched step whose tokens are not read back yet (async scheduling)
         self._num_penalty_requests = 0
+        # Structured outputs: requests whose grammar is still compiling (off this thread), and the
+        # count of running ones (while any runs, pipelined steps sample only after the previous
+        # step was processed: their masks need its tokens; see step()).
+        self._grammar_waiting: list[tuple[_RequestState, cf.Future]] = []
+        self._num_grammar_requests = 0
+        self._structured = None
+        self._structured_lock = threading.Lock()
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.prompt_tokens_total = 0
@@ -235,6 +244,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         validate(ids, params, self.limits)
+        grammar_future = None
+        if params.structured_outputs is not None:
+            # compiled off this thread (usually a cache hit: the server compiled it to check it)
+            grammar_future = self.structured.submit(params.structured_outputs)
+            if grammar_future.done() and grammar_future.exception() is not None:
+                raise grammar_future.exception()
         max_len = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         arrival = arrival_time if arrival_time is not None else time.time()
@@ -254,8 +269,60 @@ class LLMEngine:
         self._requests[request_id] = state
         if params.has_penalties:
             self._num_penalty_requests += 1
-        self.scheduler.add(seqs[0])
         self.prompt_tokens_total += len(ids)
+        if grammar_future is not None and not grammar_future.done():
+            self._grammar_waiting.append((state, grammar_future))  # scheduled once compiled (step())
+            return
+        if grammar_future is not None:
+            self._attach_grammar(state, grammar_future.result())
+        self.scheduler.add(seqs[0])
+
+    # -- structured outputs ----------------------------------------------------
+    @property
+    def structured(self):
+        """The GrammarCompiler (created on first use; thread-safe, the server compiles through it)."""
+        if self._structured is None:
+            with self._structured_lock:
+                if self._structured is None:
+                    if self.tokenizer is None:
+                        raise ValueError("structured outputs need a tokenizer; this model has none")
+                    from .structured.grammar import GrammarCompiler
+
+                    cfg = self.config
+                    self._structured = GrammarCompiler(
+                        self.tokenizer, self.vocab_size, self.eos_token_ids, cache_size=cfg.grammar_cache_size,
+                        max_threads=cfg.grammar_compile_threads, compile_timeout=cfg.grammar_compile_timeout,
+                        max_spec_bytes=cfg.max_grammar_bytes)
+        return self._structured
+
+    def _attach_grammar(self, state: _RequestState, compiled) -> None:
+        so = state.params.structured_outputs
+        for seq in state.seqs:
+            seq.grammar = self.structured.new_state(compiled, so)
+        self._num_grammar_requests += 1
+
+    def _admit_compiled(self) -> None:
+        """Schedule requests whose grammar finished compiling; fail those whose compile failed.
+        With nothing else to run, wait a little for one instead of spinning."""
+        if not self.scheduler.has_unfinished() and self._inflight is None:
+            cf.wait([f for _, f in self._grammar_waiting], timeout=0.05, return_when=cf.FIRST_COMPLETED)
+        still = []
+        for state, fut in self._grammar_waiting:
+            if state.request_id not in self._requests:
+                continue  # aborted while compiling
+            if not fut.done():
+                still.append((state, fut))
+            elif fut.exception() is not None:
+                logger.warning("request %s: %s", state.request_id, fut.exception())
+                self._forget(state.request_id)
+                for s in state.seqs:  # never scheduled: nothing to free, but finish() is the one way to end
+                    self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED, str(fut.exception()))
+                state.metrics.finished_time = time.time()
+                self._pending_outputs.append(self._make_output(state))
+            else:
+                self._attach_grammar(state, fut.result())
+                self.scheduler.add(state.seqs[0])
+        self._grammar_waiting = still
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -285,6 +352,8 @@ class LLMEngine:
         repetition/presence/frequency penalties need every token on the host before
         sampling: while any is running, steps run one at a time.
         """
+        if self._grammar_waiting:
+            self._admit_compiled()
         outputs, self._pending_outputs = self._pending_outputs, []
         pipelined = self.async_scheduling and self._num_penalty_requests == 0
         if self._inflight is not None and not pipelined:
@@ -301,9 +370,14 @@ class LLMEngine:
             m = self._requests[s.seq.request_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        launched = self.runner.launch(sched)
+        # Grammar masks need the previous step's tokens: queue this step's forward pass, read
+        # back and process the previous step while it runs, then fill the masks and sample.
+        defer = self._inflight is not None and self._num_grammar_requests > 0
+        launched = self.runner.launch(sched, defer_sample=defer)
         if self._inflight is not None:
             outputs += self._process(self._inflight)
+        if defer:
+            self.runner.finish_launch(launched)
         if pipelined:
             self._inflight = launched
         else:
@@ -330,6 +404,8 @@ class LLMEngine:
             state = self._requests[seq.request_id]
             touched[seq.request_id] = state
             self.generation_tokens_total += 1
+            if seq.grammar is not None:
+                seq.grammar.accept(seq.token_ids[-1])
             if seq.seq_id in result.logprobs:
                 ids, lps, rank = result.logprobs[seq.seq_id]
                 state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
@@ -356,6 +432,8 @@ class LLMEngine:
         state = self._requests.pop(request_id, None)
         if state is not None and state.params.has_penalties:
             self._num_penalty_requests -= 1
+        if state is not None and state.seqs[0].grammar is not None:
+            self._num_grammar_requests -= 1
 
     # -- outputs --------------------------------------------------------------
     def _decode_token(self, token_id: int) -> Optional[str]:

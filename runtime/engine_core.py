@@ -71,6 +71,8 @@ class EngineInfo:
     pid: int
     limits: Optional[RequestLimits] = None
     """What runtime/validation.validate checks requests against (the engine's RequestLimits)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """The engine's end-of-sequence ids (the HTTP side's grammar compiler lets a grammar end on them)."""
 
     @classmethod
     def of(cls, engine, config=None) -> "EngineInfo":
@@ -83,7 +85,8 @@ class EngineInfo:
                    num_kv_blocks=getattr(engine, "num_kv_blocks", None),
                    block_size=getattr(engine, "block_size", getattr(cfg, "block_size", None)),
                    max_concurrency=None if mc is None else float(mc), pid=os.getpid(),
-                   limits=getattr(engine, "limits", None))
+                   limits=getattr(engine, "limits", None),
+                   eos_token_ids=tuple(sorted(getattr(engine, "eos_token_ids", ()) or ())))
 
 
 def stats_dict(stats) -> dict:

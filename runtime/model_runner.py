@@ -32,6 +32,7 @@ from .attention import AttentionMetadata
 from .sampler import Sampler, SamplingRow, SamplingTensors, compute_prompt_logprobs
 from .scheduler_output import ScheduledSeq, SchedulerOutput
 from .staging import HostStaging
+from .structured.bitmask import TokenMask, fill_token_mask
 from .utils import cdiv
 
 if TYPE_CHECKING:
@@ -152,8 +153,14 @@ class ModelRunner:
 
     # -- one step: prepare inputs -> forward -> prepare sampling -> sample ----------
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "_LaunchedStep":
-        """Queue one step on the device and return without waiting for it."""
+    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> "_LaunchedStep":
+        """Queue one step on the device and return without waiting for it.
+
+        defer_sample: queue only the forward pass and the logits; `finish_launch` queues the
+        sampling. Structured outputs use this: the engine reads back the previous step and
+        advances the grammars while the device runs this step's forward pass, and the bitmasks
+        are filled afterwards from the grammars' up-to-date state.
+        """
         if self._staging is not None:
             self._staging.begin_step()
         self._copy_blocks(sched.block_copies)
@@ -163,18 +170,32 @@ class ModelRunner:
         self._launch_prompt_logprobs(sched.scheduled, inputs, hidden, step)
         sample_idx = [i for i, s in enumerate(sched.scheduled) if s.sample]
         if sample_idx:
-            logits, st = self.prepare_sampling(sched, sample_idx, inputs, hidden)
-            res = self.sampler(logits, st)
             step.seq_ids = [sched.scheduled[i].seq.seq_id for i in sample_idx]
+            self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
+            step._pending = (sample_idx, self.compute_logits(sample_idx, inputs, hidden))
+        if not defer_sample:
+            self.finish_launch(step)
+        return step
+
+    @torch.inference_mode()
+    def finish_launch(self, step: "_LaunchedStep") -> None:
+        """Queue the sampling of a step launched with defer_sample=True (a no-op once done),
+        close its staging slot and queue the readback."""
+        if step._finished:
+            return
+        step._finished = True
+        if step._pending is not None:
+            sample_idx, logits = step._pending
+            step._pending = None
+            st = self.prepare_sampling(step.sched, sample_idx)
+            res = self.sampler(logits, st, self.prepare_token_mask(step.sched, sample_idx))
             step.sampled = res.token_ids
             step.logprobs = res.logprobs
             step.num_logprobs = st.num_logprobs
             self._prev_sampled = res.token_ids
-            self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
         if self._staging is not None:
             self._staging.end_step()
         step.start_readback()
-        return step
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write KV block copies, before the forward pass writes into them."""
@@ -253,9 +274,16 @@ class ModelRunner:
             return self._run_graph(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
 
-    def prepare_sampling(self, sched: SchedulerOutput, sample_idx: list[int], inputs: "StepInputs",
-                         hidden: torch.Tensor) -> tuple[torch.Tensor, SamplingTensors]:
-        """Logits of the rows that sample (the last scheduled token of each) and their SamplingTensors."""
+    def compute_logits(self, sample_idx: list[int], inputs: "StepInputs", hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the rows that sample: the last scheduled token of each."""
+        T = inputs.num_tokens
+        if len(sample_idx) == T:  # pure decode: every token is sampled
+            return self.model.compute_logits(hidden[:T])
+        last = self._stage([inputs.query_start_loc[1:][sample_idx] - 1])[0]
+        return self.model.compute_logits(hidden[last])
+
+    def prepare_sampling(self, sched: SchedulerOutput, sample_idx: list[int]) -> SamplingTensors:
+        """SamplingTensors of the rows that sample."""
         items = sched.scheduled
         rows = []
         for i in sample_idx:
@@ -266,14 +294,21 @@ class ModelRunner:
                 prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
                 eos_token_ids=self.eos_token_ids,
                 position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))
-        T = inputs.num_tokens
-        if len(sample_idx) == T:  # pure decode: every token is sampled
-            logits = self.model.compute_logits(hidden[:T])
-        else:
-            last = self._stage([inputs.query_start_loc[1:][sample_idx] - 1])[0]
-            logits = self.model.compute_logits(hidden[last])
-        st = SamplingTensors.build(rows, self.vocab_size, self.device, stage=self._stage)
-        return logits, st
+        return SamplingTensors.build(rows, self.vocab_size, self.device, stage=self._stage)
+
+    def prepare_token_mask(self, sched: SchedulerOutput, sample_idx: list[int]) -> Optional[TokenMask]:
+        """Structured outputs: the grammar bitmasks of the rows that have a grammar (None if none),
+        filled on the host while the device runs the forward pass."""
+        items = sched.scheduled
+        grammars = [(r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None]
+        if not grammars:
+            return None
+        for r, g in grammars:
+            seq = items[sample_idx[r]].seq
+            position = seq.num_known_tokens - 1 - seq.num_prompt_tokens
+            if g.num_tokens != position:  # a mask for the wrong position would be silently wrong
+                raise RuntimeError(f"grammar of row {r} saw {g.num_tokens} tokens, sampling position {position}")
+        return fill_token_mask(grammars, self.device, len(sample_idx))
 
     def collect(self, step: "_LaunchedStep") -> RunnerOutput:
         """Wait for a launched step's results (the step's one sync) and convert them to lists."""
@@ -344,6 +379,8 @@ class _LaunchedStep:
     prompt_logprobs: list[tuple[int, int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)
     """(seq_id, first prompt position, k, (token ids, logprobs, ranks)) per sequence that asked."""
     _done: Optional[torch.cuda.Event] = None
+    _pending: Optional[tuple] = None  # (sample rows, logits) until finish_launch
+    _finished: bool = False  # finish_launch ran (sampling queued, staging slot closed)
 
     def start_readback(self) -> None:
         """Queue the copies of the results into pinned host memory and mark the point in the

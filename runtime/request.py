@@ -35,7 +35,7 @@ class Seq:
     __slots__ = ("seq_id", "request_id", "index", "params", "seed", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "num_cached_tokens", "block_ids", "status", "stop_reason",
                  "pending_forks", "arrival_time", "max_len", "num_preemptions", "block_hashes",
-                 "num_placeholders", "num_registered_blocks")
+                 "num_placeholders", "num_registered_blocks", "grammar")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, seed: int, max_len: int, arrival_time: float):
@@ -58,6 +58,7 @@ class Seq:
         self.arrival_time = arrival_time
         self.max_len = max_len  # hard cap on len(token_ids): prompt + max_tokens, or the model's context
         self.num_preemptions = 0
+        self.grammar = None  # structured outputs: this completion's GrammarState (runtime/structured)
 
     @property
     def num_tokens(self) -> int:

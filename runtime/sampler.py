@@ -9,6 +9,7 @@ Pipeline (the order vLLM uses):
   1. logprobs of the raw model output (log_softmax), if any row asked for them
   2. logit_bias, min_tokens suppression of EOS / stop ids
   3. repetition (prompt + output), frequency and presence (output) penalties
+  3b. structured outputs: per-row token bitmasks (runtime/structured/bitmask.py)
   4. temperature, min_p, top_k, top_p
   5. greedy rows: argmax; random rows: Gumbel-max with counter-based noise
 
@@ -30,6 +31,7 @@ import torch
 
 from .sampling_params import SamplingParams
 from .stop import suppressed_token_ids
+from .structured.bitmask import TokenMask, apply_token_bitmask
 
 _M32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
@@ -488,8 +490,12 @@ class Sampler:
         self._compile = compile
         self._compiled_gumbel_argmax = None
 
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors, token_mask: Optional[TokenMask] = None) -> SamplerOutput:
+        """token_mask: structured-output bitmasks for some rows (runtime/structured), applied
+        after bias and penalties, before temperature and the filters; logprobs stay raw."""
         if st.fast_path:
+            if token_mask is not None:  # --- structured outputs (separate step) ---
+                logits = apply_token_bitmask(logits.float().contiguous(), token_mask)
             return SamplerOutput(logits.argmax(dim=-1))
 
         raw_logprobs = None
@@ -504,6 +510,8 @@ class Sampler:
             flat[st.suppress_index] = float("-inf")
         if st.do_penalties:
             logits = apply_penalties(logits, st)
+        if token_mask is not None:  # --- structured outputs (separate step) ---
+            logits = apply_token_bitmask(logits, token_mask)
 
         if st.all_greedy:
             token_ids = logits.argmax(dim=-1)

@@ -10,6 +10,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .structured.params import StructuredOutputsParams
+
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this decode greedily (vLLM's threshold)."""
 
@@ -57,6 +59,8 @@ class SamplingParams(BaseModel):
     """Keep the matched stop string at the end of the output text."""
     logit_bias: Optional[dict[int, float]] = None
     """Added to the logits of the given token ids before sampling (values clamped to [-100, 100])."""
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, one of some strings or an EBNF grammar."""
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ServerConfig(BaseModel):
@@ -38,3 +38,15 @@ class ServerConfig(BaseModel):
     """Do not log one line per finished request."""
     engine_process: bool = True
     """Run the engine loop (scheduler, KV cache, model) in its own process, so per-token HTTP work (detokenization, SSE) does not compete with it for the GIL; --no-engine-process runs it in a thread of the server."""
+    enable_auto_tool_choice: bool = False
+    """Let the model decide to call tools (tool_choice "auto", the default with tools); needs tool_call_parser."""
+    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = None
+    """How tool calls are read from the model's text: hermes (Hermes, Qwen2.5, Qwen3 <tool_call>), llama3_json, mistral ([TOOL_CALLS])."""
+    reasoning_parser: Optional[Literal["deepseek_r1", "qwen3"]] = None
+    """Split <think>...</think> reasoning into message.reasoning_content; structured output and tool calls apply after it."""
+
+    @model_validator(mode="after")
+    def _tools(self):
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        return self

@@ -10,6 +10,7 @@ to exactly the JSON the OpenAI SDK parses.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..sampling_params import SamplingParams
+from ..structured.params import StructuredOutputsParams
 from .errors import InvalidParameter
 
 logger = logging.getLogger("fleetserve.server")
@@ -39,6 +41,44 @@ class _Request(BaseModel):
                 _ignored_logged.add(key)
                 logger.warning("ignoring unknown request field %r in %s (logged once)", name, type(self).__name__)
         return self
+
+
+# A request problem that names its field: errors.to_bad_request turns it into a 400 with that param.
+_FieldError = InvalidParameter
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+    """Accepted; the output always follows the schema exactly (xgrammar strict mode)."""
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class _NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
 
 
 class StreamOptions(_Request):
@@ -72,6 +112,51 @@ class _SamplingRequest(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    """Accepted for vLLM compatibility; xgrammar is the only backend."""
+
+    def structured_constraint(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
+        """The request's output constraint and the field that set it; ValueError (with the
+        field) when the fields are contradictory or malformed."""
+        given = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            if rf.type == "json_object":
+                given.append(("response_format", dict(json_object=True)))
+            else:
+                if rf.json_schema is None:
+                    raise _FieldError("response_format.json_schema", "response_format of type json_schema needs "
+                                      "a json_schema object (name, schema)")
+                schema = rf.json_schema.schema_
+                given.append(("response_format.json_schema.schema",
+                              dict(json=schema) if schema is not None else dict(json_object=True)))
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {key: value}))
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise _FieldError(given[1][0], "give only one of response_format, structured_outputs and guided_*: got "
+                              + ", ".join(g[0] for g in given))
+        field, spec = given[0]
+        try:
+            return StructuredOutputsParams.model_validate(spec), field
+        except ValueError as e:
+            msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+            loc = e.errors()[0].get("loc") if hasattr(e, "errors") else None
+            raise _FieldError(field + ("." + ".".join(map(str, loc)) if loc and field == "structured_outputs" else ""),
+                              f"{field}: {msg.removeprefix('Value error, ')}") from None
 
     @field_validator("logit_bias")
     @classmethod
@@ -150,28 +235,68 @@ class TextContent(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+    """JSON text of the arguments, as OpenAI sends it."""
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContent]]] = None
     name: Optional[str] = None
-    # What the SDK sends back when a response message is put into the history as it is.
+    tool_calls: Optional[list[ToolCall]] = None
+    """Assistant messages: the calls it made (sent back in the history; null or [] means none)."""
+    tool_call_id: Optional[str] = None
+    """Tool messages: the call this is the result of."""
+    reasoning_content: Optional[str] = None
+    """Assistant messages: reasoning returned earlier (not rendered back: templates drop it)."""
+    # What else the SDK sends back when a response message is put into the history as it is.
     refusal: Optional[str] = None
-    tool_calls: Optional[list[Any]] = None
     function_call: Optional[Any] = None
     audio: Optional[Any] = None
     annotations: Optional[list[Any]] = None
 
     @model_validator(mode="after")
     def _off_forms_only(self):
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):  # tool_calls are served (tools support)
             if getattr(self, name):
                 raise InvalidParameter(name, f"{name} in messages is not supported by this server")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidParameter("tool_call_id", "a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidParameter("tool_calls", "only assistant messages carry tool_calls")
         return self
 
     @property
     def template_role(self) -> str:
         """The role as chat templates know it: OpenAI's "developer" is their "system"."""
         return "system" if self.role == "developer" else self.role
+
+    def for_template(self) -> dict:
+        """The message as HF chat templates read it: arguments as objects (templates index into
+        them or pass them through tojson), tool results with their call id."""
+        d: dict[str, Any] = {"role": self.template_role, "content": self.text()}
+        if self.name:
+            d["name"] = self.name
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments) if c.function.arguments else {}
+                except ValueError:
+                    args = c.function.arguments  # not JSON: hand the text through
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+            d["tool_calls"] = calls
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        return d
 
     def text(self) -> str:
         if self.content is None:
@@ -189,13 +314,16 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0)
     add_generation_prompt: bool = True
     """vLLM extra: end the rendered prompt with the assistant turn's header."""
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    """Default: "auto" when tools are given, else "none" (OpenAI)."""
+    parallel_tool_calls: Optional[bool] = None
+    """False: at most one tool call per answer."""
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    """vLLM extra: variables for the chat template (enable_thinking, ...)."""
     # OpenAI fields that are accepted only in their "off" form.
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     store: Optional[bool] = None
     """Accepted and ignored: this server keeps no completions."""
@@ -203,14 +331,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise InvalidParameter(name, f"{name} are not supported by this server")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise InvalidParameter(name, f"{name} is not supported by this server (only 'none')")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidParameter("response_format", "response_format other than {'type': 'text'} is not supported")
+        if self.functions:
+            raise InvalidParameter("functions", "functions (deprecated) are not supported: use tools")
+        if self.function_call not in (None, "none"):
+            raise InvalidParameter("function_call", "function_call (deprecated) is not supported: use tool_choice")
         if self.modalities and self.modalities != ["text"]:
             raise InvalidParameter("modalities", "only the text modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
@@ -224,9 +348,20 @@ class ChatCompletionRequest(_SamplingRequest):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def effective_tool_choice(self):
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def template_tools(self) -> Optional[list[dict]]:
+        """Tools as HF chat templates expect them (OpenAI's shape), unless tool_choice is none."""
+        if not self.tools or self.effective_tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools]
+
     def chat_messages(self) -> list[dict]:
-        return [{"role": m.template_role, "content": m.text(),
-                 **({"name": m.name} if m.name else {})} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 class TokenizeRequest(_Request):
@@ -297,11 +432,24 @@ class ChatChoiceLogprobs(BaseModel):
     refusal: Optional[list[ChatTokenLogprob]] = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
-    tool_calls: list[Any] = Field(default_factory=list)
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+    reasoning_content: Optional[str] = None
+    """Text of the model's reasoning block (--reasoning-parser), apart from the answer."""
 
 
 class ChatChoice(BaseModel):
@@ -322,9 +470,34 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: Optional[str] = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """OpenAI's streamed tool call: the first delta of call `index` has id, type and name,
+    the next ones argument fragments only."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):

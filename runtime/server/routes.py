@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from ..async_engine import AsyncLLM, EngineDeadError, OutputKind
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
+from ..structured.grammar import GrammarError
 from ..validation import InvalidRequestError, validate
 from . import sse
 from .config import ServerConfig
@@ -31,8 +32,11 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                        CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
-                       CompletionResponse, DeltaMessage, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest, TopLogprob, UsageInfo, random_id)
+                       CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, DetokenizeRequest,
+                       FunctionCallOut, ModelCard, ModelList, NamedToolChoice, TokenizeRequest, ToolCallOut,
+                       TopLogprob, UsageInfo, _FieldError, random_id)
+from .reasoning import ReasoningParser
+from .tools import RequiredParser, ToolCallStream, call_id, forced_constraint, get_parser
 
 logger = logging.getLogger("fleetserve.server")
 
@@ -121,6 +125,41 @@ class _StreamTally:
         return {self.reasons.get(k, "abort") for k in self.tokens}
 
 
+class _ParsedStream:
+    """One streamed chat choice under a reasoning parser and / or tool calls: turns the text so far
+    into reasoning, answer and tool-call deltas (None when there is nothing new)."""
+
+    def __init__(self, reasoning: Optional[ReasoningParser], tools: Optional[ToolCallStream]):
+        self.reasoning = reasoning
+        self.tools = tools
+        self.reasoning_sent = 0
+        self.answer_sent = 0
+
+    @property
+    def num_calls(self) -> int:
+        return self.tools.num_calls if self.tools is not None else 0
+
+    def update(self, text: str, finished: bool) -> Optional[DeltaMessage]:
+        reasoning, answer = self.reasoning.split(text, finished) if self.reasoning is not None else (None, text)
+        r_delta = (reasoning or "")[self.reasoning_sent:]
+        self.reasoning_sent += len(r_delta)
+        calls = []
+        if self.tools is None:
+            c_delta = answer[self.answer_sent:]
+            self.answer_sent += len(c_delta)
+        else:
+            c_delta, tool_deltas = self.tools.update(answer, finished)
+            for index, cid, name, frag in tool_deltas:
+                if cid is not None:
+                    calls.append(DeltaToolCall(index=index, id=cid, type="function",
+                                               function=DeltaFunctionCall(name=name, arguments="")))
+                else:
+                    calls.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=frag)))
+        if not (r_delta or c_delta or calls):
+            return None
+        return DeltaMessage(reasoning_content=r_delta or None, content=c_delta or None, tool_calls=calls or None)
+
+
 class OpenAIServing:
     """Everything the handlers need, created once the engine is running."""
 
@@ -144,6 +183,9 @@ class OpenAIServing:
         """Set once shutdown cut the requests still running at the drain timeout: no new generation starts."""
         self._in_flight: dict[str, tuple[list[str], bool]] = {}  # request id -> (engine request ids, streaming)
         self.created = int(time.time())
+        self.tool_parser = get_parser(config.tool_call_parser) if config.tool_call_parser else None
+        self.reasoning = ReasoningParser(config.reasoning_parser) if config.reasoning_parser else None
+        self._grammar_compiler = None
 
     @property
     def num_in_flight(self) -> int:
@@ -223,6 +265,58 @@ class OpenAIServing:
             return req.to_sampling_params(max_tokens)
         except ValueError as e:
             raise to_bad_request(e, fields=SamplingParams.model_fields) from None
+
+    def _constraint(self, req):
+        try:
+            return req.structured_constraint()
+        except _FieldError as e:
+            raise to_bad_request(e) from None
+
+    def _make_compiler(self):
+        """The engine's own GrammarCompiler when it runs in this process (one cache for both);
+        with the engine core in its own process, a compiler of this process built the same way:
+        the check here gives the 400 before admission, the core compiles its own copy for the
+        matchers (off its loop; the request waits for it there)."""
+        engine = self.llm.engine
+        if hasattr(engine, "structured"):
+            return engine.structured
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model has none")
+        from ..structured.grammar import GrammarCompiler
+
+        cfg = engine.config
+        return GrammarCompiler(self.tokenizer, self.vocab_size, engine.eos_token_ids,
+                               cache_size=cfg.grammar_cache_size, max_threads=cfg.grammar_compile_threads,
+                               compile_timeout=cfg.grammar_compile_timeout, max_spec_bytes=cfg.max_grammar_bytes)
+
+    async def _compiler(self):
+        if self._grammar_compiler is None:  # first use builds the grammar vocabulary: off the loop
+            try:
+                self._grammar_compiler = await asyncio.to_thread(self._make_compiler)
+            except (ValueError, AttributeError) as e:
+                raise BadRequest(f"structured outputs are not available: {e}") from None
+        return self._grammar_compiler
+
+    async def _check_grammar(self, so, field: str) -> None:
+        """Compile the request's grammar (off the engine thread; cached by schema) within the
+        time limit, so a bad or too slow constraint is a 400 before the engine sees the request."""
+        compiler = await self._compiler()
+        try:
+            fut = compiler.submit(so)
+            # shield: a timed-out compile still finishes (and is cached) in its worker
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), compiler.compile_timeout)
+        except asyncio.TimeoutError:
+            raise _bad_request(InvalidRequestError(
+                f"{field}: the constraint did not compile within {compiler.compile_timeout:g}s; simplify it",
+                param=field, code="grammar_compile_timeout"), field) from None
+        except GrammarError as e:  # the request's field, not xgrammar's name for the constraint kind
+            raise to_bad_request(InvalidRequestError(f"{field}: {e}", param=field)) from None
+
+    async def _constrained_params(self, params, so, field: Optional[str]):
+        if so is None:
+            return params
+        await self._check_grammar(so, field)
+        return params.clone(structured_outputs=so)
 
     def _log_done(self, rid: str, usage: UsageInfo, finish_reasons: set[str], start: float) -> None:
         if self.config.disable_log_requests:
@@ -327,9 +421,11 @@ class OpenAIServing:
                 ids = list(p)
                 texts.append(None)
             ids_list.append(ids)
+        so, so_field = self._constraint(req)
         params = self._sampling_params(req, req.max_tokens)
         for ids in ids_list:
             self._validate(ids, params, "prompt")
+        params = await self._constrained_params(params, so, so_field)
         self._admit(len(ids_list) * req.n)
         rid = random_id("cmpl")
         start = time.time()
@@ -448,29 +544,88 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool, tools=None,
+                           template_kwargs: Optional[dict] = None, text_out: Optional[list] = None) -> list[int]:
         tokenizer = self._need_tokenizer("chat")
+        kw = dict(template_kwargs or {})
+        if tools:
+            kw["tools"] = tools  # OpenAI's tool objects: what HF templates iterate over
         render = functools.partial(tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                   tokenize=False)
+                                   tokenize=False, **kw)
         try:
-            chars = sum(len(m["content"]) for m in messages)
+            chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
             if len(messages) > _INLINE_CHAT_MESSAGES or chars > _INLINE_TOKENIZE_CHARS:
                 text = await asyncio.to_thread(render)
             else:
                 text = render()
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
             raise BadRequest(f"chat template failed: {e}", param="messages") from None
+        if text_out is not None:
+            text_out.append(text)
         # The template already writes any BOS the model needs.
         return await self._encode(text, add_special_tokens=False, param="messages")
+
+    def _tool_mode(self, req: ChatCompletionRequest):
+        """None (plain answer), "auto" (parse calls from the text), "required", or ("named", name)."""
+        choice = req.effective_tool_choice
+        if (isinstance(choice, NamedToolChoice) or choice == "required") and not req.tools:
+            raise BadRequest("tool_choice 'required' or a named function needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in req.tools}:
+            raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                             param="tool_choice")
+        if not req.tools or choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            return ("named", choice.function.name)
+        if choice == "required":
+            return "required"
+        if not (self.config.enable_auto_tool_choice and self.tool_parser is not None):
+            raise BadRequest('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                             '--tool-call-parser', param="tool_choice")
+        return "auto"
+
+    def _chat_message(self, mode, text: str, finish_reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
+        reasoning, answer = self.reasoning.split(text) if self.reasoning is not None else (None, text)
+        msg = ChatResponseMessage(content=answer, reasoning_content=reasoning)
+        if mode is None:
+            return msg, finish_reason
+        if isinstance(mode, tuple):  # named: the whole answer is the arguments (OpenAI finishes with "stop")
+            msg.content = None
+            msg.tool_calls = [ToolCallOut(id=call_id(), function=FunctionCallOut(name=mode[1], arguments=answer))]
+            return msg, finish_reason
+        parser = RequiredParser() if mode == "required" else self.tool_parser
+        content, calls = parser.parse(answer)
+        if calls:
+            msg.content = None if mode == "required" else content
+            msg.tool_calls = [ToolCallOut(id=call_id(), function=FunctionCallOut(name=n, arguments=a)) for n, a in calls]
+            if finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return msg, finish_reason
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         self._check_model(req.model)
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
-        ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
-        params = self._sampling_params(req, req.requested_max_tokens())
+        mode = self._tool_mode(req)
+        so, so_field = self._constraint(req)
+        if mode == "required" or isinstance(mode, tuple):
+            if so is not None:
+                raise BadRequest(f"{so_field} cannot be combined with tool_choice {req.tool_choice!r}", param=so_field)
+            so, so_field = forced_constraint(req.tools, req.tool_choice, req.parallel_tool_calls), "tools"
+        prompt_text: list[str] = []
+        ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt, req.template_tools(),
+                                      req.chat_template_kwargs, prompt_text)
+        max_tokens = req.requested_max_tokens()
+        if so is not None and self.reasoning is not None and not self.reasoning.reasoning_ended_in_prompt(prompt_text[0]):
+            # the constraint starts once the model closed its reasoning block
+            end_ids = tuple(self.tokenizer.encode("</think>", add_special_tokens=False))
+            so = so.model_copy(update={"start_after_token_ids": end_ids})
+        params = self._sampling_params(req, max_tokens)
+        if mode == "auto" and self.tool_parser.name in ("mistral", "llama3_json"):
+            params = params.clone(skip_special_tokens=False)  # their call markers are special tokens
         self._validate(ids, params, "messages")
+        params = await self._constrained_params(params, so, so_field)
         self._admit(req.n)
         rid = random_id("chatcmpl")
         start = time.time()
@@ -479,15 +634,16 @@ class OpenAIServing:
         async with contextlib.aclosing(stream):
             first = await self._first(stream)
             if req.stream:
-                return await self._stream_chat(request, req, stream, first, rid, start, ids)
+                return await self._stream_chat(request, req, stream, first, rid, start, ids, mode)
             out = first[1]
             async for _, out in stream:
                 pass
         choices = []
         for c in out.outputs:
             logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
-            choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
-                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            message, finish = self._chat_message(mode, c.text, c.finish_reason)
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs,
+                                      finish_reason=finish, stop_reason=c.stop_reason))
         resp = ChatCompletionResponse(id=rid, created=created, model=self.served_model_name, choices=choices,
                                       usage=_usage([len(ids)], {0: out}))
         self._log_done(rid, resp.usage, _reasons({0: out}), start)
@@ -495,12 +651,16 @@ class OpenAIServing:
                             headers={"X-Request-Id": rid})
 
     async def _stream_chat(self, request, req: ChatCompletionRequest, stream, first, rid, start: float,
-                           ids) -> web.StreamResponse:
+                           ids, mode=None) -> web.StreamResponse:
         created = int(start)
         resp = await sse.open_stream(request, {"X-Request-Id": rid})
         k = (req.top_logprobs or 0) if req.logprobs else None
         tally = _StreamTally()
         done: set[int] = set()
+        parsed = None
+        if mode is not None or self.reasoning is not None:
+            parsed = {j: _ParsedStream(self.reasoning, self._stream_tools(mode)) for j in range(req.n)}
+        texts: dict[int, str] = {}  # choice -> its text so far (the parsers read the whole text)
         dump_kw = {} if req.include_usage else {"exclude": {"usage"}}
 
         def chunk(choice: ChatStreamChoice) -> bytes:
@@ -522,19 +682,36 @@ class OpenAIServing:
                 if not (c.text or finished or (c.token_ids and k is not None)):
                     continue
                 logprobs = self._chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
-                if c.text or logprobs is not None:
-                    await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(content=c.text),
-                                                            logprobs=logprobs)))
+                finish_reason = c.finish_reason
+                if parsed is None:
+                    if c.text or logprobs is not None:
+                        await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(content=c.text),
+                                                                logprobs=logprobs)))
+                else:  # reasoning and / or tool calls: deltas of the parsed views of the text so far
+                    texts[j] = texts.get(j, "") + c.text
+                    d = parsed[j].update(texts[j], finished)
+                    if d is not None or logprobs is not None:
+                        await resp.write(chunk(ChatStreamChoice(index=j, delta=d or DeltaMessage(content=""),
+                                                                logprobs=logprobs)))
+                    if finished and parsed[j].num_calls and finish_reason == "stop" and not isinstance(mode, tuple):
+                        finish_reason = "tool_calls"
                 if finished:
                     done.add(j)
                     await resp.write(chunk(ChatStreamChoice(index=j, delta=DeltaMessage(),
-                                                            finish_reason=c.finish_reason,
+                                                            finish_reason=finish_reason,
                                                             stop_reason=c.stop_reason)))
 
         return await self._pump(resp, stream, first, emit, lambda: ChatCompletionChunk(
             id=rid, created=created, model=self.served_model_name, choices=[],
             usage=tally.usage([len(ids)])) if req.include_usage else None,
             lambda: self._log_done(rid, tally.usage([len(ids)]), tally.finish_reasons(), start))
+
+    def _stream_tools(self, mode) -> Optional[ToolCallStream]:
+        if mode is None:
+            return None
+        if isinstance(mode, tuple):
+            return ToolCallStream(RequiredParser(), forced_name=mode[1])
+        return ToolCallStream(RequiredParser() if mode == "required" else self.tool_parser)
 
     # ------------------------------------------------------------ the rest
 

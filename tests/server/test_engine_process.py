@@ -175,6 +175,35 @@ def test_offline_llm_matches_the_servers(proc_client, client, model_name):
                         [d[t].logprob for t, d in zip(w.token_ids, w.logprobs)], abs=1e-4)
 
 
+# ---------------------------------------------------------------- structured outputs
+
+_PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+           "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_across_the_split(stream, client, proc_client, model_name):
+    """response_format json_schema with the engine core in its own process: the constraint pickles
+    across, the grammar (matchers, bitmasks) runs in the core, and the answer is the thread server's."""
+    pytest.importorskip("xgrammar")
+    kw = dict(messages=[{"role": "user", "content": "Make up a person. Answer in JSON with name and age."}],
+              max_tokens=60, temperature=0, response_format={"type": "json_schema", "json_schema": {
+                  "name": "person", "schema": _PERSON}})
+    got = _chat(proc_client, model_name, stream, **kw)
+    _same(got, _chat(client, model_name, stream, **kw))
+    text, finish = (got[0][0][1], got[0][0][2]) if not stream else (got[0][0], got[0][1])
+    assert finish == "stop", text  # the grammar ended the answer, not max_tokens
+    obj = json.loads(text)
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int) and 0 <= obj["age"] <= 99, obj
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:  # checked (compiled) HTTP-side before admission
+        proc_client.completions.create(model=model_name, prompt="hi", max_tokens=4,
+                                       extra_body={"structured_outputs": {"regex": "(unclosed"}})
+    assert e.value.body["param"].startswith("structured_outputs"), e.value.body
+
+
 # ---------------------------------------------------------------- errors, abort, metrics
 
 

@@ -127,10 +127,14 @@ def test_unknown_field_ignored_unsupported_rejected_by_sdk(client, model_name):
     # Unknown fields are ignored (vLLM behaviour, #13); a known field asking for what we lack is a 400 naming it.
     r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"not_a_field": 1})
     assert r.choices[0].finish_reason
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.BadRequestError) as e:  # deprecated functions: not served (tools are)
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       functions=[{"name": "f", "parameters": {}}])
+    assert e.value.body["param"] == "functions"
+    with pytest.raises(openai.BadRequestError) as e:  # tools with tool_choice "auto" need a tool-call parser
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert e.value.body["param"] == "tools"
+    assert e.value.body["param"] == "tool_choice"
 
 
 def test_async_client(base_url, model_name):
