@@ -69,13 +69,19 @@ class LLM:
         return results  # type: ignore[return-value]
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+             add_generation_prompt: bool = True, use_tqdm: bool = False, continue_final_message: bool = False,
+             chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them.
+        continue_final_message continues the last message (add_generation_prompt is then off);
+        chat_template overrides the model's; chat_template_kwargs reach the template as variables."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         prompts = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                           tokenize=False, chat_template=chat_template,
+                                           continue_final_message=continue_final_message,
+                                           **(chat_template_kwargs or {}))
             ids = tok.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -147,6 +147,26 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
+# Names the server passes to the chat template itself: a request's chat_template_kwargs may not set them.
+_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                                     "chat_template"})
+
+
+def check_template_controls(req) -> None:
+    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+    bad = sorted(_RESERVED_TEMPLATE_ARGS & set(req.chat_template_kwargs or {}))
+    if bad:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(bad)}")
+
+
+def chat_template_args(req) -> dict[str, Any]:
+    """Keyword arguments for Tokenizer.apply_chat_template from a request's template controls
+    (continue_final_message turns the default add_generation_prompt off)."""
+    return {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message,
+            "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -155,6 +175,10 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Optional[int] = Field(None, ge=0)
     add_generation_prompt: bool = True
     """vLLM extra: end the rendered prompt with the assistant turn's header."""
+    continue_final_message: bool = False
+    """vLLM extra: end the prompt inside the last (assistant) message so the model continues it."""
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    """vLLM extra: variables for the chat template (e.g. {"enable_thinking": false})."""
     # OpenAI fields that are accepted only in their "off" form.
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
@@ -180,6 +204,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("store is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        check_template_controls(self)
         return self
 
     def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
@@ -200,11 +225,14 @@ class TokenizeRequest(_Request):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        check_template_controls(self)
         return self
 
 

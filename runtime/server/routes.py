@@ -28,7 +28,7 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, Chat
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                        CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, DeltaMessage, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest, TopLogprob, UsageInfo, random_id)
+                       TokenizeRequest, TopLogprob, UsageInfo, chat_template_args, random_id)
 
 logger = logging.getLogger("fleetserve.server")
 
@@ -392,10 +392,13 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def _render_chat(self, messages: list[dict], template_args: dict) -> list[int]:
         tokenizer = self._need_tokenizer("chat")
+        if tokenizer.chat_template is None:
+            raise BadRequest("this model has no chat template: start the server with --chat-template FILE_OR_TEXT, "
+                             "or send a plain prompt to /v1/completions", param="messages", code="no_chat_template")
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **template_args)
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
             raise BadRequest(f"chat template failed: {e}", param="messages") from None
         # The template already writes any BOS the model needs.
@@ -406,7 +409,7 @@ class OpenAIServing:
         self._check_model(req.model)
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
-        ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
+        ids = await self._render_chat(req.chat_messages(), chat_template_args(req))
         max_tokens = req.requested_max_tokens()
         self._check_length(len(ids), max_tokens, "messages")
         params = self._sampling_params(req, max_tokens)
@@ -499,7 +502,7 @@ class OpenAIServing:
         self._check_model(req.model)
         if req.messages is not None:
             msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-            ids = await self._render_chat(msgs, req.add_generation_prompt)
+            ids = await self._render_chat(msgs, chat_template_args(req))
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
