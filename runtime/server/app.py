@@ -125,6 +125,14 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
                     "tokens, max concurrency %.1fx (requests of max_model_len tokens)", info["model"], served,
                     info["dtype"], info["device"], info["max_model_len"], info["kv_blocks"], info["block_size"],
                     float(info["max_concurrency"] or 0))
+        defaults = app[SERVING].generation_defaults
+        if defaults:
+            logger.info("sampling defaults for requests that omit them (the model's; --generation-config vllm "
+                        "ignores them): %s", ", ".join(f"{k}={v}" + (" (chat)" if k == "max_tokens" else "")
+                                                       for k, v in defaults.items()))
+        else:
+            logger.info("sampling defaults: none from the model (%s): temperature=1.0, top_p=1.0, top_k=0, "
+                        "repetition_penalty=1.0 unless a request sets them", engine_config.generation_config)
         try:
             yield
         finally:

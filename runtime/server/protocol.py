@@ -80,8 +80,10 @@ class _SamplingRequest(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
-        kw: dict[str, Any] = dict(
+                         prompt_logprobs: Optional[int] = None, defaults: Optional[dict] = None) -> SamplingParams:
+        # The model's defaults (generation_config.json) fill in what the request leaves out.
+        kw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
+        kw.update(
             n=self.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
             stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
@@ -124,9 +126,9 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_lp)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_lp, defaults)
 
 
 class TextContent(_Request):
@@ -207,9 +209,9 @@ class ChatCompletionRequest(_SamplingRequest):
         check_template_controls(self)
         return self
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, lp)
+        return self._sampling_params(max_tokens, lp, defaults=defaults)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

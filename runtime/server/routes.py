@@ -97,6 +97,8 @@ class OpenAIServing:
         self.vocab_size = getattr(llm.engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
         self.draining = False
         self.created = int(time.time())
+        # The model's sampling defaults (generation_config.json; none with --generation-config vllm).
+        self.generation_defaults: dict = dict(getattr(llm.engine, "generation_defaults", None) or {})
 
     # ------------------------------------------------------------ helpers
 
@@ -168,7 +170,7 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens):
         try:
-            return req.to_sampling_params(max_tokens)
+            return req.to_sampling_params(max_tokens, self.generation_defaults)
         except ValueError as e:
             raise BadRequest(str(e)) from None
 
@@ -412,6 +414,8 @@ class OpenAIServing:
         ids = await self._render_chat(req.chat_messages(), chat_template_args(req))
         max_tokens = req.requested_max_tokens()
         self._check_length(len(ids), max_tokens, "messages")
+        if max_tokens is None and "max_tokens" in self.generation_defaults:  # the model's cap, within the context
+            max_tokens = min(self.generation_defaults["max_tokens"], self.max_model_len - len(ids))
         params = self._sampling_params(req, max_tokens)
         self._admit(1)
         rid = random_id("chatcmpl")
