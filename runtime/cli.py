@@ -24,6 +24,26 @@ from .config import EngineConfig
 from .server.config import ServerConfig
 
 API_KEY_ENV = "FLEETSERVE_API_KEY"
+# Kubernetes shows this file's content as the container's termination message (pod status, and the
+# operator copies it into the InferenceService's Degraded condition); the kubelet keeps 4096 bytes.
+TERMINATION_LOG_ENV = "FLEETSERVE_TERMINATION_LOG"
+_TERMINATION_LOG = "/dev/termination-log"
+_TERMINATION_LIMIT = 4096
+
+
+def write_termination_message(message: str) -> Optional[str]:
+    """Write a start-up failure where Kubernetes reads it: $FLEETSERVE_TERMINATION_LOG, else
+    /dev/termination-log if the kubelet mounted it. Returns the path written, None if none."""
+    path = os.environ.get(TERMINATION_LOG_ENV) or (_TERMINATION_LOG if os.path.exists(_TERMINATION_LOG) else None)
+    if not path:
+        return None
+    data = message.encode("utf-8", errors="replace")[:_TERMINATION_LIMIT]
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError:
+        return None
+    return path
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -125,13 +145,19 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_config = EngineConfig(**engine_kw)
         server_config = ServerConfig(**server_kw)
     except ValidationError as e:
+        write_termination_message(f"fleetserve serve: invalid arguments: {e}")
         parser.error(str(e))
     _setup_logging(server_config.log_level)
     import asyncio
 
     from .server.app import run_server
 
-    asyncio.run(run_server(engine_config, server_config))
+    try:
+        asyncio.run(run_server(engine_config, server_config))
+    except Exception as e:  # start-up failed (model load, port in use, ...): say why, where Kubernetes looks
+        logging.getLogger("fleetserve").error("fleetserve serve failed to start", exc_info=True)
+        write_termination_message(f"fleetserve serve failed to start: {type(e).__name__}: {e}")
+        return 1
     return 0
 
 
