@@ -1,8 +1,8 @@
 """The README's Python examples, run as written against the embedded SmolLM2: they must answer "Paris".
 
-The SDK example sets neither temperature nor max_tokens: the embedded model's defaults (its model card's
-temperature 0.2 / top_p 0.9, at most 256 tokens for a chat without max_tokens; docs/server.md) make it
-answer briefly and sensibly. Only the base URL is pointed at the test server (the README's 127.0.0.1:8000)."""
+The SDK example sets neither temperature nor max_tokens: the embedded model's defaults (greedy, at most
+256 tokens for a chat without max_tokens; docs/server.md says why not the card's temperature 0.2) make it
+answer briefly and sensibly, the same every time. Only the base URL is pointed at the test server (the README's 127.0.0.1:8000)."""
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +31,7 @@ def test_readme_sdk_example_answers_paris(server):
     printed = _run(block.replace("http://127.0.0.1:8000", server.urls["tight"]))  # "tight" needs no key
     assert "Paris" in printed, printed
     assert len(printed) < 2000  # an answer, not a ramble to the context limit
+    assert _run(block.replace("http://127.0.0.1:8000", server.urls["tight"])) == printed  # and the same again
 
 
 def test_readme_offline_example_answers_paris():
