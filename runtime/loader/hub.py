@@ -28,6 +28,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # The files the loader reads next to the weights (runtime/loader/loader.py, runtime/tokenizer.py).
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
+INDEX = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
@@ -56,11 +57,11 @@ def choose_files(repo: str, files: list[str], gguf_file: Optional[str] = None,
     ggufs = sorted(f for f in files if f.endswith(".gguf"))
     st = sorted(f for f in top if f.endswith(".safetensors"))
     if gguf_file is None and tag is None and st and "config.json" in top:
-        index = "model.safetensors.index.json"
-        if index not in top and len(st) > 1:
-            # Mistral repos ship consolidated.safetensors (its own tensor names) next to the HF shards.
+        if len(st) > 1:
+            # Mistral repos ship consolidated.safetensors (its own tensor names, the whole model again) next
+            # to the HF shards; with an index, resolve_hub_model narrows the shards to its weight_map.
             st = [f for f in st if not f.startswith("consolidated")] or st
-        return HubChoice([f for f in CONFIG_FILES if f in top] + ([index] if index in top else []) + st)
+        return HubChoice([f for f in CONFIG_FILES if f in top] + ([INDEX] if INDEX in top else []) + st)
     if ggufs:
         chosen = _choose_gguf(repo, ggufs, gguf_file, tag)
         return HubChoice([chosen], gguf=chosen)
@@ -98,6 +99,19 @@ def _choose_gguf(repo: str, ggufs: list[str], gguf_file: Optional[str], tag: Opt
     if _SPLIT_GGUF.search(chosen):
         raise ModelLoadError(f"{repo}: {chosen} is one part of a split GGUF; split GGUFs are not supported")
     return chosen
+
+
+def _narrow_to_index(repo: str, choice: HubChoice, index_path: str) -> HubChoice:
+    import json
+
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{repo}: unreadable {INDEX}: {e}") from e
+    if not shards:
+        raise ModelLoadError(f"{repo}: {INDEX} maps no tensors")
+    return HubChoice([f for f in choice.files if not f.endswith(".safetensors")] + shards)
 
 
 def _env(name: str) -> Optional[str]:
@@ -200,6 +214,12 @@ def resolve_hub_model(model: str, revision: Optional[str] = None, download_dir: 
             info = api.model_info(repo, revision=revision)
             files = [s.rfilename for s in (info.siblings or [])]
             choice = choose_files(repo, files, gguf_file, tag)
+            if INDEX in choice.files:  # fetch exactly the shards the index maps tensors to
+                from huggingface_hub import hf_hub_download
+
+                index = hf_hub_download(repo, INDEX, revision=revision, cache_dir=cache, endpoint=endpoint,
+                                        token=token)
+                choice = _narrow_to_index(repo, choice, index)
             logger.info("fetching %s@%s from %s: %s", repo, revision, shown, ", ".join(choice.files))
             snapshot = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=choice.files,
                                          endpoint=endpoint, token=token)

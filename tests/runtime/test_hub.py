@@ -48,6 +48,9 @@ def hub(tmp_path_factory, smollm2_tokenizer):
         h.add("org/tiny", main, revisions={"v2": v2})
         h.add("org/gated", main, gated_token=TOKEN)
         h.add("org/tiny-GGUF", {"tiny-Q4_K_M.gguf": gguf_v2, "tiny-Q8_0.gguf": gguf_bytes, "README.md": b"x"})
+        sharded = tmp_path_factory.mktemp("sharded")
+        hf_main.save_pretrained(sharded, max_shard_size="40KB")
+        h.add("org/sharded", {**dir_files(sharded), "extra.safetensors": b"not in the index"})
         h.add("org/pickles", {"config.json": main["config.json"], "pytorch_model.bin": b"x"})
         h.add("org/empty", {"README.md": b"x"})
         h.hf = {"main": hf_main, "v2": hf_v2}
@@ -88,10 +91,9 @@ def test_file_choice_prefers_safetensors_and_skips_the_rest():
              "tokenizer_config.json", "generation_config.json", "original/consolidated.00.pth", "x.gguf"]
     got = choose_files("o/n", files).files
     assert set(got) == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                        "model.safetensors.index.json", "consolidated.safetensors",
+                        "model.safetensors.index.json",
                         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    no_index = [f for f in files if f != "model.safetensors.index.json"]
-    assert "consolidated.safetensors" not in choose_files("o/n", no_index).files
+    assert choose_files("o/n", ["config.json", "consolidated.safetensors"]).files[-1] == "consolidated.safetensors"
     # A quant tag or gguf_file picks the GGUF route even where safetensors exist; tags match whole words.
     both = files + ["m-Q4_K_M.gguf", "m-IQ4_K_M.gguf"]
     assert choose_files("o/n", both, tag="q4_k_m").files == ["m-Q4_K_M.gguf"]
@@ -193,3 +195,12 @@ def test_llm_and_serve_flags_take_hub_names(hub, env):
     out = llm.generate([IDS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     ref = hub.hf["v2"].generate(torch.tensor([IDS]), max_new_tokens=4, do_sample=False)[0, len(IDS):].tolist()
     assert out[0].outputs[0].token_ids == ref
+
+
+def test_sharded_repo_fetches_the_shards_its_index_names(hub, env):
+    loaded = load_model(_cfg("org/sharded", env))
+    shards = {f for f in hub.repos["org/sharded"].revisions["main"] if f.startswith("model-")}
+    assert len(shards) > 1 and hub.fetched("org/sharded") == {"config.json", "generation_config.json",
+                                                              "model.safetensors.index.json", *shards}
+    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
+                               atol=2e-5, rtol=1e-4)
