@@ -204,3 +204,41 @@ def test_sharded_repo_fetches_the_shards_its_index_names(hub, env):
                                                               "model.safetensors.index.json", *shards}
     torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
                                atol=2e-5, rtol=1e-4)
+
+
+def test_fleetserve_serve_by_hub_name(hub, env):
+    """`fleetserve serve org/name --revision ...` as a user types it: downloads, then serves under that name."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "fleetserve.runtime.cli", "serve", "org/tiny", "--revision", "v2",
+                             "--download-dir", str(env), "--port", "0", "--device", "cpu", "--num-kv-blocks", "16",
+                             "--max-model-len", "64"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    lines, url, ready = [], {}, threading.Event()
+
+    def drain():
+        for raw in proc.stderr:
+            lines.append(raw.decode(errors="replace"))
+            m = re.search(r"serving org/tiny on (http://127\.0\.0\.1:\d+)", lines[-1])
+            if m:
+                url["u"] = m.group(1)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        ready.wait(240)
+        assert "u" in url, "".join(lines[-30:])
+        with urllib.request.urlopen(url["u"] + "/v1/models", timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["org/tiny"]
+    finally:
+        proc.kill()
+        proc.wait(30)
+    log = "".join(lines)
+    assert "fetching org/tiny@v2 from http://127.0.0.1" in log and "Fetching 4 files" in log
+    assert (env / "models--org--tiny" / "refs" / "v2").is_file()
