@@ -154,17 +154,22 @@ _RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "conti
                                      "chat_template"})
 
 
-def check_template_controls(req) -> None:
-    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
-        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-    bad = sorted(_RESERVED_TEMPLATE_ARGS & set(req.chat_template_kwargs or {}))
-    if bad:
-        raise ValueError(f"chat_template_kwargs may not set {', '.join(bad)}")
+class TemplateControlError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 def chat_template_args(req) -> dict[str, Any]:
     """Keyword arguments for Tokenizer.apply_chat_template from a request's template controls
-    (continue_final_message turns the default add_generation_prompt off)."""
+    (continue_final_message turns the default add_generation_prompt off). TemplateControlError
+    (a ValueError naming the field) when they contradict each other or override the server's own."""
+    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise TemplateControlError("continue_final_message and add_generation_prompt cannot both be true",
+                                   "continue_final_message")
+    bad = sorted(_RESERVED_TEMPLATE_ARGS & set(req.chat_template_kwargs or {}))
+    if bad:
+        raise TemplateControlError(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
     return {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message,
             "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message}
 
@@ -206,7 +211,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("store is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        check_template_controls(self)
         return self
 
     def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
@@ -234,7 +238,6 @@ class TokenizeRequest(_Request):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        check_template_controls(self)
         return self
 
 

@@ -28,7 +28,8 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, Chat
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                        CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, DeltaMessage, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest, TopLogprob, UsageInfo, chat_template_args, random_id)
+                       TemplateControlError, TokenizeRequest, TopLogprob, UsageInfo, chat_template_args,
+                       random_id)
 
 logger = logging.getLogger("fleetserve.server")
 
@@ -394,7 +395,11 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def _render_chat(self, messages: list[dict], template_args: dict) -> list[int]:
+    async def _render_chat(self, messages: list[dict], req) -> list[int]:
+        try:
+            template_args = chat_template_args(req)
+        except TemplateControlError as e:
+            raise BadRequest(str(e), param=e.param) from None
         tokenizer = self._need_tokenizer("chat")
         if tokenizer.chat_template is None:
             raise BadRequest("this model has no chat template: start the server with --chat-template FILE_OR_TEXT, "
@@ -411,7 +416,7 @@ class OpenAIServing:
         self._check_model(req.model)
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
-        ids = await self._render_chat(req.chat_messages(), chat_template_args(req))
+        ids = await self._render_chat(req.chat_messages(), req)
         max_tokens = req.requested_max_tokens()
         self._check_length(len(ids), max_tokens, "messages")
         if max_tokens is None and "max_tokens" in self.generation_defaults:  # the model's cap, within the context
@@ -506,7 +511,7 @@ class OpenAIServing:
         self._check_model(req.model)
         if req.messages is not None:
             msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-            ids = await self._render_chat(msgs, chat_template_args(req))
+            ids = await self._render_chat(msgs, req)
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,

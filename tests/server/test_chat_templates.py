@@ -94,7 +94,8 @@ def test_chat_template_flag_kwargs_and_generation_prompt(templated, tokenizer):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=name, messages=USER, max_tokens=2,
                                        extra_body={"chat_template_kwargs": {"messages": []}})
-    assert e.value.status_code == 400 and "chat_template_kwargs may not set messages" in e.value.body["message"]
+    assert e.value.status_code == 400 and e.value.body["param"] == "chat_template_kwargs"
+    assert "chat_template_kwargs may not set messages" in e.value.body["message"]
 
 
 def test_chat_template_as_text_and_bad_values(tiny_dir, tmp_path):
@@ -119,4 +120,4 @@ def test_continue_final_message(base_url, auth, client, model_name, tokenizer):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_name, messages=conv, max_tokens=3,
                                        extra_body={"continue_final_message": True, "add_generation_prompt": True})
-    assert "continue_final_message" in e.value.body["message"]
+    assert e.value.body["param"] == "continue_final_message" and "cannot both be true" in e.value.body["message"]
