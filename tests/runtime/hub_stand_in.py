@@ -5,7 +5,8 @@ It serves the parts of the Hub's API that `HfApi.model_info` and `snapshot_downl
   GET  /api/models/<org>/<name>/tree/<rev>[/<path>]       file listing
   HEAD|GET /<org>/<name>/resolve/<rev>/<file>              file metadata headers / content
 with the Hub's error signalling (status + X-Error-Code: RepoNotFound, RevisionNotFound, GatedRepo,
-EntryNotFound). A gated repo answers 401 without a token and 403 with a wrong one, as the Hub does.
+EntryNotFound). A gated repo's info is public, its files answer 401 without a token and 403 with a wrong
+one, as the Hub does.
 Every file GET is counted in `downloads`, so tests can tell what was fetched and what came from cache.
 """
 from __future__ import annotations
@@ -74,13 +75,14 @@ class StandInHub:
                 self._send(code, json.dumps({"error": message}).encode(),
                            {"X-Error-Code": error_code, "X-Error-Message": message})
 
-            def _repo(self, repo_id: str) -> Repo | None:
+            def _repo(self, repo_id: str, files: bool = False) -> Repo | None:
                 repo = hub.repos.get(repo_id)
                 if repo is None:
                     # The real Hub answers 401 to anonymous callers for a missing repo, 404 to known ones.
                     self._error(404, "RepoNotFound", "Repository not found")
                     return None
-                if repo.gated_token is not None:
+                # As on the Hub, a gated repo's info and file list are public; its files are not.
+                if files and repo.gated_token is not None:
                     auth = self.headers.get("Authorization", "")
                     if not auth:
                         self._error(401, "GatedRepo", "Access to model is restricted. You must be authenticated.")
@@ -116,7 +118,7 @@ class StandInHub:
                             "downloads": 0, "likes": 0, "siblings": [{"rfilename": p} for p in sorted(files)]}
                     return self._send(200, json.dumps(info).encode())
                 if len(parts) >= 5 and parts[2] == "resolve":
-                    repo = self._repo("/".join(parts[:2]))
+                    repo = self._repo("/".join(parts[:2]), files=True)
                     if repo is None:
                         return
                     rev, name = parts[3], "/".join(parts[4:])
