@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .validation import InvalidRequestError, RequestLimits
@@ -71,6 +71,8 @@ class EngineInfo:
     pid: int
     limits: Optional[RequestLimits] = None
     """What runtime/validation.validate checks requests against (the engine's RequestLimits)."""
+    generation_defaults: dict = field(default_factory=dict)
+    """The model's sampling defaults (generation_config.json; empty with --generation-config vllm)."""
 
     @classmethod
     def of(cls, engine, config=None) -> "EngineInfo":
@@ -83,7 +85,8 @@ class EngineInfo:
                    num_kv_blocks=getattr(engine, "num_kv_blocks", None),
                    block_size=getattr(engine, "block_size", getattr(cfg, "block_size", None)),
                    max_concurrency=None if mc is None else float(mc), pid=os.getpid(),
-                   limits=getattr(engine, "limits", None))
+                   limits=getattr(engine, "limits", None),
+                   generation_defaults=dict(getattr(engine, "generation_defaults", None) or {}))
 
 
 def stats_dict(stats) -> dict:

@@ -32,7 +32,8 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, Chat
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                        CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, DeltaMessage, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest, TopLogprob, UsageInfo, random_id)
+                       TemplateControlError, TokenizeRequest, TopLogprob, UsageInfo, chat_template_args,
+                       random_id)
 
 logger = logging.getLogger("fleetserve.server")
 
@@ -144,6 +145,8 @@ class OpenAIServing:
         """Set once shutdown cut the requests still running at the drain timeout: no new generation starts."""
         self._in_flight: dict[str, tuple[list[str], bool]] = {}  # request id -> (engine request ids, streaming)
         self.created = int(time.time())
+        # The model's sampling defaults (generation_config.json; none with --generation-config vllm).
+        self.generation_defaults: dict = dict(llm.generation_defaults)
 
     @property
     def num_in_flight(self) -> int:
@@ -220,7 +223,7 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens):
         try:
-            return req.to_sampling_params(max_tokens)
+            return req.to_sampling_params(max_tokens, self.generation_defaults)
         except ValueError as e:
             raise to_bad_request(e, fields=SamplingParams.model_fields) from None
 
@@ -448,14 +451,22 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        tokenizer = self._need_tokenizer("chat")
-        render = functools.partial(tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                   tokenize=False)
+    async def _render_chat(self, messages: list[dict], req) -> list[int]:
+        """The prompt ids of `messages` rendered with the chat template and the request's template
+        controls (add_generation_prompt, continue_final_message, chat_template_kwargs, ...)."""
         try:
-            chars = sum(len(m["content"]) for m in messages)
+            template_args = chat_template_args(req)
+        except TemplateControlError as e:
+            raise BadRequest(str(e), param=e.param) from None
+        tokenizer = self._need_tokenizer("chat")
+        if tokenizer.chat_template is None:
+            raise BadRequest("this model has no chat template: start the server with --chat-template FILE_OR_TEXT, "
+                             "or send a plain prompt to /v1/completions", param="messages", code="no_chat_template")
+        render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=False, **template_args)
+        try:
+            chars = sum(len(c) for m in messages if isinstance(c := m.get("content"), str))
             if len(messages) > _INLINE_CHAT_MESSAGES or chars > _INLINE_TOKENIZE_CHARS:
-                text = await asyncio.to_thread(render)
+                text = await asyncio.to_thread(render)  # a long render would stall every stream
             else:
                 text = render()
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
@@ -468,8 +479,12 @@ class OpenAIServing:
         self._check_model(req.model)
         k = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, k)
-        ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt)
-        params = self._sampling_params(req, req.requested_max_tokens())
+        ids = await self._render_chat(req.chat_messages(), req)
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is None and "max_tokens" in self.generation_defaults and len(ids) < self.max_model_len:
+            # The model's cap, within the context (a prompt too long is validate's 400 below).
+            max_tokens = min(self.generation_defaults["max_tokens"], self.max_model_len - len(ids))
+        params = self._sampling_params(req, max_tokens)
         self._validate(ids, params, "messages")
         self._admit(req.n)
         rid = random_id("chatcmpl")
@@ -555,7 +570,7 @@ class OpenAIServing:
         self._check_model(req.model)
         if req.messages is not None:
             msgs = [{"role": m.template_role, "content": m.text()} for m in req.messages]
-            ids = await self._render_chat(msgs, req.add_generation_prompt)
+            ids = await self._render_chat(msgs, req)
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
