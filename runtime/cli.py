@@ -44,6 +44,8 @@ def write_termination_message(message: str) -> Optional[str]:
     except OSError:
         return None
     return path
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
