@@ -74,10 +74,25 @@ def _has_defaults(node: dict[str, Any]) -> bool:
     return any("default" in sub or _has_defaults(sub) for sub in node.get("properties", {}).values())
 
 
+def _describe_elements(node: dict[str, Any]) -> None:
+    # `kubectl explain` shows list items and map values too: give plain ones a description from their field.
+    for name, sub in node.get("properties", {}).items():
+        items = sub.get("items")
+        if isinstance(items, dict) and not items.get("description"):
+            items["description"] = f"One entry of {name}."
+        values = sub.get("additionalProperties")
+        if isinstance(values, dict) and not values.get("description"):
+            values["description"] = f"The value of one key of {name}."
+        for child in (sub, items, values):
+            if isinstance(child, dict):
+                _describe_elements(child)
+
+
 def openapi_schema(model: type) -> dict[str, Any]:
     raw = model.model_json_schema()
     schema = _structural(raw, raw.get("$defs", {}))
     schema.pop("description", None)
+    _describe_elements(schema)
     return schema
 
 
@@ -91,9 +106,11 @@ def build_crd() -> dict[str, Any]:
         "type": "object",
         "description": "An LLM served by fleetserve runtime pods, scaled on queue depth.",
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {"type": "string", "description": "The versioned schema of this object: "
+                           f"{api.GROUP}/{api.VERSION}."},
+            "kind": {"type": "string", "description": f"The REST resource this object represents: {api.KIND}."},
+            "metadata": {"type": "object", "description": "Standard object metadata (name, namespace, labels, "
+                         "annotations, ...)."},
             "spec": spec_schema,
             "status": status_schema,
         },

@@ -111,6 +111,8 @@ class Resources(_Model):
 
 
 class Toleration(_Model):
+    """A toleration of the runtime pods for a node taint (as in a pod spec)."""
+
     key: Optional[str] = None
     """The taint key the toleration applies to."""
     operator: Optional[Literal["Exists", "Equal"]] = None
@@ -339,6 +341,8 @@ class InferenceServiceSpec(_Model):
 
 
 class Condition(_Model):
+    """One status condition (Kubernetes conventions: type, status, reason, message, times)."""
+
     model_config = ConfigDict(use_attribute_docstrings=True, extra="ignore", frozen=True)
 
     type: str

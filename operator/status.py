@@ -98,11 +98,19 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         if reason in _PULL_ERRORS:
             problems.append(("ImagePullError", f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
         elif reason == "CrashLoopBackOff":
+            said = _termination_message(cs)
             problems.append(("CrashLoopBackOff", f"pod {meta.get('name')}: container {cs.get('name')} keeps "
-                                                 f"crashing (restarts: {cs.get('restartCount', 0)})"))
+                                                 f"crashing (restarts: {cs.get('restartCount', 0)})"
+                                                 + (f": {said}" if said else "")))
         elif reason in _CONFIG_ERRORS:
             problems.append(("ContainerConfigError",
                              f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
+        elif cs.get("name") == RUNTIME_CONTAINER and not reason:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("exitCode") not in (None, 0):  # failed, not yet restarted
+                said = _termination_message(cs)
+                problems.append(("RuntimeFailed", f"pod {meta.get('name')}: the runtime exited with "
+                                                  f"{term.get('exitCode')}" + (f": {said}" if said else "")))
     for cond in status.get("conditions") or []:
         if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
             msg = cond.get("message", "")
@@ -112,6 +120,23 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
                    phase=status.get("phase", "Pending"), deleting=bool(meta.get("deletionTimestamp")),
                    download=download, problems=tuple(problems),
                    template_hash=(meta.get("annotations") or {}).get(TEMPLATE_HASH))
+
+
+_MESSAGE_CHARS = 600
+
+
+def _termination_message(cs: Mapping[str, Any]) -> str:
+    """What a failed container said about its exit: the runtime writes its start-up error to
+    /dev/termination-log, and with terminationMessagePolicy FallbackToLogsOnError the kubelet uses the
+    log's tail otherwise. The most recent failed termination wins (current state, then lastState)."""
+    for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+        term = state.get("terminated") or {}
+        if term.get("exitCode") not in (None, 0):
+            text = " ".join((term.get("message") or "").split())
+            if len(text) > _MESSAGE_CHARS:  # the end of a log tail holds the error
+                text = "..." + text[-_MESSAGE_CHARS:]
+            return text or str(term.get("reason") or "")
+    return ""
 
 
 def _condition(type_: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
@@ -242,7 +267,8 @@ def compute(obs: Observation) -> dict[str, Any]:
         ready_cond = _condition("Ready", False, "ScaledToZero", "no replicas: scale up to serve")
     else:
         ready_cond = _condition("Ready", False, cached["reason"] if cached["status"] == "False" else "Loading",
-                                "no replica is ready yet")
+                                "no replica is ready yet" + (f": {degraded['message']}"
+                                                             if degraded["status"] == "True" else ""))
     conditions.append(ready_cond)
 
     if obs.spec_error:

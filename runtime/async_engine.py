@@ -91,6 +91,8 @@ class AsyncLLM:
         self.max_model_len: int = info.max_model_len
         # For runtime/validation.validate on the event loop; in process mode the core sent it at start-up.
         self.limits: RequestLimits = info.limits
+        # The model's sampling defaults: the HTTP side applies them into SamplingParams before sending.
+        self.generation_defaults: dict = dict(info.generation_defaults)
         self.max_num_seqs: Optional[int] = getattr(info.config, "max_num_seqs", None)
         self.stats: Any = _Stats(client.stats)
         self._observers: list[OutputObserver] = list(observers)

@@ -24,6 +24,28 @@ from .config import EngineConfig
 from .server.config import ServerConfig
 
 API_KEY_ENV = "FLEETSERVE_API_KEY"
+# Kubernetes shows this file's content as the container's termination message (pod status, and the
+# operator copies it into the InferenceService's Degraded condition); the kubelet keeps 4096 bytes.
+TERMINATION_LOG_ENV = "FLEETSERVE_TERMINATION_LOG"
+_TERMINATION_LOG = "/dev/termination-log"
+_TERMINATION_LIMIT = 4096
+
+
+def write_termination_message(message: str) -> Optional[str]:
+    """Write a start-up failure where Kubernetes reads it: $FLEETSERVE_TERMINATION_LOG, else
+    /dev/termination-log if the kubelet mounted it. Returns the path written, None if none."""
+    path = os.environ.get(TERMINATION_LOG_ENV) or (_TERMINATION_LOG if os.path.exists(_TERMINATION_LOG) else None)
+    if not path:
+        return None
+    data = message.encode("utf-8", errors="replace")[:_TERMINATION_LIMIT]
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError:
+        return None
+    return path
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -125,6 +147,7 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_config = EngineConfig(**engine_kw)
         server_config = ServerConfig(**server_kw)
     except ValidationError as e:
+        write_termination_message(f"fleetserve serve: invalid arguments: {e}")
         parser.error(str(e))
     _setup_logging(server_config.log_level)
     import asyncio
@@ -134,8 +157,14 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         return asyncio.run(run_server(engine_config, server_config)) or 0
-    except EngineStartError as e:  # the core process logged the details already
+    # Start-up failed: say why, in the log and where Kubernetes looks (the termination message).
+    except EngineStartError as e:  # the core process logged the details (and traceback) already
         logging.getLogger("fleetserve.server").error("the engine did not start: %s", e)
+        write_termination_message(f"fleetserve serve failed to start: {e}")  # e names the cause's type
+        return 1
+    except Exception as e:  # model load in thread mode, port in use, ...
+        logging.getLogger("fleetserve").error("fleetserve serve failed to start", exc_info=True)
+        write_termination_message(f"fleetserve serve failed to start: {type(e).__name__}: {e}")
         return 1
 
 

@@ -15,7 +15,13 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
 
     model: Optional[str] = None
-    """Hugging Face model directory, a .gguf file, or a preset name (llama-3.2-1b, llama-3.1-8b, ...); None serves the embedded SmolLM2-135M-Instruct."""
+    """Hugging Face Hub name (org/name, or org/name:QUANT for a GGUF repo), model directory, .gguf file, or preset name (llama-3.2-1b, llama-3.1-8b, ...); None serves the embedded SmolLM2-135M-Instruct."""
+    revision: Optional[str] = None
+    """Hub branch, tag or commit of the model (default main)."""
+    download_dir: Optional[str] = None
+    """Hub cache folder for downloaded models (default: huggingface_hub's cache, $HF_HUB_CACHE); reused offline."""
+    gguf_file: Optional[str] = None
+    """Which .gguf file of a Hub GGUF repo to load (or add :QUANT to the model name, e.g. org/name:Q4_K_M)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or tokenizer.json, if it differs from the model's."""
     served_model_name: Optional[str] = None
@@ -60,6 +66,10 @@ class EngineConfig(BaseModel):
     """Compiled grammars kept, keyed by their schema / regex / grammar text (LRU)."""
     max_grammar_bytes: int = Field(256 * 1024, ge=1024)
     """Largest JSON schema / regex / grammar text accepted, in bytes."""
+    chat_template: Optional[str] = None
+    """Chat template to use instead of the model's: a Jinja file path or the template text itself."""
+    generation_config: Literal["auto", "vllm"] = "auto"
+    """auto: sampling defaults (temperature, top_p, top_k, repetition_penalty, max_new_tokens) from the model's generation_config.json for requests that omit them; vllm: ignore the model's file and use the neutral defaults."""
     trust_remote_code: bool = False
     """Accepted for vLLM compatibility; remote code is never executed."""
 

@@ -103,6 +103,8 @@ class LLMEngine:
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or loaded.model_name
+        self.generation_defaults = (_valid_generation_defaults(loaded.generation_defaults)
+                                    if config.generation_config == "auto" else {})
         mc = self.model_config
         self.vocab_size = mc.vocab_size
         # Sliding-window layers attend over their window in the kernels: the whole context is served.
@@ -503,3 +505,17 @@ class LLMEngine:
             kv_cache_usage=kv.usage, num_preemptions_total=self.scheduler.num_preemptions,
             prefix_cache_queries_total=kv.prefix_cache_queries, prefix_cache_hits_total=kv.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)
+
+
+def _valid_generation_defaults(raw: dict) -> dict:
+    """The model's sampling defaults that SamplingParams accepts; a bad value is logged and dropped
+    (a broken generation_config.json should not stop the server)."""
+    out = {}
+    for name, value in raw.items():
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as e:
+            logger.warning("ignoring the model's default %s=%r: %s", name, value, e)
+            continue
+        out[name] = value
+    return out

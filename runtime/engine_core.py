@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .validation import InvalidRequestError, RequestLimits
@@ -73,6 +73,8 @@ class EngineInfo:
     """What runtime/validation.validate checks requests against (the engine's RequestLimits)."""
     eos_token_ids: tuple[int, ...] = ()
     """The engine's end-of-sequence ids (the HTTP side's grammar compiler lets a grammar end on them)."""
+    generation_defaults: dict = field(default_factory=dict)
+    """The model's sampling defaults (generation_config.json; empty with --generation-config vllm)."""
 
     @classmethod
     def of(cls, engine, config=None) -> "EngineInfo":
@@ -86,7 +88,8 @@ class EngineInfo:
                    block_size=getattr(engine, "block_size", getattr(cfg, "block_size", None)),
                    max_concurrency=None if mc is None else float(mc), pid=os.getpid(),
                    limits=getattr(engine, "limits", None),
-                   eos_token_ids=tuple(sorted(getattr(engine, "eos_token_ids", ()) or ())))
+                   eos_token_ids=tuple(sorted(getattr(engine, "eos_token_ids", ()) or ())),
+                   generation_defaults=dict(getattr(engine, "generation_defaults", None) or {}))
 
 
 def stats_dict(stats) -> dict:

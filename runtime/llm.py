@@ -28,6 +28,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's defaults (generation_config.json, or the embedded model's card;
+        none with generation_config="vllm"): what generate/chat use when given no sampling params."""
+        return SamplingParams(**self.engine.generation_defaults)
+
     def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -35,7 +40,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -69,13 +74,19 @@ class LLM:
         return results  # type: ignore[return-value]
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+             add_generation_prompt: bool = True, use_tqdm: bool = False, continue_final_message: bool = False,
+             chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them.
+        continue_final_message continues the last message (add_generation_prompt is then off);
+        chat_template overrides the model's; chat_template_kwargs reach the template as variables."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         prompts = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                           tokenize=False, chat_template=chat_template,
+                                           continue_final_message=continue_final_message,
+                                           **(chat_template_kwargs or {}))
             ids = tok.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

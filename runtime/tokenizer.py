@@ -88,19 +88,26 @@ class Tokenizer:
         return [self.backend.id_to_token(i) for i in ids]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, chat_template: Optional[str] = None, **kwargs):
+                            tokenize: bool = False, chat_template: Optional[str] = None,
+                            continue_final_message: bool = False, **kwargs):
         """Render messages with the model's chat template (sandboxed jinja2, as transformers does).
 
         Extra keyword arguments (tools, documents, enable_thinking, ...) reach the template as variables.
+        continue_final_message: end the prompt inside the last message (no end-of-turn after it), so the
+        model continues that message (a prefilled assistant reply); excludes add_generation_prompt.
         Returns the prompt string, or its token ids with tokenize=True (no special tokens added:
         the template writes them itself).
         """
         template = chat_template or self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat template; pass chat_template= or use a plain prompt")
+            raise NoChatTemplateError("this tokenizer has no chat template; pass chat_template= or use a plain prompt")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         text = _compile_template(template).render(
             messages=_plain(messages), add_generation_prompt=add_generation_prompt, **_plain(variables))
+        if continue_final_message:
+            text = _cut_after_final_message(text, messages)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ---- construction -----------------------------------------------------------------------
@@ -341,6 +348,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+class NoChatTemplateError(ValueError):
+    """The tokenizer has no chat template and none was given."""
+
+
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    # As transformers does: the rendered prompt ends where the final message's text ends; what the
+    # template wrote after it (end-of-turn tokens) goes. Templates may strip the content: match it stripped.
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    content = (content or "").strip()
+    if not content:
+        raise ValueError("continue_final_message needs a final message with text content")
+    end = text.rfind(content)
+    if end < 0:
+        raise ValueError("continue_final_message: the chat template does not write the final message's text verbatim")
+    return text[:end + len(content)]
+
+
 @lru_cache(maxsize=16)
 def _compile_template(template: str):
     import jinja2
@@ -371,3 +397,7 @@ def _compile_template(template: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+compile_chat_template = _compile_template
+"""Compile (and cache) a chat template with the sandboxed environment the tokenizer renders it in."""

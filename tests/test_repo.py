@@ -30,3 +30,22 @@ def test_operator_folder_does_not_shadow_stdlib():
     import operator
 
     assert hasattr(operator, "eq")
+
+
+def test_readme_kind_snippet_builds_every_image_it_loads():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    loaded = [img for line in text.splitlines() if line.strip().startswith("kind load docker-image")
+              for img in line.split()[3:] if not img.startswith("-")]
+    built = re.findall(r"^docker build .*-t (\S+)", text, flags=re.M)
+    assert loaded and set(loaded) <= set(built), (loaded, built)
+    for image in built:  # the Dockerfiles named exist
+        line = next(l for l in text.splitlines() if l.startswith("docker build") and f"-t {image}" in l)
+        assert (ROOT / re.search(r"-f (\S+)", line).group(1)).is_file()
+
+
+def test_e2e_docs_state_what_run_sh_needs():
+    doc = (ROOT / "docs" / "e2e.md").read_text()
+    for words in ("root", "installs Debian packages", "~4-5 GB of cache", "as of 2026-11-24"):
+        assert words in doc, words

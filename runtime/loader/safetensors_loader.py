@@ -72,3 +72,17 @@ def eos_ids_of_dir(model_dir: str) -> list[int]:
         return []
     eos = read_json(path).get("eos_token_id")
     return list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
+
+
+# generation_config.json key -> SamplingParams field (what vLLM's --generation-config auto takes from it).
+_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults_of_dir(model_dir: str) -> dict:
+    """The sampling defaults a model's generation_config.json sets, as SamplingParams field names."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    raw = read_json(path)
+    return {ours: raw[key] for key, ours in _GENERATION_KEYS.items() if raw.get(key) is not None}

@@ -145,6 +145,14 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
                     float(info["max_concurrency"] or 0))
         if engine.core_pid is not None:
             logger.info("engine loop runs in its own process (pid %d)", engine.core_pid)
+        defaults = app[SERVING].generation_defaults
+        if defaults:
+            logger.info("sampling defaults for requests that omit them (the model's; --generation-config vllm "
+                        "ignores them): %s", ", ".join(f"{k}={v}" + (" (chat)" if k == "max_tokens" else "")
+                                                       for k, v in defaults.items()))
+        else:
+            logger.info("sampling defaults: none from the model (%s): temperature=1.0, top_p=1.0, top_k=0, "
+                        "repetition_penalty=1.0 unless a request sets them", engine_config.generation_config)
         try:
             yield
         finally:
@@ -187,6 +195,17 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
     return app
 
 
+_EVERY_INTERFACE = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def exposure_warning(server_config: ServerConfig) -> Optional[str]:
+    """The start-up warning for a server that every host on the network may call without a key."""
+    if server_config.host.strip() in _EVERY_INTERFACE and not server_config.api_key:
+        return (f"listening on every interface ({server_config.host or '*'}) without an API key: anyone who can "
+                "reach this port can use the model; set --api-key (or FLEETSERVE_API_KEY), or --host 127.0.0.1")
+    return None
+
+
 async def run_server(engine_config: Optional[EngineConfig] = None, server_config: Optional[ServerConfig] = None, *,
                      llm: Optional[AsyncLLM] = None, stop: Optional[asyncio.Event] = None,
                      on_ready: Optional[Callable[[str], Awaitable[None] | None]] = None,
@@ -211,6 +230,9 @@ async def run_server(engine_config: Optional[EngineConfig] = None, server_config
                 loop.add_signal_handler(sig, stop.set)
         logger.info("serving %s on %s (API key %s)", app[SERVING].served_model_name, url,
                     "required" if server_config.api_key else "not required")
+        warning = exposure_warning(server_config)
+        if warning:
+            logger.warning(warning)
         if on_ready is not None:
             res = on_ready(url)
             if asyncio.iscoroutine(res):

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    host: str = "0.0.0.0"
-    """Address to listen on."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 (or ::) listens on every interface (containers, Kubernetes pods)."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on (0 picks a free one)."""
     api_key: Optional[str] = Field(None, repr=False)

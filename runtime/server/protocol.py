@@ -181,8 +181,10 @@ class _SamplingRequest(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
-        kw: dict[str, Any] = dict(
+                         prompt_logprobs: Optional[int] = None, defaults: Optional[dict] = None) -> SamplingParams:
+        # The model's defaults (generation_config.json) fill in what the request leaves out.
+        kw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
+        kw.update(
             n=self.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
             stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
@@ -225,9 +227,9 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_lp)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_lp, defaults)
 
 
 class TextContent(_Request):
@@ -306,6 +308,31 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
+# Names the server passes to the chat template itself: a request's chat_template_kwargs may not set them.
+_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                                     "chat_template"})
+
+
+class TemplateControlError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def chat_template_args(req) -> dict[str, Any]:
+    """Keyword arguments for Tokenizer.apply_chat_template from a request's template controls
+    (continue_final_message turns the default add_generation_prompt off). TemplateControlError
+    (a ValueError naming the field) when they contradict each other or override the server's own."""
+    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise TemplateControlError("continue_final_message and add_generation_prompt cannot both be true",
+                                   "continue_final_message")
+    bad = sorted(_RESERVED_TEMPLATE_ARGS & set(req.chat_template_kwargs or {}))
+    if bad:
+        raise TemplateControlError(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
+    return {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message,
+            "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -319,8 +346,10 @@ class ChatCompletionRequest(_SamplingRequest):
     """Default: "auto" when tools are given, else "none" (OpenAI)."""
     parallel_tool_calls: Optional[bool] = None
     """False: at most one tool call per answer."""
+    continue_final_message: bool = False
+    """vLLM extra: end the prompt inside the last (assistant) message so the model continues it."""
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    """vLLM extra: variables for the chat template (enable_thinking, ...)."""
+    """vLLM extra: variables for the chat template (e.g. {"enable_thinking": false})."""
     # OpenAI fields that are accepted only in their "off" form.
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
@@ -341,9 +370,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
-    def to_sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, lp)
+        return self._sampling_params(max_tokens, lp, defaults=defaults)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -370,6 +399,8 @@ class TokenizeRequest(_Request):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _one_input(self):

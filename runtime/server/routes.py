@@ -33,8 +33,9 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, Chat
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob,
                        CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall, DetokenizeRequest,
-                       FunctionCallOut, ModelCard, ModelList, NamedToolChoice, TokenizeRequest, ToolCallOut,
-                       TopLogprob, UsageInfo, _FieldError, random_id)
+                       FunctionCallOut, ModelCard, ModelList, NamedToolChoice, TemplateControlError,
+                       TokenizeRequest, ToolCallOut, TopLogprob, UsageInfo, _FieldError, chat_template_args,
+                       random_id)
 from .reasoning import ReasoningParser
 from .tools import RequiredParser, ToolCallStream, call_id, forced_constraint, get_parser
 
@@ -186,6 +187,8 @@ class OpenAIServing:
         self.tool_parser = get_parser(config.tool_call_parser) if config.tool_call_parser else None
         self.reasoning = ReasoningParser(config.reasoning_parser) if config.reasoning_parser else None
         self._grammar_compiler = None
+        # The model's sampling defaults (generation_config.json; none with --generation-config vllm).
+        self.generation_defaults: dict = dict(llm.generation_defaults)
 
     @property
     def num_in_flight(self) -> int:
@@ -262,7 +265,7 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens):
         try:
-            return req.to_sampling_params(max_tokens)
+            return req.to_sampling_params(max_tokens, self.generation_defaults)
         except ValueError as e:
             raise to_bad_request(e, fields=SamplingParams.model_fields) from None
 
@@ -544,18 +547,25 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ chat
 
-    async def _render_chat(self, messages: list[dict], add_generation_prompt: bool, tools=None,
-                           template_kwargs: Optional[dict] = None, text_out: Optional[list] = None) -> list[int]:
-        tokenizer = self._need_tokenizer("chat")
-        kw = dict(template_kwargs or {})
-        if tools:
-            kw["tools"] = tools  # OpenAI's tool objects: what HF templates iterate over
-        render = functools.partial(tokenizer.apply_chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                   tokenize=False, **kw)
+    async def _render_chat(self, messages: list[dict], req, tools=None, text_out: Optional[list] = None) -> list[int]:
+        """The prompt ids of `messages` rendered with the chat template, the request's template controls
+        (add_generation_prompt, continue_final_message, chat_template_kwargs, ...) and its `tools`; the
+        rendered text is appended to `text_out` when given."""
         try:
-            chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+            template_args = chat_template_args(req)
+        except TemplateControlError as e:
+            raise BadRequest(str(e), param=e.param) from None
+        if tools:
+            template_args["tools"] = tools  # OpenAI's tool objects: what HF templates iterate over
+        tokenizer = self._need_tokenizer("chat")
+        if tokenizer.chat_template is None:
+            raise BadRequest("this model has no chat template: start the server with --chat-template FILE_OR_TEXT, "
+                             "or send a plain prompt to /v1/completions", param="messages", code="no_chat_template")
+        render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=False, **template_args)
+        try:
+            chars = sum(len(c) for m in messages if isinstance(c := m.get("content"), str))
             if len(messages) > _INLINE_CHAT_MESSAGES or chars > _INLINE_TOKENIZE_CHARS:
-                text = await asyncio.to_thread(render)
+                text = await asyncio.to_thread(render)  # a long render would stall every stream
             else:
                 text = render()
         except Exception as e:  # a template error is the request's fault (roles the template refuses, ...)
@@ -614,9 +624,11 @@ class OpenAIServing:
                 raise BadRequest(f"{so_field} cannot be combined with tool_choice {req.tool_choice!r}", param=so_field)
             so, so_field = forced_constraint(req.tools, req.tool_choice, req.parallel_tool_calls), "tools"
         prompt_text: list[str] = []
-        ids = await self._render_chat(req.chat_messages(), req.add_generation_prompt, req.template_tools(),
-                                      req.chat_template_kwargs, prompt_text)
+        ids = await self._render_chat(req.chat_messages(), req, req.template_tools(), prompt_text)
         max_tokens = req.requested_max_tokens()
+        if max_tokens is None and "max_tokens" in self.generation_defaults and len(ids) < self.max_model_len:
+            # The model's cap, within the context (a prompt too long is validate's 400 below).
+            max_tokens = min(self.generation_defaults["max_tokens"], self.max_model_len - len(ids))
         if so is not None and self.reasoning is not None and not self.reasoning.reasoning_ended_in_prompt(prompt_text[0]):
             # the constraint starts once the model closed its reasoning block
             end_ids = tuple(self.tokenizer.encode("</think>", add_special_tokens=False))
@@ -732,7 +744,7 @@ class OpenAIServing:
         self._check_model(req.model)
         if req.messages is not None:
             msgs = [{"role": m.template_role, "content": m.text()} for m in req.messages]
-            ids = await self._render_chat(msgs, req.add_generation_prompt)
+            ids = await self._render_chat(msgs, req)
         else:
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,

@@ -264,6 +264,42 @@ def test_model_cache_filled_once(ns, operator_release):
     kubectl("delete", "pv", pv, "--wait=false")
 
 
+def test_bad_model_path_shows_its_error_in_the_status(ns):
+    """A runtime that cannot load its model writes the error to its termination message; the operator puts
+    it into the InferenceService's conditions, so `kubectl get fsvc -o yaml` says why, not only that the
+    pod crash-loops."""
+    import yaml
+
+    name = "bad-model"
+    apply({"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService",
+           "metadata": {"name": name},
+           "spec": {"model": {"uri": "file:///models/nope"}, "engine": {"device": "cpu", "dtype": "float32"},
+                    "resources": {"cpu": "100m", "memory": "1Gi"},
+                    "autoscaling": {"minReplicas": 1, "maxReplicas": 1}}}, ns)
+    error = "model '/models/nope' not found"
+
+    def degraded_with_the_error():
+        doc = yaml.safe_load(kubectl("get", "fsvc", name, "-n", ns, "-o", "yaml"))
+        conds = {c["type"]: c for c in (doc.get("status") or {}).get("conditions") or []}
+        d = conds.get("Degraded") or {}
+        return doc if d.get("status") == "True" and error in d.get("message", "") else None
+
+    try:
+        doc = wait_until("the runtime's start-up error in the InferenceService status", degraded_with_the_error,
+                         LOAD_TIMEOUT)
+        conds = {c["type"]: c for c in doc["status"]["conditions"]}
+        assert doc["status"]["phase"] == "Degraded"
+        assert conds["Degraded"]["reason"] in ("CrashLoopBackOff", "RuntimeFailed"), conds["Degraded"]
+        assert error in conds["Ready"]["message"] and conds["Ready"]["status"] == "False"
+        pods = json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "-o",
+                                  "json"))["items"]
+        said = [((cs.get(k) or {}).get("terminated") or {}).get("message", "")
+                for p in pods for cs in p["status"].get("containerStatuses") or [] for k in ("state", "lastState")]
+        assert any(m.startswith("fleetserve serve failed to start: ModelLoadError") and error in m for m in said), said
+    finally:
+        kubectl("delete", "inferenceservice", name, "-n", ns, "--wait=true", timeout=120, check=False)
+
+
 def test_delete_removes_every_child(ns):
     kubectl("delete", "inferenceservice", NAME, "-n", ns, "--wait=true", timeout=120)
     sel = f"app.kubernetes.io/instance={NAME}"

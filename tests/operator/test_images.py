@@ -80,3 +80,26 @@ def test_operator_image_is_slim():
     light = deps["dependencies"] + deps["optional-dependencies"]["operator"]
     assert not [d for d in light if re.match(r"(torch|triton|numpy|transformers)\b", d)]
     assert ("ENTRYPOINT", '["python", "-m", "fleetserve.operator"]') in instrs
+
+
+def test_gpu_image_versions_match_the_tested_ones():
+    """Dockerfile.runtime's GPU torch / CUDA / Triton == README's "Tested versions" == the latest GPU benchmark
+    record (benchmarks/results/README.md); the CPU row == constraints/cpu.txt."""
+    args = _args(_instructions("Dockerfile.runtime"))
+    torch_v, triton_v = args["TORCH_VERSION"], args["TRITON_VERSION"]
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn\d+-runtime", args["BASE_IMAGE"])
+    assert m, args["BASE_IMAGE"]
+    assert m.group(1) == torch_v
+    cuda = m.group(2)
+    readme = (ROOT / "README.md").read_text()
+    row = next(l for l in readme.splitlines() if l.startswith("| GPU tier"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert args["BASE_IMAGE"] in cells[1] and cells[2:] == [torch_v, cuda, triton_v], cells
+    runs = (ROOT / "benchmarks" / "results" / "README.md").read_text()
+    latest = re.findall(r"^## .*torch (\d+\.\d+\.\d+)\+cu(\d+), triton (\d+\.\d+\.\d+)", runs, flags=re.M)[0]
+    assert latest == (torch_v, cuda.replace(".", ""), triton_v), latest
+    cpu_row = next(l for l in readme.splitlines() if l.startswith("| CPU tier"))
+    cpu_torch = re.search(r"torch==(\S+)", (ROOT / "constraints" / "cpu.txt").read_text()).group(1)
+    assert f"| {cpu_torch} (CPU) |" in cpu_row and f"| {triton_v} " in cpu_row
+    run = " ".join(rest for op, rest in _instructions("Dockerfile.runtime") if op == "RUN")
+    assert '"torch==${TORCH_VERSION}" "triton==${TRITON_VERSION}"' in run  # the build pins what it checks

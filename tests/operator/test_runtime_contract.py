@@ -59,7 +59,10 @@ _OPERATOR_ONLY = {"extraArgs"}
 _STRICTER = {"shutdownTimeoutSeconds": {"type": "integer", "maximum": 3600}}  # the pod's termination grace period
 # Runtime settings the CR does not expose as fields (reachable through extraArgs, or set by the operator).
 _NOT_EXPOSED = {"model", "tokenizer", "served_model_name", "load_format", "num_kv_blocks", "kv_cache_memory",
-                "enforce_eager", "async_scheduling", "attention_backend", "seed", "max_logprobs", "trust_remote_code"}
+                "enforce_eager", "async_scheduling", "attention_backend", "seed", "max_logprobs", "trust_remote_code",
+                # Hub fetching is the operator's model cache's job (the runtime gets a local path); chat template
+                # and sampling defaults go through extraArgs.
+                "revision", "download_dir", "gguf_file", "chat_template", "generation_config"}
 _CONSTRAINTS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 

@@ -405,3 +405,41 @@ def test_status_fields_refuse_what_the_schema_would_prune():
         status_fields({"phase": "Serving"})
     with pytest.raises(ValueError):
         status_fields({"conditions": [{"type": "Ready", "status": "yes"}]})
+
+
+_LOAD_ERROR = ("fleetserve serve failed to start: ModelLoadError: model '/models/nope' not found: not a directory, "
+               "a .gguf file or a preset (llama-3.1-8b, llama-3.2-1b), nor a Hub name (org/name)")
+
+
+def test_runtime_startup_error_reaches_the_status_conditions():
+    """The runtime's termination message (its start-up error) is the Degraded and Ready condition message,
+    whether the container is in CrashLoopBackOff (message in lastState) or just exited (message in state)."""
+    looping = _pod(ready=False, containers=[{
+        "name": "runtime", "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}}}])
+    exited = _pod(ready=False, containers=[{
+        "name": "runtime", "restartCount": 0,
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}}}])
+    for pod, reason in ((looping, "CrashLoopBackOff"), (exited, "RuntimeFailed")):
+        st = compute(_obs([pod], spec={"model": {"uri": "file:///models/nope"}}))
+        degraded = _cond(st, "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == reason
+        assert "model '/models/nope' not found" in degraded["message"], degraded
+        assert "model '/models/nope' not found" in _cond(st, "Ready")["message"]
+        assert st["phase"] == "Degraded"
+    # A log tail (FallbackToLogsOnError) keeps its end, where the error is; a clean exit says nothing.
+    tail = "x" * 5000 + " ValueError: the real error"
+    long = _pod(ready=False, containers=[{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                          "lastState": {"terminated": {"exitCode": 1, "message": tail}}}])
+    msg = _cond(compute(_obs([long], spec={})), "Degraded")["message"]
+    assert msg.endswith("ValueError: the real error") and len(msg) < 800
+    ok = _pod(ready=False, containers=[{"name": "runtime", "state": {"running": {}},
+                                        "lastState": {"terminated": {"exitCode": 0, "message": "bye"}}}])
+    assert _cond(compute(_obs([ok], spec={})), "Degraded")["status"] == "False"
+
+
+def test_runtime_container_reports_errors_through_its_termination_message():
+    spec = parse_spec({"model": {"uri": "file:///models/nope"}})
+    c = render.render_deployment("svc", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]["containers"][0]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c.get("terminationMessagePath", "/dev/termination-log") == "/dev/termination-log"

@@ -161,8 +161,11 @@ def test_offline_llm_matches_the_servers(proc_client, client, model_name):
     cases = [dict(temperature=0.0, max_tokens=12), dict(temperature=0.0, max_tokens=24, stop=["the", "\n"]),
              dict(temperature=0.9, seed=11, n=2, max_tokens=16, stop=[" a", "."], logprobs=2),
              dict(temperature=0.0, max_tokens=16, stop=["on"], include_stop_str_in_output=True)]
+    # Both servers fill what a request leaves out (top_p here) with the model's defaults, HTTP-side.
+    defaults = {k: v for k, v in llm.engine.generation_defaults.items() if k != "max_tokens"}
+    assert defaults, "the embedded model has sampling defaults (top_p=0.9): without them this checks less"
     for kw in cases:
-        want = llm.generate("Once upon a time", SamplingParams(**kw))[0].outputs
+        want = llm.generate("Once upon a time", SamplingParams(**{**defaults, **kw}))[0].outputs
         body = {k: v for k, v in kw.items() if k != "include_stop_str_in_output"}
         extra = {"include_stop_str_in_output": True} if "include_stop_str_in_output" in kw else {}
         for c in (proc_client, client):

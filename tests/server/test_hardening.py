@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from fleetserve.runtime.server.protocol import ChatCompletionRequest
+
 from .conftest import wait_for_idle
 from .test_errors import AUTH, assert_error, assert_human, call
 
@@ -134,8 +136,9 @@ def test_tokenizing_and_rendering_run_off_the_loop(server):
     serving = server.serving("tight")
     text = "hello world, this is a test. " * 80_000  # 2.3M characters: about a second of tokenizer work
     messages = [{"role": "user", "content": f"message {i}"} for i in range(40_000)]
+    template_controls = ChatCompletionRequest(messages=messages[:1])  # the defaults (add_generation_prompt)
     for label, make in (("tokenize", lambda: serving._encode(text, add_special_tokens=False)),
-                        ("chat template", lambda: serving._render_chat(messages, True))):
+                        ("chat template", lambda: serving._render_chat(messages, template_controls))):
         with HealthProbe(server.urls["tight"]) as probe:
             time.sleep(0.05)
             t = time.perf_counter()
