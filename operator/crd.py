@@ -109,8 +109,8 @@ def build_crd() -> dict[str, Any]:
             "apiVersion": {"type": "string", "description": "The versioned schema of this object: "
                            f"{api.GROUP}/{api.VERSION}."},
             "kind": {"type": "string", "description": f"The REST resource this object represents: {api.KIND}."},
-            "metadata": {"type": "object", "description": "Standard object metadata (name, namespace, labels, "
-                         "annotations, ...)."},
+            # The apiserver allows nothing but the type here (no description): kubectl explain shows ObjectMeta's own.
+            "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
         },
