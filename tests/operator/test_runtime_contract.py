@@ -62,7 +62,9 @@ _NOT_EXPOSED = {"model", "tokenizer", "served_model_name", "load_format", "num_k
                 "enforce_eager", "async_scheduling", "attention_backend", "seed", "max_logprobs", "trust_remote_code",
                 # Hub fetching is the operator's model cache's job (the runtime gets a local path); chat template
                 # and sampling defaults go through extraArgs.
-                "revision", "download_dir", "gguf_file", "chat_template", "generation_config"}
+                "revision", "download_dir", "gguf_file", "chat_template", "generation_config",
+                # Structured-output limits: server-side tuning, through extraArgs.
+                "grammar_compile_timeout", "grammar_compile_threads", "grammar_cache_size", "max_grammar_bytes"}
 _CONSTRAINTS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
