@@ -4,6 +4,7 @@ The torch references (the CPU engine's path) must import without Triton, so each
 module decorates its kernels with `jit` from here: with Triton missing, a kernel
 becomes a stub that raises on launch instead of failing at import.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,7 +73,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int | None) -> int:
     """Multiprocessor count of a CUDA device; a small stand-in on CPU (interpreter)."""
     import torch

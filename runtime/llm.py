@@ -6,10 +6,11 @@
 
 It owns one LLMEngine and runs its loop until every submitted request finished.
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from .config import EngineConfig
 from .engine import LLMEngine, PromptInput
@@ -18,7 +19,7 @@ from .sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, **kwargs):
+    def __init__(self, model: str | None = None, **kwargs):
         """Keyword arguments are EngineConfig fields (dtype, device, max_model_len, block_size,
         num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
@@ -33,15 +34,24 @@ class LLM:
         none with generation_config="vllm"): what generate/chat use when given no sampling params."""
         return SamplingParams(**self.engine.generation_defaults)
 
-    def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
-                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        params = (
+            list(sampling_params)
+            if isinstance(sampling_params, (list, tuple))
+            else [sampling_params] * len(prompts)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         order: dict[str, int] = {}
@@ -58,10 +68,11 @@ class LLM:
         return self._run(order, use_tqdm)
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
-        results: list[Optional[RequestOutput]] = [None] * len(order)
+        results: list[RequestOutput | None] = [None] * len(order)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
+
             bar = tqdm(total=len(order), desc="Processed prompts")
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -73,9 +84,16 @@ class LLM:
             bar.close()
         return results  # type: ignore[return-value]
 
-    def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False, continue_final_message: bool = False,
-             chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of them.
         continue_final_message continues the last message (add_generation_prompt is then off);
         chat_template overrides the model's; chat_template_kwargs reach the template as variables."""
@@ -83,10 +101,14 @@ class LLM:
         tok = self.engine.tokenizer
         prompts = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                           tokenize=False, chat_template=chat_template,
-                                           continue_final_message=continue_final_message,
-                                           **(chat_template_kwargs or {}))
+            text = tok.apply_chat_template(
+                conv,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                tokenize=False,
+                chat_template=chat_template,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
             ids = tok.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

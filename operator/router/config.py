@@ -3,6 +3,7 @@
 The operator renders these variables from the InferenceService's `spec.router`
 (operator/render.py); defaults here are what a bare `python -m fleetserve.operator.router` uses.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,7 +95,7 @@ class RouterConfig:
     """While requests wait, the demand annotation is refreshed this often (env FLEETSERVE_ROUTER_DEMAND_INTERVAL)."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
         env = os.environ if env is None else env
         values = {}
         for f in dataclasses.fields(cls):
@@ -111,5 +112,7 @@ class RouterConfig:
                 pass
         cfg = cls(**values)
         if cfg.discovery not in ("auto", "v1", "v1beta1", "endpoints"):
-            raise ValueError(f"FLEETSERVE_ROUTER_DISCOVERY must be auto, v1, v1beta1 or endpoints, not {cfg.discovery!r}")
+            raise ValueError(
+                f"FLEETSERVE_ROUTER_DISCOVERY must be auto, v1, v1beta1 or endpoints, not {cfg.discovery!r}"
+            )
         return cfg
