@@ -37,7 +37,7 @@ def _patch_interpreter_scalar_index() -> None:
         orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    patched._fleetserve_patched = True
+    patched.__dict__["_fleetserve_patched"] = True  # marks the interpreter as patched once
     interp._patch_lang_tensor = patched
 
 

@@ -354,7 +354,7 @@ _PRECOMPILED: set = set()
 def _launch_variants(num_experts: int, N: int, K: int) -> list[dict]:
     """Every distinct moe_launch_config of a GEMM shape, over all token counts: the config is a step
     function of the pair count that is constant past 96 rows per expert (and past 264 pairs for N)."""
-    seen = {}
+    seen: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
     for n in range(1, 96 * num_experts + 266):
         cfg = moe_launch_config(n, num_experts, N, K)
         seen.setdefault(tuple(sorted(cfg.items())), cfg)

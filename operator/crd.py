@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from fleetserve.operator import spec as api
 
@@ -94,7 +95,7 @@ def _describe_elements(node: dict[str, Any]) -> None:
                 _describe_elements(child)
 
 
-def openapi_schema(model: type) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema()
     schema = _structural(raw, raw.get("$defs", {}))
     schema.pop("description", None)

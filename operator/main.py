@@ -49,8 +49,14 @@ from fleetserve.operator.spec import (
     parse_spec,
 )
 
+# kopf's handler Protocols type every keyword as kopf may pass it (memo: Any, namespace: str | None,
+# logger: Logger | LoggerAdapter); the handlers here declare what they get for this namespaced resource
+# (the typed OperatorMemo, a str namespace), so the decorators carry targeted arg-type ignores.
 ISVC = (GROUP, VERSION, PLURAL)
-MANAGED = {"app.kubernetes.io/managed-by": "fleetserve-operator", render.ISVC_LABEL: kopf.PRESENT}
+MANAGED: dict[str, Any] = {
+    "app.kubernetes.io/managed-by": "fleetserve-operator",
+    render.ISVC_LABEL: kopf.PRESENT,
+}
 # The runtime's pods, Deployment and Service; the router's carry component=router and are indexed apart.
 RUNTIME = {**MANAGED, "app.kubernetes.io/component": "runtime"}
 ROUTER = {**MANAGED, "app.kubernetes.io/component": "router"}
@@ -73,7 +79,7 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     """kopf's watches and the kubernetes client of the handlers use the same credentials."""
     cfg = _client_configuration()
     header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
-    scheme, _, token = (header or "").rpartition(" ")
+    scheme, _sep, token = (header or "").rpartition(" ")
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,
@@ -88,7 +94,7 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
-@kopf.on.startup()
+@kopf.on.startup()  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: logging.Logger, **_: Any) -> None:
     if not isinstance(memo, OperatorMemo):
         raise kopf.PermanentError(
@@ -124,7 +130,9 @@ def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: loggi
 def _pdb_api_version(api: client.ApiClient, logger: logging.Logger) -> str | None:
     """policy/v1 where served (1.21+), else policy/v1beta1 (1.20), else None: no PDBs."""
     try:
-        groups = json.loads(client.ApisApi(api).get_api_versions(_preload_content=False).data).get(
+        # _preload_content=False returns the raw urllib3 response; the client's annotations assume the model
+        raw = client.ApisApi(api).get_api_versions(_preload_content=False)
+        groups = json.loads(raw.data).get(  # type: ignore[attr-defined]
             "groups", []
         )
     except (ApiException, ValueError) as exc:
@@ -150,7 +158,7 @@ def probe(memo: OperatorMemo, **_: Any) -> str:
 # --- indexes: the operator's view of its children, kept current by watches ------------------------
 
 
-@kopf.index("pods", labels=RUNTIME)
+@kopf.index("pods", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): status_mod.pod_view(body)}
 
@@ -170,17 +178,17 @@ def _deployment_view(namespace: str, labels: kopf.Labels, body: kopf.Body) -> di
     }
 
 
-@kopf.index("apps", "v1", "deployments", labels=RUNTIME)
+@kopf.index("apps", "v1", "deployments", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return _deployment_view(namespace, labels, body)
 
 
-@kopf.index("apps", "v1", "deployments", labels=ROUTER)
+@kopf.index("apps", "v1", "deployments", labels=ROUTER)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def router_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return _deployment_view(namespace, labels, body)
 
 
-@kopf.index("services", labels=RUNTIME)
+@kopf.index("services", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_services(namespace: str, labels: kopf.Labels, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): name}
 
@@ -297,7 +305,7 @@ def _static_status(
 
 @kopf.on.resume(*ISVC)
 @kopf.on.create(*ISVC)
-@kopf.on.update(*ISVC)
+@kopf.on.update(*ISVC)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def reconcile(
     name: str,
     namespace: str,
@@ -366,7 +374,7 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or "")[:300]
 
 
-@kopf.on.delete(*ISVC, optional=True)
+@kopf.on.delete(*ISVC, optional=True)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None:
     # Children carry owner references: the garbage collector removes them. Nothing to do here.
     logger.info("InferenceService %s/%s deleted; children are garbage-collected", namespace, name)
@@ -538,7 +546,7 @@ async def _scale(
     kopf.event(body, type="Normal", reason=direction, message=message)
 
 
-@kopf.on.field(*ISVC, field=("metadata", "annotations", DEMAND_ANNOTATION))
+@kopf.on.field(*ISVC, field=("metadata", "annotations", DEMAND_ANNOTATION))  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 async def demand_signalled(
     name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, logger: logging.Logger, **_: Any
 ) -> None:
@@ -556,7 +564,7 @@ async def demand_signalled(
     autoscaler.record_change(memo.history, time.monotonic())
 
 
-@kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))
+@kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 async def observe(
     name: str,
     namespace: str,

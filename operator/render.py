@@ -121,7 +121,8 @@ def model_description(spec: InferenceServiceSpec) -> str:
 
 def serve_args(name: str, spec: InferenceServiceSpec) -> list[str]:
     e = spec.engine
-    args = [model_path(spec)] if model_path(spec) else []
+    path = model_path(spec)
+    args = [path] if path else []
     args += [
         "--host",
         "0.0.0.0",
@@ -288,7 +289,8 @@ def _download_container(
 
 
 def _scheduling(spec: InferenceServiceSpec) -> dict[str, Any]:
-    sched, out = spec.scheduling, {}
+    sched = spec.scheduling
+    out: dict[str, Any] = {}
     if sched.nodeSelector:
         out["nodeSelector"] = dict(sched.nodeSelector)
     if sched.tolerations:

@@ -103,9 +103,11 @@ class AsyncLLM:
         self.model_name: str = info.model_name
         self.max_model_len: int = info.max_model_len
         # For runtime/validation.validate on the event loop; in process mode the core sent it at start-up.
+        if info.limits is None:
+            raise TypeError("the engine core sent no RequestLimits (the engine has no `limits`)")
         self.limits: RequestLimits = info.limits
         # The model's sampling defaults: the HTTP side applies them into SamplingParams before sending.
-        self.generation_defaults: dict = dict(info.generation_defaults)
+        self.generation_defaults: dict[str, Any] = dict(info.generation_defaults)
         self.max_num_seqs: int | None = getattr(info.config, "max_num_seqs", None)
         self.stats: Any = _Stats(client.stats)
         self._observers: list[OutputObserver] = list(observers)

@@ -75,7 +75,7 @@ class EngineConfig(BaseModel):
     """Accepted for vLLM compatibility; remote code is never executed."""
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         return self

@@ -75,7 +75,7 @@ class EngineInfo:
     """What runtime/validation.validate checks requests against (the engine's RequestLimits)."""
     eos_token_ids: tuple[int, ...] = ()
     """The engine's end-of-sequence ids (the HTTP side's grammar compiler lets a grammar end on them)."""
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     """The model's sampling defaults (generation_config.json; empty with --generation-config vllm)."""
 
     @classmethod
@@ -100,7 +100,11 @@ class EngineInfo:
 
 
 def stats_dict(stats) -> dict:
-    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+    return (
+        dataclasses.asdict(stats)
+        if dataclasses.is_dataclass(stats) and not isinstance(stats, type)
+        else dict(vars(stats))
+    )
 
 
 def _pack_logprobs(positions) -> list:

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import EngineConfig
 from .engine import LLMEngine, PromptInput
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
 
 class LLM:
-    def __init__(self, model: str | None = None, **kwargs):
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         """Keyword arguments are EngineConfig fields (dtype, device, max_model_len, block_size,
         num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self._counter = itertools.count()
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -43,14 +47,14 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
-            prompts = [prompts]
-        prompts = list(prompts)
+            prompts = [cast(PromptInput, prompts)]
+        prompts = list(cast(Sequence[PromptInput], prompts))
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = (
-            list(sampling_params)
-            if isinstance(sampling_params, (list, tuple))
-            else [sampling_params] * len(prompts)
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
         )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -86,20 +90,26 @@ class LLM:
 
     def chat(
         self,
-        messages,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
         continue_final_message: bool = False,
         chat_template: str | None = None,
-        chat_template_kwargs: dict | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of them.
         continue_final_message continues the last message (add_generation_prompt is then off);
         chat_template overrides the model's; chat_template_kwargs reach the template as variables."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        convs = (
+            [messages]
+            if messages and isinstance(messages[0], dict)
+            else cast(list[list[dict[str, Any]]], list(messages))
+        )
         tok = self.engine.tokenizer
-        prompts = []
+        if tok is None:
+            raise ValueError("chat() needs a tokenizer: this engine was loaded without one")
+        prompts: list[PromptInput] = []
         for conv in convs:
             text = tok.apply_chat_template(
                 conv,

@@ -159,7 +159,7 @@ class OutputProcessor:
         return s
 
     def _logprob_dicts(self, packed) -> list:
-        res = []
+        res: list[dict[int, Logprob] | None] = []
         for pos in packed:
             if pos is None:
                 res.append(None)
@@ -279,6 +279,7 @@ class OutputProcessor:
     def _append(self, c: _Completion, ids: list[int], lp_dicts, cum_lp) -> None:
         c.token_ids.extend(ids)
         if lp_dicts is not None:
+            assert c.logprobs is not None  # a completion that gets logprobs was created with a list
             c.logprobs.extend(lp_dicts)
         if cum_lp is not None:
             c.cumulative_logprob = cum_lp

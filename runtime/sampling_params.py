@@ -7,6 +7,8 @@ naming the offending field.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .structured.params import StructuredOutputsParams
@@ -63,7 +65,7 @@ class SamplingParams(BaseModel):
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, v):
+    def _stop_list(cls, v: object) -> object:
         if v is None:
             return []
         if isinstance(v, str):
@@ -72,25 +74,25 @@ class SamplingParams(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_nonempty(cls, v):
+    def _stop_nonempty(cls, v: list[str]) -> list[str]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         return v
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod
-    def _stop_ids_list(cls, v):
+    def _stop_ids_list(cls, v: object) -> object:
         return [] if v is None else v
 
     @field_validator("logit_bias")
     @classmethod
-    def _clamp_bias(cls, v):
+    def _clamp_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
         if v is None:
             return None
         return {int(k): max(-100.0, min(100.0, float(b))) for k, b in v.items()}
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         return self
@@ -105,5 +107,5 @@ class SamplingParams(BaseModel):
         """Presence/frequency/repetition penalties read the generated tokens themselves."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
-    def clone(self, **update) -> SamplingParams:
+    def clone(self, **update: Any) -> SamplingParams:
         return self.model_copy(update=update, deep=True)

@@ -78,7 +78,7 @@ class HostStaging:
     def end_step(self) -> None:
         if self.device.type == "cuda":
             slot = self._slots[self._i]
-            slot.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            slot.done = torch.cuda.Event()
             slot.done.record()
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:

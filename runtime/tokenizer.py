@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -35,7 +35,7 @@ class Tokenizer:
     def __init__(
         self,
         backend: _Backend,
-        special_tokens: dict[str, str] | None = None,
+        special_tokens: Mapping[str, str | None] | None = None,
         chat_template: str | None = None,
         extra_eos_token_ids: Iterable[int] = (),
         clean_up_tokenization_spaces: bool = False,
@@ -242,14 +242,25 @@ def _add_missing_special_tokens(backend: _Backend, tokens: Iterable[str | None])
         backend.add_special_tokens(missing)
 
 
-def _set_template_processing(backend: _Backend, special: dict, add_bos: bool, add_eos: bool) -> None:
+def _merge_pairs(merges: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges as stored ("a b") -> (a, b) pairs."""
+    pairs = []
+    for m in merges:
+        a, b = m.split(" ", 1)
+        pairs.append((a, b))
+    return pairs
+
+
+def _set_template_processing(
+    backend: _Backend, special: Mapping[str, str | None], add_bos: bool, add_eos: bool
+) -> None:
     """The BOS/EOS post-processor transformers installs when add_bos_token/add_eos_token are stated."""
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    toks = ([(bos, backend.token_to_id(bos))] if add_bos else []) + (
-        [(eos, backend.token_to_id(eos))] if add_eos else []
+    bos = special.get("bos_token") if add_bos else None
+    eos = special.get("eos_token") if add_eos else None
+    single = f"{bos + ':0 ' if bos is not None else ''}$A:0{' ' + eos + ':0' if eos is not None else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos is not None else ''} $B:1{' ' + eos + ':1' if eos is not None else ''}"
+    toks = ([(bos, backend.token_to_id(bos))] if bos is not None else []) + (
+        [(eos, backend.token_to_id(eos))] if eos is not None else []
     )
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=toks)
 
@@ -310,7 +321,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> _B
     backend = _Backend(
         models.BPE(
             vocab,
-            [tuple(m.split(" ", 1)) for m in merges],
+            _merge_pairs(merges),
             dropout=None,
             continuing_subword_prefix="",
             end_of_word_suffix="",
@@ -344,7 +355,7 @@ def _sentencepiece_bpe(
     """llama.cpp's "llama" vocabulary: SentencePiece BPE with byte fallback (Llama 2, Mistral v0.x)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = _merge_pairs(merges)
     else:  # SentencePiece files carry scores, not merges: rebuild them, best score first
         if scores is None:
             raise TokenizerLoadError("GGUF 'llama' tokenizer has neither merges nor scores")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -102,7 +103,7 @@ class RouterConfig:
             raw = env.get(f"FLEETSERVE_ROUTER_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
+            kind: type[Any] = type(f.default)
             values[f.name] = kind(float(raw)) if kind is int else kind(raw)
         if "namespace" not in values:
             try:

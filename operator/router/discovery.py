@@ -200,7 +200,7 @@ class EndpointWatcher:
                         self.cfg.service,
                         "Endpoints" if self.api == "endpoints" else f"EndpointSlice {self.api}",
                     )
-                version = await self._list()
+                version: str | None = await self._list()
                 backoff = 0.5
                 while version is not None:
                     version = await self._watch(version)
@@ -277,6 +277,8 @@ class DemandSignal:
         self._task = asyncio.create_task(self._patch())
 
     async def _patch(self) -> None:
+        if self.kube is None:  # poke() schedules no patch without a client
+            return
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         path = f"{ISVC_API}/namespaces/{self.cfg.namespace}/inferenceservices/{self.cfg.inference_service}"
         try:

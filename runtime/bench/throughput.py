@@ -176,7 +176,7 @@ def run_structured(args) -> list[dict]:
     rng = np.random.default_rng(args.seed)
     prompts = lambda n: rng.integers(min(100, vocab // 4), vocab, size=(n, args.input_len)).tolist()  # noqa: E731
     plain = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    so = StructuredOutputsParams(json=BENCH_SCHEMA, disable_any_whitespace=True)
+    so = StructuredOutputsParams(json_schema=BENCH_SCHEMA, disable_any_whitespace=True)
     constrained = plain.clone(structured_outputs=so)
     t = time.perf_counter()
     eng.structured.compile(so)

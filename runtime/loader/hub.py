@@ -276,11 +276,11 @@ def resolve_hub_model(
             if not _is_connection_error(e):
                 raise _hub_error(repo, revision, shown, e) from e
             reason = f"the Hub at {shown} cannot be reached ({type(e).__name__}: {e})"
-    snapshot = _cached_snapshot(cache, repo, revision)
-    if snapshot is None:
+    cached = _cached_snapshot(cache, repo, revision)
+    if cached is None:
         raise ModelLoadError(
             f"{repo}@{revision} is not in the model cache {cache} and {reason}: connect to the "
             "Hub (or a mirror via HF_ENDPOINT) once, or pass a local model path"
         )
-    logger.info("%s: using the cached snapshot %s", reason, snapshot)
-    return _result(snapshot, choose_files(repo, _local_files(snapshot), gguf_file, tag))
+    logger.info("%s: using the cached snapshot %s", reason, cached)
+    return _result(cached, choose_files(repo, _local_files(cached), gguf_file, tag))

@@ -109,6 +109,8 @@ class Attention(nn.Module):
         self.rope_index = 1 if sliding and cfg.local_rope_theta is not None else 0
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
@@ -121,7 +123,7 @@ class Attention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary_embedding(positions, q, k, rope_tables[self.rope_index])
         self.ops.write_kv_cache(k, v, kv_cache, attn.slot_mapping)
@@ -297,8 +299,8 @@ class CausalLM(nn.Module):
         }
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
-        for name, tensor in weights:
-            name = self.checkpoint_name(name)
+        for stored_name, tensor in weights:
+            name = self.checkpoint_name(stored_name)
             if name is None or "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:

@@ -47,7 +47,7 @@ class ServerConfig(BaseModel):
     """Split <think>...</think> reasoning into message.reasoning_content; structured output and tool calls apply after it."""
 
     @model_validator(mode="after")
-    def _tools(self):
+    def _tools(self) -> ServerConfig:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs tool_call_parser")
         return self

@@ -41,11 +41,14 @@ class Call:
         return text[self.args_start : len(text) if self.args_end is None else self.args_end]
 
 
-def scan(text: str, pos: int, sep: re.Pattern) -> list[Call]:
+def scan(text: str, pos: int, sep: re.Pattern[str]) -> list[Call]:
     """Calls in text from pos on: separator, {"name": ..., "arguments": <json>}, separator, ..."""
     calls: list[Call] = []
     while True:
-        pos = sep.match(text, pos).end()
+        m = sep.match(text, pos)
+        if m is None:  # no separator here: no further call
+            return calls
+        pos = m.end()
         h = _HEAD.match(text, pos)
         if h is None:
             return calls
@@ -182,9 +185,9 @@ def forced_constraint(tools: list, tool_choice, parallel_tool_calls: bool | None
         schema = {"type": "array", "items": items, "minItems": 1}
         if parallel_tool_calls is False:
             schema["maxItems"] = 1
-        return StructuredOutputsParams(json=schema)
+        return StructuredOutputsParams(json_schema=schema)
     tool = next(t for t in tools if t.function.name == tool_choice.function.name)
-    return StructuredOutputsParams(json=params_of(tool))
+    return StructuredOutputsParams(json_schema=params_of(tool))
 
 
 class ToolCallStream:
@@ -200,7 +203,7 @@ class ToolCallStream:
         self.args_sent: list[int] = []
 
     def update(self, text: str, finished: bool) -> tuple[str, list[tuple[int, str | None, str | None, str]]]:
-        deltas = []
+        deltas: list[tuple[int, str | None, str | None, str]] = []
         if self.forced_name is not None:
             if not self.ids:
                 self.ids.append(call_id())
