@@ -175,6 +175,7 @@ class ProcessCoreClient:
                 return
             msg = pickle.loads(data)
             if msg[0] == "batch":
+                assert self._on_batch is not None  # start() registers it before the reader
                 self._on_batch(msg[1])
             elif msg[0] == "dead":
                 self._end(msg[1])
@@ -185,6 +186,7 @@ class ProcessCoreClient:
             return
         self._ended = True
         with_reason = reason is not None
+        assert self._loop is not None and self._on_stopped is not None  # set by start()
         try:
             self._loop.remove_reader(self._out_r.fileno())
         except Exception:

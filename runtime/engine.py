@@ -26,7 +26,7 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner, kv_bytes_per_block
+from .model_runner import ModelRunner, _LaunchedStep, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .protocols import PromptInput
 from .request import Seq, SeqStatus
@@ -160,7 +160,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._pending_outputs: list[RequestOutput] = []
-        self._inflight = None  # the launched step whose tokens are not read back yet (async scheduling)
+        self._inflight: _LaunchedStep | None = (
+            None  # the launched step whose tokens are not read back yet (async scheduling)
+        )
         self._num_penalty_requests = 0
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
         # count of running ones (while any runs, pipelined steps sample only after the previous
@@ -473,11 +475,10 @@ class LLMEngine:
         for seq_id, (first, entries) in result.prompt_logprobs.items():
             seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
             state = self._requests.get(seq.request_id)
-            if state is None:
+            if state is None or state.prompt_logprobs is None:
                 continue
-            have = (
-                len(state.prompt_logprobs) - 1
-            )  # prompt positions already covered (recompute after preemption repeats some)
+            # prompt positions already covered (recompute after preemption repeats some)
+            have = len(state.prompt_logprobs) - 1
             state.prompt_logprobs.extend(self._logprob_dicts(entries[max(0, have - first) :]))
         for seq in progressed:
             state = self._requests[seq.request_id]
@@ -487,8 +488,10 @@ class LLMEngine:
                 seq.grammar.accept(seq.token_ids[-1])
             if seq.seq_id in result.logprobs:
                 ids, lps, rank = result.logprobs[seq.seq_id]
-                state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
-                state.cumulative_logprob[seq.index] += lps[0]
+                lp_entries, cum = state.logprobs[seq.index], state.cumulative_logprob[seq.index]
+                assert lp_entries is not None and cum is not None  # the runner sends logprobs only when asked
+                lp_entries.append(self._logprob_dict(ids, lps, rank))
+                state.cumulative_logprob[seq.index] = cum + lps[0]
         for rid, state in touched.items():
             m = state.metrics
             if m.first_token_time is None:

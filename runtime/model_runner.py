@@ -346,9 +346,7 @@ class ModelRunner:
         """Structured outputs: the grammar bitmasks of the rows that have a grammar (None if none),
         filled on the host while the device runs the forward pass."""
         items = sched.scheduled
-        grammars = [
-            (r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None
-        ]
+        grammars = [(r, g) for r, i in enumerate(sample_idx) if (g := items[i].seq.grammar) is not None]
         if not grammars:
             return None
         for r, g in grammars:

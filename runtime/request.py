@@ -10,8 +10,12 @@ and only the KV cache manager mutates `block_ids`. Nothing here touches the devi
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured.grammar import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -86,7 +90,9 @@ class Seq:
         self.arrival_time = arrival_time
         self.max_len = max_len  # hard cap on len(token_ids): prompt + max_tokens, or the model's context
         self.num_preemptions = 0
-        self.grammar = None  # structured outputs: this completion's GrammarState (runtime/structured)
+        self.grammar: GrammarState | None = (
+            None  # structured outputs: this completion's GrammarState (runtime/structured)
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -452,6 +452,8 @@ def apply_top_k_top_p(
         kth = kth.masked_fill((top_k == 0)[:, None], neg_inf)
         if top_p is None:
             return logits.masked_fill(logits < kth, neg_inf)
+    if top_p is None:  # neither filter is on
+        return logits
         values = values.masked_fill(values < kth, neg_inf)
     probs = values.softmax(dim=-1)
     exclusive_cumsum = probs.cumsum(dim=-1) - probs
@@ -461,7 +463,7 @@ def apply_top_k_top_p(
     keep = ((exclusive_cumsum < top_p[:, None]) | (top_p >= 1.0)[:, None]) & (values > neg_inf)
     keep[:, 0] = True
     threshold = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
-    if top_p_within_top_k:
+    if top_p_within_top_k and top_k is not None:
         threshold = threshold.masked_fill((top_k == 0)[:, None], neg_inf)  # these rows have top_p = 1
     return logits.masked_fill(logits < threshold, neg_inf)
 
@@ -520,7 +522,7 @@ class Sampler:
 
     def __init__(self, compile: bool | None = None):
         self._compile = compile
-        self._compiled_gumbel_argmax = None
+        self._compiled_gumbel_argmax: Callable[..., torch.Tensor] | None = None
 
     def __call__(
         self, logits: torch.Tensor, st: SamplingTensors, token_mask: TokenMask | None = None
@@ -538,7 +540,7 @@ class Sampler:
         logits = logits.float().contiguous()
 
         flat = logits.view(-1)
-        if st.bias_index is not None:
+        if st.bias_index is not None and st.bias_value is not None:
             flat.index_put_((st.bias_index,), st.bias_value, accumulate=True)
         if st.suppress_index is not None:
             flat[st.suppress_index] = float("-inf")
@@ -553,7 +555,7 @@ class Sampler:
             token_ids = self._sample(logits, st)
 
         lp = None
-        if raw_logprobs is not None:
+        if raw_logprobs is not None and st.max_num_logprobs is not None:
             lp = gather_logprobs(raw_logprobs, token_ids, st.max_num_logprobs)
         return SamplerOutput(token_ids, lp)
 
@@ -587,6 +589,7 @@ class Sampler:
         )
         if rows is None:
             return sampled
+        assert greedy_ids is not None  # rows is set only when some rows are greedy
         return greedy_ids.index_copy(0, rows, sampled)
 
     def _gumbel_argmax(self, logits, seed_lo, seed_hi, position, vocab_hash) -> torch.Tensor:

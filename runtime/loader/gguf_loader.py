@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -271,7 +271,7 @@ SUPPORTED_TYPES = (
 def _hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     m = _BLOCK.match(gguf_name)
     if m:
-        part = _ARCH_LAYER_NAMES.get(arch, {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
+        part = _ARCH_LAYER_NAMES.get(arch or "", {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
@@ -301,9 +301,12 @@ def _expert_slices(gname: str, arr: np.ndarray, cfg: ModelConfig) -> Iterator[tu
     """HF per-expert (name, tensor) pairs of a stacked [E, rows, cols] (or one per-expert) GGUF tensor."""
     proj = _HF_EXPERT_PROJ["mixtral" if cfg.arch == "mixtral" else "qwen"]
     block = "block_sparse_moe" if cfg.arch == "mixtral" else "mlp"
+    experts: Iterable[tuple[int, np.ndarray]]
     m = _EXPS.match(gname)
     if m is None:
         m = _PER_EXPERT.match(gname)
+        if m is None:
+            raise ValueError(f"{gname} is not an expert tensor")
         layer, kind, experts = m.group(1), m.group(2), [(int(m.group(3)), arr)]
     else:
         layer, kind, experts = m.group(1), m.group(2), enumerate(arr)

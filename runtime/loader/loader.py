@@ -23,6 +23,7 @@ from torch import nn
 from fleetserve.kernels import KernelOps, get_ops
 
 from ..models import PRESETS, ModelConfig, UnsupportedModelError, build_model
+from ..models.layers import CausalLM
 from ..protocols import LoadSettings
 from ..tokenizer import Tokenizer, TokenizerLoadError
 from .errors import ModelLoadError
@@ -50,7 +51,7 @@ EMBEDDED_GENERATION_DEFAULTS = {"temperature": 0.0, "top_p": 0.9, "max_tokens": 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM
     """The built model, weights filled, in eval mode on its device."""
     model_config: ModelConfig
     tokenizer: Tokenizer | None
@@ -223,7 +224,7 @@ def _fill(model, weights, source: str) -> None:
         raise ModelLoadError(f"{source} is missing weights: {', '.join(missing[:5])}{more}")
 
 
-def _dummy_model(cfg, device, dtype, ops, seed):
+def _dummy_model(cfg, device, dtype, ops, seed) -> CausalLM:
     model = build_model(cfg, ops, dtype, device)
     init_dummy_weights(model, seed)
     return model

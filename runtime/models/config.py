@@ -264,6 +264,8 @@ def _normalize_rope_scaling(scaling: dict | None, cfg: dict[str, Any]) -> dict |
             or scaling.get("original_max_position_embeddings")
             or cfg.get("max_position_embeddings")
         )
+        if orig is None:
+            raise UnsupportedModelError("longrope scaling needs original_max_position_embeddings")
         scaling["original_max_position_embeddings"] = int(orig)
         factor = scaling.get("factor") or cfg.get("max_position_embeddings", orig) / orig
         if scaling.get("attention_factor") is None:

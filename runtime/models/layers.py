@@ -163,7 +163,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, ops, layer)
-        self.mlp = GatedMLP(cfg, ops)
+        self.mlp: nn.Module = GatedMLP(cfg, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -204,7 +204,7 @@ class CausalLM(nn.Module):
     separate sliding-layer base, `cos_sin_cache_local`) are float32 buffers.
     """
 
-    layer_cls = DecoderLayer
+    layer_cls: type[nn.Module] = DecoderLayer
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()

@@ -54,7 +54,8 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_expert = self.shared_expert_gate = None
+        self.shared_expert: SharedExpertMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SharedExpertMLP(cfg, ops, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -62,7 +63,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = moe_topk(self.gate(x), self.top_k, self.renormalize)
         out = self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 

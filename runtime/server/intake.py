@@ -147,7 +147,7 @@ class Intake:
             )
 
     def _check_chars(self, n: int, what: str) -> None:
-        if n > self.max_chars:
+        if self.max_chars is not None and n > self.max_chars:
             raise BadRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                 f"{what} has {n} characters, more than {self.max_model_len} tokens can hold (one token "

@@ -128,7 +128,7 @@ class _SamplingRequest(_Request):
     def structured_constraint(self) -> tuple[StructuredOutputsParams | None, str | None]:
         """The request's output constraint and the field that set it; ValueError (with the
         field) when the fields are contradictory or malformed."""
-        given = []
+        given: list[tuple[str, dict[str, Any]]] = []
         rf = self.response_format
         if rf is not None and rf.type != "text":
             if rf.type == "json_object":

@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -104,7 +105,9 @@ class GrammarCompiler:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="fleetserve-grammar")
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()  # key -> compiled grammar
-        self._inflight: dict = {}  # key -> Future (one compile per key even when requests race)
+        self._inflight: dict[
+            Any, cf.Future[Any]
+        ] = {}  # key -> Future (one compile per key even when requests race)
         self._cache_size = cache_size
         self.hits = 0
         self.misses = 0
@@ -128,7 +131,7 @@ class GrammarCompiler:
             if kind == "regex":
                 return c.compile_regex(so.regex)
             if kind == "choice":
-                return c.compile_grammar("root ::= " + " | ".join(_ebnf_literal(x) for x in so.choice))
+                return c.compile_grammar("root ::= " + " | ".join(_ebnf_literal(x) for x in so.choice or ()))
             return c.compile_grammar(so.grammar)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses with a message
             what = {
@@ -172,10 +175,10 @@ class GrammarCompiler:
                 fut = cf.Future()
                 fut.set_result(hit)
                 return fut
-            fut = self._inflight.get(key)
-            if fut is not None:
+            pending = self._inflight.get(key)
+            if pending is not None:
                 self.hits += 1  # a second request for a grammar being compiled shares that compile
-                return fut
+                return pending
             self.misses += 1
             fut = self._pool.submit(self._compile, so)
             self._inflight[key] = fut
