@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .output_processor import OutputKind, OutputProcessor, RequestProgress
@@ -227,7 +227,7 @@ class AsyncLLM:
         request_id: str,
         arrival_time: float | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields outputs until the request finished: cumulative ones by default, only what is new
         with OutputKind.DELTA, or just the finished one with OutputKind.FINAL.
 

@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from ..async_engine import AsyncLLM, EngineDeadError, OutputKind
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from ..structured.grammar import GrammarError
+from ..tokenizer import Tokenizer
 from ..validation import InvalidRequestError, validate
 from . import sse
 from .config import ServerConfig
@@ -75,7 +76,9 @@ _INLINE_CHAT_MESSAGES = 32
 _ENGINE_PARAMS = frozenset(SamplingParams.model_fields) | {"prompt"}
 
 
-async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(
+    gens: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Interleaves several generate() streams; closing the merge aborts every one still running."""
     if len(gens) == 1:
         async with contextlib.aclosing(gens[0]) as g:
@@ -284,7 +287,7 @@ class OpenAIServing:
                 headers={"Retry-After": str(self.config.retry_after_seconds)},
             )
 
-    def _need_tokenizer(self, what: str):
+    def _need_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
             raise BadRequest(
                 f"this model has no tokenizer: {what} needs one; send prompt token ids instead",
@@ -293,13 +296,11 @@ class OpenAIServing:
         return self.tokenizer
 
     async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
-        self._need_tokenizer("a text prompt")
+        tok = self._need_tokenizer("a text prompt")
         try:
             if len(text) > _INLINE_TOKENIZE_CHARS:
-                return await asyncio.to_thread(
-                    self.tokenizer.encode, text, add_special_tokens=add_special_tokens
-                )
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+                return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
+            return tok.encode(text, add_special_tokens=add_special_tokens)
         except (
             TypeError,
             ValueError,
@@ -370,7 +371,7 @@ class OpenAIServing:
                 raise BadRequest(f"structured outputs are not available: {e}") from None
         return self._grammar_compiler
 
-    async def _check_grammar(self, so, field: str) -> None:
+    async def _check_grammar(self, so, field: str | None) -> None:
         """Compile the request's grammar (off the engine thread; cached by schema) within the
         time limit, so a bad or too slow constraint is a 400 before the engine sees the request."""
         compiler = await self._compiler()
@@ -416,7 +417,9 @@ class OpenAIServing:
             return f"token_id:{tid}"  # vLLM's spelling for tokens it cannot show as text
         return self.tokenizer.decode([tid], skip_special_tokens=False)
 
-    def _start(self, prompts_ids: list[list[int]], params, request_id: str, streaming: bool) -> AsyncIterator:
+    def _start(
+        self, prompts_ids: list[list[int]], params, request_id: str, streaming: bool
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         # Streams get only what is new per step; a JSON response only the finished output.
         kind = OutputKind.DELTA if streaming else OutputKind.FINAL
         arrival = time.time()
@@ -427,7 +430,13 @@ class OpenAIServing:
         ]
         return self._tracked(request_id, engine_ids, streaming, merge(gens))
 
-    async def _tracked(self, request_id: str, engine_ids: list[str], streaming: bool, stream: AsyncIterator):
+    async def _tracked(
+        self,
+        request_id: str,
+        engine_ids: list[str],
+        streaming: bool,
+        stream: AsyncGenerator[tuple[int, RequestOutput], None],
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """The merged stream, listed in _in_flight while it runs (shutdown cuts what is listed)."""
         self._in_flight[request_id] = (engine_ids, streaming)
         try:
@@ -511,7 +520,8 @@ class OpenAIServing:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
         self._check_sampling(req, req.logprobs)
-        texts, ids_list = [], []
+        texts: list[str | None] = []
+        ids_list: list[list[int]] = []
         for p in req.prompts():
             if isinstance(p, str):
                 ids = await self._encode(p, add_special_tokens=True, param="prompt")
@@ -550,9 +560,9 @@ class OpenAIServing:
             created=created,
             model=self.served_model_name,
             choices=choices,
-            usage=_usage([len(x) for x in ids_list], latest),
+            usage=(usage := _usage([len(x) for x in ids_list], latest)),
         )
-        self._log_done(rid, resp.usage, _reasons(latest), start)
+        self._log_done(rid, usage, _reasons(latest), start)
         return web.Response(
             body=resp.model_dump_json().encode(),
             content_type="application/json",
@@ -732,7 +742,7 @@ class OpenAIServing:
         if (isinstance(choice, NamedToolChoice) or choice == "required") and not req.tools:
             raise BadRequest("tool_choice 'required' or a named function needs tools", param="tool_choice")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {
-            t.function.name for t in req.tools
+            t.function.name for t in req.tools or ()
         }:
             raise BadRequest(
                 f"tool_choice names {choice.function.name!r}, which is not among the tools",
@@ -766,6 +776,7 @@ class OpenAIServing:
             ]
             return msg, finish_reason
         parser = RequiredParser() if mode == "required" else self.tool_parser
+        assert parser is not None  # "auto" only with a tool parser (_tool_mode)
         content, calls = parser.parse(answer)
         if calls:
             msg.content = None if mode == "required" else content
@@ -788,7 +799,10 @@ class OpenAIServing:
                 raise BadRequest(
                     f"{so_field} cannot be combined with tool_choice {req.tool_choice!r}", param=so_field
                 )
-            so, so_field = forced_constraint(req.tools, req.tool_choice, req.parallel_tool_calls), "tools"
+            so, so_field = (
+                forced_constraint(req.tools or [], req.tool_choice, req.parallel_tool_calls),
+                "tools",
+            )
         prompt_text: list[str] = []
         ids = await self._render_chat(req.chat_messages(), req, req.template_tools(), prompt_text)
         max_tokens = req.requested_max_tokens()
@@ -801,10 +815,15 @@ class OpenAIServing:
             and not self.reasoning.reasoning_ended_in_prompt(prompt_text[0])
         ):
             # the constraint starts once the model closed its reasoning block
-            end_ids = tuple(self.tokenizer.encode("</think>", add_special_tokens=False))
+            tok = self._need_tokenizer("a reasoning parser")
+            end_ids = tuple(tok.encode("</think>", add_special_tokens=False))
             so = so.model_copy(update={"start_after_token_ids": end_ids})
         params = self._sampling_params(req, max_tokens)
-        if mode == "auto" and self.tool_parser.name in ("mistral", "llama3_json"):
+        if (
+            mode == "auto"
+            and self.tool_parser is not None
+            and self.tool_parser.name in ("mistral", "llama3_json")
+        ):
             params = params.clone(skip_special_tokens=False)  # their call markers are special tokens
         self._validate(ids, params, "messages")
         params = await self._constrained_params(params, so, so_field)
@@ -838,9 +857,9 @@ class OpenAIServing:
             created=created,
             model=self.served_model_name,
             choices=choices,
-            usage=_usage([len(ids)], {0: out}),
+            usage=(usage := _usage([len(ids)], {0: out})),
         )
-        self._log_done(rid, resp.usage, _reasons({0: out}), start)
+        self._log_done(rid, usage, _reasons({0: out}), start)
         return web.Response(
             body=resp.model_dump_json().encode(),
             content_type="application/json",
@@ -947,7 +966,9 @@ class OpenAIServing:
             return None
         if isinstance(mode, tuple):
             return ToolCallStream(RequiredParser(), forced_name=mode[1])
-        return ToolCallStream(RequiredParser() if mode == "required" else self.tool_parser)
+        parser = RequiredParser() if mode == "required" else self.tool_parser
+        assert parser is not None  # "auto" only with a tool parser (_tool_mode)
+        return ToolCallStream(parser)
 
     # ------------------------------------------------------------ the rest
 
@@ -978,6 +999,7 @@ class OpenAIServing:
             msgs = [{"role": m.template_role, "content": m.text()} for m in req.messages]
             ids = await self._render_chat(msgs, req)
         else:
+            assert req.prompt is not None  # TokenizeRequest holds exactly one of prompt or messages
             ids = await self._encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return web.json_response(
             {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
