@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 _WORDS = (
     "the of and to in is was for on that with as by at from his her it an were are which this be or "
@@ -241,10 +242,10 @@ async def _prefix_requests(counter: _Counter, args, rng: random.Random) -> list[
     outs = _lengths(n, args.output_len, args.random_range_ratio, rng)
     k = max(1, args.num_prefixes)
     if counter.mode == "ids":
-        prefixes = [[rng.randrange(100, 30000) for _ in range(args.prefix_len)] for _ in range(k)]
+        prefix_ids = [[rng.randrange(100, 30000) for _ in range(args.prefix_len)] for _ in range(k)]
         return [
             SampleRequest(
-                prefixes[j % k] + [rng.randrange(100, 30000) for _ in range(i)], args.prefix_len + i, o
+                prefix_ids[j % k] + [rng.randrange(100, 30000) for _ in range(i)], args.prefix_len + i, o
             )
             for j, (i, o) in enumerate(zip(ins, outs))
         ]
@@ -413,7 +414,7 @@ def summarize(
     total_in = sum(r.prompt_tokens for r in done)
     total_out = sum(r.output_tokens for r in done)
     tpots = [t for t in map(_tpot, done) if t is not None]
-    out = {
+    out: dict[str, Any] = {
         "duration": duration,
         "completed": len(done),
         "failed": len(results) - len(done),
@@ -434,7 +435,7 @@ def summarize(
     out.update(_stats("e2el", [r.e2e for r in done], percentiles))
     # Peak output rate over 1 s buckets and peak concurrency, from each request's token arrival times.
     base = t0 if t0 is not None else min((r.start for r in results), default=0.0)
-    buckets: dict[int, int] = {}
+    buckets: dict[int, float] = {}
     events = []
     for r in done:
         t = r.start - base + r.ttft
@@ -494,7 +495,9 @@ async def benchmark(args: argparse.Namespace) -> dict:
         requests, count_mode = await _make_requests(session, base, headers, model, args, rng)
         if args.endpoint_type == "chat":
             url = f"{base}/v1/chat/completions"
-            bodies = [{"messages": [{"role": "user", "content": r.prompt}]} for r in requests]
+            bodies: list[dict[str, Any]] = [
+                {"messages": [{"role": "user", "content": r.prompt}]} for r in requests
+            ]
         else:
             url = f"{base}/v1/completions"
             bodies = [{"prompt": r.prompt} for r in requests]

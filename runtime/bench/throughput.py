@@ -17,6 +17,10 @@ import json
 import platform
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleetserve.runtime.models import ModelConfig
 from datetime import datetime, timezone
 
 
@@ -185,7 +189,8 @@ def run_structured(args) -> list[dict]:
     llm.generate(warm, plain.clone(max_tokens=4))
     llm.generate(warm, constrained.clone(max_tokens=4))
     _sync()
-    records, rates = [], {"plain": [], "json-schema": []}
+    records: list[dict[str, Any]] = []
+    rates: dict[str, list[float]] = {"plain": [], "json-schema": []}
     for rep in range(args.repeats):
         for what, params in (("plain", plain), ("json-schema", constrained)):
             batch = [{"prompt_token_ids": p} for p in prompts(args.num_prompts)]
@@ -237,7 +242,7 @@ def run_structured(args) -> list[dict]:
     return records
 
 
-def run_fleetserve(args) -> tuple[dict, object, list]:
+def run_fleetserve(args) -> tuple[dict[str, Any], ModelConfig, list[Any]]:
     from fleetserve.runtime import LLM, SamplingParams
 
     kw = _llm_kwargs(args)
@@ -291,8 +296,8 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
         "device": str(eng.device),
         "max_num_batched_tokens": eng.scheduler.max_num_batched_tokens,
         "cuda_graphs": bool(eng.runner._graphs),
-        "attention_backend": getattr(eng.runner.model, "ops", None).name
-        if hasattr(eng.runner.model, "ops")
+        "attention_backend": ops.name
+        if (ops := getattr(eng.runner.model, "ops", None)) is not None
         else None,
         "async_scheduling": eng.async_scheduling,
         "steps": timeline,
@@ -394,7 +399,7 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
         "seconds": elapsed,
         "generated": generated,
         "batch_size": batch_size,
-        "hf_class": cfg.architectures[0],
+        "hf_class": (cfg.architectures or ["?"])[0],
         "out_tok_s": generated / elapsed,
         "total_tok_s": (generated + ids.numel()) / elapsed,
     }
@@ -479,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     records: list[dict] = []
-    versions = {
+    versions: dict[str, Any] = {
         "what": "versions",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),

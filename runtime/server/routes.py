@@ -115,7 +115,7 @@ async def merge(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _bad_request(e: InvalidRequestError, prompt_param: str) -> BadRequest:
+def _bad_request(e: InvalidRequestError, prompt_param: str | None) -> BadRequest:
     """The engine's refusal as a 400; the prompt is "messages" for chat."""
     param = prompt_param if e.param == "prompt" else e.param
     return BadRequest(e.message, param=param, code=e.code)
