@@ -57,3 +57,17 @@ def test_e2e_docs_state_what_run_sh_needs():
     doc = (ROOT / "docs" / "e2e.md").read_text()
     for words in ("root", "installs Debian packages", "~4-5 GB of cache", "as of 2026-11-24"):
         assert words in doc, words
+
+
+def test_ci_runs_lint_format_and_type_checks_before_the_tests():
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    checks = ["ruff check .", "ruff format --check .", "bash .ci/typecheck"]
+    for cmd in checks:
+        assert cmd in ci, cmd
+    tests = next(i for i, ln in enumerate(ci) if ln.endswith("pytest") and ln.startswith("pip install"))
+    first_install = next(i for i, ln in enumerate(ci) if ln.startswith("pip install"))
+    assert all(first_install < ci.index(cmd) < tests for cmd in checks)
+    typecheck = (ROOT / ".ci" / "typecheck").read_text()
+    assert "mypy" in typecheck and "-p fleetserve" in typecheck
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "[tool.ruff.lint]" in pyproject and "[tool.mypy]" in pyproject
