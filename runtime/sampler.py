@@ -452,9 +452,9 @@ def apply_top_k_top_p(
         kth = kth.masked_fill((top_k == 0)[:, None], neg_inf)
         if top_p is None:
             return logits.masked_fill(logits < kth, neg_inf)
+        values = values.masked_fill(values < kth, neg_inf)
     if top_p is None:  # neither filter is on
         return logits
-        values = values.masked_fill(values < kth, neg_inf)
     probs = values.softmax(dim=-1)
     exclusive_cumsum = probs.cumsum(dim=-1) - probs
     # Keep the smallest prefix whose mass reaches top_p; rows with top_p = 1 are left
