@@ -160,9 +160,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._pending_outputs: list[RequestOutput] = []
-        self._inflight: _LaunchedStep | None = (
-            None  # the launched step whose tokens are not read back yet (async scheduling)
-        )
+        # the launched step whose tokens are not read back yet (async scheduling)
+        self._inflight: _LaunchedStep | None = None
         self._num_penalty_requests = 0
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
         # count of running ones (while any runs, pipelined steps sample only after the previous

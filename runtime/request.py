@@ -90,9 +90,8 @@ class Seq:
         self.arrival_time = arrival_time
         self.max_len = max_len  # hard cap on len(token_ids): prompt + max_tokens, or the model's context
         self.num_preemptions = 0
-        self.grammar: GrammarState | None = (
-            None  # structured outputs: this completion's GrammarState (runtime/structured)
-        )
+        # structured outputs: this completion's GrammarState (runtime/structured)
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

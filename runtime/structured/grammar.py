@@ -105,9 +105,8 @@ class GrammarCompiler:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="fleetserve-grammar")
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()  # key -> compiled grammar
-        self._inflight: dict[
-            Any, cf.Future[Any]
-        ] = {}  # key -> Future (one compile per key even when requests race)
+        # key -> Future (one compile per key even when requests race)
+        self._inflight: dict[Any, cf.Future[Any]] = {}
         self._cache_size = cache_size
         self.hits = 0
         self.misses = 0
