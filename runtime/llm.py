@@ -86,7 +86,9 @@ class LLM:
                         bar.update(1)
         if bar:
             bar.close()
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)  # the loop ran until every request had finished
+        return done
 
     def chat(
         self,
