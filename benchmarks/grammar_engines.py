@@ -2,6 +2,7 @@
 per-token mask time while walking a valid instance of each schema token by token (one CPU
 thread). The numbers in docs/server.md came from this script; llguidance is not a fleetserve
 dependency (`pip install llguidance` to rerun it)."""
+
 import json
 import statistics
 import time
@@ -14,17 +15,40 @@ from fleetserve.runtime.tokenizer import Tokenizer
 
 torch.set_num_threads(1)
 SCHEMAS = {
-    "2 properties": ({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-                      "required": ["name", "age"]}, {"name": "Alice Smith", "age": 31}),
-    "6 properties, nested": ({"type": "object", "properties": {
-        "id": {"type": "integer"}, "title": {"type": "string", "maxLength": 40},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
-        "status": {"enum": ["open", "closed", "pending"]},
-        "owner": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
-                  "required": ["name", "email"]},
-        "score": {"type": "number"}}, "required": ["id", "title", "tags", "status", "owner", "score"]},
-        {"id": 7, "title": "Fix the login page", "tags": ["web", "auth"], "status": "open",
-         "owner": {"name": "Bob", "email": "bob@example.com"}, "score": 3.5}),
+    "2 properties": (
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        },
+        {"name": "Alice Smith", "age": 31},
+    ),
+    "6 properties, nested": (
+        {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "title": {"type": "string", "maxLength": 40},
+                "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+                "status": {"enum": ["open", "closed", "pending"]},
+                "owner": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
+                    "required": ["name", "email"],
+                },
+                "score": {"type": "number"},
+            },
+            "required": ["id", "title", "tags", "status", "owner", "score"],
+        },
+        {
+            "id": 7,
+            "title": "Fix the login page",
+            "tags": ["web", "auth"],
+            "status": "open",
+            "owner": {"name": "Bob", "email": "bob@example.com"},
+            "score": 3.5,
+        },
+    ),
     "any JSON object": (None, {"a": [1, 2, {"b": "hello world"}], "c": None}),
 }
 
@@ -36,6 +60,7 @@ def main():
     rows = []
 
     import xgrammar as xgr
+
     vocab = [""] * V
     for t, i in tok.backend.get_vocab(with_added_tokens=True).items():
         vocab[i] = t
@@ -73,9 +98,18 @@ def main():
                 assert m.consume_token(t), m.get_error()
             rows.append(("llguidance", name, tc, times))
     for engine, name, tc, times in rows:
-        print(json.dumps({"engine": engine, "schema": name, "compile_ms": round(tc * 1e3, 2),
-                          "mask_us_mean": round(statistics.mean(times) * 1e6, 1),
-                          "mask_us_max": round(max(times) * 1e6, 1), "tokens": len(times)}))
+        print(
+            json.dumps(
+                {
+                    "engine": engine,
+                    "schema": name,
+                    "compile_ms": round(tc * 1e3, 2),
+                    "mask_us_mean": round(statistics.mean(times) * 1e6, 1),
+                    "mask_us_max": round(max(times) * 1e6, 1),
+                    "tokens": len(times),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

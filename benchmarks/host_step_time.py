@@ -12,6 +12,7 @@ less disturbed by other processes on a shared machine than wall time.
 
 Results of runs are kept in benchmarks/results/ (see its README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,20 @@ from fleetserve.runtime.sampler import SamplingTensors
 from fleetserve.runtime.sampling_params import SamplingParams
 
 TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1,
-    "eos_token_id": 2, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 512,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
 }
 
 
@@ -54,10 +65,19 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(TINY, f)
-        engine = LLMEngine(EngineConfig(model=d, load_format="dummy", device="cpu", dtype="float32",
-                                        max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
-                                        num_kv_blocks=batch * (prompt_len + steps + 40) // 16 + 64,
-                                        max_model_len=prompt_len + steps + 32, async_scheduling=False))
+        engine = LLMEngine(
+            EngineConfig(
+                model=d,
+                load_format="dummy",
+                device="cpu",
+                dtype="float32",
+                max_num_seqs=batch,
+                max_num_batched_tokens=max(2048, batch * prompt_len),
+                num_kv_blocks=batch * (prompt_len + steps + 40) // 16 + 64,
+                max_model_len=prompt_len + steps + 32,
+                async_scheduling=False,
+            )
+        )
     model, runner = engine.runner.model, engine.runner
     fwd = _Timer(model.forward)
     logits = _Timer(model.compute_logits)
@@ -72,10 +92,23 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     SamplingTensors.build = build  # type: ignore[method-assign]
     stages["sampling_tensors_build"] = build
     if sampling == "greedy":
-        params = [SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True) for _ in range(batch)]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True) for _ in range(batch)
+        ]
     else:  # a mix that exercises every SamplingTensors stage but penalties
-        params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i, max_tokens=steps + 8, ignore_eos=True,
-                                 logit_bias={5: 1.0}, min_tokens=4) for i in range(batch)]
+        params = [
+            SamplingParams(
+                temperature=0.8,
+                top_p=0.9,
+                top_k=50,
+                seed=i,
+                max_tokens=steps + 8,
+                ignore_eos=True,
+                logit_bias={5: 1.0},
+                min_tokens=4,
+            )
+            for i in range(batch)
+        ]
     g = torch.Generator().manual_seed(0)
     for i, p in enumerate(params):
         engine.add_request(f"r{i}", torch.randint(3, 512, (prompt_len,), generator=g).tolist(), p)
@@ -97,12 +130,16 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     finally:
         SamplingTensors.build = build.fn  # type: ignore[method-assign]
     host = [t - d for t, d in zip(times, device)]
-    return {"batch": batch, "steps": steps, "sampling": sampling,
-            **{f"{k}_ms_median": 1e3 * statistics.median(v) for k, v in per_stage.items()},
-            "step_ms_median": 1e3 * statistics.median(times),
-            "forward_and_sampler_ms_median": 1e3 * statistics.median(device),
-            "host_ms_median": 1e3 * statistics.median(host),
-            "host_ms_p90": 1e3 * sorted(host)[int(0.9 * len(host))]}
+    return {
+        "batch": batch,
+        "steps": steps,
+        "sampling": sampling,
+        **{f"{k}_ms_median": 1e3 * statistics.median(v) for k, v in per_stage.items()},
+        "step_ms_median": 1e3 * statistics.median(times),
+        "forward_and_sampler_ms_median": 1e3 * statistics.median(device),
+        "host_ms_median": 1e3 * statistics.median(host),
+        "host_ms_p90": 1e3 * sorted(host)[int(0.9 * len(host))],
+    }
 
 
 def main() -> None:
@@ -117,12 +154,17 @@ def main() -> None:
     modes = ["greedy", "random"] if args.sampling == "both" else [args.sampling]
     results = [run(args.batch, args.steps, args.prompt_len, m) for m in modes]
     for r in results:
-        print(f"batch {r['batch']} {r['sampling']:>6}: step {r['step_ms_median']:.2f} ms, forward+sampler "
-              f"{r['forward_and_sampler_ms_median']:.2f} ms, host {r['host_ms_median']:.2f} ms "
-              f"(p90 {r['host_ms_p90']:.2f})" + "".join(f", {k.removesuffix('_ms_median')} {v:.2f} ms"
-                                                       for k, v in r.items() if k.endswith("_ms_median")
-                                                       and k.split("_ms")[0] in ("prepare_inputs",
-                                                                                 "sampling_tensors_build")))
+        print(
+            f"batch {r['batch']} {r['sampling']:>6}: step {r['step_ms_median']:.2f} ms, forward+sampler "
+            f"{r['forward_and_sampler_ms_median']:.2f} ms, host {r['host_ms_median']:.2f} ms "
+            f"(p90 {r['host_ms_p90']:.2f})"
+            + "".join(
+                f", {k.removesuffix('_ms_median')} {v:.2f} ms"
+                for k, v in r.items()
+                if k.endswith("_ms_median")
+                and k.split("_ms")[0] in ("prepare_inputs", "sampling_tensors_build")
+            )
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results, f, indent=1)

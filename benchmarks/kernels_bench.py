@@ -12,6 +12,7 @@
 `--sweep` also times launch-parameter variants of the attention kernels (block sizes, warps, stages, splits).
 Timings are medians of triton.testing.do_bench(_cudagraph).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def decode_bytes(model: str, B: int, ctx: int) -> int:
 def bench_decode(sweep: bool) -> None:
     emit("## Decode attention (bf16, page 16, all sequences at the same context length)")
     emit()
-    emit("| model | batch | ctx | splits | triton us | GB/s | % of 3.0 TB/s | SDPA contiguous us "
-         "| torch ref us (eager) |")
+    emit(
+        "| model | batch | ctx | splits | triton us | GB/s | % of 3.0 TB/s | SDPA contiguous us "
+        "| torch ref us (eager) |"
+    )
     emit("|---|---|---|---|---|---|---|---|---|")
     for model in MODELS:
         for B, ctx in [(256, 768), (256, 4096), (64, 2048), (16, 4096), (1, 4096), (1, 32768)]:
@@ -74,11 +77,20 @@ def bench_decode(sweep: bool) -> None:
             kc = torch.randn(B, Hkv, ctx, D, device="cuda", dtype=torch.bfloat16)
             vc = torch.randn_like(kc)
             qc = b.q.view(B, Hq, 1, D)
-            ts = graph_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc, scale=b.scale, enable_gqa=True)) * 1e3
+            ts = (
+                graph_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc, scale=b.scale, enable_gqa=True))
+                * 1e3
+            )
             # the reference syncs (boolean-mask indexing): eager timing only
-            tr = eager_ms(lambda: attention.paged_attention_ref(*args)) * 1e3 if B * ctx <= 256 * 768 else float("nan")
-            emit(f"| {model} | {B} | {ctx} | {splits} | {t:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / BW:.0f}% "
-                 f"| {ts:.1f} | {tr:.1f} |")
+            tr = (
+                eager_ms(lambda: attention.paged_attention_ref(*args)) * 1e3
+                if B * ctx <= 256 * 768
+                else float("nan")
+            )
+            emit(
+                f"| {model} | {B} | {ctx} | {splits} | {t:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / BW:.0f}% "
+                f"| {ts:.1f} | {tr:.1f} |"
+            )
     if sweep:
         emit()
         emit("Decode launch-parameter sweep at batch 256 x ctx 768 (us, CUDA graph):")
@@ -91,13 +103,21 @@ def bench_decode(sweep: bool) -> None:
                 for w in (2, 4, 8):
                     for st in (1, 2, 3):
                         try:
-                            t = graph_ms(lambda: attention.paged_attention_triton(
-                                *b.args(), block_n=bn, num_warps=w, num_stages=st)) * 1e3
+                            t = (
+                                graph_ms(
+                                    lambda: attention.paged_attention_triton(
+                                        *b.args(), block_n=bn, num_warps=w, num_stages=st
+                                    )
+                                )
+                                * 1e3
+                            )
                         except Exception as e:  # noqa: BLE001  (a config that does not compile)
                             emit(f"| {model} | {bn} | {w} | {st} | failed: {type(e).__name__} | |")
                             continue
-                        emit(f"| {model} | {bn} | {w} | {st} | {t:.1f} | "
-                             f"{100 * decode_bytes(model, 256, 768) / (t * 1e-6) / BW:.0f}% |")
+                        emit(
+                            f"| {model} | {bn} | {w} | {st} | {t:.1f} | "
+                            f"{100 * decode_bytes(model, 256, 768) / (t * 1e-6) / BW:.0f}% |"
+                        )
         emit()
         emit("Decode split sweep (block_n 64, 4 warps, 2 stages; us):")
         emit()
@@ -110,8 +130,10 @@ def bench_decode(sweep: bool) -> None:
                     if B * splits > 1024:
                         continue
                     t = graph_ms(lambda: attention.paged_attention_triton(*b.args(), num_splits=splits)) * 1e3
-                    emit(f"| {model} | {B} | {ctx} | {splits} | {t:.1f} | "
-                         f"{100 * decode_bytes(model, B, ctx) / (t * 1e-6) / BW:.0f}% |")
+                    emit(
+                        f"| {model} | {B} | {ctx} | {splits} | {t:.1f} | "
+                        f"{100 * decode_bytes(model, B, ctx) / (t * 1e-6) / BW:.0f}% |"
+                    )
     emit()
 
 
@@ -123,7 +145,9 @@ def prefill_flops(q_lens, ctx_lens, Hq, D) -> float:
 def bench_prefill(sweep: bool) -> None:
     emit("## Prefill attention (bf16, causal, page 16)")
     emit()
-    emit("| model | batch | new tokens | cached prefix | triton ms | TFLOP/s | SDPA contiguous ms | SDPA TFLOP/s |")
+    emit(
+        "| model | batch | new tokens | cached prefix | triton ms | TFLOP/s | SDPA contiguous ms | SDPA TFLOP/s |"
+    )
     emit("|---|---|---|---|---|---|---|---|")
     cases = [(4, 2048, 0), (16, 512, 0), (4, 512, 1536), (1, 8192, 0)]
     for model in MODELS:
@@ -136,7 +160,9 @@ def bench_prefill(sweep: bool) -> None:
                 qc = b.q.view(B, ql, Hq, D).transpose(1, 2)
                 kc = torch.randn(B, Hkv, ql, D, device="cuda", dtype=torch.bfloat16)
                 vc = torch.randn_like(kc)
-                ts = graph_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True))
+                ts = graph_ms(
+                    lambda: F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
+                )
                 sd = f"{ts:.3f} | {fl / (ts * 1e-3) / 1e12:.0f}"
             else:
                 sd = "- | -"
@@ -156,12 +182,17 @@ def bench_prefill(sweep: bool) -> None:
                     for w in (4, 8):
                         for st in (2, 3):
                             try:
-                                t = graph_ms(lambda: attention.paged_attention_triton(
-                                    *b.args(), block_m=bm, block_n=bn, num_warps=w, num_stages=st))
+                                t = graph_ms(
+                                    lambda: attention.paged_attention_triton(
+                                        *b.args(), block_m=bm, block_n=bn, num_warps=w, num_stages=st
+                                    )
+                                )
                             except Exception as e:  # noqa: BLE001
                                 emit(f"| {model} | {bm} | {bn} | {w} | {st} | failed: {type(e).__name__} | |")
                                 continue
-                            emit(f"| {model} | {bm} | {bn} | {w} | {st} | {t:.3f} | {fl / (t * 1e-3) / 1e12:.0f} |")
+                            emit(
+                                f"| {model} | {bm} | {bn} | {w} | {st} | {t:.3f} | {fl / (t * 1e-3) / 1e12:.0f} |"
+                            )
     emit()
 
 
@@ -170,8 +201,10 @@ def bench_small_ops() -> None:
     emit()
     emit("GPU time in a CUDA graph, and eager time per call (includes Python launch overhead).")
     emit()
-    emit("| op | tokens | bytes moved | triton graph us | torch graph us | triton GB/s | triton eager us "
-         "| torch eager us |")
+    emit(
+        "| op | tokens | bytes moved | triton graph us | torch graph us | triton GB/s | triton eager us "
+        "| torch eager us |"
+    )
     emit("|---|---|---|---|---|---|---|---|")
     dt = torch.bfloat16
     for T in (256, 8192):
@@ -181,46 +214,77 @@ def bench_small_ops() -> None:
         w = torch.randn(H, device="cuda", dtype=dt)
         g = torch.randn(T, 2 * I, device="cuda", dtype=dt)
         qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device="cuda", dtype=dt)
-        q = qkv[:, :Hq * D].view(T, Hq, D)
-        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
-        v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        q = qkv[:, : Hq * D].view(T, Hq, D)
+        k = qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
+        v = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
         pos = torch.randint(0, 8192, (T,), device="cuda")
         cs = torch.randn(8192, D, device="cuda")
         kvc = torch.randn(2, 4096, 16, Hkv, D, device="cuda", dtype=dt)
         slots = torch.randperm(4096 * 16, device="cuda")[:T]
         ops = [
-            ("rms_norm+residual", 2 * 2 * T * H * 2, lambda: norm.rms_norm_triton(x, w, 1e-5, r),
-             lambda: norm.rms_norm_ref(x, w, 1e-5, r)),
-            ("rms_norm", 2 * T * H * 2, lambda: norm.rms_norm_triton(x, w, 1e-5),
-             lambda: norm.rms_norm_ref(x, w, 1e-5)),
-            ("rotary", 2 * T * (Hq + Hkv) * D * 2 + T * D * 4, lambda: rotary.rotary_embedding_triton(pos, q, k, cs),
-             lambda: rotary.rotary_embedding_ref(pos, q, k, cs)),
-            ("silu_and_mul", 3 * T * I * 2, lambda: activation.silu_and_mul_triton(g),
-             lambda: activation.silu_and_mul_ref(g)),
-            ("write_kv_cache", 2 * 2 * T * Hkv * D * 2, lambda: cache.write_kv_cache_triton(k, v, kvc, slots),
-             lambda: cache.write_kv_cache_ref(k, v, kvc, slots)),
+            (
+                "rms_norm+residual",
+                2 * 2 * T * H * 2,
+                lambda: norm.rms_norm_triton(x, w, 1e-5, r),
+                lambda: norm.rms_norm_ref(x, w, 1e-5, r),
+            ),
+            (
+                "rms_norm",
+                2 * T * H * 2,
+                lambda: norm.rms_norm_triton(x, w, 1e-5),
+                lambda: norm.rms_norm_ref(x, w, 1e-5),
+            ),
+            (
+                "rotary",
+                2 * T * (Hq + Hkv) * D * 2 + T * D * 4,
+                lambda: rotary.rotary_embedding_triton(pos, q, k, cs),
+                lambda: rotary.rotary_embedding_ref(pos, q, k, cs),
+            ),
+            (
+                "silu_and_mul",
+                3 * T * I * 2,
+                lambda: activation.silu_and_mul_triton(g),
+                lambda: activation.silu_and_mul_ref(g),
+            ),
+            (
+                "write_kv_cache",
+                2 * 2 * T * Hkv * D * 2,
+                lambda: cache.write_kv_cache_triton(k, v, kvc, slots),
+                lambda: cache.write_kv_cache_ref(k, v, kvc, slots),
+            ),
         ]
         for name, nbytes, tri, ref in ops:
             tg = graph_ms(tri) * 1e3
-            rg = float("nan") if name == "write_kv_cache" else graph_ms(ref) * 1e3  # its ref syncs (mask indexing)
+            rg = (
+                float("nan") if name == "write_kv_cache" else graph_ms(ref) * 1e3
+            )  # its ref syncs (mask indexing)
             te, re_ = eager_ms(tri) * 1e3, eager_ms(ref) * 1e3
-            emit(f"| {name} | {T} | {nbytes / 1e6:.1f} MB | {tg:.1f} | {rg:.1f} | {nbytes / (tg * 1e-6) / 1e9:.0f} "
-                 f"| {te:.1f} | {re_:.1f} |")
+            emit(
+                f"| {name} | {T} | {nbytes / 1e6:.1f} MB | {tg:.1f} | {rg:.1f} | {nbytes / (tg * 1e-6) / 1e9:.0f} "
+                f"| {te:.1f} | {re_:.1f} |"
+            )
     emit()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", default="", help="comma list of decode,prefill: also time launch-parameter variants")
+    ap.add_argument(
+        "--sweep", default="", help="comma list of decode,prefill: also time launch-parameter variants"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="decode,prefill,small")
     a = ap.parse_args()
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     emit(f"# fleetserve kernels benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     emit()
-    emit(f"device: {smi}; torch {torch.__version__}; triton {triton.__version__}; "
-         f"SMs {torch.cuda.get_device_properties(0).multi_processor_count}")
+    emit(
+        f"device: {smi}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"SMs {torch.cuda.get_device_properties(0).multi_processor_count}"
+    )
     emit()
     torch.manual_seed(0)
     only = a.only.split(",")

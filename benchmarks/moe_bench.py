@@ -11,6 +11,7 @@ with the device's copy bandwidth and matmul rate measured here. `--sweep` also t
 launch-parameter variants (BLOCK_M/N/K, warps, stages) and prints the best per case,
 the input for tuning `moe_launch_config`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,19 @@ def time_ms(args, config=None) -> float:
 
 
 def sweep_configs():
-    for bm, bn, bk, warps, stages in itertools.product([16, 32, 64, 128], [64, 128, 256], [64, 128],
-                                                       [4, 8], [3, 4, 5]):
+    for bm, bn, bk, warps, stages in itertools.product(
+        [16, 32, 64, 128], [64, 128, 256], [64, 128], [4, 8], [3, 4, 5]
+    ):
         if bm * bn >= 128 * 256 and warps == 4:
             continue
-        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8 if bm >= 64 else 16, num_warps=warps,
-                   num_stages=stages)
+        yield dict(
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            GROUP_M=8 if bm >= 64 else 16,
+            num_warps=warps,
+            num_stages=stages,
+        )
 
 
 def main() -> None:
@@ -59,7 +67,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = measure_device(torch)
     bw, rate = dev["bandwidth_Bps"], dev["matmul_flops"]
-    print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    print(
+        f"device {torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s"
+    )
     print("| model | tokens | experts hit | BLOCK_M | us | GB/s | TFLOP/s | of roofline |")
     print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -70,10 +80,14 @@ def main() -> None:
             hit = int(torch.unique(a[4]).numel())
             roof = max(nbytes / bw, flops / rate)
             ms = time_ms(a)
-            bm = moe_launch_config(T * mc.num_experts_per_tok, mc.num_experts, 2 * mc.moe_intermediate_size,
-                                   mc.hidden_size)["BLOCK_M"]
-            print(f"| {name} | {T} | {hit} | {bm} | {ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | "
-                  f"{flops / ms / 1e9:.1f} | {roof / (ms * 1e-3):.2f} |", flush=True)
+            bm = moe_launch_config(
+                T * mc.num_experts_per_tok, mc.num_experts, 2 * mc.moe_intermediate_size, mc.hidden_size
+            )["BLOCK_M"]
+            print(
+                f"| {name} | {T} | {hit} | {bm} | {ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | "
+                f"{flops / ms / 1e9:.1f} | {roof / (ms * 1e-3):.2f} |",
+                flush=True,
+            )
             if args.sweep:
                 best = []
                 for cfg in sweep_configs():

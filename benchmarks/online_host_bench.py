@@ -16,6 +16,7 @@ building a CompletionChunk and encoding it) is restated here from routes.py at 3
 
     python benchmarks/online_host_bench.py --streams 256 --steps 50 [--stop] [--repeats 3] [--out result.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,17 @@ from fleetserve.runtime.engine import LLMEngine, _RequestState
 from fleetserve.runtime.engine_core import PICKLE_PROTOCOL, EngineCore
 from fleetserve.runtime.output_processor import OutputKind, OutputProcessor
 from fleetserve.runtime.outputs import RequestMetrics, RequestOutput
-from fleetserve.runtime.request import Sequence, SeqStatus
+from fleetserve.runtime.request import SeqStatus, Sequence
 from fleetserve.runtime.sampling_params import SamplingParams
 from fleetserve.runtime.server import sse
 from fleetserve.runtime.server.protocol import CompletionChoice, CompletionChunk
 
-_TEXT = ("the of and to in is was for on that with as by at from his her it an were are which this be or had not "
-         "but have one their they you all new more has after who first would been two time other about also its "
-         "most some into than only over such many can these then them may any where both between each while when "
-         "used three could well year part made city people did work state world house long under water school ")
+_TEXT = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or had not "
+    "but have one their they you all new more has after who first would been two time other about also its "
+    "most some into than only over such many can these then them may any where both between each while when "
+    "used three could well year part made city people did work state world house long under water school "
+)
 
 
 def load_tokenizer():
@@ -52,16 +55,35 @@ def load_tokenizer():
 
 
 def _old_snapshot(out: RequestOutput) -> RequestOutput:  # async_engine._snapshot at 3e1707c
-    comps = [dataclasses.replace(c, token_ids=list(c.token_ids),
-                                 logprobs=None if c.logprobs is None else list(c.logprobs)) for c in out.outputs]
-    return dataclasses.replace(out, outputs=comps, new_token_counts=list(out.new_token_counts),
-                               prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs))
+    comps = [
+        dataclasses.replace(
+            c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs)
+        )
+        for c in out.outputs
+    ]
+    return dataclasses.replace(
+        out,
+        outputs=comps,
+        new_token_counts=list(out.new_token_counts),
+        prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs),
+    )
 
 
 def _chunk(rid: str, c, text: str) -> bytes:
-    ch = CompletionChunk(id=rid, created=0, model="m", choices=[
-        CompletionChoice(index=c.index, text=text, logprobs=None, finish_reason=c.finish_reason,
-                         stop_reason=c.stop_reason)])
+    ch = CompletionChunk(
+        id=rid,
+        created=0,
+        model="m",
+        choices=[
+            CompletionChoice(
+                index=c.index,
+                text=text,
+                logprobs=None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+        ],
+    )
     return sse.event(ch, exclude={"usage"})
 
 
@@ -72,22 +94,31 @@ class Streams:
         self.future = []  # per stream: tokens it will sample
         self.states = []
         for i in range(n):
-            stream = ids[i: i + prompt_len + generated + 1000]
+            stream = ids[i : i + prompt_len + generated + 1000]
             prompt = stream[:prompt_len]
             seq = Sequence(i, f"r{i}", 0, prompt, params, 0, prompt_len + 4096, 0.0)
             seq.status = SeqStatus.RUNNING
-            st = _RequestState(request_id=f"r{i}", prompt=None, prompt_token_ids=prompt, params=params, seqs=[seq],
-                               detoks=[] if delta else [IncrementalDetokenizer(tok, prompt, params)],
-                               metrics=RequestMetrics(arrival_time=0.0), logprobs=[None], cumulative_logprob=[None],
-                               delta=delta, num_sent=[0])
-            for t in stream[prompt_len: prompt_len + generated]:
+            st = _RequestState(
+                request_id=f"r{i}",
+                prompt=None,
+                prompt_token_ids=prompt,
+                params=params,
+                seqs=[seq],
+                detoks=[] if delta else [IncrementalDetokenizer(tok, prompt, params)],
+                metrics=RequestMetrics(arrival_time=0.0),
+                logprobs=[None],
+                cumulative_logprob=[None],
+                delta=delta,
+                num_sent=[0],
+            )
+            for t in stream[prompt_len : prompt_len + generated]:
                 seq.token_ids.append(t)
                 if st.detoks:
                     st.detoks[0].update([t])
             if delta:
                 st.num_sent[0] = generated
             self.states.append(st)
-            self.future.append(iter(stream[prompt_len + generated:]))
+            self.future.append(iter(stream[prompt_len + generated :]))
 
     def sample(self):
         for st, fut in zip(self.states, self.future):
@@ -111,8 +142,8 @@ def bench_old(tok, args, params) -> dict:
         for out in outs:  # routes._stream_completions.emit at 3e1707c, on the event loop
             c = out.outputs[0]
             key = out.request_id
-            delta = c.text[sent_text[key]:]
-            new_ids = c.token_ids[sent_tok[key]:]
+            delta = c.text[sent_text[key] :]
+            new_ids = c.token_ids[sent_tok[key] :]
             if not (delta or new_ids):
                 continue
             sent_text[key], sent_tok[key] = len(c.text), len(c.token_ids)
@@ -121,8 +152,12 @@ def bench_old(tok, args, params) -> dict:
         t_engine += t1 - t0
         t_loop += t2 - t1
     n = args.steps
-    return {"engine_thread_ms_per_step": 1e3 * t_engine / n, "event_loop_ms_per_step": 1e3 * t_loop / n,
-            "gil_ms_per_step": 1e3 * (t_engine + t_loop) / n, "sse_bytes_per_step": nbytes / n}
+    return {
+        "engine_thread_ms_per_step": 1e3 * t_engine / n,
+        "event_loop_ms_per_step": 1e3 * t_loop / n,
+        "gil_ms_per_step": 1e3 * (t_engine + t_loop) / n,
+        "sse_bytes_per_step": nbytes / n,
+    }
 
 
 def bench_new(tok, args, params) -> dict:
@@ -165,37 +200,60 @@ def bench_new(tok, args, params) -> dict:
         t_proc += t4 - t3
         t_sse += t5 - t4
     n = args.steps
-    return {"core_delta_and_wire_ms_per_step": 1e3 * t_core / n, "core_pickle_dumps_ms_per_step": 1e3 * t_dumps / n,
-            "http_pickle_loads_ms_per_step": 1e3 * t_loads / n,
-            "http_output_processor_ms_per_step": 1e3 * t_proc / n, "http_sse_ms_per_step": 1e3 * t_sse / n,
-            "http_process_ms_per_step": 1e3 * (t_loads + t_proc + t_sse) / n,
-            "core_process_ms_per_step": 1e3 * (t_core + t_dumps) / n,
-            "wire_bytes_per_step": wire / n, "sse_bytes_per_step": nbytes / n}
+    return {
+        "core_delta_and_wire_ms_per_step": 1e3 * t_core / n,
+        "core_pickle_dumps_ms_per_step": 1e3 * t_dumps / n,
+        "http_pickle_loads_ms_per_step": 1e3 * t_loads / n,
+        "http_output_processor_ms_per_step": 1e3 * t_proc / n,
+        "http_sse_ms_per_step": 1e3 * t_sse / n,
+        "http_process_ms_per_step": 1e3 * (t_loads + t_proc + t_sse) / n,
+        "core_process_ms_per_step": 1e3 * (t_core + t_dumps) / n,
+        "wire_bytes_per_step": wire / n,
+        "sse_bytes_per_step": nbytes / n,
+    }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--generated", type=int, default=128, help="Tokens each stream generated before the timed steps.")
+    p.add_argument(
+        "--generated", type=int, default=128, help="Tokens each stream generated before the timed steps."
+    )
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--stop", action="store_true", help="Requests carry stop strings (token-by-token stop checks).")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="Runs of each path; every figure is the minimum over them (the dev machine is shared).")
+    p.add_argument(
+        "--stop", action="store_true", help="Requests carry stop strings (token-by-token stop checks)."
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Runs of each path; every figure is the minimum over them (the dev machine is shared).",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     tok = load_tokenizer()
-    params = SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True,
-                            stop=["\n\nQuestion:", "###"] if args.stop else [])
+    params = SamplingParams(
+        temperature=0.0, max_tokens=4096, ignore_eos=True, stop=["\n\nQuestion:", "###"] if args.stop else []
+    )
     bench_old(tok, args, params)  # warm caches
 
     def best(fn) -> dict:
         runs = [fn(tok, args, params) for _ in range(max(1, args.repeats))]
         return {k: min(r[k] for r in runs) for k in runs[0]}
 
-    res = {"streams": args.streams, "prompt_len": args.prompt_len, "generated": args.generated, "steps": args.steps,
-           "repeats": args.repeats, "stop_strings": args.stop, "python": platform.python_version(),
-           "machine": platform.machine(), "old": best(bench_old), "new": best(bench_new)}
+    res = {
+        "streams": args.streams,
+        "prompt_len": args.prompt_len,
+        "generated": args.generated,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "stop_strings": args.stop,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "old": best(bench_old),
+        "new": best(bench_new),
+    }
     print(json.dumps(res, indent=2))
     if args.out:
         with open(args.out, "w") as f:

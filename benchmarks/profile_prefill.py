@@ -7,6 +7,7 @@ device busy time against wall time (host- or device-bound?) and the kernels that
 Usage (GPU machine): python3 benchmarks/profile_prefill.py [preset] [output_len]
 With TRITON_CACHE_DIR set to an empty folder it shows what a fresh machine would compile.
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,10 +37,10 @@ def main() -> None:
     torch.cuda.synchronize()
     plain = time.perf_counter() - t
 
-    from fleetserve.runtime.bench.throughput import _StepTimeline
-
     import cProfile
     import pstats
+
+    from fleetserve.runtime.bench.throughput import _StepTimeline
 
     for i, (n, out_len) in enumerate(((256, output_len), (256, 256), (256, 256))):
         fresh = [{"prompt_token_ids": p} for p in rng.integers(100, vocab, size=(n, 512)).tolist()]
@@ -69,8 +70,10 @@ def main() -> None:
         wall = time.perf_counter() - t
     averages = prof.key_averages()
     device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages)
-    print(f"{preset}: 128 prompts x 512 -> {output_len} tokens: wall {plain * 1e3:.0f} ms unprofiled, "
-          f"{wall * 1e3:.0f} ms profiled; device busy {device_us / 1e3:.0f} ms ({device_us / 1e6 / wall:.0%} of wall)")
+    print(
+        f"{preset}: 128 prompts x 512 -> {output_len} tokens: wall {plain * 1e3:.0f} ms unprofiled, "
+        f"{wall * 1e3:.0f} ms profiled; device busy {device_us / 1e3:.0f} ms ({device_us / 1e6 / wall:.0%} of wall)"
+    )
     table = averages.table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=60)
     print(table)
     cpu = averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)

@@ -11,10 +11,11 @@ Triton is optional: without it the references still import and run.
 
 This package never imports fleetserve.runtime.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,25 @@ def get_ops(backend: str = "torch") -> KernelOps:
     from . import activation, attention, cache, moe, norm, rotary
 
     if backend == "torch":
-        return KernelOps("torch", norm.rms_norm_ref, rotary.rotary_embedding_ref, activation.silu_and_mul_ref,
-                         cache.write_kv_cache_ref, attention.paged_attention_ref, moe.fused_moe_ref,
-                         gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref)
+        return KernelOps(
+            "torch",
+            norm.rms_norm_ref,
+            rotary.rotary_embedding_ref,
+            activation.silu_and_mul_ref,
+            cache.write_kv_cache_ref,
+            attention.paged_attention_ref,
+            moe.fused_moe_ref,
+            gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref,
+        )
     if backend == "triton":
-        return KernelOps("triton", norm.rms_norm_triton, rotary.rotary_embedding_triton,
-                         activation.silu_and_mul_triton, cache.write_kv_cache_triton, attention.paged_attention_triton,
-                         moe.fused_moe_triton, gelu_tanh_and_mul=activation.gelu_tanh_and_mul_triton)
+        return KernelOps(
+            "triton",
+            norm.rms_norm_triton,
+            rotary.rotary_embedding_triton,
+            activation.silu_and_mul_triton,
+            cache.write_kv_cache_triton,
+            attention.paged_attention_triton,
+            moe.fused_moe_triton,
+            gelu_tanh_and_mul=activation.gelu_tanh_and_mul_triton,
+        )
     raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")

@@ -4,6 +4,7 @@ The torch references (the CPU engine's path) must import without Triton, so each
 module decorates its kernels with `jit` from here: with Triton missing, a kernel
 becomes a stub that raises on launch instead of failing at import.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,7 @@ def _patch_interpreter_scalar_index() -> None:
         orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    patched._fleetserve_patched = True
+    patched.__dict__["_fleetserve_patched"] = True  # marks the interpreter as patched once
     interp._patch_lang_tensor = patched
 
 
@@ -72,7 +73,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int | None) -> int:
     """Multiprocessor count of a CUDA device; a small stand-in on CPU (interpreter)."""
     import torch

@@ -4,6 +4,7 @@ GELU(tanh)-and-multiply (Gemma 2/3).
 Owns the torch references and the Triton kernels: one read of [gate | up], one
 write of the product (torch's eager version writes act(gate) out first).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,10 +41,10 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     o2 = out.view(-1, d)
     block = 1024
     if x2.shape[0] and d:
-        _silu_and_mul_kernel[(x2.shape[0], cdiv(d, block))](x2, o2, x2.stride(0), o2.stride(0), d,
-                                                                     BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[(x2.shape[0], cdiv(d, block))](
+            x2, o2, x2.stride(0), o2.stride(0), d, BLOCK=block, num_warps=4
+        )
     return out
-
 
 
 def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,7 @@ def gelu_tanh_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     o2 = out.view(-1, d)
     block = 1024
     if x2.shape[0] and d:
-        _gelu_tanh_and_mul_kernel[(x2.shape[0], cdiv(d, block))](x2, o2, x2.stride(0), o2.stride(0), d,
-                                                                  BLOCK=block, num_warps=4)
+        _gelu_tanh_and_mul_kernel[(x2.shape[0], cdiv(d, block))](
+            x2, o2, x2.stride(0), o2.stride(0), d, BLOCK=block, num_warps=4
+        )
     return out

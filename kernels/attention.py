@@ -31,6 +31,7 @@ CUDA graphs: no host syncs; grids depend only on shapes and the Python ints
 max_query_len / max_seq_len (upper bounds are fine); everything else is read on
 the device. Output rows of tokens past query_start_loc[-1] are left unwritten.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,10 +39,18 @@ import torch
 from ._triton import cdiv, jit, next_pow2, num_sms, tl
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                        seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int,
-                        max_seq_len: int, scale: float, sliding_window: int | None = None,
-                        softcap: float | None = None) -> torch.Tensor:
+def paged_attention_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """q: [T, Hq, D]; kv_cache: [2, N, block_size, Hkv, D]; query_start_loc: [B+1];
     seq_lens: [B]; block_tables: [B, max_blocks] -> out [T, Hq, D] in q's dtype.
     sliding_window / softcap: see the module docstring.
@@ -105,10 +114,36 @@ def _tanh(x):
 
 
 @jit
-def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, qk_scale, win_lo, window,
-            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
-            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
-            IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+def _attend(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptr,
+    v_ptr,
+    bt_row_ptr,
+    kvh,
+    qpos,
+    start,
+    end,
+    qk_scale,
+    win_lo,
+    window,
+    cap_in,
+    cap_out,
+    stride_blk,
+    stride_pos,
+    stride_kvh,
+    offs_d,
+    mask_d,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     """Online-softmax accumulation of q's rows over KV tokens [start, end), scores in log2 units.
 
     MASK: 0 = every token of every tile is valid for every row (whole tiles below the causal
@@ -189,13 +224,40 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row_ptr, kvh, qpos, start, end, q
 
 
 @jit(do_not_specialize=("stride_bt",))  # block-table width follows the longest sequence of each step
-def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale,
-                   window, cap_in, cap_out,
-                   stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
-                   stride_bt, HQ,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr):
+def _decode_kernel(
+    q_ptr,
+    kv_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    qk_scale,
+    window,
+    cap_in,
+    cap_out,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_blk,
+    stride_pos,
+    stride_kvh,
+    stride_bt,
+    HQ,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -219,19 +281,51 @@ def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, s
     mask_d = offs_d < D
     heads = kvh * G + offs_g
     q_mask = mask_g[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    q = tl.load(
+        q_ptr + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     acc = tl.zeros([GP, DP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, kv_ptr + stride_kv, bt_ptr + b.to(tl.int64) * stride_bt, kvh,
-                            offs_g, start, end, qk_scale, win_lo, window, cap_in, cap_out,
-                            stride_blk, stride_pos, stride_kvh, offs_d, mask_d,
-                            PAGE, BLOCK_N, 1, D == DP, IEEE, WINDOW, SOFTCAP)
+    acc, m_i, l_i = _attend(
+        acc,
+        m_i,
+        l_i,
+        q,
+        kv_ptr,
+        kv_ptr + stride_kv,
+        bt_ptr + b.to(tl.int64) * stride_bt,
+        kvh,
+        offs_g,
+        start,
+        end,
+        qk_scale,
+        win_lo,
+        window,
+        cap_in,
+        cap_out,
+        stride_blk,
+        stride_pos,
+        stride_kvh,
+        offs_d,
+        mask_d,
+        PAGE,
+        BLOCK_N,
+        1,
+        D == DP,
+        IEEE,
+        WINDOW,
+        SOFTCAP,
+    )
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(
+            out_ptr + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
     else:
         # partial state of (b, head, split): acc [DP] unnormalised, then m and l
         row = (b.to(tl.int64) * HQ + heads) * NUM_SPLITS + split
@@ -241,8 +335,19 @@ def _decode_kernel(q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, s
 
 
 @jit
-def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, stride_ot, stride_oh, HQ,
-                          D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr, SP: tl.constexpr):
+def _decode_reduce_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    qsl_ptr,
+    stride_ot,
+    stride_oh,
+    HQ,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SP: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.load(qsl_ptr + b)
@@ -260,18 +365,46 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, stride_ot
     denom = tl.sum(w * l, 0)
     acc = tl.load(part_acc_ptr + row[:, None] * DP + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < D)
+    tl.store(
+        out_ptr + tok.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < D,
+    )
 
 
 @jit(do_not_specialize=("num_seqs", "stride_bt"))  # both change every step
-def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_scale, num_seqs: tl.int32,
-                    window, cap_in, cap_out,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_blk, stride_pos, stride_kvh,
-                    stride_bt,
-                    G: tl.constexpr, BLOCK_Q: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    kv_ptr,
+    out_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    qk_scale,
+    num_seqs: tl.int32,
+    window,
+    cap_in,
+    cap_out,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_blk,
+    stride_pos,
+    stride_kvh,
+    stride_bt,
+    G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BM: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     # Highest block index first: later query blocks of a sequence see more keys (causal), and
     # starting the long programs first leaves short ones for the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -305,8 +438,11 @@ def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_sc
     qpos = ctx_len + t_local
     tok = (q_start + t_local).to(tl.int64)
     q_mask = mask_r[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
 
     acc = tl.zeros([BM, DP], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -325,23 +461,109 @@ def _prefill_kernel(q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, qk_sc
         full_lo = tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N
         mid = tl.maximum(lo, tl.minimum(full_lo, full_hi))
         full_hi = tl.maximum(mid, full_hi)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, lo, mid, qk_scale, 0, window,
-                                cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
-                                2, D == DP, IEEE, WINDOW, SOFTCAP)
+        acc, m_i, l_i = _attend(
+            acc,
+            m_i,
+            l_i,
+            q,
+            kv_ptr,
+            v_ptr,
+            bt_row,
+            kvh,
+            qpos,
+            lo,
+            mid,
+            qk_scale,
+            0,
+            window,
+            cap_in,
+            cap_out,
+            stride_blk,
+            stride_pos,
+            stride_kvh,
+            offs_d,
+            mask_d,
+            PAGE,
+            BLOCK_N,
+            2,
+            D == DP,
+            IEEE,
+            WINDOW,
+            SOFTCAP,
+        )
     else:
         mid = 0
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, mid, full_hi, qk_scale, 0, window,
-                            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
-                            0, D == DP, IEEE, WINDOW, SOFTCAP)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, kv_ptr, v_ptr, bt_row, kvh, qpos, full_hi, end, qk_scale, 0, window,
-                            cap_in, cap_out, stride_blk, stride_pos, stride_kvh, offs_d, mask_d, PAGE, BLOCK_N,
-                            2, D == DP, IEEE, WINDOW, SOFTCAP)
+    acc, m_i, l_i = _attend(
+        acc,
+        m_i,
+        l_i,
+        q,
+        kv_ptr,
+        v_ptr,
+        bt_row,
+        kvh,
+        qpos,
+        mid,
+        full_hi,
+        qk_scale,
+        0,
+        window,
+        cap_in,
+        cap_out,
+        stride_blk,
+        stride_pos,
+        stride_kvh,
+        offs_d,
+        mask_d,
+        PAGE,
+        BLOCK_N,
+        0,
+        D == DP,
+        IEEE,
+        WINDOW,
+        SOFTCAP,
+    )
+    acc, m_i, l_i = _attend(
+        acc,
+        m_i,
+        l_i,
+        q,
+        kv_ptr,
+        v_ptr,
+        bt_row,
+        kvh,
+        qpos,
+        full_hi,
+        end,
+        qk_scale,
+        0,
+        window,
+        cap_in,
+        cap_out,
+        stride_blk,
+        stride_pos,
+        stride_kvh,
+        offs_d,
+        mask_d,
+        PAGE,
+        BLOCK_N,
+        2,
+        D == DP,
+        IEEE,
+        WINDOW,
+        SOFTCAP,
+    )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
-def _decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+def _decode_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device
+) -> int:
     """Split the context until the grid fills the GPU about twice over (no more splits than tiles)."""
     sms = num_sms(device.index if device.type == "cuda" else None)
     if device.type == "cuda" and device.index is None:
@@ -352,12 +574,25 @@ def _decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n:
     return splits
 
 
-def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, max_seq_len: int,
-                           scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
-                           out: torch.Tensor | None = None, num_splits: int | None = None,
-                           block_n: int | None = None, block_m: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+def paged_attention_triton(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """Same contract as `paged_attention_ref`, but returns all T rows (rows of tokens outside
     every sequence stay unwritten). max_query_len == 1 takes the decode path; max_seq_len
     (an upper bound is fine) only sizes the decode split. The keyword arguments override
@@ -392,14 +627,52 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         else:
             part_acc = part_ml = out  # unused
         _decode_kernel[(B, Hkv, splits)](
-            q, kv_cache, out, part_acc, part_ml, query_start_loc, seq_lens, block_tables, qk_scale,
-            window, cap_in, cap_out,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0), Hq,
-            G=G, GP=max(16, next_pow2(G)), D=D, DP=DP, PAGE=page, BLOCK_N=bn, NUM_SPLITS=splits, IEEE=ieee,
-            **opts, num_warps=num_warps or 4, num_stages=num_stages or 2)
+            q,
+            kv_cache,
+            out,
+            part_acc,
+            part_ml,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            qk_scale,
+            window,
+            cap_in,
+            cap_out,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            *kv_strides,
+            block_tables.stride(0),
+            Hq,
+            G=G,
+            GP=max(16, next_pow2(G)),
+            D=D,
+            DP=DP,
+            PAGE=page,
+            BLOCK_N=bn,
+            NUM_SPLITS=splits,
+            IEEE=ieee,
+            **opts,
+            num_warps=num_warps or 4,
+            num_stages=num_stages or 2,
+        )
         if splits > 1:
-            _decode_reduce_kernel[(B, Hq)](out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1), Hq,
-                                           D=D, DP=DP, NUM_SPLITS=splits, SP=next_pow2(splits), num_warps=4)
+            _decode_reduce_kernel[(B, Hq)](
+                out,
+                part_acc,
+                part_ml,
+                query_start_loc,
+                out.stride(0),
+                out.stride(1),
+                Hq,
+                D=D,
+                DP=DP,
+                NUM_SPLITS=splits,
+                SP=next_pow2(splits),
+                num_warps=4,
+            )
         return out
     # Tuned on H100 (benchmarks/results/kernels-2026-11-24.md): D=128 prefers 64-row tiles on one
     # warpgroup, D<=64 128-row tiles on two.
@@ -409,8 +682,33 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
     BM = next_pow2(block_q * G)
     bn = block_n or 64
     _prefill_kernel[(T // block_q + B, Hkv)](
-        q, kv_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, B, window, cap_in, cap_out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_strides, block_tables.stride(0),
-        G=G, BLOCK_Q=block_q, BM=BM, D=D, DP=DP, PAGE=page, BLOCK_N=bn, IEEE=ieee,
-        **opts, num_warps=num_warps or (4 if big_d else 8), num_stages=num_stages or 2)
+        q,
+        kv_cache,
+        out,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        qk_scale,
+        B,
+        window,
+        cap_in,
+        cap_out,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *kv_strides,
+        block_tables.stride(0),
+        G=G,
+        BLOCK_Q=block_q,
+        BM=BM,
+        D=D,
+        DP=DP,
+        PAGE=page,
+        BLOCK_N=bn,
+        IEEE=ieee,
+        **opts,
+        num_warps=num_warps or (4 if big_d else 8),
+        num_stages=num_stages or 2,
+    )
     return out

@@ -8,6 +8,7 @@ Owns the torch reference and the Triton kernel (one program per token, all of it
 heads; 64-bit slot arithmetic, since block_id * block_size * Hkv * D passes 2^31
 in caches of a few GB).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ import torch
 from ._triton import jit, next_pow2, tl
 
 
-def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache_ref(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v: [T, Hkv, D]; slot_mapping: [T] int. Writes in place."""
     flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
     valid = slot_mapping >= 0
@@ -25,9 +28,25 @@ def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
 
 
 @jit
-def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kv, stride_blk, stride_pos, stride_head, H, D,
-                     PAGE: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kv_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kv,
+    stride_blk,
+    stride_pos,
+    stride_head,
+    H,
+    D,
+    PAGE: tl.constexpr,
+    HP: tl.constexpr,
+    DP: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -43,12 +62,31 @@ def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, stride_kt, stride_kh, strid
     tl.store(dst + stride_kv, vv.to(kv_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache_triton(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Same contract as `write_kv_cache_ref`; k and v may be strided views (e.g. slices of a fused qkv)."""
     T, H, D = k.shape
     if k.stride(-1) != 1 or v.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("write_kv_cache_triton needs k, v and kv_cache contiguous in head_dim")
     if T:
-        _write_kv_kernel[(T,)](k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                               kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-                               H, D, PAGE=kv_cache.shape[2], HP=next_pow2(H), DP=next_pow2(D), num_warps=4)
+        _write_kv_kernel[(T,)](
+            k,
+            v,
+            kv_cache,
+            slot_mapping,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            kv_cache.stride(0),
+            kv_cache.stride(1),
+            kv_cache.stride(2),
+            kv_cache.stride(3),
+            H,
+            D,
+            PAGE=kv_cache.shape[2],
+            HP=next_pow2(H),
+            DP=next_pow2(D),
+            num_warps=4,
+        )

@@ -23,9 +23,8 @@ CUDA graphs: no host syncs. The number of padded rows is data dependent, so the 
 covers the worst case (T*K + E*(BLOCK_M-1) rows, fewer when T*K < E) and programs
 past the real total (read on the device) return at once.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +43,9 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tupl
     return weights, ids
 
 
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights / topk_ids [T, K] -> [T, H] in x's dtype.
 
     Per expert that got tokens: gather its rows, gated MLP in x's dtype (like HF's expert loop),
@@ -65,8 +65,9 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     return out.to(x.dtype)
 
 
-def moe_align_block_size_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_block_size_ref(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the flattened (token, slot) pairs by expert, each expert's run padded to block_m rows.
 
     Returns (sorted_ids [R] int32: pair ids, T*K where padding; expert_ids [R // block_m] int32:
@@ -77,7 +78,9 @@ def moe_align_block_size_ref(topk_ids: torch.Tensor, num_experts: int, block_m: 
     flat = topk_ids.reshape(-1).long()
     n = flat.numel()
     rows = _max_padded_rows(n, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded
@@ -89,7 +92,9 @@ def moe_align_block_size_ref(topk_ids: torch.Tensor, num_experts: int, block_m: 
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     block_start = torch.arange(0, rows, block_m, device=dev)
     # blocks past the last expert's run get num_experts - 1; the kernel skips them (num_padded)
-    expert_ids = torch.searchsorted(pad_end, block_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    expert_ids = (
+        torch.searchsorted(pad_end, block_start, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    )
     return sorted_ids, expert_ids, pad_end[-1:].to(torch.int32)
 
 
@@ -109,15 +114,26 @@ def _align_count_kernel(ids_ptr, table_ptr, n, E: tl.constexpr, EP: tl.constexpr
 
 
 @jit(do_not_specialize=("num_programs", "num_blocks"))
-def _align_offsets_kernel(table_ptr, expert_ids_ptr, num_padded_ptr, num_programs, num_blocks,
-                          E: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr, PB: tl.constexpr):
+def _align_offsets_kernel(
+    table_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    num_programs,
+    num_blocks,
+    E: tl.constexpr,
+    EP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PB: tl.constexpr,
+):
     """One program: per-expert totals, padded run starts, each count-program's first row per expert
     (written back over its counts), the expert of every BLOCK_M block and the padded total."""
     bins = tl.arange(0, EP)
     counts = tl.zeros([EP], dtype=tl.int32)
     for p0 in range(0, num_programs, PB):
         rows = p0 + tl.arange(0, PB)
-        t = tl.load(table_ptr + rows[:, None] * EP + bins[None, :], mask=rows[:, None] < num_programs, other=0)
+        t = tl.load(
+            table_ptr + rows[:, None] * EP + bins[None, :], mask=rows[:, None] < num_programs, other=0
+        )
         counts += tl.sum(t, axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
@@ -154,8 +170,9 @@ def _align_scatter_kernel(ids_ptr, table_ptr, sorted_ids_ptr, n, EP: tl.constexp
     tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=mask)
 
 
-def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align_block_size_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract and result as `moe_align_block_size_ref`, in four launches (the reference
     takes ~25 small torch ops, a visible cost per MoE layer in a decode step)."""
     dev = topk_ids.device
@@ -171,8 +188,18 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     _align_count_kernel[(programs,)](flat, table, n, E=num_experts, EP=EP, CHUNK=_ALIGN_CHUNK, num_warps=4)
-    _align_offsets_kernel[(1,)](table, expert_ids, num_padded, programs, rows // block_m, E=num_experts, EP=EP,
-                                BLOCK_M=block_m, PB=max(1, min(64, 4096 // EP)), num_warps=4)
+    _align_offsets_kernel[(1,)](
+        table,
+        expert_ids,
+        num_padded,
+        programs,
+        rows // block_m,
+        E=num_experts,
+        EP=EP,
+        BLOCK_M=block_m,
+        PB=max(1, min(64, 4096 // EP)),
+        num_warps=4,
+    )
     _align_scatter_kernel[(programs,)](flat, table, sorted_ids, n, EP=EP, CHUNK=_ALIGN_CHUNK, num_warps=4)
     return sorted_ids, expert_ids, num_padded
 
@@ -184,12 +211,32 @@ def _max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 @jit(do_not_specialize=("num_valid", "EM"))
-def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, w_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-                      N, K, EM, num_valid,
-                      stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-                      A_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+def _fused_moe_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    w_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    N,
+    K,
+    EM,
+    num_valid,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    A_DIV: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """C[pair, :] = (A[pair // A_DIV, :] @ B[e].T) (* w[pair]) for the BLOCK_M pairs of one block."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
@@ -256,8 +303,14 @@ def moe_launch_config(num_pairs: int, num_experts: int, N: int, K: int) -> dict:
     bk = 64 if K >= 64 else max(16, next_pow2(K))
     if bm >= 128:
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk if bm > 16 else min(bk * 2, max(16, next_pow2(K))),
-                GROUP_M=8 if bm >= 64 else 16, num_warps=4, num_stages=4)
+    return dict(
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk if bm > 16 else min(bk * 2, max(16, next_pow2(K))),
+        GROUP_M=8 if bm >= 64 else 16,
+        num_warps=4,
+        num_stages=4,
+    )
 
 
 def _grouped_gemm(a, b, out, weights, sorted_ids, expert_ids, num_padded, a_div, cfg):
@@ -265,12 +318,33 @@ def _grouped_gemm(a, b, out, weights, sorted_ids, expert_ids, num_padded, a_div,
     EM = sorted_ids.shape[0]
     grid = (cdiv(EM, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _fused_moe_kernel[grid](
-        a, b, out, weights if weights is not None else a, sorted_ids, expert_ids, num_padded,
-        N, K, EM, out.shape[0],
-        a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        A_DIV=a_div, MUL_WEIGHT=weights is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], EVEN_K=K % cfg["BLOCK_K"] == 0,
-        IEEE=a.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        a,
+        b,
+        out,
+        weights if weights is not None else a,
+        sorted_ids,
+        expert_ids,
+        num_padded,
+        N,
+        K,
+        EM,
+        out.shape[0],
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        out.stride(0),
+        A_DIV=a_div,
+        MUL_WEIGHT=weights is not None,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        EVEN_K=K % cfg["BLOCK_K"] == 0,
+        IEEE=a.dtype == torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 # (device, dtype, E, 2I, H, top_k) of the expert shapes whose launch-config variants are compiled
@@ -280,7 +354,7 @@ _PRECOMPILED: set = set()
 def _launch_variants(num_experts: int, N: int, K: int) -> list[dict]:
     """Every distinct moe_launch_config of a GEMM shape, over all token counts: the config is a step
     function of the pair count that is constant past 96 rows per expert (and past 264 pairs for N)."""
-    seen = {}
+    seen: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
     for n in range(1, 96 * num_experts + 266):
         cfg = moe_launch_config(n, num_experts, N, K)
         seen.setdefault(tuple(sorted(cfg.items())), cfg)
@@ -309,14 +383,30 @@ def _precompile_variants(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
         for cfg in _launch_variants(E, b.shape[1], b.shape[2]):
             block_ms.add(cfg["BLOCK_M"])
             out = torch.empty(1, n_out, dtype=x.dtype, device=dev)
-            _grouped_gemm(a, b, out, w, torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev), none, none,
-                          a_div, cfg)
+            _grouped_gemm(
+                a,
+                b,
+                out,
+                w,
+                torch.zeros(cfg["BLOCK_M"], dtype=torch.int32, device=dev),
+                none,
+                none,
+                a_div,
+                cfg,
+            )
     for bm in sorted(block_ms):
         moe_align_block_size_triton(ids, E, bm)
 
 
-def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, *, config: Optional[dict] = None) -> torch.Tensor:
+def fused_moe_triton(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Same contract as `fused_moe_ref`. `config` overrides the launch parameters of both GEMMs
     (keys of `moe_launch_config`: tests, tuning)."""
     from .activation import silu_and_mul_triton

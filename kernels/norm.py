@@ -4,6 +4,7 @@ Owns the torch reference (`rms_norm_ref`, the CPU path) and the Triton kernel
 (`rms_norm_triton`): one program per row, one read of x (and residual) and one
 write of y (and x + residual), where torch's eager version makes ~6 passes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,21 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, stride_x, stride_r, stride_y, stride_s, H, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    sum_ptr,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    H,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -65,7 +79,20 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
         r2, s2 = x2, x2  # unused: HAS_RES=False compiles their accesses away
     block = next_pow2(H)
     if rows:
-        _rms_norm_kernel[(rows,)](x2, r2, weight, y2, s2, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-                                  H, float(eps), HAS_RES=residual is not None, BLOCK=block,
-                                  num_warps=min(16, max(1, block // 256)))
+        _rms_norm_kernel[(rows,)](
+            x2,
+            r2,
+            weight,
+            y2,
+            s2,
+            x2.stride(0),
+            r2.stride(0),
+            y2.stride(0),
+            s2.stride(0),
+            H,
+            float(eps),
+            HAS_RES=residual is not None,
+            BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
     return y if residual is None else (y, s)

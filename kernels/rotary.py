@@ -7,6 +7,7 @@ applied by whoever builds the cache).
 Owns the torch reference and the Triton kernel: one program per token rotates all
 of its q and k heads, reading the token's cos/sin row once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,9 @@ import torch
 from ._triton import jit, next_pow2, tl
 
 
-def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor):
+def rotary_embedding_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+):
     """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k), new tensors."""
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
     cos = cos.unsqueeze(1)
@@ -28,8 +31,21 @@ def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @jit
-def _rotate_heads(x_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin, H,
-                  HALF: tl.constexpr, HP: tl.constexpr, HALFP: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    o_ptr,
+    t,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    cos,
+    sin,
+    H,
+    HALF: tl.constexpr,
+    HP: tl.constexpr,
+    HALFP: tl.constexpr,
+):
     offs_h = tl.arange(0, HP)
     offs_d = tl.arange(0, HALFP)
     mask = (offs_h[:, None] < H) & (offs_d[None, :] < HALF)
@@ -44,20 +60,52 @@ def _rotate_heads(x_ptr, o_ptr, t, stride_xt, stride_xh, stride_ot, stride_oh, c
 
 
 @jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, HQ, HKV,
-                   HALF: tl.constexpr, HALFP: tl.constexpr, HQP: tl.constexpr, HKVP: tl.constexpr):
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cs_ptr,
+    qo_ptr,
+    ko_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    HQ,
+    HKV,
+    HALF: tl.constexpr,
+    HALFP: tl.constexpr,
+    HQP: tl.constexpr,
+    HKVP: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALFP)
     cos = tl.load(cs_ptr + pos * stride_cs + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, HQ, HALF, HQP, HALFP)
-    _rotate_heads(k_ptr, ko_ptr, t, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, HKV, HALF, HKVP, HALFP)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)[
+        None, :
+    ]
+    _rotate_heads(
+        q_ptr, qo_ptr, t, stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, HQ, HALF, HQP, HALFP
+    )
+    _rotate_heads(
+        k_ptr, ko_ptr, t, stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, HKV, HALF, HKVP, HALFP
+    )
 
 
-def rotary_embedding_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                            *, inplace: bool = False):
+def rotary_embedding_triton(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    inplace: bool = False,
+):
     """Same contract as `rotary_embedding_ref`; with inplace=True, q and k are rotated in place and returned."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -69,8 +117,28 @@ def rotary_embedding_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.T
     ko = k if inplace else torch.empty_like(k)
     half = D // 2
     if T:
-        _rotary_kernel[(T,)](positions, q, k, cos_sin_cache, qo, ko, q.stride(0), q.stride(1), k.stride(0),
-                             k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-                             cos_sin_cache.stride(0), Hq, Hkv, HALF=half, HALFP=next_pow2(half),
-                             HQP=next_pow2(Hq), HKVP=next_pow2(Hkv), num_warps=4)
+        _rotary_kernel[(T,)](
+            positions,
+            q,
+            k,
+            cos_sin_cache,
+            qo,
+            ko,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            cos_sin_cache.stride(0),
+            Hq,
+            Hkv,
+            HALF=half,
+            HALFP=next_pow2(half),
+            HQP=next_pow2(Hq),
+            HKVP=next_pow2(Hkv),
+            num_warps=4,
+        )
     return qo, ko

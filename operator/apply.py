@@ -10,6 +10,7 @@ of engine arguments rolls the Deployment instead of replacing it.
 Objects are handled as plain dicts (`_preload_content=False`): the operator does
 not depend on the client's model classes matching the server's version.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,54 +60,87 @@ class Children:
         if kind == "PodDisruptionBudget":
             group, version = api_version.split("/")
             g = self.generic
-            return (lambda name, ns, **kw: g.get_namespaced_custom_object(group, version, ns, PDBS, name, **kw),
-                    lambda ns, body, **kw: g.create_namespaced_custom_object(group, version, ns, PDBS, body, **kw),
-                    lambda name, ns, body, **kw: g.patch_namespaced_custom_object(group, version, ns, PDBS, name,
-                                                                                  body, **kw))
+            return (
+                lambda name, ns, **kw: g.get_namespaced_custom_object(group, version, ns, PDBS, name, **kw),
+                lambda ns, body, **kw: g.create_namespaced_custom_object(
+                    group, version, ns, PDBS, body, **kw
+                ),
+                lambda name, ns, body, **kw: g.patch_namespaced_custom_object(
+                    group, version, ns, PDBS, name, body, **kw
+                ),
+            )
         ops = {
-            "Deployment": (self.apps.read_namespaced_deployment, self.apps.create_namespaced_deployment,
-                           self.apps.patch_namespaced_deployment),
-            "Service": (self.core.read_namespaced_service, self.core.create_namespaced_service,
-                        self.core.patch_namespaced_service),
+            "Deployment": (
+                self.apps.read_namespaced_deployment,
+                self.apps.create_namespaced_deployment,
+                self.apps.patch_namespaced_deployment,
+            ),
+            "Service": (
+                self.core.read_namespaced_service,
+                self.core.create_namespaced_service,
+                self.core.patch_namespaced_service,
+            ),
             "PersistentVolumeClaim": (
-                self.core.read_namespaced_persistent_volume_claim, self.core.create_namespaced_persistent_volume_claim,
-                self.core.patch_namespaced_persistent_volume_claim),
+                self.core.read_namespaced_persistent_volume_claim,
+                self.core.create_namespaced_persistent_volume_claim,
+                self.core.patch_namespaced_persistent_volume_claim,
+            ),
             # The router's identity (render.render_router_rbac).
-            "ServiceAccount": (self.core.read_namespaced_service_account, self.core.create_namespaced_service_account,
-                               self.core.patch_namespaced_service_account),
-            "Role": (self.rbac.read_namespaced_role, self.rbac.create_namespaced_role, self.rbac.patch_namespaced_role),
-            "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding,
-                            self.rbac.patch_namespaced_role_binding),
+            "ServiceAccount": (
+                self.core.read_namespaced_service_account,
+                self.core.create_namespaced_service_account,
+                self.core.patch_namespaced_service_account,
+            ),
+            "Role": (
+                self.rbac.read_namespaced_role,
+                self.rbac.create_namespaced_role,
+                self.rbac.patch_namespaced_role,
+            ),
+            "RoleBinding": (
+                self.rbac.read_namespaced_role_binding,
+                self.rbac.create_namespaced_role_binding,
+                self.rbac.patch_namespaced_role_binding,
+            ),
         }
         return ops[kind]
 
     def read(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         meta = obj["metadata"]
         try:
-            return _json(self._ops(obj["kind"], obj["apiVersion"])[0](meta["name"], meta["namespace"],
-                                                                      _preload_content=False))
+            return _json(
+                self._ops(obj["kind"], obj["apiVersion"])[0](
+                    meta["name"], meta["namespace"], _preload_content=False
+                )
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        return _json(self._ops(obj["kind"], obj["apiVersion"])[1](obj["metadata"]["namespace"], obj,
-                                                                  _preload_content=False))
+        return _json(
+            self._ops(obj["kind"], obj["apiVersion"])[1](
+                obj["metadata"]["namespace"], obj, _preload_content=False
+            )
+        )
 
     def delete_pdb(self, api_version: str, namespace: str, name: str) -> None:
         """The one child the operator deletes itself: a budget switched off (the others live as long as the owner)."""
         group, version = api_version.split("/")
         try:
-            self.generic.delete_namespaced_custom_object(group, version, namespace, PDBS, name, _preload_content=False)
+            self.generic.delete_namespaced_custom_object(
+                group, version, namespace, PDBS, name, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Deletes a router Deployment or Service after spec.router was switched off (404 is fine)."""
-        op = {"Deployment": self.apps.delete_namespaced_deployment,
-              "Service": self.core.delete_namespaced_service}[kind]
+        op = {
+            "Deployment": self.apps.delete_namespaced_deployment,
+            "Service": self.core.delete_namespaced_service,
+        }[kind]
         try:
             op(name, namespace, _preload_content=False)
         except ApiException as exc:
@@ -115,8 +149,11 @@ class Children:
 
     def patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
-        return _json(self._ops(obj["kind"], obj["apiVersion"])[2](meta["name"], meta["namespace"], patch,
-                                                                  _preload_content=False, _content_type=MERGE_PATCH))
+        return _json(
+            self._ops(obj["kind"], obj["apiVersion"])[2](
+                meta["name"], meta["namespace"], patch, _preload_content=False, _content_type=MERGE_PATCH
+            )
+        )
 
 
 def apply(children: Children, desired: dict[str, Any]) -> Outcome:
@@ -154,8 +191,13 @@ def apply(children: Children, desired: dict[str, Any]) -> Outcome:
 
 def prune_pdb(children: Children, api_version: str, namespace: str, name: str, owner_uid: str) -> bool:
     """Deletes the service's PodDisruptionBudget if it exists and is ours; True when one was deleted."""
-    existing = children.read({"kind": "PodDisruptionBudget", "apiVersion": api_version,
-                              "metadata": {"name": name, "namespace": namespace}})
+    existing = children.read(
+        {
+            "kind": "PodDisruptionBudget",
+            "apiVersion": api_version,
+            "metadata": {"name": name, "namespace": namespace},
+        }
+    )
     refs = (existing or {}).get("metadata", {}).get("ownerReferences") or []
     if not any(r.get("uid") == owner_uid for r in refs):
         return False
@@ -169,8 +211,9 @@ def prune_router(children: Children, namespace: str, name: str, owner_uid: str) 
     deleted = []
     for kind, api_version in (("Deployment", "apps/v1"), ("Service", "v1")):
         router = f"{name}-router"
-        existing = children.read({"kind": kind, "apiVersion": api_version,
-                                  "metadata": {"name": router, "namespace": namespace}})
+        existing = children.read(
+            {"kind": kind, "apiVersion": api_version, "metadata": {"name": router, "namespace": namespace}}
+        )
         refs = (existing or {}).get("metadata", {}).get("ownerReferences") or []
         if any(r.get("uid") == owner_uid for r in refs):
             children.delete(kind, namespace, router)
@@ -212,8 +255,22 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 _QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
-_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_SUFFIX = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def _quantity(value: str) -> float | None:

@@ -15,6 +15,7 @@ waiting), and keeps an idle service from going back to zero while it lasts.
 The decision is applied by the caller through the InferenceService's scale
 subresource, the same door `kubectl scale`, an HPA or KEDA use.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -73,8 +74,16 @@ def demand_is_current(stamp: str | None, now_wall: float, ttl: float) -> bool:
     return -ttl <= now_wall - then.timestamp() <= ttl
 
 
-def decide(now: float, current: int, waiting: float, running: float, cfg: Autoscaling, history: History,
-           load_known: bool = True, demand: bool = False) -> Decision:
+def decide(
+    now: float,
+    current: int,
+    waiting: float,
+    running: float,
+    cfg: Autoscaling,
+    history: History,
+    load_known: bool = True,
+    demand: bool = False,
+) -> Decision:
     """The replica count to run now. Without a load reading (no ready pod answered) only bounds are enforced.
 
     `demand`: the router reported requests waiting for a replica recently (see wake_from_zero)."""
@@ -83,7 +92,9 @@ def decide(now: float, current: int, waiting: float, running: float, cfg: Autosc
     # Out-of-bounds replica counts (e.g. kubectl scale past maxReplicas) are corrected at once.
     bounded = min(max(current, cfg.minReplicas), cfg.effective_max)
     if bounded != current:
-        return Decision(current, rec, bounded, f"replicas {current} outside [{cfg.minReplicas}, {cfg.effective_max}]")
+        return Decision(
+            current, rec, bounded, f"replicas {current} outside [{cfg.minReplicas}, {cfg.effective_max}]"
+        )
     wake = wake_from_zero(current, cfg, demand)
     if wake is not None:
         return wake

@@ -9,6 +9,7 @@ on nested objects so the apiserver fills in every nested default.
 `python -m fleetserve.operator.crd [PATH]` writes the YAML (default: print it);
 tests check that crds/ holds exactly what this produces.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from fleetserve.operator import spec as api
 
@@ -63,8 +65,13 @@ def _structural_after_ref(node: dict[str, Any], defs: dict[str, Any]) -> dict[st
         out.pop("additionalProperties", None)
     if out.get("type") == "object" and "properties" in out:
         # Nested objects default to {} so the apiserver applies the defaults inside them.
-        for name, sub in out["properties"].items():
-            if sub.get("type") == "object" and "properties" in sub and "default" not in sub and _has_defaults(sub):
+        for sub in out["properties"].values():
+            if (
+                sub.get("type") == "object"
+                and "properties" in sub
+                and "default" not in sub
+                and _has_defaults(sub)
+            ):
                 sub["default"] = {}
     # type and description first: easier to read in the generated YAML.
     return {k: out[k] for k in sorted(out, key=lambda k: (k != "type", k != "description"))}
@@ -88,7 +95,7 @@ def _describe_elements(node: dict[str, Any]) -> None:
                 _describe_elements(child)
 
 
-def openapi_schema(model: type) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema()
     schema = _structural(raw, raw.get("$defs", {}))
     schema.pop("description", None)
@@ -106,9 +113,14 @@ def build_crd() -> dict[str, Any]:
         "type": "object",
         "description": "An LLM served by fleetserve runtime pods, scaled on queue depth.",
         "properties": {
-            "apiVersion": {"type": "string", "description": "The versioned schema of this object: "
-                           f"{api.GROUP}/{api.VERSION}."},
-            "kind": {"type": "string", "description": f"The REST resource this object represents: {api.KIND}."},
+            "apiVersion": {
+                "type": "string",
+                "description": f"The versioned schema of this object: {api.GROUP}/{api.VERSION}.",
+            },
+            "kind": {
+                "type": "string",
+                "description": f"The REST resource this object represents: {api.KIND}.",
+            },
             # The apiserver allows nothing but the type here (no description): kubectl explain shows ObjectMeta's own.
             "metadata": {"type": "object"},
             "spec": spec_schema,
@@ -127,31 +139,46 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}",
-                     "labels": {"app.kubernetes.io/name": "fleetserve", "app.kubernetes.io/component": "crd"}},
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "fleetserve", "app.kubernetes.io/component": "crd"},
+        },
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",
-            "names": {"kind": api.KIND, "listKind": f"{api.KIND}List", "plural": api.PLURAL,
-                      "singular": api.SINGULAR, "shortNames": list(api.SHORT_NAMES), "categories": ["fleetserve"]},
-            "versions": [{
-                "name": api.VERSION,
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": root},
-                "subresources": {
-                    "status": {},
-                    "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
-                              "labelSelectorPath": ".status.selector"},
-                },
-                "additionalPrinterColumns": columns,
-            }],
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["fleetserve"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": root},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": columns,
+                }
+            ],
         },
     }
 
 
 def render_yaml() -> str:
-    header = "# Generated by `python -m fleetserve.operator.crd` from operator/spec.py: do not edit by hand.\n"
+    header = (
+        "# Generated by `python -m fleetserve.operator.crd` from operator/spec.py: do not edit by hand.\n"
+    )
     return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
 
 

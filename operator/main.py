@@ -17,6 +17,7 @@ status.py (conditions), metrics.py (scraping), autoscaler.py (decisions).
 
 Never imports torch or fleetserve.runtime (checked by import-linter, see .importlinter).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,17 +33,30 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from fleetserve.operator import autoscaler, render, status as status_mod
+from fleetserve.operator import autoscaler, render
+from fleetserve.operator import status as status_mod
 from fleetserve.operator.apply import MERGE_PATCH, Children, apply, is_subset, prune_pdb, prune_router
 from fleetserve.operator.memo import OperatorMemo
 from fleetserve.operator.metrics import Aggregate, scrape_all
-from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.router.discovery import DEMAND_ANNOTATION
-from fleetserve.operator.spec import (GROUP, PLURAL, VERSION, InferenceServiceSpec, describe_validation_error,
-                                      parse_spec)
+from fleetserve.operator.settings import OperatorSettings
+from fleetserve.operator.spec import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    InferenceServiceSpec,
+    describe_validation_error,
+    parse_spec,
+)
 
+# kopf's handler Protocols type every keyword as kopf may pass it (memo: Any, namespace: str | None,
+# logger: Logger | LoggerAdapter); the handlers here declare what they get for this namespaced resource
+# (the typed OperatorMemo, a str namespace), so the decorators carry targeted arg-type ignores.
 ISVC = (GROUP, VERSION, PLURAL)
-MANAGED = {"app.kubernetes.io/managed-by": "fleetserve-operator", render.ISVC_LABEL: kopf.PRESENT}
+MANAGED: dict[str, Any] = {
+    "app.kubernetes.io/managed-by": "fleetserve-operator",
+    render.ISVC_LABEL: kopf.PRESENT,
+}
 # The runtime's pods, Deployment and Service; the router's carry component=router and are indexed apart.
 RUNTIME = {**MANAGED, "app.kubernetes.io/component": "runtime"}
 ROUTER = {**MANAGED, "app.kubernetes.io/component": "router"}
@@ -65,22 +79,32 @@ def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
     """kopf's watches and the kubernetes client of the handlers use the same credentials."""
     cfg = _client_configuration()
     header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
-    scheme, _, token = (header or "").rpartition(" ")
-    return kopf.ConnectionInfo(server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-                               username=cfg.username or None, password=cfg.password or None,
-                               scheme=scheme or None, token=token or None, certificate_path=cfg.cert_file,
-                               private_key_path=cfg.key_file, trust_env=settings.networking.trust_env)
+    scheme, _sep, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
-@kopf.on.startup()
+@kopf.on.startup()  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: logging.Logger, **_: Any) -> None:
     if not isinstance(memo, OperatorMemo):
-        raise kopf.PermanentError("start the operator with `python -m fleetserve.operator` "
-                                  "(kopf.run(memo=OperatorMemo()))")
+        raise kopf.PermanentError(
+            "start the operator with `python -m fleetserve.operator` (kopf.run(memo=OperatorMemo()))"
+        )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     # No cluster-wide scanning of namespaces and CRDs: watched namespaces are exact names, and the CRD is
     # installed before the operator (Helm's crds/). So no cluster-scoped permission is needed at all.
     settings.scanning.disabled = True
@@ -96,14 +120,21 @@ def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, logger: loggi
     memo.settings = SETTINGS
     memo.api = client.ApiClient(_client_configuration())
     memo.pdb_api = _pdb_api_version(memo.api, logger)
-    logger.info("fleetserve operator: runtime image %s, metrics every %ss", SETTINGS.runtime_image,
-                SETTINGS.metrics_interval)
+    logger.info(
+        "fleetserve operator: runtime image %s, metrics every %ss",
+        SETTINGS.runtime_image,
+        SETTINGS.metrics_interval,
+    )
 
 
 def _pdb_api_version(api: client.ApiClient, logger: logging.Logger) -> str | None:
     """policy/v1 where served (1.21+), else policy/v1beta1 (1.20), else None: no PDBs."""
     try:
-        groups = json.loads(client.ApisApi(api).get_api_versions(_preload_content=False).data).get("groups", [])
+        # _preload_content=False returns the raw urllib3 response; the client's annotations assume the model
+        raw = client.ApisApi(api).get_api_versions(_preload_content=False)
+        groups = json.loads(raw.data).get(  # type: ignore[attr-defined]
+            "groups", []
+        )
     except (ApiException, ValueError) as exc:
         logger.warning("API discovery failed, no PodDisruptionBudgets will be created: %s", exc)
         return None
@@ -126,31 +157,38 @@ def probe(memo: OperatorMemo, **_: Any) -> str:
 
 # --- indexes: the operator's view of its children, kept current by watches ------------------------
 
-@kopf.index("pods", labels=RUNTIME)
+
+@kopf.index("pods", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): status_mod.pod_view(body)}
 
 
 def _deployment_view(namespace: str, labels: kopf.Labels, body: kopf.Body) -> dict[Any, Any]:
     annotations = body.get("metadata", {}).get("annotations") or {}
-    return {(namespace, labels[render.ISVC_LABEL]): {
-        "metadata": {"name": body.metadata.name, "generation": body.metadata.get("generation"),
-                     "lastApplied": annotations.get(render.LAST_APPLIED)},
-        "spec": dict(body.get("spec") or {}),
-        "status": dict(body.get("status") or {})}}
+    return {
+        (namespace, labels[render.ISVC_LABEL]): {
+            "metadata": {
+                "name": body.metadata.name,
+                "generation": body.metadata.get("generation"),
+                "lastApplied": annotations.get(render.LAST_APPLIED),
+            },
+            "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {}),
+        }
+    }
 
 
-@kopf.index("apps", "v1", "deployments", labels=RUNTIME)
+@kopf.index("apps", "v1", "deployments", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return _deployment_view(namespace, labels, body)
 
 
-@kopf.index("apps", "v1", "deployments", labels=ROUTER)
+@kopf.index("apps", "v1", "deployments", labels=ROUTER)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def router_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return _deployment_view(namespace, labels, body)
 
 
-@kopf.index("services", labels=RUNTIME)
+@kopf.index("services", labels=RUNTIME)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def runtime_services(namespace: str, labels: kopf.Labels, name: str, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[render.ISVC_LABEL]): name}
 
@@ -161,8 +199,15 @@ def _first(index: kopf.Index, key: Any) -> Any:
 
 # --- reconcile -------------------------------------------------------------------------------------
 
-def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, settings: OperatorSettings,
-             pdb_api: str | None) -> list[dict[str, Any]]:
+
+def _desired(
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    settings: OperatorSettings,
+    pdb_api: str | None,
+) -> list[dict[str, Any]]:
     children = render.render_all(name, namespace, spec, settings, pdb_api=pdb_api)
     for child in children:
         if not (child["kind"] == "PersistentVolumeClaim" and spec.modelCache.retainOnDelete):
@@ -170,8 +215,14 @@ def _desired(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.B
     return children
 
 
-def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: OperatorMemo,
-                    logger: logging.Logger) -> list[str]:
+def _apply_children(
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    memo: OperatorMemo,
+    logger: logging.Logger,
+) -> list[str]:
     children = Children(memo.api)
     changed = []
     with memo.apply_lock:
@@ -194,8 +245,14 @@ def _apply_children(name: str, namespace: str, spec: InferenceServiceSpec, body:
     return changed
 
 
-def _prune_switched_off_pdb(children: Children, name: str, namespace: str, spec: InferenceServiceSpec,
-                            body: kopf.Body, memo: OperatorMemo) -> bool:
+def _prune_switched_off_pdb(
+    children: Children,
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    memo: OperatorMemo,
+) -> bool:
     """Deletes our budget after rollout.podDisruptionBudget is switched off: checked once per switch-off
     (and once after an operator start), not on every timer tick."""
     pdb_api = memo.pdb_api
@@ -209,8 +266,14 @@ def _prune_switched_off_pdb(children: Children, name: str, namespace: str, spec:
     return deleted
 
 
-def _prune_switched_off_router(children: Children, name: str, namespace: str, spec: InferenceServiceSpec,
-                               body: kopf.Body, memo: OperatorMemo) -> list[str]:
+def _prune_switched_off_router(
+    children: Children,
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    memo: OperatorMemo,
+) -> list[str]:
     """Deletes the router's Deployment and Service once after spec.router is switched off (and once after an
     operator start while it is off), like the budget above."""
     if spec.router_enabled():
@@ -230,30 +293,56 @@ def _parse(body: kopf.Body) -> tuple[InferenceServiceSpec | None, str | None]:
         return None, describe_validation_error(exc)
 
 
-def _static_status(name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings) -> dict[str, Any]:
-    return {"url": render.service_url(name, namespace, settings, spec), "selector": render.selector_string(name),
-            "model": render.model_description(spec)}
+def _static_status(
+    name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings
+) -> dict[str, Any]:
+    return {
+        "url": render.service_url(name, namespace, settings, spec),
+        "selector": render.selector_string(name),
+        "model": render.model_description(spec),
+    }
 
 
 @kopf.on.resume(*ISVC)
 @kopf.on.create(*ISVC)
-@kopf.on.update(*ISVC)
-def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, memo: OperatorMemo,
-              patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
-              runtime_deployments: kopf.Index, **_: Any) -> None:
+@kopf.on.update(*ISVC)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
+def reconcile(
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    memo: OperatorMemo,
+    patch: kopf.Patch,
+    logger: logging.Logger,
+    runtime_pods: kopf.Index,
+    runtime_deployments: kopf.Index,
+    **_: Any,
+) -> None:
     spec, error = _parse(body)
     if spec is None:
         kopf.event(body, type="Warning", reason="InvalidSpec", message=error or "invalid spec")
-        _write_status(patch, status, _compute_status(name, namespace, None, error, body, memo, runtime_pods,
-                                                     runtime_deployments, None), meta, reconciled=True)
+        _write_status(
+            patch,
+            status,
+            _compute_status(
+                name, namespace, None, error, body, memo, runtime_pods, runtime_deployments, None
+            ),
+            meta,
+            reconciled=True,
+        )
         # Children keep the last valid configuration; nothing to retry until the spec changes.
         raise kopf.PermanentError(f"invalid spec: {error}")
     try:
         _apply_children(name, namespace, spec, body, memo, logger)
     except ApiException as exc:
         message = f"applying children failed: {exc.status} {exc.reason}: {_api_message(exc)}"
-        _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
-                                                     runtime_deployments, None), meta)
+        _write_status(
+            patch,
+            status,
+            _compute_status(name, namespace, spec, None, body, memo, runtime_pods, runtime_deployments, None),
+            meta,
+        )
         if exc.status in (400, 422):
             # The apiserver rejects what we rendered (e.g. a field this Kubernetes version lacks): retrying
             # the same rendering cannot help; a spec change or an operator upgrade will.
@@ -261,10 +350,21 @@ def reconcile(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, statu
             raise kopf.PermanentError(message) from exc
         # Conflicts, throttling, RBAC being rolled out, an apiserver restart: try again soon.
         raise kopf.TemporaryError(message, delay=10) from exc
-    patch.status.update(status_mod.status_fields({**_static_status(name, namespace, spec, memo.settings),
-                                                  "desiredReplicas": spec.target_replicas()}))
-    _write_status(patch, status, _compute_status(name, namespace, spec, None, body, memo, runtime_pods,
-                                                 runtime_deployments, None), meta, reconciled=True)
+    patch.status.update(
+        status_mod.status_fields(
+            {
+                **_static_status(name, namespace, spec, memo.settings),
+                "desiredReplicas": spec.target_replicas(),
+            }
+        )
+    )
+    _write_status(
+        patch,
+        status,
+        _compute_status(name, namespace, spec, None, body, memo, runtime_pods, runtime_deployments, None),
+        meta,
+        reconciled=True,
+    )
 
 
 def _api_message(exc: ApiException) -> str:
@@ -274,7 +374,7 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.body or "")[:300]
 
 
-@kopf.on.delete(*ISVC, optional=True)
+@kopf.on.delete(*ISVC, optional=True)  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
 def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None:
     # Children carry owner references: the garbage collector removes them. Nothing to do here.
     logger.info("InferenceService %s/%s deleted; children are garbage-collected", namespace, name)
@@ -282,22 +382,40 @@ def deleted(name: str, namespace: str, logger: logging.Logger, **_: Any) -> None
 
 # --- observe: status, metrics, self-healing, autoscaling --------------------------------------------
 
-def _compute_status(name: str, namespace: str, spec: InferenceServiceSpec | None, error: str | None,
-                    body: kopf.Body, memo: OperatorMemo, pods_index: kopf.Index, deployments_index: kopf.Index,
-                    metrics: Aggregate | None) -> dict[str, Any]:
+
+def _compute_status(
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec | None,
+    error: str | None,
+    body: kopf.Body,
+    memo: OperatorMemo,
+    pods_index: kopf.Index,
+    deployments_index: kopf.Index,
+    metrics: Aggregate | None,
+) -> dict[str, Any]:
     """Status fields for what the indexes and the scrape show now (a status.Observation through
     status.compute); posts the ReplicaLost / ReplicasRestored events on a transition."""
     key = (namespace, name)
     pods = tuple(pods_index.get(key, ()))
-    cached_before = (any(c.get("type") == "ModelCached" and c.get("status") == "True"
-                         for c in (body.get("status") or {}).get("conditions") or [])
-                     and (body.get("status") or {}).get("model") == (render.model_description(spec) if spec else None))
+    cached_before = any(
+        c.get("type") == "ModelCached" and c.get("status") == "True"
+        for c in (body.get("status") or {}).get("conditions") or []
+    ) and (body.get("status") or {}).get("model") == (render.model_description(spec) if spec else None)
     target = spec.target_replicas() if spec else int((body.get("spec") or {}).get("replicas") or 0)
     old_degraded = _degraded_reason((body.get("status") or {}).get("conditions"))
-    obs = status_mod.Observation(spec=spec, spec_error=error, target_replicas=target,
-                                 deployment=_first(deployments_index, key), pods=pods, metrics=metrics,
-                                 model_cached_before=bool(cached_before), apply_error=memo.apply_error,
-                                 previous_ready=memo.ready_pods, previous_degraded_reason=old_degraded)
+    obs = status_mod.Observation(
+        spec=spec,
+        spec_error=error,
+        target_replicas=target,
+        deployment=_first(deployments_index, key),
+        pods=pods,
+        metrics=metrics,
+        model_cached_before=bool(cached_before),
+        apply_error=memo.apply_error,
+        previous_ready=memo.ready_pods,
+        previous_degraded_reason=old_degraded,
+    )
     new = status_mod.compute(obs)
     memo.ready_pods = {p.name: p.template_hash for p in pods if p.ready and not p.deleting}
     new_degraded = _degraded_reason(new["conditions"])
@@ -305,22 +423,35 @@ def _compute_status(name: str, namespace: str, spec: InferenceServiceSpec | None
         message = next(c["message"] for c in new["conditions"] if c["type"] == "Degraded")
         kopf.event(body, type="Warning", reason="ReplicaLost", message=message)
     elif old_degraded == "ReplicaLost" and new_degraded is None:
-        kopf.event(body, type="Normal", reason="ReplicasRestored",
-                   message=f"{new['readyReplicas']}/{target} replicas ready")
+        kopf.event(
+            body,
+            type="Normal",
+            reason="ReplicasRestored",
+            message=f"{new['readyReplicas']}/{target} replicas ready",
+        )
     return new
 
 
 def _degraded_reason(conditions: Any) -> str | None:
-    return next((c.get("reason") for c in conditions or []
-                 if c.get("type") == "Degraded" and c.get("status") == "True"), None)
+    return next(
+        (
+            c.get("reason")
+            for c in conditions or []
+            if c.get("type") == "Degraded" and c.get("status") == "True"
+        ),
+        None,
+    )
 
 
-def _write_status(patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], meta: kopf.Meta,
-                  reconciled: bool = False) -> None:
+def _write_status(
+    patch: kopf.Patch, status: kopf.Status, new: dict[str, Any], meta: kopf.Meta, reconciled: bool = False
+) -> None:
     """Patches only the status fields that changed: an idle service costs the apiserver no writes."""
     generation = meta.get("generation")
     new = dict(new)
-    new["conditions"] = status_mod.merge_conditions(status.get("conditions") or [], new["conditions"], generation)
+    new["conditions"] = status_mod.merge_conditions(
+        status.get("conditions") or [], new["conditions"], generation
+    )
     if reconciled:
         new["observedGeneration"] = generation
     new = status_mod.status_fields(new)
@@ -335,15 +466,24 @@ def _stale(timestamp: str | None, seconds: float = 60.0) -> bool:
     if not timestamp:
         return True
     try:
-        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.timezone.utc
+        )
     except ValueError:
         return True
     return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds() >= seconds
 
 
-def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: kopf.Body, memo: OperatorMemo,
-                 deployments_index: kopf.Index, services_index: kopf.Index,
-                 router_index: kopf.Index | None = None) -> bool:
+def _needs_apply(
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    memo: OperatorMemo,
+    deployments_index: kopf.Index,
+    services_index: kopf.Index,
+    router_index: kopf.Index | None = None,
+) -> bool:
     key = (namespace, name)
     dep = _first(deployments_index, key)
     if dep is None or _first(services_index, key) is None:
@@ -357,13 +497,19 @@ def _needs_apply(name: str, namespace: str, spec: InferenceServiceSpec, body: ko
             return True
         wanted.append((have, router))
     # Changed by us (a new rendering) or by someone else (an owned field edited in the cluster).
-    return any(have["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True)
-               or not is_subset(desired["spec"], have["spec"]) for have, desired in wanted)
+    return any(
+        have["metadata"]["lastApplied"] != json.dumps(desired, sort_keys=True)
+        or not is_subset(desired["spec"], have["spec"])
+        for have, desired in wanted
+    )
 
 
-def _router_status(spec: InferenceServiceSpec | None, body: kopf.Body, key: Any,
-                   router_index: kopf.Index) -> dict[str, Any]:
-    out: dict[str, Any] = {"lastDemandTime": (body.get("metadata", {}).get("annotations") or {}).get(DEMAND_ANNOTATION)}
+def _router_status(
+    spec: InferenceServiceSpec | None, body: kopf.Body, key: Any, router_index: kopf.Index
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "lastDemandTime": (body.get("metadata", {}).get("annotations") or {}).get(DEMAND_ANNOTATION)
+    }
     router = _first(router_index, key) if spec is not None and spec.router_enabled() else None
     out["routerReadyReplicas"] = int(router["status"].get("readyReplicas") or 0) if router else None
     return {k: v for k, v in out.items() if v is not None}
@@ -374,21 +520,36 @@ def _demand(body: kopf.Body, settings: OperatorSettings) -> bool:
     return autoscaler.demand_is_current(stamp, time.time(), settings.demand_ttl)
 
 
-async def _scale(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, decision: autoscaler.Decision,
-                 logger: logging.Logger) -> None:
+async def _scale(
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    memo: OperatorMemo,
+    decision: autoscaler.Decision,
+    logger: logging.Logger,
+) -> None:
     api = client.CustomObjectsApi(memo.api)
-    await asyncio.to_thread(api.patch_namespaced_custom_object_scale, GROUP, VERSION, namespace, PLURAL, name,
-                            {"spec": {"replicas": decision.desired}}, _content_type=MERGE_PATCH,
-                            _preload_content=False)
+    await asyncio.to_thread(
+        api.patch_namespaced_custom_object_scale,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"spec": {"replicas": decision.desired}},
+        _content_type=MERGE_PATCH,
+        _preload_content=False,
+    )
     direction = "ScaledUp" if decision.desired > decision.current else "ScaledDown"
     message = f"replicas {decision.current} -> {decision.desired}: {decision.reason}"
     logger.info("%s: %s", direction, message)
     kopf.event(body, type="Normal", reason=direction, message=message)
 
 
-@kopf.on.field(*ISVC, field=("metadata", "annotations", DEMAND_ANNOTATION))
-async def demand_signalled(name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, logger: logging.Logger,
-                           **_: Any) -> None:
+@kopf.on.field(*ISVC, field=("metadata", "annotations", DEMAND_ANNOTATION))  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
+async def demand_signalled(
+    name: str, namespace: str, body: kopf.Body, memo: OperatorMemo, logger: logging.Logger, **_: Any
+) -> None:
     """The router holds requests while there is no replica and says so in an annotation: scale up from zero
     now instead of at the next timer tick (the timer checks the same, should this event be missed)."""
     spec, _error = _parse(body)
@@ -403,25 +564,49 @@ async def demand_signalled(name: str, namespace: str, body: kopf.Body, memo: Ope
     autoscaler.record_change(memo.history, time.monotonic())
 
 
-@kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))
-async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, status: kopf.Status,
-                  memo: OperatorMemo, patch: kopf.Patch, logger: logging.Logger, runtime_pods: kopf.Index,
-                  runtime_deployments: kopf.Index, runtime_services: kopf.Index, router_deployments: kopf.Index,
-                  **_: Any) -> None:
+@kopf.timer(*ISVC, interval=SETTINGS.metrics_interval, initial_delay=min(SETTINGS.metrics_interval, 5.0))  # type: ignore[arg-type]  # narrower kwargs: see the note above ISVC
+async def observe(
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    memo: OperatorMemo,
+    patch: kopf.Patch,
+    logger: logging.Logger,
+    runtime_pods: kopf.Index,
+    runtime_deployments: kopf.Index,
+    runtime_services: kopf.Index,
+    router_deployments: kopf.Index,
+    **_: Any,
+) -> None:
     settings = memo.settings
     spec, error = _parse(body)
-    if spec is not None and await asyncio.to_thread(_needs_apply, name, namespace, spec, body, memo,
-                                                    runtime_deployments, runtime_services, router_deployments):
+    if spec is not None and await asyncio.to_thread(
+        _needs_apply,
+        name,
+        namespace,
+        spec,
+        body,
+        memo,
+        runtime_deployments,
+        runtime_services,
+        router_deployments,
+    ):
         # A child was deleted or edited behind our back: put it back.
         try:
             await asyncio.to_thread(_apply_children, name, namespace, spec, body, memo, logger)
         except ApiException as exc:
-            logger.warning("restoring children failed (next tick retries): %s %s", exc.status, _api_message(exc))
+            logger.warning(
+                "restoring children failed (next tick retries): %s %s", exc.status, _api_message(exc)
+            )
 
     pods = tuple(runtime_pods.get((namespace, name), ()))
     targets = {p.name: p.metrics_url for p in pods if p.ready and p.ip and not p.deleting}
     metrics = await scrape_all(targets, memo.rates, settings.metrics_timeout)
-    new = _compute_status(name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics)
+    new = _compute_status(
+        name, namespace, spec, error, body, memo, runtime_pods, runtime_deployments, metrics
+    )
     if metrics is not None:
         new["lastMetricsTime"] = status_mod.now_iso()
 
@@ -432,9 +617,16 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
         if spec.autoscaling.enabled:
             history = memo.history
             now = time.monotonic()
-            decision = autoscaler.decide(now, spec.replicas, metrics.waiting if metrics else 0.0,
-                                         metrics.running if metrics else 0.0, spec.autoscaling, history,
-                                         load_known=metrics is not None, demand=_demand(body, settings))
+            decision = autoscaler.decide(
+                now,
+                spec.replicas,
+                metrics.waiting if metrics else 0.0,
+                metrics.running if metrics else 0.0,
+                spec.autoscaling,
+                history,
+                load_known=metrics is not None,
+                demand=_demand(body, settings),
+            )
             new["desiredReplicas"] = decision.desired
             if decision.current == 0 and memo.woken_from_generation == meta.get("generation"):
                 decision = autoscaler.Decision(0, decision.recommended, 0, "already scaling up from zero")
@@ -442,7 +634,9 @@ async def observe(name: str, namespace: str, body: kopf.Body, meta: kopf.Meta, s
                 try:
                     await _scale(name, namespace, body, memo, decision, logger)
                 except ApiException as exc:  # e.g. a conflicting writer: decide again next tick
-                    logger.warning("scaling to %d failed: %s %s", decision.desired, exc.status, _api_message(exc))
+                    logger.warning(
+                        "scaling to %d failed: %s %s", decision.desired, exc.status, _api_message(exc)
+                    )
                 else:
                     autoscaler.record_change(history, now)
                     new["lastScaleTime"] = status_mod.now_iso()

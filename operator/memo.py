@@ -6,6 +6,7 @@ fields (set by the startup handler) are shared by reference, and `__copy__` star
 every object's own state fresh, so one service's lock, scrape rates or scaling
 history never leak into another's. Never imports torch or fleetserve.runtime.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,7 @@ class OperatorMemo:
     def started(self) -> bool:
         return self.api is not None
 
-    def __copy__(self) -> "OperatorMemo":
+    def __copy__(self) -> OperatorMemo:
         return OperatorMemo(settings=self.settings, api=self.api, pdb_api=self.pdb_api)
 
 

@@ -7,14 +7,15 @@ vllm:generation_tokens_total, from which token rates are derived between two
 scrapes of the same pod. The previous scrape per pod lives in a `RateTracker`
 kept in the operator's per-object memo, never in the cluster.
 """
+
 from __future__ import annotations
 
 import asyncio
 import math
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import aiohttp
 
@@ -86,7 +87,10 @@ class RateTracker:
             if now is None or before is None or now < before:  # counter reset: pod restarted
                 return None
             return (now - before) / dt
-        return rate(sample.prompt_tokens, prev.prompt_tokens), rate(sample.generation_tokens, prev.generation_tokens)
+
+        return rate(sample.prompt_tokens, prev.prompt_tokens), rate(
+            sample.generation_tokens, prev.generation_tokens
+        )
 
     def forget_except(self, pods: Iterable[str]) -> None:
         keep = set(pods)
@@ -95,9 +99,15 @@ class RateTracker:
 
 def sample_from_text(pod: str, text: str, now: float | None = None) -> PodSample:
     m = parse_prometheus(text)
-    return PodSample(pod=pod, time=time.monotonic() if now is None else now, waiting=m.get(WAITING, 0.0),
-                     running=m.get(RUNNING, 0.0), kv_usage=m.get(KV_USAGE), prompt_tokens=m.get(PROMPT_TOKENS),
-                     generation_tokens=m.get(GENERATION_TOKENS))
+    return PodSample(
+        pod=pod,
+        time=time.monotonic() if now is None else now,
+        waiting=m.get(WAITING, 0.0),
+        running=m.get(RUNNING, 0.0),
+        kv_usage=m.get(KV_USAGE),
+        prompt_tokens=m.get(PROMPT_TOKENS),
+        generation_tokens=m.get(GENERATION_TOKENS),
+    )
 
 
 async def scrape(session: aiohttp.ClientSession, pod: str, url: str, timeout: float) -> PodSample | None:
@@ -128,6 +138,11 @@ async def scrape_all(targets: dict[str, str], tracker: RateTracker, timeout: flo
         prompt += [p] if p is not None else []
         gen += [g] if g is not None else []
         kv += [s.kv_usage] if s.kv_usage is not None else []
-    return Aggregate(pods=len(answered), waiting=sum(s.waiting for s in answered),
-                     running=sum(s.running for s in answered), kv_usage=sum(kv) / len(kv) if kv else None,
-                     prompt_tps=sum(prompt) if prompt else None, generation_tps=sum(gen) if gen else None)
+    return Aggregate(
+        pods=len(answered),
+        waiting=sum(s.waiting for s in answered),
+        running=sum(s.running for s in answered),
+        kv_usage=sum(kv) / len(kv) if kv else None,
+        prompt_tps=sum(prompt) if prompt else None,
+        generation_tps=sum(gen) if gen else None,
+    )

@@ -15,6 +15,7 @@ The defaults answer the pains users of KServe / vLLM production-stack report:
 - re-downloads on every restart: weights go to a PVC once; a marker file makes
   the download init container a no-op afterwards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,12 @@ def selector_labels(name: str) -> dict[str, str]:
 
 
 def labels(name: str, component: str) -> dict[str, str]:
-    return {**selector_labels(name), "app.kubernetes.io/component": component,
-            "app.kubernetes.io/managed-by": "fleetserve-operator", ISVC_LABEL: name}
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "fleetserve-operator",
+        ISVC_LABEL: name,
+    }
 
 
 def selector_string(name: str) -> str:
@@ -90,7 +95,7 @@ def served_model_name(name: str, spec: InferenceServiceSpec) -> str:
 
 
 def _hf_parts(uri: str) -> tuple[str, str]:
-    ref = uri[len("hf://"):]
+    ref = uri[len("hf://") :]
     repo, _, revision = ref.partition("@")
     return repo, revision or "main"
 
@@ -103,10 +108,10 @@ def model_path(spec: InferenceServiceSpec) -> str | None:
         path = f"{CACHE_MOUNT}/hf/{repo}/{revision}"
         return f"{path}/{spec.model.ggufFile}" if spec.model.ggufFile else path
     if scheme == "pvc":
-        _, _, path = spec.model.uri[len("pvc://"):].partition("/")
+        _, _, path = spec.model.uri[len("pvc://") :].partition("/")
         return f"{SOURCE_MOUNT}/{path}"
     if scheme == "file":
-        return spec.model.uri[len("file://"):]
+        return spec.model.uri[len("file://") :]
     return None
 
 
@@ -116,12 +121,29 @@ def model_description(spec: InferenceServiceSpec) -> str:
 
 def serve_args(name: str, spec: InferenceServiceSpec) -> list[str]:
     e = spec.engine
-    args = [model_path(spec)] if model_path(spec) else []
-    args += ["--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served_model_name(name, spec),
-             "--dtype", e.dtype, "--device", e.device, "--shutdown-timeout", str(e.shutdownTimeoutSeconds)]
-    for flag, value in (("--max-model-len", e.maxModelLen), ("--max-num-seqs", e.maxNumSeqs),
-                        ("--max-num-batched-tokens", e.maxNumBatchedTokens), ("--block-size", e.blockSize),
-                        ("--gpu-memory-utilization", e.gpuMemoryUtilization)):
+    path = model_path(spec)
+    args = [path] if path else []
+    args += [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--served-model-name",
+        served_model_name(name, spec),
+        "--dtype",
+        e.dtype,
+        "--device",
+        e.device,
+        "--shutdown-timeout",
+        str(e.shutdownTimeoutSeconds),
+    ]
+    for flag, value in (
+        ("--max-model-len", e.maxModelLen),
+        ("--max-num-seqs", e.maxNumSeqs),
+        ("--max-num-batched-tokens", e.maxNumBatchedTokens),
+        ("--block-size", e.blockSize),
+        ("--gpu-memory-utilization", e.gpuMemoryUtilization),
+    ):
         if value is not None:
             args += [flag, str(value)]
     args.append("--enable-prefix-caching" if e.enablePrefixCaching else "--no-enable-prefix-caching")
@@ -139,14 +161,23 @@ def _strategy(spec: InferenceServiceSpec) -> dict[str, Any]:
     # Auto with GPUs: never ask for a GPU beyond the replicas' own (a surge pod would wait forever
     # on a full node while the old pod holds the GPU).
     surge, unavailable = ("0", "1") if spec.resources.gpus > 0 and r.strategy == "Auto" else ("1", "0")
-    return {"type": "RollingUpdate", "rollingUpdate": {
-        "maxSurge": _int_or_percent(r.maxSurge or surge),
-        "maxUnavailable": _int_or_percent(r.maxUnavailable or unavailable)}}
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {
+            "maxSurge": _int_or_percent(r.maxSurge or surge),
+            "maxUnavailable": _int_or_percent(r.maxUnavailable or unavailable),
+        },
+    }
 
 
 def _health_probe(period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
-            "failureThreshold": failures, "timeoutSeconds": timeout, "successThreshold": 1}
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+        "successThreshold": 1,
+    }
 
 
 def _secret_env(env_name: str, ref: Any) -> dict[str, Any]:
@@ -167,26 +198,33 @@ def _volumes(name: str, spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]
         volumes.append({"name": "model-cache", **cache_volume})
         mounts.append({"name": "model-cache", "mountPath": CACHE_MOUNT})
     if spec.model.scheme == "pvc":
-        source_claim = spec.model.uri[len("pvc://"):].split("/", 1)[0]
-        volumes.append({"name": "model-source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}})
+        source_claim = spec.model.uri[len("pvc://") :].split("/", 1)[0]
+        volumes.append(
+            {"name": "model-source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}}
+        )
         mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
     if spec.resources.shmSize:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shmSize}})
+        volumes.append(
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shmSize}}
+        )
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
 
-def _runtime_container(name: str, spec: InferenceServiceSpec, image: str, pull_policy: str,
-                       mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def _runtime_container(
+    name: str, spec: InferenceServiceSpec, image: str, pull_policy: str, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
     res, rollout = spec.resources, spec.rollout
     requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     limits: dict[str, Any] = {"memory": res.memory}
     if res.gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus)
-    env = [{"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT},
-           {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
-           # The server never downloads: weights are fetched by the init container or shipped.
-           {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env = [
+        {"name": "FLEETSERVE_CACHE_DIR", "value": CACHE_MOUNT},
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
+        # The server never downloads: weights are fetched by the init container or shipped.
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+    ]
     if spec.secrets.apiKey:
         env.append(_secret_env("FLEETSERVE_API_KEY", spec.secrets.apiKey))
     startup_period = 10
@@ -201,22 +239,30 @@ def _runtime_container(name: str, spec: InferenceServiceSpec, image: str, pull_p
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
         # Liveness only starts once /health answered: a load may use the whole startup budget.
-        "startupProbe": _health_probe(startup_period, math.ceil(rollout.startupTimeoutSeconds / startup_period), 5),
+        "startupProbe": _health_probe(
+            startup_period, math.ceil(rollout.startupTimeoutSeconds / startup_period), 5
+        ),
         "readinessProbe": _health_probe(5, 2, 3),
         "livenessProbe": _health_probe(15, 4, 5),
         "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if rollout.preStopSleepSeconds:
-        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(rollout.preStopSleepSeconds)]}}}
+        container["lifecycle"] = {
+            "preStop": {"exec": {"command": ["sleep", str(rollout.preStopSleepSeconds)]}}
+        }
     return container
 
 
-def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str,
-                        hf_endpoint: str = "") -> dict[str, Any]:
+def _download_container(
+    spec: InferenceServiceSpec, image: str, pull_policy: str, hf_endpoint: str = ""
+) -> dict[str, Any]:
     """The init container that fills the cache once; a no-op when the marker file is there."""
     repo, revision = _hf_parts(spec.model.uri)
-    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    env = [
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/.hf-home"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
     if hf_endpoint:
         env.append({"name": "HF_ENDPOINT", "value": hf_endpoint})
     if spec.secrets.hfToken:
@@ -225,8 +271,15 @@ def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str
         "name": DOWNLOAD_CONTAINER,
         "image": image,
         "imagePullPolicy": pull_policy,
-        "command": ["python", "-c", DOWNLOAD_SCRIPT, repo, revision, f"{CACHE_MOUNT}/hf/{repo}/{revision}",
-                    spec.model.ggufFile or ""],
+        "command": [
+            "python",
+            "-c",
+            DOWNLOAD_SCRIPT,
+            repo,
+            revision,
+            f"{CACHE_MOUNT}/hf/{repo}/{revision}",
+            spec.model.ggufFile or "",
+        ],
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
@@ -236,7 +289,8 @@ def _download_container(spec: InferenceServiceSpec, image: str, pull_policy: str
 
 
 def _scheduling(spec: InferenceServiceSpec) -> dict[str, Any]:
-    sched, out = spec.scheduling, {}
+    sched = spec.scheduling
+    out: dict[str, Any] = {}
     if sched.nodeSelector:
         out["nodeSelector"] = dict(sched.nodeSelector)
     if sched.tolerations:
@@ -252,8 +306,9 @@ def _scheduling(spec: InferenceServiceSpec) -> dict[str, Any]:
     return out
 
 
-def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
-                      settings: OperatorSettings) -> dict[str, Any]:
+def render_deployment(
+    name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings
+) -> dict[str, Any]:
     image = spec.image or settings.runtime_image
     pull_policy = spec.imagePullPolicy or settings.runtime_image_pull_policy
     volumes, mounts = _volumes(name, spec)
@@ -261,10 +316,16 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
     pod_spec: dict[str, Any] = {
         "containers": [_runtime_container(name, spec, image, pull_policy, mounts)],
         # preStop sleep + server drain + margin for the process to exit.
-        "terminationGracePeriodSeconds": rollout.preStopSleepSeconds + spec.engine.shutdownTimeoutSeconds + 15,
+        "terminationGracePeriodSeconds": rollout.preStopSleepSeconds
+        + spec.engine.shutdownTimeoutSeconds
+        + 15,
         # fsGroup: the cache volume is writable by the image's non-root user.
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.runtime_uid,
-                            "runAsGroup": settings.runtime_uid, "fsGroup": settings.runtime_uid},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.runtime_uid,
+            "runAsGroup": settings.runtime_uid,
+            "fsGroup": settings.runtime_uid,
+        },
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "volumes": volumes,
@@ -276,8 +337,11 @@ def render_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
     template: dict[str, Any] = {
         "metadata": {
             "labels": labels(name, "runtime"),
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
-                            "prometheus.io/path": "/metrics"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(PORT),
+                "prometheus.io/path": "/metrics",
+            },
         },
         "spec": pod_spec,
     }
@@ -325,17 +389,32 @@ def router_selector_labels(name: str) -> dict[str, str]:
 
 
 def router_labels(name: str) -> dict[str, str]:
-    return {**router_selector_labels(name), "app.kubernetes.io/component": "router",
-            "app.kubernetes.io/managed-by": "fleetserve-operator", ISVC_LABEL: name}
+    return {
+        **router_selector_labels(name),
+        "app.kubernetes.io/component": "router",
+        "app.kubernetes.io/managed-by": "fleetserve-operator",
+        ISVC_LABEL: name,
+    }
 
 
 def router_env(name: str, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
     """The router's configuration (operator/router/config.py reads FLEETSERVE_ROUTER_*)."""
     r = spec.router
-    values = {"SERVICE": name, "INFERENCE_SERVICE": name, "PORT": ROUTER_PORT,
-              "QUEUE_TIMEOUT": r.queueTimeoutSeconds, "QUEUE_SIZE": r.maxQueuedRequests,
-              "LOAD_FACTOR": r.loadFactor, "MAX_WAITING": r.saturationQueueDepth}
-    env = [{"name": "FLEETSERVE_ROUTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    values = {
+        "SERVICE": name,
+        "INFERENCE_SERVICE": name,
+        "PORT": ROUTER_PORT,
+        "QUEUE_TIMEOUT": r.queueTimeoutSeconds,
+        "QUEUE_SIZE": r.maxQueuedRequests,
+        "LOAD_FACTOR": r.loadFactor,
+        "MAX_WAITING": r.saturationQueueDepth,
+    }
+    env = [
+        {
+            "name": "FLEETSERVE_ROUTER_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        }
+    ]
     return env + [{"name": f"FLEETSERVE_ROUTER_{k}", "value": str(v)} for k, v in values.items()]
 
 
@@ -345,22 +424,46 @@ def render_router_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
     rules = [
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["endpoints"], "verbs": ["list", "watch"]},
-        {"apiGroups": [GROUP], "resources": ["inferenceservices"], "resourceNames": [name], "verbs": ["patch"]},
+        {
+            "apiGroups": [GROUP],
+            "resources": ["inferenceservices"],
+            "resourceNames": [name],
+            "verbs": ["patch"],
+        },
     ]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta), "automountServiceAccountToken": True},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta), "rules": rules},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": router_name(name)},
-         "subjects": [{"kind": "ServiceAccount", "name": router_name(name), "namespace": namespace}]},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": dict(meta),
+            "automountServiceAccountToken": True,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": dict(meta),
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": dict(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": router_name(name)},
+            "subjects": [{"kind": "ServiceAccount", "name": router_name(name), "namespace": namespace}],
+        },
     ]
 
 
-def render_router_deployment(name: str, namespace: str, spec: InferenceServiceSpec,
-                             settings: OperatorSettings) -> dict[str, Any]:
+def render_router_deployment(
+    name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings
+) -> dict[str, Any]:
     r = spec.router
-    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 2,
-             "failureThreshold": 3}
+    probe = {
+        "httpGet": {"path": "/healthz", "port": "http"},
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
     container = {
         "name": ROUTER_CONTAINER,
         "image": settings.router_image,
@@ -368,8 +471,10 @@ def render_router_deployment(name: str, namespace: str, spec: InferenceServiceSp
         "command": ["python", "-m", "fleetserve.operator.router"],
         "env": router_env(name, spec),
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": r.resources.cpu, "memory": r.resources.memory},
-                      "limits": {"memory": r.resources.memory}},
+        "resources": {
+            "requests": {"cpu": r.resources.cpu, "memory": r.resources.memory},
+            "limits": {"memory": r.resources.memory},
+        },
         "readinessProbe": probe,
         "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 4},
         # The Service drops a stopping router before it stops accepting; requests in flight then finish.
@@ -381,8 +486,11 @@ def render_router_deployment(name: str, namespace: str, spec: InferenceServiceSp
         "serviceAccountName": router_name(name),
         "containers": [container],
         "terminationGracePeriodSeconds": 45,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.runtime_uid,
-                            "runAsGroup": settings.runtime_uid},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.runtime_uid,
+            "runAsGroup": settings.runtime_uid,
+        },
         "enableServiceLinks": False,
     }
     if spec.imagePullSecrets:
@@ -398,11 +506,17 @@ def render_router_deployment(name: str, namespace: str, spec: InferenceServiceSp
             "selector": {"matchLabels": router_selector_labels(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
-            "template": {"metadata": {"labels": router_labels(name),
-                                      "annotations": {"prometheus.io/scrape": "true",
-                                                      "prometheus.io/port": str(ROUTER_PORT),
-                                                      "prometheus.io/path": "/metrics"}},
-                         "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": router_labels(name),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(ROUTER_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
         },
     }
 
@@ -420,13 +534,16 @@ def render_router_service(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def render_router(name: str, namespace: str, spec: InferenceServiceSpec,
-                  settings: OperatorSettings) -> list[dict[str, Any]]:
+def render_router(
+    name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings
+) -> list[dict[str, Any]]:
     """The router's children (RBAC first: the pods need their service account), or none when it is off."""
     if not spec.router_enabled():
         return []
-    return render_router_rbac(name, namespace) + [render_router_service(name, namespace),
-                                                  render_router_deployment(name, namespace, spec, settings)]
+    return render_router_rbac(name, namespace) + [
+        render_router_service(name, namespace),
+        render_router_deployment(name, namespace, spec, settings),
+    ]
 
 
 def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> dict[str, Any] | None:
@@ -437,7 +554,11 @@ def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> d
     pvc: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": f"{name}-model-cache", "namespace": namespace, "labels": labels(name, "model-cache")},
+        "metadata": {
+            "name": f"{name}-model-cache",
+            "namespace": namespace,
+            "labels": labels(name, "model-cache"),
+        },
         "spec": {"accessModes": [cache.accessMode], "resources": {"requests": {"storage": cache.size}}},
     }
     if cache.storageClassName:
@@ -445,7 +566,9 @@ def render_cache_pvc(name: str, namespace: str, spec: InferenceServiceSpec) -> d
     return pvc
 
 
-def render_pdb(name: str, namespace: str, spec: InferenceServiceSpec, api_version: str | None) -> dict[str, Any] | None:
+def render_pdb(
+    name: str, namespace: str, spec: InferenceServiceSpec, api_version: str | None
+) -> dict[str, Any] | None:
     """maxUnavailable 1: drains take replicas one at a time, and a single replica can still be drained
     (minAvailable would block it forever). None when disabled or the cluster serves no PDB API."""
     if not spec.rollout.podDisruptionBudget or api_version is None:
@@ -458,20 +581,30 @@ def render_pdb(name: str, namespace: str, spec: InferenceServiceSpec, api_versio
     }
 
 
-def render_all(name: str, namespace: str, spec: InferenceServiceSpec, settings: OperatorSettings,
-               pdb_api: str | None = "policy/v1") -> list[dict[str, Any]]:
+def render_all(
+    name: str,
+    namespace: str,
+    spec: InferenceServiceSpec,
+    settings: OperatorSettings,
+    pdb_api: str | None = "policy/v1",
+) -> list[dict[str, Any]]:
     """All children, in the order they must be applied (the claim before the pods that mount it).
 
     `pdb_api` is the PodDisruptionBudget API version the cluster serves (discovered at startup).
     """
     pvc = render_cache_pvc(name, namespace, spec)
     pdb = render_pdb(name, namespace, spec, pdb_api)
-    return ([pvc] if pvc else []) + [render_service(name, namespace, spec),
-                                     render_deployment(name, namespace, spec, settings)] + ([pdb] if pdb else []) \
+    return (
+        ([pvc] if pvc else [])
+        + [render_service(name, namespace, spec), render_deployment(name, namespace, spec, settings)]
+        + ([pdb] if pdb else [])
         + render_router(name, namespace, spec, settings)
+    )
 
 
-def service_url(name: str, namespace: str, settings: OperatorSettings, spec: InferenceServiceSpec | None = None) -> str:
+def service_url(
+    name: str, namespace: str, settings: OperatorSettings, spec: InferenceServiceSpec | None = None
+) -> str:
     """status.url: the router's Service when the router is on, else the replicas' Service."""
     host = router_name(name) if spec is not None and spec.router_enabled() else name
     return f"http://{host}.{namespace}.svc.{settings.cluster_domain}"

@@ -4,6 +4,7 @@ Owns the knobs that are the same for every InferenceService: the default runtime
 image, the cluster DNS domain, how often pods are scraped, which namespaces are
 watched. Per-service settings live in the CR spec (spec.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,20 +59,24 @@ class OperatorSettings:
     """UID/GID the runtime image runs as; the pod's fsGroup, so the cache volume is writable."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env
         d = cls()
         return cls(
             runtime_image=env.get("FLEETSERVE_RUNTIME_IMAGE") or d.runtime_image,
-            runtime_image_pull_policy=env.get("FLEETSERVE_RUNTIME_IMAGE_PULL_POLICY") or d.runtime_image_pull_policy,
+            runtime_image_pull_policy=env.get("FLEETSERVE_RUNTIME_IMAGE_PULL_POLICY")
+            or d.runtime_image_pull_policy,
             cluster_domain=env.get("FLEETSERVE_CLUSTER_DOMAIN") or d.cluster_domain,
             metrics_interval=float(env.get("FLEETSERVE_METRICS_INTERVAL") or d.metrics_interval),
             metrics_timeout=float(env.get("FLEETSERVE_METRICS_TIMEOUT") or d.metrics_timeout),
             hf_endpoint=env.get("FLEETSERVE_HF_ENDPOINT") or d.hf_endpoint,
             router_image=env.get("FLEETSERVE_ROUTER_IMAGE") or d.router_image,
-            router_image_pull_policy=env.get("FLEETSERVE_ROUTER_IMAGE_PULL_POLICY") or d.router_image_pull_policy,
+            router_image_pull_policy=env.get("FLEETSERVE_ROUTER_IMAGE_PULL_POLICY")
+            or d.router_image_pull_policy,
             demand_ttl=float(env.get("FLEETSERVE_DEMAND_TTL") or d.demand_ttl),
             peering=env.get("FLEETSERVE_PEERING") or d.peering,
             peering_lifetime=int(env.get("FLEETSERVE_PEERING_LIFETIME") or d.peering_lifetime),
-            namespaces=tuple(ns.strip() for ns in (env.get("FLEETSERVE_NAMESPACES") or "").split(",") if ns.strip()),
+            namespaces=tuple(
+                ns.strip() for ns in (env.get("FLEETSERVE_NAMESPACES") or "").split(",") if ns.strip()
+            ),
         )

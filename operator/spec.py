@@ -11,10 +11,11 @@ live in the model validators here; the operator turns their failures into an
 Every field's docstring becomes its `description` in the CRD (and so in
 `kubectl explain`).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,8 +42,9 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 class _Model(BaseModel):
     """Base for API objects: camelCase as written by users, attribute docstrings as descriptions."""
 
-    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid", populate_by_name=True,
-                              frozen=True)
+    model_config = ConfigDict(
+        use_attribute_docstrings=True, extra="forbid", populate_by_name=True, frozen=True
+    )
 
 
 class ModelSource(_Model):
@@ -52,10 +54,10 @@ class ModelSource(_Model):
     `file:///path` (a directory or .gguf file already inside the image) or `embedded` (the runtime's
     built-in SmolLM2-135M-Instruct, nothing to download)."""
 
-    ggufFile: Optional[str] = Field(None, pattern=r"^[^/\s][^\s]*\.gguf$")
+    ggufFile: str | None = Field(None, pattern=r"^[^/\s][^\s]*\.gguf$")
     """For hf:// sources holding GGUF files: the file inside the repository to serve (only it is downloaded)."""
 
-    servedModelName: Optional[str] = Field(None, min_length=1, max_length=253)
+    servedModelName: str | None = Field(None, min_length=1, max_length=253)
     """The model name clients send in requests and that labels the metrics; defaults to the resource name."""
 
     @property
@@ -70,22 +72,22 @@ class EngineSettings(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device the runtime uses (`--device`); auto picks cuda when a GPU is visible."""
 
-    maxModelLen: Optional[int] = Field(None, ge=16)
+    maxModelLen: int | None = Field(None, ge=16)
     """Longest sequence (prompt + output) in tokens (`--max-model-len`); default: the model's own."""
 
-    maxNumSeqs: Optional[int] = Field(None, ge=1)
+    maxNumSeqs: int | None = Field(None, ge=1)
     """Most sequences batched in one step (`--max-num-seqs`)."""
 
-    maxNumBatchedTokens: Optional[int] = Field(None, ge=1)
+    maxNumBatchedTokens: int | None = Field(None, ge=1)
     """Token budget of one engine step (`--max-num-batched-tokens`)."""
 
-    blockSize: Optional[int] = Field(None, ge=1, le=1024)
+    blockSize: int | None = Field(None, ge=1, le=1024)
     """Tokens per KV-cache block (`--block-size`)."""
 
     enablePrefixCaching: bool = True
     """Reuse KV blocks of shared prompt prefixes (`--enable-prefix-caching`)."""
 
-    gpuMemoryUtilization: Optional[float] = Field(None, gt=0.0, le=1.0)
+    gpuMemoryUtilization: float | None = Field(None, gt=0.0, le=1.0)
     """Fraction of GPU memory the runtime may use (`--gpu-memory-utilization`)."""
 
     shutdownTimeoutSeconds: int = Field(30, ge=0, le=3600)
@@ -106,22 +108,22 @@ class Resources(_Model):
     memory: str = Field("4Gi", pattern=QUANTITY_PATTERN)
     """Memory request and limit per pod."""
 
-    shmSize: Optional[str] = Field(None, pattern=QUANTITY_PATTERN)
+    shmSize: str | None = Field(None, pattern=QUANTITY_PATTERN)
     """Size of the in-memory /dev/shm volume; none by default."""
 
 
 class Toleration(_Model):
     """A toleration of the runtime pods for a node taint (as in a pod spec)."""
 
-    key: Optional[str] = None
+    key: str | None = None
     """The taint key the toleration applies to."""
-    operator: Optional[Literal["Exists", "Equal"]] = None
+    operator: Literal["Exists", "Equal"] | None = None
     """Exists or Equal."""
-    value: Optional[str] = None
+    value: str | None = None
     """The taint value for Equal."""
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """The taint effect to tolerate; empty means all."""
-    tolerationSeconds: Optional[int] = None
+    tolerationSeconds: int | None = None
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
@@ -132,13 +134,15 @@ class Scheduling(_Model):
     tolerations: list[Toleration] = Field(default_factory=list)
     """Taints the pods tolerate (e.g. nvidia.com/gpu:NoSchedule on GPU pools)."""
 
-    affinity: Optional[dict[str, Any]] = Field(None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: dict[str, Any] | None = Field(
+        None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """A core/v1 Affinity, copied into the pod spec."""
 
-    priorityClassName: Optional[str] = None
+    priorityClassName: str | None = None
     """PriorityClass of the pods."""
 
-    runtimeClassName: Optional[str] = None
+    runtimeClassName: str | None = None
     """RuntimeClass of the pods (e.g. `nvidia` where the GPU runtime is not the default)."""
 
 
@@ -147,13 +151,13 @@ class ModelCache(_Model):
     """Keep downloaded weights on a PersistentVolumeClaim so restarts and new replicas skip the download.
     Only hf:// models are downloaded; other sources never need a cache."""
 
-    existingClaim: Optional[str] = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
+    existingClaim: str | None = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63)
     """Use this existing PersistentVolumeClaim instead of creating `<name>-model-cache`; it is never deleted."""
 
     size: str = Field("20Gi", pattern=QUANTITY_PATTERN)
     """Size of the claim the operator creates."""
 
-    storageClassName: Optional[str] = None
+    storageClassName: str | None = None
     """StorageClass of the claim the operator creates; the cluster default when empty."""
 
     accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
@@ -172,10 +176,10 @@ class SecretKeyRef(_Model):
 
 
 class Secrets(_Model):
-    hfToken: Optional[SecretKeyRef] = None
+    hfToken: SecretKeyRef | None = None
     """Hugging Face token for gated or private hf:// models (env HF_TOKEN of the download step)."""
 
-    apiKey: Optional[SecretKeyRef] = None
+    apiKey: SecretKeyRef | None = None
     """API key clients must send as a Bearer token (env FLEETSERVE_API_KEY of the server)."""
 
 
@@ -186,7 +190,7 @@ class Autoscaling(_Model):
     minReplicas: int = Field(1, ge=0)
     """Fewest replicas; 0 needs scaleToZero."""
 
-    maxReplicas: Optional[int] = Field(None, ge=1)
+    maxReplicas: int | None = Field(None, ge=1)
     """Most replicas; defaults to max(minReplicas, 1)."""
 
     targetQueueDepth: float = Field(5.0, gt=0)
@@ -215,10 +219,10 @@ class Rollout(_Model):
     strategy: Literal["Auto", "RollingUpdate", "Recreate"] = "Auto"
     """Auto = RollingUpdate with maxSurge 0 when pods need GPUs (no spare GPU deadlock), else surge 1, unavailable 0."""
 
-    maxSurge: Optional[str] = Field(None, pattern=r"^[0-9]+%?$")
+    maxSurge: str | None = Field(None, pattern=r"^[0-9]+%?$")
     """Override for RollingUpdate maxSurge (a count or a percentage)."""
 
-    maxUnavailable: Optional[str] = Field(None, pattern=r"^[0-9]+%?$")
+    maxUnavailable: str | None = Field(None, pattern=r"^[0-9]+%?$")
     """Override for RollingUpdate maxUnavailable (a count or a percentage)."""
 
     startupTimeoutSeconds: int = Field(1800, ge=30, le=86400)
@@ -242,7 +246,7 @@ class RouterResources(_Model):
 
 
 class Router(_Model):
-    enabled: Optional[bool] = None
+    enabled: bool | None = None
     """Put a model-aware router in front of the replicas (status.url then points at it). Default: on when
     autoscaling.maxReplicas > 1, spec.replicas > 1 or scaleToZero is allowed; off for a single replica."""
 
@@ -271,10 +275,10 @@ class InferenceServiceSpec(_Model):
     model: ModelSource = Field(default_factory=ModelSource)
     """What to serve."""
 
-    image: Optional[str] = Field(None, min_length=1)
+    image: str | None = Field(None, min_length=1)
     """Runtime image; defaults to the operator's configured runtime image."""
 
-    imagePullPolicy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
     """Pull policy of the runtime image."""
 
     imagePullSecrets: list[str] = Field(default_factory=list)
@@ -309,10 +313,12 @@ class InferenceServiceSpec(_Model):
     """The model-aware router: prefix-cache affinity, retries, holding requests while scaled to zero."""
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "InferenceServiceSpec":
+    def _cross_field_checks(self) -> InferenceServiceSpec:
         a = self.autoscaling
         if a.maxReplicas is not None and a.minReplicas > a.maxReplicas:
-            raise ValueError(f"autoscaling.minReplicas ({a.minReplicas}) is greater than maxReplicas ({a.maxReplicas})")
+            raise ValueError(
+                f"autoscaling.minReplicas ({a.minReplicas}) is greater than maxReplicas ({a.maxReplicas})"
+            )
         if a.minReplicas == 0 and not a.scaleToZero:
             raise ValueError("autoscaling.minReplicas is 0 but autoscaling.scaleToZero is false")
         if self.model.ggufFile and self.model.scheme != "hf":
@@ -353,51 +359,53 @@ class Condition(_Model):
     """One CamelCase word for machines."""
     message: str = ""
     """Details for humans."""
-    lastTransitionTime: Optional[str] = None
+    lastTransitionTime: str | None = None
     """When status last changed (RFC 3339)."""
-    observedGeneration: Optional[int] = None
+    observedGeneration: int | None = None
     """The generation the condition was computed for."""
 
 
 class InferenceServiceStatus(_Model):
     model_config = ConfigDict(use_attribute_docstrings=True, extra="ignore", frozen=True)
 
-    observedGeneration: Optional[int] = None
+    observedGeneration: int | None = None
     """The spec generation the operator last reconciled."""
-    phase: Optional[Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed", "ScaledToZero"]] = None
+    phase: (
+        Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed", "ScaledToZero"] | None
+    ) = None
     """Summary of the conditions for humans."""
     conditions: list[Condition] = Field(default_factory=list)
     """Latest observations of the service's state."""
-    model: Optional[str] = None
+    model: str | None = None
     """The model being served (resolved source)."""
-    url: Optional[str] = None
+    url: str | None = None
     """In-cluster base URL of the OpenAI-compatible API: the router's Service when the router is on,
     else the replicas' Service."""
-    routerReadyReplicas: Optional[int] = None
+    routerReadyReplicas: int | None = None
     """Router pods passing readiness (absent without a router)."""
-    lastDemandTime: Optional[str] = None
+    lastDemandTime: str | None = None
     """When the router last reported requests waiting for a replica (RFC 3339)."""
-    selector: Optional[str] = None
+    selector: str | None = None
     """Label selector of the pods (for the scale subresource)."""
-    replicas: Optional[int] = None
+    replicas: int | None = None
     """Pods that exist (the Deployment's replicas)."""
-    readyReplicas: Optional[int] = None
+    readyReplicas: int | None = None
     """Pods passing readiness (/health)."""
-    desiredReplicas: Optional[int] = None
+    desiredReplicas: int | None = None
     """What the autoscaler currently wants."""
-    queueDepth: Optional[int] = None
+    queueDepth: int | None = None
     """Requests waiting, summed over ready pods (vllm:num_requests_waiting)."""
-    runningRequests: Optional[int] = None
+    runningRequests: int | None = None
     """Requests running, summed over ready pods (vllm:num_requests_running)."""
-    kvCacheUsage: Optional[float] = None
+    kvCacheUsage: float | None = None
     """Mean KV-cache usage of ready pods, 0 to 1 (vllm:kv_cache_usage_perc)."""
-    promptTokensPerSecond: Optional[float] = None
+    promptTokensPerSecond: float | None = None
     """Prompt tokens processed per second, summed over ready pods."""
-    generationTokensPerSecond: Optional[float] = None
+    generationTokensPerSecond: float | None = None
     """Output tokens generated per second, summed over ready pods."""
-    lastScaleTime: Optional[str] = None
+    lastScaleTime: str | None = None
     """When the autoscaler last changed the replica count (RFC 3339)."""
-    lastMetricsTime: Optional[str] = None
+    lastMetricsTime: str | None = None
     """When pod metrics were last scraped (RFC 3339)."""
 
 

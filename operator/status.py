@@ -10,15 +10,23 @@ reason a human and a machine can act on. So does a replica that stopped serving 
 ready; pods replaced by a rollout or a scale-down are not "lost" (told apart by the pod-template
 digest render.TEMPLATE_HASH).
 """
+
 from __future__ import annotations
 
-import datetime
 import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from fleetserve.operator.metrics import Aggregate
-from fleetserve.operator.render import DOWNLOAD_CONTAINER, GPU_RESOURCE, PORT, RUNTIME_CONTAINER, TEMPLATE_HASH
+from fleetserve.operator.render import (
+    DOWNLOAD_CONTAINER,
+    GPU_RESOURCE,
+    PORT,
+    RUNTIME_CONTAINER,
+    TEMPLATE_HASH,
+)
 from fleetserve.operator.spec import InferenceServiceSpec, InferenceServiceStatus
 
 _PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -89,37 +97,67 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         last = (cs.get("lastState") or {}).get("terminated") or {}
         if download != "done" and (last.get("exitCode") not in (None, 0) or download == "failed"):
             term = state.get("terminated") or last
-            problems.append(("ModelDownloadFailed",
-                             f"pod {meta.get('name')}: model download exited with {term.get('exitCode')}: "
-                             f"{(term.get('message') or term.get('reason') or '').strip()[:300]}"))
+            problems.append(
+                (
+                    "ModelDownloadFailed",
+                    f"pod {meta.get('name')}: model download exited with {term.get('exitCode')}: "
+                    f"{(term.get('message') or term.get('reason') or '').strip()[:300]}",
+                )
+            )
     for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason = waiting.get("reason")
         if reason in _PULL_ERRORS:
-            problems.append(("ImagePullError", f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
+            problems.append(
+                ("ImagePullError", f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400])
+            )
         elif reason == "CrashLoopBackOff":
             said = _termination_message(cs)
-            problems.append(("CrashLoopBackOff", f"pod {meta.get('name')}: container {cs.get('name')} keeps "
-                                                 f"crashing (restarts: {cs.get('restartCount', 0)})"
-                                                 + (f": {said}" if said else "")))
+            problems.append(
+                (
+                    "CrashLoopBackOff",
+                    f"pod {meta.get('name')}: container {cs.get('name')} keeps "
+                    f"crashing (restarts: {cs.get('restartCount', 0)})" + (f": {said}" if said else ""),
+                )
+            )
         elif reason in _CONFIG_ERRORS:
-            problems.append(("ContainerConfigError",
-                             f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400]))
+            problems.append(
+                (
+                    "ContainerConfigError",
+                    f"pod {meta.get('name')}: {reason}: {waiting.get('message', '')}"[:400],
+                )
+            )
         elif cs.get("name") == RUNTIME_CONTAINER and not reason:
             term = (cs.get("state") or {}).get("terminated") or {}
             if term.get("exitCode") not in (None, 0):  # failed, not yet restarted
                 said = _termination_message(cs)
-                problems.append(("RuntimeFailed", f"pod {meta.get('name')}: the runtime exited with "
-                                                  f"{term.get('exitCode')}" + (f": {said}" if said else "")))
+                problems.append(
+                    (
+                        "RuntimeFailed",
+                        f"pod {meta.get('name')}: the runtime exited with "
+                        f"{term.get('exitCode')}" + (f": {said}" if said else ""),
+                    )
+                )
     for cond in status.get("conditions") or []:
-        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        ):
             msg = cond.get("message", "")
             reason = "InsufficientGPU" if GPU_RESOURCE in msg else "Unschedulable"
             problems.append((reason, f"pod {meta.get('name')}: {msg}"[:400]))
-    return PodView(name=meta.get("name", ""), ip=status.get("podIP"), port=port, ready=_ready(status),
-                   phase=status.get("phase", "Pending"), deleting=bool(meta.get("deletionTimestamp")),
-                   download=download, problems=tuple(problems),
-                   template_hash=(meta.get("annotations") or {}).get(TEMPLATE_HASH))
+    return PodView(
+        name=meta.get("name", ""),
+        ip=status.get("podIP"),
+        port=port,
+        ready=_ready(status),
+        phase=status.get("phase", "Pending"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        download=download,
+        problems=tuple(problems),
+        template_hash=(meta.get("annotations") or {}).get(TEMPLATE_HASH),
+    )
 
 
 _MESSAGE_CHARS = 600
@@ -140,12 +178,20 @@ def _termination_message(cs: Mapping[str, Any]) -> str:
 
 
 def _condition(type_: str, ok: bool | None, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": type_, "status": "Unknown" if ok is None else ("True" if ok else "False"),
-            "reason": reason, "message": message}
+    return {
+        "type": type_,
+        "status": "Unknown" if ok is None else ("True" if ok else "False"),
+        "reason": reason,
+        "message": message,
+    }
 
 
-def merge_conditions(old: Iterable[Mapping[str, Any]], new: list[dict[str, Any]], generation: int | None,
-                     now: str | None = None) -> list[dict[str, Any]]:
+def merge_conditions(
+    old: Iterable[Mapping[str, Any]],
+    new: list[dict[str, Any]],
+    generation: int | None,
+    now: str | None = None,
+) -> list[dict[str, Any]]:
     """Keeps lastTransitionTime of conditions whose status did not change."""
     now = now or now_iso()
     previous = {c.get("type"): c for c in old or []}
@@ -153,8 +199,13 @@ def merge_conditions(old: Iterable[Mapping[str, Any]], new: list[dict[str, Any]]
     for cond in new:
         prev = previous.get(cond["type"])
         same = prev is not None and prev.get("status") == cond["status"]
-        out.append({**cond, "lastTransitionTime": prev.get("lastTransitionTime") if same and prev else now,
-                    "observedGeneration": generation})
+        out.append(
+            {
+                **cond,
+                "lastTransitionTime": prev.get("lastTransitionTime") if same and prev else now,
+                "observedGeneration": generation,
+            }
+        )
     return out
 
 
@@ -190,7 +241,9 @@ def _replica_lost(obs: Observation, ready_names: set[str]) -> str | None:
     lost = sorted(n for n, h in obs.previous_ready.items() if n not in ready_names and h == current)
     have = f"{len(ready_names)}/{obs.target_replicas} replicas ready"
     if lost:
-        return f"replica(s) stopped serving outside a rollout: {', '.join(lost)}; {have}, replacements starting"
+        return (
+            f"replica(s) stopped serving outside a rollout: {', '.join(lost)}; {have}, replacements starting"
+        )
     if obs.previous_degraded_reason == "ReplicaLost":
         return f"a replica stopped serving; {have}, waiting for its replacement"
     return None
@@ -215,8 +268,12 @@ def compute(obs: Observation) -> dict[str, Any]:
     elif scheme == "pvc":
         cached = _condition("ModelCached", True, "ModelOnClaim", f"weights read from {spec.model.uri}")
     elif obs.model_cached_before or "done" in downloads or ready:
-        cached = _condition("ModelCached", True, "Downloaded" if spec.modelCache.enabled else "DownloadedPerPod",
-                            f"{spec.model.uri} is in the model cache")
+        cached = _condition(
+            "ModelCached",
+            True,
+            "Downloaded" if spec.modelCache.enabled else "DownloadedPerPod",
+            f"{spec.model.uri} is in the model cache",
+        )
     elif "running" in downloads:
         cached = _condition("ModelCached", False, "Downloading", f"downloading {spec.model.uri}")
     elif "failed" in downloads:
@@ -250,14 +307,26 @@ def compute(obs: Observation) -> dict[str, Any]:
     if obs.deployment is None:
         conditions.append(_condition("Progressing", True, "Creating", "creating the Deployment"))
     elif dep_prog:
-        conditions.append(_condition("Progressing", dep_prog.get("status") == "True", dep_prog.get("reason", ""),
-                                     dep_prog.get("message", "")))
+        conditions.append(
+            _condition(
+                "Progressing",
+                dep_prog.get("status") == "True",
+                dep_prog.get("reason", ""),
+                dep_prog.get("message", ""),
+            )
+        )
     else:
         conditions.append(_condition("Progressing", None, "Unknown"))
 
     available = ready >= obs.target_replicas and obs.target_replicas > 0
-    conditions.append(_condition("Available", available, "AllReplicasReady" if available else "ReplicasNotReady",
-                                 f"{ready}/{obs.target_replicas} replicas ready"))
+    conditions.append(
+        _condition(
+            "Available",
+            available,
+            "AllReplicasReady" if available else "ReplicasNotReady",
+            f"{ready}/{obs.target_replicas} replicas ready",
+        )
+    )
 
     if obs.spec_error:
         ready_cond = _condition("Ready", False, "InvalidSpec", obs.spec_error)
@@ -266,9 +335,12 @@ def compute(obs: Observation) -> dict[str, Any]:
     elif obs.target_replicas == 0:
         ready_cond = _condition("Ready", False, "ScaledToZero", "no replicas: scale up to serve")
     else:
-        ready_cond = _condition("Ready", False, cached["reason"] if cached["status"] == "False" else "Loading",
-                                "no replica is ready yet" + (f": {degraded['message']}"
-                                                             if degraded["status"] == "True" else ""))
+        ready_cond = _condition(
+            "Ready",
+            False,
+            cached["reason"] if cached["status"] == "False" else "Loading",
+            "no replica is ready yet" + (f": {degraded['message']}" if degraded["status"] == "True" else ""),
+        )
     conditions.append(ready_cond)
 
     if obs.spec_error:
@@ -286,7 +358,12 @@ def compute(obs: Observation) -> dict[str, Any]:
     else:
         phase = "Pending"
 
-    status: dict[str, Any] = {"phase": phase, "conditions": conditions, "replicas": replicas, "readyReplicas": ready}
+    status: dict[str, Any] = {
+        "phase": phase,
+        "conditions": conditions,
+        "replicas": replicas,
+        "readyReplicas": ready,
+    }
     m = obs.metrics
     if m is not None:
         status.update({"queueDepth": int(round(m.waiting)), "runningRequests": int(round(m.running))})

@@ -16,12 +16,14 @@ Ownership:
 `generate()` aborts its request when the consumer goes away (cancellation,
 GeneratorExit), which frees the request's KV blocks in the core.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Protocol
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .output_processor import OutputKind, OutputProcessor, RequestProgress
 from .outputs import CompletionOutput, RequestOutput
@@ -68,15 +70,26 @@ def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
             comps[c.index] = c
             continue
         comps[c.index] = CompletionOutput(
-            c.index, old.text + c.text, old.token_ids + c.token_ids, c.cumulative_logprob,
-            None if c.logprobs is None else (old.logprobs or []) + c.logprobs, c.finish_reason, c.stop_reason)
+            c.index,
+            old.text + c.text,
+            old.token_ids + c.token_ids,
+            c.cumulative_logprob,
+            None if c.logprobs is None else (old.logprobs or []) + c.logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
     b.outputs = [comps[i] for i in sorted(comps)]
     return b
 
 
 class AsyncLLM:
-    def __init__(self, engine: Optional[EngineCore] = None, *, observers: tuple[OutputObserver, ...] = (),
-                 client: Optional[CoreClient] = None):
+    def __init__(
+        self,
+        engine: EngineCore | None = None,
+        *,
+        observers: tuple[OutputObserver, ...] = (),
+        client: CoreClient | None = None,
+    ):
         """engine: an LLMEngine (or any EngineCore) to run in a thread of this process; or client: a
         started core client (ProcessCoreClient.wait_ready() done). `engine` then is the core's EngineInfo."""
         if client is None:
@@ -90,10 +103,12 @@ class AsyncLLM:
         self.model_name: str = info.model_name
         self.max_model_len: int = info.max_model_len
         # For runtime/validation.validate on the event loop; in process mode the core sent it at start-up.
+        if info.limits is None:
+            raise TypeError("the engine core sent no RequestLimits (the engine has no `limits`)")
         self.limits: RequestLimits = info.limits
         # The model's sampling defaults: the HTTP side applies them into SamplingParams before sending.
-        self.generation_defaults: dict = dict(info.generation_defaults)
-        self.max_num_seqs: Optional[int] = getattr(info.config, "max_num_seqs", None)
+        self.generation_defaults: dict[str, Any] = dict(info.generation_defaults)
+        self.max_num_seqs: int | None = getattr(info.config, "max_num_seqs", None)
         self.stats: Any = _Stats(client.stats)
         self._observers: list[OutputObserver] = list(observers)
         self._processor = OutputProcessor(self.tokenizer, self._abort_core)
@@ -101,13 +116,15 @@ class AsyncLLM:
         self._num_adds_applied = 0
         self._started = False
         self._stopping = False
-        self._error: Optional[str] = None
-        self._stopped_reason: Optional[str] = None
+        self._error: str | None = None
+        self._stopped_reason: str | None = None
         self._streams: dict[str, asyncio.Queue] = {}  # event loop only
-        self.died: Optional[asyncio.Event] = None  # set when the core stopped without being asked to
+        self.died: asyncio.Event | None = None  # set when the core stopped without being asked to
 
     @classmethod
-    def from_config(cls, config: "EngineConfig", *, engine_process: bool = False, log_level: str = "info", **kw) -> "AsyncLLM":
+    def from_config(
+        cls, config: EngineConfig, *, engine_process: bool = False, log_level: str = "info", **kw
+    ) -> AsyncLLM:
         """Loads the model (slow): call it from a worker thread when an event loop is running.
         engine_process: run the engine loop in its own (spawned) process."""
         if engine_process:
@@ -145,7 +162,7 @@ class AsyncLLM:
         return self._started and self._client.is_running and self._error is None and not self._stopping
 
     @property
-    def core_pid(self) -> Optional[int]:
+    def core_pid(self) -> int | None:
         proc = getattr(self._client, "process", None)
         return None if proc is None else proc.pid
 
@@ -181,25 +198,36 @@ class AsyncLLM:
 
     # ------------------------------------------------------------ requests
 
-    def _prompt(self, prompt) -> tuple[Optional[str], list[int]]:
+    def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
-                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+                raise InvalidRequestError(
+                    "a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt"
+                )
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids", param="prompt")
+                raise InvalidRequestError(
+                    "this model has no tokenizer: pass prompt_token_ids", param="prompt"
+                )
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] "
-                                  f"or dict", param="prompt")
+        raise InvalidRequestError(
+            f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict",
+            param="prompt",
+        )
 
-    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
-                       arrival_time: Optional[float] = None,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams,
+        request_id: str,
+        arrival_time: float | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields outputs until the request finished: cumulative ones by default, only what is new
         with OutputKind.DELTA, or just the finished one with OutputKind.FINAL.
 
@@ -265,8 +293,13 @@ class AsyncLLM:
             self._processor.discard(rid)
             q = self._streams.get(rid)
             if q is not None:  # the core's InvalidRequestError keeps its param and code (the 400's)
-                q.put_nowait(InvalidRequestError(message, param=param, code=code) if kind == "invalid"
-                             else ValueError(message) if kind == "value" else RuntimeError(message))
+                q.put_nowait(
+                    InvalidRequestError(message, param=param, code=code)
+                    if kind == "invalid"
+                    else ValueError(message)
+                    if kind == "value"
+                    else RuntimeError(message)
+                )
         if not outputs:
             return
         observers = self._observers

@@ -4,6 +4,7 @@ Built by the model runner (CPU lists -> one set of device tensors per step), rea
 by every attention layer of the model; the kernels in fleetserve.kernels take its
 fields as plain tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ keep in sync. Flag names match `vllm serve` where the meaning is the same.
 Heavy modules (torch, the engine, aiohttp) are imported only once a command runs:
 `fleetserve --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -31,10 +32,12 @@ _TERMINATION_LOG = "/dev/termination-log"
 _TERMINATION_LIMIT = 4096
 
 
-def write_termination_message(message: str) -> Optional[str]:
+def write_termination_message(message: str) -> str | None:
     """Write a start-up failure where Kubernetes reads it: $FLEETSERVE_TERMINATION_LOG, else
     /dev/termination-log if the kubelet mounted it. Returns the path written, None if none."""
-    path = os.environ.get(TERMINATION_LOG_ENV) or (_TERMINATION_LOG if os.path.exists(_TERMINATION_LOG) else None)
+    path = os.environ.get(TERMINATION_LOG_ENV) or (
+        _TERMINATION_LOG if os.path.exists(_TERMINATION_LOG) else None
+    )
     if not path:
         return None
     data = message.encode("utf-8", errors="replace")[:_TERMINATION_LIMIT]
@@ -70,8 +73,13 @@ def _unwrap_optional(ann):
     return ann
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = (),
-                    env: Optional[dict[str, str]] = None) -> None:
+def add_model_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    skip: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> None:
     """One flag per pydantic field; absent flags are left out of the namespace (defaults stay the model's)."""
     group = parser.add_argument_group(model.__name__)
     for name, field in model.model_fields.items():
@@ -110,11 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleetserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.",
-                           description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                                       "/v1/chat/completions, /v1/models, /health, /metrics, ...).")
-    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                       help="Model to serve (same as --model); omit it to serve the embedded SmolLM2-135M-Instruct.")
+    serve = sub.add_parser(
+        "serve",
+        help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /metrics, ...).",
+    )
+    serve.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="Model to serve (same as --model); omit it to serve the embedded SmolLM2-135M-Instruct.",
+    )
     add_model_flags(serve, EngineConfig)
     add_model_flags(serve, ServerConfig, env={"api_key": API_KEY_ENV})
 
@@ -122,18 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from .bench import serve as bench_serve
 
-    bs = bench_sub.add_parser("serve", help="Load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput).",
-                              description=bench_serve.__doc__.splitlines()[0])
+    bs = bench_sub.add_parser(
+        "serve",
+        help="Load-test an OpenAI-compatible server (TTFT, TPOT, ITL, throughput).",
+        description=bench_serve.__doc__.splitlines()[0],
+    )
     bench_serve.add_cli_args(bs)
-    bench_sub.add_parser("throughput", add_help=False, help="Offline engine throughput (fleetserve.runtime.bench"
-                                                             ".throughput).").add_argument(
-        "rest", nargs=argparse.REMAINDER)
+    bench_sub.add_parser(
+        "throughput", add_help=False, help="Offline engine throughput (fleetserve.runtime.bench.throughput)."
+    ).add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -168,7 +190,7 @@ def _serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "throughput"]:
         # Every argument (--help included) belongs to that module's own parser.

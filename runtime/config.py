@@ -4,9 +4,10 @@ The offline `LLM(...)` keyword arguments, the `fleetserve serve` flags and the
 operator's engine settings all map onto these fields; nothing else holds a second
 list of them. Validation happens here, once, at the edge.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,17 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
 
-    model: Optional[str] = None
+    model: str | None = None
     """Hugging Face Hub name (org/name, or org/name:QUANT for a GGUF repo), model directory, .gguf file, or preset name (llama-3.2-1b, llama-3.1-8b, ...); None serves the embedded SmolLM2-135M-Instruct."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub branch, tag or commit of the model (default main)."""
-    download_dir: Optional[str] = None
+    download_dir: str | None = None
     """Hub cache folder for downloaded models (default: huggingface_hub's cache, $HF_HUB_CACHE); reused offline."""
-    gguf_file: Optional[str] = None
+    gguf_file: str | None = None
     """Which .gguf file of a Hub GGUF repo to load (or add :QUANT to the model name, e.g. org/name:Q4_K_M)."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Tokenizer directory or tokenizer.json, if it differs from the model's."""
-    served_model_name: Optional[str] = None
+    served_model_name: str | None = None
     """Name the model is served under; defaults to the model argument."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weight and activation dtype; auto means bfloat16 on GPU and float32 on CPU."""
@@ -32,25 +33,25 @@ class EngineConfig(BaseModel):
     """Where the model runs; auto picks cuda when available."""
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     """How weights are read; dummy builds random weights of the model's config (benchmarks)."""
-    max_model_len: Optional[int] = Field(None, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
     """Maximum prompt + output length per request; defaults to the model's max_position_embeddings."""
     block_size: int = Field(16, ge=1, le=1024)
     """Tokens per KV cache block."""
-    num_kv_blocks: Optional[int] = Field(None, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
     """Exact number of KV cache blocks; overrides the memory-based sizing."""
-    kv_cache_memory: Optional[int] = Field(None, ge=1)
+    kv_cache_memory: int | None = Field(None, ge=1)
     """Bytes to reserve for the KV cache; by default derived from gpu_memory_utilization (GPU) or 1 GiB (CPU)."""
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     """Fraction of GPU memory the engine may use for weights, activations and KV cache."""
     max_num_seqs: int = Field(256, ge=1)
     """Maximum number of sequences in the running batch."""
-    max_num_batched_tokens: Optional[int] = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
     """Token budget per engine step (prefill chunks plus decodes); default 8192 on GPU, 2048 on CPU."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes across requests."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
-    async_scheduling: Optional[bool] = None
+    async_scheduling: bool | None = None
     """Schedule and queue the next step before reading back the previous one (overlaps host and device work); default on for CUDA."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """Kernel implementation: triton on CUDA, the torch reference on CPU, unless forced."""
@@ -66,7 +67,7 @@ class EngineConfig(BaseModel):
     """Compiled grammars kept, keyed by their schema / regex / grammar text (LRU)."""
     max_grammar_bytes: int = Field(256 * 1024, ge=1024)
     """Largest JSON schema / regex / grammar text accepted, in bytes."""
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     """Chat template to use instead of the model's: a Jinja file path or the template text itself."""
     generation_config: Literal["auto", "vllm"] = "auto"
     """auto: sampling defaults (temperature, top_p, top_k, repetition_penalty, max_new_tokens) from the model's generation_config.json for requests that omit them; vllm: ignore the model's file and use the neutral defaults."""
@@ -74,7 +75,7 @@ class EngineConfig(BaseModel):
     """Accepted for vLLM compatibility; remote code is never executed."""
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self) -> EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be at least block_size")
         return self

@@ -16,6 +16,7 @@ on_stopped)` (callbacks run on the event loop), `send(op)` (from the event loop)
   request pipe closes (the server died), or (Linux, started from the main thread)
   by PR_SET_PDEATHSIG when the server process dies.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ import pickle
 import queue
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .engine_core import PICKLE_PROTOCOL, Batch, EngineCore, EngineInfo, core_process_main, stats_dict
 
@@ -46,9 +47,9 @@ class ThreadCoreClient:
         self.info = EngineInfo.of(engine)
         self.tokenizer = engine.tokenizer
         self.stats = stats_dict(engine.get_stats())
-        self._ops: "queue.Queue[tuple]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._ops: queue.Queue[tuple] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def is_running(self) -> bool:
@@ -98,23 +99,27 @@ class ProcessCoreClient:
         self._out_r, out_w = ctx.Pipe(duplex=False)
         # PR_SET_PDEATHSIG fires when the *thread* that started the child ends: only ask for it from the main thread.
         parent_pid = os.getpid() if threading.current_thread() is threading.main_thread() else None
-        self.process = ctx.Process(target=core_process_main, name="fleetserve-engine-core", daemon=True,
-                                   args=(config, req_r, out_w, log_level, parent_pid))
+        self.process = ctx.Process(
+            target=core_process_main,
+            name="fleetserve-engine-core",
+            daemon=True,
+            args=(config, req_r, out_w, log_level, parent_pid),
+        )
         self.process.start()
         req_r.close()  # the child holds its own copies; ours would hide the other side's death
         out_w.close()
         logger.info("engine core process started (pid %d)", self.process.pid)
-        self.info: Optional[EngineInfo] = None
+        self.info: EngineInfo | None = None
         self.tokenizer = None
         self.stats: dict = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._on_batch: Optional[OnBatch] = None
-        self._on_stopped: Optional[OnStopped] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_batch: OnBatch | None = None
+        self._on_stopped: OnStopped | None = None
         self._stopping = False
         self._ended = False
         # Writes happen on a thread of their own: a burst of large prompts fills the pipe faster than
         # the core reads it between steps, and the event loop must not wait for that.
-        self._send_q: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._send_q: queue.Queue[bytes | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="core-client-writer", daemon=True)
         self._writer.start()
 
@@ -170,16 +175,18 @@ class ProcessCoreClient:
                 return
             msg = pickle.loads(data)
             if msg[0] == "batch":
+                assert self._on_batch is not None  # start() registers it before the reader
                 self._on_batch(msg[1])
             elif msg[0] == "dead":
                 self._end(msg[1])
                 return
 
-    def _end(self, reason: Optional[str]) -> None:
+    def _end(self, reason: str | None) -> None:
         if self._ended:
             return
         self._ended = True
         with_reason = reason is not None
+        assert self._loop is not None and self._on_stopped is not None  # set by start()
         try:
             self._loop.remove_reader(self._out_r.fileno())
         except Exception:
@@ -188,9 +195,15 @@ class ProcessCoreClient:
         if crashed:
             self.process.join(1.0)
             code = self.process.exitcode
-            logger.error("engine core process (pid %d) died%s%s: no request can progress", self.process.pid,
-                         "" if code is None else f" with exit code {code}", f" ({reason})" if reason else "")
-        self._on_stopped(reason or ("engine core process died" if crashed else "engine is shut down"), crashed)
+            logger.error(
+                "engine core process (pid %d) died%s%s: no request can progress",
+                self.process.pid,
+                "" if code is None else f" with exit code {code}",
+                f" ({reason})" if reason else "",
+            )
+        self._on_stopped(
+            reason or ("engine core process died" if crashed else "engine is shut down"), crashed
+        )
 
     def send(self, op: tuple) -> None:
         self._send_q.put(pickle.dumps(op, protocol=PICKLE_PROTOCOL))
@@ -203,8 +216,9 @@ class ProcessCoreClient:
         self._writer.join(timeout)
         self.process.join(timeout)
         if self.process.is_alive():
-            logger.warning("engine core process (pid %d) did not stop in %.0fs: killing it", self.process.pid,
-                           timeout)
+            logger.warning(
+                "engine core process (pid %d) did not stop in %.0fs: killing it", self.process.pid, timeout
+            )
             self._kill()
         self._req_w.close()
 

@@ -14,9 +14,11 @@ decoders right (SentencePiece drops the leading space of a decode's first token)
 and a delta that ends in U+FFFD is held back until the next tokens complete the
 UTF-8 sequence, so `output_text` never ends in half a character.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from .sampling_params import SamplingParams
 from .stop import find_stop_string
@@ -49,14 +51,14 @@ class IncrementalDetokenizer:
         self.read_offset = self.num_prompt_tokens
         self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
         self.output_text = ""
-        self.stop_reason: Optional[str] = None
+        self.stop_reason: str | None = None
         self._streamed = 0  # chars of output_text already returned by get_next_output_text(delta=True)
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
-    def _decode(self, start: int, end: Optional[int] = None) -> str:
+    def _decode(self, start: int, end: int | None = None) -> str:
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def _decode_next(self, flush: bool = False) -> str:
@@ -73,7 +75,7 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
         return delta
 
-    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> Optional[str]:
+    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
         """Append sampled tokens; return the stop string that matched, or None.
 
         On a match `output_text` ends just before the stop string (or just after it
@@ -99,7 +101,7 @@ class IncrementalDetokenizer:
             self.token_ids.append(skipped)
         return self._cut_at_stop_string(scan_from)
 
-    def flush(self) -> Optional[str]:
+    def flush(self) -> str | None:
         """At the end of a completion: add the text of tokens still held back because
         they end in an incomplete UTF-8 sequence (it then contains U+FFFD, as a full
         decode would). Returns a stop string if that text completes one."""
@@ -109,7 +111,7 @@ class IncrementalDetokenizer:
         self.output_text += self._decode_next(flush=True)
         return self._cut_at_stop_string(scan_from)
 
-    def _cut_at_stop_string(self, scan_from: int) -> Optional[str]:
+    def _cut_at_stop_string(self, scan_from: int) -> str | None:
         if not self.stop or scan_from >= len(self.output_text):
             return None
         text = self.output_text

@@ -9,6 +9,7 @@ that outlives a step (prompt, detokenizers, logprobs, timings). It is
 single-threaded; fleetserve.runtime.async_engine.AsyncLLM drives it from
 asyncio.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -17,15 +18,15 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
 
 import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner, kv_bytes_per_block
+from .model_runner import ModelRunner, _LaunchedStep, kv_bytes_per_block
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .protocols import PromptInput
 from .request import Seq, SeqStatus
@@ -54,15 +55,15 @@ class EngineStats:
 @dataclass
 class _RequestState:
     request_id: str
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Seq]
     detoks: list[IncrementalDetokenizer]
     metrics: RequestMetrics
-    logprobs: list[Optional[list]] = field(default_factory=list)
-    cumulative_logprob: list[Optional[float]] = field(default_factory=list)
-    prompt_logprobs: Optional[list] = None
+    logprobs: list[list | None] = field(default_factory=list)
+    cumulative_logprob: list[float | None] = field(default_factory=list)
+    prompt_logprobs: list | None = None
     final_only: bool = False
     delta: bool = False
     # delta outputs: per completion, output tokens already reported (-1 once its finish was);
@@ -103,44 +104,64 @@ class LLMEngine:
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or loaded.model_name
-        self.generation_defaults = (_valid_generation_defaults(loaded.generation_defaults)
-                                    if config.generation_config == "auto" else {})
+        self.generation_defaults = (
+            _valid_generation_defaults(loaded.generation_defaults)
+            if config.generation_config == "auto"
+            else {}
+        )
         mc = self.model_config
         self.vocab_size = mc.vocab_size
         # Sliding-window layers attend over their window in the kernels: the whole context is served.
         limit = mc.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds what {self.model_name} supports ({limit})")
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds what {self.model_name} supports ({limit})"
+            )
         self.max_model_len = config.max_model_len or limit
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks(loaded.model)
         capacity = self.num_kv_blocks * self.block_size
         if capacity < self.max_model_len:  # one full-length sequence must always fit (vLLM refuses to start)
             if config.max_model_len is not None:
-                raise ValueError(f"max_model_len={self.max_model_len} does not fit in the KV cache ({capacity} tokens "
-                                 f"in {self.num_kv_blocks} blocks): lower it or give the KV cache more memory")
-            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len)
+                raise ValueError(
+                    f"max_model_len={self.max_model_len} does not fit in the KV cache ({capacity} tokens "
+                    f"in {self.num_kv_blocks} blocks): lower it or give the KV cache more memory"
+                )
+            logger.warning(
+                "KV cache holds %d tokens: max_model_len lowered from %d", capacity, self.max_model_len
+            )
             self.max_model_len = capacity
-        self.limits = RequestLimits(max_model_len=self.max_model_len, vocab_size=self.vocab_size,
-                                    max_logprobs=config.max_logprobs)
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
+        self.limits = RequestLimits(
+            max_model_len=self.max_model_len, vocab_size=self.vocab_size, max_logprobs=config.max_logprobs
+        )
+        self.eos_token_ids = (
+            set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set(mc.eos_token_ids or ())
+        )
         # The one owner of stop decisions; it reads stop strings from the sequence's detokenizer.
         self._stop = StopChecker(self.eos_token_ids, self._detokenizer_of)
-        self.runner = ModelRunner(loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size,
-                                  self.eos_token_ids)
+        self.runner = ModelRunner(
+            loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size, self.eos_token_ids
+        )
         if self.device.type == "cuda" and not config.enforce_eager:
             secs = self.runner.capture_decode_graphs(min(config.max_num_seqs, 512), self.max_model_len)
-            logger.info("captured CUDA graphs for decode batch sizes up to %d in %.1fs",
-                        min(config.max_num_seqs, 512), secs)
+            logger.info(
+                "captured CUDA graphs for decode batch sizes up to %d in %.1fs",
+                min(config.max_num_seqs, 512),
+                secs,
+            )
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
-        self.scheduler = Scheduler(KVCacheManager(self.num_kv_blocks, self.block_size, config.enable_prefix_caching),
-                                   config.max_num_seqs, budget)
+        self.scheduler = Scheduler(
+            KVCacheManager(self.num_kv_blocks, self.block_size, config.enable_prefix_caching),
+            config.max_num_seqs,
+            budget,
+        )
         self.max_concurrency = self.num_kv_blocks * self.block_size / self.max_model_len
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._pending_outputs: list[RequestOutput] = []
-        self._inflight = None  # the launched step whose tokens are not read back yet (async scheduling)
+        # the launched step whose tokens are not read back yet (async scheduling)
+        self._inflight: _LaunchedStep | None = None
         self._num_penalty_requests = 0
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
         # count of running ones (while any runs, pipelined steps sample only after the previous
@@ -149,8 +170,9 @@ class LLMEngine:
         self._num_grammar_requests = 0
         self._structured = None
         self._structured_lock = threading.Lock()
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        )
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # False: no text and no stop strings here (the caller detokenizes, as the server's
@@ -158,10 +180,18 @@ class LLMEngine:
         self.detokenize = True
         if self.device.type == "cuda":
             self._warmup()
-        logger.info("model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
-                    "(max concurrency %.1fx at %d tokens)", self.model_name, time.perf_counter() - t0,
-                    str(self.dtype).replace("torch.", ""), self.device, self.num_kv_blocks, self.block_size,
-                    self.max_concurrency, self.max_model_len)
+        logger.info(
+            "model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
+            "(max concurrency %.1fx at %d tokens)",
+            self.model_name,
+            time.perf_counter() - t0,
+            str(self.dtype).replace("torch.", ""),
+            self.device,
+            self.num_kv_blocks,
+            self.block_size,
+            self.max_concurrency,
+            self.max_model_len,
+        )
 
     def _warmup(self) -> None:
         """Run a prefill step, a mixed prefill+decode step, decode steps and a sampled row once,
@@ -171,9 +201,13 @@ class LLMEngine:
         g = torch.Generator().manual_seed(0)
         n = max(2, min(512, self.max_model_len // 4, self.scheduler.max_num_batched_tokens // 2))
         prompt = lambda: torch.randint(0, self.vocab_size, (n,), generator=g).tolist()  # noqa: E731
-        self.add_request("__warmup-0", prompt(), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        self.add_request(
+            "__warmup-0", prompt(), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        )
         self.step()
-        self.add_request("__warmup-1", prompt(), SamplingParams(temperature=1.0, seed=0, max_tokens=4, ignore_eos=True))
+        self.add_request(
+            "__warmup-1", prompt(), SamplingParams(temperature=1.0, seed=0, max_tokens=4, ignore_eos=True)
+        )
         while self.has_unfinished_requests():
             self.step()
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -182,7 +216,7 @@ class LLMEngine:
         logger.info("warm-up steps took %.1fs", time.perf_counter() - t0)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
         return cls(config)
 
     # -- sizing -------------------------------------------------------------
@@ -199,8 +233,10 @@ class LLMEngine:
             n = (1 << 30) // per_block  # 1 GiB on CPU
         min_blocks = cdiv(16, self.block_size)
         if n < min_blocks:
-            raise ValueError(f"KV cache too small: {n} blocks of {self.block_size} tokens "
-                             f"({per_block} bytes each); give more memory or num_kv_blocks")
+            raise ValueError(
+                f"KV cache too small: {n} blocks of {self.block_size} tokens "
+                f"({per_block} bytes each); give more memory or num_kv_blocks"
+            )
         return int(n)
 
     def _profile_cuda_blocks(self, model, per_block: int) -> int:
@@ -211,31 +247,46 @@ class LLMEngine:
         used_before = total - free
         # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
         budget_tokens = self.config.max_num_batched_tokens or 8192
-        act = budget_tokens * (self.model_config.hidden_size * 12 + self.model_config.intermediate_size * 6) * 2
+        act = (
+            budget_tokens * (self.model_config.hidden_size * 12 + self.model_config.intermediate_size * 6) * 2
+        )
         act += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
         avail = total * self.config.gpu_memory_utilization - used_before - act
         return max(int(avail // per_block), 0)
 
     # -- requests -------------------------------------------------------------
-    def _tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+                raise InvalidRequestError(
+                    "a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt"
+                )
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: pass prompt_token_ids", param="prompt")
+                raise InvalidRequestError(
+                    "this model has no tokenizer: pass prompt_token_ids", param="prompt"
+                )
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] "
-                                  f"or dict", param="prompt")
+        raise InvalidRequestError(
+            f"unsupported prompt type {type(prompt).__name__}: expected str, list[int] or dict",
+            param="prompt",
+        )
 
-    def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None, final_only: bool = False, delta: bool = False) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        final_only: bool = False,
+        delta: bool = False,
+    ) -> None:
         """Queue a request; runtime/validation.validate checks it first (InvalidRequestError, a
         ValueError). final_only: step() reports it only once finished (offline batches), which
         saves building an output object for every request in every step. delta: each output
@@ -255,18 +306,38 @@ class LLMEngine:
         max_len = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         arrival = arrival_time if arrival_time is not None else time.time()
-        seqs = [Seq(next(self._seq_ids), request_id, i, ids, params, completion_seed(base_seed, i), max_len, arrival)
-                for i in range(params.n)]
+        seqs = [
+            Seq(
+                next(self._seq_ids),
+                request_id,
+                i,
+                ids,
+                params,
+                completion_seed(base_seed, i),
+                max_len,
+                arrival,
+            )
+            for i in range(params.n)
+        ]
         seqs[0].pending_forks = seqs[1:]
         state = _RequestState(
-            request_id=request_id, prompt=text, prompt_token_ids=ids, params=params, seqs=seqs,
-            detoks=([IncrementalDetokenizer(self.tokenizer, ids, params) for _ in seqs]
-                    if self.tokenizer and self.detokenize else []),
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            seqs=seqs,
+            detoks=(
+                [IncrementalDetokenizer(self.tokenizer, ids, params) for _ in seqs]
+                if self.tokenizer and self.detokenize
+                else []
+            ),
             metrics=RequestMetrics(arrival_time=arrival),
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
             cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in seqs],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            final_only=final_only, delta=delta, num_sent=[0] * len(seqs),
+            final_only=final_only,
+            delta=delta,
+            num_sent=[0] * len(seqs),
         )
         self._requests[request_id] = state
         if params.has_penalties:
@@ -292,9 +363,14 @@ class LLMEngine:
 
                     cfg = self.config
                     self._structured = GrammarCompiler(
-                        self.tokenizer, self.vocab_size, self.eos_token_ids, cache_size=cfg.grammar_cache_size,
-                        max_threads=cfg.grammar_compile_threads, compile_timeout=cfg.grammar_compile_timeout,
-                        max_spec_bytes=cfg.max_grammar_bytes)
+                        self.tokenizer,
+                        self.vocab_size,
+                        self.eos_token_ids,
+                        cache_size=cfg.grammar_cache_size,
+                        max_threads=cfg.grammar_compile_threads,
+                        compile_timeout=cfg.grammar_compile_timeout,
+                        max_spec_bytes=cfg.max_grammar_bytes,
+                    )
         return self._structured
 
     def _attach_grammar(self, state: _RequestState, compiled) -> None:
@@ -326,7 +402,7 @@ class LLMEngine:
                 self.scheduler.add(state.seqs[0])
         self._grammar_waiting = still
 
-    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             state = self._requests.get(rid)
@@ -398,10 +474,11 @@ class LLMEngine:
         for seq_id, (first, entries) in result.prompt_logprobs.items():
             seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
             state = self._requests.get(seq.request_id)
-            if state is None:
+            if state is None or state.prompt_logprobs is None:
                 continue
-            have = len(state.prompt_logprobs) - 1  # prompt positions already covered (recompute after preemption repeats some)
-            state.prompt_logprobs.extend(self._logprob_dicts(entries[max(0, have - first):]))
+            # prompt positions already covered (recompute after preemption repeats some)
+            have = len(state.prompt_logprobs) - 1
+            state.prompt_logprobs.extend(self._logprob_dicts(entries[max(0, have - first) :]))
         for seq in progressed:
             state = self._requests[seq.request_id]
             touched[seq.request_id] = state
@@ -410,8 +487,10 @@ class LLMEngine:
                 seq.grammar.accept(seq.token_ids[-1])
             if seq.seq_id in result.logprobs:
                 ids, lps, rank = result.logprobs[seq.seq_id]
-                state.logprobs[seq.index].append(self._logprob_dict(ids, lps, rank))
-                state.cumulative_logprob[seq.index] += lps[0]
+                lp_entries, cum = state.logprobs[seq.index], state.cumulative_logprob[seq.index]
+                assert lp_entries is not None and cum is not None  # the runner sends logprobs only when asked
+                lp_entries.append(self._logprob_dict(ids, lps, rank))
+                state.cumulative_logprob[seq.index] = cum + lps[0]
         for rid, state in touched.items():
             m = state.metrics
             if m.first_token_time is None:
@@ -426,7 +505,7 @@ class LLMEngine:
             outputs.append(self._make_output(state))
         return outputs
 
-    def _detokenizer_of(self, seq: Seq) -> Optional[IncrementalDetokenizer]:
+    def _detokenizer_of(self, seq: Seq) -> IncrementalDetokenizer | None:
         state = self._requests.get(seq.request_id)
         return state.detoks[seq.index] if state is not None and state.detoks else None
 
@@ -438,7 +517,7 @@ class LLMEngine:
             self._num_grammar_requests -= 1
 
     # -- outputs --------------------------------------------------------------
-    def _decode_token(self, token_id: int) -> Optional[str]:
+    def _decode_token(self, token_id: int) -> str | None:
         if self.tokenizer is None or not self.detokenize:
             return None
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -461,16 +540,32 @@ class LLMEngine:
             text = ""
             if state.detoks:  # while running, hold back text that a stop string could still cut
                 det = state.detoks[i]
-                text = det.output_text if seq.is_finished else det.get_next_output_text(finished=False, delta=False)
-            comps.append(CompletionOutput(
-                index=i, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=state.cumulative_logprob[i], logprobs=state.logprobs[i],
-                finish_reason=seq.status.value if seq.is_finished else None, stop_reason=seq.stop_reason))
+                text = (
+                    det.output_text
+                    if seq.is_finished
+                    else det.get_next_output_text(finished=False, delta=False)
+                )
+            comps.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=state.cumulative_logprob[i],
+                    logprobs=state.logprobs[i],
+                    finish_reason=seq.status.value if seq.is_finished else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
         return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-            outputs=comps, finished=state.finished,
-            prompt_logprobs=state.prompt_logprobs, num_cached_tokens=state.seqs[0].num_cached_tokens,
-            metrics=state.metrics)
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=comps,
+            finished=state.finished,
+            prompt_logprobs=state.prompt_logprobs,
+            num_cached_tokens=state.seqs[0].num_cached_tokens,
+            metrics=state.metrics,
+        )
 
     def _make_delta_output(self, state: _RequestState) -> RequestOutput:
         comps = []
@@ -486,25 +581,43 @@ class LLMEngine:
             text = ""
             if state.detoks:
                 text = state.detoks[i].get_next_output_text(finished=seq.is_finished, delta=True)
-            comps.append(CompletionOutput(
-                index=i, text=text, token_ids=seq.token_ids[start:],
-                cumulative_logprob=state.cumulative_logprob[i], logprobs=None if lps is None else lps[sent:],
-                finish_reason=seq.status.value if seq.is_finished else None, stop_reason=seq.stop_reason))
+            comps.append(
+                CompletionOutput(
+                    index=i,
+                    text=text,
+                    token_ids=seq.token_ids[start:],
+                    cumulative_logprob=state.cumulative_logprob[i],
+                    logprobs=None if lps is None else lps[sent:],
+                    finish_reason=seq.status.value if seq.is_finished else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
         plp = state.prompt_logprobs
         if plp is not None:
-            plp, state.num_prompt_lp_sent = plp[state.num_prompt_lp_sent:], len(plp)
+            plp, state.num_prompt_lp_sent = plp[state.num_prompt_lp_sent :], len(plp)
         return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-            outputs=comps, finished=state.finished, prompt_logprobs=plp,
-            num_cached_tokens=state.seqs[0].num_cached_tokens, metrics=state.metrics)
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=comps,
+            finished=state.finished,
+            prompt_logprobs=plp,
+            num_cached_tokens=state.seqs[0].num_cached_tokens,
+            metrics=state.metrics,
+        )
 
     def get_stats(self) -> EngineStats:
         kv = self.scheduler.kv
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=kv.usage, num_preemptions_total=self.scheduler.num_preemptions,
-            prefix_cache_queries_total=kv.prefix_cache_queries, prefix_cache_hits_total=kv.prefix_cache_hits,
-            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total)
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=kv.prefix_cache_queries,
+            prefix_cache_hits_total=kv.prefix_cache_hits,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
 
 
 def _valid_generation_defaults(raw: dict) -> dict:

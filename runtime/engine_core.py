@@ -33,6 +33,7 @@ Batch = (now, stats dict, num_adds_applied, outputs, errors) with
           runtime/validation InvalidRequestError (param, code: its fields), "value" another ValueError
           (bad input), "error" anything else
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .validation import InvalidRequestError, RequestLimits
 
@@ -61,52 +63,71 @@ class EngineInfo:
 
     model_name: str
     max_model_len: int
-    vocab_size: Optional[int]
+    vocab_size: int | None
     config: Any  # the EngineConfig
     dtype: str
     device: str
-    num_kv_blocks: Optional[int]
-    block_size: Optional[int]
-    max_concurrency: Optional[float]
+    num_kv_blocks: int | None
+    block_size: int | None
+    max_concurrency: float | None
     pid: int
-    limits: Optional[RequestLimits] = None
+    limits: RequestLimits | None = None
     """What runtime/validation.validate checks requests against (the engine's RequestLimits)."""
     eos_token_ids: tuple[int, ...] = ()
     """The engine's end-of-sequence ids (the HTTP side's grammar compiler lets a grammar end on them)."""
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
     """The model's sampling defaults (generation_config.json; empty with --generation-config vllm)."""
 
     @classmethod
-    def of(cls, engine, config=None) -> "EngineInfo":
+    def of(cls, engine, config=None) -> EngineInfo:
         cfg = config if config is not None else getattr(engine, "config", None)
         mc = getattr(engine, "max_concurrency", None)
-        return cls(model_name=engine.model_name, max_model_len=engine.max_model_len,
-                   vocab_size=getattr(engine, "vocab_size", None), config=cfg,
-                   dtype=str(getattr(engine, "dtype", getattr(cfg, "dtype", "?"))).replace("torch.", ""),
-                   device=str(getattr(engine, "device", getattr(cfg, "device", "?"))),
-                   num_kv_blocks=getattr(engine, "num_kv_blocks", None),
-                   block_size=getattr(engine, "block_size", getattr(cfg, "block_size", None)),
-                   max_concurrency=None if mc is None else float(mc), pid=os.getpid(),
-                   limits=getattr(engine, "limits", None),
-                   eos_token_ids=tuple(sorted(getattr(engine, "eos_token_ids", ()) or ())),
-                   generation_defaults=dict(getattr(engine, "generation_defaults", None) or {}))
+        return cls(
+            model_name=engine.model_name,
+            max_model_len=engine.max_model_len,
+            vocab_size=getattr(engine, "vocab_size", None),
+            config=cfg,
+            dtype=str(getattr(engine, "dtype", getattr(cfg, "dtype", "?"))).replace("torch.", ""),
+            device=str(getattr(engine, "device", getattr(cfg, "device", "?"))),
+            num_kv_blocks=getattr(engine, "num_kv_blocks", None),
+            block_size=getattr(engine, "block_size", getattr(cfg, "block_size", None)),
+            max_concurrency=None if mc is None else float(mc),
+            pid=os.getpid(),
+            limits=getattr(engine, "limits", None),
+            eos_token_ids=tuple(sorted(getattr(engine, "eos_token_ids", ()) or ())),
+            generation_defaults=dict(getattr(engine, "generation_defaults", None) or {}),
+        )
 
 
 def stats_dict(stats) -> dict:
-    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+    return (
+        dataclasses.asdict(stats)
+        if dataclasses.is_dataclass(stats) and not isinstance(stats, type)
+        else dict(vars(stats))
+    )
 
 
 def _pack_logprobs(positions) -> list:
     # dict[int, Logprob] -> (ids, logprobs, ranks); insertion order (sampled token first) is kept.
-    return [None if d is None else (tuple(d), tuple(x.logprob for x in d.values()), tuple(x.rank for x in d.values()))
-            for d in positions]
+    return [
+        None
+        if d is None
+        else (tuple(d), tuple(x.logprob for x in d.values()), tuple(x.rank for x in d.values()))
+        for d in positions
+    ]
 
 
-def _metrics_tuple(m) -> Optional[tuple]:
+def _metrics_tuple(m) -> tuple | None:
     if m is None:
         return None
-    return (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time,
-            m.num_preemptions)
+    return (
+        m.arrival_time,
+        m.first_scheduled_time,
+        m.first_token_time,
+        m.last_token_time,
+        m.finished_time,
+        m.num_preemptions,
+    )
 
 
 class EngineCore:
@@ -116,7 +137,7 @@ class EngineCore:
     operation (having aborted what was left) and raises if the engine crashed.
     """
 
-    def __init__(self, engine, ops: "queue.Queue[tuple]", emit: Callable[[Batch], None]):
+    def __init__(self, engine, ops: queue.Queue[tuple], emit: Callable[[Batch], None]):
         self.engine = engine
         if hasattr(engine, "detokenize"):
             engine.detokenize = False
@@ -125,7 +146,7 @@ class EngineCore:
         self.num_adds_applied = 0
         self._live: set[str] = set()  # requests the engine holds
         self._metrics_sent: set[str] = set()
-        self._last_stats: Optional[dict] = None
+        self._last_stats: dict | None = None
         self._carry: list[tuple] = []  # an operation taken while waiting, applied first next time
 
     # ------------------------------------------------------------ operations
@@ -147,7 +168,9 @@ class EngineCore:
             if kind == "add":
                 _, rid, ids, params, arrival = op
                 try:
-                    self.engine.add_request(rid, {"prompt_token_ids": ids}, params, arrival_time=arrival, delta=True)
+                    self.engine.add_request(
+                        rid, {"prompt_token_ids": ids}, params, arrival_time=arrival, delta=True
+                    )
                     self._live.add(rid)
                 except Exception as e:  # bad input: ValueError; anything else fails only this request
                     if isinstance(e, InvalidRequestError):
@@ -184,11 +207,28 @@ class EngineCore:
             elif rid not in self._metrics_sent:
                 self._metrics_sent.add(rid)
                 metrics = _metrics_tuple(out.metrics)
-            comps = [(c.index, c.token_ids, None if c.logprobs is None else _pack_logprobs(c.logprobs),
-                      c.cumulative_logprob, c.finish_reason, c.stop_reason) for c in out.outputs]
+            comps = [
+                (
+                    c.index,
+                    c.token_ids,
+                    None if c.logprobs is None else _pack_logprobs(c.logprobs),
+                    c.cumulative_logprob,
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+                for c in out.outputs
+            ]
             plp = out.prompt_logprobs
-            res.append((rid, out.finished, out.num_cached_tokens, metrics, comps,
-                        None if plp is None else _pack_logprobs(plp)))
+            res.append(
+                (
+                    rid,
+                    out.finished,
+                    out.num_cached_tokens,
+                    metrics,
+                    comps,
+                    None if plp is None else _pack_logprobs(plp),
+                )
+            )
         return res
 
     def _emit(self, outputs, errors, force: bool) -> None:
@@ -246,7 +286,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def core_process_main(config, req_conn, out_conn, log_level: str = "info", parent_pid: Optional[int] = None) -> None:
+def core_process_main(
+    config, req_conn, out_conn, log_level: str = "info", parent_pid: int | None = None
+) -> None:
     """Entry point of the spawned engine-core process."""
     _die_with_parent()
     if parent_pid is not None and os.getppid() != parent_pid:
@@ -255,9 +297,12 @@ def core_process_main(config, req_conn, out_conn, log_level: str = "info", paren
     # before the server drained its streams; the server tells the core to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out_q: "queue.Queue[Optional[bytes]]" = queue.Queue()
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    out_q: queue.Queue[bytes | None] = queue.Queue()
 
     def send(msg: tuple) -> None:
         out_q.put(pickle.dumps(msg, protocol=PICKLE_PROTOCOL))
@@ -292,7 +337,7 @@ def core_process_main(config, req_conn, out_conn, log_level: str = "info", paren
         send(("error", type(e).__name__, str(e)))
         finish(1)
         return
-    ops: "queue.Queue[tuple]" = queue.Queue()
+    ops: queue.Queue[tuple] = queue.Queue()
 
     def reader() -> None:
         while True:

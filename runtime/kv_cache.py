@@ -6,10 +6,11 @@ before any cached one) and the prefix-cache map from chained block hashes to
 blocks. `KVCacheManager` is the only writer of `Seq.block_ids`. Both deal in
 block ids on the CPU; the KV tensors themselves belong to the model runner.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .request import Seq
 from .utils import cdiv
@@ -21,7 +22,7 @@ class KVBlock:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: Optional[int] = None
+        self.block_hash: int | None = None
 
 
 class BlockPool:
@@ -63,7 +64,7 @@ class BlockPool:
             if blk.block_hash is None:  # nothing worth keeping: reuse it first
                 self._free.move_to_end(blk.block_id, last=False)
 
-    def lookup(self, block_hash: int) -> Optional[KVBlock]:
+    def lookup(self, block_hash: int) -> KVBlock | None:
         return self._cached.get(block_hash)
 
     def register(self, blk: KVBlock, block_hash: int) -> None:
@@ -100,7 +101,7 @@ class KVCacheManager:
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else 0
-            hashes.append(hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))))
+            hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
         return hashes[:num_blocks]
 
     def find_cached_prefix(self, seq: Seq) -> list[KVBlock]:
@@ -118,8 +119,9 @@ class KVCacheManager:
         self.prefix_cache_hits += len(found) * self.block_size
         return found
 
-    def allocate_slots(self, seq: Seq, num_new_tokens: int,
-                       cached_blocks: Iterable[KVBlock] = ()) -> Optional[list[tuple[int, int]]]:
+    def allocate_slots(
+        self, seq: Seq, num_new_tokens: int, cached_blocks: Iterable[KVBlock] = ()
+    ) -> list[tuple[int, int]] | None:
         """Make room for num_new_tokens more tokens after the computed (and cached) ones.
 
         Returns the (src, dst) block copies the runner must do first (copy-on-write of
@@ -130,7 +132,10 @@ class KVCacheManager:
         if not cached_blocks:  # the decode fast path: room left in an unshared last block
             start = seq.num_computed_tokens
             blocks = seq.block_ids
-            if start + num_new_tokens <= len(blocks) * bs and self.pool.blocks[blocks[start // bs]].ref_cnt == 1:
+            if (
+                start + num_new_tokens <= len(blocks) * bs
+                and self.pool.blocks[blocks[start // bs]].ref_cnt == 1
+            ):
                 return []
         cached_blocks = list(cached_blocks)
         start = seq.num_computed_tokens + len(cached_blocks) * bs
@@ -165,7 +170,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         first = seq.num_registered_blocks
-        last = min(seq.num_computed_tokens, seq.num_tokens, len(seq.block_ids) * self.block_size) // self.block_size
+        last = (
+            min(seq.num_computed_tokens, seq.num_tokens, len(seq.block_ids) * self.block_size)
+            // self.block_size
+        )
         if last <= first:
             return
         hashes = self._block_hashes(seq, last)

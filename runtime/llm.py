@@ -6,26 +6,31 @@
 
 It owns one LLMEngine and runs its loop until every submitted request finished.
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import EngineConfig
 from .engine import LLMEngine, PromptInput
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, **kwargs):
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         """Keyword arguments are EngineConfig fields (dtype, device, max_model_len, block_size,
         num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self._counter = itertools.count()
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -33,15 +38,24 @@ class LLM:
         none with generation_config="vllm"): what generate/chat use when given no sampling params."""
         return SamplingParams(**self.engine.generation_defaults)
 
-    def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
-                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [cast(PromptInput, prompts)]
+        prompts = list(cast(Sequence[PromptInput], prompts))
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         order: dict[str, int] = {}
@@ -58,10 +72,11 @@ class LLM:
         return self._run(order, use_tqdm)
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
-        results: list[Optional[RequestOutput]] = [None] * len(order)
+        results: list[RequestOutput | None] = [None] * len(order)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
+
             bar = tqdm(total=len(order), desc="Processed prompts")
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -71,22 +86,41 @@ class LLM:
                         bar.update(1)
         if bar:
             bar.close()
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)  # the loop ran until every request had finished
+        return done
 
-    def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False, continue_final_message: bool = False,
-             chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of them.
         continue_final_message continues the last message (add_generation_prompt is then off);
         chat_template overrides the model's; chat_template_kwargs reach the template as variables."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        convs = (
+            [messages]
+            if messages and isinstance(messages[0], dict)
+            else cast(list[list[dict[str, Any]]], list(messages))
+        )
         tok = self.engine.tokenizer
-        prompts = []
+        if tok is None:
+            raise ValueError("chat() needs a tokenizer: this engine was loaded without one")
+        prompts: list[PromptInput] = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                           tokenize=False, chat_template=chat_template,
-                                           continue_final_message=continue_final_message,
-                                           **(chat_template_kwargs or {}))
+            text = tok.apply_chat_template(
+                conv,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                tokenize=False,
+                chat_template=chat_template,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
             ids = tok.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

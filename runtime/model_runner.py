@@ -19,11 +19,12 @@ copied into static buffers, padding rows get slot -1 (their K/V are dropped) and
 a context of one token, and attention is captured with max_seq_len =
 max_model_len so one graph serves every context length.
 """
+
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,8 +61,16 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, model_config: ModelConfig, device: torch.device,
-                 dtype: torch.dtype, num_blocks: int, block_size: int, eos_token_ids: set[int]):
+    def __init__(
+        self,
+        model: CausalLM,
+        model_config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: set[int],
+    ):
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -71,14 +80,21 @@ class ModelRunner:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = model_config.vocab_size
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim,
-                        dtype=dtype, device=device)
+            torch.zeros(
+                2,
+                num_blocks,
+                block_size,
+                model_config.num_kv_heads,
+                model_config.head_dim,
+                dtype=dtype,
+                device=device,
+            )
             for _ in range(model_config.num_layers)
         ]
         self.sampler = Sampler()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
-        self._prev_sampled: Optional[torch.Tensor] = None  # last launch's sampled tokens (device)
+        self._prev_sampled: torch.Tensor | None = None  # last launch's sampled tokens (device)
         self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
         # CUDA: reused pinned buffers for every host->device copy. CPU: arrays are used in place.
         self._staging = HostStaging(device, pin=True) if device.type == "cuda" else None
@@ -90,7 +106,9 @@ class ModelRunner:
         import time
 
         t0 = time.perf_counter()
-        sizes = sorted({b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch})
+        sizes = sorted(
+            {b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch}
+        )
         B, dev = sizes[-1], self.device
         max_blocks = cdiv(max_model_len, self.block_size)
         self._static = dict(
@@ -116,18 +134,26 @@ class ModelRunner:
         self._graph_sizes = sizes
         return time.perf_counter() - t0
 
-    def _static_args(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+    def _static_args(
+        self, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         st = self._static
-        attn = AttentionMetadata(st["slot_mapping"][:b], st["query_start_loc"][: b + 1], st["seq_lens"][:b],
-                                 st["block_tables"][:b], 1, self._graph_max_seq_len)
+        attn = AttentionMetadata(
+            st["slot_mapping"][:b],
+            st["query_start_loc"][: b + 1],
+            st["seq_lens"][:b],
+            st["block_tables"][:b],
+            1,
+            self._graph_max_seq_len,
+        )
         return st["input_ids"][:b], st["positions"][:b], attn, self.kv_caches
 
-    def _graph_size(self, batch: int, max_query_len: int) -> Optional[int]:
+    def _graph_size(self, batch: int, max_query_len: int) -> int | None:
         if max_query_len != 1 or not self._graph_sizes or batch > self._graph_sizes[-1]:
             return None
         return next(s for s in self._graph_sizes if s >= batch)
 
-    def _run_graph(self, inputs: "StepInputs") -> torch.Tensor:
+    def _run_graph(self, inputs: StepInputs) -> torch.Tensor:
         """Copy the step's inputs into the static buffers and replay the graph of its padded size."""
         st, attn = self._static, inputs.attn
         b, padded = inputs.num_seqs, inputs.graph_batch
@@ -153,7 +179,7 @@ class ModelRunner:
 
     # -- one step: prepare inputs -> forward -> prepare sampling -> sample ----------
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> "_LaunchedStep":
+    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> _LaunchedStep:
         """Queue one step on the device and return without waiting for it.
 
         defer_sample: queue only the forward pass and the logits; `finish_launch` queues the
@@ -178,7 +204,7 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def finish_launch(self, step: "_LaunchedStep") -> None:
+    def finish_launch(self, step: _LaunchedStep) -> None:
         """Queue the sampling of a step launched with defer_sample=True (a no-op once done),
         close its staging slot and queue the readback."""
         if step._finished:
@@ -205,7 +231,7 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def prepare_inputs(self, sched: SchedulerOutput) -> "StepInputs":
+    def prepare_inputs(self, sched: SchedulerOutput) -> StepInputs:
         """Build the step's token ids, positions and attention metadata on the host with numpy
         and stage them to the device in one copy per dtype.
 
@@ -224,8 +250,11 @@ class ModelRunner:
         n_blocks = np.fromiter((len(s.seq.block_ids) for s in items), dtype=np.int64, count=B)
         max_blocks = cdiv(int(seq_lens.max()), bs)
         # Block tables from one flat pass over all block ids (rows are ragged).
-        flat_ids = np.fromiter(itertools.chain.from_iterable(s.seq.block_ids for s in items), dtype=np.int32,
-                               count=int(n_blocks.sum()))
+        flat_ids = np.fromiter(
+            itertools.chain.from_iterable(s.seq.block_ids for s in items),
+            dtype=np.int32,
+            count=int(n_blocks.sum()),
+        )
         cols = np.arange(int(n_blocks.max()))
         block_tables = np.zeros((B, cols.size), dtype=np.int32)
         block_tables[cols[None, :] < n_blocks[:, None]] = flat_ids
@@ -243,7 +272,7 @@ class ModelRunner:
                 else:
                     token_list += ids[a:end]
             else:  # the last input token is still on the device: a 0 here, gathered below
-                token_list += ids[a:end - 1]
+                token_list += ids[a : end - 1]
                 placeholder_dst.append(len(token_list))
                 placeholder_src.append(prev_rows[seq.seq_id])
                 token_list.append(0)
@@ -262,19 +291,31 @@ class ModelRunner:
             dst, src = dev[6]
             assert self._prev_sampled is not None
             input_ids.index_copy_(0, dst, self._prev_sampled.index_select(0, src))
-        attn = AttentionMetadata(slot_mapping=dev[2], query_start_loc=dev[3], seq_lens=dev[4],
-                                 block_tables=dev[5], max_query_len=max_query_len,
-                                 max_seq_len=int(seq_lens.max()))
-        return StepInputs(input_ids=input_ids, positions=dev[1], attn=attn, num_seqs=B, num_tokens=T,
-                          graph_batch=self._graph_size(B, max_query_len), query_start_loc=qsl)
+        attn = AttentionMetadata(
+            slot_mapping=dev[2],
+            query_start_loc=dev[3],
+            seq_lens=dev[4],
+            block_tables=dev[5],
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()),
+        )
+        return StepInputs(
+            input_ids=input_ids,
+            positions=dev[1],
+            attn=attn,
+            num_seqs=B,
+            num_tokens=T,
+            graph_batch=self._graph_size(B, max_query_len),
+            query_start_loc=qsl,
+        )
 
-    def forward(self, inputs: "StepInputs") -> torch.Tensor:
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H] (or more rows: a CUDA graph's padded batch) of the step's tokens."""
         if inputs.graph_batch is not None:
             return self._run_graph(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
 
-    def compute_logits(self, sample_idx: list[int], inputs: "StepInputs", hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, sample_idx: list[int], inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample: the last scheduled token of each."""
         T = inputs.num_tokens
         if len(sample_idx) == T:  # pure decode: every token is sampled
@@ -289,28 +330,35 @@ class ModelRunner:
         for i in sample_idx:
             seq = items[i].seq
             p = seq.params
-            rows.append(SamplingRow(
-                params=p, seed=seq.seed, output_token_ids=seq.output_token_ids if p.has_penalties else (),
-                prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
-                eos_token_ids=self.eos_token_ids,
-                position=seq.num_known_tokens - 1 - seq.num_prompt_tokens))
+            rows.append(
+                SamplingRow(
+                    params=p,
+                    seed=seq.seed,
+                    output_token_ids=seq.output_token_ids if p.has_penalties else (),
+                    prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else (),
+                    eos_token_ids=self.eos_token_ids,
+                    position=seq.num_known_tokens - 1 - seq.num_prompt_tokens,
+                )
+            )
         return SamplingTensors.build(rows, self.vocab_size, self.device, stage=self._stage)
 
-    def prepare_token_mask(self, sched: SchedulerOutput, sample_idx: list[int]) -> Optional[TokenMask]:
+    def prepare_token_mask(self, sched: SchedulerOutput, sample_idx: list[int]) -> TokenMask | None:
         """Structured outputs: the grammar bitmasks of the rows that have a grammar (None if none),
         filled on the host while the device runs the forward pass."""
         items = sched.scheduled
-        grammars = [(r, items[i].seq.grammar) for r, i in enumerate(sample_idx) if items[i].seq.grammar is not None]
+        grammars = [(r, g) for r, i in enumerate(sample_idx) if (g := items[i].seq.grammar) is not None]
         if not grammars:
             return None
         for r, g in grammars:
             seq = items[sample_idx[r]].seq
             position = seq.num_known_tokens - 1 - seq.num_prompt_tokens
             if g.num_tokens != position:  # a mask for the wrong position would be silently wrong
-                raise RuntimeError(f"grammar of row {r} saw {g.num_tokens} tokens, sampling position {position}")
+                raise RuntimeError(
+                    f"grammar of row {r} saw {g.num_tokens} tokens, sampling position {position}"
+                )
         return fill_token_mask(grammars, self.device, len(sample_idx))
 
-    def collect(self, step: "_LaunchedStep") -> RunnerOutput:
+    def collect(self, step: _LaunchedStep) -> RunnerOutput:
         """Wait for a launched step's results (the step's one sync) and convert them to lists."""
         step.wait()
         out = RunnerOutput()
@@ -323,11 +371,15 @@ class ModelRunner:
                         out.logprobs[sid] = (ids[r][: n + 1], lps[r][: n + 1], ranks[r])
         for seq_id, first, k, lp in step.prompt_logprobs:
             ids, lps, ranks = (t.tolist() for t in lp)
-            out.prompt_logprobs[seq_id] = (first, [(a[: k + 1], b[: k + 1], r) for a, b, r in zip(ids, lps, ranks)])
+            out.prompt_logprobs[seq_id] = (
+                first,
+                [(a[: k + 1], b[: k + 1], r) for a, b, r in zip(ids, lps, ranks)],
+            )
         return out
 
-    def _launch_prompt_logprobs(self, items: list[ScheduledSeq], inputs: "StepInputs", hidden: torch.Tensor,
-                                step: "_LaunchedStep") -> None:
+    def _launch_prompt_logprobs(
+        self, items: list[ScheduledSeq], inputs: StepInputs, hidden: torch.Tensor, step: _LaunchedStep
+    ) -> None:
         qsl = inputs.query_start_loc
         for i, s in enumerate(items):
             seq = s.seq
@@ -335,12 +387,14 @@ class ModelRunner:
             if k is None or s.start >= seq.num_prompt_tokens:
                 continue
             first = s.start
-            last = min(first + s.num_new_tokens, seq.num_prompt_tokens - 1)  # positions with a next prompt token
+            last = min(
+                first + s.num_new_tokens, seq.num_prompt_tokens - 1
+            )  # positions with a next prompt token
             if last <= first:
                 continue
             rows = torch.arange(int(qsl[i]), int(qsl[i]) + last - first, device=self.device)
             logits = self.model.compute_logits(hidden[rows])
-            targets = torch.tensor(seq.token_ids[first + 1: last + 1], device=self.device)
+            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=self.device)
             step.prompt_logprobs.append((seq.seq_id, first, k, compute_prompt_logprobs(logits, targets, k)))
 
 
@@ -360,7 +414,7 @@ class StepInputs:
     """B: sequences in the step."""
     num_tokens: int
     """T: tokens in the step."""
-    graph_batch: Optional[int]
+    graph_batch: int | None
     """Padded batch size of the CUDA graph that runs this step; None = eager forward."""
     query_start_loc: np.ndarray
     """Host copy of attn.query_start_loc ([B+1] int64)."""
@@ -372,22 +426,25 @@ class _LaunchedStep:
 
     sched: SchedulerOutput
     seq_ids: list[int] = field(default_factory=list)
-    sampled: Optional[torch.Tensor] = None
-    logprobs: Optional[tuple[torch.Tensor, ...]] = None
+    sampled: torch.Tensor | None = None
+    logprobs: tuple[torch.Tensor, ...] | None = None
     """(token ids, logprobs, ranks) of the sampled rows (see LogprobsTensors)."""
-    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    num_logprobs: list[int | None] = field(default_factory=list)
     prompt_logprobs: list[tuple[int, int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)
     """(seq_id, first prompt position, k, (token ids, logprobs, ranks)) per sequence that asked."""
-    _done: Optional[torch.cuda.Event] = None
-    _pending: Optional[tuple] = None  # (sample rows, logits) until finish_launch
+    _done: torch.cuda.Event | None = None
+    _pending: tuple | None = None  # (sample rows, logits) until finish_launch
     _finished: bool = False  # finish_launch ran (sampling queued, staging slot closed)
 
     def start_readback(self) -> None:
         """Queue the copies of the results into pinned host memory and mark the point in the
         stream. A plain .tolist() would wait for the whole stream, i.e. also for the next
         step, which async scheduling has already queued behind this one."""
-        first = self.sampled if self.sampled is not None else (
-            self.prompt_logprobs[0][3][0] if self.prompt_logprobs else None)
+        first = (
+            self.sampled
+            if self.sampled is not None
+            else (self.prompt_logprobs[0][3][0] if self.prompt_logprobs else None)
+        )
         if first is None or not first.is_cuda:
             return
         host = lambda t: t.to("cpu", non_blocking=True)  # noqa: E731  (pinned destination)
@@ -395,7 +452,9 @@ class _LaunchedStep:
             self.sampled = host(self.sampled)
         if self.logprobs is not None:
             self.logprobs = tuple(host(t) for t in self.logprobs)
-        self.prompt_logprobs = [(sid, first, k, tuple(host(t) for t in lp)) for sid, first, k, lp in self.prompt_logprobs]
+        self.prompt_logprobs = [
+            (sid, first, k, tuple(host(t) for t in lp)) for sid, first, k, lp in self.prompt_logprobs
+        ]
         self._done = torch.cuda.Event()
         self._done.record()
 

@@ -6,11 +6,16 @@ scheduler mutates scheduling state (status, num_computed_tokens) -- a sequence
 ends only in `Scheduler.finish`, on a decision of runtime/stop.py or an abort --
 and only the KV cache manager mutates `block_ids`. Nothing here touches the device.
 """
+
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured.grammar import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -32,13 +37,40 @@ _FINISHED = frozenset((SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH, Se
 class Seq:
     """One completion stream: prompt + generated tokens, progress and KV blocks."""
 
-    __slots__ = ("seq_id", "request_id", "index", "params", "seed", "token_ids", "num_prompt_tokens",
-                 "num_computed_tokens", "num_cached_tokens", "block_ids", "status", "stop_reason",
-                 "pending_forks", "arrival_time", "max_len", "num_preemptions", "block_hashes",
-                 "num_placeholders", "num_registered_blocks", "grammar")
+    __slots__ = (
+        "seq_id",
+        "request_id",
+        "index",
+        "params",
+        "seed",
+        "token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_ids",
+        "status",
+        "stop_reason",
+        "pending_forks",
+        "arrival_time",
+        "max_len",
+        "num_preemptions",
+        "block_hashes",
+        "num_placeholders",
+        "num_registered_blocks",
+        "grammar",
+    )
 
-    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, max_len: int, arrival_time: float):
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        max_len: int,
+        arrival_time: float,
+    ):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -54,11 +86,12 @@ class Seq:
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, computed lazily
         self.status = SeqStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.pending_forks: list["Seq"] = []  # n > 1: siblings that fork from this one after its prefill
+        self.pending_forks: list[Seq] = []  # n > 1: siblings that fork from this one after its prefill
         self.arrival_time = arrival_time
         self.max_len = max_len  # hard cap on len(token_ids): prompt + max_tokens, or the model's context
         self.num_preemptions = 0
-        self.grammar = None  # structured outputs: this completion's GrammarState (runtime/structured)
+        # structured outputs: this completion's GrammarState (runtime/structured)
+        self.grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -79,12 +112,14 @@ class Seq:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
         return self.status in _FINISHED
 
     def __repr__(self) -> str:
-        return (f"Seq({self.request_id}#{self.index}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.value})")
+        return (
+            f"Seq({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.value})"
+        )

@@ -19,12 +19,15 @@ other requests share the batch, their order, or the device (CPU and CUDA compute
 the same integers). It also makes recomputation after preemption replay the same
 tokens.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import AbstractSet, Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,7 +63,7 @@ class SamplingRow:
     Read in full only when the row has a penalty (a list or a numpy int array)."""
     prompt_token_ids: Sequence[int] = ()
     """Only read when the row has a repetition penalty."""
-    position: Optional[int] = None
+    position: int | None = None
     """Index of the token being sampled within the output, when it differs from
     len(output_token_ids) (pipelined steps: earlier tokens are still on the device)."""
     eos_token_ids: AbstractSet[int] = frozenset()
@@ -92,13 +95,13 @@ class SamplingTensors:
     seed_lo: torch.Tensor  # int64 [B], low 32 bits of the seed
     seed_hi: torch.Tensor  # int64 [B], high 32 bits
     position: torch.Tensor  # int64 [B], index of the token being sampled within the output
-    random_rows: Optional[torch.Tensor] = None  # int64 [R], only for mixed batches
+    random_rows: torch.Tensor | None = None  # int64 [R], only for mixed batches
     # Flat indices into logits.view(-1) (row * V + token).
-    output_token_index: Optional[torch.Tensor] = None  # counts for presence/frequency/repetition
-    prompt_token_index: Optional[torch.Tensor] = None  # seen-mask for repetition
-    bias_index: Optional[torch.Tensor] = None
-    bias_value: Optional[torch.Tensor] = None  # float32, same length as bias_index
-    suppress_index: Optional[torch.Tensor] = None  # min_tokens: EOS / stop ids set to -inf
+    output_token_index: torch.Tensor | None = None  # counts for presence/frequency/repetition
+    prompt_token_index: torch.Tensor | None = None  # seen-mask for repetition
+    bias_index: torch.Tensor | None = None
+    bias_value: torch.Tensor | None = None  # float32, same length as bias_index
+    suppress_index: torch.Tensor | None = None  # min_tokens: EOS / stop ids set to -inf
     # Host-side flags.
     all_greedy: bool = False
     all_random: bool = False
@@ -109,8 +112,8 @@ class SamplingTensors:
     do_top_p: bool = False
     max_top_k: int = 0  # 0 = no row uses top-k
     top_p_within_top_k: bool = False  # every top_p row has 0 < top_k <= _TOPK_INSTEAD_OF_SORT
-    max_num_logprobs: Optional[int] = None  # None = no row wants logprobs
-    num_logprobs: list[Optional[int]] = field(default_factory=list)  # per row, for the engine
+    max_num_logprobs: int | None = None  # None = no row wants logprobs
+    num_logprobs: list[int | None] = field(default_factory=list)  # per row, for the engine
 
     @property
     def fast_path(self) -> bool:
@@ -124,8 +127,13 @@ class SamplingTensors:
         )
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str,
-              stage: Optional[Stager] = None) -> "SamplingTensors":
+    def build(
+        cls,
+        rows: Sequence[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        stage: Stager | None = None,
+    ) -> SamplingTensors:
         """Walk the rows once on the host (`_HostRows.collect`), pack them into one int and one
         float buffer (`_HostRows.pack`), stage both to the device in one go and view the tensors
         out of them (`_from_device`). `stage`: the runner's staging (persistent pinned buffers
@@ -136,14 +144,14 @@ class SamplingTensors:
         return cls._from_device(host, int_t, float_t)
 
     @classmethod
-    def _from_device(cls, host: "_HostRows", int_buf: torch.Tensor, float_buf: torch.Tensor) -> "SamplingTensors":
+    def _from_device(cls, host: _HostRows, int_buf: torch.Tensor, float_buf: torch.Tensor) -> SamplingTensors:
         B = host.batch_size
         table_i = int_buf[: 4 * B].view(B, 4)
         table_f = float_buf[: 6 * B].view(B, 6)
-        pieces: list[Optional[torch.Tensor]] = []
+        pieces: list[torch.Tensor | None] = []
         off = 4 * B
         for n in host.segment_lengths():
-            pieces.append(int_buf[off: off + n] if n else None)
+            pieces.append(int_buf[off : off + n] if n else None)
             off += n
         out_t, prompt_t, bias_t, suppress_t, random_t = pieces
         return cls(
@@ -163,7 +171,7 @@ class SamplingTensors:
             output_token_index=out_t,
             prompt_token_index=prompt_t,
             bias_index=bias_t,
-            bias_value=float_buf[6 * B:] if host.bias_val else None,
+            bias_value=float_buf[6 * B :] if host.bias_val else None,
             suppress_index=suppress_t,
             all_greedy=host.all_greedy,
             all_random=host.all_random,
@@ -188,6 +196,7 @@ def _default_stager(device: torch.device) -> Stager:
         if device.type == "cuda":
             return [torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays]
         return [torch.from_numpy(a).to(device) for a in arrays]
+
     return stage
 
 
@@ -207,19 +216,19 @@ class _HostRows:
     bias_idx: list[int] = field(default_factory=list)
     bias_val: list[float] = field(default_factory=list)
     suppress_idx: list[int] = field(default_factory=list)
-    num_logprobs: list[Optional[int]] = field(default_factory=list)
+    num_logprobs: list[int | None] = field(default_factory=list)
     do_temp: bool = False
     do_min_p: bool = False
     do_top_p: bool = False
     top_p_within_top_k: bool = True
     max_top_k: int = 0
-    max_lp: Optional[int] = None
+    max_lp: int | None = None
     all_greedy: bool = False
     all_random: bool = False
     _segments: list[np.ndarray] = field(default_factory=list)
 
     @classmethod
-    def collect(cls, rows: Sequence[SamplingRow], vocab_size: int) -> "_HostRows":
+    def collect(cls, rows: Sequence[SamplingRow], vocab_size: int) -> _HostRows:
         V = vocab_size
         h = cls(batch_size=len(rows), vocab_size=V)
         floats, ints = h.floats, h.ints
@@ -255,7 +264,9 @@ class _HostRows:
                     h.bias_idx.append(i * V + t)
                     h.bias_val.append(b)
             if n_out < p.min_tokens:
-                h.suppress_idx += [i * V + t for t in suppressed_token_ids(p, row.eos_token_ids, n_out) if 0 <= t < V]
+                h.suppress_idx += [
+                    i * V + t for t in suppressed_token_ids(p, row.eos_token_ids, n_out) if 0 <= t < V
+                ]
             h.num_logprobs.append(p.logprobs)
             if p.logprobs is not None:
                 h.max_lp = p.logprobs if h.max_lp is None else max(h.max_lp, p.logprobs)
@@ -266,8 +277,11 @@ class _HostRows:
     def pack(self) -> tuple[np.ndarray, np.ndarray]:
         """int64 buffer: [B, 4] table, then the index segments; float32: [B, 6] table, then bias values."""
         V = self.vocab_size
-        random_rows = ([] if (self.all_greedy or self.all_random)
-                       else [i for i, g in enumerate(self.greedy_flags) if not g])
+        random_rows = (
+            []
+            if (self.all_greedy or self.all_random)
+            else [i for i, g in enumerate(self.greedy_flags) if not g]
+        )
         self._segments = [
             _flat_token_index(self.out_rows, self.out_seqs, V),
             _flat_token_index(self.prompt_rows, self.prompt_seqs, V),
@@ -348,18 +362,27 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
-def random_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def random_bits(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """Uniform 32-bit integers (int64 [R, V]) that depend only on (seed, position, vocab id)."""
     return _bits(_row_key(seed_lo, seed_hi, position), _vocab_hash(vocab_size, seed_lo.device))
 
 
-def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def uniform_noise(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """float32 [R, V] uniforms in the open interval (0, 1)."""
     return _uniform(random_bits(seed_lo, seed_hi, position, vocab_size))
 
 
-def gumbel_argmax(logits: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor,
-                  vocab_hash: torch.Tensor) -> torch.Tensor:
+def gumbel_argmax(
+    logits: torch.Tensor,
+    seed_lo: torch.Tensor,
+    seed_hi: torch.Tensor,
+    position: torch.Tensor,
+    vocab_hash: torch.Tensor,
+) -> torch.Tensor:
     """argmax(logits + Gumbel noise): one sample per row from softmax(logits); the noise is
     -log(-log(u)) of the counter-based uniforms u.
     Written as one function so that torch.compile fuses it into a single pass over
@@ -379,7 +402,11 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     B, V = logits.shape
     counts = torch.zeros(B * V, dtype=torch.int32, device=logits.device)
     if st.output_token_index is not None:
-        counts.index_put_((st.output_token_index,), torch.ones_like(st.output_token_index, dtype=torch.int32), accumulate=True)
+        counts.index_put_(
+            (st.output_token_index,),
+            torch.ones_like(st.output_token_index, dtype=torch.int32),
+            accumulate=True,
+        )
     counts = counts.view(B, V)
     if st.do_repetition:
         seen = counts > 0
@@ -400,8 +427,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor],
-                      max_top_k: int, top_p_within_top_k: bool = False) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    max_top_k: int,
+    top_p_within_top_k: bool = False,
+) -> torch.Tensor:
     """top_k (0 = off), then top_p over the distribution renormalised to the top k (vLLM).
 
     Each row's filter ends up as a value threshold on its logits, so tokens tied with
@@ -421,6 +453,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
         if top_p is None:
             return logits.masked_fill(logits < kth, neg_inf)
         values = values.masked_fill(values < kth, neg_inf)
+    if top_p is None:  # neither filter is on
+        return logits
     probs = values.softmax(dim=-1)
     exclusive_cumsum = probs.cumsum(dim=-1) - probs
     # Keep the smallest prefix whose mass reaches top_p; rows with top_p = 1 are left
@@ -429,7 +463,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
     keep = ((exclusive_cumsum < top_p[:, None]) | (top_p >= 1.0)[:, None]) & (values > neg_inf)
     keep[:, 0] = True
     threshold = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
-    if top_p_within_top_k:
+    if top_p_within_top_k and top_k is not None:
         threshold = threshold.masked_fill((top_k == 0)[:, None], neg_inf)  # these rows have top_p = 1
     return logits.masked_fill(logits < threshold, neg_inf)
 
@@ -475,7 +509,7 @@ def compute_prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: i
 
 class SamplerOutput(NamedTuple):
     token_ids: torch.Tensor  # int64 [B]
-    logprobs: Optional[LogprobsTensors] = None
+    logprobs: LogprobsTensors | None = None
 
 
 class Sampler:
@@ -486,11 +520,13 @@ class Sampler:
     sampler logs it once and stays eager.
     """
 
-    def __init__(self, compile: Optional[bool] = None):
+    def __init__(self, compile: bool | None = None):
         self._compile = compile
-        self._compiled_gumbel_argmax = None
+        self._compiled_gumbel_argmax: Callable[..., torch.Tensor] | None = None
 
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors, token_mask: Optional[TokenMask] = None) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, st: SamplingTensors, token_mask: TokenMask | None = None
+    ) -> SamplerOutput:
         """token_mask: structured-output bitmasks for some rows (runtime/structured), applied
         after bias and penalties, before temperature and the filters; logprobs stay raw."""
         if st.fast_path:
@@ -504,7 +540,7 @@ class Sampler:
         logits = logits.float().contiguous()
 
         flat = logits.view(-1)
-        if st.bias_index is not None:
+        if st.bias_index is not None and st.bias_value is not None:
             flat.index_put_((st.bias_index,), st.bias_value, accumulate=True)
         if st.suppress_index is not None:
             flat[st.suppress_index] = float("-inf")
@@ -519,7 +555,7 @@ class Sampler:
             token_ids = self._sample(logits, st)
 
         lp = None
-        if raw_logprobs is not None:
+        if raw_logprobs is not None and st.max_num_logprobs is not None:
             lp = gather_logprobs(raw_logprobs, token_ids, st.max_num_logprobs)
         return SamplerOutput(token_ids, lp)
 
@@ -545,10 +581,15 @@ class Sampler:
                 st.top_p_within_top_k,
             )
         sampled = self._gumbel_argmax(
-            logits, pick(st.seed_lo), pick(st.seed_hi), pick(st.position), _vocab_hash(st.vocab_size, logits.device)
+            logits,
+            pick(st.seed_lo),
+            pick(st.seed_hi),
+            pick(st.position),
+            _vocab_hash(st.vocab_size, logits.device),
         )
         if rows is None:
             return sampled
+        assert greedy_ids is not None  # rows is set only when some rows are greedy
         return greedy_ids.index_copy(0, rows, sampled)
 
     def _gumbel_argmax(self, logits, seed_lo, seed_hi, position, vocab_hash) -> torch.Tensor:
@@ -559,6 +600,8 @@ class Sampler:
                     self._compiled_gumbel_argmax = torch.compile(gumbel_argmax, dynamic=True)
                 return self._compiled_gumbel_argmax(logits, seed_lo, seed_hi, position, vocab_hash)
             except Exception as e:  # a missing or broken compiler must not take sampling down
-                logger.warning("torch.compile of the sampler failed (%s: %s); sampling eagerly", type(e).__name__, e)
+                logger.warning(
+                    "torch.compile of the sampler failed (%s: %s); sampling eagerly", type(e).__name__, e
+                )
                 self._compile = False
         return gumbel_argmax(logits, seed_lo, seed_hi, position, vocab_hash)

@@ -4,9 +4,10 @@ Field names and meanings follow vLLM's `SamplingParams` so that users can switch
 without edits. Validation raises `ValueError` (pydantic's ValidationError is one)
 naming the offending field.
 """
+
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,7 +30,7 @@ class SamplingParams(BaseModel):
     """Keep only the k most likely tokens; 0 or -1 disables the filter."""
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     """Drop tokens whose probability is below min_p times that of the most likely token."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Seed for this request's random stream; sampling is then reproducible and independent of batching."""
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     """Subtracted once from the logit of every token already generated (OpenAI semantics)."""
@@ -43,13 +44,13 @@ class SamplingParams(BaseModel):
     """Token ids that end generation (in addition to the model's EOS unless ignore_eos)."""
     ignore_eos: bool = False
     """Keep generating after the EOS token (benchmarks)."""
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1)
     """Maximum number of generated tokens; None means up to the model's context length."""
     min_tokens: int = Field(0, ge=0)
     """EOS and stop tokens are suppressed until this many tokens were generated."""
-    logprobs: Optional[int] = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0)
     """Return this many top log-probabilities per generated token (plus the sampled token's)."""
-    prompt_logprobs: Optional[int] = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
     """Return this many top log-probabilities per prompt token (plus the prompt token's own)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
@@ -57,14 +58,14 @@ class SamplingParams(BaseModel):
     """Kept for vLLM compatibility; special tokens are decoded the way the tokenizer decodes them."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
-    logit_bias: Optional[dict[int, float]] = None
+    logit_bias: dict[int, float] | None = None
     """Added to the logits of the given token ids before sampling (values clamped to [-100, 100])."""
-    structured_outputs: Optional[StructuredOutputsParams] = None
+    structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, any JSON object, a regex, one of some strings or an EBNF grammar."""
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop_list(cls, v):
+    def _stop_list(cls, v: object) -> object:
         if v is None:
             return []
         if isinstance(v, str):
@@ -73,25 +74,25 @@ class SamplingParams(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_nonempty(cls, v):
+    def _stop_nonempty(cls, v: list[str]) -> list[str]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         return v
 
     @field_validator("stop_token_ids", mode="before")
     @classmethod
-    def _stop_ids_list(cls, v):
+    def _stop_ids_list(cls, v: object) -> object:
         return [] if v is None else v
 
     @field_validator("logit_bias")
     @classmethod
-    def _clamp_bias(cls, v):
+    def _clamp_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
         if v is None:
             return None
         return {int(k): max(-100.0, min(100.0, float(b))) for k, b in v.items()}
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self) -> SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         return self
@@ -106,6 +107,5 @@ class SamplingParams(BaseModel):
         """Presence/frequency/repetition penalties read the generated tokens themselves."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
-    def clone(self, **update) -> "SamplingParams":
+    def clone(self, **update: Any) -> SamplingParams:
         return self.model_copy(update=update, deep=True)
-

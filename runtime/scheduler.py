@@ -13,10 +13,11 @@ The scheduler owns the waiting and running queues and every Seq's
 scheduling state; it returns a plain `SchedulerOutput` (runtime/scheduler_output.py)
 and never touches device tensors.
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 from .kv_cache import KVCacheManager
 from .request import Seq, SeqStatus

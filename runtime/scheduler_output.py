@@ -4,6 +4,7 @@ Produced by `Scheduler.schedule()`, read by the ModelRunner (which must not impo
 the scheduler) and handed back to `Scheduler.update()`. Holds references to the
 scheduled Sequences; nothing here mutates them or touches the device.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

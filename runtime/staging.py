@@ -18,10 +18,10 @@ that follow each step's token and sequence counts would compile new kernel
 variants mid-serving (a 1.1 s stall was measured on an H100 the first step where
 B + 1 was a multiple of 4). Every staged array therefore starts 16-byte aligned.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -29,8 +29,11 @@ import torch
 from .utils import cdiv
 
 ALIGN_BYTES = 16
-_TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
-                 np.dtype(np.float32): torch.float32}
+_TORCH_DTYPES = {
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.float32): torch.float32,
+}
 
 
 def aligned_offsets(nbytes: list[int], align: int = ALIGN_BYTES) -> tuple[list[int], int]:
@@ -46,12 +49,14 @@ def aligned_offsets(nbytes: list[int], align: int = ALIGN_BYTES) -> tuple[list[i
 class _Slot:
     buffer: torch.Tensor  # uint8 host buffer (pinned when staging to CUDA)
     used: int = 0  # bytes handed out in the current step
-    done: Optional[torch.cuda.Event] = None  # recorded after the slot's last step's copies
+    done: torch.cuda.Event | None = None  # recorded after the slot's last step's copies
     retired: list[torch.Tensor] = field(default_factory=list)  # outgrown buffers with copies maybe pending
 
 
 class HostStaging:
-    def __init__(self, device: torch.device | str, *, pin: bool, num_slots: int = 3, initial_bytes: int = 1 << 20):
+    def __init__(
+        self, device: torch.device | str, *, pin: bool, num_slots: int = 3, initial_bytes: int = 1 << 20
+    ):
         self.device = torch.device(device)
         self.pin = pin
         self._slots = [_Slot(self._alloc(initial_bytes)) for _ in range(num_slots)]
@@ -73,7 +78,7 @@ class HostStaging:
     def end_step(self) -> None:
         if self.device.type == "cuda":
             slot = self._slots[self._i]
-            slot.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            slot.done = torch.cuda.Event()
             slot.done.record()
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
@@ -89,10 +94,10 @@ class HostStaging:
             base = 0
         host = slot.buffer.numpy()
         for a, off in zip(arrays, offsets):
-            host[base + off: base + off + a.nbytes].view(a.dtype)[:] = a.reshape(-1)
+            host[base + off : base + off + a.nbytes].view(a.dtype)[:] = a.reshape(-1)
         slot.used = base + total
-        dev = slot.buffer[base: base + total].to(self.device, non_blocking=True)
+        dev = slot.buffer[base : base + total].to(self.device, non_blocking=True)
         out = []
         for a, off in zip(arrays, offsets):
-            out.append(dev[off: off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape))
+            out.append(dev[off : off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape))
         return out

@@ -26,10 +26,13 @@ set.
 
 Nothing here touches the device or mutates a Seq.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import AbstractSet, Callable, Iterable, Optional, Protocol
+from typing import Protocol
 
 from .request import Seq, SeqStatus
 from .sampling_params import SamplingParams
@@ -46,13 +49,14 @@ class StopDecision:
 class TextStopper(Protocol):
     """The detokenizer side of rule 2 (runtime/detokenizer.py's IncrementalDetokenizer)."""
 
-    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> Optional[str]: ...
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None: ...
 
-    def flush(self) -> Optional[str]: ...
+    def flush(self) -> str | None: ...
 
 
-def suppressed_token_ids(params: SamplingParams, eos_token_ids: AbstractSet[int],
-                         num_output_tokens: int) -> AbstractSet[int]:
+def suppressed_token_ids(
+    params: SamplingParams, eos_token_ids: AbstractSet[int], num_output_tokens: int
+) -> AbstractSet[int]:
     """Token ids the sampler must not pick for output position `num_output_tokens`
     (EOS and stop token ids before min_tokens); empty once min_tokens is reached."""
     if num_output_tokens >= params.min_tokens:
@@ -63,10 +67,10 @@ def suppressed_token_ids(params: SamplingParams, eos_token_ids: AbstractSet[int]
     return ids
 
 
-def find_stop_string(text: str, scan_from: int, stop: Iterable[str]) -> Optional[tuple[int, str]]:
+def find_stop_string(text: str, scan_from: int, stop: Iterable[str]) -> tuple[int, str] | None:
     """The earliest stop string in `text` that ends after `scan_from` (text before it was
     already searched): (start index, string), or None."""
-    best: Optional[tuple[int, str]] = None
+    best: tuple[int, str] | None = None
     for s in stop:
         # Only new text, plus the tail a match spanning the old/new boundary starts in.
         i = text.find(s, max(0, scan_from - len(s) + 1))
@@ -75,7 +79,7 @@ def find_stop_string(text: str, scan_from: int, stop: Iterable[str]) -> Optional
     return best
 
 
-def match_stop_string(text: TextStopper, token: int, by_token: bool, ends: bool) -> Optional[str]:
+def match_stop_string(text: TextStopper, token: int, by_token: bool, ends: bool) -> str | None:
     """Rule 2 for one appended token: feed it to the detokenizer and return the stop string it
     completed, or None. `by_token`: rule 1 ended the completion on this token (its text is left
     out); `ends`: the completion ends on this token whatever the text says (rule 1 or 3, or an
@@ -86,7 +90,7 @@ def match_stop_string(text: TextStopper, token: int, by_token: bool, ends: bool)
     return matched
 
 
-def resolve(by_token: Optional[StopDecision], matched: Optional[str], at_length: bool) -> Optional[StopDecision]:
+def resolve(by_token: StopDecision | None, matched: str | None, at_length: bool) -> StopDecision | None:
     """The precedence of the rules for one token: rule 1, else a matched stop string (rule 2,
     which also beats rule 3 on the same token), else rule 3."""
     if by_token is not None:
@@ -102,15 +106,16 @@ class StopChecker:
     """Applies the rules above. `text_of(seq)` gives the sequence's detokenizer (None
     without a tokenizer: stop strings then never match)."""
 
-    def __init__(self, eos_token_ids: Iterable[int],
-                 text_of: Optional[Callable[[Seq], Optional[TextStopper]]] = None):
+    def __init__(
+        self, eos_token_ids: Iterable[int], text_of: Callable[[Seq], TextStopper | None] | None = None
+    ):
         self.eos_token_ids = frozenset(eos_token_ids)
         self._text_of = text_of
 
-    def check(self, seq: Seq, token: int) -> Optional[StopDecision]:
+    def check(self, seq: Seq, token: int) -> StopDecision | None:
         """Decide for `seq`, whose last token (`token`) was just appended."""
         p = seq.params
-        by_token: Optional[StopDecision] = None
+        by_token: StopDecision | None = None
         if seq.num_output_tokens > p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 by_token = StopDecision(SeqStatus.FINISHED_STOPPED, None)

@@ -11,13 +11,15 @@ CPU only; thread-safe for concurrent encode/decode (the backend is immutable aft
 single-text one does not), so a long text encoded in a worker thread leaves other threads
 (an event loop) running.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
@@ -30,16 +32,23 @@ class TokenizerLoadError(ValueError):
 
 
 class Tokenizer:
-    def __init__(self, backend: _Backend, special_tokens: Optional[dict[str, str]] = None,
-                 chat_template: Optional[str] = None, extra_eos_token_ids: Iterable[int] = (),
-                 clean_up_tokenization_spaces: bool = False):
+    def __init__(
+        self,
+        backend: _Backend,
+        special_tokens: Mapping[str, str | None] | None = None,
+        chat_template: str | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+        clean_up_tokenization_spaces: bool = False,
+    ):
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         # Like transformers 5: the clean-up (strip spaces before punctuation) is for WordPiece only;
         # on BPE vocabularies it would corrupt text.
-        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces and isinstance(backend.model, models.WordPiece)
-        self._max_chars_per_token: Optional[int] | bool = False  # computed on first use
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces and isinstance(
+            backend.model, models.WordPiece
+        )
+        self._max_chars_per_token: int | None | bool = False  # computed on first use
         self.bos_token_id = self._id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._id(self.special_tokens.get("eos_token"))
         self.pad_token_id = self._id(self.special_tokens.get("pad_token"))
@@ -50,9 +59,10 @@ class Tokenizer:
         """Token ids that end generation: the tokenizer's EOS plus the model's (generation_)config eos ids."""
         self.all_special_ids: list[int] = sorted(
             {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-            | {i for i in (self._id(v) for v in self.special_tokens.values()) if i is not None})
+            | {i for i in (self._id(v) for v in self.special_tokens.values()) if i is not None}
+        )
 
-    def _id(self, token: Optional[str]) -> Optional[int]:
+    def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
@@ -65,7 +75,7 @@ class Tokenizer:
         # other thread for 1 s) and skips the offsets nobody reads; the ids are the same.
         return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def max_chars_per_token(self) -> Optional[int]:
+    def max_chars_per_token(self) -> int | None:
         """An upper bound on the input characters one token can stand for, or None where the pipeline
         has no such bound. A text longer than n times this needs more than n tokens, which lets a
         server refuse an oversized prompt before tokenizing it.
@@ -84,12 +94,18 @@ class Tokenizer:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
-    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[Optional[str]]:
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         return [self.backend.id_to_token(i) for i in ids]
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, chat_template: Optional[str] = None,
-                            continue_final_message: bool = False, **kwargs):
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **kwargs,
+    ):
         """Render messages with the model's chat template (sandboxed jinja2, as transformers does).
 
         Extra keyword arguments (tools, documents, enable_thinking, ...) reach the template as variables.
@@ -100,12 +116,15 @@ class Tokenizer:
         """
         template = chat_template or self.chat_template
         if template is None:
-            raise NoChatTemplateError("this tokenizer has no chat template; pass chat_template= or use a plain prompt")
+            raise NoChatTemplateError(
+                "this tokenizer has no chat template; pass chat_template= or use a plain prompt"
+            )
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         text = _compile_template(template).render(
-            messages=_plain(messages), add_generation_prompt=add_generation_prompt, **_plain(variables))
+            messages=_plain(messages), add_generation_prompt=add_generation_prompt, **_plain(variables)
+        )
         if continue_final_message:
             text = _cut_after_final_message(text, messages)
         return self.encode(text, add_special_tokens=False) if tokenize else text
@@ -113,12 +132,14 @@ class Tokenizer:
     # ---- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str, extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+    def from_pretrained(cls, path: str, extra_eos_token_ids: Iterable[int] = ()) -> Tokenizer:
         """From a directory holding tokenizer.json (+ tokenizer_config.json), or a tokenizer.json path."""
         tok_file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
         folder = os.path.dirname(tok_file)
         if not os.path.isfile(tok_file):
-            raise TokenizerLoadError(f"no tokenizer.json in {path!r} (only fast-tokenizer files are supported)")
+            raise TokenizerLoadError(
+                f"no tokenizer.json in {path!r} (only fast-tokenizer files are supported)"
+            )
         try:
             backend = _Backend.from_file(tok_file)
         except Exception as e:  # tokenizers raises plain Exception on malformed JSON
@@ -140,13 +161,19 @@ class Tokenizer:
         # tokenizer.json's own post-processor decides BOS/EOS (transformers 5 ignores the config's
         # add_bos_token next to a tokenizer.json); the config only fills in when there is none.
         if backend.post_processor is None:
-            _set_template_processing(backend, special, config.get("add_bos_token", False),
-                                     config.get("add_eos_token", False))
-        return cls(backend, special, template, extra_eos_token_ids,
-                   bool(config.get("clean_up_tokenization_spaces", False)))
+            _set_template_processing(
+                backend, special, config.get("add_bos_token", False), config.get("add_eos_token", False)
+            )
+        return cls(
+            backend,
+            special,
+            template,
+            extra_eos_token_ids,
+            bool(config.get("clean_up_tokenization_spaces", False)),
+        )
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], extra_eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+    def from_gguf_metadata(cls, meta: dict[str, Any], extra_eos_token_ids: Iterable[int] = ()) -> Tokenizer:
         """From GGUF key/values (`tokenizer.ggml.*`, `tokenizer.chat_template`), as read by the GGUF loader."""
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -154,61 +181,98 @@ class Tokenizer:
             raise TokenizerLoadError("the GGUF file has no tokenizer (tokenizer.ggml.tokens missing)")
         types = meta.get("tokenizer.ggml.token_type") or []
         if kind == "gpt2":
-            backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre"))
+            backend = _byte_level_bpe(
+                tokens, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre")
+            )
             add_bos_default = False
         elif kind == "llama":
-            backend = _sentencepiece_bpe(tokens, meta.get("tokenizer.ggml.scores"),
-                                         meta.get("tokenizer.ggml.merges"),
-                                         meta.get("tokenizer.ggml.add_space_prefix", True))
-            add_bos_default = True  # llama.cpp adds BOS to sentencepiece vocabularies that don't say otherwise
+            backend = _sentencepiece_bpe(
+                tokens,
+                meta.get("tokenizer.ggml.scores"),
+                meta.get("tokenizer.ggml.merges"),
+                meta.get("tokenizer.ggml.add_space_prefix", True),
+            )
+            add_bos_default = (
+                True  # llama.cpp adds BOS to sentencepiece vocabularies that don't say otherwise
+            )
         else:
-            raise TokenizerLoadError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')")
+            raise TokenizerLoadError(
+                f"unsupported GGUF tokenizer model {kind!r} (supported: 'gpt2', 'llama')"
+            )
         # llama.cpp token types: 3 = control (special, never split), 4 = user-defined (kept whole, not special).
         alphabet = set(_bytes_to_unicode().values()) if kind == "gpt2" else None
-        control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-                   if ty == 3 and (alphabet is None or set(t) <= alphabet)]
+        control = [
+            AddedToken(t, normalized=False, special=True)
+            for t, ty in zip(tokens, types)
+            if ty == 3 and (alphabet is None or set(t) <= alphabet)
+        ]
         if control:
             backend.add_special_tokens(control)
         user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
         if user:
             backend.add_tokens(user)
         special = {}
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        ):
             idx = meta.get(f"tokenizer.ggml.{key}")
             if idx is not None and 0 <= idx < len(tokens):
                 special[name] = tokens[idx]
         _add_missing_special_tokens(backend, special.values())
-        _set_template_processing(backend, special, meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
-                                 meta.get("tokenizer.ggml.add_eos_token", False))
+        _set_template_processing(
+            backend,
+            special,
+            meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
+            meta.get("tokenizer.ggml.add_eos_token", False),
+        )
         return cls(backend, special, meta.get("tokenizer.chat_template"), extra_eos_token_ids)
 
 
-def _token_str(tok) -> Optional[str]:
+def _token_str(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def _add_missing_special_tokens(backend: _Backend, tokens: Iterable[Optional[str]]) -> None:
+def _add_missing_special_tokens(backend: _Backend, tokens: Iterable[str | None]) -> None:
     added = {t.content for t in backend.get_added_tokens_decoder().values()}
     missing = [AddedToken(t, special=True, normalized=False) for t in tokens if t and t not in added]
     if missing:
         backend.add_special_tokens(missing)
 
 
-def _set_template_processing(backend: _Backend, special: dict, add_bos: bool, add_eos: bool) -> None:
+def _merge_pairs(merges: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges as stored ("a b") -> (a, b) pairs."""
+    pairs = []
+    for m in merges:
+        a, b = m.split(" ", 1)
+        pairs.append((a, b))
+    return pairs
+
+
+def _set_template_processing(
+    backend: _Backend, special: Mapping[str, str | None], add_bos: bool, add_eos: bool
+) -> None:
     """The BOS/EOS post-processor transformers installs when add_bos_token/add_eos_token are stated."""
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    toks = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
+    bos = special.get("bos_token") if add_bos else None
+    eos = special.get("eos_token") if add_eos else None
+    single = f"{bos + ':0 ' if bos is not None else ''}$A:0{' ' + eos + ':0' if eos is not None else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos is not None else ''} $B:1{' ' + eos + ':1' if eos is not None else ''}"
+    toks = ([(bos, backend.token_to_id(bos))] if bos is not None else []) + (
+        [(eos, backend.token_to_id(eos))] if eos is not None else []
+    )
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=toks)
 
 
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -220,56 +284,90 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # llama.cpp's `tokenizer.ggml.pre` names -> the split regex its vocabulary was trained with.
-_PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-               "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
+_PRE_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+}
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: Optional[str]) -> _Backend:
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> _Backend:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
-    backend = _Backend(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], dropout=None,
-                                  continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    vocab = {
+        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+        for i, t in enumerate(tokens)
+    }
+    backend = _Backend(
+        models.BPE(
+            vocab,
+            _merge_pairs(merges),
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     if pre in _PRE_SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre == "smollm":
         # SmolLM's own tokenizer.json (and llama.cpp) split every digit before the GPT-2 regex.
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     return backend
 
 
-def _sentencepiece_bpe(tokens: list[str], scores: Optional[list[float]], merges: Optional[list[str]],
-                       add_space_prefix: bool) -> _Backend:
+def _sentencepiece_bpe(
+    tokens: list[str], scores: list[float] | None, merges: list[str] | None, add_space_prefix: bool
+) -> _Backend:
     """llama.cpp's "llama" vocabulary: SentencePiece BPE with byte fallback (Llama 2, Mistral v0.x)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = _merge_pairs(merges)
     else:  # SentencePiece files carry scores, not merges: rebuild them, best score first
         if scores is None:
             raise TokenizerLoadError("GGUF 'llama' tokenizer has neither merges nor scores")
         pairs = _merges_from_scores(vocab, dict(zip(tokens, scores)))
     unk = tokens[0] if tokens and tokens[0] == "<unk>" else None
-    backend = _Backend(models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    backend = _Backend(
+        models.BPE(vocab, pairs, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False)
+        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1))
@@ -280,8 +378,11 @@ def _sentencepiece_bpe(tokens: list[str], scores: Optional[list[float]], merges:
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
+        local = [
+            (piece[:i], piece[i:], score)
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
@@ -291,7 +392,7 @@ _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctua
 _KEEPING_NORMALIZERS = {"Prepend": 1, "Replace": 1, "NFC": 4, "NFKC": 4, "Sequence": 1}
 
 
-def _max_chars_per_token(backend: _Backend) -> Optional[int]:
+def _max_chars_per_token(backend: _Backend) -> int | None:
     spec = json.loads(backend.to_str())
     factor = 1
 
@@ -325,8 +426,18 @@ def _max_chars_per_token(backend: _Backend) -> Optional[int]:
 
 
 def _clean_up_tokenization(s: str) -> str:
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         s = s.replace(a, b)
     return s
 
@@ -363,8 +474,10 @@ def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
         raise ValueError("continue_final_message needs a final message with text content")
     end = text.rfind(content)
     if end < 0:
-        raise ValueError("continue_final_message: the chat template does not write the final message's text verbatim")
-    return text[:end + len(content)]
+        raise ValueError(
+            "continue_final_message: the chat template does not write the final message's text verbatim"
+        )
+    return text[: end + len(content)]
 
 
 @lru_cache(maxsize=16)
@@ -378,7 +491,9 @@ def _compile_template(template: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # jinja's own tojson escapes HTML characters; transformers' (and so every template) expects plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     class _Generation(jinja2.ext.Extension):
         # `{% generation %}` marks assistant spans for training masks; rendering just passes the body through.
@@ -392,7 +507,9 @@ def _compile_template(template: str):
         def _render(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -1,4 +1,5 @@
 """Small helpers shared across the runtime (no state, no device)."""
+
 from __future__ import annotations
 
 

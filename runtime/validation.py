@@ -11,10 +11,11 @@ OpenAI server calls it too before admitting a request, so a bad one is answered
 with 400 (param = `InvalidRequestError.param`) before anything is streamed.
 Nothing here touches the device.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from .sampling_params import SamplingParams
 
@@ -23,7 +24,7 @@ class InvalidRequestError(ValueError):
     """A request the engine refuses. `param` names the offending field (OpenAI's
     error `param`); `code` is an OpenAI error code when there is one."""
 
-    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -56,26 +57,37 @@ def validate(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Re
         raise InvalidRequestError("prompt must not be empty", param="prompt")
     bad = _outside(prompt_token_ids, limits.vocab_size)
     if bad:
-        raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                  f"[0, {limits.vocab_size})", param="prompt")
+        raise InvalidRequestError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})", param="prompt"
+        )
     limit = limits.max_model_len
     if n >= limit:
         raise InvalidRequestError(
             f"This model's maximum context length is {limit} tokens. However, your request has {n} input "
             f"tokens (no room for any output). Please reduce the length of the prompt.",
-            param="prompt", code="context_length_exceeded")
+            param="prompt",
+            code="context_length_exceeded",
+        )
     if params.max_tokens is not None and n + params.max_tokens > limit:
         raise InvalidRequestError(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the completion). "
             f"Please reduce the length of the prompt or max_tokens.",
-            param="max_tokens", code="context_length_exceeded")
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     for name in ("logprobs", "prompt_logprobs"):
         k = getattr(params, name)
         if k is not None and k > limits.max_logprobs:
-            raise InvalidRequestError(f"{name}={k} exceeds the maximum allowed ({limits.max_logprobs})", param=name)
-    for name, ids in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
+            raise InvalidRequestError(
+                f"{name}={k} exceeds the maximum allowed ({limits.max_logprobs})", param=name
+            )
+    for name, ids in (
+        ("logit_bias", list(params.logit_bias or ())),
+        ("stop_token_ids", params.stop_token_ids),
+    ):
         bad = _outside(ids, limits.vocab_size)
         if bad:
-            raise InvalidRequestError(f"{name}: token ids {bad[:5]} are outside the vocabulary "
-                                      f"[0, {limits.vocab_size})", param=name)
+            raise InvalidRequestError(
+                f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})", param=name
+            )

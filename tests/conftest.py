@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set
 before triton is first imported, so it is set here, at collection start.
 """
+
 import gc
 import os
 import shutil

@@ -4,6 +4,7 @@ Configuration from FLEETSERVE_ROUTER_* (router/config.py); the operator renders 
 endpoint watch, the replica scrape loop and the HTTP server in one event loop until SIGTERM,
 then stops accepting and lets requests in flight finish (up to FLEETSERVE_ROUTER_DRAIN_SECONDS).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,11 +23,14 @@ async def serve(cfg: RouterConfig, drain_seconds: float = 30.0) -> None:
     kube = KubeClient(cfg.apiserver)
     router = Router(cfg, DemandSignal(kube, cfg))
     watcher = EndpointWatcher(kube, cfg, router.set_members)
-    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=drain_seconds)
+    runner = web.AppRunner(
+        router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=drain_seconds
+    )
     await runner.setup()
     await web.TCPSite(runner, cfg.host, cfg.port).start()
-    logging.getLogger("fleetserve.router").info("router for %s/%s listening on %s:%s", cfg.namespace, cfg.service,
-                                                cfg.host, cfg.port)
+    logging.getLogger("fleetserve.router").info(
+        "router for %s/%s listening on %s:%s", cfg.namespace, cfg.service, cfg.host, cfg.port
+    )
     tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(router.scrape_loop())]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -44,7 +48,9 @@ async def serve(cfg: RouterConfig, drain_seconds: float = 30.0) -> None:
 
 def main() -> None:
     level = os.environ.get("FLEETSERVE_LOG_LEVEL", "info").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = RouterConfig.from_env()
     if not cfg.service:
         raise SystemExit("FLEETSERVE_ROUTER_SERVICE (the runtime Service to route to) is required")

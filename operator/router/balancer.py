@@ -20,14 +20,16 @@ The rule, per request:
    ones), also a `load_fallback`. Requests without a prompt (no key) always go to the least
    outstanding replica: `least_loaded`.
 """
+
 from __future__ import annotations
 
 import bisect
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 AFFINITY_HIT = "affinity_hit"
 LOAD_FALLBACK = "load_fallback"
@@ -53,7 +55,9 @@ def affinity_key(path: str, body: Any, block_chars: int = 128, blocks: int = 4) 
         for message in messages:
             if not isinstance(message, dict):
                 return None
-            part = json.dumps([message.get("role"), message.get("content")], sort_keys=True, ensure_ascii=False)
+            part = json.dumps(
+                [message.get("role"), message.get("content")], sort_keys=True, ensure_ascii=False
+            )
             key = _chain(key, part.encode())
             if message.get("role") == "user":
                 break
@@ -64,13 +68,13 @@ def affinity_key(path: str, body: Any, block_chars: int = 128, blocks: int = 4) 
     if isinstance(prompt, str) and prompt:
         key = _h(b"text\0" + model)
         for i in range(min(blocks, math.ceil(len(prompt) / block_chars))):
-            key = _chain(key, prompt[i * block_chars:(i + 1) * block_chars].encode())
+            key = _chain(key, prompt[i * block_chars : (i + 1) * block_chars].encode())
         return key
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         # Token ids: blocks of 16 tokens, about as long as `block_chars` characters of text would be.
         key = _h(b"ids\0" + model)
         for i in range(min(blocks, math.ceil(len(prompt) / 16))):
-            key = _chain(key, json.dumps(prompt[i * 16:(i + 1) * 16]).encode())
+            key = _chain(key, json.dumps(prompt[i * 16 : (i + 1) * 16]).encode())
         return key
     return None
 
@@ -98,8 +102,13 @@ class Backend:
 class Balancer:
     """The replica set and the choice rule (see the module docstring)."""
 
-    def __init__(self, load_factor: float = 1.25, virtual_nodes: int = 100, max_waiting: float = 8,
-                 max_kv_usage: float = 0.95) -> None:
+    def __init__(
+        self,
+        load_factor: float = 1.25,
+        virtual_nodes: int = 100,
+        max_waiting: float = 8,
+        max_kv_usage: float = 0.95,
+    ) -> None:
         self.load_factor = load_factor
         self.virtual_nodes = virtual_nodes
         self.max_waiting = max_waiting

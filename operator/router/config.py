@@ -3,11 +3,13 @@
 The operator renders these variables from the InferenceService's `spec.router`
 (operator/render.py); defaults here are what a bare `python -m fleetserve.operator.router` uses.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -94,14 +96,14 @@ class RouterConfig:
     """While requests wait, the demand annotation is refreshed this often (env FLEETSERVE_ROUTER_DEMAND_INTERVAL)."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
         env = os.environ if env is None else env
         values = {}
         for f in dataclasses.fields(cls):
             raw = env.get(f"FLEETSERVE_ROUTER_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
+            kind: type[Any] = type(f.default)
             values[f.name] = kind(float(raw)) if kind is int else kind(raw)
         if "namespace" not in values:
             try:
@@ -111,5 +113,7 @@ class RouterConfig:
                 pass
         cfg = cls(**values)
         if cfg.discovery not in ("auto", "v1", "v1beta1", "endpoints"):
-            raise ValueError(f"FLEETSERVE_ROUTER_DISCOVERY must be auto, v1, v1beta1 or endpoints, not {cfg.discovery!r}")
+            raise ValueError(
+                f"FLEETSERVE_ROUTER_DISCOVERY must be auto, v1, v1beta1 or endpoints, not {cfg.discovery!r}"
+            )
         return cfg

@@ -15,6 +15,7 @@ Owns the router's only two conversations with Kubernetes:
 A small aiohttp client rather than the kubernetes package: the router stays one event loop
 with no threads, and needs only GET with streaming and PATCH.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,8 @@ import json
 import logging
 import os
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -39,10 +41,15 @@ ISVC_API = "/apis/serving.fleetserve.dev/v1alpha1"
 class KubeClient:
     """GET / watch / merge-patch against the apiserver, in-cluster or at an explicit URL (tests)."""
 
-    def __init__(self, base: str = "", token_file: str = f"{SA_DIR}/token", ca_file: str = f"{SA_DIR}/ca.crt"):
+    def __init__(
+        self, base: str = "", token_file: str = f"{SA_DIR}/token", ca_file: str = f"{SA_DIR}/ca.crt"
+    ):
         ssl_ctx: ssl.SSLContext | bool = False
         if not base:
-            host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            host, port = (
+                os.environ["KUBERNETES_SERVICE_HOST"],
+                os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+            )
             base = f"https://{host}:{port}" if ":" not in host else f"https://[{host}]:{port}"
             ssl_ctx = ssl.create_default_context(cafile=ca_file)
         self.base = base.rstrip("/")
@@ -58,19 +65,34 @@ class KubeClient:
             return {}
 
     async def get(self, path: str, **params: str) -> tuple[int, Any]:
-        async with self.session.get(self.base + path, params=params, headers=self._headers(), ssl=self._ssl,
-                                    timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        async with self.session.get(
+            self.base + path,
+            params=params,
+            headers=self._headers(),
+            ssl=self._ssl,
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
             text = await resp.text()
             return resp.status, json.loads(text) if text.startswith(("{", "[")) else text
 
     def watch(self, path: str, **params: str) -> Any:
-        return self.session.get(self.base + path, params={**params, "watch": "true"}, headers=self._headers(),
-                                ssl=self._ssl, timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+        return self.session.get(
+            self.base + path,
+            params={**params, "watch": "true"},
+            headers=self._headers(),
+            ssl=self._ssl,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+        )
 
     async def merge_patch(self, path: str, body: dict[str, Any]) -> int:
         headers = {**self._headers(), "Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self.base + path, data=json.dumps(body), headers=headers, ssl=self._ssl,
-                                      timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        async with self.session.patch(
+            self.base + path,
+            data=json.dumps(body),
+            headers=headers,
+            ssl=self._ssl,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as resp:
             await resp.read()
             return resp.status
 
@@ -83,8 +105,12 @@ async def detect_api(kube: KubeClient) -> str:
     status, groups = await kube.get("/apis")
     if status != 200 or not isinstance(groups, dict):
         raise RuntimeError(f"API discovery failed: {status} {str(groups)[:200]}")
-    versions = {v.get("version") for g in groups.get("groups", []) if g.get("name") == "discovery.k8s.io"
-                for v in g.get("versions", [])}
+    versions = {
+        v.get("version")
+        for g in groups.get("groups", [])
+        if g.get("name") == "discovery.k8s.io"
+        for v in g.get("versions", [])
+    }
     return next((v for v in ("v1", "v1beta1") if v in versions), "endpoints")
 
 
@@ -138,8 +164,10 @@ class EndpointWatcher:
         ns, svc = self.cfg.namespace, self.cfg.service
         if self.api == "endpoints":
             return f"/api/v1/namespaces/{ns}/endpoints", {"fieldSelector": f"metadata.name={svc}"}
-        return (f"/apis/discovery.k8s.io/{self.api}/namespaces/{ns}/endpointslices",
-                {"labelSelector": f"kubernetes.io/service-name={svc}"})
+        return (
+            f"/apis/discovery.k8s.io/{self.api}/namespaces/{ns}/endpointslices",
+            {"labelSelector": f"kubernetes.io/service-name={svc}"},
+        )
 
     def _members(self, obj: dict[str, Any]) -> dict[str, str]:
         # The selectors above already narrow it; checked again so a broad answer can never route elsewhere.
@@ -166,16 +194,22 @@ class EndpointWatcher:
             try:
                 if self.api is None:
                     self.api = await detect_api(self.kube)
-                    log.info("discovering replicas of Service %s/%s through %s", self.cfg.namespace,
-                             self.cfg.service, "Endpoints" if self.api == "endpoints" else f"EndpointSlice {self.api}")
-                version = await self._list()
+                    log.info(
+                        "discovering replicas of Service %s/%s through %s",
+                        self.cfg.namespace,
+                        self.cfg.service,
+                        "Endpoints" if self.api == "endpoints" else f"EndpointSlice {self.api}",
+                    )
+                version: str | None = await self._list()
                 backoff = 0.5
                 while version is not None:
                     version = await self._watch(version)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # apiserver restart, network, RBAC being rolled out: retry
-                log.warning("endpoint watch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                log.warning(
+                    "endpoint watch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -243,10 +277,14 @@ class DemandSignal:
         self._task = asyncio.create_task(self._patch())
 
     async def _patch(self) -> None:
+        if self.kube is None:  # poke() schedules no patch without a client
+            return
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         path = f"{ISVC_API}/namespaces/{self.cfg.namespace}/inferenceservices/{self.cfg.inference_service}"
         try:
-            status = await self.kube.merge_patch(path, {"metadata": {"annotations": {DEMAND_ANNOTATION: stamp}}})
+            status = await self.kube.merge_patch(
+                path, {"metadata": {"annotations": {DEMAND_ANNOTATION: stamp}}}
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             log.warning("demand signal failed: %s", exc)
             self._last = None

@@ -22,6 +22,7 @@ keeps them retryable until the router sends its first byte.
 - Own endpoints: `/healthz` (the router's probe) and `/metrics` (the router's Prometheus metrics;
   the replicas' metrics are scraped from the pods). Everything else is proxied.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from fleetserve.operator.metrics import scrape
 from fleetserve.operator.router.balancer import Backend, Balancer, affinity_key
@@ -42,9 +50,21 @@ from fleetserve.operator.router.discovery import DemandSignal
 log = logging.getLogger("fleetserve.router")
 BACKEND_HEADER = "X-Fleetserve-Backend"
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp computes itself.
-_DROP_REQUEST = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                 "transfer-encoding", "upgrade", "host", "content-length"}
+_DROP_REQUEST = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 _DROP_RESPONSE = _DROP_REQUEST | {"date", "server"}
+
+
 class _Retry:
     """_forward's answer when nothing reached the client and another replica may be tried; `answer` is the
     replica's own 503 (passed on when every replica answers so), None after a connection failure."""
@@ -59,30 +79,66 @@ class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "fleetserve_router"
-        self.requests = Counter(f"{p}_requests", "Requests answered through each replica, by status code.",
-                                ["backend", "code"], registry=r)
-        self.errors = Counter(f"{p}_backend_errors", "Failures talking to a replica: connect (refused, reset, "
-                              "timeout before a response), unavailable (503), stream_broken (after the first byte).",
-                              ["backend", "kind"], registry=r)
-        self.retries = Counter(f"{p}_retries", "Requests sent to another replica after a failure before the "
-                               "first response byte.", registry=r)
-        self.decisions = Counter(f"{p}_routing_decisions", "Routing decisions: affinity_hit (the prefix's own "
-                                 "replica), load_fallback (another one: the own one was full or saturated), "
-                                 "least_loaded (no prompt to hash).", ["decision"], registry=r)
-        self.queued = Gauge(f"{p}_queued_requests", "Requests waiting for a ready replica (cold).", registry=r)
-        self.queue_wait = Histogram(f"{p}_queue_wait_seconds", "Time requests waited for a ready replica.",
-                                    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
-        self.rejected = Counter(f"{p}_rejected", "Requests answered 503 by the router: queue_full, queue_timeout, "
-                                "no_replica (GET while cold), exhausted (every attempt failed).", ["reason"],
-                                registry=r)
-        self.added = Histogram(f"{p}_added_latency_seconds", "Time the router spends on a request before "
-                               "forwarding it (read, hash, choose; queue time excluded).",
-                               buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
-                               registry=r)
-        self.disconnects = Counter(f"{p}_client_disconnects", "Clients that went away mid-request (the upstream "
-                                   "request is aborted).", registry=r)
-        self.backends = Gauge(f"{p}_backends", "Ready replicas known to the router, and how many are saturated.",
-                              ["state"], registry=r)
+        self.requests = Counter(
+            f"{p}_requests",
+            "Requests answered through each replica, by status code.",
+            ["backend", "code"],
+            registry=r,
+        )
+        self.errors = Counter(
+            f"{p}_backend_errors",
+            "Failures talking to a replica: connect (refused, reset, "
+            "timeout before a response), unavailable (503), stream_broken (after the first byte).",
+            ["backend", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{p}_retries",
+            "Requests sent to another replica after a failure before the first response byte.",
+            registry=r,
+        )
+        self.decisions = Counter(
+            f"{p}_routing_decisions",
+            "Routing decisions: affinity_hit (the prefix's own "
+            "replica), load_fallback (another one: the own one was full or saturated), "
+            "least_loaded (no prompt to hash).",
+            ["decision"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            f"{p}_queued_requests", "Requests waiting for a ready replica (cold).", registry=r
+        )
+        self.queue_wait = Histogram(
+            f"{p}_queue_wait_seconds",
+            "Time requests waited for a ready replica.",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{p}_rejected",
+            "Requests answered 503 by the router: queue_full, queue_timeout, "
+            "no_replica (GET while cold), exhausted (every attempt failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.added = Histogram(
+            f"{p}_added_latency_seconds",
+            "Time the router spends on a request before "
+            "forwarding it (read, hash, choose; queue time excluded).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=r,
+        )
+        self.disconnects = Counter(
+            f"{p}_client_disconnects",
+            "Clients that went away mid-request (the upstream request is aborted).",
+            registry=r,
+        )
+        self.backends = Gauge(
+            f"{p}_backends",
+            "Ready replicas known to the router, and how many are saturated.",
+            ["state"],
+            registry=r,
+        )
         self._labels: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
 
     def _count(self, metric: Counter, backend: str, *labels: str) -> None:
@@ -138,8 +194,12 @@ class Router:
         while True:
             backends = list(self.balancer.backends.values())
             if backends and self.session is not None:
-                samples = await asyncio.gather(*(scrape(self.session, b.address, f"{b.url}/metrics",
-                                                        self.cfg.scrape_timeout) for b in backends))
+                samples = await asyncio.gather(
+                    *(
+                        scrape(self.session, b.address, f"{b.url}/metrics", self.cfg.scrape_timeout)
+                        for b in backends
+                    )
+                )
                 for sample in samples:
                     if sample is not None:
                         self.balancer.update_metrics(sample.pod, sample.waiting, sample.kv_usage)
@@ -161,9 +221,12 @@ class Router:
         # costs `connect_timeout` at most before the retry; reads too, for a peer gone without a word. auto_decompress off: bytes pass as they are.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout,
-                                          sock_read=self.cfg.read_timeout),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def _close_session(self, _: web.Application) -> None:
         if self.session is not None:
@@ -174,13 +237,21 @@ class Router:
         return web.json_response({"replicas": len(self.balancer.backends), "queued": self._waiting})
 
     async def prometheus(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     def _error(self, status: int, message: str, reason: str, retry_after: bool = True) -> web.Response:
         self.metrics.rejected.labels(reason).inc()
         headers = {"Retry-After": str(self.cfg.retry_after)} if retry_after else {}
-        body = {"error": {"message": message, "type": "service_unavailable" if status == 503 else "bad_gateway",
-                          "param": None, "code": reason}}
+        body = {
+            "error": {
+                "message": message,
+                "type": "service_unavailable" if status == 503 else "bad_gateway",
+                "param": None,
+                "code": reason,
+            }
+        }
         return web.json_response(body, status=status, headers=headers)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -247,8 +318,9 @@ class Router:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return self._error(503, f"no replica became ready within {self.cfg.queue_timeout:g}s",
-                                       "queue_timeout")
+                    return self._error(
+                        503, f"no replica became ready within {self.cfg.queue_timeout:g}s", "queue_timeout"
+                    )
                 if not self.balancer.backends and self._discovered:
                     # (A router that just started and has not listed the endpoints yet signals nothing: a
                     # spurious signal would keep a running service from scaling to zero for a while.)
@@ -269,15 +341,24 @@ class Router:
         m = self.metrics
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         try:
-            up = await self.session.request(request.method, backend.url + request.rel_url.path_qs, data=body,
-                                            headers=headers, allow_redirects=False)
+            up = await self.session.request(
+                request.method,
+                backend.url + request.rel_url.path_qs,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+            )
         except asyncio.CancelledError:
             m.disconnects.inc()
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             m.error(backend.name, "connect")
-            log.warning("replica %s failed before answering (%s: %s): trying another", backend.name,
-                        type(exc).__name__, exc)
+            log.warning(
+                "replica %s failed before answering (%s: %s): trying another",
+                backend.name,
+                type(exc).__name__,
+                exc,
+            )
             return _Retry()
         complete = False
         try:

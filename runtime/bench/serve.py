@@ -29,6 +29,7 @@ Only aiohttp is needed, no tokenizer: a server with /tokenize (fleetserve, vLLM)
 trimmed to exact token lengths and counts ShareGPT outputs; a server without a tokenizer gets
 token ids (random and prefix workloads only). Result keys follow vLLM's benchmark_serving.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,18 +43,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Optional, Union
+from typing import Any
 
-_WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
-          "had not but have one their they you all new more has after who first would been two time other "
-          "about also its most some into than only over such many can these then them may any where both "
-          "between each while when used three could well year part made city people did work state three "
-          "world house long under water school high small large great place right point light music").split()
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or "
+    "had not but have one their they you all new more has after who first would been two time other "
+    "about also its most some into than only over such many can these then them may any where both "
+    "between each while when used three could well year part made city people did work state three "
+    "world house long under water school high small large great place right point light music"
+).split()
 
 
 @dataclass
 class SampleRequest:
-    prompt: Union[str, list[int]]
+    prompt: str | list[int]
     prompt_len: int  # tokens (exact when the server could count them)
     output_len: int  # max_tokens of the request
 
@@ -73,41 +76,88 @@ class RequestResult:
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="Server root URL (without /v1).")
-    p.add_argument("--model", default=None, help="Model name to request; default: the first of GET /v1/models.")
-    p.add_argument("--endpoint-type", choices=["completions", "chat"], default="completions",
-                   help="POST /v1/completions or /v1/chat/completions.")
+    p.add_argument(
+        "--model", default=None, help="Model name to request; default: the first of GET /v1/models."
+    )
+    p.add_argument(
+        "--endpoint-type",
+        choices=["completions", "chat"],
+        default="completions",
+        help="POST /v1/completions or /v1/chat/completions.",
+    )
     p.add_argument("--num-prompts", type=int, default=100, help="Number of requests to send.")
-    p.add_argument("--input-len", type=int, default=128, help="Prompt length in tokens (approximate without /tokenize).")
+    p.add_argument(
+        "--input-len", type=int, default=128, help="Prompt length in tokens (approximate without /tokenize)."
+    )
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request.")
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Requests per second, Poisson arrivals; inf sends all at once.")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Requests per second, Poisson arrivals; inf sends all at once.",
+    )
     p.add_argument("--max-concurrency", type=int, default=None, help="At most this many requests in flight.")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="Send ignore_eos (a vLLM extra) so every request generates exactly --output-len tokens.")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="Send ignore_eos (a vLLM extra) so every request generates exactly --output-len tokens.",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature of the requests.")
     p.add_argument("--seed", type=int, default=0, help="Seed of prompts and arrival times.")
-    p.add_argument("--api-key", default=None, help="Bearer token; default $FLEETSERVE_API_KEY or $OPENAI_API_KEY.")
+    p.add_argument(
+        "--api-key", default=None, help="Bearer token; default $FLEETSERVE_API_KEY or $OPENAI_API_KEY."
+    )
     p.add_argument("--timeout", type=float, default=6 * 3600, help="Seconds allowed per request.")
     p.add_argument("--result-file", default=None, help="Write the results as JSON to this file.")
-    p.add_argument("--dataset-name", choices=["random", "sharegpt", "prefix-repetition"], default="random",
-                   help="Workload: random prompts, a ShareGPT file, or shared prefixes plus random suffixes.")
-    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset-name sharegpt).")
-    p.add_argument("--sharegpt-output-len", type=int, default=None,
-                   help="Output length of every ShareGPT request instead of its reply's token count.")
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="Random lengths: input and output lengths uniform in [len*(1-r), len*(1+r)].")
-    p.add_argument("--num-prefixes", type=int, default=4, help="prefix-repetition: number of distinct prefixes.")
+    p.add_argument(
+        "--dataset-name",
+        choices=["random", "sharegpt", "prefix-repetition"],
+        default="random",
+        help="Workload: random prompts, a ShareGPT file, or shared prefixes plus random suffixes.",
+    )
+    p.add_argument(
+        "--dataset-path", default=None, help="ShareGPT-format JSON file (--dataset-name sharegpt)."
+    )
+    p.add_argument(
+        "--sharegpt-output-len",
+        type=int,
+        default=None,
+        help="Output length of every ShareGPT request instead of its reply's token count.",
+    )
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="Random lengths: input and output lengths uniform in [len*(1-r), len*(1+r)].",
+    )
+    p.add_argument(
+        "--num-prefixes", type=int, default=4, help="prefix-repetition: number of distinct prefixes."
+    )
     p.add_argument("--prefix-len", type=int, default=256, help="prefix-repetition: tokens per shared prefix.")
-    p.add_argument("--burstiness", type=float, default=1.0,
-                   help="Gamma shape of the arrival gaps (1 = Poisson; smaller is burstier).")
-    p.add_argument("--num-warmups", type=int, default=0, help="Requests sent (and not measured) before the run.")
-    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                   help="SLOs for goodput, e.g. ttft:200 tpot:50 (keys ttft, tpot, e2el; milliseconds).")
-    p.add_argument("--metric-percentiles", default="99",
-                   help="Comma-separated percentiles reported for every latency metric (e.g. 50,90,99).")
+    p.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="Gamma shape of the arrival gaps (1 = Poisson; smaller is burstier).",
+    )
+    p.add_argument(
+        "--num-warmups", type=int, default=0, help="Requests sent (and not measured) before the run."
+    )
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="KEY:MS",
+        help="SLOs for goodput, e.g. ttft:200 tpot:50 (keys ttft, tpot, e2el; milliseconds).",
+    )
+    p.add_argument(
+        "--metric-percentiles",
+        default="99",
+        help="Comma-separated percentiles reported for every latency metric (e.g. 50,90,99).",
+    )
 
 
-def _headers(api_key: Optional[str]) -> dict:
+def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
@@ -138,8 +188,9 @@ class _Counter:
 
     async def probe(self) -> str:
         try:
-            async with self.session.post(f"{self.base}/tokenize", json={"model": self.model, "prompt": "hello"},
-                                         headers=self.headers) as r:
+            async with self.session.post(
+                f"{self.base}/tokenize", json={"model": self.model, "prompt": "hello"}, headers=self.headers
+            ) as r:
                 body = await r.text()
                 if r.status == 200:
                     self.mode = "tokenize"
@@ -153,9 +204,11 @@ class _Counter:
 
     async def count(self, text: str, add_special_tokens: bool = True) -> int:
         async with self.sem:
-            async with self.session.post(f"{self.base}/tokenize", headers=self.headers,
-                                         json={"model": self.model, "prompt": text,
-                                               "add_special_tokens": add_special_tokens}) as r:
+            async with self.session.post(
+                f"{self.base}/tokenize",
+                headers=self.headers,
+                json={"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens},
+            ) as r:
                 return (await r.json())["count"]
 
     async def fit(self, words: list[str], target: int, rng: random.Random) -> str:
@@ -189,12 +242,18 @@ async def _prefix_requests(counter: _Counter, args, rng: random.Random) -> list[
     outs = _lengths(n, args.output_len, args.random_range_ratio, rng)
     k = max(1, args.num_prefixes)
     if counter.mode == "ids":
-        prefixes = [[rng.randrange(100, 30000) for _ in range(args.prefix_len)] for _ in range(k)]
-        return [SampleRequest(prefixes[j % k] + [rng.randrange(100, 30000) for _ in range(i)], args.prefix_len + i, o)
-                for j, (i, o) in enumerate(zip(ins, outs))]
+        prefix_ids = [[rng.randrange(100, 30000) for _ in range(args.prefix_len)] for _ in range(k)]
+        return [
+            SampleRequest(
+                prefix_ids[j % k] + [rng.randrange(100, 30000) for _ in range(i)], args.prefix_len + i, o
+            )
+            for j, (i, o) in enumerate(zip(ins, outs))
+        ]
     prefixes = [_words(args.prefix_len, rng) for _ in range(k)]
     if counter.mode == "tokenize":
-        prefixes = list(await asyncio.gather(*(counter.fit(p.split(" "), args.prefix_len, rng) for p in prefixes)))
+        prefixes = list(
+            await asyncio.gather(*(counter.fit(p.split(" "), args.prefix_len, rng) for p in prefixes))
+        )
     reqs = []
     for j, (i, o) in enumerate(zip(ins, outs)):
         # Prefix and suffix join at a space, so the prefix's tokens stay the same in every request.
@@ -220,12 +279,12 @@ async def _sharegpt_requests(counter: _Counter, args, rng: random.Random) -> lis
     for start in range(0, len(pairs), 64):
         if len(reqs) >= n:
             break
-        batch = pairs[start:start + 64]
+        batch = pairs[start : start + 64]
         if counter.mode == "tokenize":
             counts = await asyncio.gather(*(counter.count(t) for pair in batch for t in pair))
         else:  # no /tokenize: about 1.3 tokens per word
             counts = [max(1, int(len(t.split()) * 1.3)) for pair in batch for t in pair]
-        for (prompt, reply), p_len, r_len in zip(batch, counts[0::2], counts[1::2]):
+        for (prompt, _reply), p_len, r_len in zip(batch, counts[0::2], counts[1::2]):
             out_len = args.sharegpt_output_len or r_len
             if p_len < 4 or out_len < 4 or p_len > 1024 or p_len + out_len > 2048:
                 continue  # vLLM's filter: too short to measure, or too long for common contexts
@@ -253,8 +312,9 @@ async def _one(session, url: str, payload: dict, headers: dict, timeout: float) 
     res.start = start
     last = None
     try:
-        async with session.post(url, json=payload, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        async with session.post(
+            url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
             if r.status != 200:
                 res.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                 return res
@@ -310,15 +370,17 @@ def _percentile(ordered: list[float], p: float) -> float:
 
 def _stats(name: str, values_s: list[float], percentiles: tuple[float, ...] = (99,)) -> dict:
     ms = sorted(v * 1000.0 for v in values_s)
-    out = {f"mean_{name}_ms": statistics.fmean(ms) if ms else 0.0,
-           f"median_{name}_ms": statistics.median(ms) if ms else 0.0,
-           f"std_{name}_ms": statistics.pstdev(ms) if ms else 0.0}
+    out = {
+        f"mean_{name}_ms": statistics.fmean(ms) if ms else 0.0,
+        f"median_{name}_ms": statistics.median(ms) if ms else 0.0,
+        f"std_{name}_ms": statistics.pstdev(ms) if ms else 0.0,
+    }
     for p in percentiles:
         out[f"p{p:g}_{name}_ms"] = _percentile(ms, p)
     return out
 
 
-def parse_goodput(items: Optional[list[str]]) -> dict[str, float]:
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
     """['ttft:200', 'tpot:50'] -> {'ttft': 0.2, 'tpot': 0.05} (seconds)."""
     slos: dict[str, float] = {}
     for item in items or []:
@@ -332,7 +394,7 @@ def parse_goodput(items: Optional[list[str]]) -> dict[str, float]:
     return slos
 
 
-def _tpot(r: RequestResult) -> Optional[float]:
+def _tpot(r: RequestResult) -> float | None:
     return (r.e2e - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
 
 
@@ -341,20 +403,27 @@ def _meets(r: RequestResult, slos: dict[str, float]) -> bool:
     return all(v <= slos[k] for k, v in (("ttft", r.ttft), ("tpot", tpot), ("e2el", r.e2e)) if k in slos)
 
 
-def summarize(results: list[RequestResult], duration: float, percentiles: tuple[float, ...] = (99,),
-              slos: Optional[dict[str, float]] = None, t0: Optional[float] = None) -> dict:
+def summarize(
+    results: list[RequestResult],
+    duration: float,
+    percentiles: tuple[float, ...] = (99,),
+    slos: dict[str, float] | None = None,
+    t0: float | None = None,
+) -> dict:
     done = [r for r in results if r.ok]
     total_in = sum(r.prompt_tokens for r in done)
     total_out = sum(r.output_tokens for r in done)
     tpots = [t for t in map(_tpot, done) if t is not None]
-    out = {
+    out: dict[str, Any] = {
         "duration": duration,
         "completed": len(done),
         "failed": len(results) - len(done),
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
         "request_throughput": len(done) / duration if duration > 0 else 0.0,
-        "request_goodput": (sum(_meets(r, slos) for r in done) / duration if duration > 0 else 0.0) if slos else None,
+        "request_goodput": (sum(_meets(r, slos) for r in done) / duration if duration > 0 else 0.0)
+        if slos
+        else None,
         "output_throughput": total_out / duration if duration > 0 else 0.0,
         "total_token_throughput": (total_in + total_out) / duration if duration > 0 else 0.0,
     }
@@ -366,7 +435,7 @@ def summarize(results: list[RequestResult], duration: float, percentiles: tuple[
     out.update(_stats("e2el", [r.e2e for r in done], percentiles))
     # Peak output rate over 1 s buckets and peak concurrency, from each request's token arrival times.
     base = t0 if t0 is not None else min((r.start for r in results), default=0.0)
-    buckets: dict[int, int] = {}
+    buckets: dict[int, float] = {}
     events = []
     for r in done:
         t = r.start - base + r.ttft
@@ -385,15 +454,17 @@ def summarize(results: list[RequestResult], duration: float, percentiles: tuple[
         peak = max(peak, conc)
     out["max_output_tokens_per_s"] = max(buckets.values(), default=0.0)
     out["max_concurrent_requests"] = peak
-    out.update({
-        "input_lens": [r.prompt_tokens for r in results],
-        "output_lens": [r.output_tokens for r in results],
-        "ttfts": [r.ttft for r in results],
-        "itls": [r.itl for r in results],
-        "e2els": [r.e2e for r in results],
-        "generated_texts": [r.text for r in results],
-        "errors": [r.error for r in results],
-    })
+    out.update(
+        {
+            "input_lens": [r.prompt_tokens for r in results],
+            "output_lens": [r.output_tokens for r in results],
+            "ttfts": [r.ttft for r in results],
+            "itls": [r.itl for r in results],
+            "e2els": [r.e2e for r in results],
+            "generated_texts": [r.text for r in results],
+            "errors": [r.error for r in results],
+        }
+    )
     return out
 
 
@@ -417,21 +488,30 @@ async def benchmark(args: argparse.Namespace) -> dict:
     if args.burstiness <= 0:
         raise SystemExit("--burstiness must be > 0")
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         model = args.model or await _fetch_model(session, base, headers)
         requests, count_mode = await _make_requests(session, base, headers, model, args, rng)
         if args.endpoint_type == "chat":
             url = f"{base}/v1/chat/completions"
-            bodies = [{"messages": [{"role": "user", "content": r.prompt}]} for r in requests]
+            bodies: list[dict[str, Any]] = [
+                {"messages": [{"role": "user", "content": r.prompt}]} for r in requests
+            ]
         else:
             url = f"{base}/v1/completions"
             bodies = [{"prompt": r.prompt} for r in requests]
         for b, r in zip(bodies, requests):
-            b.update(model=model, max_tokens=r.output_len, temperature=args.temperature, stream=True,
-                     stream_options={"include_usage": True})
+            b.update(
+                model=model,
+                max_tokens=r.output_len,
+                temperature=args.temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             if args.ignore_eos:
                 b["ignore_eos"] = True
-        warmups, bodies = bodies[: args.num_warmups], bodies[args.num_warmups:]
+        warmups, bodies = bodies[: args.num_warmups], bodies[args.num_warmups :]
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
         async def limited(body):
@@ -455,32 +535,52 @@ async def benchmark(args: argparse.Namespace) -> dict:
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     summary = summarize(list(results), duration, percentiles, slos, t0=start)
-    summary.update(date=datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), backend="openai-chat"
-                   if args.endpoint_type == "chat" else "openai", model_id=model, model=model, tokenizer_id=None,
-                   base_url=base, endpoint_type=args.endpoint_type, dataset_name=args.dataset_name,
-                   dataset_path=args.dataset_path, num_prompts=len(bodies), num_warmups=len(warmups),
-                   input_len=args.input_len, output_len=args.output_len, random_range_ratio=args.random_range_ratio,
-                   prefix_len=args.prefix_len if args.dataset_name == "prefix-repetition" else None,
-                   num_prefixes=args.num_prefixes if args.dataset_name == "prefix-repetition" else None,
-                   prompt_token_counts=count_mode,
-                   request_rate=args.request_rate if math.isfinite(args.request_rate) else "inf",
-                   burstiness=args.burstiness, max_concurrency=args.max_concurrency)
+    summary.update(
+        date=datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+        backend="openai-chat" if args.endpoint_type == "chat" else "openai",
+        model_id=model,
+        model=model,
+        tokenizer_id=None,
+        base_url=base,
+        endpoint_type=args.endpoint_type,
+        dataset_name=args.dataset_name,
+        dataset_path=args.dataset_path,
+        num_prompts=len(bodies),
+        num_warmups=len(warmups),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        random_range_ratio=args.random_range_ratio,
+        prefix_len=args.prefix_len if args.dataset_name == "prefix-repetition" else None,
+        num_prefixes=args.num_prefixes if args.dataset_name == "prefix-repetition" else None,
+        prompt_token_counts=count_mode,
+        request_rate=args.request_rate if math.isfinite(args.request_rate) else "inf",
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+    )
     return summary
 
 
 def print_summary(s: dict, file=sys.stdout) -> None:
-    rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
-            ("Benchmark duration (s)", f"{s['duration']:.2f}"),
-            ("Total input tokens", s["total_input_tokens"]), ("Total generated tokens", s["total_output_tokens"]),
-            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
-            ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
-            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+    rows = [
+        ("Successful requests", s["completed"]),
+        ("Failed requests", s["failed"]),
+        ("Benchmark duration (s)", f"{s['duration']:.2f}"),
+        ("Total input tokens", s["total_input_tokens"]),
+        ("Total generated tokens", s["total_output_tokens"]),
+        ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
+        ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
+    ]
     if s.get("request_goodput") is not None:
         rows.append(("Request goodput (req/s)", f"{s['request_goodput']:.2f}"))
-    rows += [("Peak output token throughput (tok/s)", f"{s['max_output_tokens_per_s']:.2f}"),
-             ("Peak concurrent requests", s["max_concurrent_requests"])]
+    rows += [
+        ("Peak output token throughput (tok/s)", f"{s['max_output_tokens_per_s']:.2f}"),
+        ("Peak concurrent requests", s["max_concurrent_requests"]),
+    ]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
-        stats = ["mean", "median"] + [k.split("_")[0] for k in s if k.startswith("p") and k.endswith(f"_{name}_ms")]
+        stats = ["mean", "median"] + [
+            k.split("_")[0] for k in s if k.startswith("p") and k.endswith(f"_{name}_ms")
+        ]
         for stat in stats:
             label_stat = stat.upper() if stat.startswith("p") else stat.capitalize()
             rows.append((f"{label_stat} {label} (ms)", f"{s[f'{stat}_{name}_ms']:.2f}"))
@@ -502,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["completed"] else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fleetserve bench serve", description=__doc__.splitlines()[0])
     add_cli_args(p)
     return run(p.parse_args(argv))

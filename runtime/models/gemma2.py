@@ -5,6 +5,7 @@ attention-logit and final-logit soft-capping, sliding and global layers alternat
 Our RMSNorm multiplies by its weight, so checkpoint norm weights w are stored as 1 + w
 (`transform_weight`); the GGUF reader hands llama.cpp's 1 + w back as w first.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,7 +52,7 @@ class GemmaCausalLM(CausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         # transformers rounds sqrt(hidden) to the model dtype before the multiply: so do we
-        return x * float(torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype))
+        return x * float(torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))
 
     def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name.endswith("norm.weight"):
@@ -78,8 +79,12 @@ def _gemma2(cfg: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-@register("gemma2", architectures=("Gemma2ForCausalLM",), parse_hf=_gemma2,
-          checked_against="transformers Gemma2ForCausalLM (soft-caps, query_pre_attn_scalar, alternating "
-                          "sliding/global layers with a window shorter than the prompts, GQA)")
+@register(
+    "gemma2",
+    architectures=("Gemma2ForCausalLM",),
+    parse_hf=_gemma2,
+    checked_against="transformers Gemma2ForCausalLM (soft-caps, query_pre_attn_scalar, alternating "
+    "sliding/global layers with a window shorter than the prompts, GQA)",
+)
 class Gemma2ForCausalLM(GemmaCausalLM):
     pass

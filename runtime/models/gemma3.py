@@ -5,9 +5,10 @@ for 4B and up). Soft-caps are off unless the config sets them.
 
 The 4B/12B/27B checkpoints are multimodal (Gemma3ForConditionalGeneration): their language
 model is served text-only (config from `text_config`, vision tower and projector skipped)."""
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .config import sliding_pattern
 from .gemma2 import GemmaCausalLM, gemma_common
@@ -29,21 +30,28 @@ def _gemma3(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # Language-model prefixes of the multimodal checkpoints: transformers 5.x saves model.language_model.*,
 # 4.x language_model.model.* and language_model.lm_head.
-_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                ("language_model.lm_head.", "lm_head."))
+_LM_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 _NOT_TEXT = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
 
 
-@register("gemma3", architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
-          model_types=("gemma3_text", "gemma3"), parse_hf=_gemma3,
-          checked_against="transformers Gemma3ForCausalLM (q/k norms, 5:1 sliding/global pattern with a window "
-                          "shorter than the prompts, local/global RoPE bases, linear RoPE scaling on global layers); "
-                          "Gemma3ForConditionalGeneration text-only")
+@register(
+    "gemma3",
+    architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+    model_types=("gemma3_text", "gemma3"),
+    parse_hf=_gemma3,
+    checked_against="transformers Gemma3ForCausalLM (q/k norms, 5:1 sliding/global pattern with a window "
+    "shorter than the prompts, local/global RoPE bases, linear RoPE scaling on global layers); "
+    "Gemma3ForConditionalGeneration text-only",
+)
 class Gemma3ForCausalLM(GemmaCausalLM):
-    def checkpoint_name(self, name: str) -> Optional[str]:
+    def checkpoint_name(self, name: str) -> str | None:
         if name.startswith(_NOT_TEXT):
             return None
         for old, new in _LM_PREFIXES:
             if name.startswith(old):
-                return new + name[len(old):]
+                return new + name[len(old) :]
         return name

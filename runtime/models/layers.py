@@ -13,10 +13,11 @@ Forward passes have no host syncs and no per-token Python loops, so they can be 
 in a CUDA graph; per-layer options (sliding window, soft-cap, scale) are Python numbers
 fixed at build time. Tokens of all sequences of a step are packed: [T, ...].
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,8 @@ class Attention(nn.Module):
         self.rope_index = 1 if sliding and cfg.local_rope_theta is not None else 0
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops)
@@ -120,13 +123,22 @@ class Attention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary_embedding(positions, q, k, rope_tables[self.rope_index])
         self.ops.write_kv_cache(k, v, kv_cache, attn.slot_mapping)
-        o = self.ops.paged_attention(q, kv_cache, attn.query_start_loc, attn.seq_lens, attn.block_tables,
-                                     attn.max_query_len, attn.max_seq_len, self.scale, self.sliding_window,
-                                     self.softcap)
+        o = self.ops.paged_attention(
+            q,
+            kv_cache,
+            attn.query_start_loc,
+            attn.seq_lens,
+            attn.block_tables,
+            attn.max_query_len,
+            attn.max_seq_len,
+            self.scale,
+            self.sliding_window,
+            self.softcap,
+        )
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -151,7 +163,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, ops, layer)
-        self.mlp = GatedMLP(cfg, ops)
+        self.mlp: nn.Module = GatedMLP(cfg, ops)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -175,8 +187,13 @@ class Backbone(nn.Module):
 
 
 # HF per-projection weights -> (our fused parameter, shard index). Shard order = layout order.
-FUSED_SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 class CausalLM(nn.Module):
@@ -187,20 +204,24 @@ class CausalLM(nn.Module):
     separate sliding-layer base, `cos_sin_cache_local`) are float32 buffers.
     """
 
-    layer_cls = DecoderLayer
+    layer_cls: type[nn.Module] = DecoderLayer
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
         self.config = cfg
         self.ops = ops
         self.model = Backbone(cfg, ops, self.layer_cls)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg), persistent=False)
         if cfg.local_rope_theta is not None:
             self.register_buffer("cos_sin_cache_local", rope_cos_sin_cache(cfg, local=True), persistent=False)
 
     def _rope_buffers(self) -> list[str]:
-        return ["cos_sin_cache"] + (["cos_sin_cache_local"] if self.config.local_rope_theta is not None else [])
+        return ["cos_sin_cache"] + (
+            ["cos_sin_cache_local"] if self.config.local_rope_theta is not None else []
+        )
 
     def rope_tables(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self._rope_buffers())
@@ -208,8 +229,13 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: one [2, N, block_size, Hkv, D] per layer -> hidden [T, H]."""
         x, residual = self.embed(input_ids), None
         rope = self.rope_tables()
@@ -231,20 +257,25 @@ class CausalLM(nn.Module):
         for name in self._rope_buffers():
             cache = getattr(self, name)
             if cache.dtype != torch.float32 and cache.device.type != "meta":
-                setattr(self, name, rope_cos_sin_cache(self.config, cache.device, local=name.endswith("_local")))
+                setattr(
+                    self, name, rope_cos_sin_cache(self.config, cache.device, local=name.endswith("_local"))
+                )
         return self
 
     def reset_rope_cache(self) -> None:
         """Recompute the RoPE tables in place (after `to_empty`, which leaves buffers uninitialised)."""
         for name in self._rope_buffers():
-            setattr(self, name, rope_cos_sin_cache(self.config, getattr(self, name).device,
-                                                   local=name.endswith("_local")))
+            setattr(
+                self,
+                name,
+                rope_cos_sin_cache(self.config, getattr(self, name).device, local=name.endswith("_local")),
+            )
 
     def weight_names(self) -> set[str]:
         """The parameter names load_weights must fill."""
         return {n for n, _ in self.named_parameters()}
 
-    def checkpoint_name(self, name: str) -> Optional[str]:
+    def checkpoint_name(self, name: str) -> str | None:
         """A checkpoint tensor name -> the HF causal-LM name load_weights maps; None = not ours (skip)."""
         return name
 
@@ -262,11 +293,14 @@ class CausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         cfg = self.config
-        sizes_of = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size], "gate_up_proj": [cfg.intermediate_size] * 2}
+        sizes_of = {
+            "qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+            "gate_up_proj": [cfg.intermediate_size] * 2,
+        }
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
-        for name, tensor in weights:
-            name = self.checkpoint_name(name)
+        for stored_name, tensor in weights:
+            name = self.checkpoint_name(stored_name)
             if name is None or "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
@@ -299,8 +333,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
-def build_model(model_config: ModelConfig, ops: KernelOps, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", model_cls: Optional[type] = None) -> CausalLM:
+def build_model(
+    model_config: ModelConfig,
+    ops: KernelOps,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    model_cls: type | None = None,
+) -> CausalLM:
     """An uninitialised model of the config's family (weights empty) in `dtype` on `device`; fill it
     with load_weights or runtime.loader's dummy initialiser. The RoPE tables are ready, in float32."""
     from .registry import family

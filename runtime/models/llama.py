@@ -3,6 +3,7 @@
 They differ only in config: Qwen2 has q/k/v biases and (optionally) sliding-window layers
 past `max_window_layers`; Mistral v0.1 slides every layer over `sliding_window`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,9 +13,12 @@ from .layers import CausalLM
 from .registry import register
 
 
-@register("llama", architectures=("LlamaForCausalLM",),
-          checked_against="transformers LlamaForCausalLM (tiny random fp32 configs: MHA/GQA, tied/untied, llama3 "
-                          "RoPE scaling); the SmolLM2-135M GGUF vs transformers' GGUF loading")
+@register(
+    "llama",
+    architectures=("LlamaForCausalLM",),
+    checked_against="transformers LlamaForCausalLM (tiny random fp32 configs: MHA/GQA, tied/untied, llama3 "
+    "RoPE scaling); the SmolLM2-135M GGUF vs transformers' GGUF loading",
+)
 class LlamaForCausalLM(CausalLM):
     pass
 
@@ -33,8 +37,12 @@ def _qwen2(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"qkv_bias": True, **qwen_layer_types(cfg)}
 
 
-@register("qwen2", architectures=("Qwen2ForCausalLM",), parse_hf=_qwen2,
-          checked_against="transformers Qwen2ForCausalLM (q/k/v biases, GQA, sliding-window layers)")
+@register(
+    "qwen2",
+    architectures=("Qwen2ForCausalLM",),
+    parse_hf=_qwen2,
+    checked_against="transformers Qwen2ForCausalLM (q/k/v biases, GQA, sliding-window layers)",
+)
 class Qwen2ForCausalLM(CausalLM):
     pass
 
@@ -46,7 +54,11 @@ def every_layer_slides(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"layer_types": sliding_pattern(cfg["num_hidden_layers"], lambda i: True)}
 
 
-@register("mistral", architectures=("MistralForCausalLM",), parse_hf=every_layer_slides,
-          checked_against="transformers MistralForCausalLM (GQA, sliding window shorter than the prompts)")
+@register(
+    "mistral",
+    architectures=("MistralForCausalLM",),
+    parse_hf=every_layer_slides,
+    checked_against="transformers MistralForCausalLM (GQA, sliding window shorter than the prompts)",
+)
 class MistralForCausalLM(CausalLM):
     pass

@@ -13,10 +13,12 @@ Expert weights are stacked per layer as `mlp.experts.gate_up_proj` [E, 2I, H] (r
 the operands of `ops.fused_moe`. Routing is HF's: float32 softmax over the router
 logits, top-k, renormalised when the config says (`moe_topk`).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +54,8 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_expert = self.shared_expert_gate = None
+        self.shared_expert: SharedExpertMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SharedExpertMLP(cfg, ops, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -60,7 +63,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = moe_topk(self.gate(x), self.top_k, self.renormalize)
         out = self.ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
@@ -127,15 +130,27 @@ class MoeForCausalLM(CausalLM):
                         pname = f"{prefix}.mlp.experts.gate_up_proj"
                         dst = _param(params, pname, name)
                         _check_expert(dst, j, name)
-                        fill(pname, dst[j].narrow(0, shard * inter, inter), tensor, name, (j, shard),
-                             2 * cfg.num_experts)
+                        fill(
+                            pname,
+                            dst[j].narrow(0, shard * inter, inter),
+                            tensor,
+                            name,
+                            (j, shard),
+                            2 * cfg.num_experts,
+                        )
                     continue
                 m = _SHARED_NAME.match(name)
                 if m is not None:  # the shared expert's width is not the dense MLP's: fuse it here
                     pname = f"{m.group(1)}.gate_up_proj.weight"
                     shard = 0 if m.group(2) == "gate_proj" else 1
-                    fill(pname, _param(params, pname, name).narrow(0, shard * shared, shared), tensor, name,
-                         shard, 2)
+                    fill(
+                        pname,
+                        _param(params, pname, name).narrow(0, shard * shared, shared),
+                        tensor,
+                        name,
+                        shard,
+                        2,
+                    )
                     continue
                 yield name, tensor
 
@@ -159,11 +174,16 @@ def qwen_moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     top-k, renormalisation and the layers that stay dense (mlp_only_layers, and those off the
     decoder_sparse_step grid)."""
     if cfg.get("use_sliding_window"):
-        raise UnsupportedModelError(f"{cfg.get('model_type') or 'Qwen-MoE'} with use_sliding_window=True "
-                                    "is not supported")
+        raise UnsupportedModelError(
+            f"{cfg.get('model_type') or 'Qwen-MoE'} with use_sliding_window=True is not supported"
+        )
     step = cfg.get("decoder_sparse_step", 1) or 1
     only = set(cfg.get("mlp_only_layers") or ())
     dense = tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
-    return dict(num_experts=cfg.get("num_experts") or cfg.get("num_local_experts"),
-                num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=cfg["moe_intermediate_size"],
-                norm_topk_prob=bool(cfg.get("norm_topk_prob")), dense_layers=dense)
+    return dict(
+        num_experts=cfg.get("num_experts") or cfg.get("num_local_experts"),
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob")),
+        dense_layers=dense,
+    )

@@ -1,4 +1,5 @@
 """Qwen3 (dense): the Llama layer with per-head RMSNorm of q and k before RoPE, no biases."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,7 +13,11 @@ def _qwen3(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"qk_norm": True, **qwen_layer_types(cfg)}
 
 
-@register("qwen3", architectures=("Qwen3ForCausalLM",), parse_hf=_qwen3,
-          checked_against="transformers Qwen3ForCausalLM (q/k norms, GQA, tied and untied, sliding-window layers)")
+@register(
+    "qwen3",
+    architectures=("Qwen3ForCausalLM",),
+    parse_hf=_qwen3,
+    checked_against="transformers Qwen3ForCausalLM (q/k norms, GQA, tied and untied, sliding-window layers)",
+)
 class Qwen3ForCausalLM(CausalLM):
     pass

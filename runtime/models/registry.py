@@ -10,10 +10,12 @@ every supported architecture.
 
 This module imports nothing else from the package, so config.py can use it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 class UnsupportedModelError(ValueError):
@@ -30,7 +32,7 @@ class Family:
     """HF `architectures` entries of config.json served by this family."""
     model_types: tuple[str, ...]
     """HF `model_type` values (used when a config has no `architectures`)."""
-    parse_hf: Optional[Callable[[dict[str, Any]], dict[str, Any]]]
+    parse_hf: Callable[[dict[str, Any]], dict[str, Any]] | None
     """config.json dict -> ModelConfig fields that differ from the generic parse (None: none)."""
     checked_against: str
     """What its correctness tests compare with (shown in the docs)."""
@@ -40,15 +42,22 @@ FAMILIES: dict[str, Family] = {}
 """family name -> Family, in registration order."""
 
 
-def register(name: str, *, architectures: tuple[str, ...], model_types: tuple[str, ...] = (),
-             parse_hf: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None, checked_against: str = ""):
+def register(
+    name: str,
+    *,
+    architectures: tuple[str, ...],
+    model_types: tuple[str, ...] = (),
+    parse_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    checked_against: str = "",
+):
     """Class decorator: make `cls` the model of family `name` (one line per new family)."""
 
     def deco(cls):
         if name in FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
-        FAMILIES[name] = Family(name, cls, tuple(architectures), tuple(model_types) or (name,), parse_hf,
-                                checked_against)
+        FAMILIES[name] = Family(
+            name, cls, tuple(architectures), tuple(model_types) or (name,), parse_hf, checked_against
+        )
         return cls
 
     return deco
@@ -78,4 +87,5 @@ def family_of_hf_config(cfg: dict[str, Any]) -> Family:
                 return f
     raise UnsupportedModelError(
         f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
-        f"supported: {', '.join(supported_architectures())}")
+        f"supported: {', '.join(supported_architectures())}"
+    )

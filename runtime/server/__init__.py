@@ -5,6 +5,7 @@ config.py (ServerConfig) -> app.py (app factory, middlewares, lifecycle, runner)
 -> protocol.py (pydantic request/response models),
 sse.py (streaming), errors.py (OpenAI error bodies), metrics.py (Prometheus, vLLM names).
 """
+
 from __future__ import annotations
 
 __all__ = ["create_app", "run_server", "ServerConfig"]

@@ -16,13 +16,14 @@ Lifecycle (owned here):
 Middlewares: errors (outermost: every failure becomes an OpenAI error body),
 then auth + draining. /health, /metrics and /version need no API key.
 """
+
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
 import signal
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -30,7 +31,14 @@ from .. import __version__
 from ..async_engine import AsyncLLM
 from ..config import EngineConfig
 from .config import ServerConfig
-from .errors import APIError, Unauthorized, error_response, from_api_error, from_http_exception, internal_error
+from .errors import (
+    APIError,
+    Unauthorized,
+    error_response,
+    from_api_error,
+    from_http_exception,
+    internal_error,
+)
 from .metrics import ServerMetrics
 from .routes import OpenAIServing
 
@@ -68,13 +76,21 @@ async def gate_middleware(request: web.Request, handler):
         scheme, _, token = header.partition(" ")
         # compare_digest takes the same time wherever the strings differ: no timing oracle on the key.
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise Unauthorized("Incorrect or missing API key." if header else "Missing API key: send "
-                               "'Authorization: Bearer <key>'.", code="invalid_api_key")
+            raise Unauthorized(
+                "Incorrect or missing API key."
+                if header
+                else "Missing API key: send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
     serving = request.app.get(SERVING)
     if serving is not None and serving.draining:
         cfg = request.app[SERVER_CONFIG]
-        return error_response(503, "Server is shutting down.", "service_unavailable",
-                              headers={"Retry-After": str(cfg.retry_after_seconds)})
+        return error_response(
+            503,
+            "Server is shutting down.",
+            "service_unavailable",
+            headers={"Retry-After": str(cfg.retry_after_seconds)},
+        )
     return await handler(request)
 
 
@@ -108,14 +124,19 @@ def describe_engine(llm: AsyncLLM) -> dict:
     }
 
 
-def create_app(engine_config: Optional[EngineConfig] = None, server_config: Optional[ServerConfig] = None, *,
-               llm: Optional[AsyncLLM] = None) -> web.Application:
+def create_app(
+    engine_config: EngineConfig | None = None,
+    server_config: ServerConfig | None = None,
+    *,
+    llm: AsyncLLM | None = None,
+) -> web.Application:
     """The app; it loads the engine from engine_config on startup unless a running `llm` is given
     (then the caller owns that engine's lifecycle, e.g. tests sharing one engine across apps)."""
     engine_config = engine_config or EngineConfig()
     server_config = server_config or ServerConfig()
-    app = web.Application(client_max_size=server_config.max_request_body_bytes,
-                          middlewares=[error_middleware, gate_middleware])
+    app = web.Application(
+        client_max_size=server_config.max_request_body_bytes, middlewares=[error_middleware, gate_middleware]
+    )
     app[SERVER_CONFIG] = server_config
 
     async def engine_ctx(app: web.Application):
@@ -135,24 +156,39 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
             engine = await asyncio.to_thread(AsyncLLM.from_config, engine_config)
         engine.start()
         served = engine_config.served_model_name or engine.model_name
-        metrics = ServerMetrics(served, lambda: engine.stats, lambda: engine.num_waiting, engine.max_model_len)
+        metrics = ServerMetrics(
+            served, lambda: engine.stats, lambda: engine.num_waiting, engine.max_model_len
+        )
         engine.add_observer(metrics.observer)
         app[SERVING] = OpenAIServing(engine, server_config, metrics, served, engine_config.model)
         info = describe_engine(engine)
-        logger.info("engine ready: model=%s served as %r, dtype=%s, device=%s, max_model_len=%s, KV blocks=%s x %s "
-                    "tokens, max concurrency %.1fx (requests of max_model_len tokens)", info["model"], served,
-                    info["dtype"], info["device"], info["max_model_len"], info["kv_blocks"], info["block_size"],
-                    float(info["max_concurrency"] or 0))
+        logger.info(
+            "engine ready: model=%s served as %r, dtype=%s, device=%s, max_model_len=%s, KV blocks=%s x %s "
+            "tokens, max concurrency %.1fx (requests of max_model_len tokens)",
+            info["model"],
+            served,
+            info["dtype"],
+            info["device"],
+            info["max_model_len"],
+            info["kv_blocks"],
+            info["block_size"],
+            float(info["max_concurrency"] or 0),
+        )
         if engine.core_pid is not None:
             logger.info("engine loop runs in its own process (pid %d)", engine.core_pid)
         defaults = app[SERVING].generation_defaults
         if defaults:
-            logger.info("sampling defaults for requests that omit them (the model's; --generation-config vllm "
-                        "ignores them): %s", ", ".join(f"{k}={v}" + (" (chat)" if k == "max_tokens" else "")
-                                                       for k, v in defaults.items()))
+            logger.info(
+                "sampling defaults for requests that omit them (the model's; --generation-config vllm "
+                "ignores them): %s",
+                ", ".join(f"{k}={v}" + (" (chat)" if k == "max_tokens" else "") for k, v in defaults.items()),
+            )
         else:
-            logger.info("sampling defaults: none from the model (%s): temperature=1.0, top_p=1.0, top_k=0, "
-                        "repetition_penalty=1.0 unless a request sets them", engine_config.generation_config)
+            logger.info(
+                "sampling defaults: none from the model (%s): temperature=1.0, top_p=1.0, top_k=0, "
+                "repetition_penalty=1.0 unless a request sets them",
+                engine_config.generation_config,
+            )
         try:
             yield
         finally:
@@ -173,9 +209,14 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
             await asyncio.sleep(0.05)
         if serving.num_in_flight:
             streams, others = serving.cut_in_flight()
-            logger.warning("shutdown timeout (%.0fs) reached: cut %d in-flight requests (%d streams ended with an "
-                           "error event and [DONE], %d answered 503)", server_config.shutdown_timeout,
-                           streams + others, streams, others)
+            logger.warning(
+                "shutdown timeout (%.0fs) reached: cut %d in-flight requests (%d streams ended with an "
+                "error event and [DONE], %d answered 503)",
+                server_config.shutdown_timeout,
+                streams + others,
+                streams,
+                others,
+            )
             while serving.num_in_flight and loop.time() < deadline + 5:  # let them write their last bytes
                 await asyncio.sleep(0.01)
 
@@ -198,25 +239,33 @@ def create_app(engine_config: Optional[EngineConfig] = None, server_config: Opti
 _EVERY_INTERFACE = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
 
 
-def exposure_warning(server_config: ServerConfig) -> Optional[str]:
+def exposure_warning(server_config: ServerConfig) -> str | None:
     """The start-up warning for a server that every host on the network may call without a key."""
     if server_config.host.strip() in _EVERY_INTERFACE and not server_config.api_key:
-        return (f"listening on every interface ({server_config.host or '*'}) without an API key: anyone who can "
-                "reach this port can use the model; set --api-key (or FLEETSERVE_API_KEY), or --host 127.0.0.1")
+        return (
+            f"listening on every interface ({server_config.host or '*'}) without an API key: anyone who can "
+            "reach this port can use the model; set --api-key (or FLEETSERVE_API_KEY), or --host 127.0.0.1"
+        )
     return None
 
 
-async def run_server(engine_config: Optional[EngineConfig] = None, server_config: Optional[ServerConfig] = None, *,
-                     llm: Optional[AsyncLLM] = None, stop: Optional[asyncio.Event] = None,
-                     on_ready: Optional[Callable[[str], Awaitable[None] | None]] = None,
-                     handle_signals: bool = True) -> int:
+async def run_server(
+    engine_config: EngineConfig | None = None,
+    server_config: ServerConfig | None = None,
+    *,
+    llm: AsyncLLM | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], Awaitable[None] | None] | None = None,
+    handle_signals: bool = True,
+) -> int:
     """Serves until SIGTERM/SIGINT (or `stop` is set), then drains and returns 0; returns 1 after
     shutting down because the engine core died."""
     server_config = server_config or ServerConfig()
     exit_code = 0
     app = create_app(engine_config, server_config, llm=llm)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=server_config.shutdown_timeout,
-                           access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=server_config.shutdown_timeout, access_log=None
+    )
     await runner.setup()  # runs the startup half of engine_ctx: the model is loaded before we listen
     try:
         site = web.TCPSite(runner, server_config.host, server_config.port)
@@ -228,8 +277,12 @@ async def run_server(engine_config: Optional[EngineConfig] = None, server_config
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-        logger.info("serving %s on %s (API key %s)", app[SERVING].served_model_name, url,
-                    "required" if server_config.api_key else "not required")
+        logger.info(
+            "serving %s on %s (API key %s)",
+            app[SERVING].served_model_name,
+            url,
+            "required" if server_config.api_key else "not required",
+        )
         warning = exposure_warning(server_config)
         if warning:
             logger.warning(warning)
@@ -248,8 +301,11 @@ async def run_server(engine_config: Optional[EngineConfig] = None, server_config
             exit_code = 1
             app[SERVING].draining = True
             logger.error("engine core died: shutting down with exit code 1")
-        logger.info("shutting down: refusing new requests, draining %d in flight (up to %.0fs)",
-                    app[SERVING].llm.num_in_flight, server_config.shutdown_timeout)
+        logger.info(
+            "shutting down: refusing new requests, draining %d in flight (up to %.0fs)",
+            app[SERVING].llm.num_in_flight,
+            server_config.shutdown_timeout,
+        )
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -4,9 +4,10 @@ Engine settings live in `EngineConfig` (runtime/config.py); `fleetserve serve`
 generates its flags from both models, field by field, with these docstrings as
 help text. Nothing else holds a second list of them.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,7 +19,7 @@ class ServerConfig(BaseModel):
     """Address to listen on; 0.0.0.0 (or ::) listens on every interface (containers, Kubernetes pods)."""
     port: int = Field(8000, ge=0, le=65535)
     """TCP port to listen on (0 picks a free one)."""
-    api_key: Optional[str] = Field(None, repr=False)
+    api_key: str | None = Field(None, repr=False)
     """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and /version stay open)."""
     max_waiting_requests: int = Field(1024, ge=0)
     """Sequences (prompts x n) allowed beyond the engine's max_num_seqs batch slots, i.e. waiting for a slot;
@@ -40,13 +41,13 @@ class ServerConfig(BaseModel):
     """Run the engine loop (scheduler, KV cache, model) in its own process, so per-token HTTP work (detokenization, SSE) does not compete with it for the GIL; --no-engine-process runs it in a thread of the server."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice "auto", the default with tools); needs tool_call_parser."""
-    tool_call_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = None
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None
     """How tool calls are read from the model's text: hermes (Hermes, Qwen2.5, Qwen3 <tool_call>), llama3_json, mistral ([TOOL_CALLS])."""
-    reasoning_parser: Optional[Literal["deepseek_r1", "qwen3"]] = None
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     """Split <think>...</think> reasoning into message.reasoning_content; structured output and tool calls apply after it."""
 
     @model_validator(mode="after")
-    def _tools(self):
+    def _tools(self) -> ServerConfig:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs tool_call_parser")
         return self

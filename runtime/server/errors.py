@@ -5,10 +5,10 @@ app.py turns it, aiohttp's HTTP exceptions and anything unexpected into a JSON
 response with the right status. Unexpected exceptions become a bare 500 (the
 middleware logs the traceback): internals never reach the client.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -18,8 +18,9 @@ class APIError(Exception):
     status = 400
     type = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -48,6 +49,7 @@ class Overloaded(APIError):
 
 class RequestCut(APIError):
     """Shutdown ended the request at the drain timeout (or refused to start it once cutting began)."""
+
     status = 503
     type = "service_unavailable"
 
@@ -55,11 +57,13 @@ class RequestCut(APIError):
         super().__init__(message, code="shutting_down")
 
 
-def error_body(message: str, type_: str, param: Optional[str] = None, code=None) -> dict:
+def error_body(message: str, type_: str, param: str | None = None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> web.Response:
+def error_response(
+    status: int, message: str, type_: str, param=None, code=None, headers=None
+) -> web.Response:
     return web.json_response(error_body(message, type_, param, code), status=status, headers=headers)
 
 
@@ -83,7 +87,7 @@ def _is_field(part) -> bool:
     return isinstance(part, int) or not (part in _TYPE_TAGS or any(c in part for c in "[(-,"))
 
 
-def param_path(loc) -> Optional[str]:
+def param_path(loc) -> str | None:
     """('messages', 0, 'content') -> 'messages[0].content', as OpenAI names nested parameters."""
     out = ""
     for part in loc:
@@ -93,7 +97,7 @@ def param_path(loc) -> Optional[str]:
     return out or None
 
 
-def _short(value) -> Optional[str]:
+def _short(value) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 40):
@@ -101,12 +105,12 @@ def _short(value) -> Optional[str]:
     return None
 
 
-def _leading_field(message: str, fields) -> Optional[str]:
+def _leading_field(message: str, fields) -> str | None:
     word = re.match(r"[A-Za-z_]+", message)
     return word.group(0) if word and word.group(0) in fields else None
 
 
-def to_bad_request(exc: Exception, *, param: Optional[str] = None, fields=()) -> BadRequest:
+def to_bad_request(exc: Exception, *, param: str | None = None, fields=()) -> BadRequest:
     """The one place that turns a validation failure into a 400: `param` names the field, the message is
     one sentence for a human (no "Value error," prefix, no pydantic dump, no documentation URL).
 
@@ -116,7 +120,9 @@ def to_bad_request(exc: Exception, *, param: Optional[str] = None, fields=()) ->
     """
     if not isinstance(exc, ValidationError):
         message = str(exc) or "invalid request"
-        return BadRequest(message, param=getattr(exc, "param", None) or param or _leading_field(message, fields))
+        return BadRequest(
+            message, param=getattr(exc, "param", None) or param or _leading_field(message, fields)
+        )
     found = []  # (depth, param, message, input)
     for err in exc.errors(include_url=False):
         cause = (err.get("ctx") or {}).get("error")
@@ -136,7 +142,11 @@ def to_bad_request(exc: Exception, *, param: Optional[str] = None, fields=()) ->
     where = first[1] or param
     msgs = list(dict.fromkeys(m for d, w, m, _ in found if d == deepest and w == first[1]))
     message = " or ".join(msgs)
-    got = None if first[3] is None or msgs[0].startswith(("field required", "unsupported")) else _short(first[3])
+    got = (
+        None
+        if first[3] is None or msgs[0].startswith(("field required", "unsupported"))
+        else _short(first[3])
+    )
     if where and not message.startswith(where):
         message = f"Invalid value for '{where}': {message}"
     if got is not None and "(" not in message:
@@ -170,8 +180,13 @@ def from_http_exception(e: web.HTTPException) -> web.Response:
     else:
         message = e.reason or "error"
     headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
-    return error_response(status, message, _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                          code=None, headers=headers)
+    return error_response(
+        status,
+        message,
+        _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        code=None,
+        headers=headers,
+    )
 
 
 def internal_error() -> web.Response:

@@ -16,12 +16,13 @@ One large request must not freeze the server (seen: a 15 MB prompt blocked /heal
   the tokenizer cannot take them.
 Rendering chat templates and tokenizing happen later, in routes.py, also off the loop.
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -57,13 +58,16 @@ def decode_json(raw: bytes) -> Any:
     if ("\\ud" in text or "\\uD" in text) and _SURROGATE_ESCAPE.search(text):
         where = _lone_surrogate_at(body)
         if where is not None:
-            raise BadRequest(f"Invalid value for '{param_path(where) or 'body'}': the text contains a lone UTF-16 "
-                             "surrogate (\\ud800-\\udfff without its pair), which is not a Unicode character",
-                             param=param_path(where), code="invalid_unicode")
+            raise BadRequest(
+                f"Invalid value for '{param_path(where) or 'body'}': the text contains a lone UTF-16 "
+                "surrogate (\\ud800-\\udfff without its pair), which is not a Unicode character",
+                param=param_path(where),
+                code="invalid_unicode",
+            )
     return body
 
 
-def _lone_surrogate_at(body: Any) -> Optional[tuple]:
+def _lone_surrogate_at(body: Any) -> tuple | None:
     stack: list[tuple[tuple, Any]] = [((), body)]
     while stack:
         loc, node = stack.pop()
@@ -84,14 +88,18 @@ def _text_len(content: Any) -> int:
     if isinstance(content, str):
         return len(content)
     if isinstance(content, list):
-        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return sum(
+            len(p.get("text") or "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return 0
 
 
 class Intake:
     """Bounds derived from the served model; `parse` is what every POST handler calls first."""
 
-    def __init__(self, max_model_len: int, max_chars_per_token: Optional[int], vocab_size: Optional[int]):
+    def __init__(self, max_model_len: int, max_chars_per_token: int | None, vocab_size: int | None):
         self.max_model_len = max_model_len
         self.max_chars = None if max_chars_per_token is None else max_model_len * max_chars_per_token
         self.max_chars_per_token = max_chars_per_token
@@ -111,13 +119,19 @@ class Intake:
         """Refuses what cannot fit before any per-item work (pydantic, templates, the tokenizer)."""
         messages = body.get("messages")
         if isinstance(messages, list) and len(messages) > self.max_model_len:
-            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                             f"request has {len(messages)} messages and every message takes at least one token.",
-                             param="messages", code="context_length_exceeded")
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"request has {len(messages)} messages and every message takes at least one token.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         for name, value in body.items():
             if isinstance(value, (list, dict)) and len(value) > self.max_items:
-                raise BadRequest(f"Invalid value for '{name}': at most {self.max_items} items are accepted, "
-                                 f"got {len(value)}", param=name)
+                raise BadRequest(
+                    f"Invalid value for '{name}': at most {self.max_items} items are accepted, "
+                    f"got {len(value)}",
+                    param=name,
+                )
         if self.max_chars is None:
             return
         prompt = body.get("prompt")
@@ -128,14 +142,20 @@ class Intake:
                 if isinstance(p, str):
                     self._check_chars(len(p), "prompt")
         if isinstance(messages, list):
-            self._check_chars(sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict)), "messages")
+            self._check_chars(
+                sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict)), "messages"
+            )
 
     def _check_chars(self, n: int, what: str) -> None:
-        if n > self.max_chars:
-            raise BadRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                             f"{what} has {n} characters, more than {self.max_model_len} tokens can hold (one token "
-                             f"stands for at most {self.max_chars_per_token} characters). Please reduce the length "
-                             f"of the {what}.", param=what, code="context_length_exceeded")
+        if self.max_chars is not None and n > self.max_chars:
+            raise BadRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"{what} has {n} characters, more than {self.max_model_len} tokens can hold (one token "
+                f"stands for at most {self.max_chars_per_token} characters). Please reduce the length "
+                f"of the {what}.",
+                param=what,
+                code="context_length_exceeded",
+            )
 
     def validate(self, model: type[BaseModel], body: dict):
         fields = model.model_fields

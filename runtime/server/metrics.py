@@ -11,10 +11,11 @@ read these, so names, types and units follow vLLM exactly:
   step timestamps, so they read the same whether the core is a thread or a process.
 Each app owns its own CollectorRegistry so several servers can share a process.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -24,12 +25,74 @@ from ..protocols import StatsSnapshot
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets, so that existing dashboards' histogram_quantile queries read the same.
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-               20.0, 40.0, 80.0]
-REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+ITL_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+REQUEST_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 
 
 class EngineCollector:
@@ -58,29 +121,49 @@ class EngineCollector:
             c.add_metric(value, float(v))
             return c
 
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                    self._num_waiting())
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        yield gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running
+        )
+        yield gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", self._num_waiting()
+        )
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage
+        )
         # The pre-v1 name, still used by many dashboards.
-        yield gauge("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage (deprecated name).",
-                    s.kv_cache_usage)
+        yield gauge(
+            "vllm:gpu_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage (deprecated name).",
+            s.kv_cache_usage,
+        )
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total)
-        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total)
-        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                      s.num_preemptions_total)
-        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                      s.prefix_cache_queries_total)
-        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                      s.prefix_cache_hits_total)
+        yield counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total
+        )
+        yield counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            s.num_preemptions_total,
+        )
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            s.prefix_cache_queries_total,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            s.prefix_cache_hits_total,
+        )
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
     """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
-    out, exp = [], 0
+    out: list[int] = []
+    exp = 0
     while True:
         for m in (1, 2, 5):
-            v = m * 10 ** exp
+            v = m * 10**exp
             if v > max_value:
                 return out
             out.append(v)
@@ -95,7 +178,7 @@ class _RequestTiming:
     def __init__(self, arrival: float):
         self.arrival = arrival
         self.num_tokens = 0
-        self.last_token_time: Optional[float] = None
+        self.last_token_time: float | None = None
         self.queued_observed = False
 
 
@@ -110,29 +193,67 @@ class RequestMetricsObserver:
             return Histogram(name, doc, ln, buckets=buckets, registry=registry).labels(model_name)
 
         # Older vLLM name of the inter-token latency; many dashboards still query it.
-        self.tpot = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-                         ITL_BUCKETS)
+        self.tpot = hist(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            ITL_BUCKETS,
+        )
         token_buckets = build_1_2_5_buckets(max_model_len)
-        self.prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
-        self.generation_tokens = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                      token_buckets)
-        self.prefill_time = hist("vllm:request_prefill_time_seconds",
-                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_BUCKETS)
-        self.decode_time = hist("vllm:request_decode_time_seconds",
-                                "Histogram of time spent in DECODE phase for request.", REQUEST_BUCKETS)
-        self.inference_time = hist("vllm:request_inference_time_seconds",
-                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_BUCKETS)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              ln, buckets=TTFT_BUCKETS, registry=registry).labels(model_name)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                             ln, buckets=ITL_BUCKETS, registry=registry).labels(model_name)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             ln, buckets=REQUEST_BUCKETS, registry=registry).labels(model_name)
-        self.queue = Histogram("vllm:request_queue_time_seconds",
-                               "Histogram of time spent in WAITING phase for request.",
-                               ln, buckets=REQUEST_BUCKETS, registry=registry).labels(model_name)
-        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                               ["model_name", "finished_reason"], registry=registry)
+        self.prompt_tokens = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+        )
+        self.generation_tokens = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        self.prefill_time = hist(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_BUCKETS,
+        )
+        self.decode_time = hist(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_BUCKETS,
+        )
+        self.inference_time = hist(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            ln,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ln,
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            ln,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            ln,
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)  # exported at 0 from the start
         self._requests: dict[str, _RequestTiming] = {}
@@ -181,8 +302,13 @@ class RequestMetricsObserver:
 class ServerMetrics:
     """The registry of one app: engine collector plus request observer."""
 
-    def __init__(self, model_name: str, stats: Callable[[], StatsSnapshot], num_waiting: Callable[[], int],
-                 max_model_len: int = 1 << 20):
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], StatsSnapshot],
+        num_waiting: Callable[[], int],
+        max_model_len: int = 1 << 20,
+    ):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(model_name, stats, num_waiting))
         self.observer = RequestMetricsObserver(self.registry, model_name, max_model_len)

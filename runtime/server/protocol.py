@@ -8,13 +8,14 @@ Failures raise InvalidParameter naming the field (errors.to_bad_request). Each r
 knows how to become `SamplingParams`; responses are plain models that serialise
 to exactly the JSON the OpenAI SDK parses.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -39,7 +40,9 @@ class _Request(BaseModel):
             key = f"{type(self).__name__}.{name}"
             if key not in _ignored_logged:  # once per name: clients send the same extras on every request
                 _ignored_logged.add(key)
-                logger.warning("ignoring unknown request field %r in %s (logged once)", name, type(self).__name__)
+                logger.warning(
+                    "ignoring unknown request field %r in %s (logged once)", name, type(self).__name__
+                )
         return self
 
 
@@ -49,22 +52,22 @@ _FieldError = InvalidParameter
 
 class JsonSchemaFormat(_Request):
     name: str = "response"
-    description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
-    strict: Optional[bool] = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
     """Accepted; the output always follows the schema exactly (xgrammar strict mode)."""
 
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[JsonSchemaFormat] = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class FunctionDefinition(_Request):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class ChatTool(_Request):
@@ -91,72 +94,87 @@ class StreamOptions(_Request):
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
-    model: Optional[str] = None
+    model: str | None = None
     n: int = Field(1, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
     # vLLM extras (the OpenAI SDK sends them through extra_body)
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
-    response_format: Optional[ResponseFormat] = None
-    structured_outputs: Optional[dict[str, Any]] = None
-    guided_json: Optional[Union[dict[str, Any], str]] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
-    guided_decoding_backend: Optional[str] = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     """Accepted for vLLM compatibility; xgrammar is the only backend."""
 
-    def structured_constraint(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
+    def structured_constraint(self) -> tuple[StructuredOutputsParams | None, str | None]:
         """The request's output constraint and the field that set it; ValueError (with the
         field) when the fields are contradictory or malformed."""
-        given = []
+        given: list[tuple[str, dict[str, Any]]] = []
         rf = self.response_format
         if rf is not None and rf.type != "text":
             if rf.type == "json_object":
                 given.append(("response_format", dict(json_object=True)))
             else:
                 if rf.json_schema is None:
-                    raise _FieldError("response_format.json_schema", "response_format of type json_schema needs "
-                                      "a json_schema object (name, schema)")
+                    raise _FieldError(
+                        "response_format.json_schema",
+                        "response_format of type json_schema needs a json_schema object (name, schema)",
+                    )
                 schema = rf.json_schema.schema_
-                given.append(("response_format.json_schema.schema",
-                              dict(json=schema) if schema is not None else dict(json_object=True)))
+                given.append(
+                    (
+                        "response_format.json_schema.schema",
+                        dict(json=schema) if schema is not None else dict(json_object=True),
+                    )
+                )
         if self.structured_outputs is not None:
             given.append(("structured_outputs", self.structured_outputs))
-        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                          ("guided_grammar", "grammar")):
+        for name, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
             value = getattr(self, name)
             if value is not None:
                 given.append((name, {key: value}))
         if not given:
             return None, None
         if len(given) > 1:
-            raise _FieldError(given[1][0], "give only one of response_format, structured_outputs and guided_*: got "
-                              + ", ".join(g[0] for g in given))
+            raise _FieldError(
+                given[1][0],
+                "give only one of response_format, structured_outputs and guided_*: got "
+                + ", ".join(g[0] for g in given),
+            )
         field, spec = given[0]
         try:
             return StructuredOutputsParams.model_validate(spec), field
         except ValueError as e:
             msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
             loc = e.errors()[0].get("loc") if hasattr(e, "errors") else None
-            raise _FieldError(field + ("." + ".".join(map(str, loc)) if loc and field == "structured_outputs" else ""),
-                              f"{field}: {msg.removeprefix('Value error, ')}") from None
+            raise _FieldError(
+                field + ("." + ".".join(map(str, loc)) if loc and field == "structured_outputs" else ""),
+                f"{field}: {msg.removeprefix('Value error, ')}",
+            ) from None
 
     @field_validator("logit_bias")
     @classmethod
@@ -180,18 +198,37 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                         prompt_logprobs: Optional[int] = None, defaults: Optional[dict] = None) -> SamplingParams:
+    def _sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: dict | None = None,
+    ) -> SamplingParams:
         # The model's defaults (generation_config.json) fill in what the request leaves out.
         kw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
         kw.update(
-            n=self.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=self.stop,
-            stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, seed=self.seed,
+            n=self.n,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            seed=self.seed,
         )
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(self, name)
             if value is not None:
                 kw[name] = value
@@ -201,12 +238,12 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    best_of: int | None = None
+    suffix: str | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -216,7 +253,7 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidParameter("best_of", "best_of different from n is not supported")
         return self
 
-    def prompts(self) -> list[Union[str, list[int]]]:
+    def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
         p = self.prompt
         if isinstance(p, str):
@@ -227,7 +264,7 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, defaults: dict | None = None) -> SamplingParams:
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
         return self._sampling_params(max_tokens, self.logprobs, prompt_lp, defaults)
 
@@ -251,19 +288,19 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextContent]]] = None
-    name: Optional[str] = None
-    tool_calls: Optional[list[ToolCall]] = None
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
     """Assistant messages: the calls it made (sent back in the history; null or [] means none)."""
-    tool_call_id: Optional[str] = None
+    tool_call_id: str | None = None
     """Tool messages: the call this is the result of."""
-    reasoning_content: Optional[str] = None
+    reasoning_content: str | None = None
     """Assistant messages: reasoning returned earlier (not rendered back: templates drop it)."""
     # What else the SDK sends back when a response message is put into the history as it is.
-    refusal: Optional[str] = None
-    function_call: Optional[Any] = None
-    audio: Optional[Any] = None
-    annotations: Optional[list[Any]] = None
+    refusal: str | None = None
+    function_call: Any | None = None
+    audio: Any | None = None
+    annotations: list[Any] | None = None
 
     @model_validator(mode="after")
     def _off_forms_only(self):
@@ -294,7 +331,9 @@ class ChatMessage(_Request):
                     args = json.loads(c.function.arguments) if c.function.arguments else {}
                 except ValueError:
                     args = c.function.arguments  # not JSON: hand the text through
-                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+                calls.append(
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}}
+                )
             d["tool_calls"] = calls
         if self.tool_call_id:
             d["tool_call_id"] = self.tool_call_id
@@ -309,8 +348,9 @@ class ChatMessage(_Request):
 
 
 # Names the server passes to the chat template itself: a request's chat_template_kwargs may not set them.
-_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tokenize",
-                                     "chat_template"})
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template"}
+)
 
 
 class TemplateControlError(ValueError):
@@ -323,58 +363,70 @@ def chat_template_args(req) -> dict[str, Any]:
     """Keyword arguments for Tokenizer.apply_chat_template from a request's template controls
     (continue_final_message turns the default add_generation_prompt off). TemplateControlError
     (a ValueError naming the field) when they contradict each other or override the server's own."""
-    if req.continue_final_message and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
-        raise TemplateControlError("continue_final_message and add_generation_prompt cannot both be true",
-                                   "continue_final_message")
+    if (
+        req.continue_final_message
+        and req.add_generation_prompt
+        and "add_generation_prompt" in req.model_fields_set
+    ):
+        raise TemplateControlError(
+            "continue_final_message and add_generation_prompt cannot both be true", "continue_final_message"
+        )
     bad = sorted(_RESERVED_TEMPLATE_ARGS & set(req.chat_template_kwargs or {}))
     if bad:
-        raise TemplateControlError(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
-    return {**(req.chat_template_kwargs or {}), "continue_final_message": req.continue_final_message,
-            "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message}
+        raise TemplateControlError(
+            f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs"
+        )
+    return {
+        **(req.chat_template_kwargs or {}),
+        "continue_final_message": req.continue_final_message,
+        "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message,
+    }
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
     """vLLM extra: end the rendered prompt with the assistant turn's header."""
-    tools: Optional[list[ChatTool]] = None
-    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     """Default: "auto" when tools are given, else "none" (OpenAI)."""
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: bool | None = None
     """False: at most one tool call per answer."""
     continue_final_message: bool = False
     """vLLM extra: end the prompt inside the last (assistant) message so the model continues it."""
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template_kwargs: dict[str, Any] | None = None
     """vLLM extra: variables for the chat template (e.g. {"enable_thinking": false})."""
     # OpenAI fields that are accepted only in their "off" form.
-    functions: Optional[list[Any]] = None
-    function_call: Optional[Any] = None
-    modalities: Optional[list[str]] = None
-    store: Optional[bool] = None
+    functions: list[Any] | None = None
+    function_call: Any | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
     """Accepted and ignored: this server keeps no completions."""
-    metadata: Optional[dict[str, Any]] = None
+    metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
         if self.functions:
             raise InvalidParameter("functions", "functions (deprecated) are not supported: use tools")
         if self.function_call not in (None, "none"):
-            raise InvalidParameter("function_call", "function_call (deprecated) is not supported: use tool_choice")
+            raise InvalidParameter(
+                "function_call", "function_call (deprecated) is not supported: use tool_choice"
+            )
         if self.modalities and self.modalities != ["text"]:
             raise InvalidParameter("modalities", "only the text modality is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParameter("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
 
-    def to_sampling_params(self, max_tokens: Optional[int], defaults: Optional[dict] = None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, defaults: dict | None = None) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, lp, defaults=defaults)
 
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
@@ -383,7 +435,7 @@ class ChatCompletionRequest(_SamplingRequest):
             return self.tool_choice
         return "auto" if self.tools else "none"
 
-    def template_tools(self) -> Optional[list[dict]]:
+    def template_tools(self) -> list[dict] | None:
         """Tools as HF chat templates expect them (OpenAI's shape), unless tool_choice is none."""
         if not self.tools or self.effective_tool_choice == "none":
             return None
@@ -394,13 +446,13 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class TokenizeRequest(_Request):
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -410,7 +462,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]
 
 
@@ -425,17 +477,17 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -444,14 +496,14 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -459,8 +511,8 @@ class ChatTokenLogprob(TopLogprob):
 
 
 class ChatChoiceLogprobs(BaseModel):
-    content: Optional[list[ChatTokenLogprob]] = None
-    refusal: Optional[list[ChatTokenLogprob]] = None
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class FunctionCallOut(BaseModel):
@@ -476,19 +528,19 @@ class ToolCallOut(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-    refusal: Optional[str] = None
+    content: str | None = None
+    refusal: str | None = None
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
-    reasoning_content: Optional[str] = None
+    reasoning_content: str | None = None
     """Text of the model's reasoning block (--reasoning-parser), apart from the answer."""
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -497,13 +549,13 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class DeltaFunctionCall(BaseModel):
-    name: Optional[str] = None
-    arguments: Optional[str] = None
+    name: str | None = None
+    arguments: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
@@ -515,9 +567,9 @@ class DeltaToolCall(BaseModel):
     the next ones argument fragments only."""
 
     index: int
-    id: Optional[str] = None
-    type: Optional[Literal["function"]] = None
-    function: Optional[DeltaFunctionCall] = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
@@ -525,10 +577,10 @@ class DeltaToolCall(BaseModel):
 
 
 class DeltaMessage(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-    reasoning_content: Optional[str] = None
-    tool_calls: Optional[list[DeltaToolCall]] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
@@ -539,9 +591,9 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -550,8 +602,8 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatStreamChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChunk(BaseModel):
@@ -560,8 +612,8 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -569,9 +621,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "fleetserve"
-    root: Optional[str] = None
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

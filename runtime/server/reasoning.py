@@ -10,9 +10,8 @@ text that may be the start of a tag is held back until the next tokens decide it
 - qwen3: the model opens `<think>` itself (or the template closed an empty block for
   enable_thinking=false); text that never opened a block is the answer.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
@@ -32,22 +31,22 @@ class ReasoningParser:
             raise ValueError(f"unknown reasoning parser {name!r}; known: {', '.join(PARSERS)}")
         self.name = name
 
-    def split(self, text: str, finished: bool = True) -> tuple[Optional[str], str]:
+    def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
         """(reasoning, answer) of the text so far; unfinished: both exclude held-back text."""
         body = text
         lead = len(body) - len(body.lstrip())
         opened = body[lead:].startswith(START)
         if opened:
-            body = body[lead + len(START):]
+            body = body[lead + len(START) :]
         elif not finished and START.startswith(body[lead:]) and body[lead:]:
             return None, ""  # may still become <think>
         end = body.find(END)
         if end != -1:
-            answer = body[end + len(END):]
+            answer = body[end + len(END) :]
             return body[:end], answer.lstrip("\n") if finished or answer.strip("\n") else ""
         if opened or self.name == "deepseek_r1":
             hold = 0 if finished else _partial_suffix(body, END)
-            return body[:len(body) - hold], ""
+            return body[: len(body) - hold], ""
         return None, text  # qwen3 without a block: all answer
 
     def reasoning_ended_in_prompt(self, prompt_text: str) -> bool:

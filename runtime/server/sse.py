@@ -4,6 +4,7 @@ Each event is one `data: <json>` line followed by a blank line; the stream ends
 with `data: [DONE]`. An error after the headers went out (status already 200)
 is sent as a `data: {"error": ...}` event, then [DONE].
 """
+
 from __future__ import annotations
 
 from aiohttp import web

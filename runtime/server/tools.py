@@ -11,13 +11,13 @@
   arguments' JSON text exactly as the model wrote it, so streamed fragments concatenate
   to the non-streamed `arguments`.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Optional
 
 from ..structured.params import StructuredOutputsParams
 
@@ -35,17 +35,20 @@ def call_id() -> str:
 class Call:
     name: str
     args_start: int
-    args_end: Optional[int]  # None while the arguments are incomplete
+    args_end: int | None  # None while the arguments are incomplete
 
     def arguments(self, text: str) -> str:
-        return text[self.args_start: len(text) if self.args_end is None else self.args_end]
+        return text[self.args_start : len(text) if self.args_end is None else self.args_end]
 
 
-def scan(text: str, pos: int, sep: re.Pattern) -> list[Call]:
+def scan(text: str, pos: int, sep: re.Pattern[str]) -> list[Call]:
     """Calls in text from pos on: separator, {"name": ..., "arguments": <json>}, separator, ..."""
     calls: list[Call] = []
     while True:
-        pos = sep.match(text, pos).end()
+        m = sep.match(text, pos)
+        if m is None:  # no separator here: no further call
+            return calls
+        pos = m.end()
         h = _HEAD.match(text, pos)
         if h is None:
             return calls
@@ -70,7 +73,7 @@ class ToolParser:
     marker = ""
     sep = re.compile(r"\s*")
 
-    def start(self, text: str) -> Optional[int]:
+    def start(self, text: str) -> int | None:
         i = text.find(self.marker)
         return None if i == -1 else i
 
@@ -86,13 +89,13 @@ class ToolParser:
                 return k
         return 0
 
-    def calls(self, text: str) -> tuple[Optional[int], list[Call]]:
+    def calls(self, text: str) -> tuple[int | None, list[Call]]:
         i = self.start(text)
         if i is None:
             return None, []
         return i, scan(text, self.scan_from(i), self.sep)
 
-    def parse(self, text: str) -> tuple[Optional[str], list[tuple[str, str]]]:
+    def parse(self, text: str) -> tuple[str | None, list[tuple[str, str]]]:
         """Final text -> (content, [(name, arguments JSON text)]); text without a complete call is content."""
         i, calls = self.calls(text)
         done = [(c.name, c.arguments(text)) for c in calls if c.args_end is not None]
@@ -116,7 +119,7 @@ class Llama3JsonParser(ToolParser):
     name, marker = "llama3_json", "<|python_tag|>"
     sep = re.compile(r"(?:\s|;|<\|python_tag\|>)*")
 
-    def start(self, text: str) -> Optional[int]:
+    def start(self, text: str) -> int | None:
         i = text.find(self.marker)
         if i != -1:
             return i
@@ -141,7 +144,7 @@ class RequiredParser(ToolParser):
     name = "required"
     sep = re.compile(r"[\s\[,]*")
 
-    def start(self, text: str) -> Optional[int]:
+    def start(self, text: str) -> int | None:
         return 0
 
     def scan_from(self, i: int) -> int:
@@ -158,21 +161,33 @@ def get_parser(name: str) -> ToolParser:
     raise ValueError(f"unknown tool call parser {name!r}; known: {', '.join(PARSERS)}")
 
 
-def forced_constraint(tools: list, tool_choice, parallel_tool_calls: Optional[bool]) -> StructuredOutputsParams:
+def forced_constraint(tools: list, tool_choice, parallel_tool_calls: bool | None) -> StructuredOutputsParams:
     """The output constraint of tool_choice "required" or a named function."""
+
     def params_of(t) -> dict:
         return t.function.parameters or {"type": "object", "properties": {}}
 
     if tool_choice == "required":
-        items = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                                             "parameters": params_of(t)},
-                            "required": ["name", "parameters"], "additionalProperties": False} for t in tools]}
+        items = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [t.function.name]},
+                        "parameters": params_of(t),
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+                for t in tools
+            ]
+        }
         schema = {"type": "array", "items": items, "minItems": 1}
         if parallel_tool_calls is False:
             schema["maxItems"] = 1
-        return StructuredOutputsParams(json=schema)
+        return StructuredOutputsParams(json_schema=schema)
     tool = next(t for t in tools if t.function.name == tool_choice.function.name)
-    return StructuredOutputsParams(json=params_of(tool))
+    return StructuredOutputsParams(json_schema=params_of(tool))
 
 
 class ToolCallStream:
@@ -180,21 +195,21 @@ class ToolCallStream:
     many characters of each one's arguments were sent. `update` takes the whole answer text so
     far and returns (content delta, tool-call deltas as (index, id or None, name or None, fragment))."""
 
-    def __init__(self, parser: ToolParser, forced_name: Optional[str] = None):
+    def __init__(self, parser: ToolParser, forced_name: str | None = None):
         self.parser = parser
         self.forced_name = forced_name  # named tool_choice: the whole answer is the arguments
         self.content_sent = 0
         self.ids: list[str] = []
         self.args_sent: list[int] = []
 
-    def update(self, text: str, finished: bool) -> tuple[str, list[tuple[int, Optional[str], Optional[str], str]]]:
-        deltas = []
+    def update(self, text: str, finished: bool) -> tuple[str, list[tuple[int, str | None, str | None, str]]]:
+        deltas: list[tuple[int, str | None, str | None, str]] = []
         if self.forced_name is not None:
             if not self.ids:
                 self.ids.append(call_id())
                 self.args_sent.append(0)
                 deltas.append((0, self.ids[0], self.forced_name, ""))
-            frag = text[self.args_sent[0]:]
+            frag = text[self.args_sent[0] :]
             self.args_sent[0] = len(text)
             if frag:
                 deltas.append((0, None, None, frag))
@@ -208,7 +223,7 @@ class ToolCallStream:
             end = len(text[:i].rstrip())
             if finished and not self.ids and not any(c.args_end is not None for c in calls):
                 end = len(text)  # a marker but no complete call: all of it was content
-        content = text[self.content_sent:end] if end > self.content_sent else ""
+        content = text[self.content_sent : end] if end > self.content_sent else ""
         self.content_sent = max(self.content_sent, end)
         for k, c in enumerate(calls):
             if k == len(self.ids):
@@ -217,7 +232,7 @@ class ToolCallStream:
                 deltas.append((k, self.ids[k], c.name, ""))
             args = c.arguments(text)
             if len(args) > self.args_sent[k]:
-                deltas.append((k, None, None, args[self.args_sent[k]:]))
+                deltas.append((k, None, None, args[self.args_sent[k] :]))
                 self.args_sent[k] = len(args)
         return content, deltas
 

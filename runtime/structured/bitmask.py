@@ -6,11 +6,12 @@ CUDA) with a handful of vectorised ops; `apply_token_bitmask_ref` is the plain
 per-token loop it is tested against. The engine fills the masks on the host
 while the device runs the forward pass and hands them over as `TokenMask`.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +22,7 @@ class TokenMask(NamedTuple):
     """Masks for some rows of one step's logits."""
 
     bitmask: torch.Tensor  # int32 [R, W], on the logits' device
-    rows: Optional[torch.Tensor]  # int64 [R] row indices into the logits; None = every row, in order
+    rows: torch.Tensor | None  # int64 [R] row indices into the logits; None = every row, in order
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
@@ -58,7 +59,9 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
     return logits
 
 
-def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[list[int]]) -> torch.Tensor:
+def apply_token_bitmask_ref(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None
+) -> torch.Tensor:
     """Reference: one token at a time, with Python integers (slow; tests only)."""
     out = logits.clone()
     words = bitmask.cpu().tolist()
@@ -86,7 +89,7 @@ def _batch_matcher():
     return _BATCH_MATCHER
 
 
-def fill_token_mask(states: list, device: torch.device, num_rows: int) -> Optional[TokenMask]:
+def fill_token_mask(states: list, device: torch.device, num_rows: int) -> TokenMask | None:
     """Host side: fill the bitmasks of (row, GrammarState) pairs and queue their copy to the device.
     num_rows: rows of the step's logits (rows=None when every row is masked). None if no state constrains."""
     states = [(r, g) for r, g in states if g.constrains]
@@ -108,7 +111,10 @@ def fill_token_mask(states: list, device: torch.device, num_rows: int) -> Option
     bitmask = host.to(device, non_blocking=cuda)
     rows = None
     if len(states) != num_rows:
-        rows = torch.tensor([r for r, _ in states], dtype=torch.int64).pin_memory() if cuda else \
-            torch.tensor([r for r, _ in states], dtype=torch.int64)
+        rows = (
+            torch.tensor([r for r, _ in states], dtype=torch.int64).pin_memory()
+            if cuda
+            else torch.tensor([r for r, _ in states], dtype=torch.int64)
+        )
         rows = rows.to(device, non_blocking=cuda)
     return TokenMask(bitmask, rows)

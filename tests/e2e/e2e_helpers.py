@@ -4,6 +4,7 @@ Everything goes through the current kube context (KUBECONFIG), so the same tests
 local cluster of tests/e2e/cluster/ and on kind. Requests to the runtime are sent from a pod in
 the cluster to the Service's cluster IP: that works on any cluster, with no port-forward.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import os
 import subprocess
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KUBECTL = os.environ.get("KUBECTL", "kubectl")
@@ -68,14 +70,21 @@ def events(ns: str, name: str) -> list[dict[str, Any]]:
     return json.loads(out)["items"]
 
 
-def pod_spec(name: str, script: str, args: list[str], deadline_s: int, run_as_root: bool = False,
-             volumes: dict[str, str] | None = None) -> dict[str, Any]:
+def pod_spec(
+    name: str,
+    script: str,
+    args: list[str],
+    deadline_s: int,
+    run_as_root: bool = False,
+    volumes: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A client pod; `volumes` maps mount paths to claim names."""
     claims = list((volumes or {}).values())
     vols = [{"name": f"v{i}", "persistentVolumeClaim": {"claimName": c}} for i, c in enumerate(claims)]
     mounts = [{"name": f"v{i}", "mountPath": m} for i, m in enumerate(volumes or {})]
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fleetserve-e2e-client"}},
         "spec": {
             "restartPolicy": "Never",
@@ -84,13 +93,17 @@ def pod_spec(name: str, script: str, args: list[str], deadline_s: int, run_as_ro
             "automountServiceAccountToken": False,
             "securityContext": {"runAsUser": 0} if run_as_root else {"runAsNonRoot": True, "runAsUser": 1000},
             "volumes": vols,
-            "containers": [{
-                "name": "client", "image": RUNTIME_IMAGE, "imagePullPolicy": "IfNotPresent",
-                "command": ["python", "-c", script, *args],
-                "volumeMounts": mounts,
-                # no CPU request: the example asks for the whole of a 2-CPU node
-                "resources": {"requests": {"memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-            }],
+            "containers": [
+                {
+                    "name": "client",
+                    "image": RUNTIME_IMAGE,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python", "-c", script, *args],
+                    "volumeMounts": mounts,
+                    # no CPU request: the example asks for the whole of a 2-CPU node
+                    "resources": {"requests": {"memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                }
+            ],
         },
     }
 
@@ -109,11 +122,17 @@ class ClientPod:
         return (pod.get("status") or {}).get("phase", "")
 
     def wait_running(self, timeout: float = 120) -> None:
-        wait_until(f"client pod {self.name} running", lambda: self.phase() in ("Running", "Succeeded"), timeout, 1)
+        wait_until(
+            f"client pod {self.name} running", lambda: self.phase() in ("Running", "Succeeded"), timeout, 1
+        )
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
-        wait_until(f"client pod {self.name} to finish", lambda: self.phase() in ("Succeeded", "Failed"),
-                   timeout or self.deadline_s + 60, 1)
+        wait_until(
+            f"client pod {self.name} to finish",
+            lambda: self.phase() in ("Succeeded", "Failed"),
+            timeout or self.deadline_s + 60,
+            1,
+        )
         logs = kubectl("logs", "-n", self.ns, self.name)
         phase = self.phase()
         self.delete()  # done: it no longer holds a claim or a node slot
@@ -123,8 +142,17 @@ class ClientPod:
         return json.loads(lines[-1])
 
     def delete(self) -> None:
-        kubectl("delete", "pod", "-n", self.ns, self.name, "--grace-period=1", "--wait=false", "--ignore-not-found",
-                check=False)
+        kubectl(
+            "delete",
+            "pod",
+            "-n",
+            self.ns,
+            self.name,
+            "--grace-period=1",
+            "--wait=false",
+            "--ignore-not-found",
+            check=False,
+        )
 
 
 # Sends chat completions from `workers` threads until `seconds` have passed (or `count` requests
@@ -172,8 +200,25 @@ print(json.dumps(out), flush=True)
 """
 
 
-def load(ns: str, svc_ip: str, model: str, *, workers: int, seconds: float, count: int = 0, max_tokens: int = 64,
-         req_timeout: float = 120, prompt: str | None = None) -> ClientPod:
-    args = [f"http://{svc_ip}/v1/chat/completions", model, str(workers), str(seconds), str(count),
-            str(max_tokens), str(req_timeout)] + ([prompt] if prompt else [])
+def load(
+    ns: str,
+    svc_ip: str,
+    model: str,
+    *,
+    workers: int,
+    seconds: float,
+    count: int = 0,
+    max_tokens: int = 64,
+    req_timeout: float = 120,
+    prompt: str | None = None,
+) -> ClientPod:
+    args = [
+        f"http://{svc_ip}/v1/chat/completions",
+        model,
+        str(workers),
+        str(seconds),
+        str(count),
+        str(max_tokens),
+        str(req_timeout),
+    ] + ([prompt] if prompt else [])
     return ClientPod(ns, LOAD_SCRIPT, args, deadline_s=int(seconds + req_timeout + 120))

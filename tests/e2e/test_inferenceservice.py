@@ -4,6 +4,7 @@ The tests run in file order and share one InferenceService (loading a model take
 small CPU node): examples/cpu-embedded.yaml, then patched for the scenarios that need it.
 Requests come from client pods to the Service's cluster IP (see e2e_helpers.load).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,20 @@ import threading
 import time
 
 import pytest
-
-from e2e_helpers import (FAKE_HUB_FILE, FAKE_HUB_REPO, HELM, REPO, ClientPod, apply, events, kget, kubectl, load,
-                         run, wait_until)
+from e2e_helpers import (
+    FAKE_HUB_FILE,
+    FAKE_HUB_REPO,
+    HELM,
+    REPO,
+    ClientPod,
+    apply,
+    events,
+    kget,
+    kubectl,
+    load,
+    run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -42,8 +54,16 @@ def patch(ns: str, spec: dict) -> None:
 
 def runtime_pods(ns: str) -> list[dict]:
     # The runtime's pods only: the router's pods carry the same instance label (name fleetserve-router).
-    out = kubectl("get", "pods", "-n", ns, "-l",
-                  f"app.kubernetes.io/instance={NAME},app.kubernetes.io/name=fleetserve-runtime", "-o", "json")
+    out = kubectl(
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        f"app.kubernetes.io/instance={NAME},app.kubernetes.io/name=fleetserve-runtime",
+        "-o",
+        "json",
+    )
     return json.loads(out)["items"]
 
 
@@ -52,9 +72,14 @@ def rolled_out(ns: str, replicas: int) -> bool:
     dep = kget("deployment", NAME, ns)
     st, gen = dep.get("status") or {}, dep["metadata"]["generation"]
     s = status(ns)
-    return (st.get("observedGeneration") == gen and st.get("updatedReplicas") == replicas
-            and st.get("readyReplicas") == replicas and st.get("replicas") == replicas
-            and s.get("readyReplicas") == replicas and s.get("phase") == "Ready")
+    return (
+        st.get("observedGeneration") == gen
+        and st.get("updatedReplicas") == replicas
+        and st.get("readyReplicas") == replicas
+        and st.get("replicas") == replicas
+        and s.get("readyReplicas") == replicas
+        and s.get("phase") == "Ready"
+    )
 
 
 def ready_endpoints(ns: str) -> int:
@@ -75,15 +100,26 @@ def test_operator_ready(operator_release):
 def test_example_becomes_ready_and_answers(ns):
     kubectl("apply", "-n", ns, "-f", EXAMPLE)
     t0 = time.monotonic()
-    st = wait_until("the example InferenceService Ready with a URL",
-                    lambda: (s := status(ns)).get("phase") == "Ready" and s.get("url") and s, LOAD_TIMEOUT)
+    st = wait_until(
+        "the example InferenceService Ready with a URL",
+        lambda: (s := status(ns)).get("phase") == "Ready" and s.get("url") and s,
+        LOAD_TIMEOUT,
+    )
     print(f"example Ready after {time.monotonic() - t0:.0f}s: {st.get('url')}")
     # maxReplicas 3: the router is on by default and the URL is its Service.
     assert st["url"] == f"http://{NAME}-router.{ns}.svc.cluster.local"
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
 
-    res = load(ns, service_ip(ns), NAME, workers=1, seconds=120, count=1, max_tokens=24,
-               prompt="What is the capital of France? Answer in one word.").result()
+    res = load(
+        ns,
+        service_ip(ns),
+        NAME,
+        workers=1,
+        seconds=120,
+        count=1,
+        max_tokens=24,
+        prompt="What is the capital of France? Answer in one word.",
+    ).result()
     assert res["ok"] == 1, res
     assert "paris" in res["answers"][0].lower(), res
 
@@ -98,10 +134,21 @@ def test_example_becomes_ready_and_answers(ns):
 def test_queue_depth_scales_up_then_down(ns):
     # Decisions within a test's time; a smaller CPU request leaves room for client pods beside 3
     # replicas. The template changes, so this also rolls the pods (Recreate: old pod gone first).
-    patch(ns, {"resources": {"cpu": "250m"}, "rollout": {"strategy": "Recreate"},
-               "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 2,
-                               "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 20,
-                               "cooldownSeconds": 10}})
+    patch(
+        ns,
+        {
+            "resources": {"cpu": "250m"},
+            "rollout": {"strategy": "Recreate"},
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "targetQueueDepth": 2,
+                "scaleUpStabilizationSeconds": 0,
+                "scaleDownStabilizationSeconds": 20,
+                "cooldownSeconds": 10,
+            },
+        },
+    )
     wait_until("the patched spec rolled out", lambda: rolled_out(ns, 1), LOAD_TIMEOUT)
     # a rollout replaces pods on purpose: not a lost replica
     assert not [e for e in events(ns, NAME) if e["reason"] == "ReplicaLost"], events(ns, NAME)
@@ -110,8 +157,20 @@ def test_queue_depth_scales_up_then_down(ns):
     try:
         wait_until("replicas > 1", lambda: (fsvc(ns)["spec"].get("replicas") or 1) > 1, 150, 1)
         st = status(ns)
-        print("scaled up:", {k: st.get(k) for k in ("desiredReplicas", "replicas", "readyReplicas", "queueDepth",
-                                                    "runningRequests", "lastScaleTime")})
+        print(
+            "scaled up:",
+            {
+                k: st.get(k)
+                for k in (
+                    "desiredReplicas",
+                    "replicas",
+                    "readyReplicas",
+                    "queueDepth",
+                    "runningRequests",
+                    "lastScaleTime",
+                )
+            },
+        )
         assert st.get("desiredReplicas", 0) > 1
         ups = [e for e in events(ns, NAME) if e["reason"] == "ScaledUp"]
         assert ups, "no ScaledUp event"
@@ -125,10 +184,12 @@ def test_queue_depth_scales_up_then_down(ns):
 
     # load gone: back to minReplicas after the down-window (+ cooldown, + scrape interval)
     seen = []
+
     def back_to_one():
         r = fsvc(ns)["spec"].get("replicas")
         seen.append(r)
         return r == 1
+
     wait_until("scaled back to minReplicas", back_to_one, 240, 2)
     assert min(x for x in seen if x is not None) >= 1
     downs = [e for e in events(ns, NAME) if e["reason"] == "ScaledDown"]
@@ -148,12 +209,19 @@ def test_killed_pod_is_replaced_and_requests_end(ns):
     def recovered():
         phases.append(status(ns).get("phase"))
         pods = [p for p in runtime_pods(ns) if not p["metadata"].get("deletionTimestamp")]
-        return (phases[-1] == "Ready" and any(p != "Ready" for p in phases) and pods
-                and all(p["metadata"]["name"] != old for p in pods))
+        return (
+            phases[-1] == "Ready"
+            and any(p != "Ready" for p in phases)
+            and pods
+            and all(p["metadata"]["name"] != old for p in pods)
+        )
+
     wait_until("the replacement pod Ready", recovered, LOAD_TIMEOUT, 1)
     seen = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
     print("phases after the kill:", seen)
-    assert "Degraded" in seen and seen[-1] == "Ready", seen  # Degraded (ReplicaLost) until the replacement serves
+    assert "Degraded" in seen and seen[-1] == "Ready", (
+        seen
+    )  # Degraded (ReplicaLost) until the replacement serves
     lost = [e for e in events(ns, NAME) if e["reason"] == "ReplicaLost"]
     assert lost and old in lost[-1]["message"], lost
     assert any(e["reason"] == "ReplicasRestored" for e in events(ns, NAME))
@@ -171,6 +239,7 @@ def test_spec_update_rolls_without_losing_endpoints(ns):
 
     counts: list[int] = []
     stop = threading.Event()
+
     def watch():
         while not stop.is_set():
             try:
@@ -178,19 +247,27 @@ def test_spec_update_rolls_without_losing_endpoints(ns):
             except Exception:
                 pass
             time.sleep(0.3)
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     client = load(ns, service_ip(ns), NAME, workers=2, seconds=400, max_tokens=16, req_timeout=90)
     try:
         client.wait_running()
         patch(ns, {"engine": {"maxNumSeqs": 8}})
+
         def done():
             pods = runtime_pods(ns)
+
             def seqs(pod):
                 args = pod["spec"]["containers"][0]["args"]
                 return args[args.index("--max-num-seqs") + 1] if "--max-num-seqs" in args else None
-            return rolled_out(ns, 2) and not ({p["metadata"]["name"] for p in pods} & before) and all(
-                seqs(p) == "8" for p in pods)
+
+            return (
+                rolled_out(ns, 2)
+                and not ({p["metadata"]["name"] for p in pods} & before)
+                and all(seqs(p) == "8" for p in pods)
+            )
+
         wait_until("the rollout to finish", done, 2 * LOAD_TIMEOUT, 2)
     finally:
         stop.set()
@@ -211,49 +288,108 @@ def test_model_cache_filled_once(ns, operator_release):
     name, claim, pv = "cached", "e2e-model-cache", f"{ns}-model-cache"
     hub = operator_release["hub"]
     # A hostPath-backed claim, bound statically (no provisioner needed); on the node under /tmp.
-    apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-           "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "hostPath": {"path": f"/tmp/fleetserve-e2e/pv/{ns}", "type": "DirectoryOrCreate"}}}, ns)
-    apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}}}}, ns)
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": f"/tmp/fleetserve-e2e/pv/{ns}", "type": "DirectoryOrCreate"},
+            },
+        },
+        ns,
+    )
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+        ns,
+    )
     # hostPath volumes ignore fsGroup: hand the directory to the runtime's UID once, as root.
-    prep = ClientPod(ns, "import os; os.chown('/models', 1000, 1000); print('{}')", [], deadline_s=120,
-                     run_as_root=True, volumes={"/models": claim})
+    prep = ClientPod(
+        ns,
+        "import os; os.chown('/models', 1000, 1000); print('{}')",
+        [],
+        deadline_s=120,
+        run_as_root=True,
+        volumes={"/models": claim},
+    )
     prep.result()
     count = lambda: ClientPod(ns, HUB_COUNTS, [hub], deadline_s=60).result().get(FAKE_HUB_FILE, 0)  # noqa: E731
     assert count() == 0
 
-    apply({"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
-           "spec": {"model": {"uri": f"hf://{FAKE_HUB_REPO}@main", "ggufFile": FAKE_HUB_FILE},
-                    "modelCache": {"existingClaim": claim},
-                    "engine": {"device": "cpu", "dtype": "float32", "maxModelLen": 2048},
-                    "resources": {"cpu": "250m", "memory": "2Gi"},
-                    "autoscaling": {"minReplicas": 1, "maxReplicas": 1}}}, ns)
+    apply(
+        {
+            "apiVersion": "serving.fleetserve.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"uri": f"hf://{FAKE_HUB_REPO}@main", "ggufFile": FAKE_HUB_FILE},
+                "modelCache": {"existingClaim": claim},
+                "engine": {"device": "cpu", "dtype": "float32", "maxModelLen": 2048},
+                "resources": {"cpu": "250m", "memory": "2Gi"},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+            },
+        },
+        ns,
+    )
     get = lambda: kget("inferenceservice", name, ns).get("status") or {}  # noqa: E731
-    st = wait_until("the hf:// service Ready", lambda: (s := get()).get("phase") == "Ready" and s, LOAD_TIMEOUT)
+    st = wait_until(
+        "the hf:// service Ready", lambda: (s := get()).get("phase") == "Ready" and s, LOAD_TIMEOUT
+    )
     cached = {c["type"]: c for c in st["conditions"]}["ModelCached"]
     assert cached["status"] == "True" and cached["reason"] == "Downloaded", cached
     assert count() == 1
-    (pod,) = [p for p in json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}",
-                                            "-o", "json"))["items"]]
+    (pod,) = [
+        p
+        for p in json.loads(
+            kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "-o", "json")
+        )["items"]
+    ]
     first = kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", "model-download")
     assert "downloading" in first and "download complete" in first, first
     ip = kget("service", name, ns)["spec"]["clusterIP"]
-    res = load(ns, ip, name, workers=1, seconds=60, count=1, max_tokens=24,
-               prompt="What is the capital of France? Answer in one word.").result()
+    res = load(
+        ns,
+        ip,
+        name,
+        workers=1,
+        seconds=60,
+        count=1,
+        max_tokens=24,
+        prompt="What is the capital of France? Answer in one word.",
+    ).result()
     assert res["ok"] == 1 and "paris" in res["answers"][0].lower(), res
 
     # delete the pods: the replacement finds the marker and downloads nothing
     kubectl("delete", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "--wait=false")
+
     def replaced_and_ready():
-        pods = json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}",
-                                  "-o", "json"))["items"]
-        fresh = [p for p in pods if p["metadata"]["name"] != pod["metadata"]["name"]
-                 and not p["metadata"].get("deletionTimestamp")]
-        ok = fresh and all(c.get("ready") for c in (fresh[0].get("status") or {}).get("containerStatuses") or [{}])
+        pods = json.loads(
+            kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "-o", "json")
+        )["items"]
+        fresh = [
+            p
+            for p in pods
+            if p["metadata"]["name"] != pod["metadata"]["name"] and not p["metadata"].get("deletionTimestamp")
+        ]
+        ok = fresh and all(
+            c.get("ready") for c in (fresh[0].get("status") or {}).get("containerStatuses") or [{}]
+        )
         return ok and fresh[0]
+
     new = wait_until("a replacement pod ready", replaced_and_ready, LOAD_TIMEOUT, 2)
     second = kubectl("logs", "-n", ns, new["metadata"]["name"], "-c", "model-download")
     assert "model cache hit" in second, second
@@ -271,11 +407,20 @@ def test_bad_model_path_shows_its_error_in_the_status(ns):
     import yaml
 
     name = "bad-model"
-    apply({"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService",
-           "metadata": {"name": name},
-           "spec": {"model": {"uri": "file:///models/nope"}, "engine": {"device": "cpu", "dtype": "float32"},
-                    "resources": {"cpu": "100m", "memory": "1Gi"},
-                    "autoscaling": {"minReplicas": 1, "maxReplicas": 1}}}, ns)
+    apply(
+        {
+            "apiVersion": "serving.fleetserve.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"uri": "file:///models/nope"},
+                "engine": {"device": "cpu", "dtype": "float32"},
+                "resources": {"cpu": "100m", "memory": "1Gi"},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+            },
+        },
+        ns,
+    )
     error = "model '/models/nope' not found"
 
     def degraded_with_the_error():
@@ -285,17 +430,27 @@ def test_bad_model_path_shows_its_error_in_the_status(ns):
         return doc if d.get("status") == "True" and error in d.get("message", "") else None
 
     try:
-        doc = wait_until("the runtime's start-up error in the InferenceService status", degraded_with_the_error,
-                         LOAD_TIMEOUT)
+        doc = wait_until(
+            "the runtime's start-up error in the InferenceService status",
+            degraded_with_the_error,
+            LOAD_TIMEOUT,
+        )
         conds = {c["type"]: c for c in doc["status"]["conditions"]}
         assert doc["status"]["phase"] == "Degraded"
         assert conds["Degraded"]["reason"] in ("CrashLoopBackOff", "RuntimeFailed"), conds["Degraded"]
         assert error in conds["Ready"]["message"] and conds["Ready"]["status"] == "False"
-        pods = json.loads(kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "-o",
-                                  "json"))["items"]
-        said = [((cs.get(k) or {}).get("terminated") or {}).get("message", "")
-                for p in pods for cs in p["status"].get("containerStatuses") or [] for k in ("state", "lastState")]
-        assert any(m.startswith("fleetserve serve failed to start: ModelLoadError") and error in m for m in said), said
+        pods = json.loads(
+            kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name}", "-o", "json")
+        )["items"]
+        said = [
+            ((cs.get(k) or {}).get("terminated") or {}).get("message", "")
+            for p in pods
+            for cs in p["status"].get("containerStatuses") or []
+            for k in ("state", "lastState")
+        ]
+        assert any(
+            m.startswith("fleetserve serve failed to start: ModelLoadError") and error in m for m in said
+        ), said
     finally:
         kubectl("delete", "inferenceservice", name, "-n", ns, "--wait=true", timeout=120, check=False)
 
@@ -303,10 +458,21 @@ def test_bad_model_path_shows_its_error_in_the_status(ns):
 def test_delete_removes_every_child(ns):
     kubectl("delete", "inferenceservice", NAME, "-n", ns, "--wait=true", timeout=120)
     sel = f"app.kubernetes.io/instance={NAME}"
+
     def gone():
-        out = kubectl("get", "deployments,services,pods,pdb,pvc,replicasets", "-n", ns, "-l", sel,
-                      "-o", "name", check=False)
+        out = kubectl(
+            "get",
+            "deployments,services,pods,pdb,pvc,replicasets",
+            "-n",
+            ns,
+            "-l",
+            sel,
+            "-o",
+            "name",
+            check=False,
+        )
         return not out.strip()
+
     wait_until("every child deleted", gone, 180, 2)
 
 
@@ -314,10 +480,21 @@ def test_helm_uninstall_leaves_only_the_crd(operator_release):
     ns, rel = operator_release["namespace"], operator_release["release"]
     run(HELM, "uninstall", rel, "-n", ns, "--wait", timeout=180)
     sel = f"app.kubernetes.io/instance={rel}"
+
     def nothing_left():
-        ns_out = kubectl("get", "all,serviceaccounts,roles,rolebindings,configmaps,secrets", "-n", ns,
-                         "-l", sel, "-o", "name", check=False)
+        ns_out = kubectl(
+            "get",
+            "all,serviceaccounts,roles,rolebindings,configmaps,secrets",
+            "-n",
+            ns,
+            "-l",
+            sel,
+            "-o",
+            "name",
+            check=False,
+        )
         cl_out = kubectl("get", "clusterroles,clusterrolebindings", "-l", sel, "-o", "name", check=False)
         return not ns_out.strip() and not cl_out.strip()
+
     wait_until("the release's objects deleted", nothing_left, 120, 2)
     assert kget("crd", CRD, check=False) is not None, "helm keeps CRDs from crds/"

@@ -9,6 +9,7 @@ test_inferenceservice.py; every number the issue asks for is printed.
 This file runs after test_inferenceservice.py, whose last test uninstalls the chart: the
 `release` fixture installs it again when it is gone.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ import os
 import time
 
 import pytest
-
-from e2e_helpers import ClientPod, HELM, apply, events, kget, kubectl, run, wait_until
+from e2e_helpers import HELM, ClientPod, apply, events, kget, kubectl, run, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +43,9 @@ def release(operator_release):
         import importlib.util
 
         # helm_install of tests/e2e/conftest.py, loaded by path (a conftest is not importable by name).
-        spec = importlib.util.spec_from_file_location("e2e_conftest", os.path.join(os.path.dirname(__file__),
-                                                                                   "conftest.py"))
+        spec = importlib.util.spec_from_file_location(
+            "e2e_conftest", os.path.join(os.path.dirname(__file__), "conftest.py")
+        )
         e2e_conftest = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(e2e_conftest)
         e2e_conftest.helm_install(operator_release["hub"])
@@ -68,14 +69,24 @@ def ip(ns: str, service: str) -> str:
 
 
 def runtime_pods(ns: str) -> list[dict]:
-    out = kubectl("get", "pods", "-n", ns, "-l",
-                  f"app.kubernetes.io/instance={NAME},app.kubernetes.io/name=fleetserve-runtime", "-o", "json")
+    out = kubectl(
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-l",
+        f"app.kubernetes.io/instance={NAME},app.kubernetes.io/name=fleetserve-runtime",
+        "-o",
+        "json",
+    )
     return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
 def ready(pod: dict) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
 
 
 def router_rolled_out(ns: str) -> bool:
@@ -83,15 +94,24 @@ def router_rolled_out(ns: str) -> bool:
     if not dep:
         return False
     st, want = dep.get("status") or {}, dep["spec"]["replicas"]
-    return (st.get("observedGeneration") == dep["metadata"]["generation"] and st.get("updatedReplicas") == want
-            and st.get("readyReplicas") == want and st.get("replicas") == want)
+    return (
+        st.get("observedGeneration") == dep["metadata"]["generation"]
+        and st.get("updatedReplicas") == want
+        and st.get("readyReplicas") == want
+        and st.get("replicas") == want
+    )
 
 
 def serving(ns: str, replicas: int) -> bool:
     pods = runtime_pods(ns)
     s = status(ns)
-    return (len(pods) == replicas and all(ready(p) for p in pods) and s.get("readyReplicas") == replicas
-            and s.get("phase") == "Ready" and router_rolled_out(ns))
+    return (
+        len(pods) == replicas
+        and all(ready(p) for p in pods)
+        and s.get("readyReplicas") == replicas
+        and s.get("phase") == "Ready"
+        and router_rolled_out(ns)
+    )
 
 
 # One question per run, stdlib only; prints status, body and Retry-After as JSON (errors included).
@@ -213,8 +233,15 @@ print(json.dumps(out), flush=True)
 
 
 def test_router_fronts_the_service(release, ns):
-    apply({"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService",
-           "metadata": {"name": NAME}, "spec": SPEC}, ns)
+    apply(
+        {
+            "apiVersion": "serving.fleetserve.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": NAME},
+            "spec": SPEC,
+        },
+        ns,
+    )
     t0 = time.monotonic()
     wait_until("3 replicas and the router ready", lambda: serving(ns, 3), LOAD_TIMEOUT, 2)
     st = status(ns)
@@ -228,10 +255,13 @@ def test_router_fronts_the_service(release, ns):
     # found them where they are.
     logs = kubectl("logs", "-n", ns, f"deployment/{NAME}-router")
     found = [ln for ln in logs.splitlines() if "discovering replicas" in ln]
-    minor = int("".join(ch for ch in json.loads(kubectl("get", "--raw", "/version"))["minor"] if ch.isdigit()))
+    minor = int(
+        "".join(ch for ch in json.loads(kubectl("get", "--raw", "/version"))["minor"] if ch.isdigit())
+    )
     print("router discovery:", found[:1], f"(Kubernetes 1.{minor})")
-    assert found and found[0].rstrip().endswith("EndpointSlice v1beta1" if minor <= 20 else "EndpointSlice v1"), \
-        logs[-2000:]
+    assert found and found[0].rstrip().endswith(
+        "EndpointSlice v1beta1" if minor <= 20 else "EndpointSlice v1"
+    ), logs[-2000:]
 
 
 def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
@@ -249,14 +279,18 @@ def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
         results[phase] = ClientPod(ns, CHAT_SCRIPT, args, deadline_s=1500).result(timeout=1600)
         print(f"{phase}: " + json.dumps(results[phase]))
     plain, routed = results["service"]["hit_rate"], results["router"]["hit_rate"]
-    print(f"prefix-cache hit rate: plain Service {plain:.3f}, router {routed:.3f} ({routed / max(plain, 1e-9):.2f}x)")
+    print(
+        f"prefix-cache hit rate: plain Service {plain:.3f}, router {routed:.3f} ({routed / max(plain, 1e-9):.2f}x)"
+    )
     assert results["service"]["errors"] == 0 and results["router"]["errors"] == 0, results
     assert all(n == 1 for n in results["router"]["backends_per_conversation"]), results["router"]
     assert routed >= 2 * plain, results
 
 
 def test_replica_deleted_under_load_loses_no_unstarted_request(ns):
-    client = ClientPod(ns, STREAM_SCRIPT, [f"http://{ip(ns, NAME + '-router')}", NAME, "4", "90"], deadline_s=400)
+    client = ClientPod(
+        ns, STREAM_SCRIPT, [f"http://{ip(ns, NAME + '-router')}", NAME, "4", "90"], deadline_s=400
+    )
     client.wait_running()
     wait_until("requests in flight", lambda: (status(ns).get("runningRequests") or 0) > 0, 60, 1)
     time.sleep(5)
@@ -276,12 +310,14 @@ def _peers(peering: str) -> dict:
 
 def test_acting_operator_deleted_the_other_reconciles(release, ns):
     op_ns = release["namespace"]
-    pods = json.loads(kubectl("get", "pods", "-n", op_ns, "-l", "app.kubernetes.io/name=fleetserve-operator",
-                              "-o", "json"))["items"]
+    pods = json.loads(
+        kubectl("get", "pods", "-n", op_ns, "-l", "app.kubernetes.io/name=fleetserve-operator", "-o", "json")
+    )["items"]
     names = {p["metadata"]["name"] for p in pods if ready(p)}
     assert len(names) == 2, names
-    peers = wait_until("both operators in the peering", lambda: (p := _peers(RELEASE)) and set(p) >= names and p,
-                       120, 2)
+    peers = wait_until(
+        "both operators in the peering", lambda: (p := _peers(RELEASE)) and set(p) >= names and p, 120, 2
+    )
     acting = max((n for n in names), key=lambda n: peers[n]["priority"])
     print("peers:", {n: peers[n]["priority"] for n in names}, "acting:", acting)
     t_delete = time.monotonic()
@@ -297,23 +333,59 @@ def test_acting_operator_deleted_the_other_reconciles(release, ns):
         dep = kget("deployment", f"{NAME}-router", ns)
         env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
         return env.get("FLEETSERVE_ROUTER_QUEUE_TIMEOUT") == "601"
+
     wait_until("the standby operator to reconcile the change", reconciled, 90, 1)
     took = time.monotonic() - t0
     print(f"acting operator {acting} deleted: the other reconciled the spec change after {took:.1f}s")
     assert took < 90
-    wait_until("two operator replicas ready again", lambda: sum(ready(p) for p in json.loads(kubectl(
-        "get", "pods", "-n", op_ns, "-l", "app.kubernetes.io/name=fleetserve-operator", "-o", "json"))["items"]
-        if not p["metadata"].get("deletionTimestamp")) == 2, 180, 2)
+    wait_until(
+        "two operator replicas ready again",
+        lambda: (
+            sum(
+                ready(p)
+                for p in json.loads(
+                    kubectl(
+                        "get",
+                        "pods",
+                        "-n",
+                        op_ns,
+                        "-l",
+                        "app.kubernetes.io/name=fleetserve-operator",
+                        "-o",
+                        "json",
+                    )
+                )["items"]
+                if not p["metadata"].get("deletionTimestamp")
+            )
+            == 2
+        ),
+        180,
+        2,
+    )
 
 
 def _zero(ns: str) -> bool:
-    return (fsvc(ns)["spec"].get("replicas") == 0 and not runtime_pods(ns) and status(ns).get("phase") == "ScaledToZero"
-            and router_rolled_out(ns))
+    return (
+        fsvc(ns)["spec"].get("replicas") == 0
+        and not runtime_pods(ns)
+        and status(ns).get("phase") == "ScaledToZero"
+        and router_rolled_out(ns)
+    )
 
 
 def test_scaled_to_zero_request_is_answered_after_a_cold_start(ns):
-    patch(ns, {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZero": True, "cooldownSeconds": 0,
-                               "scaleDownStabilizationSeconds": 10}})
+    patch(
+        ns,
+        {
+            "autoscaling": {
+                "minReplicas": 0,
+                "maxReplicas": 1,
+                "scaleToZero": True,
+                "cooldownSeconds": 0,
+                "scaleDownStabilizationSeconds": 10,
+            }
+        },
+    )
     wait_until("scaled to zero", lambda: _zero(ns), 300, 2)
     res = ask(ns, f"http://{ip(ns, NAME + '-router')}", timeout=LOAD_TIMEOUT + 120)
     print(f"scaled to zero, then a request: answered after {res['seconds']}s (cold start): {res}")

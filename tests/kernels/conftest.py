@@ -4,6 +4,7 @@ Small-shape tests run wherever Triton runs: the GPU when there is one, else the
 CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton loads).
 Random inputs are drawn fresh per case, never zeros, so unwritten outputs show.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,21 @@ class PagedBatch:
     touched) and the ids in use sit past 2^20, so block_id * block_stride > 2^31.
     """
 
-    def __init__(self, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, page=16, dtype=torch.float32,
-                 device=DEVICE, extra_blocks=0, table_cols=None, huge=False, seed=0):
+    def __init__(
+        self,
+        q_lens,
+        ctx_lens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        page=16,
+        dtype=torch.float32,
+        device=DEVICE,
+        extra_blocks=0,
+        table_cols=None,
+        huge=False,
+        seed=0,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.q_lens, self.ctx_lens = list(q_lens), list(ctx_lens)
         B = len(self.q_lens)
@@ -39,13 +53,15 @@ class PagedBatch:
         bt = torch.zeros(B, cols, dtype=torch.int32)
         i = 0
         for b in range(B):
-            bt[b, :nblk[b]] = ids[i:i + nblk[b]].int()
+            bt[b, : nblk[b]] = ids[i : i + nblk[b]].int()
             i += nblk[b]
         shape = (2, num_blocks, page, num_kv_heads, head_dim)
         self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
         if huge:  # fill only the blocks in use
             sel = ids.long().to(device)
-            self.kv_cache[:, sel] = torch.randn(2, used, page, num_kv_heads, head_dim, generator=g).to(device, dtype)
+            self.kv_cache[:, sel] = torch.randn(2, used, page, num_kv_heads, head_dim, generator=g).to(
+                device, dtype
+            )
         else:
             self.kv_cache.copy_(torch.randn(shape, generator=g))
         self.block_tables = bt.to(device)
@@ -58,11 +74,19 @@ class PagedBatch:
         self.q = torch.randn(self.T, num_heads, head_dim, generator=g).to(device, dtype)
         self.max_query_len = max(self.q_lens)
         self.max_seq_len = max(seq)
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
 
     def args(self, max_seq_len=None):
-        return (self.q, self.kv_cache, self.query_start_loc, self.seq_lens, self.block_tables, self.max_query_len,
-                max_seq_len or self.max_seq_len, self.scale)
+        return (
+            self.q,
+            self.kv_cache,
+            self.query_start_loc,
+            self.seq_lens,
+            self.block_tables,
+            self.max_query_len,
+            max_seq_len or self.max_seq_len,
+            self.scale,
+        )
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

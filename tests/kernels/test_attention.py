@@ -11,6 +11,7 @@ Tolerances (relative Frobenius error vs the float32 reference): fp32 1e-5 (the
 interpreter's dot is exact; on GPU fp32 takes the IEEE dot), fp16 2e-3, bf16 1e-2
 (p is rounded to the KV dtype before the PV dot, as in FlashAttention).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def _check(kt, batch, tol, **kw):
     ref = paged_attention_ref(*batch.args())
     out = paged_attention_triton(*batch.args(kw.pop("max_seq_len", None)), **kw)
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
-    err = kt.rel_err(out[:batch.T], ref)
+    err = kt.rel_err(out[: batch.T], ref)
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
 
 
@@ -34,7 +35,9 @@ def _check(kt, batch, tol, **kw):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_decode(kt, dtype, heads, num_splits):
-    b = kt.PagedBatch([1] * 4, [0, 17, 64, 150], *heads, page=16, dtype=dtype, seed=hash((heads, num_splits)) % 1000)
+    b = kt.PagedBatch(
+        [1] * 4, [0, 17, 64, 150], *heads, page=16, dtype=dtype, seed=hash((heads, num_splits)) % 1000
+    )
     _check(kt, b, TOL[dtype], num_splits=num_splits, block_n=32)
 
 
@@ -78,10 +81,11 @@ def test_prefill_path_with_loose_bounds_and_out_buffer(kt):
     b = kt.PagedBatch([1, 1, 1], [10, 0, 33], 8, 2, 32, dtype=torch.float16, table_cols=16)
     out = torch.full((b.T + 2, 8, 32), 7.0, dtype=b.q.dtype, device=b.q.device)
     q = torch.cat([b.q, torch.randn(2, 8, 32).to(b.q)])
-    got = paged_attention_triton(q, b.kv_cache, b.query_start_loc, b.seq_lens, b.block_tables, 8, 256, b.scale,
-                                 out=out)
-    assert got is out and bool((out[b.T:] == 7.0).all())
-    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args())) < TOL[torch.float16]
+    got = paged_attention_triton(
+        q, b.kv_cache, b.query_start_loc, b.seq_lens, b.block_tables, 8, 256, b.scale, out=out
+    )
+    assert got is out and bool((out[b.T :] == 7.0).all())
+    assert kt.rel_err(out[: b.T], paged_attention_ref(*b.args())) < TOL[torch.float16]
 
 
 def test_decode_split_heuristic():
@@ -91,7 +95,7 @@ def test_decode_split_heuristic():
     assert _decode_num_splits(256, 8, 768, 64, cuda_like) == 1
     assert _decode_num_splits(1, 2, 4096, 64, cuda_like) == 4
     assert _decode_num_splits(1, 1, 100, 64, cuda_like) == 2  # never more splits than 64-token tiles
-    assert _decode_num_splits(1, 1, 10 ** 6, 64, cuda_like) == 8
+    assert _decode_num_splits(1, 1, 10**6, 64, cuda_like) == 8
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [9, 1, 30]])
@@ -99,8 +103,8 @@ def test_block_ids_past_int32_offsets(kt, q_lens):
     # cache of 2^31+ elements per K/V half; ids in use > 2^20, so id * block stride overflows int32
     b = kt.PagedBatch(q_lens, [40, 100, 16], 4, 2, 64, page=16, dtype=torch.float16, huge=True)
     in_use = b.block_tables[b.block_tables > 0]  # 0 is table padding
-    assert int(in_use.min()) > 2 ** 16
-    assert int(in_use.min()) * b.kv_cache.stride(1) > 2 ** 31
+    assert int(in_use.min()) > 2**16
+    assert int(in_use.min()) * b.kv_cache.stride(1) > 2**31
     _check(kt, b, TOL[torch.float16], num_splits=2 if b.max_query_len == 1 else None)
 
 
@@ -144,8 +148,17 @@ def test_gpu_cuda_graph_replay(kt, decode):
         return q, torch.randint(0, 3000, (B,), generator=g).tolist()
 
     q_lens, ctx = lengths()
-    b = kt.PagedBatch(q_lens, ctx, 32, 8, 128, dtype=torch.bfloat16, device="cuda", table_cols=max_model_len // 16,
-                      extra_blocks=B * 256)
+    b = kt.PagedBatch(
+        q_lens,
+        ctx,
+        32,
+        8,
+        128,
+        dtype=torch.bfloat16,
+        device="cuda",
+        table_cols=max_model_len // 16,
+        extra_blocks=B * 256,
+    )
     T = 8 * B  # fixed token count of the graph; rows past query_start_loc[-1] are padding
     q = torch.randn(T, 32, 128, device="cuda", dtype=torch.bfloat16)
     qsl, sl, bt = b.query_start_loc.clone(), b.seq_lens.clone(), b.block_tables.clone()
@@ -162,18 +175,27 @@ def test_gpu_cuda_graph_replay(kt, decode):
         step()
     for seed in range(2):
         q_lens, ctx = lengths()
-        nb = kt.PagedBatch(q_lens, ctx, 32, 8, 128, dtype=torch.bfloat16, device="cuda",
-                           table_cols=max_model_len // 16, seed=seed + 10)
+        nb = kt.PagedBatch(
+            q_lens,
+            ctx,
+            32,
+            8,
+            128,
+            dtype=torch.bfloat16,
+            device="cuda",
+            table_cols=max_model_len // 16,
+            seed=seed + 10,
+        )
         # same cache tensor: copy the new contents in, as a runner reuses its buffers
-        b.kv_cache[:, :nb.kv_cache.shape[1]].copy_(nb.kv_cache)
-        q[:nb.T].copy_(nb.q)
+        b.kv_cache[:, : nb.kv_cache.shape[1]].copy_(nb.kv_cache)
+        q[: nb.T].copy_(nb.q)
         qsl.copy_(nb.query_start_loc)
         sl.copy_(nb.seq_lens)
         bt.copy_(nb.block_tables)
         graph.replay()
         torch.cuda.synchronize()
         ref = paged_attention_ref(*nb.args())
-        assert kt.rel_err(out[:nb.T], ref) < TOL[torch.bfloat16]
+        assert kt.rel_err(out[: nb.T], ref) < TOL[torch.bfloat16]
 
 
 def _compiled_variants(kernel) -> int:
@@ -195,8 +217,9 @@ def test_gpu_batch_size_and_table_width_do_not_recompile(kt, decode):
     seen = None
     for batch, cols in [(16, 32), (17, 33), (1, 2), (143, 47), (32, 48)]:
         q_lens = [1] * batch if decode else [3] * batch
-        b = kt.PagedBatch(q_lens, [20] * batch, 32, 8, 64, page=16, dtype=torch.bfloat16, device="cuda",
-                          table_cols=cols)
+        b = kt.PagedBatch(
+            q_lens, [20] * batch, 32, 8, 64, page=16, dtype=torch.bfloat16, device="cuda", table_cols=cols
+        )
         _check(kt, b, TOL[torch.bfloat16], num_splits=1 if decode else None)
         n = _compiled_variants(kernel)
         seen = n if seen is None else seen
@@ -262,7 +285,7 @@ def test_sliding_window_and_softcap_kernels(kt, dtype, case, window, softcap, he
     # small tiles: several tiles per window, window edges inside tiles, several query blocks
     launch = dict(block_n=16, num_splits=3) if case == "decode" else dict(block_m=16, block_n=16)
     out = paged_attention_triton(*b.args(), **kw, **launch)
-    err = kt.rel_err(out[:b.T], ref)
+    err = kt.rel_err(out[: b.T], ref)
     assert err < TOL[dtype], f"relative error {err:.2e}"
 
 
@@ -272,14 +295,16 @@ def test_sliding_window_decode_splits_and_loose_bound(kt, num_splits):
     b = kt.PagedBatch([1] * 4, [3, 64, 200, 31], 8, 2, 32, page=16, dtype=torch.float16, table_cols=32)
     kw = dict(sliding_window=24, softcap=None)
     out = paged_attention_triton(*b.args(512), **kw, num_splits=num_splits)
-    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.float16]
+    assert kt.rel_err(out[: b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.float16]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["decode", "prefill"])
 def test_gpu_sliding_window_softcap_bf16(kt, case):
     q_lens, ctx = ([1] * 64, list(range(100, 6500, 100))) if case == "decode" else ([2048, 300], [0, 3000])
-    b = kt.PagedBatch(q_lens, ctx, 16, 8, 256, page=16, dtype=torch.bfloat16, device="cuda")  # Gemma 2 9B heads
+    b = kt.PagedBatch(
+        q_lens, ctx, 16, 8, 256, page=16, dtype=torch.bfloat16, device="cuda"
+    )  # Gemma 2 9B heads
     kw = dict(sliding_window=4096 if case == "decode" else 1024, softcap=50.0)
     out = paged_attention_triton(*b.args(), **kw)
-    assert kt.rel_err(out[:b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.bfloat16]
+    assert kt.rel_err(out[: b.T], paged_attention_ref(*b.args(), **kw)) < TOL[torch.bfloat16]

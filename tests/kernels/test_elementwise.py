@@ -6,14 +6,19 @@ fp16 2e-3; bf16 2e-2 — one or two ulps of the output dtype, since both sides
 round at the same points and differ only in float32 summation order and rsqrt.
 write_kv_cache is a copy and must match exactly.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fleetserve.kernels import get_ops
-from fleetserve.kernels.activation import (gelu_tanh_and_mul_ref, gelu_tanh_and_mul_triton, silu_and_mul_ref,
-                                           silu_and_mul_triton)
+from fleetserve.kernels.activation import (
+    gelu_tanh_and_mul_ref,
+    gelu_tanh_and_mul_triton,
+    silu_and_mul_ref,
+    silu_and_mul_triton,
+)
 from fleetserve.kernels.cache import write_kv_cache_ref, write_kv_cache_triton
 from fleetserve.kernels.norm import rms_norm_ref, rms_norm_triton
 from fleetserve.kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
@@ -78,8 +83,8 @@ def _rope_case(T, Hq, Hkv, D, dtype, device, seed=0, cache=None):
     cache = _cos_sin(4096, D, device) if cache is None else cache
     pos = torch.randint(0, cache.shape[0], (T,), generator=g).to(device)
     qkv = _rand(T, (Hq + 2 * Hkv) * D, dtype=dtype, device=device, gen=g)
-    q = qkv[:, :Hq * D].view(T, Hq, D)  # strided views of a fused projection, as the model passes them
-    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+    q = qkv[:, : Hq * D].view(T, Hq, D)  # strided views of a fused projection, as the model passes them
+    k = qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
     (gq, gk), (wq, wk) = rotary_embedding_triton(pos, q, k, cache), rotary_embedding_ref(pos, q, k, cache)
     _close(gq, wq, dtype)
     _close(gk, wk, dtype)
@@ -149,7 +154,9 @@ def test_write_kv_cache(kt, dtype, T, Hkv, D, page):
 
 def test_write_kv_cache_past_int32_offsets(kt):
     Hkv, D, page = 2, 64, 16
-    num_blocks = (1 << 31) // (page * Hkv * D) + 64  # block ids > 2^20; cache 2^32+ elements (lazily allocated)
+    num_blocks = (1 << 31) // (
+        page * Hkv * D
+    ) + 64  # block ids > 2^20; cache 2^32+ elements (lazily allocated)
     _kv_case(12, Hkv, D, page, num_blocks, torch.float16, kt.DEVICE, huge=True)
 
 
@@ -176,8 +183,11 @@ def test_gpu_rotary_llama3_scaled_cache():
     inv = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
     wavelen = 2 * torch.pi / inv
     smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    scaled = torch.where(wavelen > old_ctx / lo, inv / factor,
-                         torch.where(wavelen < old_ctx / hi, inv, (1 - smooth) * inv / factor + smooth * inv))
+    scaled = torch.where(
+        wavelen > old_ctx / lo,
+        inv / factor,
+        torch.where(wavelen < old_ctx / hi, inv, (1 - smooth) * inv / factor + smooth * inv),
+    )
     ang = torch.arange(131072, dtype=torch.float64)[:, None] * scaled[None]
     cache = torch.cat([ang.cos(), ang.sin()], dim=-1).float().cuda()
     _rope_case(512, 32, 8, D, torch.bfloat16, "cuda", cache=cache)

@@ -11,14 +11,20 @@ Tolerances (relative Frobenius error vs the reference, which accumulates the K s
 float32): fp32 1e-5; fp16 2e-3 and bf16 2e-2, since the kernel rounds each slot's weighted
 output to the dtype before the sum, like Hugging Face's expert loop.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fleetserve.kernels import get_ops
-from fleetserve.kernels.moe import (fused_moe_ref, fused_moe_triton, moe_align_block_size_ref,
-                                    moe_align_block_size_triton, moe_topk)
+from fleetserve.kernels.moe import (
+    fused_moe_ref,
+    fused_moe_triton,
+    moe_align_block_size_ref,
+    moe_align_block_size_triton,
+    moe_topk,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SHAPES = [  # T, H, I, E, K
@@ -47,8 +53,8 @@ def routed(T, E, K, routing, gen):
 def case(T, H, I, E, K, routing, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(device, dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device, dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device, dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
     weights, ids = routed(T, E, K, routing, g)
     return x, w13, w2, weights.to(device), ids.to(device)
 
@@ -87,7 +93,9 @@ def test_routing_cases_are_what_they_say():
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (10, 4, 2), (33, 16, 4), (6, 3, 3), (70, 20, 3), (40, 128, 8), (300, 128, 8)])
+@pytest.mark.parametrize(
+    "T,E,K", [(1, 8, 2), (10, 4, 2), (33, 16, 4), (6, 3, 3), (70, 20, 3), (40, 128, 8), (300, 128, 8)]
+)
 def test_align_block_size(kt, T, E, K, block_m):
     g = torch.Generator().manual_seed(T * E + K)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
@@ -106,12 +114,12 @@ def test_align_block_size(kt, T, E, K, block_m):
     assert (sorted_ids[total:] == n).all()
     flat = ids.flatten()
     for b in range(total // block_m):
-        blk = sorted_ids[b * block_m:(b + 1) * block_m]
+        blk = sorted_ids[b * block_m : (b + 1) * block_m]
         blk = blk[blk < n].long()
         assert len(blk) > 0, "a block holds only padding"
         assert (flat[blk] == expert_ids[b]).all()
         assert (blk.diff() > 0).all()  # pairs of one expert keep their order
-    assert (expert_ids[:total // block_m].diff() >= 0).all()
+    assert (expert_ids[: total // block_m].diff() >= 0).all()
 
 
 def test_empty_batch():
@@ -142,8 +150,8 @@ def test_fused_moe_bf16_real_shapes(kt, model, T):
     H, I, E, K = GPU_SHAPES[model]
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, H, generator=g).cuda().bfloat16()
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5)
-    w2 = (torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I ** 0.5)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
     w, ids = moe_topk(torch.randn(T, E, device="cuda"), K, renormalize=True)
     ref = fused_moe_ref(x.float(), w13.float(), w2.float(), w, ids)
     out = fused_moe_triton(x, w13, w2, w, ids)
@@ -155,8 +163,8 @@ def test_fused_moe_cuda_graph_replay_follows_routing(kt):
     H, I, E, K = 256, 128, 16, 4
     T = 32
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
-    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I ** 0.5
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I**0.5
     logits = torch.randn(T, E, device="cuda")
     w, ids = moe_topk(logits, K, renormalize=True)
     fused_moe_triton(x, w13, w2, w, ids)  # compile outside the capture
@@ -188,13 +196,15 @@ def test_align_block_size_triton_equals_reference_at_serving_sizes(T, E, K, bloc
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("E,N,K", [(8, 28672, 4096), (8, 4096, 14336), (128, 1536, 2048), (128, 2048, 768),
-                                   (6, 80, 64), (60, 2816, 2048)])
+@pytest.mark.parametrize(
+    "E,N,K",
+    [(8, 28672, 4096), (8, 4096, 14336), (128, 1536, 2048), (128, 2048, 768), (6, 80, 64), (60, 2816, 2048)],
+)
 def test_precompiled_variants_cover_every_token_count(E, N, K):
     """_precompile_variants compiles _launch_variants: every config any step can pick must be in it,
     or serving compiles mid-run."""
     from fleetserve.kernels.moe import _launch_variants, moe_launch_config
 
     variants = [tuple(sorted(c.items())) for c in _launch_variants(E, N, K)]
-    for n in list(range(1, 4000)) + [2 ** p for p in range(12, 20)] + [65536 * 8 + 3]:
+    for n in list(range(1, 4000)) + [2**p for p in range(12, 20)] + [65536 * 8 + 3]:
         assert tuple(sorted(moe_launch_config(n, E, N, K).items())) in variants, n

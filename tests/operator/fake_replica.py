@@ -14,6 +14,7 @@ so tests can compare the hit rates that routing policies give.
 Modes: "ok"; "drop" (accept, read the request, close the connection without a byte);
 "break_after" (stream `break_after` chunks, then cut the connection); "unavailable" (503).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,9 @@ class FakeReplica:
     delay: float = 0.0
     mode: str = "ok"
     break_after: int = 1
-    metrics: dict[str, float] = field(default_factory=lambda: {"vllm:num_requests_waiting": 0.0,
-                                                               "vllm:kv_cache_usage_perc": 0.0})
+    metrics: dict[str, float] = field(
+        default_factory=lambda: {"vllm:num_requests_waiting": 0.0, "vllm:kv_cache_usage_perc": 0.0}
+    )
     seen: list[Seen] = field(default_factory=list)
     cache: set[int] = field(default_factory=set)
     cache_hits: int = 0
@@ -60,7 +62,7 @@ class FakeReplica:
     def in_flight(self) -> int:
         return sum(1 for s in self.seen if not s.finished and not s.aborted)
 
-    async def start(self, port: int = 0) -> "FakeReplica":
+    async def start(self, port: int = 0) -> FakeReplica:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/v1/completions", self._complete)
@@ -103,10 +105,20 @@ class FakeReplica:
     def _chunk(self, chat: bool, i: int, created: int) -> dict[str, Any]:
         text = f"{self.name}-{i} "
         if chat:
-            return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": created, "model": "llm",
-                    "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-        return {"id": "cmpl-1", "object": "text_completion", "created": created, "model": "llm",
-                "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": "llm",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            }
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": created,
+            "model": "llm",
+            "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}],
+        }
 
     def _lookup_and_fill(self, body: dict[str, Any]) -> None:
         if isinstance(body.get("messages"), list):
@@ -115,7 +127,7 @@ class FakeReplica:
             text = str(body.get("prompt", ""))
         key, prefix_alive = 0, True
         for i in range(len(text) // 64):
-            key = hash((key, text[i * 64:(i + 1) * 64]))
+            key = hash((key, text[i * 64 : (i + 1) * 64]))
             self.cache_queries += 1
             if prefix_alive and key in self.cache:
                 self.cache_hits += 1
@@ -144,16 +156,32 @@ class FakeReplica:
                 text = "".join(f"{self.name}-{i} " for i in range(self.tokens))
                 seen.finished = True
                 if chat:
-                    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                    choice = {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length",
+                    }
                     obj = "chat.completion"
                 else:
                     choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
                     obj = "text_completion"
-                return web.json_response({"id": "x", "object": obj, "created": created, "model": "llm",
-                                          "choices": [choice], "usage": {"prompt_tokens": 1,
-                                                                         "completion_tokens": self.tokens,
-                                                                         "total_tokens": self.tokens + 1}})
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                return web.json_response(
+                    {
+                        "id": "x",
+                        "object": obj,
+                        "created": created,
+                        "model": "llm",
+                        "choices": [choice],
+                        "usage": {
+                            "prompt_tokens": 1,
+                            "completion_tokens": self.tokens,
+                            "total_tokens": self.tokens + 1,
+                        },
+                    }
+                )
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
             await resp.prepare(request)
             for i in range(self.tokens):
                 if self.mode == "break_after" and i == self.break_after:

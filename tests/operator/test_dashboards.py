@@ -6,6 +6,7 @@ counters and histogram buckets, and its grouping labels against those the chart'
 produce. The monitors are rendered with the real helm binary and checked against the labels and named port
 the operator puts on runtime pods and Services (operator/render.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def test_dashboard_queries_use_exported_metric_names_and_labels():
             assert kinds[m.group(1)] == "counter" or m.group(1).endswith("_bucket"), q
         if "histogram_quantile" in q:
             assert re.search(r"_bucket\{", q) and "le" in re.search(r"by \(([^)]*)\)", q).group(1), q
-        grouped = {l.strip() for g in re.findall(r"by \(([^)]*)\)", q) for l in g.split(",")}
+        grouped = {ln.strip() for g in re.findall(r"by \(([^)]*)\)", q) for ln in g.split(",")}
         selected = set(re.findall(r"(\w+)=~?\"", q))
         label_values = re.findall(r"label_values\(.*,\s*(\w+)\)", q)
         for label in grouped | selected | set(label_values):
@@ -72,15 +73,30 @@ def test_dashboard_queries_use_exported_metric_names_and_labels():
 def test_dashboard_covers_the_serving_signals():
     dash = json.loads(DASHBOARD.read_text())
     exprs = " ".join(_queries(dash))
-    for metric in ("vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket",
-                   "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-                   "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
-                   "vllm:generation_tokens_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+    for metric in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:time_per_output_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+    ):
         assert metric in exprs, metric
     for q in ("0.5", "0.9", "0.99"):
-        assert f"histogram_quantile({q}, sum by (le, inferenceservice) (rate(vllm:time_to_first_token" in exprs
+        assert (
+            f"histogram_quantile({q}, sum by (le, inferenceservice) (rate(vllm:time_to_first_token" in exprs
+        )
     assert "by (inferenceservice, pod)" in exprs
-    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace", "inferenceservice", "pod"}
+    assert {v["name"] for v in dash["templating"]["list"]} == {
+        "datasource",
+        "namespace",
+        "inferenceservice",
+        "pod",
+    }
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
@@ -98,8 +114,17 @@ def test_monitors_and_dashboard_are_off_by_default(helm):
 
 @pytest.mark.parametrize("watch", [[], ["--set", "watchNamespaces={team-a,team-b}"]], ids=["all", "listed"])
 def test_monitors_select_the_runtime_pods_the_operator_renders(helm, watch):
-    on = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
-          "--set", "metrics.serviceMonitor.labels.release=kps", "--set", "grafanaDashboard.enabled=true", *watch]
+    on = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=kps",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        *watch,
+    ]
     helm("lint", "--strict", str(CHART), *on)
     docs = {d["kind"]: d for d in _template(helm, *on)}
     from fleetserve.operator.settings import OperatorSettings
@@ -111,16 +136,20 @@ def test_monitors_select_the_runtime_pods_the_operator_renders(helm, watch):
     pod_meta = deploy["spec"]["template"]["metadata"]
     isvc_meta = "__meta_kubernetes_%s_label_" + re.sub(r"[^A-Za-z0-9_]", "_", render.ISVC_LABEL)
     for kind, obj, labels, endpoints, role in (
-            ("ServiceMonitor", service, service["metadata"]["labels"], "endpoints", "service"),
-            ("PodMonitor", deploy, pod_meta["labels"], "podMetricsEndpoints", "pod")):
+        ("ServiceMonitor", service, service["metadata"]["labels"], "endpoints", "service"),
+        ("PodMonitor", deploy, pod_meta["labels"], "podMetricsEndpoints", "pod"),
+    ):
         mon = docs[kind]
         assert mon["apiVersion"] == "monitoring.coreos.com/v1"
         assert mon["spec"]["selector"]["matchLabels"].items() <= labels.items()
         ns = mon["spec"]["namespaceSelector"]
         assert ns == ({"matchNames": ["team-a", "team-b"]} if watch else {"any": True})
         ep = mon["spec"][endpoints][0]
-        ports = (obj["spec"]["ports"] if kind == "ServiceMonitor"
-                 else obj["spec"]["template"]["spec"]["containers"][0]["ports"])
+        ports = (
+            obj["spec"]["ports"]
+            if kind == "ServiceMonitor"
+            else obj["spec"]["template"]["spec"]["containers"][0]["ports"]
+        )
         assert ep["port"] in {p["name"] for p in ports} and ep["path"] == "/metrics"
         relabel = ep["relabelings"][0]
         assert relabel == {"sourceLabels": [isvc_meta % role], "targetLabel": "inferenceservice"}
@@ -129,7 +158,10 @@ def test_monitors_select_the_runtime_pods_the_operator_renders(helm, watch):
     ann = pod_meta["annotations"]
     port = deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
     assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"], ann["prometheus.io/path"]) == (
-        "true", str(port), "/metrics")
+        "true",
+        str(port),
+        "/metrics",
+    )
     cm = docs["ConfigMap"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["fleetserve-runtime.json"]) == json.loads(DASHBOARD.read_text())

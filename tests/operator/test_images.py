@@ -3,14 +3,15 @@
 What the operator assumes about the runtime image is checked against the Dockerfile:
 the `fleetserve` entrypoint, the /models cache path, the non-root UID used as fsGroup.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fleetserve.operator import render
 from fleetserve.operator.settings import OperatorSettings
@@ -34,8 +35,11 @@ def _args(instrs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def _ignored(path: str) -> bool:
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path.split("/")[0], p) for p in patterns)
 
 
@@ -92,13 +96,13 @@ def test_gpu_image_versions_match_the_tested_ones():
     assert m.group(1) == torch_v
     cuda = m.group(2)
     readme = (ROOT / "README.md").read_text()
-    row = next(l for l in readme.splitlines() if l.startswith("| GPU tier"))
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| GPU tier"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert args["BASE_IMAGE"] in cells[1] and cells[2:] == [torch_v, cuda, triton_v], cells
     runs = (ROOT / "benchmarks" / "results" / "README.md").read_text()
     latest = re.findall(r"^## .*torch (\d+\.\d+\.\d+)\+cu(\d+), triton (\d+\.\d+\.\d+)", runs, flags=re.M)[0]
     assert latest == (torch_v, cuda.replace(".", ""), triton_v), latest
-    cpu_row = next(l for l in readme.splitlines() if l.startswith("| CPU tier"))
+    cpu_row = next(ln for ln in readme.splitlines() if ln.startswith("| CPU tier"))
     cpu_torch = re.search(r"torch==(\S+)", (ROOT / "constraints" / "cpu.txt").read_text()).group(1)
     assert f"| {cpu_torch} (CPU) |" in cpu_row and f"| {triton_v} " in cpu_row
     run = " ".join(rest for op, rest in _instructions("Dockerfile.runtime") if op == "RUN")

@@ -3,6 +3,7 @@
 Checked two ways: import-linter's static contract (.importlinter), shown to catch a
 violation, and a real import of the operator in a fresh interpreter.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,10 +21,20 @@ def _lint_imports(tmp_path: Path, operator_dir: Path) -> subprocess.CompletedPro
     for name in ("runtime", "kernels"):
         (tree / name).symlink_to(ROOT / name)
     exe = Path(sys.executable).with_name("lint-imports")
-    cmd = [str(exe) if exe.exists() else shutil.which("lint-imports") or "lint-imports",
-           "--config", str(ROOT / ".importlinter"), "--no-cache"]
-    return subprocess.run(cmd, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "tree"), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    cmd = [
+        str(exe) if exe.exists() else shutil.which("lint-imports") or "lint-imports",
+        "--config",
+        str(ROOT / ".importlinter"),
+        "--no-cache",
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "tree"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_import_linter_contract_is_kept(tmp_path):
@@ -41,9 +52,11 @@ def test_import_linter_catches_a_runtime_import(tmp_path):
 
 
 def test_importing_the_operator_loads_no_heavy_modules():
-    code = ("import sys, fleetserve.operator.main, fleetserve.operator.crd\n"
-            "import fleetserve.operator.router.__main__, fleetserve.operator.router.proxy\n"
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'numpy', 'transformers')"
-            " or m.startswith(('fleetserve.runtime', 'fleetserve.kernels')))\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, fleetserve.operator.main, fleetserve.operator.crd\n"
+        "import fleetserve.operator.router.__main__, fleetserve.operator.router.proxy\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'numpy', 'transformers')"
+        " or m.startswith(('fleetserve.runtime', 'fleetserve.kernels')))\n"
+        "assert not heavy, heavy\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd="/")

@@ -7,6 +7,7 @@
   as apiextensions.k8s.io/v1;
 - example CRs validate against the CRD's own schema; bad specs are rejected by it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,30 +32,58 @@ SPECS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "hf-gpu-everything": {
         "model": {"uri": "hf://org/model@v1.0", "servedModelName": "m"},
-        "image": "registry.local/fleetserve-runtime:1", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
-        "engine": {"dtype": "bfloat16", "maxModelLen": 8192, "maxNumSeqs": 64, "maxNumBatchedTokens": 4096,
-                   "blockSize": 16, "enablePrefixCaching": False, "gpuMemoryUtilization": 0.85,
-                   "extraArgs": ["--seed", "0"]},
+        "image": "registry.local/fleetserve-runtime:1",
+        "imagePullPolicy": "Always",
+        "imagePullSecrets": ["regcred"],
+        "engine": {
+            "dtype": "bfloat16",
+            "maxModelLen": 8192,
+            "maxNumSeqs": 64,
+            "maxNumBatchedTokens": 4096,
+            "blockSize": 16,
+            "enablePrefixCaching": False,
+            "gpuMemoryUtilization": 0.85,
+            "extraArgs": ["--seed", "0"],
+        },
         "resources": {"gpus": 2, "cpu": "8", "memory": "64Gi", "shmSize": "4Gi"},
-        "scheduling": {"nodeSelector": {"gpu": "h100"},
-                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                       "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                           "nodeSelectorTerms": [{"matchExpressions": [
-                               {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-                       "priorityClassName": "high", "runtimeClassName": "nvidia"},
+        "scheduling": {
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                        ]
+                    }
+                }
+            },
+            "priorityClassName": "high",
+            "runtimeClassName": "nvidia",
+        },
         "modelCache": {"size": "100Gi", "storageClassName": "fast", "accessMode": "ReadWriteMany"},
         "secrets": {"hfToken": {"name": "hf", "key": "token"}, "apiKey": {"name": "api", "key": "key"}},
-        "replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 8},
+        "replicas": 2,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 8},
         "rollout": {"strategy": "RollingUpdate", "maxSurge": "25%", "maxUnavailable": "1"},
     },
-    "hf-gguf-recreate": {"model": {"uri": "hf://org/model-GGUF", "ggufFile": "model.Q4_K_M.gguf"},
-                         "rollout": {"strategy": "Recreate", "preStopSleepSeconds": 0}},
+    "hf-gguf-recreate": {
+        "model": {"uri": "hf://org/model-GGUF", "ggufFile": "model.Q4_K_M.gguf"},
+        "rollout": {"strategy": "Recreate", "preStopSleepSeconds": 0},
+    },
     "hf-no-cache": {"model": {"uri": "hf://org/model"}, "modelCache": {"enabled": False}},
     "pvc-source": {"model": {"uri": "pvc://weights/llama/8b"}},
     "file-gguf": {"model": {"uri": "file:///opt/models/tiny.gguf"}},
-    "scale-to-zero-router": {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "scaleToZero": True},
-                             "router": {"replicas": 2, "queueTimeoutSeconds": 60, "maxQueuedRequests": 10,
-                                        "resources": {"cpu": "200m", "memory": "128Mi"}}},
+    "scale-to-zero-router": {
+        "replicas": 0,
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "scaleToZero": True},
+        "router": {
+            "replicas": 2,
+            "queueTimeoutSeconds": 60,
+            "maxQueuedRequests": 10,
+            "resources": {"cpu": "200m", "memory": "128Mi"},
+        },
+    },
 }
 
 
@@ -73,12 +102,16 @@ def _rendered(pdb_api: str = "policy/v1") -> list[tuple[str, dict[str, Any]]]:
     settings = OperatorSettings()
     out = []
     for label, raw in SPECS.items():
-        out += [(f"{label}:{o['kind']}", o)
-                for o in render.render_all("svc", "ns", parse_spec(raw), settings, pdb_api=pdb_api)]
+        out += [
+            (f"{label}:{o['kind']}", o)
+            for o in render.render_all("svc", "ns", parse_spec(raw), settings, pdb_api=pdb_api)
+        ]
     for cr in _example_crs():
         name = cr["metadata"]["name"]
-        out += [(f"{name}:{o['kind']}", o)
-                for o in render.render_all(name, "default", parse_spec(cr["spec"]), settings, pdb_api=pdb_api)]
+        out += [
+            (f"{name}:{o['kind']}", o)
+            for o in render.render_all(name, "default", parse_spec(cr["spec"]), settings, pdb_api=pdb_api)
+        ]
     return out
 
 
@@ -111,13 +144,15 @@ def test_example_native_objects_validate_strict():
 
 # --- the CRD -------------------------------------------------------------------------------------------
 
+
 def _crd() -> dict[str, Any]:
     return yaml.safe_load((ROOT / crd.CRD_FILE).read_text())
 
 
 def test_crd_file_is_generated_from_spec_models():
-    assert (ROOT / crd.CRD_FILE).read_text() == crd.render_yaml(), \
+    assert (ROOT / crd.CRD_FILE).read_text() == crd.render_yaml(), (
         "crds/ is stale: run `python -m fleetserve.operator.crd crds/serving.fleetserve.dev_inferenceservices.yaml`"
+    )
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -151,12 +186,20 @@ def test_crd_subresources_columns_and_names():
     version = crd_obj["spec"]["versions"][0]
     assert crd_obj["spec"]["group"] == "serving.fleetserve.dev" and version["name"] == "v1alpha1"
     assert crd_obj["spec"]["scope"] == "Namespaced"
-    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
-                                                "statusReplicasPath": ".status.replicas",
-                                                "labelSelectorPath": ".status.selector"}
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
     assert "status" in version["subresources"]
-    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Model", "Replicas", "Ready", "Queue",
-                                                                       "URL", "Age"}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {
+        "Model",
+        "Replicas",
+        "Ready",
+        "Queue",
+        "URL",
+        "Age",
+    }
     assert crd_obj["spec"]["names"]["shortNames"]
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert {"conditions", "phase", "queueDepth", "kvCacheUsage", "observedGeneration", "url"} <= set(status)
@@ -178,21 +221,28 @@ def test_example_crs_validate_against_crd_schema_and_models():
         parse_spec(cr["spec"])  # and the operator accepts them
 
 
-@pytest.mark.parametrize("bad", [
-    {"resources": {"gpus": -1}},
-    {"model": {"uri": "s3://bucket/model"}},
-    {"model": {"uri": "hf://just-a-name"}},
-    {"model": {"uri": "pvc://Bad_Claim/x"}},
-    {"engine": {"dtype": "int8"}},
-    {"engine": {"gpuMemoryUtilization": 1.5}},
-    {"autoscaling": {"targetQueueDepth": 0}},
-    {"autoscaling": {"minReplicas": -1}},
-    {"resources": {"memory": "lots"}},
-    {"modelCache": {"accessMode": "ReadOnlyMany"}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"resources": {"gpus": -1}},
+        {"model": {"uri": "s3://bucket/model"}},
+        {"model": {"uri": "hf://just-a-name"}},
+        {"model": {"uri": "pvc://Bad_Claim/x"}},
+        {"engine": {"dtype": "int8"}},
+        {"engine": {"gpuMemoryUtilization": 1.5}},
+        {"autoscaling": {"targetQueueDepth": 0}},
+        {"autoscaling": {"minReplicas": -1}},
+        {"resources": {"memory": "lots"}},
+        {"modelCache": {"accessMode": "ReadOnlyMany"}},
+    ],
+)
 def test_crd_schema_rejects_bad_specs(bad):
-    cr = {"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService",
-          "metadata": {"name": "x"}, "spec": bad}
+    cr = {
+        "apiVersion": "serving.fleetserve.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "x"},
+        "spec": bad,
+    }
     assert list(_spec_validator().iter_errors(cr)), bad
     with pytest.raises(ValueError):
         parse_spec(bad)
@@ -200,8 +250,12 @@ def test_crd_schema_rejects_bad_specs(bad):
 
 def test_min_above_max_passes_the_schema_but_not_the_operator():
     spec = {"autoscaling": {"minReplicas": 3, "maxReplicas": 1}}
-    cr = {"apiVersion": "serving.fleetserve.dev/v1alpha1", "kind": "InferenceService",
-          "metadata": {"name": "x"}, "spec": spec}
+    cr = {
+        "apiVersion": "serving.fleetserve.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "x"},
+        "spec": spec,
+    }
     assert not list(_spec_validator().iter_errors(cr))
     with pytest.raises(ValueError, match="greater than maxReplicas"):
         parse_spec(spec)
@@ -228,13 +282,19 @@ def test_schema_defaults_match_model_defaults():
 
 
 def test_keda_example_targets_the_scale_subresource_of_a_cr_with_autoscaling_off():
-    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "keda" / "llama-1b-keda.yaml").read_text()) if d]
+    docs = [
+        d for d in yaml.safe_load_all((ROOT / "examples" / "keda" / "llama-1b-keda.yaml").read_text()) if d
+    ]
     cr = next(d for d in docs if d["kind"] == "InferenceService")
     scaled = next(d for d in docs if d["kind"] == "ScaledObject")
     assert not list(_spec_validator().iter_errors(cr))
     assert parse_spec(cr["spec"]).autoscaling.enabled is False  # one autoscaler at a time
     ref = scaled["spec"]["scaleTargetRef"]
-    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (cr["apiVersion"], cr["kind"], cr["metadata"]["name"])
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (
+        cr["apiVersion"],
+        cr["kind"],
+        cr["metadata"]["name"],
+    )
     query = scaled["spec"]["triggers"][0]["metadata"]["query"]
     assert "vllm:num_requests_waiting" in query and f'model_name="{cr["metadata"]["name"]}"' in query
     assert "scale" in _crd()["spec"]["versions"][0]["subresources"]

@@ -1,5 +1,6 @@
 """Operator HA: two real kopf operators in one peering against kmock; only the higher-priority one acts,
 and the other takes over when it goes (the chart's default replicaCount: 2)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +9,18 @@ import time
 
 from kmock import action as _action
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, create, eventually, get, isvc, isvc_path, operator_running, patch,
-                       peering_object)
+from .conftest import (
+    DEPLOYMENTS,
+    ISVC_RES,
+    create,
+    eventually,
+    get,
+    isvc,
+    isvc_path,
+    operator_running,
+    patch,
+    peering_object,
+)
 
 PEERING = "fleetserve"
 
@@ -21,8 +32,14 @@ def _seqs(server) -> str | None:
 
 
 def _peers(server) -> dict:
-    obj = next((o.raw for (res, _, name), o in list(server.objects.items())
-                if res.plural == "clusterkopfpeerings" and name == PEERING and not o.deleted), {})
+    obj = next(
+        (
+            o.raw
+            for (res, _, name), o in list(server.objects.items())
+            if res.plural == "clusterkopfpeerings" and name == PEERING and not o.deleted
+        ),
+        {},
+    )
     return obj.get("status") or {}
 
 
@@ -65,7 +82,9 @@ async def test_higher_priority_peer_pauses_the_other_until_its_keepalive_expires
     lifetime = 4
     now = datetime.datetime.now(datetime.timezone.utc)
     ghost = {"priority": 10**9, "lastseen": now.isoformat(), "lifetime": lifetime}
-    await patch(apiserver, "/apis/kopf.dev/v1/clusterkopfpeerings/" + PEERING, {"status": {"ghost@dead-node": ghost}})
+    await patch(
+        apiserver, "/apis/kopf.dev/v1/clusterkopfpeerings/" + PEERING, {"status": {"ghost@dead-node": ghost}}
+    )
     async with operator_running(peering=PEERING, priority=50):
         await create(apiserver, isvc("llm", {"engine": {"maxNumSeqs": 4}}))
         t0 = time.monotonic()
@@ -75,4 +94,6 @@ async def test_higher_priority_peer_pauses_the_other_until_its_keepalive_expires
         took = time.monotonic() - t0
         print(f"\nstandby acted {took:.1f}s after the silent peer's last keep-alive (lifetime {lifetime}s)")
         assert took >= lifetime - 1.6
-        await eventually(lambda: (get(apiserver, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
+        await eventually(
+            lambda: (get(apiserver, ISVC_RES, "llm").get("status") or {}).get("observedGeneration")
+        )

@@ -1,20 +1,38 @@
 """The real kopf operator against kmock: create, update, restart, delete, invalid specs."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-
 from kmock import action as _action
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, PDBS, PDBS_V1BETA1, PVCS, SERVICES, condition, create, delete,
-                       eventually, events, get,
-                       isvc, isvc_path, live, operator_running, patch)
+from .conftest import (
+    DEPLOYMENTS,
+    ISVC_RES,
+    PDBS,
+    PDBS_V1BETA1,
+    PVCS,
+    SERVICES,
+    condition,
+    create,
+    delete,
+    events,
+    eventually,
+    get,
+    isvc,
+    isvc_path,
+    live,
+    operator_running,
+    patch,
+)
 
-HF_SPEC = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct@abc123"},
-           "resources": {"gpus": 1, "cpu": "4", "memory": "24Gi"},
-           "engine": {"dtype": "bfloat16", "maxModelLen": 4096},
-           "secrets": {"hfToken": {"name": "hf", "key": "token"}}}
+HF_SPEC = {
+    "model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct@abc123"},
+    "resources": {"gpus": 1, "cpu": "4", "memory": "24Gi"},
+    "engine": {"dtype": "bfloat16", "maxModelLen": 4096},
+    "secrets": {"hfToken": {"name": "hf", "key": "token"}},
+}
 
 
 def _writes(server, resource, action):
@@ -44,15 +62,18 @@ async def test_create_renders_children(operator):
     assert runtime["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
     assert pod["terminationGracePeriodSeconds"] >= 10 + 30
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # GPUs: never surge
-    assert {v["name"]: v for v in pod["volumes"]}["model-cache"]["persistentVolumeClaim"]["claimName"] == \
-        "llm-model-cache"
+    assert {v["name"]: v for v in pod["volumes"]}["model-cache"]["persistentVolumeClaim"][
+        "claimName"
+    ] == "llm-model-cache"
     init = pod["initContainers"][0]
     assert init["name"] == "model-download"
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in init["env"]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
 
-    done = await eventually(lambda: (get(operator, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
+    done = await eventually(
+        lambda: (get(operator, ISVC_RES, "llm").get("status") or {}).get("observedGeneration")
+    )
     status = get(operator, ISVC_RES, "llm")["status"]
     assert done == 1
     assert status["url"] == "http://llm.default.svc.cluster.local"
@@ -65,14 +86,27 @@ async def test_update_patches_without_recreating(operator):
     await create(operator, isvc("llm", {"engine": {"maxNumSeqs": 8}}))
     dep = await eventually(lambda: get(operator, DEPLOYMENTS, "llm"))
     uid = dep["metadata"]["uid"]
-    await patch(operator, isvc_path("llm"), {"spec": {"engine": {"maxNumSeqs": 32, "extraArgs": ["--seed", "1"]},
-                                                      "autoscaling": {"minReplicas": 2, "maxReplicas": 4}}})
+    await patch(
+        operator,
+        isvc_path("llm"),
+        {
+            "spec": {
+                "engine": {"maxNumSeqs": 32, "extraArgs": ["--seed", "1"]},
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 4},
+            }
+        },
+    )
 
     def updated():
         d = get(operator, DEPLOYMENTS, "llm")
         args = d["spec"]["template"]["spec"]["containers"][0]["args"]
-        return args[args.index("--max-num-seqs") + 1] == "32" and args[-2:] == ["--seed", "1"] and \
-            d["spec"]["replicas"] == 2 and d
+        return (
+            args[args.index("--max-num-seqs") + 1] == "32"
+            and args[-2:] == ["--seed", "1"]
+            and d["spec"]["replicas"] == 2
+            and d
+        )
+
     dep = await eventually(updated)
     assert dep["metadata"]["uid"] == uid
     assert len(_writes(operator, DEPLOYMENTS, _action.CREATE)) == 1
@@ -92,7 +126,9 @@ async def test_restart_creates_no_duplicates(apiserver):
     async with operator_running():
         await create(apiserver, isvc("llm", HF_SPEC))
         await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
-        await eventually(lambda: (get(apiserver, ISVC_RES, "llm").get("status") or {}).get("observedGeneration"))
+        await eventually(
+            lambda: (get(apiserver, ISVC_RES, "llm").get("status") or {}).get("observedGeneration")
+        )
     creates = len([r for r in list(apiserver) if r.action == _action.CREATE and r.resource != ISVC_RES])
     n_events = len(events(apiserver))
     async with operator_running():
@@ -122,9 +158,19 @@ async def test_delete_leaves_nothing_behind(operator):
     await eventually(lambda: get(operator, ISVC_RES, "llm") is None, timeout=10)  # not kopf's 60 s polling
     # What remains is exactly what the garbage collector deletes through owner references.
     leftovers = [o for res in (DEPLOYMENTS, SERVICES, PVCS, PDBS) for o in live(operator, res)]
-    assert {o["kind"] for o in leftovers} == {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget"}
-    assert leftovers and all(any(r["uid"] == owner_uid and r.get("blockOwnerDeletion")
-                                 for r in o["metadata"].get("ownerReferences", [])) for o in leftovers)
+    assert {o["kind"] for o in leftovers} == {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+    }
+    assert leftovers and all(
+        any(
+            r["uid"] == owner_uid and r.get("blockOwnerDeletion")
+            for r in o["metadata"].get("ownerReferences", [])
+        )
+        for o in leftovers
+    )
 
 
 async def test_retained_cache_claim_has_no_owner(operator):
@@ -174,15 +220,24 @@ async def test_idle_service_causes_no_status_writes(operator):
         before = status_writes()
         await asyncio.sleep(seconds)
         return status_writes() == before
+
     await eventually(lambda: quiet_for(1.0))  # settled: creation-time writes are done
     assert await quiet_for(1.5)  # ~5 timer ticks of an idle service: no writes
 
 
 async def test_rejected_child_is_a_permanent_error_with_condition_and_event(operator):
-    operator.reject[("deployments", "create")] = (422, 'Deployment.apps "llm" is invalid: spec.template: bad field')
+    operator.reject[("deployments", "create")] = (
+        422,
+        'Deployment.apps "llm" is invalid: spec.template: bad field',
+    )
     await create(operator, isvc("llm"))
-    cond = await eventually(lambda: (c := condition(get(operator, ISVC_RES, "llm"), "Degraded"))
-                            and c["reason"] == "ApplyFailed" and c)
+    cond = await eventually(
+        lambda: (
+            (c := condition(get(operator, ISVC_RES, "llm"), "Degraded"))
+            and c["reason"] == "ApplyFailed"
+            and c
+        )
+    )
     assert "bad field" in cond["message"]
     warning = await eventually(lambda: events(operator, "ApplyFailed"))
     assert warning[0]["type"] == "Warning"
@@ -195,8 +250,12 @@ async def test_rejected_child_is_a_permanent_error_with_condition_and_event(oper
 async def test_transient_api_errors_are_retried(operator):
     operator.reject[("services", "create")] = (500, "etcd leader changed")
     await create(operator, isvc("llm"))
-    await eventually(lambda: condition(get(operator, ISVC_RES, "llm"), "Degraded")
-                     and condition(get(operator, ISVC_RES, "llm"), "Degraded")["reason"] == "ApplyFailed")
+    await eventually(
+        lambda: (
+            condition(get(operator, ISVC_RES, "llm"), "Degraded")
+            and condition(get(operator, ISVC_RES, "llm"), "Degraded")["reason"] == "ApplyFailed"
+        )
+    )
     assert not events(operator, "ApplyFailed")  # transient: no warning, a TemporaryError and a retry
     del operator.reject[("services", "create")]
     await eventually(lambda: get(operator, SERVICES, "llm") and get(operator, DEPLOYMENTS, "llm"))
@@ -206,8 +265,10 @@ async def test_pdb_uses_policy_v1_where_served(operator):
     await create(operator, isvc("llm"))
     pdb = await eventually(lambda: get(operator, PDBS, "llm"))
     assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"] == get(operator, DEPLOYMENTS, "llm")["spec"]["selector"][
-        "matchLabels"]
+    assert (
+        pdb["spec"]["selector"]["matchLabels"]
+        == get(operator, DEPLOYMENTS, "llm")["spec"]["selector"]["matchLabels"]
+    )
     assert pdb["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
 
 
@@ -242,11 +303,21 @@ async def test_python_m_entry_point_serves_and_stops_on_sigterm(apiserver, tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "FLEETSERVE_LIVENESS": f"http://127.0.0.1:{port}/healthz",
-           "FLEETSERVE_LOG_LEVEL": "warning", "FLEETSERVE_RUNTIME_IMAGE": "registry.local/rt:7"}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "fleetserve.operator", env=env,
-                                                cwd=str(tmp_path), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "FLEETSERVE_LIVENESS": f"http://127.0.0.1:{port}/healthz",
+        "FLEETSERVE_LOG_LEVEL": "warning",
+        "FLEETSERVE_RUNTIME_IMAGE": "registry.local/rt:7",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleetserve.operator",
+        env=env,
+        cwd=str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         await create(apiserver, isvc("llm"))
         dep = await eventually(lambda: get(apiserver, DEPLOYMENTS, "llm"))
@@ -254,10 +325,14 @@ async def test_python_m_entry_point_serves_and_stops_on_sigterm(apiserver, tmp_p
 
         async def healthy():
             try:
-                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{port}/healthz") as resp,
+                ):
                     return resp.status == 200 and "watching" in await resp.json()
             except aiohttp.ClientError:
                 return False
+
         await eventually(healthy)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """The operator's side of the router: spec.router, rendering, status.url, RBAC handed to the router,
 and scale from zero on the router's demand signal (the real kopf operator against kmock)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,12 +15,35 @@ from fleetserve.operator.router.discovery import DEMAND_ANNOTATION
 from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import Autoscaling, parse_spec
 
-from .conftest import (DEPLOYMENTS, ISVC_RES, ROLEBINDINGS, ROLES, SERVICEACCOUNTS, SERVICES, create, eventually,
-                       events, fake_pod, get, isvc, isvc_path, metrics_endpoint, patch)
+from .conftest import (
+    DEPLOYMENTS,
+    ISVC_RES,
+    ROLEBINDINGS,
+    ROLES,
+    SERVICEACCOUNTS,
+    SERVICES,
+    create,
+    events,
+    eventually,
+    fake_pod,
+    get,
+    isvc,
+    isvc_path,
+    metrics_endpoint,
+    patch,
+)
 
 SETTINGS = OperatorSettings(router_image="reg/operator:7")
-ZERO = {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "scaleToZero": True,
-                                       "cooldownSeconds": 600, "scaleUpStabilizationSeconds": 600}}
+ZERO = {
+    "replicas": 0,
+    "autoscaling": {
+        "minReplicas": 0,
+        "maxReplicas": 3,
+        "scaleToZero": True,
+        "cooldownSeconds": 600,
+        "scaleUpStabilizationSeconds": 600,
+    },
+}
 
 
 def _now(offset: float = 0.0) -> str:
@@ -27,23 +51,45 @@ def _now(offset: float = 0.0) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@pytest.mark.parametrize("raw, on", [
-    ({}, False), ({"autoscaling": {"maxReplicas": 3}}, True), ({"replicas": 2, "autoscaling": {"enabled": False}}, True),
-    ({"autoscaling": {"minReplicas": 0, "scaleToZero": True}}, True),
-    ({"autoscaling": {"maxReplicas": 3}, "router": {"enabled": False}}, False), ({"router": {"enabled": True}}, True)])
+@pytest.mark.parametrize(
+    "raw, on",
+    [
+        ({}, False),
+        ({"autoscaling": {"maxReplicas": 3}}, True),
+        ({"replicas": 2, "autoscaling": {"enabled": False}}, True),
+        ({"autoscaling": {"minReplicas": 0, "scaleToZero": True}}, True),
+        ({"autoscaling": {"maxReplicas": 3}, "router": {"enabled": False}}, False),
+        ({"router": {"enabled": True}}, True),
+    ],
+)
 def test_router_is_on_by_default_where_it_helps(raw, on):
     spec = parse_spec(raw)
     assert spec.router_enabled() is on
-    kinds = [o["kind"] for o in render.render_all("llm", "ns", spec, SETTINGS) if o["metadata"]["name"] == "llm-router"]
+    kinds = [
+        o["kind"]
+        for o in render.render_all("llm", "ns", spec, SETTINGS)
+        if o["metadata"]["name"] == "llm-router"
+    ]
     assert kinds == (["ServiceAccount", "Role", "RoleBinding", "Service", "Deployment"] if on else [])
     assert render.service_url("llm", "ns", SETTINGS, spec) == (
-        "http://llm-router.ns.svc.cluster.local" if on else "http://llm.ns.svc.cluster.local")
+        "http://llm-router.ns.svc.cluster.local" if on else "http://llm.ns.svc.cluster.local"
+    )
 
 
 def test_router_rendering():
-    spec = parse_spec({**ZERO, "router": {"replicas": 2, "queueTimeoutSeconds": 60, "maxQueuedRequests": 10,
-                                          "loadFactor": 1.5, "saturationQueueDepth": 3,
-                                          "resources": {"cpu": "200m", "memory": "128Mi"}}})
+    spec = parse_spec(
+        {
+            **ZERO,
+            "router": {
+                "replicas": 2,
+                "queueTimeoutSeconds": 60,
+                "maxQueuedRequests": 10,
+                "loadFactor": 1.5,
+                "saturationQueueDepth": 3,
+                "resources": {"cpu": "200m", "memory": "128Mi"},
+            },
+        }
+    )
     objs = {(o["kind"], o["metadata"]["name"]): o for o in render.render_all("llm", "ns", spec, SETTINGS)}
     dep, svc = objs[("Deployment", "llm-router")], objs[("Service", "llm-router")]
     runtime_dep = objs[("Deployment", "llm")]
@@ -55,7 +101,10 @@ def test_router_rendering():
     assert (env["FLEETSERVE_ROUTER_QUEUE_TIMEOUT"], env["FLEETSERVE_ROUTER_QUEUE_SIZE"]) == ("60", "10")
     assert (env["FLEETSERVE_ROUTER_LOAD_FACTOR"], env["FLEETSERVE_ROUTER_MAX_WAITING"]) == ("1.5", "3")
     assert c["resources"] == {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"memory": "128Mi"}}
-    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["securityContext"]["readOnlyRootFilesystem"]
+    assert (
+        c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+        and c["securityContext"]["readOnlyRootFilesystem"]
+    )
     assert pod["serviceAccountName"] == "llm-router" and dep["spec"]["replicas"] == 2
     # The router's pods are not the runtime's: neither Service nor the operator's indexes mix them up.
     router_pod_labels = dep["spec"]["template"]["metadata"]["labels"]
@@ -65,22 +114,29 @@ def test_router_rendering():
     assert router_pod_labels["app.kubernetes.io/component"] == "router"
     # RBAC: watch endpoints of the namespace, patch only its own InferenceService.
     role = objs[("Role", "llm-router")]
-    assert {"apiGroups": ["serving.fleetserve.dev"], "resources": ["inferenceservices"], "resourceNames": ["llm"],
-            "verbs": ["patch"]} in role["rules"]
-    assert objs[("RoleBinding", "llm-router")]["subjects"] == [{"kind": "ServiceAccount", "name": "llm-router",
-                                                                 "namespace": "ns"}]
+    assert {
+        "apiGroups": ["serving.fleetserve.dev"],
+        "resources": ["inferenceservices"],
+        "resourceNames": ["llm"],
+        "verbs": ["patch"],
+    } in role["rules"]
+    assert objs[("RoleBinding", "llm-router")]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llm-router", "namespace": "ns"}
+    ]
 
 
 def test_demand_wakes_from_zero_past_windows_and_cooldown():
-    cfg = Autoscaling(minReplicas=0, maxReplicas=3, scaleToZero=True, cooldownSeconds=600,
-                      scaleUpStabilizationSeconds=600)
+    cfg = Autoscaling(
+        minReplicas=0, maxReplicas=3, scaleToZero=True, cooldownSeconds=600, scaleUpStabilizationSeconds=600
+    )
     history = autoscaler.History(last_scale=99.0)  # just scaled down to zero
     d = autoscaler.decide(100.0, 0, 0, 0, cfg, history, load_known=False, demand=True)
     assert d.desired == 1 and "router" in d.reason
     assert autoscaler.decide(100.0, 0, 0, 0, cfg, history, load_known=False, demand=False).desired == 0
     # While demand lasts an idle service does not go back to zero (the down window would allow it).
-    cfg0 = Autoscaling(minReplicas=0, maxReplicas=3, scaleToZero=True, cooldownSeconds=0,
-                       scaleDownStabilizationSeconds=0)
+    cfg0 = Autoscaling(
+        minReplicas=0, maxReplicas=3, scaleToZero=True, cooldownSeconds=0, scaleDownStabilizationSeconds=0
+    )
     assert autoscaler.decide(200.0, 1, 0, 0, cfg0, autoscaler.History(), demand=True).desired == 1
     assert autoscaler.decide(200.0, 1, 0, 0, cfg0, autoscaler.History(), demand=False).desired == 0
     now = time.time()
@@ -94,12 +150,15 @@ async def test_router_children_status_url_and_router_pods_are_not_replicas(opera
     await create(operator, isvc("llm", {"autoscaling": {"maxReplicas": 3}}))
     dep = await eventually(lambda: get(operator, DEPLOYMENTS, "llm-router"))
     for res in (SERVICES, SERVICEACCOUNTS, ROLES, ROLEBINDINGS):
-        child = await eventually(lambda: get(operator, res, "llm-router"))
+        child = await eventually(lambda res=res: get(operator, res, "llm-router"))
         assert child["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
     st = await eventually(lambda: (s := get(operator, ISVC_RES, "llm").get("status") or {}).get("url") and s)
     assert st["url"] == "http://llm-router.default.svc.cluster.local"
-    await patch(operator, "/apis/apps/v1/namespaces/default/deployments/llm-router/status",
-                {"status": {"replicas": 1, "readyReplicas": 1}})
+    await patch(
+        operator,
+        "/apis/apps/v1/namespaces/default/deployments/llm-router/status",
+        {"status": {"replicas": 1, "readyReplicas": 1}},
+    )
     await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("routerReadyReplicas") == 1)
     # A router pod (labels of the router's template) is not a runtime replica.
     async with metrics_endpoint({"vllm:num_requests_waiting": 0}) as (port, _):
@@ -110,6 +169,7 @@ async def test_router_children_status_url_and_router_pods_are_not_replicas(opera
         assert not get(operator, ISVC_RES, "llm")["status"].get("readyReplicas")
     # Self-healing covers the router as well.
     from .conftest import delete
+
     await delete(operator, "/apis/apps/v1/namespaces/default/deployments/llm-router")
     await eventually(lambda: get(operator, DEPLOYMENTS, "llm-router"))
 
@@ -117,8 +177,12 @@ async def test_router_children_status_url_and_router_pods_are_not_replicas(opera
 async def test_router_demand_scales_up_from_zero(operator, caplog):
     caplog.set_level(logging.INFO, logger="kopf")
     await create(operator, isvc("llm", ZERO))
-    await eventually(lambda: get(operator, DEPLOYMENTS, "llm-router") and
-                     (get(operator, ISVC_RES, "llm").get("status") or {}).get("phase") == "ScaledToZero")
+    await eventually(
+        lambda: (
+            get(operator, DEPLOYMENTS, "llm-router")
+            and (get(operator, ISVC_RES, "llm").get("status") or {}).get("phase") == "ScaledToZero"
+        )
+    )
     assert get(operator, DEPLOYMENTS, "llm")["spec"]["replicas"] == 0
     # Stale demand (an old annotation) does not wake it.
     await patch(operator, isvc_path("llm"), {"metadata": {"annotations": {DEMAND_ANNOTATION: _now(-600)}}})
@@ -133,6 +197,8 @@ async def test_router_demand_scales_up_from_zero(operator, caplog):
     # The annotation's change itself triggered the scale (not only the next timer tick).
     assert any("demand_signalled" in r.getMessage() and "succeeded" in r.getMessage() for r in caplog.records)
     st = await eventually(lambda: (s := get(operator, ISVC_RES, "llm")["status"]).get("lastDemandTime") and s)
-    assert st["lastDemandTime"] == get(operator, ISVC_RES, "llm")["metadata"]["annotations"][DEMAND_ANNOTATION]
+    assert (
+        st["lastDemandTime"] == get(operator, ISVC_RES, "llm")["metadata"]["annotations"][DEMAND_ANNOTATION]
+    )
     await asyncio.sleep(1.0)
     assert len(events(operator, "ScaledUp")) == 1 and get(operator, ISVC_RES, "llm")["spec"]["replicas"] == 1

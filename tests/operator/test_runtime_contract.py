@@ -4,6 +4,7 @@ Tests may import the runtime (the operator itself may not): every `fleetserve se
 list the operator renders must parse, and the metric names the operator scrapes must be the
 ones the runtime's server exports.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _all_specs():
-    return [pytest.param(raw, id=label) for label, raw in SPECS.items()] + \
-        [pytest.param(cr["spec"], id=cr["metadata"]["name"]) for cr in _example_crs()]
+    return [pytest.param(raw, id=label) for label, raw in SPECS.items()] + [
+        pytest.param(cr["spec"], id=cr["metadata"]["name"]) for cr in _example_crs()
+    ]
 
 
 @pytest.mark.parametrize("raw", _all_specs())
@@ -48,23 +50,48 @@ def test_scraped_metric_names_are_exported_by_the_runtime():
 
 # Operator field -> (runtime model, runtime field). The operator never imports the runtime; this test does.
 _ENGINE_FIELDS = {
-    "dtype": ("engine", "dtype"), "device": ("engine", "device"), "maxModelLen": ("engine", "max_model_len"),
-    "maxNumSeqs": ("engine", "max_num_seqs"), "maxNumBatchedTokens": ("engine", "max_num_batched_tokens"),
-    "blockSize": ("engine", "block_size"), "enablePrefixCaching": ("engine", "enable_prefix_caching"),
+    "dtype": ("engine", "dtype"),
+    "device": ("engine", "device"),
+    "maxModelLen": ("engine", "max_model_len"),
+    "maxNumSeqs": ("engine", "max_num_seqs"),
+    "maxNumBatchedTokens": ("engine", "max_num_batched_tokens"),
+    "blockSize": ("engine", "block_size"),
+    "enablePrefixCaching": ("engine", "enable_prefix_caching"),
     "gpuMemoryUtilization": ("engine", "gpu_memory_utilization"),
     "shutdownTimeoutSeconds": ("server", "shutdown_timeout"),
 }
 # Operator-only fields, and where the operator is deliberately stricter than the runtime.
 _OPERATOR_ONLY = {"extraArgs"}
-_STRICTER = {"shutdownTimeoutSeconds": {"type": "integer", "maximum": 3600}}  # the pod's termination grace period
+_STRICTER = {
+    "shutdownTimeoutSeconds": {"type": "integer", "maximum": 3600}
+}  # the pod's termination grace period
 # Runtime settings the CR does not expose as fields (reachable through extraArgs, or set by the operator).
-_NOT_EXPOSED = {"model", "tokenizer", "served_model_name", "load_format", "num_kv_blocks", "kv_cache_memory",
-                "enforce_eager", "async_scheduling", "attention_backend", "seed", "max_logprobs", "trust_remote_code",
-                # Hub fetching is the operator's model cache's job (the runtime gets a local path); chat template
-                # and sampling defaults go through extraArgs.
-                "revision", "download_dir", "gguf_file", "chat_template", "generation_config",
-                # Structured-output limits: server-side tuning, through extraArgs.
-                "grammar_compile_timeout", "grammar_compile_threads", "grammar_cache_size", "max_grammar_bytes"}
+_NOT_EXPOSED = {
+    "model",
+    "tokenizer",
+    "served_model_name",
+    "load_format",
+    "num_kv_blocks",
+    "kv_cache_memory",
+    "enforce_eager",
+    "async_scheduling",
+    "attention_backend",
+    "seed",
+    "max_logprobs",
+    "trust_remote_code",
+    # Hub fetching is the operator's model cache's job (the runtime gets a local path); chat template
+    # and sampling defaults go through extraArgs.
+    "revision",
+    "download_dir",
+    "gguf_file",
+    "chat_template",
+    "generation_config",
+    # Structured-output limits: server-side tuning, through extraArgs.
+    "grammar_compile_timeout",
+    "grammar_compile_threads",
+    "grammar_cache_size",
+    "max_grammar_bytes",
+}
 _CONSTRAINTS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
@@ -81,22 +108,34 @@ def test_engine_settings_have_the_runtime_config_bounds_and_choices():
     from fleetserve.operator.spec import EngineSettings
 
     ours = EngineSettings.model_json_schema()
-    theirs = {"engine": config.EngineConfig.model_json_schema(),
-              "server": server_config.ServerConfig.model_json_schema()}
+    theirs = {
+        "engine": config.EngineConfig.model_json_schema(),
+        "server": server_config.ServerConfig.model_json_schema(),
+    }
     assert set(ours["properties"]) == set(_ENGINE_FIELDS) | _OPERATOR_ONLY
     for op_name, (which, rt_name) in _ENGINE_FIELDS.items():
         want = {**_field_schema(theirs[which], rt_name), **_STRICTER.get(op_name, {})}
         assert _field_schema(ours, op_name) == want, op_name
     exposed = {rt for which, rt in _ENGINE_FIELDS.values() if which == "engine"}
-    assert set(config.EngineConfig.model_fields) == exposed | _NOT_EXPOSED, \
+    assert set(config.EngineConfig.model_fields) == exposed | _NOT_EXPOSED, (
         "a new EngineConfig field: expose it in operator/spec.py EngineSettings or list it in _NOT_EXPOSED"
+    )
 
 
 def test_every_engine_setting_reaches_its_runtime_flag():
     """Each mapped setting, set to a non-default value, arrives in the parsed runtime config."""
     cli = pytest.importorskip("fleetserve.runtime.cli")
-    values = {"dtype": "float16", "device": "cpu", "maxModelLen": 1024, "maxNumSeqs": 7, "maxNumBatchedTokens": 512,
-              "blockSize": 32, "enablePrefixCaching": False, "gpuMemoryUtilization": 0.5, "shutdownTimeoutSeconds": 12}
+    values = {
+        "dtype": "float16",
+        "device": "cpu",
+        "maxModelLen": 1024,
+        "maxNumSeqs": 7,
+        "maxNumBatchedTokens": 512,
+        "blockSize": 32,
+        "enablePrefixCaching": False,
+        "gpuMemoryUtilization": 0.5,
+        "shutdownTimeoutSeconds": 12,
+    }
     spec = parse_spec({"engine": values})
     ns = cli.build_parser().parse_args(["serve", *render.serve_args("svc", spec)])
     for op_name, (_, rt_name) in _ENGINE_FIELDS.items():

@@ -1,5 +1,6 @@
 """Unit tests of the operator's pure parts: autoscaler windows, status reasons, apply diffs,
 Prometheus parsing, and the download step's cache-hit skip."""
+
 from __future__ import annotations
 
 import os
@@ -16,12 +17,18 @@ from fleetserve.operator.settings import OperatorSettings
 from fleetserve.operator.spec import Autoscaling, parse_spec
 from fleetserve.operator.status import Observation, compute, merge_conditions, pod_view
 
-
 # --- autoscaler ----------------------------------------------------------------------------------------
 
+
 def cfg(**kw) -> Autoscaling:
-    base = dict(minReplicas=1, maxReplicas=10, targetQueueDepth=4, scaleUpStabilizationSeconds=0,
-                scaleDownStabilizationSeconds=0, cooldownSeconds=0)
+    base = dict(
+        minReplicas=1,
+        maxReplicas=10,
+        targetQueueDepth=4,
+        scaleUpStabilizationSeconds=0,
+        scaleDownStabilizationSeconds=0,
+        cooldownSeconds=0,
+    )
     return Autoscaling(**{**base, **kw})
 
 
@@ -37,19 +44,19 @@ def test_recommend_scale_to_zero_only_when_allowed():
 
 def test_scale_up_waits_for_the_up_window_and_takes_its_minimum():
     c, h = cfg(scaleUpStabilizationSeconds=30), autoscaler.History()
-    assert autoscaler.decide(0, 1, 20, 0, c, h).desired == 1      # 5 wanted, window not yet observed
-    assert autoscaler.decide(10, 1, 8, 0, c, h).desired == 1      # 2 wanted
-    d = autoscaler.decide(30, 1, 40, 0, c, h)                      # 10 wanted; window min over [0, 30] is 2
+    assert autoscaler.decide(0, 1, 20, 0, c, h).desired == 1  # 5 wanted, window not yet observed
+    assert autoscaler.decide(10, 1, 8, 0, c, h).desired == 1  # 2 wanted
+    d = autoscaler.decide(30, 1, 40, 0, c, h)  # 10 wanted; window min over [0, 30] is 2
     assert d.recommended == 10 and d.desired == 2
 
 
 def test_scale_down_takes_the_highest_recommendation_of_the_window():
     c, h = cfg(scaleDownStabilizationSeconds=60), autoscaler.History()
-    assert autoscaler.decide(0, 8, 12, 0, c, h).desired == 8       # 3 wanted: window not observed yet
-    assert autoscaler.decide(30, 8, 20, 0, c, h).desired == 8      # 5 wanted
-    d = autoscaler.decide(60, 8, 0, 0, c, h)                       # 1 wanted; max over the window is 5
+    assert autoscaler.decide(0, 8, 12, 0, c, h).desired == 8  # 3 wanted: window not observed yet
+    assert autoscaler.decide(30, 8, 20, 0, c, h).desired == 8  # 5 wanted
+    d = autoscaler.decide(60, 8, 0, 0, c, h)  # 1 wanted; max over the window is 5
     assert d.desired == 5
-    assert autoscaler.decide(125, 5, 0, 0, c, h).desired == 1      # the lull lasted a whole window
+    assert autoscaler.decide(125, 5, 0, 0, c, h).desired == 1  # the lull lasted a whole window
 
 
 def test_cooldown_blocks_changes_after_a_scale():
@@ -69,20 +76,37 @@ def test_bounds_are_enforced_even_without_metrics():
 
 # --- status --------------------------------------------------------------------------------------------
 
+
 def _pod(name="p", ready=True, init=None, containers=None, conditions=None, ip="10.0.0.1", template=None):
     annotations = {render.TEMPLATE_HASH: template} if template else {}
-    return pod_view({"metadata": {"name": name, "annotations": annotations},
-                     "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000}]}]},
-                     "status": {"podIP": ip, "phase": "Running",
-                                "conditions": (conditions or []) + [{"type": "Ready",
-                                                                     "status": "True" if ready else "False"}],
-                                "initContainerStatuses": init or [], "containerStatuses": containers or []}})
+    return pod_view(
+        {
+            "metadata": {"name": name, "annotations": annotations},
+            "spec": {"containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000}]}]},
+            "status": {
+                "podIP": ip,
+                "phase": "Running",
+                "conditions": (conditions or [])
+                + [{"type": "Ready", "status": "True" if ready else "False"}],
+                "initContainerStatuses": init or [],
+                "containerStatuses": containers or [],
+            },
+        }
+    )
 
 
 def _obs(pods, spec=None, target=1, deployment=None, cached=False, error=None, **previous):
     spec = parse_spec(spec or {"model": {"uri": "hf://o/m"}}) if error is None else None
-    return Observation(spec=spec, spec_error=error, target_replicas=target, deployment=deployment, pods=tuple(pods),
-                       metrics=None, model_cached_before=cached, **previous)
+    return Observation(
+        spec=spec,
+        spec_error=error,
+        target_replicas=target,
+        deployment=deployment,
+        pods=tuple(pods),
+        metrics=None,
+        model_cached_before=cached,
+        **previous,
+    )
 
 
 def _cond(status, type_):
@@ -101,23 +125,52 @@ def test_download_states_drive_model_cached_and_phase():
     done = _pod(ready=False, init=[{"name": "model-download", "state": {"terminated": {"exitCode": 0}}}])
     st = compute(_obs([done]))
     assert _cond(st, "ModelCached")["status"] == "True" and st["phase"] == "Loading"
-    failed = _pod(ready=False, init=[{"name": "model-download", "restartCount": 3,
-                                      "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                                      "lastState": {"terminated": {"exitCode": 1, "message": "401 gated repo"}}}])
+    failed = _pod(
+        ready=False,
+        init=[
+            {
+                "name": "model-download",
+                "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "message": "401 gated repo"}},
+            }
+        ],
+    )
     st = compute(_obs([failed]))
-    assert _cond(st, "Degraded")["reason"] == "ModelDownloadFailed" and "401 gated repo" in _cond(st, "Degraded")[
-        "message"]
+    assert (
+        _cond(st, "Degraded")["reason"] == "ModelDownloadFailed"
+        and "401 gated repo" in _cond(st, "Degraded")["message"]
+    )
     assert st["phase"] == "Degraded"
 
 
-@pytest.mark.parametrize("containers,reason", [
-    ([{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 5}],
-     "CrashLoopBackOff"),
-    ([{"name": "runtime", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}],
-     "ImagePullError"),
-    ([{"name": "runtime", "state": {"waiting": {"reason": "CreateContainerConfigError",
-                                                "message": 'secret "hf" not found'}}}], "ContainerConfigError"),
-])
+@pytest.mark.parametrize(
+    "containers,reason",
+    [
+        (
+            [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 5}],
+            "CrashLoopBackOff",
+        ),
+        (
+            [{"name": "runtime", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}],
+            "ImagePullError",
+        ),
+        (
+            [
+                {
+                    "name": "runtime",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": 'secret "hf" not found',
+                        }
+                    },
+                }
+            ],
+            "ContainerConfigError",
+        ),
+    ],
+)
 def test_container_failures_are_degraded(containers, reason):
     st = compute(_obs([_pod(ready=False, containers=containers)], spec={}))
     assert _cond(st, "Degraded")["reason"] == reason
@@ -125,18 +178,47 @@ def test_container_failures_are_degraded(containers, reason):
 
 
 def test_unschedulable_without_gpu_vs_other_reasons():
-    gpu = _pod(ready=False, ip=None, conditions=[{
-        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}])
+    gpu = _pod(
+        ready=False,
+        ip=None,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
     assert _cond(compute(_obs([gpu], spec={})), "Degraded")["reason"] == "InsufficientGPU"
-    mem = _pod(ready=False, ip=None, conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                                  "message": "0/1 nodes are available: 1 Insufficient memory."}])
+    mem = _pod(
+        ready=False,
+        ip=None,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient memory.",
+            }
+        ],
+    )
     assert _cond(compute(_obs([mem], spec={})), "Degraded")["reason"] == "Unschedulable"
 
 
 def test_stuck_rollout_and_scaled_to_zero():
-    dep = {"status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                                      "message": "ReplicaSet has timed out progressing."}]}}
+    dep = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Progressing",
+                    "status": "False",
+                    "reason": "ProgressDeadlineExceeded",
+                    "message": "ReplicaSet has timed out progressing.",
+                }
+            ]
+        }
+    }
     st = compute(_obs([], spec={}, deployment=dep))
     assert _cond(st, "Degraded")["reason"] == "ProgressDeadlineExceeded"
     assert _cond(st, "Progressing")["status"] == "False"
@@ -157,66 +239,146 @@ def test_deployment_template_carries_a_digest_of_itself():
 
 
 def _dep(template="h1", replicas=2):
-    return {"spec": {"replicas": replicas, "template": {"metadata": {"annotations": {render.TEMPLATE_HASH: template}}}},
-            "status": {"replicas": replicas}}
+    return {
+        "spec": {
+            "replicas": replicas,
+            "template": {"metadata": {"annotations": {render.TEMPLATE_HASH: template}}},
+        },
+        "status": {"replicas": replicas},
+    }
 
 
 def test_lost_replica_is_degraded_until_its_replacement_is_ready():
     """Killed/evicted/unready outside a rollout: Degraded (ReplicaLost), still Ready while one serves."""
-    steady = compute(_obs([_pod("a", template="h1"), _pod("b", template="h1")], spec={}, target=2,
-                          deployment=_dep(), previous_ready={"a": "h1", "b": "h1"}))
+    steady = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("b", template="h1")],
+            spec={},
+            target=2,
+            deployment=_dep(),
+            previous_ready={"a": "h1", "b": "h1"},
+        )
+    )
     assert steady["phase"] == "Ready" and _cond(steady, "Degraded")["status"] == "False"
 
     # b killed: gone from the pods, its replacement c starting
-    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
-                      deployment=_dep(), previous_ready={"a": "h1", "b": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("c", ready=False, template="h1")],
+            spec={},
+            target=2,
+            deployment=_dep(),
+            previous_ready={"a": "h1", "b": "h1"},
+        )
+    )
     deg = _cond(st, "Degraded")
     assert st["phase"] == "Degraded" and deg["reason"] == "ReplicaLost" and "b" in deg["message"]
     assert "1/2 replicas ready" in deg["message"]
     assert _cond(st, "Ready")["status"] == "True" and _cond(st, "Available")["status"] == "False"
 
     # the next observation: nothing newly lost, but still short -> stays Degraded
-    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
-                      deployment=_dep(), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("c", ready=False, template="h1")],
+            spec={},
+            target=2,
+            deployment=_dep(),
+            previous_ready={"a": "h1"},
+            previous_degraded_reason="ReplicaLost",
+        )
+    )
     assert st["phase"] == "Degraded" and _cond(st, "Degraded")["reason"] == "ReplicaLost"
 
     # replacement ready -> Ready again
-    st = compute(_obs([_pod("a", template="h1"), _pod("c", template="h1")], spec={}, target=2,
-                      deployment=_dep(), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("c", template="h1")],
+            spec={},
+            target=2,
+            deployment=_dep(),
+            previous_ready={"a": "h1"},
+            previous_degraded_reason="ReplicaLost",
+        )
+    )
     assert st["phase"] == "Ready" and _cond(st, "Degraded")["status"] == "False"
 
     # the only replica lost: Degraded with Ready=False (not merely Loading)
-    st = compute(_obs([_pod("c", ready=False, template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
-                      previous_ready={"a": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("c", ready=False, template="h1")],
+            spec={},
+            target=1,
+            deployment=_dep(replicas=1),
+            previous_ready={"a": "h1"},
+        )
+    )
     assert st["phase"] == "Degraded" and _cond(st, "Ready")["status"] == "False"
     # a readiness failure counts too (the pod is there but stopped serving)
-    st = compute(_obs([_pod("a", ready=False, template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
-                      previous_ready={"a": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("a", ready=False, template="h1")],
+            spec={},
+            target=1,
+            deployment=_dep(replicas=1),
+            previous_ready={"a": "h1"},
+        )
+    )
     assert _cond(st, "Degraded")["reason"] == "ReplicaLost"
 
 
 def test_rollouts_and_scale_downs_are_not_lost_replicas():
     # rollout (maxUnavailable 1): an old-template pod went away on purpose, the new one is loading
-    st = compute(_obs([_pod("a", template="h1"), _pod("n", ready=False, template="h2")], spec={}, target=2,
-                      deployment=_dep("h2"), previous_ready={"a": "h1", "b": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("n", ready=False, template="h2")],
+            spec={},
+            target=2,
+            deployment=_dep("h2"),
+            previous_ready={"a": "h1", "b": "h1"},
+        )
+    )
     assert _cond(st, "Degraded")["status"] == "False" and st["phase"] == "Ready"
     # Recreate: all old pods gone before the new ones exist
     st = compute(_obs([], spec={}, target=1, deployment=_dep("h2", 1), previous_ready={"a": "h1"}))
     assert _cond(st, "Degraded")["status"] == "False" and st["phase"] == "Pending"
     # a rollout that starts while degraded clears ReplicaLost (Progressing tells the rollout)
-    st = compute(_obs([_pod("a", template="h1"), _pod("n", ready=False, template="h2")], spec={}, target=2,
-                      deployment=_dep("h2"), previous_ready={"a": "h1"}, previous_degraded_reason="ReplicaLost"))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("n", ready=False, template="h2")],
+            spec={},
+            target=2,
+            deployment=_dep("h2"),
+            previous_ready={"a": "h1"},
+            previous_degraded_reason="ReplicaLost",
+        )
+    )
     assert _cond(st, "Degraded")["status"] == "False"
     # scale-down 2 -> 1: one ready pod left is the target
-    st = compute(_obs([_pod("a", template="h1")], spec={}, target=1, deployment=_dep(replicas=1),
-                      previous_ready={"a": "h1", "b": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1")],
+            spec={},
+            target=1,
+            deployment=_dep(replicas=1),
+            previous_ready={"a": "h1", "b": "h1"},
+        )
+    )
     assert st["phase"] == "Ready"
     # scale-up: short of the new target, nothing lost
-    st = compute(_obs([_pod("a", template="h1"), _pod("c", ready=False, template="h1")], spec={}, target=2,
-                      deployment=_dep(), previous_ready={"a": "h1"}))
+    st = compute(
+        _obs(
+            [_pod("a", template="h1"), _pod("c", ready=False, template="h1")],
+            spec={},
+            target=2,
+            deployment=_dep(),
+            previous_ready={"a": "h1"},
+        )
+    )
     assert st["phase"] == "Ready"
     # a Deployment from before the digest existed: no claim either way
-    st = compute(_obs([], spec={}, target=1, deployment={"spec": {}, "status": {}}, previous_ready={"a": None}))
+    st = compute(
+        _obs([], spec={}, target=1, deployment={"spec": {}, "status": {}}, previous_ready={"a": None})
+    )
     assert _cond(st, "Degraded")["status"] == "False"
 
 
@@ -227,13 +389,18 @@ def test_invalid_spec_is_failed():
 
 def test_condition_transition_time_kept_while_status_unchanged():
     old = [{"type": "Ready", "status": "True", "lastTransitionTime": "T0"}]
-    same = merge_conditions(old, [{"type": "Ready", "status": "True", "reason": "Serving", "message": ""}], 2, now="T1")
-    flipped = merge_conditions(old, [{"type": "Ready", "status": "False", "reason": "x", "message": ""}], 2, now="T1")
+    same = merge_conditions(
+        old, [{"type": "Ready", "status": "True", "reason": "Serving", "message": ""}], 2, now="T1"
+    )
+    flipped = merge_conditions(
+        old, [{"type": "Ready", "status": "False", "reason": "x", "message": ""}], 2, now="T1"
+    )
     assert same[0]["lastTransitionTime"] == "T0" and flipped[0]["lastTransitionTime"] == "T1"
     assert same[0]["observedGeneration"] == 2
 
 
 # --- apply ---------------------------------------------------------------------------------------------
+
 
 def test_removals_null_dropped_keys_and_lists_are_replaced():
     old = {"spec": {"nodeSelector": {"a": "1", "b": "2"}, "tolerations": [{"key": "x"}], "keep": 1}}
@@ -243,9 +410,17 @@ def test_removals_null_dropped_keys_and_lists_are_replaced():
 
 
 def test_is_subset_ignores_server_defaults_and_quantity_spelling():
-    want = {"spec": {"replicas": 1, "resources": {"cpu": "1000m", "memory": "1024Mi"}, "ports": [{"port": 80}]}}
-    have = {"spec": {"replicas": 1, "resources": {"cpu": "1", "memory": "1Gi"},
-                     "ports": [{"port": 80, "protocol": "TCP"}], "dnsPolicy": "ClusterFirst"}}
+    want = {
+        "spec": {"replicas": 1, "resources": {"cpu": "1000m", "memory": "1024Mi"}, "ports": [{"port": 80}]}
+    }
+    have = {
+        "spec": {
+            "replicas": 1,
+            "resources": {"cpu": "1", "memory": "1Gi"},
+            "ports": [{"port": 80, "protocol": "TCP"}],
+            "dnsPolicy": "ClusterFirst",
+        }
+    }
     assert is_subset(want, have)
     assert not is_subset({"spec": {"replicas": 2}}, have)
     assert not is_subset({"spec": {"ports": [{"port": 80}, {"port": 81}]}}, have)
@@ -270,13 +445,16 @@ def test_parse_prometheus_and_rates():
     assert m["process_cpu_seconds_total"] == 15
     tracker = RateTracker()
     assert tracker.rates(sample_from_text("p", PROM, now=0.0)) == (None, None)
-    later = PROM.replace('generation_tokens_total{model_name="m"} 100', 'generation_tokens_total{model_name="m"} 300')
+    later = PROM.replace(
+        'generation_tokens_total{model_name="m"} 100', 'generation_tokens_total{model_name="m"} 300'
+    )
     assert tracker.rates(sample_from_text("p", later, now=2.0)) == (None, 100.0)
     restarted = PROM.replace("} 100", "} 5")
     assert tracker.rates(sample_from_text("p", restarted, now=3.0))[1] is None  # counter reset
 
 
 # --- render: the download step -------------------------------------------------------------------------
+
 
 def _run_download(tmp_path, dest):
     fake = tmp_path / "fakehub"
@@ -285,7 +463,8 @@ def _run_download(tmp_path, dest):
         "import os\n"
         "def snapshot_download(repo_id, revision, local_dir, allow_patterns=None):\n"
         "    open(os.environ['CALLS'], 'a').write(f'{repo_id}@{revision} {allow_patterns}\\n')\n"
-        "    open(os.path.join(local_dir, 'config.json'), 'w').write('{}')\n")
+        "    open(os.path.join(local_dir, 'config.json'), 'w').write('{}')\n"
+    )
     calls = tmp_path / "calls.txt"
     spec = parse_spec({"model": {"uri": "hf://org/model@rev1"}})
     pod = render.render_deployment("x", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]
@@ -308,7 +487,9 @@ def test_download_runs_once_then_the_marker_skips_it(tmp_path):
 
 
 def test_model_paths_and_flags():
-    s = parse_spec({"model": {"uri": "hf://org/m-GGUF", "ggufFile": "m.Q4.gguf"}, "engine": {"maxNumSeqs": 4}})
+    s = parse_spec(
+        {"model": {"uri": "hf://org/m-GGUF", "ggufFile": "m.Q4.gguf"}, "engine": {"maxNumSeqs": 4}}
+    )
     args = render.serve_args("svc", s)
     assert args[0] == "/models/hf/org/m-GGUF/main/m.Q4.gguf"
     assert args[args.index("--served-model-name") + 1] == "svc" and "--enable-prefix-caching" in args
@@ -322,6 +503,7 @@ def test_model_paths_and_flags():
 
 
 # --- entry point and settings -----------------------------------------------------------------------------
+
 
 def test_python_m_entry_point_runs_kopf_with_the_environment(monkeypatch):
     import kopf
@@ -363,10 +545,14 @@ def test_memo_copies_share_operator_state_but_not_per_object_state():
     assert b.ready_pods == {} and b.apply_error is None and root.ready_pods == {}
 
 
-
 def test_settings_from_env():
-    s = OperatorSettings.from_env({"FLEETSERVE_RUNTIME_IMAGE": "r/rt:1", "FLEETSERVE_METRICS_INTERVAL": "2.5",
-                                   "FLEETSERVE_CLUSTER_DOMAIN": "corp.local"})
+    s = OperatorSettings.from_env(
+        {
+            "FLEETSERVE_RUNTIME_IMAGE": "r/rt:1",
+            "FLEETSERVE_METRICS_INTERVAL": "2.5",
+            "FLEETSERVE_CLUSTER_DOMAIN": "corp.local",
+        }
+    )
     assert s.runtime_image == "r/rt:1" and s.metrics_interval == 2.5 and s.namespaces == ()
     assert render.service_url("a", "b", s) == "http://a.b.svc.corp.local"
 
@@ -383,6 +569,7 @@ def test_hf_endpoint_reaches_the_download_step_only():
 
 
 # --- status is built through the model the CRD status schema is generated from -------------------------
+
 
 def test_status_model_and_crd_status_schema_have_the_same_fields():
     from fleetserve.operator import crd
@@ -407,19 +594,36 @@ def test_status_fields_refuse_what_the_schema_would_prune():
         status_fields({"conditions": [{"type": "Ready", "status": "yes"}]})
 
 
-_LOAD_ERROR = ("fleetserve serve failed to start: ModelLoadError: model '/models/nope' not found: not a directory, "
-               "a .gguf file or a preset (llama-3.1-8b, llama-3.2-1b), nor a Hub name (org/name)")
+_LOAD_ERROR = (
+    "fleetserve serve failed to start: ModelLoadError: model '/models/nope' not found: not a directory, "
+    "a .gguf file or a preset (llama-3.1-8b, llama-3.2-1b), nor a Hub name (org/name)"
+)
 
 
 def test_runtime_startup_error_reaches_the_status_conditions():
     """The runtime's termination message (its start-up error) is the Degraded and Ready condition message,
     whether the container is in CrashLoopBackOff (message in lastState) or just exited (message in state)."""
-    looping = _pod(ready=False, containers=[{
-        "name": "runtime", "restartCount": 2, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}}}])
-    exited = _pod(ready=False, containers=[{
-        "name": "runtime", "restartCount": 0,
-        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}}}])
+    looping = _pod(
+        ready=False,
+        containers=[
+            {
+                "name": "runtime",
+                "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}},
+            }
+        ],
+    )
+    exited = _pod(
+        ready=False,
+        containers=[
+            {
+                "name": "runtime",
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": _LOAD_ERROR}},
+            }
+        ],
+    )
     for pod, reason in ((looping, "CrashLoopBackOff"), (exited, "RuntimeFailed")):
         st = compute(_obs([pod], spec={"model": {"uri": "file:///models/nope"}}))
         degraded = _cond(st, "Degraded")
@@ -429,17 +633,35 @@ def test_runtime_startup_error_reaches_the_status_conditions():
         assert st["phase"] == "Degraded"
     # A log tail (FallbackToLogsOnError) keeps its end, where the error is; a clean exit says nothing.
     tail = "x" * 5000 + " ValueError: the real error"
-    long = _pod(ready=False, containers=[{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                                          "lastState": {"terminated": {"exitCode": 1, "message": tail}}}])
+    long = _pod(
+        ready=False,
+        containers=[
+            {
+                "name": "runtime",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "message": tail}},
+            }
+        ],
+    )
     msg = _cond(compute(_obs([long], spec={})), "Degraded")["message"]
     assert msg.endswith("ValueError: the real error") and len(msg) < 800
-    ok = _pod(ready=False, containers=[{"name": "runtime", "state": {"running": {}},
-                                        "lastState": {"terminated": {"exitCode": 0, "message": "bye"}}}])
+    ok = _pod(
+        ready=False,
+        containers=[
+            {
+                "name": "runtime",
+                "state": {"running": {}},
+                "lastState": {"terminated": {"exitCode": 0, "message": "bye"}},
+            }
+        ],
+    )
     assert _cond(compute(_obs([ok], spec={})), "Degraded")["status"] == "False"
 
 
 def test_runtime_container_reports_errors_through_its_termination_message():
     spec = parse_spec({"model": {"uri": "file:///models/nope"}})
-    c = render.render_deployment("svc", "ns", spec, OperatorSettings())["spec"]["template"]["spec"]["containers"][0]
+    c = render.render_deployment("svc", "ns", spec, OperatorSettings())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c.get("terminationMessagePath", "/dev/termination-log") == "/dev/termination-log"

@@ -1,5 +1,6 @@
 """Shared runtime fixtures: the embedded SmolLM2 GGUF, loaded once per session by us and
 (slowly, ~30 s on CPU) by transformers as the reference."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def smollm2_model(smollm2_path):
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.loader import load_model
 
-    return load_model(EngineConfig(device="cpu", dtype="float32", attention_backend="torch"), "cpu", torch.float32)
+    return load_model(
+        EngineConfig(device="cpu", dtype="float32", attention_backend="torch"), "cpu", torch.float32
+    )
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +43,6 @@ def hf_smollm2(smollm2_path):
     import torch
 
     folder, name = os.path.split(smollm2_path)
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()

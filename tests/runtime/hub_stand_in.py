@@ -9,6 +9,7 @@ EntryNotFound). A gated repo's info is public, its files answer 401 without a to
 one, as the Hub does.
 Every file GET is counted in `downloads`, so tests can tell what was fetched and what came from cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,9 @@ class Repo:
 
     def sha(self, rev: str) -> str:
         if rev not in self.shas:
-            self.shas[rev] = hashlib.sha1(json.dumps(sorted(self.revisions[rev])).encode() + rev.encode()).hexdigest()
+            self.shas[rev] = hashlib.sha1(
+                json.dumps(sorted(self.revisions[rev])).encode() + rev.encode()
+            ).hexdigest()
         return self.shas[rev]
 
     def files_at(self, rev: str) -> dict[str, bytes] | None:
@@ -60,8 +63,13 @@ class StandInHub:
             def log_message(self, *args):
                 pass
 
-            def _send(self, code: int, body: bytes = b"", headers: dict | None = None,
-                      ctype: str = "application/json"):
+            def _send(
+                self,
+                code: int,
+                body: bytes = b"",
+                headers: dict | None = None,
+                ctype: str = "application/json",
+            ):
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -72,8 +80,11 @@ class StandInHub:
                     self.wfile.write(body)
 
             def _error(self, code: int, error_code: str, message: str):
-                self._send(code, json.dumps({"error": message}).encode(),
-                           {"X-Error-Code": error_code, "X-Error-Message": message})
+                self._send(
+                    code,
+                    json.dumps({"error": message}).encode(),
+                    {"X-Error-Code": error_code, "X-Error-Message": message},
+                )
 
             def _repo(self, repo_id: str, files: bool = False) -> Repo | None:
                 repo = hub.repos.get(repo_id)
@@ -85,11 +96,16 @@ class StandInHub:
                 if files and repo.gated_token is not None:
                     auth = self.headers.get("Authorization", "")
                     if not auth:
-                        self._error(401, "GatedRepo", "Access to model is restricted. You must be authenticated.")
+                        self._error(
+                            401, "GatedRepo", "Access to model is restricted. You must be authenticated."
+                        )
                         return None
                     if auth != f"Bearer {repo.gated_token}":
-                        self._error(403, "GatedRepo", "Access to model is restricted and you are not in the "
-                                                      "authorized list.")
+                        self._error(
+                            403,
+                            "GatedRepo",
+                            "Access to model is restricted and you are not in the authorized list.",
+                        )
                         return None
                 return repo
 
@@ -110,12 +126,24 @@ class StandInHub:
                     sha = repo.sha(next(n for n in repo.revisions if repo.revisions[n] is files))
                     if rest[:1] == ["tree"]:
                         sub = "/".join(rest[2:])
-                        listing = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                                   for p, b in sorted(files.items()) if p.startswith(sub)]
+                        listing = [
+                            {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                            for p, b in sorted(files.items())
+                            if p.startswith(sub)
+                        ]
                         return self._send(200, json.dumps(listing).encode())
-                    info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                            "gated": "manual" if repo.gated_token else False, "disabled": False, "tags": [],
-                            "downloads": 0, "likes": 0, "siblings": [{"rfilename": p} for p in sorted(files)]}
+                    info = {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": sha,
+                        "private": False,
+                        "gated": "manual" if repo.gated_token else False,
+                        "disabled": False,
+                        "tags": [],
+                        "downloads": 0,
+                        "likes": 0,
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    }
                     return self._send(200, json.dumps(info).encode())
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo = self._repo("/".join(parts[:2]), files=True)
@@ -133,9 +161,18 @@ class StandInHub:
                     if self.command == "GET":
                         key = f"{'/'.join(parts[:2])}/{name}"
                         hub.downloads[key] = hub.downloads.get(key, 0) + 1
-                    return self._send(200, body, {"X-Repo-Commit": sha, "ETag": f'"{etag}"',
-                                                  "X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(body)),
-                                                  "Accept-Ranges": "none"}, ctype="application/octet-stream")
+                    return self._send(
+                        200,
+                        body,
+                        {
+                            "X-Repo-Commit": sha,
+                            "ETag": f'"{etag}"',
+                            "X-Linked-Etag": f'"{etag}"',
+                            "X-Linked-Size": str(len(body)),
+                            "Accept-Ranges": "none",
+                        },
+                        ctype="application/octet-stream",
+                    )
                 return self._error(404, "EntryNotFound", f"not found: {path}")
 
             do_HEAD = do_GET
@@ -145,14 +182,20 @@ class StandInHub:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="stand-in-hub", daemon=True)
 
-    def add(self, repo_id: str, files: dict[str, bytes], *, revisions: dict[str, dict[str, bytes]] | None = None,
-            gated_token: str | None = None) -> Repo:
+    def add(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        revisions: dict[str, dict[str, bytes]] | None = None,
+        gated_token: str | None = None,
+    ) -> Repo:
         self.repos[repo_id] = Repo({"main": files, **(revisions or {})}, gated_token)
         return self.repos[repo_id]
 
     def fetched(self, repo_id: str) -> set[str]:
         prefix = repo_id + "/"
-        return {k[len(prefix):] for k in self.downloads if k.startswith(prefix)}
+        return {k[len(prefix) :] for k in self.downloads if k.startswith(prefix)}
 
     def __enter__(self):
         self._thread.start()

@@ -1,5 +1,6 @@
 """`fleetserve bench throughput` on CPU: the HF baseline builds transformers' own class of any
 registered family from the preset, and the roofline counts sliding-window layers' KV reads."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,39 @@ pytest.importorskip("transformers")
 
 def test_baseline_hf_runs_a_qwen3_shape_on_cpu(monkeypatch, tmp_path):
     # the qwen3-8b preset, shrunk so that both engines run it on this CPU in seconds
-    tiny = PRESETS["qwen3-8b"].with_(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
-                                     name="qwen3-tiny")
+    tiny = PRESETS["qwen3-8b"].with_(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        name="qwen3-tiny",
+    )
     monkeypatch.setitem(PRESETS, "qwen3-tiny", tiny)
     out = tmp_path / "bench.json"
-    rc = main(["--model", "qwen3-tiny", "--baseline", "hf", "--device", "cpu", "--num-prompts", "3",
-               "--input-len", "8", "--output-len", "4", "--max-num-seqs", "4", "--output-json", str(out)])
+    rc = main(
+        [
+            "--model",
+            "qwen3-tiny",
+            "--baseline",
+            "hf",
+            "--device",
+            "cpu",
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--max-num-seqs",
+            "4",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     records = {r["what"]: r for r in json.loads(out.read_text())}
     assert records["fleetserve"]["generated"] == records["fleetserve"]["expected"] == 12

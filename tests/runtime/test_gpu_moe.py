@@ -5,14 +5,17 @@ Mixtral-8x7B / Qwen3-30B-A3B presets build directly on the device.
 Shapes: the presets' real hidden sizes, expert counts and top-k with fewer layers (and a
 smaller vocabulary), registered as extra presets for the test.
 """
+
 import gc
 
 import pytest
 
 pytestmark = pytest.mark.gpu
 
-SMALL = {"mixtral-8x7b": dict(num_layers=2, vocab_size=32000),
-         "qwen3-30b-a3b": dict(num_layers=4, vocab_size=32000)}
+SMALL = {
+    "mixtral-8x7b": dict(num_layers=2, vocab_size=32000),
+    "qwen3-30b-a3b": dict(num_layers=4, vocab_size=32000),
+}
 
 
 @pytest.fixture(params=list(SMALL))
@@ -26,10 +29,20 @@ def small_preset(request, monkeypatch):
 
 def _engine(name, backend, dtype, eager, **kw):
     import torch
+
     from fleetserve.runtime import LLM
 
-    llm = LLM(model=name, load_format="dummy", device="cuda", dtype=dtype, max_model_len=1024,
-              attention_backend=backend, enforce_eager=eager, seed=0, **kw)
+    llm = LLM(
+        model=name,
+        load_format="dummy",
+        device="cuda",
+        dtype=dtype,
+        max_model_len=1024,
+        attention_backend=backend,
+        enforce_eager=eager,
+        seed=0,
+        **kw,
+    )
     with torch.no_grad():  # larger logits: fewer near-ties between the top tokens of random weights
         llm.engine.runner.model.model.embed_tokens.weight.mul_(8.0)
     return llm
@@ -46,7 +59,10 @@ def _prompts(n=8, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return [{"prompt_token_ids": rng.integers(100, 30000, size=int(k)).tolist()} for k in rng.integers(5, 300, size=n)]
+    return [
+        {"prompt_token_ids": rng.integers(100, 30000, size=int(k)).tolist()}
+        for k in rng.integers(5, 300, size=n)
+    ]
 
 
 def test_triton_graphs_match_torch_reference_fp32(small_preset, capsys):
@@ -84,6 +100,7 @@ def test_no_triton_compile_after_startup(small_preset):
     """Every fused-MoE launch-config class (it follows the step's token count) is compiled on first
     use; a varied workload afterwards compiles nothing."""
     import numpy as np
+
     from fleetserve.runtime import SamplingParams
 
     llm = _engine(small_preset, "triton", "bfloat16", eager=False, max_num_batched_tokens=4096)
@@ -91,10 +108,14 @@ def test_no_triton_compile_after_startup(small_preset):
     assert before.get("_fused_moe_kernel"), "the MoE kernel was not compiled at start-up"
     rng = np.random.default_rng(1)
     for n in (1, 7, 33, 130):
-        prompts = [{"prompt_token_ids": rng.integers(100, 30000, size=int(k)).tolist()}
-                   for k in rng.integers(3, 900, size=n)]
-        params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
-                  for m in rng.integers(1, 40, size=n)]
+        prompts = [
+            {"prompt_token_ids": rng.integers(100, 30000, size=int(k)).tolist()}
+            for k in rng.integers(3, 900, size=n)
+        ]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
+            for m in rng.integers(1, 40, size=n)
+        ]
         llm.generate(prompts, params)
     after = _compiled_kernels()
     assert after == before, f"compiled after start-up: { {k: after[k] - before.get(k, 0) for k in after} }"
@@ -104,6 +125,7 @@ def test_no_triton_compile_after_startup(small_preset):
 def test_full_preset_dummy_weights_allocate_on_the_device(name, gib):
     """bf16 Mixtral-8x7B (~93 GB) does not fit host-side staging twice: weights are created on the GPU."""
     import torch
+
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.loader import load_model
 

@@ -13,6 +13,7 @@ graphs, one batch) against Hugging Face transformers loading the same GGUF on th
   not met against transformers' bf16 (53.9%); as transformers' bf16 keeps only 42.8% of its own
   float32 greedy tokens, this test asserts closeness to float32 instead.
 """
+
 from __future__ import annotations
 
 import gc
@@ -47,18 +48,28 @@ TOP = 5
 def _ours(dtype: str):
     """Token ids of the prompts (half chat-formatted, half raw text), our greedy tokens and top-5 sets."""
     import torch
+
     from fleetserve.runtime import LLM, SamplingParams
 
     llm = LLM(device="cuda", dtype=dtype, max_model_len=1024, seed=0)
     assert llm.engine.runner._graphs, "decode CUDA graphs were not captured"
     tok = llm.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if i % 2 else tok.encode(p)
-               for i, p in enumerate(PROMPTS)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP))
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True) if i % 2 else tok.encode(p)
+        for i, p in enumerate(PROMPTS)
+    ]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP),
+    )
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    tops = [[{t for t, lp in step.items() if lp.rank is not None and lp.rank <= TOP} for step in o.outputs[0].logprobs]
-            for o in outs]
+    tops = [
+        [
+            {t for t, lp in step.items() if lp.rank is not None and lp.rank <= TOP}
+            for step in o.outputs[0].logprobs
+        ]
+        for o in outs
+    ]
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -70,15 +81,27 @@ def _hf(path: str, dtype: str, prompts: list[list[int]]):
 
     transformers = pytest.importorskip("transformers")
     folder, name = os.path.split(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                              dtype=getattr(torch, dtype)).cuda().eval()
+    model = (
+        transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+        .cuda()
+        .eval()
+    )
     tokens, tops = [], []
     with torch.no_grad():
         for ids in prompts:  # one at a time: no padding in the reference
-            out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
-                                 temperature=None, top_p=None, top_k=None)
-            tokens.append(out.sequences[0, len(ids):].tolist())
+            out = model.generate(
+                torch.tensor([ids], device="cuda"),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            tokens.append(out.sequences[0, len(ids) :].tolist())
             tops.append([set(s[0].float().topk(TOP).indices.tolist()) for s in out.scores])
     del model
     gc.collect()
@@ -93,12 +116,17 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
 def _stats(label: str, got, got_top, want, want_top) -> tuple[float, list]:
     """Share of tokens before the first divergence, and the divergences outside each other's top-5."""
     firsts = [_first_divergence(a, b) for a, b in zip(got, want)]
-    bad = [(i, k, got[i][k], want[i][k]) for i, k in enumerate(firsts)
-           if k < len(want[i]) and not (got[i][k] in want_top[i][k] and want[i][k] in got_top[i][k])]
+    bad = [
+        (i, k, got[i][k], want[i][k])
+        for i, k in enumerate(firsts)
+        if k < len(want[i]) and not (got[i][k] in want_top[i][k] and want[i][k] in got_top[i][k])
+    ]
     total = sum(len(w) for w in want)
     share = sum(firsts) / total
-    print(f"[SmolLM2] {label}: {sum(firsts)}/{total} tokens before the first divergence ({share:.1%}); "
-          f"per prompt {firsts}; outside the other's top-{TOP}: {bad}")
+    print(
+        f"[SmolLM2] {label}: {sum(firsts)}/{total} tokens before the first divergence ({share:.1%}); "
+        f"per prompt {firsts}; outside the other's top-{TOP}: {bad}"
+    )
     return share, bad
 
 
@@ -119,8 +147,11 @@ def runs(smollm2_path):
 def test_smollm2_fp32_equals_transformers_on_gpu(runs, capsys):
     with capsys.disabled():
         print()
-        share, bad = _stats("float32, ours (triton+graphs, batched) vs transformers", *runs[("ours", "float32")],
-                            *runs[("hf", "float32")])
+        share, bad = _stats(
+            "float32, ours (triton+graphs, batched) vs transformers",
+            *runs[("ours", "float32")],
+            *runs[("hf", "float32")],
+        )
     assert share == 1.0 and not bad
 
 
@@ -129,11 +160,17 @@ def test_smollm2_bf16_close_to_transformers_on_gpu(runs, capsys):
     reference as transformers' own bf16 does."""
     with capsys.disabled():
         print()
-        share, bad = _stats("bfloat16, ours vs transformers", *runs[("ours", "bfloat16")], *runs[("hf", "bfloat16")])
-        ours_ref, ours_bad = _stats("bfloat16 ours vs float32 transformers", *runs[("ours", "bfloat16")],
-                                    *runs[("hf", "float32")])
-        hf_ref, _ = _stats("bfloat16 transformers vs float32 transformers", *runs[("hf", "bfloat16")],
-                           *runs[("hf", "float32")])
+        share, bad = _stats(
+            "bfloat16, ours vs transformers", *runs[("ours", "bfloat16")], *runs[("hf", "bfloat16")]
+        )
+        ours_ref, ours_bad = _stats(
+            "bfloat16 ours vs float32 transformers", *runs[("ours", "bfloat16")], *runs[("hf", "float32")]
+        )
+        hf_ref, _ = _stats(
+            "bfloat16 transformers vs float32 transformers",
+            *runs[("hf", "bfloat16")],
+            *runs[("hf", "float32")],
+        )
     assert not bad and not ours_bad, "a divergence outside the other's top-5: a kernel is wrong, not rounding"
     assert share >= 0.3  # measured 0.539 on an H100
     assert ours_ref >= hf_ref - 0.1, (ours_ref, hf_ref)

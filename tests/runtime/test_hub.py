@@ -1,6 +1,7 @@
 """Models by Hub name, fetched with the real huggingface_hub client from a stand-in Hub on loopback HTTP:
 only the needed files, revisions, GGUF file choice, 404 / gated 401 / 403, no network, the cache reused
 offline, repos without usable weights; and the same through `LLM(model=...)` and `fleetserve serve` flags."""
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,21 @@ def _hf_dir(tmp_path_factory, seed: int, name: str, tokenizer_json: bytes) -> tu
     hf = tiny_hf_model(seed=seed)
     hf.save_pretrained(d)
     (d / "tokenizer.json").write_bytes(tokenizer_json)
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.9,
-                                                          "top_k": 20, "repetition_penalty": 1.1}))
+    (d / "generation_config.json").write_text(
+        json.dumps(
+            {"eos_token_id": 2, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
+        )
+    )
     files = dir_files(d)
     # Files a full repo carries that the loader never reads: these must not be downloaded.
-    files.update({"pytorch_model.bin": b"pickle" * 100, "original/consolidated.00.pth": b"pickle",
-                  "README.md": b"# tiny", "onnx/model.onnx": b"onnx"})
+    files.update(
+        {
+            "pytorch_model.bin": b"pickle" * 100,
+            "original/consolidated.00.pth": b"pickle",
+            "README.md": b"# tiny",
+            "onnx/model.onnx": b"onnx",
+        }
+    )
     return files, hf
 
 
@@ -79,21 +89,42 @@ def _closed_port_url() -> str:
 
 def test_repo_id_parsing():
     assert parse_repo_id("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", None)
-    assert parse_repo_id("bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M") == ("bartowski/Qwen2.5-7B-Instruct-GGUF",
-                                                                         "Q4_K_M")
+    assert parse_repo_id("bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M") == (
+        "bartowski/Qwen2.5-7B-Instruct-GGUF",
+        "Q4_K_M",
+    )
     for local in ("/models/x", "./a/b", "a/b/c", "llama-3.2-1b", "model.gguf", "~/x/y"):
         assert parse_repo_id(local) is None, local
 
 
 def test_file_choice_prefers_safetensors_and_skips_the_rest():
-    files = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-             "model.safetensors.index.json", "consolidated.safetensors", "pytorch_model.bin", "tokenizer.json",
-             "tokenizer_config.json", "generation_config.json", "original/consolidated.00.pth", "x.gguf"]
+    files = [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "consolidated.safetensors",
+        "pytorch_model.bin",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "original/consolidated.00.pth",
+        "x.gguf",
+    ]
     got = choose_files("o/n", files).files
-    assert set(got) == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                        "model.safetensors.index.json",
-                        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    assert choose_files("o/n", ["config.json", "consolidated.safetensors"]).files[-1] == "consolidated.safetensors"
+    assert set(got) == {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    }
+    assert (
+        choose_files("o/n", ["config.json", "consolidated.safetensors"]).files[-1]
+        == "consolidated.safetensors"
+    )
     # A quant tag or gguf_file picks the GGUF route even where safetensors exist; tags match whole words.
     both = files + ["m-Q4_K_M.gguf", "m-IQ4_K_M.gguf"]
     assert choose_files("o/n", both, tag="q4_k_m").files == ["m-Q4_K_M.gguf"]
@@ -104,30 +135,44 @@ def test_file_choice_prefers_safetensors_and_skips_the_rest():
 
 def test_download_fetches_only_needed_files_and_loads(hub, env, capfd):
     loaded = load_model(_cfg("org/tiny", env))
-    assert hub.fetched("org/tiny") == {"config.json", "generation_config.json", "model.safetensors",
-                                       "tokenizer.json"}
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    assert hub.fetched("org/tiny") == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS), atol=2e-5, rtol=1e-4
+    )
     assert loaded.model_name == "org/tiny" and loaded.tokenizer is not None
-    assert loaded.generation_defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
+    assert loaded.generation_defaults == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "repetition_penalty": 1.1,
+    }
     assert (env / "models--org--tiny" / "refs" / "main").is_file()  # the huggingface_hub cache layout
     assert "Fetching 4 files" in capfd.readouterr().err  # the progress bar
 
 
 def test_revision_branch_and_commit(hub, env):
     loaded = load_model(_cfg("org/tiny", env, revision="v2"))
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS), atol=2e-5, rtol=1e-4
+    )
     sha = hub.repos["org/tiny"].sha("v2")
     loaded = load_model(_cfg("org/tiny", env, revision=sha))
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS), atol=2e-5, rtol=1e-4
+    )
     with pytest.raises(ModelLoadError, match="org/tiny has no revision 'v9'"):
         load_model(_cfg("org/tiny", env, revision="v9"))
 
 
 def test_missing_repo_is_a_clear_404(hub, env):
-    with pytest.raises(ModelLoadError, match=r"model 'org/nope' not found on http://127.0.0.1:\d+ \(404\).*HF_TOKEN"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'org/nope' not found on http://127.0.0.1:\d+ \(404\).*HF_TOKEN"
+    ):
         load_model(_cfg("org/nope", env))
 
 
@@ -146,8 +191,9 @@ def test_cache_reused_offline_and_without_network(hub, env, monkeypatch):
     before_downloads, before_requests = dict(hub.downloads), len(hub.requests)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = load_model(_cfg("org/tiny", env))
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS), atol=2e-5, rtol=1e-4
+    )
     assert len(hub.requests) == before_requests  # HF_HUB_OFFLINE: not one request
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())  # the Hub is unreachable
@@ -156,7 +202,9 @@ def test_cache_reused_offline_and_without_network(hub, env, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"org/tiny@v2 is not in the model cache .* cannot be reached"):
         load_model(_cfg("org/tiny", env, revision="v2"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="org/gated@main is not in the model cache .*HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        ModelLoadError, match="org/gated@main is not in the model cache .*HF_HUB_OFFLINE is set"
+    ):
         load_model(_cfg("org/gated", env))
 
 
@@ -165,13 +213,17 @@ def test_gguf_repo_file_choice(hub, env):
         load_model(_cfg("org/tiny-GGUF", env))
     loaded = load_model(_cfg("org/tiny-GGUF:Q8_0", env))
     assert hub.fetched("org/tiny-GGUF") == {"tiny-Q8_0.gguf"}
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS), atol=2e-5, rtol=1e-4
+    )
     loaded = load_model(_cfg("org/tiny-GGUF", env, gguf_file="tiny-Q4_K_M.gguf"))
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["v2"], IDS), atol=2e-5, rtol=1e-4
+    )
     assert hub.fetched("org/tiny-GGUF") == {"tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf"}
-    with pytest.raises(ModelLoadError, match="no GGUF file for quantization 'Q2_K'; it has: tiny-Q4_K_M.gguf"):
+    with pytest.raises(
+        ModelLoadError, match="no GGUF file for quantization 'Q2_K'; it has: tiny-Q4_K_M.gguf"
+    ):
         load_model(_cfg("org/tiny-GGUF:Q2_K", env))
     with pytest.raises(ModelLoadError, match="has no .gguf files"):
         load_model(_cfg("org/tiny", env, gguf_file="x.gguf"))
@@ -188,22 +240,35 @@ def test_llm_and_serve_flags_take_hub_names(hub, env):
     from fleetserve.runtime import LLM, SamplingParams
     from fleetserve.runtime.cli import build_parser
 
-    ns = build_parser().parse_args(["serve", "org/tiny", "--revision", "v2", "--download-dir", str(env),
-                                    "--gguf-file", "f.gguf"])
-    assert (ns.model_tag, ns.revision, ns.download_dir, ns.gguf_file) == ("org/tiny", "v2", str(env), "f.gguf")
+    ns = build_parser().parse_args(
+        ["serve", "org/tiny", "--revision", "v2", "--download-dir", str(env), "--gguf-file", "f.gguf"]
+    )
+    assert (ns.model_tag, ns.revision, ns.download_dir, ns.gguf_file) == (
+        "org/tiny",
+        "v2",
+        str(env),
+        "f.gguf",
+    )
     llm = LLM(model="org/tiny", revision="v2", download_dir=str(env), device="cpu", num_kv_blocks=16)
     out = llm.generate([IDS], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    ref = hub.hf["v2"].generate(torch.tensor([IDS]), max_new_tokens=4, do_sample=False)[0, len(IDS):].tolist()
+    ref = (
+        hub.hf["v2"].generate(torch.tensor([IDS]), max_new_tokens=4, do_sample=False)[0, len(IDS) :].tolist()
+    )
     assert out[0].outputs[0].token_ids == ref
 
 
 def test_sharded_repo_fetches_the_shards_its_index_names(hub, env):
     loaded = load_model(_cfg("org/sharded", env))
     shards = {f for f in hub.repos["org/sharded"].revisions["main"] if f.startswith("model-")}
-    assert len(shards) > 1 and hub.fetched("org/sharded") == {"config.json", "generation_config.json",
-                                                              "model.safetensors.index.json", *shards}
-    torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS),
-                               atol=2e-5, rtol=1e-4)
+    assert len(shards) > 1 and hub.fetched("org/sharded") == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        *shards,
+    }
+    torch.testing.assert_close(
+        prefill_logits(loaded.model, IDS), hf_logits(hub.hf["main"], IDS), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_fleetserve_serve_by_hub_name(hub, env):
@@ -215,10 +280,30 @@ def test_fleetserve_serve_by_hub_name(hub, env):
     import threading
     import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", "fleetserve.runtime.cli", "serve", "org/tiny", "--revision", "v2",
-                             "--download-dir", str(env), "--port", "0", "--device", "cpu", "--num-kv-blocks", "16",
-                             "--max-model-len", "64"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.runtime.cli",
+            "serve",
+            "org/tiny",
+            "--revision",
+            "v2",
+            "--download-dir",
+            str(env),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--num-kv-blocks",
+            "16",
+            "--max-model-len",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
     lines, url, ready = [], {}, threading.Event()
 
     def drain():

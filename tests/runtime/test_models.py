@@ -8,6 +8,7 @@ and alternating sliding/global layers; Gemma 3 q/k norms, local/global RoPE base
 linear scaling on global layers; Phi-3 fused checkpoint tensors and longrope; sliding
 windows (5-6 tokens) shorter than the prompts (up to 19 tokens) wherever a family has them.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,45 +23,105 @@ from fleetserve.runtime.models.layers import rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
-LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
-            "long_factor": [2.0 + 0.5 * i for i in range(16)], "original_max_position_embeddings": 64}
-GEMMA2 = dict(sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5)
-GEMMA3 = dict(sliding_window=6, query_pre_attn_scalar=40, num_hidden_layers=3, sliding_window_pattern=3,
-              rope_local_base_freq=100.0)
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0 + 0.1 * i for i in range(16)],
+    "long_factor": [2.0 + 0.5 * i for i in range(16)],
+    "original_max_position_embeddings": 64,
+}
+GEMMA2 = dict(
+    sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=4.0, final_logit_softcapping=2.5
+)
+GEMMA3 = dict(
+    sliding_window=6,
+    query_pre_attn_scalar=40,
+    num_hidden_layers=3,
+    sliding_window_pattern=3,
+    rope_local_base_freq=100.0,
+)
 
 CASES = {
     # id: (HF class name, head_dim, heads, kv_heads, tied, rope scaling[, extra config keys])
     "llama-mha-d32-untied": ("LlamaForCausalLM", 32, 4, 4, False, None),
     "llama-gqa2-d64-tied-llama3": ("LlamaForCausalLM", 64, 4, 2, True, LLAMA3),
     "qwen2-gqa4-d32-bias": ("Qwen2ForCausalLM", 32, 8, 2, False, None),
-    "qwen2-gqa2-d32-sliding": ("Qwen2ForCausalLM", 32, 4, 2, True, None,
-                               dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen2-gqa2-d32-sliding": (
+        "Qwen2ForCausalLM",
+        32,
+        4,
+        2,
+        True,
+        None,
+        dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
     "mistral-gqa2-d64-tied": ("MistralForCausalLM", 64, 4, 2, True, None),
     "mistral-gqa2-d32-sliding": ("MistralForCausalLM", 32, 4, 2, False, None, dict(sliding_window=5)),
     "qwen3-gqa2-d32-tied": ("Qwen3ForCausalLM", 32, 4, 2, True, None),
-    "qwen3-gqa4-d64-untied-sliding": ("Qwen3ForCausalLM", 64, 8, 2, False, None,
-                                      dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen3-gqa4-d64-untied-sliding": (
+        "Qwen3ForCausalLM",
+        64,
+        8,
+        2,
+        False,
+        None,
+        dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    ),
     "gemma2-gqa2-d32-softcap-sliding": ("Gemma2ForCausalLM", 32, 4, 2, True, None, GEMMA2),
-    "gemma3-gqa2-d32-sliding-local-rope": ("Gemma3ForCausalLM", 32, 4, 2, True,
-                                           {"rope_type": "linear", "factor": 4.0}, GEMMA3),
+    "gemma3-gqa2-d32-sliding-local-rope": (
+        "Gemma3ForCausalLM",
+        32,
+        4,
+        2,
+        True,
+        {"rope_type": "linear", "factor": 4.0},
+        GEMMA3,
+    ),
     # Phi-3 sizes RoPE factors by hidden_size // heads: keep head_dim equal to it
-    "phi3-gqa2-d32-longrope-sliding": ("Phi3ForCausalLM", 32, 4, 2, False, LONGROPE,
-                                       dict(sliding_window=5, hidden_size=128, pad_token_id=0, eos_token_id=2,
-                                            original_max_position_embeddings=64)),
+    "phi3-gqa2-d32-longrope-sliding": (
+        "Phi3ForCausalLM",
+        32,
+        4,
+        2,
+        False,
+        LONGROPE,
+        dict(
+            sliding_window=5,
+            hidden_size=128,
+            pad_token_id=0,
+            eos_token_id=2,
+            original_max_position_embeddings=64,
+        ),
+    ),
 }
 
 
 def make_hf_model(cls_name, head_dim, heads, kv_heads, tied, rope_scaling, extra=None, seed=0):
     cls = getattr(transformers, cls_name)
-    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config").replace("Gemma3Config",
-                                                                                      "Gemma3TextConfig"))
-    kw = dict(vocab_size=97, hidden_size=heads * head_dim // 2 + 16, intermediate_size=88, num_hidden_layers=2,
-              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-              rope_theta=10000.0, rope_scaling=rope_scaling)
+    cfg_cls = getattr(
+        transformers, cls_name.replace("ForCausalLM", "Config").replace("Gemma3Config", "Gemma3TextConfig")
+    )
+    kw = dict(
+        vocab_size=97,
+        hidden_size=heads * head_dim // 2 + 16,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        rope_theta=10000.0,
+        rope_scaling=rope_scaling,
+    )
     kw.update(extra or {})
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
@@ -86,9 +147,13 @@ class PagedRunner:
     def __init__(self, model, block_size=4, num_blocks=64, seed=0):
         cfg = model.config
         self.model, self.bs = model, block_size
-        self.kv = [torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-                   for _ in range(cfg.num_layers)]
-        self.free = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)).add(1).tolist()
+        self.kv = [
+            torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+            for _ in range(cfg.num_layers)
+        ]
+        self.free = (
+            torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)).add(1).tolist()
+        )
         self.blocks: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
 
@@ -111,10 +176,13 @@ class PagedRunner:
             tables.append(blocks)
         width = max(len(t) for t in tables)
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            slot_mapping=torch.tensor(slots),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-            max_query_len=max(len(t) for t in chunks.values()), max_seq_len=max(seq_lens))
+            max_query_len=max(len(t) for t in chunks.values()),
+            max_seq_len=max(seq_lens),
+        )
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), attn, self.kv)
         return self.model.compute_logits(hidden)
 
@@ -129,8 +197,11 @@ def test_prefill_chunked_prefill_and_decode_match_transformers(case):
     hf = make_hf_model(*CASES[case])
     ours = ours_from_hf(hf)
     g = torch.Generator().manual_seed(1)
-    seqs = {0: torch.randint(0, 97, (7,), generator=g).tolist(), 1: torch.randint(0, 97, (13,), generator=g).tolist(),
-            2: torch.randint(0, 97, (1,), generator=g).tolist()}
+    seqs = {
+        0: torch.randint(0, 97, (7,), generator=g).tolist(),
+        1: torch.randint(0, 97, (13,), generator=g).tolist(),
+        2: torch.randint(0, 97, (1,), generator=g).tolist(),
+    }
     runner = PagedRunner(ours)
     with torch.no_grad():
         # step 1: full prefill of seq 0 and 2, first chunk of seq 1
@@ -162,17 +233,30 @@ def test_rope_llama3_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_cfg = LlamaConfig(head_dim=128, hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
-                         max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    hf_cfg = LlamaConfig(
+        head_dim=128,
+        hidden_size=4096,
+        num_attention_heads=32,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     torch.testing.assert_close(rope_inv_freq(ModelConfig.from_hf_config(hf_cfg.to_dict())), ref)
 
 
 def test_dtype_cast_keeps_rope_cache_float32():
-    model = build_model(PRESETS["llama-3.2-1b"].with_(num_layers=1, vocab_size=64, max_position_embeddings=128),
-                        get_ops("torch"), torch.bfloat16)
+    model = build_model(
+        PRESETS["llama-3.2-1b"].with_(num_layers=1, vocab_size=64, max_position_embeddings=128),
+        get_ops("torch"),
+        torch.bfloat16,
+    )
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.cos_sin_cache.dtype == torch.float32
     model.half()
@@ -180,21 +264,41 @@ def test_dtype_cast_keeps_rope_cache_float32():
 
 
 def test_config_parsing_and_errors():
-    cfg = ModelConfig.from_hf_config({
-        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "eos_token_id": [3, 4],
-        "rope_scaling": {"type": "linear", "factor": 2.0}, "torch_dtype": "bfloat16"})
+    cfg = ModelConfig.from_hf_config(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "eos_token_id": [3, 4],
+            "rope_scaling": {"type": "linear", "factor": 2.0},
+            "torch_dtype": "bfloat16",
+        }
+    )
     assert (cfg.arch, cfg.qkv_bias, cfg.head_dim, cfg.eos_token_ids) == ("qwen2", True, 4, (3, 4))
     assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.torch_dtype == "bfloat16"
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         ModelConfig.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(UnsupportedModelError, match="yarn"):
-        ModelConfig.from_hf_config({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
-                                    "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        ModelConfig.from_hf_config(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
 
 
-@pytest.mark.parametrize("name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9)])
+@pytest.mark.parametrize(
+    "name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9)]
+)
 def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
 
@@ -204,40 +308,80 @@ def test_unsupported_architecture_error_lists_every_supported_one():
 
     with pytest.raises(UnsupportedModelError) as e:
         ModelConfig.from_hf_config({"architectures": ["FalconForCausalLM"]})
-    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
-                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"):
+    for arch in (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "MistralForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+    ):
         assert arch in supported_architectures() and arch in str(e.value)
 
 
 def _cfg(arch, **kw):
-    return {"architectures": [arch], "vocab_size": 10, "hidden_size": 16, "intermediate_size": 16,
-            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, **kw}
+    return {
+        "architectures": [arch],
+        "vocab_size": 10,
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        **kw,
+    }
 
 
 def test_transformers_4x_configs_give_the_same_layer_patterns():
     """Checkpoints on the Hub carry 4.x config.json files (no layer_types, rope_scaling, rope_local_base_freq)."""
-    g2 = ModelConfig.from_hf_config(_cfg("Gemma2ForCausalLM", sliding_window=4096, query_pre_attn_scalar=144,
-                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                         hidden_activation="gelu_pytorch_tanh"))
+    g2 = ModelConfig.from_hf_config(
+        _cfg(
+            "Gemma2ForCausalLM",
+            sliding_window=4096,
+            query_pre_attn_scalar=144,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    )
     assert [g2.layer_window(i) for i in range(6)] == [4096, None] * 3
-    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.attn_scale) == (50.0, 30.0, 144 ** -0.5)
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.attn_scale) == (50.0, 30.0, 144**-0.5)
     assert g2.hidden_act == "gelu_pytorch_tanh" and g2.tie_word_embeddings
-    g3 = ModelConfig.from_hf_config(_cfg("Gemma3ForCausalLM", sliding_window=512, rope_theta=1e6,
-                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
-                                         sliding_window_pattern=6))
+    g3 = ModelConfig.from_hf_config(
+        _cfg(
+            "Gemma3ForCausalLM",
+            sliding_window=512,
+            rope_theta=1e6,
+            rope_local_base_freq=1e4,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            sliding_window_pattern=6,
+        )
+    )
     assert [g3.layer_window(i) for i in range(6)] == [512] * 5 + [None]
-    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+    assert (g3.rope_theta, g3.local_rope_theta, g3.rope_scaling) == (
+        1e6,
+        1e4,
+        {"rope_type": "linear", "factor": 8.0},
+    )
     assert g3.qk_norm and g3.attn_logit_softcap is None
-    q2 = ModelConfig.from_hf_config(_cfg("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=131072,
-                                         max_window_layers=28))
+    q2 = ModelConfig.from_hf_config(
+        _cfg("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=131072, max_window_layers=28)
+    )
     assert q2.sliding_window is None and q2.layer_types == ()
-    q3 = ModelConfig.from_hf_config(_cfg("Qwen3ForCausalLM", use_sliding_window=True, sliding_window=8,
-                                         max_window_layers=4))
+    q3 = ModelConfig.from_hf_config(
+        _cfg("Qwen3ForCausalLM", use_sliding_window=True, sliding_window=8, max_window_layers=4)
+    )
     assert [q3.layer_window(i) for i in range(6)] == [None] * 4 + [8, 8] and q3.qk_norm and not q3.qkv_bias
-    phi = ModelConfig.from_hf_config(_cfg("Phi3ForCausalLM", sliding_window=2047, max_position_embeddings=131072,
-                                          original_max_position_embeddings=4096,
-                                          rope_scaling={"type": "su", "short_factor": [1.0] * 4,
-                                                        "long_factor": [2.0] * 4}))
+    phi = ModelConfig.from_hf_config(
+        _cfg(
+            "Phi3ForCausalLM",
+            sliding_window=2047,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            rope_scaling={"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+        )
+    )
     assert [phi.layer_window(i) for i in range(6)] == [2047] * 6
     assert phi.rope_scaling["rope_type"] == "longrope"
     assert phi.rope_scaling["attention_factor"] == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
@@ -282,9 +426,12 @@ def test_presets_round_trip_through_transformers_configs(name):
 
 # ---- the embedded SmolLM2 GGUF vs transformers' own GGUF loading of the same file -----------------
 
+
 def greedy(model, prompt_ids, max_new_tokens, block_size=16):
     """Prefill once, then decode one token per step through the paged cache (a shuffled block table)."""
-    runner = PagedRunner(model, block_size=block_size, num_blocks=1 + (len(prompt_ids) + max_new_tokens) // block_size + 2)
+    runner = PagedRunner(
+        model, block_size=block_size, num_blocks=1 + (len(prompt_ids) + max_new_tokens) // block_size + 2
+    )
     out = []
     with torch.no_grad():
         logits = runner.step({0: list(prompt_ids)})[-1]
@@ -294,8 +441,12 @@ def greedy(model, prompt_ids, max_new_tokens, block_size=16):
     return out
 
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
-           "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
 def test_smollm2_gguf_weights_and_logits_match_transformers(smollm2_model, hf_smollm2):
@@ -319,8 +470,9 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2_model, hf_smollm2, pro
     ids = tok.encode(prompt)
     ours = greedy(smollm2_model.model, ids, 10)
     with torch.no_grad():
-        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, len(ids):].tolist()
+        ref = hf_smollm2.generate(
+            torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
     assert ours == ref, (tok.decode(ours), tok.decode(ref))
 
 
@@ -343,15 +495,29 @@ def _triton_prefill_vs_transformers(case, dev, dtype):
         ref = hf_logits(hf, ids)
         blocks = [runner.free[-1], runner.free[-2]]
         slots = torch.tensor([blocks[p // 16] * 16 + p % 16 for p in range(30)], device=dev)
-        attn = AttentionMetadata(slots, torch.tensor([0, 30], **i32), torch.tensor([30], **i32),
-                                 torch.tensor([blocks], **i32), 30, 30)
-        out = model.compute_logits(model(torch.tensor(ids, device=dev), torch.arange(30, device=dev), attn,
-                                         runner.kv)).cpu()
+        attn = AttentionMetadata(
+            slots,
+            torch.tensor([0, 30], **i32),
+            torch.tensor([30], **i32),
+            torch.tensor([blocks], **i32),
+            30,
+            30,
+        )
+        out = model.compute_logits(
+            model(torch.tensor(ids, device=dev), torch.arange(30, device=dev), attn, runner.kv)
+        ).cpu()
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("case", ["qwen3-gqa4-d64-untied-sliding", "gemma2-gqa2-d32-softcap-sliding",
-                                  "gemma3-gqa2-d32-sliding-local-rope", "phi3-gqa2-d32-longrope-sliding"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "qwen3-gqa4-d64-untied-sliding",
+        "gemma2-gqa2-d32-softcap-sliding",
+        "gemma3-gqa2-d32-sliding-local-rope",
+        "phi3-gqa2-d32-longrope-sliding",
+    ],
+)
 def test_triton_kernels_run_the_families_like_transformers(case):
     """The whole forward on the Triton ops (the interpreter on CPU): windows, soft-caps, GELU, q/k norms."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -376,8 +542,10 @@ def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
     hf = hf.to(dev)
     bs, L = 16, 40
     blocks = [9, 3, 7, 1]
-    kv = [torch.zeros(2, 12, bs, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16, device=dev)
-          for _ in range(cfg.num_layers)]
+    kv = [
+        torch.zeros(2, 12, bs, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16, device=dev)
+        for _ in range(cfg.num_layers)
+    ]
     i32 = dict(dtype=torch.int32, device=dev)
     slot = lambda p: blocks[p // bs] * bs + p % bs  # noqa: E731
     ids = torch.randint(0, 97, (L,), device=dev)
@@ -386,14 +554,29 @@ def test_triton_bf16_prefill_and_cuda_graph_decode_match_transformers():
         return ((a.float() - b).abs().max() / b.abs().max()).item()
 
     with torch.no_grad():
-        attn = AttentionMetadata(torch.tensor([slot(p) for p in range(L)], device=dev), torch.tensor([0, L], **i32),
-                                 torch.tensor([L], **i32), torch.tensor([blocks], **i32), L, L)
+        attn = AttentionMetadata(
+            torch.tensor([slot(p) for p in range(L)], device=dev),
+            torch.tensor([0, L], **i32),
+            torch.tensor([L], **i32),
+            torch.tensor([blocks], **i32),
+            L,
+            L,
+        )
         out = model.compute_logits(model(ids, torch.arange(L, device=dev), attn, kv))
         assert rel(out, hf(ids[None]).logits[0].float()) < 3e-2
         # static buffers for one decode token, captured once
-        s_ids, s_pos = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-        s_attn = AttentionMetadata(torch.full((1,), -1, device=dev), torch.tensor([0, 1], **i32),
-                                   torch.ones(1, **i32), torch.tensor([blocks], **i32), 1, len(blocks) * bs)
+        s_ids, s_pos = (
+            torch.zeros(1, dtype=torch.long, device=dev),
+            torch.zeros(1, dtype=torch.long, device=dev),
+        )
+        s_attn = AttentionMetadata(
+            torch.full((1,), -1, device=dev),
+            torch.tensor([0, 1], **i32),
+            torch.ones(1, **i32),
+            torch.tensor([blocks], **i32),
+            1,
+            len(blocks) * bs,
+        )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -430,14 +613,36 @@ def test_docs_list_every_registered_architecture():
 @pytest.mark.parametrize("naming", ["transformers-5", "transformers-4"])
 def test_gemma3_multimodal_checkpoint_serves_its_language_model(naming):
     """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: text config nested, vision weights beside the LM's."""
-    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
-              sliding_window_pattern=3, max_position_embeddings=256,
-              rope_scaling={"rope_type": "linear", "factor": 2.0})
-    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)
-    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299,
-                                    boi_token_index=297, eoi_token_index=298)
+    tc = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=16,
+        sliding_window_pattern=3,
+        max_position_embeddings=256,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    vc = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=tc,
+        vision_config=vc,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
     cfg.architectures = ["Gemma3ForConditionalGeneration"]
     torch.manual_seed(0)
     hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
@@ -445,13 +650,24 @@ def test_gemma3_multimodal_checkpoint_serves_its_language_model(naming):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     mc = ModelConfig.from_hf_config(hf.config.to_dict())
-    assert (mc.arch, mc.num_layers, mc.sliding_window, mc.rope_scaling) == ("gemma3", 3, 5, tc["rope_scaling"])
+    assert (mc.arch, mc.num_layers, mc.sliding_window, mc.rope_scaling) == (
+        "gemma3",
+        3,
+        5,
+        tc["rope_scaling"],
+    )
     ours = build_model(mc, get_ops("torch"), torch.float32, "cpu")
     weights = hf.state_dict().items()
     if naming == "transformers-4":
-        weights = [(n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
-                    "vision_tower.").replace("model.multi_modal_projector.", "multi_modal_projector."), t)
-                   for n, t in weights]
+        weights = [
+            (
+                n.replace("model.language_model.", "language_model.model.")
+                .replace("model.vision_tower.", "vision_tower.")
+                .replace("model.multi_modal_projector.", "multi_modal_projector."),
+                t,
+            )
+            for n, t in weights
+        ]
     assert ours.load_weights(weights) == ours.weight_names()
     ids = torch.randint(0, 296, (18,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.no_grad():

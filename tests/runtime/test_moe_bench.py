@@ -1,6 +1,7 @@
 """The throughput benchmark on MoE models: roofline counts only the experts a step reads, and
 `fleetserve bench throughput --model <moe preset> --baseline hf` runs end to end (on CPU with
 a tiny preset of the same architectures: the code path the GPU run takes, minus CUDA)."""
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,30 @@ def test_step_weight_bytes(name):
 
 
 TINY = {
-    "tiny-mixtral": PRESETS["mixtral-8x7b"].with_(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                                  moe_intermediate_size=96, num_layers=2, num_heads=4,
-                                                  num_kv_heads=2, head_dim=16, max_position_embeddings=256),
-    "tiny-qwen3-moe": PRESETS["qwen3-30b-a3b"].with_(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                                     moe_intermediate_size=32, num_layers=2, num_heads=4,
-                                                     num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                                                     num_experts=16, num_experts_per_tok=4),
+    "tiny-mixtral": PRESETS["mixtral-8x7b"].with_(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
+    "tiny-qwen3-moe": PRESETS["qwen3-30b-a3b"].with_(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        num_experts=16,
+        num_experts_per_tok=4,
+    ),
 }
 
 
@@ -47,12 +65,31 @@ def test_bench_throughput_with_hf_baseline_runs_on_cpu(name, monkeypatch, tmp_pa
 
     monkeypatch.setitem(PRESETS, name, TINY[name])
     out = tmp_path / "bench.json"
-    rc = cli.main(["bench", "throughput", "--model", name, "--baseline", "hf", "--num-prompts", "3",
-                   "--input-len", "8", "--output-len", "4", "--device", "cpu", "--output-json", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            name,
+            "--baseline",
+            "hf",
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--device",
+            "cpu",
+            "--output-json",
+            str(out),
+        ]
+    )
     assert rc == 0
     records = {r["what"]: r for r in json.loads(out.read_text())}
     fs, hf = records["fleetserve"], records["hf_static"]
     assert fs["generated"] == fs["expected"] == 12 and fs["active_params"] < fs["params"]
-    assert hf["generated"] == 12 and hf["hf_class"] == ("MixtralForCausalLM" if "mixtral" in name
-                                                     else "Qwen3MoeForCausalLM")
+    assert hf["generated"] == 12 and hf["hf_class"] == (
+        "MixtralForCausalLM" if "mixtral" in name else "Qwen3MoeForCausalLM"
+    )
     assert records["ratio"]["fleetserve_over_hf"] > 0

@@ -6,6 +6,7 @@ expert as on the Hub) loaded through our safetensors loader, a large init std so
 are peaked. The routers are random too, so tokens spread over all experts and batches
 mix tokens of different sequences in one expert's rows.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,23 +16,71 @@ from fleetserve.runtime import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=256, max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-5,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(
+    vocab_size=256,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CONFIGS = {
-    "mixtral-e8-k2-gqa4": ("MixtralConfig", dict(
-        hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=16, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)),
-    "qwen3moe-e16-k4-gqa2-dense-layer": ("Qwen3MoeConfig", dict(
-        hidden_size=96, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
-        mlp_only_layers=[0], tie_word_embeddings=True)),
-    "qwen2moe-e6-k2-shared": ("Qwen2MoeConfig", dict(
-        hidden_size=96, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=False, tie_word_embeddings=False)),
+    "mixtral-e8-k2-gqa4": (
+        "MixtralConfig",
+        dict(
+            hidden_size=128,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3moe-e16-k4-gqa2-dense-layer": (
+        "Qwen3MoeConfig",
+        dict(
+            hidden_size=96,
+            intermediate_size=128,
+            moe_intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2moe-e6-k2-shared": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=96,
+            intermediate_size=128,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
-PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 77)), [101], [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66]]
+PROMPTS = [
+    [5, 17, 33, 2, 9],
+    list(range(40, 77)),
+    [101],
+    [7, 7, 7, 7, 8, 200, 11, 3, 19, 42, 60, 61, 62, 63, 64, 65, 66],
+]
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
@@ -51,9 +100,16 @@ def build_hf(cfg_name, kw, path):
 
 def hf_greedy(model, prompt, n):
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -69,8 +125,9 @@ def prompts(ps):
     return [{"prompt_token_ids": p} for p in ps]
 
 
-@pytest.mark.parametrize("setting", ["batched", "alone", "preemption", "preemption-async-scheduling",
-                                     "chunked-prefill"])
+@pytest.mark.parametrize(
+    "setting", ["batched", "alone", "preemption", "preemption-async-scheduling", "chunked-prefill"]
+)
 def test_greedy_matches_transformers(tiny, setting):
     path, refs = tiny
     kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
@@ -93,7 +150,13 @@ def test_greedy_matches_transformers(tiny, setting):
 def test_triton_fused_moe_in_the_engine(tiny):
     """The Triton kernels (interpreter on CPU: slow, so 8 tokens) in the engine, batched."""
     path, refs = tiny
-    llm = LLM(model=str(path), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
-              attention_backend="triton")
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        device="cpu",
+        block_size=4,
+        num_kv_blocks=64,
+        attention_backend="triton",
+    )
     outs = llm.generate(prompts(PROMPTS), GREEDY.clone(max_tokens=8))
     assert [o.outputs[0].token_ids for o in outs] == [r[:8] for r in refs]

@@ -7,6 +7,7 @@ as `ffn_gate_inp`, llama's q/k rows permuted, Qwen2-MoE's shared-expert gate as 
 Our GGUF reader must rebuild the model whose logits equal transformers'. For qwen3moe,
 transformers' own GGUF loader reading the same file is a second, independent reader.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,8 +24,9 @@ from fleetserve.runtime.models import build_model
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-_spec = importlib.util.spec_from_file_location("_test_moe_models",
-                                               os.path.join(os.path.dirname(__file__), "test_moe_models.py"))
+_spec = importlib.util.spec_from_file_location(
+    "_test_moe_models", os.path.join(os.path.dirname(__file__), "test_moe_models.py")
+)
 _mm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mm)
 
@@ -71,14 +73,21 @@ def write_gguf(hf_model, path, per_expert=False):
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
         if arch == "llama":
             q, k = _permute(q, c.num_attention_heads), _permute(k, c.num_key_value_heads)
-        names = {"attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-                 "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
-                 "ffn_gate_inp": "mlp.gate.weight", "attn_q_norm": "self_attn.q_norm.weight",
-                 "attn_k_norm": "self_attn.k_norm.weight", "attn_q.bias": "self_attn.q_proj.bias",
-                 "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
-                 "ffn_gate_shexp": "mlp.shared_expert.gate_proj.weight",
-                 "ffn_up_shexp": "mlp.shared_expert.up_proj.weight",
-                 "ffn_down_shexp": "mlp.shared_expert.down_proj.weight"}
+        names = {
+            "attn_norm": "input_layernorm.weight",
+            "ffn_norm": "post_attention_layernorm.weight",
+            "attn_v": "self_attn.v_proj.weight",
+            "attn_output": "self_attn.o_proj.weight",
+            "ffn_gate_inp": "mlp.gate.weight",
+            "attn_q_norm": "self_attn.q_norm.weight",
+            "attn_k_norm": "self_attn.k_norm.weight",
+            "attn_q.bias": "self_attn.q_proj.bias",
+            "attn_k.bias": "self_attn.k_proj.bias",
+            "attn_v.bias": "self_attn.v_proj.bias",
+            "ffn_gate_shexp": "mlp.shared_expert.gate_proj.weight",
+            "ffn_up_shexp": "mlp.shared_expert.up_proj.weight",
+            "ffn_down_shexp": "mlp.shared_expert.down_proj.weight",
+        }
         w.add_tensor(b + "attn_q.weight", q)
         w.add_tensor(b + "attn_k.weight", k)
         for g, h in names.items():
@@ -101,8 +110,12 @@ def write_gguf(hf_model, path, per_expert=False):
     w.close()
 
 
-CASES = {"mixtral": ("mixtral-e4-k2", False), "mixtral-per-expert-tensors": ("mixtral-e4-k2", True),
-         "qwen3moe": ("qwen3moe-e4-k4-unnormalised", False), "qwen2moe": ("qwen2moe-e6-k2-shared", False)}
+CASES = {
+    "mixtral": ("mixtral-e4-k2", False),
+    "mixtral-per-expert-tensors": ("mixtral-e4-k2", True),
+    "qwen3moe": ("qwen3moe-e4-k4-unnormalised", False),
+    "qwen2moe": ("qwen2moe-e6-k2-shared", False),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -128,9 +141,17 @@ def test_transformers_reads_our_qwen3moe_gguf_the_same_way(tmp_path):
     (transformers 5.24 does not read expert_feed_forward_length and falls back to its default
     moe_intermediate_size, 768: the model here uses that width.)"""
     pytest.importorskip("accelerate")
-    cfg = transformers.Qwen3MoeConfig(**{**_mm.COMMON, "intermediate_size": 80, "moe_intermediate_size": 768,
-                                         "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                                         "norm_topk_prob": True})
+    cfg = transformers.Qwen3MoeConfig(
+        **{
+            **_mm.COMMON,
+            "intermediate_size": 80,
+            "moe_intermediate_size": 768,
+            "num_hidden_layers": 2,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        }
+    )
     torch.manual_seed(0)
     hf_model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -141,8 +162,9 @@ def test_transformers_reads_our_qwen3moe_gguf_the_same_way(tmp_path):
     ours = build_model(f.model_config(), get_ops("torch"), torch.float32, "cpu")
     ours.load_weights(f.iter_weights(ours.config))
     _mm.compare_steps(ours, hf_model)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, hf_model(ids).logits, atol=1e-5, rtol=1e-4)

@@ -3,6 +3,7 @@
 Driven with the core's wire tuples (runtime/engine_core.py) and a byte-level stand-in tokenizer
 (token id = one byte), so that texts and stop strings are easy to read.
 """
+
 from __future__ import annotations
 
 from fleetserve.runtime.async_engine import merge_deltas
@@ -36,11 +37,11 @@ def make(params, kind=OutputKind.DELTA, rid="r"):
 
 def test_delta_outputs_are_their_own_copies_and_join_to_the_text():
     p, aborted = make(SamplingParams(max_tokens=10))
-    (_, first), = p.process([out("r", [comp(0, "ab")])], 1.0)[0]
-    (_, second), = p.process([out("r", [comp(0, "cd")])], 2.0)[0]
+    ((_, first),) = p.process([out("r", [comp(0, "ab")])], 1.0)[0]
+    ((_, second),) = p.process([out("r", [comp(0, "cd")])], 2.0)[0]
     assert first.outputs[0].token_ids == ids("ab") and first.outputs[0].text == "ab"  # not grown by "cd"
     assert second.outputs[0].token_ids == ids("cd") and second.outputs[0].text == "cd"
-    (_, last), = p.process([out("r", [comp(0, "e", "length")], finished=True)], 3.0)[0]
+    ((_, last),) = p.process([out("r", [comp(0, "e", "length")], finished=True)], 3.0)[0]
     assert last.finished and last.outputs[0].finish_reason == "length" and not aborted and not p.requests
     merged = merge_deltas(merge_deltas(first, second), last)
     assert merged.outputs[0].text == "abcde" and merged.outputs[0].token_ids == ids("abcde")
@@ -61,20 +62,22 @@ def test_stop_string_ends_the_completion_at_its_token_and_aborts_the_core_once()
 
 
 def test_include_stop_str_and_min_tokens():
-    p, _ = make(SamplingParams(max_tokens=50, stop=["b"], include_stop_str_in_output=True, min_tokens=2),
-                kind=OutputKind.FINAL)
+    p, _ = make(
+        SamplingParams(max_tokens=50, stop=["b"], include_stop_str_in_output=True, min_tokens=2),
+        kind=OutputKind.FINAL,
+    )
     # "b" inside the first min_tokens tokens does not stop; the next one does.
     assert p.process([out("r", [comp(0, "ab")])], 1.0)[0] == []
-    (_, o), = p.process([out("r", [comp(0, "cbd")])], 2.0)[0]
+    ((_, o),) = p.process([out("r", [comp(0, "cbd")])], 2.0)[0]
     assert o.outputs[0].text == "abcb" and o.outputs[0].finish_reason == "stop"
 
 
 def test_eos_text_left_out_and_length_rewritten_to_stop_when_the_last_token_completes_a_stop_string():
     p, aborted = make(SamplingParams(max_tokens=3), kind=OutputKind.CUMULATIVE)
-    (_, o), = p.process([out("r", [(0, ids("ok") + [0], None, None, "stop", None)], finished=True)], 1.0)[0]
+    ((_, o),) = p.process([out("r", [(0, ids("ok") + [0], None, None, "stop", None)], finished=True)], 1.0)[0]
     assert o.outputs[0].text == "ok" and o.outputs[0].token_ids == ids("ok") + [0] and not aborted
     p, aborted = make(SamplingParams(max_tokens=3, stop=["zz"]), kind=OutputKind.FINAL)
-    (_, o), = p.process([out("r", [comp(0, "azz", "length")], finished=True)], 1.0)[0]
+    ((_, o),) = p.process([out("r", [comp(0, "azz", "length")], finished=True)], 1.0)[0]
     assert (o.outputs[0].finish_reason, o.outputs[0].stop_reason, o.outputs[0].text) == ("stop", "zz", "a")
     assert not aborted  # the core had finished it already
 
@@ -84,7 +87,7 @@ def test_n2_one_completion_stopped_here_the_request_ends_with_the_other():
     assert p.process([out("r", [comp(0, "a!"), comp(1, "b")])], 1.0)[0] == []
     assert aborted == []  # completion 1 still runs
     assert p.process([out("r", [comp(0, "ignored"), comp(1, "c")])], 2.0)[0] == []
-    (_, o), = p.process([out("r", [comp(1, "!x")])], 3.0)[0]
+    ((_, o),) = p.process([out("r", [comp(1, "!x")])], 3.0)[0]
     assert [(c.text, c.finish_reason) for c in o.outputs] == [("a", "stop"), ("bc", "stop")]
     assert aborted == ["r"]
 
@@ -92,7 +95,7 @@ def test_n2_one_completion_stopped_here_the_request_ends_with_the_other():
 def test_logprobs_rebuilt_with_token_strings():
     p, _ = make(SamplingParams(max_tokens=5, logprobs=1), kind=OutputKind.FINAL)
     packed = [((ord("a"), ord("b")), (-0.1, -2.5), (1, 2))]
-    (_, o), = p.process([out("r", [(0, ids("a"), packed, -0.1, "length", None)], finished=True)], 1.0)[0]
+    ((_, o),) = p.process([out("r", [(0, ids("a"), packed, -0.1, "length", None)], finished=True)], 1.0)[0]
     lp = o.outputs[0].logprobs[0]
     assert list(lp) == [ord("a"), ord("b")] and lp[ord("b")].rank == 2 and lp[ord("a")].decoded_token == "a"
     assert o.outputs[0].cumulative_logprob == -0.1

@@ -2,6 +2,7 @@
 
 Protocols are structural: the check below compares member names at run time; `mypy` checks
 the same assignments statically (`_static_check` is never called)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,12 @@ def _members(proto: type) -> set[str]:
 
 
 def test_engine_satisfies_engine_core():
-    assert _members(protocols.EngineCore) <= set(dir(LLMEngine)) | {"tokenizer", "model_name", "max_model_len",
-                                                                    "limits"}
+    assert _members(protocols.EngineCore) <= set(dir(LLMEngine)) | {
+        "tokenizer",
+        "model_name",
+        "max_model_len",
+        "limits",
+    }
     # the four attributes are set in LLMEngine.__init__
     src = LLMEngine.__init__.__code__.co_names
     assert {"tokenizer", "model_name", "max_model_len", "limits"} <= set(src)

@@ -5,6 +5,7 @@ the OpenAI/vLLM docs define, checked with a chi-square test).
 All randomness comes from fixed seeds, so the statistical tests are deterministic;
 thresholds sit at p ~ 1e-6 so a correct sampler passes with a wide margin.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,9 @@ def assert_matches(counts: torch.Tensor, probs: torch.Tensor) -> None:
     assert stat < chi2_critical(df), f"chi2={stat:.1f} df={df}: {observed.tolist()} vs {expected.tolist()}"
 
 
-def sample_many(params: SamplingParams, logits: torch.Tensor = BASE_LOGITS, n: int = N_DRAWS, **row_kw) -> torch.Tensor:
+def sample_many(
+    params: SamplingParams, logits: torch.Tensor = BASE_LOGITS, n: int = N_DRAWS, **row_kw
+) -> torch.Tensor:
     """Draw n tokens from the same logits with n different seeds; return counts [V]."""
     rows = [SamplingRow(params, seed=s, **row_kw) for s in range(n)]
     st = SamplingTensors.build(rows, logits.numel(), "cpu")
@@ -104,7 +107,9 @@ def test_uniforms_uncorrelated_across_seed_position_and_vocab():
 def test_noise_is_pinned():
     """The hash defines every seeded request's output: changing it breaks reproducibility
     across releases, so its values are pinned here."""
-    bits = random_bits(torch.tensor([0, 42, 2**32 - 1]), torch.tensor([0, 0, 5]), torch.tensor([0, 3, 100]), 4)
+    bits = random_bits(
+        torch.tensor([0, 42, 2**32 - 1]), torch.tensor([0, 0, 5]), torch.tensor([0, 3, 100]), 4
+    )
     assert bits.tolist() == PINNED_BITS
 
 
@@ -178,7 +183,10 @@ def test_seeded_sampling_reproducible_and_independent_of_batch():
     alone = run([target], target_logits[None])
     again = run([target], target_logits[None])
     first = run([target] + others, torch.cat([target_logits[None], other_logits]))
-    middle = run(others[:2] + [target] + others[2:], torch.cat([other_logits[:2], target_logits[None], other_logits[2:]]))
+    middle = run(
+        others[:2] + [target] + others[2:],
+        torch.cat([other_logits[:2], target_logits[None], other_logits[2:]]),
+    )
     reordered = run(others[::-1] + [target], torch.cat([other_logits.flip(0), target_logits[None]]))
     assert alone.item() == again.item() == first[0].item() == middle[2].item() == reordered[4].item()
 
@@ -188,7 +196,10 @@ def test_seeded_sampling_reproducible_and_independent_of_batch():
         for p in range(30)
     }
     assert len(picks) > 5
-    picks = {run([SamplingRow(target.params, seed=s, output_token_ids=[5] * 9)], target_logits[None]).item() for s in range(30)}
+    picks = {
+        run([SamplingRow(target.params, seed=s, output_token_ids=[5] * 9)], target_logits[None]).item()
+        for s in range(30)
+    }
     assert len(picks) > 5
 
 
@@ -244,7 +255,9 @@ def test_top_p(top_p):
 def test_top_k_then_top_p():
     # top_p acts on the distribution renormalised to the top k (vLLM)
     counts = sample_many(SP(top_k=4, top_p=0.7))
-    assert_matches(counts, torch.cat([reference_top_p(BASE_LOGITS[:4], 0.7), torch.zeros(V - 4, dtype=torch.float64)]))
+    assert_matches(
+        counts, torch.cat([reference_top_p(BASE_LOGITS[:4], 0.7), torch.zeros(V - 4, dtype=torch.float64)])
+    )
 
 
 def test_top_p_via_topk_equals_full_sort_and_keeps_ties():
@@ -265,7 +278,9 @@ def test_top_p_via_topk_equals_full_sort_and_keeps_ties():
     assert torch.equal(alone, mixed)
     # top_k=2 keeps 2.0 and all four tokens tied at 1.0; top_p=0.9 then keeps them all too
     probs = torch.softmax(torch.tensor([2.0, 1, 1, 1, 1], dtype=torch.float64), -1)
-    assert_matches(torch.bincount(alone, minlength=8), torch.cat([probs, torch.zeros(3, dtype=torch.float64)]))
+    assert_matches(
+        torch.bincount(alone, minlength=8), torch.cat([probs, torch.zeros(3, dtype=torch.float64)])
+    )
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -277,7 +292,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     st = SamplingTensors.build(rows, V, "cpu")
     logits = BASE_LOGITS.expand(8, -1)
     sampler = Sampler(compile=True)
-    assert torch.equal(sampler(logits.clone(), st).token_ids, Sampler(compile=False)(logits.clone(), st).token_ids)
+    assert torch.equal(
+        sampler(logits.clone(), st).token_ids, Sampler(compile=False)(logits.clone(), st).token_ids
+    )
     assert sampler._compile is False
 
 
@@ -378,7 +395,11 @@ def test_logprobs_match_raw_log_softmax_with_ranks():
     logits = torch.randn(4, vocab, generator=g) * 3
     rows = [
         SamplingRow(SP(logprobs=5, temperature=0.7, logit_bias={0: 30.0}), seed=1),
-        SamplingRow(SP(logprobs=2, temperature=0.0, presence_penalty=2.0), seed=2, output_token_ids=[int(logits[1].argmax())]),
+        SamplingRow(
+            SP(logprobs=2, temperature=0.0, presence_penalty=2.0),
+            seed=2,
+            output_token_ids=[int(logits[1].argmax())],
+        ),
         SamplingRow(SP(temperature=1.0), seed=3),  # no logprobs requested: still a row of the batch tensors
         SamplingRow(SP(logprobs=0, top_k=2), seed=4),
     ]
@@ -390,7 +411,9 @@ def test_logprobs_match_raw_log_softmax_with_ranks():
     assert lp.token_ids.shape == (4, 6) and lp.logprobs.shape == (4, 6) and lp.ranks.shape == (4,)
     assert torch.equal(lp.token_ids[:, 0], out.token_ids)
     assert out.token_ids[0].item() == 0  # the bias decided the token ...
-    torch.testing.assert_close(lp.logprobs.double(), ref.gather(1, lp.token_ids), atol=1e-5, rtol=0)  # ... not its logprob
+    torch.testing.assert_close(
+        lp.logprobs.double(), ref.gather(1, lp.token_ids), atol=1e-5, rtol=0
+    )  # ... not its logprob
     top = ref.topk(5, -1)
     assert torch.equal(lp.token_ids[:, 1:], top.indices)
     for i in range(4):
@@ -422,8 +445,16 @@ def test_cuda_matches_cpu():
     vocab = 1000
     logits = torch.randn(16, vocab, generator=g) * 2
     rows = [
-        SamplingRow(SP(temperature=0.5 + i / 10, top_k=(i % 4) * 10, top_p=0.9 if i % 3 else 1.0, min_p=0.02 * (i % 2)),
-                    seed=i * 7919, output_token_ids=list(range(i)))
+        SamplingRow(
+            SP(
+                temperature=0.5 + i / 10,
+                top_k=(i % 4) * 10,
+                top_p=0.9 if i % 3 else 1.0,
+                min_p=0.02 * (i % 2),
+            ),
+            seed=i * 7919,
+            output_token_ids=list(range(i)),
+        )
         for i in range(16)
     ]
     seeds = torch.arange(16, dtype=torch.int64) * 7919

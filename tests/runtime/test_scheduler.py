@@ -1,4 +1,5 @@
 """Block pool, KV cache manager and scheduler: pure CPU bookkeeping, no model."""
+
 import pytest
 
 from fleetserve.runtime.kv_cache import KVCacheManager
@@ -13,8 +14,16 @@ _ids = iter(range(10**9))
 
 def make_seq(tokens, max_tokens=8, **kw):
     p = SamplingParams(max_tokens=max_tokens, **kw)
-    return Seq(next(_ids), f"r{len(tokens)}", 0, list(tokens), p, seed=0,
-                    max_len=len(tokens) + max_tokens, arrival_time=0.0)
+    return Seq(
+        next(_ids),
+        f"r{len(tokens)}",
+        0,
+        list(tokens),
+        p,
+        seed=0,
+        max_len=len(tokens) + max_tokens,
+        arrival_time=0.0,
+    )
 
 
 def run_step(sched, token=7):

@@ -1,6 +1,7 @@
 """runtime/stop.py: every finish reason, decided in one place, applied through Scheduler.finish.
 
 The stop-string cases use a real IncrementalDetokenizer over a byte-level BPE trained here."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ def tok() -> Tokenizer:
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     t.train_from_iterator(["Hello world, the END is near. STOP here and there."] * 20, trainer)
     assert t.token_to_id("<eos>") == EOS
     return t
@@ -74,7 +76,10 @@ def test_min_tokens_beats_eos_and_stop_ids():
     s = make_seq(p)
     # EOS / stop ids in the first min_tokens outputs do not stop (the sampler masks them; if one
     # gets through anyway it still does not end the completion); the 4th token can.
-    assert feed(s, [EOS, 42, EOS, EOS], StopChecker([EOS])) == (4, StopDecision(SeqStatus.FINISHED_STOPPED, None))
+    assert feed(s, [EOS, 42, EOS, EOS], StopChecker([EOS])) == (
+        4,
+        StopDecision(SeqStatus.FINISHED_STOPPED, None),
+    )
     # what the sampler masks, per output position
     assert suppressed_token_ids(p, {EOS}, 0) == {EOS, 42}
     assert suppressed_token_ids(p, {EOS}, 2) == {EOS, 42}
@@ -128,8 +133,11 @@ def test_every_finish_goes_through_scheduler_finish(monkeypatch):
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
     calls: list[tuple[int, SeqStatus]] = []
     real = sched.finish
-    monkeypatch.setattr(sched, "finish", lambda seq, status, reason=None: (calls.append((seq.seq_id, status)),
-                                                                           real(seq, status, reason)))
+    monkeypatch.setattr(
+        sched,
+        "finish",
+        lambda seq, status, reason=None: (calls.append((seq.seq_id, status)), real(seq, status, reason)),
+    )
     checker = StopChecker([EOS])
     stopped = make_seq(SamplingParams(max_tokens=5))
     lengthy = make_seq(SamplingParams(max_tokens=2, ignore_eos=True))
@@ -141,13 +149,21 @@ def test_every_finish_goes_through_scheduler_finish(monkeypatch):
     assert stopped.status == SeqStatus.FINISHED_STOPPED and lengthy.status == SeqStatus.FINISHED_LENGTH
     # an n=3 request aborted before its prefill: the two siblings never forked
     leader = make_seq(SamplingParams(n=3, max_tokens=5))
-    kids = [Seq(next(_ids), "k", i, leader.prompt_token_ids, leader.params, 0, leader.max_len, 0.0)
-            for i in (1, 2)]
+    kids = [
+        Seq(next(_ids), "k", i, leader.prompt_token_ids, leader.params, 0, leader.max_len, 0.0)
+        for i in (1, 2)
+    ]
     leader.pending_forks = kids
     sched.add(leader)
     sched.abort([leader])
     assert all(s.status == SeqStatus.FINISHED_ABORTED for s in [leader, *kids])
-    assert [sid for sid, _ in calls] == [stopped.seq_id, lengthy.seq_id, kids[0].seq_id, kids[1].seq_id, leader.seq_id]
+    assert [sid for sid, _ in calls] == [
+        stopped.seq_id,
+        lengthy.seq_id,
+        kids[0].seq_id,
+        kids[1].seq_id,
+        leader.seq_id,
+    ]
     assert not sched.has_unfinished() and kv.num_free_blocks == 32
 
 
@@ -155,6 +171,8 @@ def test_resolve_precedence_shared_by_the_engine_and_the_output_processor():
     """The order both StopChecker (engine detokenizes) and the OutputProcessor (server) apply per token."""
     eos = StopDecision(SeqStatus.FINISHED_STOPPED, None)
     assert resolve(eos, "STOP", at_length=True) == eos  # rule 1 first
-    assert resolve(None, "STOP", at_length=True) == StopDecision(SeqStatus.FINISHED_STOPPED, "STOP")  # 2 beats 3
+    assert resolve(None, "STOP", at_length=True) == StopDecision(
+        SeqStatus.FINISHED_STOPPED, "STOP"
+    )  # 2 beats 3
     assert resolve(None, None, at_length=True) == StopDecision(SeqStatus.FINISHED_LENGTH, None)
     assert resolve(None, None, at_length=False) is None

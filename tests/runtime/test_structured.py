@@ -1,6 +1,7 @@
 """Structured outputs below the server: the bitmask step against a reference, the grammar
 compiler (cache, errors, time limit) and constrained generation in the real engine with the
 embedded SmolLM2 on CPU (n > 1, logprobs, stop strings, preemption, prefix caching)."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,19 @@ from fleetserve.runtime.structured import StructuredOutputsParams, TokenMask  # 
 from fleetserve.runtime.structured.bitmask import apply_token_bitmask, apply_token_bitmask_ref, unpack_bitmask  # noqa: E402
 from fleetserve.runtime.structured.grammar import GrammarCompiler, GrammarError  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-          "required": ["name", "age"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 # ----------------------------------------------------------------- bitmask step
+
 
 @pytest.mark.parametrize("V", [32, 77, 200])
 @pytest.mark.parametrize("rows", [None, [1], [0, 2]])
@@ -33,10 +41,14 @@ def test_apply_token_bitmask_matches_reference(V, rows):
     logits = torch.randn(B, V, generator=g)
     R = B if rows is None else len(rows)
     words = (V + 31) // 32
-    bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (R, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (R, words), generator=g, dtype=torch.int64).to(
+        torch.int32
+    )
     bitmask[0, 0] = -1  # all 32 bits (sign bit included)
     want = apply_token_bitmask_ref(logits, bitmask, rows)
-    got = apply_token_bitmask(logits.clone(), TokenMask(bitmask, None if rows is None else torch.tensor(rows)))
+    got = apply_token_bitmask(
+        logits.clone(), TokenMask(bitmask, None if rows is None else torch.tensor(rows))
+    )
     assert torch.equal(got, want)
     # and against xgrammar's own CPU kernel
     import xgrammar as xgr
@@ -62,10 +74,12 @@ def test_sampler_only_samples_allowed_tokens(temperature):
     bm = torch.zeros(3, 2, dtype=torch.int32)
     for k, r in enumerate(rows):
         for t in allowed[r]:
-            bm[k, t // 32] |= (-(1 << 31) if t % 32 == 31 else 1 << (t % 32))
+            bm[k, t // 32] |= -(1 << 31) if t % 32 == 31 else 1 << (t % 32)
     for seed in range(20):
-        rs = [SamplingRow(SamplingParams(temperature=temperature, logprobs=1 if seed % 2 else None), seed=seed)
-              for _ in range(4)]
+        rs = [
+            SamplingRow(SamplingParams(temperature=temperature, logprobs=1 if seed % 2 else None), seed=seed)
+            for _ in range(4)
+        ]
         st = SamplingTensors.build(rs, V, "cpu")
         out = Sampler(compile=False)(logits.clone(), st, TokenMask(bm, torch.tensor(rows)))
         toks = out.token_ids.tolist()
@@ -80,6 +94,7 @@ def test_sampler_only_samples_allowed_tokens(temperature):
 
 # ----------------------------------------------------------------- compiler
 
+
 @pytest.fixture(scope="module")
 def compiler(smollm2_tokenizer):
     c = GrammarCompiler(smollm2_tokenizer, 49152, sorted(smollm2_tokenizer.eos_token_ids), compile_timeout=30)
@@ -89,7 +104,9 @@ def compiler(smollm2_tokenizer):
 
 def test_grammar_cache_hit(compiler):
     a = StructuredOutputsParams(json=SCHEMA)
-    b = StructuredOutputsParams(json=json.dumps(dict(reversed(list(SCHEMA.items())))))  # same schema, other text
+    b = StructuredOutputsParams(
+        json=json.dumps(dict(reversed(list(SCHEMA.items()))))
+    )  # same schema, other text
     hits, misses = compiler.hits, compiler.misses
     g1 = compiler.compile(a)
     assert (compiler.hits, compiler.misses) == (hits, misses + 1)
@@ -101,11 +118,18 @@ def test_grammar_cache_hit(compiler):
     assert compiler.misses == misses + 2
 
 
-@pytest.mark.parametrize("so, param, words", [
-    (dict(json={"type": "object", "properties": {"a": {"type": "no-such-type"}}}), "json_schema", "schema"),
-    (dict(regex="[0-9"), "regex", "regex"),
-    (dict(grammar='root ::= "a" | undefined_rule'), "grammar", "grammar"),
-])
+@pytest.mark.parametrize(
+    "so, param, words",
+    [
+        (
+            dict(json={"type": "object", "properties": {"a": {"type": "no-such-type"}}}),
+            "json_schema",
+            "schema",
+        ),
+        (dict(regex="[0-9"), "regex", "regex"),
+        (dict(grammar='root ::= "a" | undefined_rule'), "grammar", "grammar"),
+    ],
+)
 def test_compile_errors_name_the_problem(compiler, so, param, words):
     with pytest.raises(GrammarError) as ei:
         compiler.compile(StructuredOutputsParams(**so))
@@ -133,6 +157,7 @@ def test_compile_time_and_size_are_bounded(compiler, monkeypatch):
 
 # ----------------------------------------------------------------- the engine
 
+
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
     from fleetserve.runtime.config import EngineConfig
@@ -157,15 +182,27 @@ def _chat(engine, text):
 
 
 def _valid(obj) -> bool:
-    return (isinstance(obj, dict) and set(obj) == {"name", "age"} and isinstance(obj["name"], str)
-            and len(obj["name"]) <= 12 and isinstance(obj["age"], int) and 0 <= obj["age"] <= 120)
+    return (
+        isinstance(obj, dict)
+        and set(obj) == {"name", "age"}
+        and isinstance(obj["name"], str)
+        and len(obj["name"]) <= 12
+        and isinstance(obj["age"], int)
+        and 0 <= obj["age"] <= 120
+    )
 
 
 def test_engine_json_schema_n2_logprobs_seeds(engine):
     so = StructuredOutputsParams(json=SCHEMA)
     prompt = _chat(engine, "Describe a person as JSON with name and age.")
-    reqs = [(f"j{s}", prompt, SamplingParams(temperature=1.0, seed=s, n=2, max_tokens=40, logprobs=1,
-                                             structured_outputs=so)) for s in range(3)]
+    reqs = [
+        (
+            f"j{s}",
+            prompt,
+            SamplingParams(temperature=1.0, seed=s, n=2, max_tokens=40, logprobs=1, structured_outputs=so),
+        )
+        for s in range(3)
+    ]
     done = _run(engine, reqs)
     for out in done.values():
         for c in out.outputs:
@@ -176,14 +213,41 @@ def test_engine_json_schema_n2_logprobs_seeds(engine):
 
 def test_engine_regex_choice_and_stop_string(engine):
     prompt = _chat(engine, "Give me a date.")
-    done = _run(engine, [
-        ("re", prompt, SamplingParams(temperature=1.0, seed=1, max_tokens=20,
-                                      structured_outputs=StructuredOutputsParams(regex=r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"))),
-        ("ch", prompt, SamplingParams(temperature=1.0, seed=2, max_tokens=10,
-                                      structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe so"]))),
-        ("st", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=["-"],
-                                      structured_outputs=StructuredOutputsParams(regex=r"20[0-9]{2}-[01][0-9]"))),
-    ])
+    done = _run(
+        engine,
+        [
+            (
+                "re",
+                prompt,
+                SamplingParams(
+                    temperature=1.0,
+                    seed=1,
+                    max_tokens=20,
+                    structured_outputs=StructuredOutputsParams(regex=r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"),
+                ),
+            ),
+            (
+                "ch",
+                prompt,
+                SamplingParams(
+                    temperature=1.0,
+                    seed=2,
+                    max_tokens=10,
+                    structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe so"]),
+                ),
+            ),
+            (
+                "st",
+                prompt,
+                SamplingParams(
+                    temperature=0.0,
+                    max_tokens=20,
+                    stop=["-"],
+                    structured_outputs=StructuredOutputsParams(regex=r"20[0-9]{2}-[01][0-9]"),
+                ),
+            ),
+        ],
+    )
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", done["re"].outputs[0].text)
     assert done["ch"].outputs[0].text in ("yes", "no", "maybe so")
     st = done["st"].outputs[0]
@@ -198,10 +262,19 @@ def test_engine_structured_survives_preemption_and_prefix_cache(smollm2_path):
     so = StructuredOutputsParams(json=SCHEMA)
     results = []
     for blocks in (64, 8):
-        eng = LLMEngine(EngineConfig(device="cpu", max_model_len=128, num_kv_blocks=blocks, block_size=16,
-                                     max_num_seqs=4, seed=0))
-        reqs = [(f"p{s}", _chat(eng, f"Describe person number {s} as JSON with name and age."), SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_outputs=so))
-                for s in range(4)]
+        eng = LLMEngine(
+            EngineConfig(
+                device="cpu", max_model_len=128, num_kv_blocks=blocks, block_size=16, max_num_seqs=4, seed=0
+            )
+        )
+        reqs = [
+            (
+                f"p{s}",
+                _chat(eng, f"Describe person number {s} as JSON with name and age."),
+                SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_outputs=so),
+            )
+            for s in range(4)
+        ]
         done = _run(eng, reqs[:1])  # first alone: the others then hit its prompt blocks in the prefix cache
         done.update(_run(eng, reqs[1:]))
         results.append({k: v.outputs[0].token_ids for k, v in done.items()})
@@ -235,7 +308,10 @@ def test_engine_compiles_off_thread_and_fails_cleanly(engine):
                 done[out.request_id] = out
     assert re.fullmatch(r"(ab){2,4}", done["late"].outputs[0].text)
     if not raised:
-        assert done["bad"].outputs[0].finish_reason == "abort" and "grammar" in done["bad"].outputs[0].stop_reason
+        assert (
+            done["bad"].outputs[0].finish_reason == "abort"
+            and "grammar" in done["bad"].outputs[0].stop_reason
+        )
 
 
 def test_engine_constraint_starts_after_given_tokens(engine):
@@ -244,7 +320,9 @@ def test_engine_constraint_starts_after_given_tokens(engine):
     prompt = _chat(engine, "Describe a person as JSON with name and age.")
     free = _run(engine, [("free", prompt, SamplingParams(temperature=0.0, max_tokens=3))])["free"].outputs[0]
     so = StructuredOutputsParams(json=SCHEMA, start_after_token_ids=tuple(free.token_ids[1:3]))
-    out = _run(engine, [("after", prompt, SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so))])
+    out = _run(
+        engine, [("after", prompt, SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so))]
+    )
     c = out["after"].outputs[0]
     assert c.token_ids[:3] == free.token_ids
     rest = engine.tokenizer.decode(c.token_ids[3:])
@@ -260,14 +338,34 @@ def test_engine_pipelined_steps_give_the_same_tokens(smollm2_path):
     so = StructuredOutputsParams(json=SCHEMA)
     results = []
     for async_scheduling in (False, True):
-        eng = LLMEngine(EngineConfig(device="cpu", max_model_len=256, num_kv_blocks=64, max_num_seqs=8, seed=0,
-                                     async_scheduling=async_scheduling))
+        eng = LLMEngine(
+            EngineConfig(
+                device="cpu",
+                max_model_len=256,
+                num_kv_blocks=64,
+                max_num_seqs=8,
+                seed=0,
+                async_scheduling=async_scheduling,
+            )
+        )
         prompt = _chat(eng, "Describe a person as JSON with name and age.")
-        reqs = [(f"g{s}", prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_outputs=so))
-                for s in range(3)]
+        reqs = [
+            (f"g{s}", prompt, SamplingParams(temperature=1.0, seed=s, max_tokens=30, structured_outputs=so))
+            for s in range(3)
+        ]
         reqs.append(("plain", prompt, SamplingParams(temperature=1.0, seed=9, max_tokens=12)))
-        reqs.append(("choice", prompt, SamplingParams(temperature=0.0, max_tokens=8, n=2,
-                                                      structured_outputs=StructuredOutputsParams(choice=["ab", "cd"]))))
+        reqs.append(
+            (
+                "choice",
+                prompt,
+                SamplingParams(
+                    temperature=0.0,
+                    max_tokens=8,
+                    n=2,
+                    structured_outputs=StructuredOutputsParams(choice=["ab", "cd"]),
+                ),
+            )
+        )
         done = _run(eng, reqs)
         results.append({k: [c.token_ids for c in v.outputs] for k, v in done.items()})
         for k in ("g0", "g1", "g2"):
@@ -314,7 +412,9 @@ def test_choice_literals_accept_exactly_their_tokens(compiler, smollm2_tokenizer
 def test_compile_error_messages_are_clean(compiler):
     with pytest.raises(GrammarError) as ei:
         compiler.compile(StructuredOutputsParams(regex="(?<=a)b"))
-    assert str(ei.value) == "invalid regex: Regex parsing error at position 3: Lookbehind is not supported yet."
+    assert (
+        str(ei.value) == "invalid regex: Regex parsing error at position 3: Lookbehind is not supported yet."
+    )
 
 
 def test_vocab_metadata_fallback_guesses_byte_level(smollm2_tokenizer, monkeypatch):

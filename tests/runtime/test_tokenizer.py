@@ -1,6 +1,7 @@
 """Our Tokenizer vs transformers' tokenizer on the same files: the embedded SmolLM2 GGUF (byte-level
 BPE from metadata), a tokenizer.json directory saved from it, and a SentencePiece-style ("llama")
 GGUF vocabulary; encode/decode on unicode/emoji/whitespace strings and chat template rendering."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,34 @@ from fleetserve.runtime.tokenizer import Tokenizer, TokenizerLoadError
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [
-    "Hello world", "The capital of France is", "", " ", "  leading and trailing  ", "tabs\tand\nnewlines\n\n\n",
-    "\r\n windows\r\n", "émojis 🤗🚀👩‍👩‍👧 and 中文 and 日本語のテキスト", "Zürich naïve café ﬁ", "numbers 2024, 3.14159 and 1e-9",
-    "don't won't I'm we've they'll", "x = [1, 2, 3]\nprint(x)  # comment", "<|im_start|>user\nhi<|im_end|>",
-    "text<|endoftext|>more", "a" * 200, "😀" * 5, "\u200b zero width", "<html><body>ok</body></html>",
+    "Hello world",
+    "The capital of France is",
+    "",
+    " ",
+    "  leading and trailing  ",
+    "tabs\tand\nnewlines\n\n\n",
+    "\r\n windows\r\n",
+    "émojis 🤗🚀👩‍👩‍👧 and 中文 and 日本語のテキスト",
+    "Zürich naïve café ﬁ",
+    "numbers 2024, 3.14159 and 1e-9",
+    "don't won't I'm we've they'll",
+    "x = [1, 2, 3]\nprint(x)  # comment",
+    "<|im_start|>user\nhi<|im_end|>",
+    "text<|endoftext|>more",
+    "a" * 200,
+    "😀" * 5,
+    "\u200b zero width",
+    "<html><body>ok</body></html>",
 ]
 
 CHATS = [
     [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3? 🤔"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3? 🤔"},
+    ],
 ]
 
 
@@ -65,16 +84,21 @@ def test_gguf_chat_template_matches_transformers(smollm2_tokenizer, hf_tok, chat
     ours = smollm2_tokenizer.apply_chat_template(chat, add_generation_prompt=gen)
     assert ours == hf_tok.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
     ids = smollm2_tokenizer.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True)
-    assert ids == smollm2_tokenizer.encode(ours, add_special_tokens=False) and ids.count(1) == ours.count("<|im_start|>")
+    assert ids == smollm2_tokenizer.encode(ours, add_special_tokens=False) and ids.count(1) == ours.count(
+        "<|im_start|>"
+    )
 
 
 def test_tokenizer_json_dir_matches_transformers(saved_dir):
     ours = Tokenizer.from_pretrained(str(saved_dir))
     ref = transformers.AutoTokenizer.from_pretrained(str(saved_dir))
     _assert_same(ours, ref)
-    assert ours.apply_chat_template(CHATS[1]) == ref.apply_chat_template(CHATS[1], tokenize=False,
-                                                                         add_generation_prompt=True)
-    assert Tokenizer.from_pretrained(str(saved_dir / "tokenizer.json")).encode("hi there") == ref.encode("hi there")
+    assert ours.apply_chat_template(CHATS[1]) == ref.apply_chat_template(
+        CHATS[1], tokenize=False, add_generation_prompt=True
+    )
+    assert Tokenizer.from_pretrained(str(saved_dir / "tokenizer.json")).encode("hi there") == ref.encode(
+        "hi there"
+    )
 
 
 def test_bos_eos_and_cleanup_settings(saved_dir, tmp_path):
@@ -97,13 +121,19 @@ def test_bos_eos_and_cleanup_settings(saved_dir, tmp_path):
     # next to a tokenizer.json, its post-processor rules (the config's add_bos_token is ignored, as in transformers)
     check(False, False)
     tj = json.loads((tmp_path / "tokenizer.json").read_text())
-    tj["post_processor"] = {"type": "TemplateProcessing",
-                            "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
-                                       {"Sequence": {"id": "A", "type_id": 0}},
-                                       {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}}],
-                            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
-                                               "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}}}
+    tj["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<|im_end|>", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {
+            "<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]},
+            "<|im_end|>": {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]},
+        },
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     check(True, True)
 
@@ -123,11 +153,17 @@ TEMPLATE = (
 def test_chat_template_features_match_transformers(smollm2_tokenizer, hf_tok):
     import jinja2
 
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": " a <b> & \"c\" é "},
-            {"role": "assistant", "content": "skip"}, {"role": "user", "content": "d"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": ' a <b> & "c" é '},
+        {"role": "assistant", "content": "skip"},
+        {"role": "user", "content": "d"},
+    ]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"x": "<é>"}}}]
     kw = dict(chat_template=TEMPLATE, add_generation_prompt=True, tools=tools, flag=3)
-    assert smollm2_tokenizer.apply_chat_template(msgs, **kw) == hf_tok.apply_chat_template(msgs, tokenize=False, **kw)
+    assert smollm2_tokenizer.apply_chat_template(msgs, **kw) == hf_tok.apply_chat_template(
+        msgs, tokenize=False, **kw
+    )
     with pytest.raises(jinja2.TemplateError, match="bad role tool"):
         smollm2_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], chat_template=TEMPLATE)
     # the sandbox refuses attribute escapes
@@ -159,8 +195,36 @@ def test_ids_past_the_vocabulary_decode_to_nothing(smollm2_tokenizer):
 
 def _write_spm_gguf(path, add_space_prefix=True):
     """A toy SentencePiece vocabulary as llama.cpp writes it (model "llama": scores, byte tokens, no merges)."""
-    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "el", "ll", "lo", "▁w", "or", "ld", "▁he", "llo",
-              "▁hel", "▁hello", "▁wor", "▁world", "a", "n", "▁a", "an", "nd", "▁and", "▁an"]
+    pieces = [
+        "▁",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "▁h",
+        "el",
+        "ll",
+        "lo",
+        "▁w",
+        "or",
+        "ld",
+        "▁he",
+        "llo",
+        "▁hel",
+        "▁hello",
+        "▁wor",
+        "▁world",
+        "a",
+        "n",
+        "▁a",
+        "an",
+        "nd",
+        "▁and",
+        "▁an",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
     scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]

@@ -7,6 +7,7 @@ ports, each with its own ServerConfig:
 The event loop runs in its own thread, so tests can use blocking clients (the
 sync openai SDK) as well as their own event loops (async SDK, aiohttp).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,8 +60,9 @@ class ServerThread:
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.llm = await asyncio.to_thread(AsyncLLM.from_config, self.engine_config,
-                                           engine_process=self.engine_process)
+        self.llm = await asyncio.to_thread(
+            AsyncLLM.from_config, self.engine_config, engine_process=self.engine_process
+        )
         self.llm.start()
         runners = []
         for name, cfg in self.server_configs.items():
@@ -88,10 +90,13 @@ def server():
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.server.config import ServerConfig
 
-    srv = ServerThread(EngineConfig(**ENGINE_KW), {
-        "main": ServerConfig(api_key=API_KEY, max_request_body_bytes=1 << 20),
-        "tight": ServerConfig(max_waiting_requests=2),
-    }).start()
+    srv = ServerThread(
+        EngineConfig(**ENGINE_KW),
+        {
+            "main": ServerConfig(api_key=API_KEY, max_request_body_bytes=1 << 20),
+            "tight": ServerConfig(max_waiting_requests=2),
+        },
+    ).start()
     yield srv
     srv.stop()
 
@@ -144,7 +149,12 @@ def wait_for_idle(server, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         s = server.llm.stats
-        if s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0 and not server.llm.num_in_flight:
+        if (
+            s.num_running == 0
+            and s.num_waiting == 0
+            and s.kv_cache_usage == 0
+            and not server.llm.num_in_flight
+        ):
             return
         time.sleep(0.05)
     raise AssertionError(f"engine not idle after {timeout}s: {server.llm.stats}")

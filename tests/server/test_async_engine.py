@@ -1,4 +1,5 @@
 """AsyncLLM against a tiny deterministic stand-in engine: delivery, abort on early exit, errors, idle, shutdown."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,9 +31,16 @@ class StandInEngine:
         self.calls = 0
 
     def get_stats(self):
-        return SimpleNamespace(num_running=len(self.reqs), num_waiting=0, kv_cache_usage=len(self.reqs) / 10,
-                               num_preemptions_total=0, prefix_cache_queries_total=0, prefix_cache_hits_total=0,
-                               prompt_tokens_total=0, generation_tokens_total=0)
+        return SimpleNamespace(
+            num_running=len(self.reqs),
+            num_waiting=0,
+            kv_cache_usage=len(self.reqs) / 10,
+            num_preemptions_total=0,
+            prefix_cache_queries_total=0,
+            prefix_cache_hits_total=0,
+            prompt_tokens_total=0,
+            generation_tokens_total=0,
+        )
 
     def add_request(self, rid, prompt, params, arrival_time=None, delta=False):
         ids = prompt["prompt_token_ids"]
@@ -44,8 +52,11 @@ class StandInEngine:
         for r in [rid] if isinstance(rid, str) else rid:
             if self.reqs.pop(r, None) is not None:
                 self.aborted.append(r)
-                self.pending.append(RequestOutput(r, None, [], [CompletionOutput(0, "", [], finish_reason="abort")],
-                                                  finished=True))
+                self.pending.append(
+                    RequestOutput(
+                        r, None, [], [CompletionOutput(0, "", [], finish_reason="abort")], finished=True
+                    )
+                )
 
     def has_unfinished_requests(self):
         self.calls += 1
@@ -57,17 +68,27 @@ class StandInEngine:
         for rid, (ids, toks, mx) in list(self.reqs.items()):
             toks.append(len(toks) + 1)
             done = len(toks) >= mx
-            outs.append(RequestOutput(rid, None, ids, [CompletionOutput(0, "", toks[-1:],
-                                                                        finish_reason="length" if done else None)],
-                                      finished=done))
+            outs.append(
+                RequestOutput(
+                    rid,
+                    None,
+                    ids,
+                    [CompletionOutput(0, "", toks[-1:], finish_reason="length" if done else None)],
+                    finished=done,
+                )
+            )
             if done:
                 del self.reqs[rid]
         return outs
 
 
 async def _collect(llm, rid, max_tokens, prompt=(5,)):
-    return [o async for o in llm.generate({"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=max_tokens),
-                                          rid)]
+    return [
+        o
+        async for o in llm.generate(
+            {"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=max_tokens), rid
+        )
+    ]
 
 
 async def test_outputs_are_cumulative_and_end_finished():
@@ -169,17 +190,26 @@ async def test_server_without_tokenizer_takes_token_ids_only():
             r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
             assert r.status == 400 and (await r.json())["error"]["code"] == "no_tokenizer"
             assert (await c.post("/detokenize", json={"tokens": [1]})).status == 400
-            r = await c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "logprobs": None,
-                                                      "echo": True})
+            r = await c.post(
+                "/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "logprobs": None, "echo": True}
+            )
             body = await r.json()
             # No tokenizer, no text (as LLMEngine without one); the tokens are counted.
-            assert r.status == 200 and body["choices"][0]["text"] == "" and body["usage"]["completion_tokens"] == 3
+            assert (
+                r.status == 200
+                and body["choices"][0]["text"] == ""
+                and body["usage"]["completion_tokens"] == 3
+            )
             r = await c.post("/v1/completions", json={"prompt": [500], "max_tokens": 3})
             assert r.status == 400  # past the model's vocabulary
             r = await c.post("/v1/completions", json={"prompt": [5], "max_tokens": 3, "stream": True})
-            chunks = [json.loads(l[6:]) for l in (await r.text()).split("\n\n") if l.startswith("data: {")]
+            chunks = [json.loads(ln[6:]) for ln in (await r.text()).split("\n\n") if ln.startswith("data: {")]
             # Deltas of steps the stream fell behind on are merged: up to one chunk per token.
-            assert r.status == 200 and 1 <= len(chunks) <= 3 and "".join(ch["choices"][0]["text"] for ch in chunks) == ""
+            assert (
+                r.status == 200
+                and 1 <= len(chunks) <= 3
+                and "".join(ch["choices"][0]["text"] for ch in chunks) == ""
+            )
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     finally:
         llm.shutdown()

@@ -1,5 +1,6 @@
 """The server listens on 127.0.0.1 by default (as the README says) and warns, in its start-up log, when it
 listens on every interface without an API key."""
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,25 @@ def test_warning_only_for_every_interface_without_a_key():
 
 def test_startup_log_warns_when_exposed_without_a_key():
     env = {k: v for k, v in os.environ.items() if k != "FLEETSERVE_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "fleetserve.runtime.cli", "serve", "--host", "0.0.0.0",
-                             "--port", "0", "--max-model-len", "128", "--num-kv-blocks", "16"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.runtime.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--max-model-len",
+            "128",
+            "--num-kv-blocks",
+            "16",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     lines: list[str] = []
     done = threading.Event()
 
@@ -51,4 +68,6 @@ def test_startup_log_warns_when_exposed_without_a_key():
         proc.wait(30)
     log = "".join(lines)
     assert re.search(r"serving .* on http://0\.0\.0\.0:\d+ \(API key not required\)", log), log[-3000:]
-    assert re.search(r"WARNING .*listening on every interface \(0\.0\.0\.0\) without an API key", log), log[-3000:]
+    assert re.search(r"WARNING .*listening on every interface \(0\.0\.0\.0\) without an API key", log), log[
+        -3000:
+    ]

@@ -1,4 +1,5 @@
 """CLI flags are generated from the configs; --help stays light; the bench client measures sanely."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,24 @@ def test_every_config_field_is_a_flag():
     for model in (EngineConfig, ServerConfig):
         for name in model.model_fields:
             assert "--" + name.replace("_", "-") in options, name
-    for flag in ("--host", "--port", "--api-key", "--served-model-name", "--dtype", "--device", "--max-model-len",
-                 "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching",
-                 "--no-enable-prefix-caching", "--kv-cache-memory", "--gpu-memory-utilization", "--shutdown-timeout",
-                 "--max-waiting-requests"):
+    for flag in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--dtype",
+        "--device",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--block-size",
+        "--enable-prefix-caching",
+        "--no-enable-prefix-caching",
+        "--kv-cache-memory",
+        "--gpu-memory-utilization",
+        "--shutdown-timeout",
+        "--max-waiting-requests",
+    ):
         assert flag in options, flag
 
 
@@ -40,9 +55,25 @@ def test_serve_flags_parse_into_configs(monkeypatch):
 
     monkeypatch.setattr("asyncio.run", fake_run)
     monkeypatch.setenv("FLEETSERVE_API_KEY", "from-env")
-    rc = cli.main(["serve", "my-model", "--port", "9001", "--no-enable-prefix-caching", "--kv-cache-memory", "2GiB",
-                   "--dtype", "float32", "--max-num-seqs", "8", "--shutdown-timeout", "5",
-                   "--max-request-body-bytes", "4MiB"])
+    rc = cli.main(
+        [
+            "serve",
+            "my-model",
+            "--port",
+            "9001",
+            "--no-enable-prefix-caching",
+            "--kv-cache-memory",
+            "2GiB",
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "8",
+            "--shutdown-timeout",
+            "5",
+            "--max-request-body-bytes",
+            "4MiB",
+        ]
+    )
     assert rc == 0
     ec, sc = seen["frame"]["engine_config"], seen["frame"]["server_config"]
     assert ec.model == "my-model" and ec.enable_prefix_caching is False and ec.kv_cache_memory == 2 << 30
@@ -71,13 +102,15 @@ def test_parse_bytes():
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, contextlib, io\n"
-            "from fleetserve.runtime import cli\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    try: cli.main(['serve', '--help'])\n"
-            "    except SystemExit: pass\n"
-            "assert '--enable-prefix-caching' in out.getvalue()\n"
-            "assert 'torch' not in sys.modules and 'aiohttp' not in sys.modules, 'heavy import'\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "from fleetserve.runtime import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try: cli.main(['serve', '--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert '--enable-prefix-caching' in out.getvalue()\n"
+        "assert 'torch' not in sys.modules and 'aiohttp' not in sys.modules, 'heavy import'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -85,9 +118,29 @@ def test_bench_serve_against_test_server(base_url, tmp_path, model_name):
     from fleetserve.runtime import cli
 
     out = tmp_path / "bench.json"
-    rc = cli.main(["bench", "serve", "--base-url", base_url, "--num-prompts", "6", "--input-len", "24",
-                   "--output-len", "5", "--request-rate", "inf", "--max-concurrency", "4", "--ignore-eos",
-                   "--api-key", API_KEY, "--result-file", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            base_url,
+            "--num-prompts",
+            "6",
+            "--input-len",
+            "24",
+            "--output-len",
+            "5",
+            "--request-rate",
+            "inf",
+            "--max-concurrency",
+            "4",
+            "--ignore-eos",
+            "--api-key",
+            API_KEY,
+            "--result-file",
+            str(out),
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["completed"] == 6 and r["failed"] == 0 and r["model"] == model_name
@@ -100,9 +153,29 @@ def test_bench_serve_against_test_server(base_url, tmp_path, model_name):
     assert r["request_throughput"] > 0 and r["output_throughput"] > 0
     assert r["total_token_throughput"] > r["output_throughput"]
     # The chat endpoint, with Poisson arrivals.
-    rc = cli.main(["bench", "serve", "--base-url", base_url, "--endpoint-type", "chat", "--num-prompts", "3",
-                   "--input-len", "8", "--output-len", "3", "--request-rate", "20", "--ignore-eos",
-                   "--api-key", API_KEY, "--result-file", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            base_url,
+            "--endpoint-type",
+            "chat",
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "8",
+            "--output-len",
+            "3",
+            "--request-rate",
+            "20",
+            "--ignore-eos",
+            "--api-key",
+            API_KEY,
+            "--result-file",
+            str(out),
+        ]
+    )
     assert rc == 0 and json.loads(out.read_text())["output_lens"] == [3] * 3
 
 

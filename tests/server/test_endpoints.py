@@ -1,4 +1,5 @@
 """/tokenize, /detokenize, raw SSE framing and the vLLM streaming extras."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def _events(raw: bytes) -> list:
 
 
 def test_raw_sse_framing_chat_n2_with_usage(base_url):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "n": 2, "stream": True,
-            "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "n": 2,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     code, headers, raw = call(base_url + "/v1/chat/completions", body, AUTH)
     assert code == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = _events(raw)
@@ -55,8 +62,13 @@ def test_stream_without_usage_has_no_usage_field(base_url):
 
 
 def test_continuous_usage_stats(base_url):
-    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "prompt": "Hi",
+        "max_tokens": 3,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     events = _events(call(base_url + "/v1/completions", body, AUTH)[2])
     counts = [e["usage"]["completion_tokens"] for e in events[:-1]]
     assert counts == sorted(counts) and counts[-1] == 3

@@ -4,6 +4,7 @@
 Real HTTP on loopback with the official openai client: the session `server` (conftest, engine in a
 thread) against a module server whose engine runs in a spawned process, same EngineConfig.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ def proc_server():
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.server.config import ServerConfig
 
-    srv = ServerThread(EngineConfig(**ENGINE_KW), {"main": ServerConfig(api_key=API_KEY)}, engine_process=True)
+    srv = ServerThread(
+        EngineConfig(**ENGINE_KW), {"main": ServerConfig(api_key=API_KEY)}, engine_process=True
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -38,7 +41,9 @@ def proc_server():
 def proc_client(proc_server):
     import openai
 
-    return openai.OpenAI(base_url=proc_server.urls["main"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=proc_server.urls["main"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120
+    )
 
 
 def test_core_runs_in_another_process(proc_server, server):
@@ -69,17 +74,30 @@ def _same(a, b, path="") -> None:
 
 def _completion(client, model, **kw):
     r = client.completions.create(model=model, **kw)
-    return {"choices": [(c.index, c.text, c.finish_reason, getattr(c, "stop_reason", None),
-                         None if c.logprobs is None else (c.logprobs.tokens, c.logprobs.token_logprobs,
-                                                          c.logprobs.top_logprobs))
-                        for c in r.choices], "usage": r.usage.model_dump()}
+    return {
+        "choices": [
+            (
+                c.index,
+                c.text,
+                c.finish_reason,
+                getattr(c, "stop_reason", None),
+                None
+                if c.logprobs is None
+                else (c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs),
+            )
+            for c in r.choices
+        ],
+        "usage": r.usage.model_dump(),
+    }
 
 
 def _completion_stream(client, model, **kw):
     """Per choice: joined text, finish reason, logprob tokens and values; the usage chunk."""
     acc: dict = {}
     usage = None
-    for ch in client.completions.create(model=model, stream=True, stream_options={"include_usage": True}, **kw):
+    for ch in client.completions.create(
+        model=model, stream=True, stream_options={"include_usage": True}, **kw
+    ):
         if ch.usage is not None:
             usage = ch.usage.model_dump()
         for c in ch.choices:
@@ -96,9 +114,17 @@ def _completion_stream(client, model, **kw):
 def _chat(client, model, stream: bool, **kw):
     if not stream:
         r = client.chat.completions.create(model=model, **kw)
-        return [(c.index, c.message.content, c.finish_reason,
-                 None if c.logprobs is None else [(t.token, t.logprob, [x.token for x in t.top_logprobs])
-                                                  for t in c.logprobs.content]) for c in r.choices], r.usage.model_dump()
+        return [
+            (
+                c.index,
+                c.message.content,
+                c.finish_reason,
+                None
+                if c.logprobs is None
+                else [(t.token, t.logprob, [x.token for x in t.top_logprobs]) for t in c.logprobs.content],
+            )
+            for c in r.choices
+        ], r.usage.model_dump()
     acc: dict = {}
     for ch in client.chat.completions.create(model=model, stream=True, **kw):
         for c in ch.choices:
@@ -130,14 +156,21 @@ def test_completions_identical_with_and_without_engine_process(case, client, pro
         _same(got, _completion_stream(client, model_name, **kw))
         # The stream assembles what the JSON response holds.
         full = _completion(client, model_name, **kw)
-        assert [(i, a["text"], a["finish"]) for i, a in sorted(got["choices"].items())] == \
-            [(c[0], c[1], c[2]) for c in sorted(full["choices"])]
+        assert [(i, a["text"], a["finish"]) for i, a in sorted(got["choices"].items())] == [
+            (c[0], c[1], c[2]) for c in sorted(full["choices"])
+        ]
 
 
 def test_stop_string_ends_the_request_in_the_core(proc_client, proc_server, model_name):
     base = proc_server.urls["main"]
-    r = proc_client.completions.create(model=model_name, prompt="1, 2, 3, 4,", max_tokens=200, temperature=0,
-                                       stop=[","], extra_body={"ignore_eos": True})
+    r = proc_client.completions.create(
+        model=model_name,
+        prompt="1, 2, 3, 4,",
+        max_tokens=200,
+        temperature=0,
+        stop=[","],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 10
     wait_for_idle(proc_server)  # aborted in the core at once: its blocks are free, nothing runs
     assert metric_values(base)["vllm:kv_cache_usage_perc"] == 0
@@ -145,11 +178,22 @@ def test_stop_string_ends_the_request_in_the_core(proc_client, proc_server, mode
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_identical_with_and_without_engine_process(stream, client, proc_client, model_name):
-    kw = dict(messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=10, temperature=0,
-              logprobs=True, top_logprobs=2)
+    kw = dict(
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     _same(_chat(proc_client, model_name, stream, **kw), _chat(client, model_name, stream, **kw))
-    kw = dict(messages=[{"role": "user", "content": "Name three colors."}], max_tokens=12, temperature=0.7, seed=3,
-              n=2, stop=["."])
+    kw = dict(
+        messages=[{"role": "user", "content": "Name three colors."}],
+        max_tokens=12,
+        temperature=0.7,
+        seed=3,
+        n=2,
+        stop=["."],
+    )
     _same(_chat(proc_client, model_name, stream, **kw), _chat(client, model_name, stream, **kw))
 
 
@@ -158,9 +202,12 @@ def test_offline_llm_matches_the_servers(proc_client, client, model_name):
     from fleetserve.runtime import LLM, SamplingParams
 
     llm = LLM(**ENGINE_KW)
-    cases = [dict(temperature=0.0, max_tokens=12), dict(temperature=0.0, max_tokens=24, stop=["the", "\n"]),
-             dict(temperature=0.9, seed=11, n=2, max_tokens=16, stop=[" a", "."], logprobs=2),
-             dict(temperature=0.0, max_tokens=16, stop=["on"], include_stop_str_in_output=True)]
+    cases = [
+        dict(temperature=0.0, max_tokens=12),
+        dict(temperature=0.0, max_tokens=24, stop=["the", "\n"]),
+        dict(temperature=0.9, seed=11, n=2, max_tokens=16, stop=[" a", "."], logprobs=2),
+        dict(temperature=0.0, max_tokens=16, stop=["on"], include_stop_str_in_output=True),
+    ]
     # Both servers fill what a request leaves out (top_p here) with the model's defaults, HTTP-side.
     defaults = {k: v for k, v in llm.engine.generation_defaults.items() if k != "max_tokens"}
     assert defaults, "the embedded model has sampling defaults (top_p=0.9): without them this checks less"
@@ -169,20 +216,31 @@ def test_offline_llm_matches_the_servers(proc_client, client, model_name):
         body = {k: v for k, v in kw.items() if k != "include_stop_str_in_output"}
         extra = {"include_stop_str_in_output": True} if "include_stop_str_in_output" in kw else {}
         for c in (proc_client, client):
-            got = sorted(c.completions.create(model=model_name, prompt="Once upon a time", extra_body=extra,
-                                              **body).choices, key=lambda ch: ch.index)
+            got = sorted(
+                c.completions.create(
+                    model=model_name, prompt="Once upon a time", extra_body=extra, **body
+                ).choices,
+                key=lambda ch: ch.index,
+            )
             assert [(g.text, g.finish_reason) for g in got] == [(w.text, w.finish_reason) for w in want], kw
             if kw.get("logprobs"):
                 for g, w in zip(got, want):
                     assert g.logprobs.token_logprobs == pytest.approx(
-                        [d[t].logprob for t, d in zip(w.token_ids, w.logprobs)], abs=1e-4)
+                        [d[t].logprob for t, d in zip(w.token_ids, w.logprobs)], abs=1e-4
+                    )
 
 
 # ---------------------------------------------------------------- structured outputs
 
-_PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
-                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
-           "required": ["name", "age"], "additionalProperties": False}
+_PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -190,9 +248,12 @@ def test_json_schema_across_the_split(stream, client, proc_client, model_name):
     """response_format json_schema with the engine core in its own process: the constraint pickles
     across, the grammar (matchers, bitmasks) runs in the core, and the answer is the thread server's."""
     pytest.importorskip("xgrammar")
-    kw = dict(messages=[{"role": "user", "content": "Make up a person. Answer in JSON with name and age."}],
-              max_tokens=60, temperature=0, response_format={"type": "json_schema", "json_schema": {
-                  "name": "person", "schema": _PERSON}})
+    kw = dict(
+        messages=[{"role": "user", "content": "Make up a person. Answer in JSON with name and age."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": _PERSON}},
+    )
     got = _chat(proc_client, model_name, stream, **kw)
     _same(got, _chat(client, model_name, stream, **kw))
     text, finish = (got[0][0][1], got[0][0][2]) if not stream else (got[0][0], got[0][1])
@@ -202,8 +263,12 @@ def test_json_schema_across_the_split(stream, client, proc_client, model_name):
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:  # checked (compiled) HTTP-side before admission
-        proc_client.completions.create(model=model_name, prompt="hi", max_tokens=4,
-                                       extra_body={"structured_outputs": {"regex": "(unclosed"}})
+        proc_client.completions.create(
+            model=model_name,
+            prompt="hi",
+            max_tokens=4,
+            extra_body={"structured_outputs": {"regex": "(unclosed"}},
+        )
     assert e.value.body["param"].startswith("structured_outputs"), e.value.body
 
 
@@ -217,8 +282,9 @@ def test_validation_errors_are_400_across_the_split(proc_client, model_name):
         proc_client.completions.create(model=model_name, prompt="hi", max_tokens=10, logprobs=50)
     assert e.value.body["param"] == "logprobs"
     with pytest.raises(openai.BadRequestError) as e:  # validate() with the limits the core sent at start-up
-        proc_client.completions.create(model=model_name, prompt="hi", max_tokens=4,
-                                       extra_body={"stop_token_ids": [10 ** 7]})
+        proc_client.completions.create(
+            model=model_name, prompt="hi", max_tokens=4, extra_body={"stop_token_ids": [10**7]}
+        )
     assert e.value.status_code == 400 and e.value.body["param"] == "stop_token_ids"
     for stream in (False, True):  # the server still serves afterwards
         r = proc_client.completions.create(model=model_name, prompt="hi", max_tokens=3, stream=stream)
@@ -270,11 +336,16 @@ def test_stream_disconnect_aborts_the_request_in_the_core(proc_server):
     base = proc_server.urls["main"]
     key = "vllm:request_success_total{finished_reason=abort}"
     before = metric_values(base).get(key, 0.0)
-    body = json.dumps({"prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True, "stream": True}).encode()
+    body = json.dumps(
+        {"prompt": "Count forever:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    ).encode()
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         got = b""
         while b"data: {" not in got:
             got += sock.recv(65536)
@@ -287,19 +358,35 @@ def test_stream_disconnect_aborts_the_request_in_the_core(proc_server):
 def test_metrics_cross_the_boundary(proc_server, proc_client, model_name):
     base = proc_server.urls["main"]
     before = metric_values(base)
-    proc_client.completions.create(model=model_name, prompt="Tell me a story", max_tokens=5, temperature=0,
-                                   extra_body={"ignore_eos": True})
+    proc_client.completions.create(
+        model=model_name,
+        prompt="Tell me a story",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     after = metric_values(base)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total",
+        "vllm:prefix_cache_queries_total",
+    ):
         assert name in after, name
     assert after["vllm:generation_tokens_total"] >= before.get("vllm:generation_tokens_total", 0) + 5
     assert after["vllm:prompt_tokens_total"] > before.get("vllm:prompt_tokens_total", 0)
-    for hist in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
-                 "vllm:inter_token_latency_seconds", "vllm:request_queue_time_seconds"):
+    for hist in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:request_queue_time_seconds",
+    ):
         assert after[hist + "_count"] > before.get(hist + "_count", 0), hist
-    assert after["vllm:request_success_total{finished_reason=length}"] == \
-        before.get("vllm:request_success_total{finished_reason=length}", 0) + 1
+    assert (
+        after["vllm:request_success_total{finished_reason=length}"]
+        == before.get("vllm:request_success_total{finished_reason=length}", 0) + 1
+    )
 
 
 # ---------------------------------------------------------------- the process itself (CLI)
@@ -317,9 +404,25 @@ def _alive(pid: int) -> bool:
 def _serve(*extra: str):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve.runtime.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--max-model-len", "256", "--num-kv-blocks", "64", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.runtime.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-model-len",
+            "256",
+            "--num-kv-blocks",
+            "64",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     lines: list[str] = []
     found: dict = {}
     ready = threading.Event()
@@ -368,10 +471,15 @@ def test_core_killed_fails_streams_health_503_and_server_exits_nonzero():
         assert core is not None and _alive(core)
         assert urllib.request.urlopen(url + "/health", timeout=10).status == 200
         host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}).encode()
+        body = json.dumps(
+            {"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        ).encode()
         sock = socket.create_connection((host, int(port)), timeout=60)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         got = b""
         while b"data: {" not in got:
             got += sock.recv(65536)
@@ -431,8 +539,13 @@ def test_sigterm_stops_the_core_and_server_kill_leaves_no_orphan():
 
 def test_engine_start_failure_exits_1_with_the_cause(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "fleetserve.runtime.cli", "serve", str(tmp_path / "missing"),
-                        "--port", "0"], capture_output=True, text=True, timeout=180, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "fleetserve.runtime.cli", "serve", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert r.returncode == 1
     assert "the engine did not start: ModelLoadError" in r.stderr and "not found" in r.stderr
     assert "Traceback" not in r.stderr

@@ -1,4 +1,5 @@
 """HTTP outputs equal offline LLM.generate outputs; 32 concurrent streams really batch."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +35,9 @@ def test_http_equals_offline_greedy(offline, client, model_name):
     assert batch.usage.completion_tokens == sum(len(o.outputs[0].token_ids) for o in expected)
     assert batch.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in expected)
     # Streaming assembles the same text.
-    chunks = client.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)
+    chunks = client.completions.create(
+        model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected[1].outputs[0].text
 
 
@@ -50,8 +53,14 @@ def test_chat_equals_offline_chat(offline, client, model_name):
 
 
 async def _stream_one(session, url, i):
-    body = {"prompt": f"Request number {i} says", "max_tokens": 6, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": f"Request number {i} says",
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     text, finish, usage, done = "", None, None, False
     async with session.post(url, json=body) as r:
         assert r.status == 200, await r.text()
@@ -76,8 +85,10 @@ async def _stream_one(session, url, i):
 def test_32_concurrent_streams_batch(server, base_url, offline):
     from fleetserve.runtime import SamplingParams
 
-    expected = offline.generate([f"Request number {i} says" for i in range(32)],
-                                SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    expected = offline.generate(
+        [f"Request number {i} says" for i in range(32)],
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+    )
     max_running = 0
     stop = threading.Event()
 
@@ -92,7 +103,10 @@ def test_32_concurrent_streams_batch(server, base_url, offline):
     async def main():
         headers = {"Authorization": f"Bearer {API_KEY}"}
         async with aiohttp.ClientSession(headers=headers) as session:
-            tasks = [asyncio.ensure_future(_stream_one(session, base_url + "/v1/completions", i)) for i in range(32)]
+            tasks = [
+                asyncio.ensure_future(_stream_one(session, base_url + "/v1/completions", i))
+                for i in range(32)
+            ]
             await asyncio.sleep(0.5)
             async with session.get(base_url + "/metrics") as r:  # mid-run scrape
                 scraped.append(await r.text())

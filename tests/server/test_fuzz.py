@@ -6,6 +6,7 @@ raw garbage bytes. Whatever comes in: never a 500, every error in OpenAI's shape
 well-formed body, and afterwards the server is healthy with no request running and no KV block held.
 Examples are derandomized so CI runs are reproducible; FLEETSERVE_FUZZ_EXAMPLES raises the count.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,8 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetserve.runtime.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                                DetokenizeRequest, TokenizeRequest)
+from fleetserve.runtime.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 from .conftest import ENGINE_KW, wait_for_idle
 from .test_errors import AUTH, call
@@ -29,67 +34,134 @@ RANDOM = os.environ.get("FLEETSERVE_FUZZ_RANDOM") == "1"  # new examples each ru
 
 hostile_text = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["", " ", "\ud800", "a\udfffb", "\x00", "<|im_start|>", "<|endoftext|>", "{{ 7*7 }}",
-                     "\U0001F600", "\\u0000"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "\ud800",
+            "a\udfffb",
+            "\x00",
+            "<|im_start|>",
+            "<|endoftext|>",
+            "{{ 7*7 }}",
+            "\U0001f600",
+            "\\u0000",
+        ]
+    ),
 )
 numbers = st.one_of(
-    st.integers(-3, 5), st.integers(-(2**70), 2**70),
+    st.integers(-3, 5),
+    st.integers(-(2**70), 2**70),
     st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e308, 1e-320, 2.5]),
 )
 scalars = st.one_of(st.none(), st.booleans(), numbers, hostile_text)
-json_values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                          st.dictionaries(hostile_text, kids, max_size=4)),
-                           max_leaves=12)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(hostile_text, kids, max_size=4)),
+    max_leaves=12,
+)
 token_ids = st.lists(st.one_of(st.integers(0, 49151), st.integers(-5, 2**40)), min_size=0, max_size=8)
-content_part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]), "text": hostile_text})
+content_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", "x"]), "text": hostile_text}
+)
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "wizard"])},
-    optional={"content": st.one_of(hostile_text, st.none(), st.lists(content_part, max_size=2), json_values),
-              "name": hostile_text, "refusal": st.one_of(st.none(), hostile_text),
-              "tool_calls": st.one_of(st.none(), st.just([]), json_values), "annotations": st.just([]),
-              "audio": st.none(), "function_call": st.none(), "extra": json_values})
+    optional={
+        "content": st.one_of(hostile_text, st.none(), st.lists(content_part, max_size=2), json_values),
+        "name": hostile_text,
+        "refusal": st.one_of(st.none(), hostile_text),
+        "tool_calls": st.one_of(st.none(), st.just([]), json_values),
+        "annotations": st.just([]),
+        "audio": st.none(),
+        "function_call": st.none(),
+        "extra": json_values,
+    },
+)
 
 # Plausible values per field name; every other field gets json_values. Always a small max_tokens when
 # plausible: a chat without one would generate until the 512-token context is full.
 PLAUSIBLE = {
-    "prompt": st.one_of(hostile_text, token_ids, st.lists(hostile_text, max_size=3), st.lists(token_ids, max_size=3)),
+    "prompt": st.one_of(
+        hostile_text, token_ids, st.lists(hostile_text, max_size=3), st.lists(token_ids, max_size=3)
+    ),
     "messages": st.lists(message, max_size=3),
-    "max_tokens": st.integers(-1, 3), "max_completion_tokens": st.integers(-1, 3), "n": st.integers(-1, 20),
-    "temperature": numbers, "top_p": numbers, "top_k": numbers, "min_p": numbers, "seed": numbers,
-    "stream": st.booleans(), "stream_options": st.fixed_dictionaries(
-        {}, optional={"include_usage": st.booleans(), "continuous_usage_stats": st.booleans(),
-                      "include_obfuscation": st.booleans()}),
-    "stop": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)), "stop_token_ids": token_ids,
-    "logprobs": st.one_of(st.booleans(), st.integers(-1, 25)), "top_logprobs": st.integers(-1, 25),
-    "logit_bias": st.dictionaries(st.one_of(st.integers(-2, 60000).map(str), hostile_text), numbers, max_size=3),
-    "echo": st.booleans(), "min_tokens": st.integers(-1, 6), "tokens": token_ids,
-    "presence_penalty": numbers, "frequency_penalty": numbers, "repetition_penalty": numbers,
+    "max_tokens": st.integers(-1, 3),
+    "max_completion_tokens": st.integers(-1, 3),
+    "n": st.integers(-1, 20),
+    "temperature": numbers,
+    "top_p": numbers,
+    "top_k": numbers,
+    "min_p": numbers,
+    "seed": numbers,
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries(
+        {},
+        optional={
+            "include_usage": st.booleans(),
+            "continuous_usage_stats": st.booleans(),
+            "include_obfuscation": st.booleans(),
+        },
+    ),
+    "stop": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)),
+    "stop_token_ids": token_ids,
+    "logprobs": st.one_of(st.booleans(), st.integers(-1, 25)),
+    "top_logprobs": st.integers(-1, 25),
+    "logit_bias": st.dictionaries(
+        st.one_of(st.integers(-2, 60000).map(str), hostile_text), numbers, max_size=3
+    ),
+    "echo": st.booleans(),
+    "min_tokens": st.integers(-1, 6),
+    "tokens": token_ids,
+    "presence_penalty": numbers,
+    "frequency_penalty": numbers,
+    "repetition_penalty": numbers,
 }
-ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-             "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+ENDPOINTS = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
 
 
 plain_text = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "Zs"]), min_size=1, max_size=16)
 VALID = {
     "/v1/completions": {
-        "prompt": st.one_of(plain_text, st.lists(st.integers(0, 49151), min_size=1, max_size=6),
-                            st.lists(plain_text, min_size=1, max_size=2)),
-        "logprobs": st.integers(0, 3), "echo": st.booleans(), "n": st.integers(1, 3),
+        "prompt": st.one_of(
+            plain_text,
+            st.lists(st.integers(0, 49151), min_size=1, max_size=6),
+            st.lists(plain_text, min_size=1, max_size=2),
+        ),
+        "logprobs": st.integers(0, 3),
+        "echo": st.booleans(),
+        "n": st.integers(1, 3),
     },
     "/v1/chat/completions": {
-        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
-                                                    "content": plain_text}), min_size=1, max_size=3),
-        "logprobs": st.booleans(), "n": st.integers(1, 3),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "assistant", "system"]), "content": plain_text}
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        "logprobs": st.booleans(),
+        "n": st.integers(1, 3),
     },
     "/tokenize": {"prompt": plain_text},
     "/detokenize": {"tokens": st.lists(st.integers(0, 49151), max_size=6)},
 }
 VALID_SAMPLING = {
-    "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.integers(-1, 50),
-    "seed": st.integers(0, 2**31), "stream": st.booleans(), "stop": st.lists(plain_text, max_size=2),
-    "min_tokens": st.integers(0, 2), "ignore_eos": st.booleans(), "presence_penalty": st.floats(-2, 2),
-    "repetition_penalty": st.floats(0.5, 2), "logit_bias": st.dictionaries(st.integers(0, 49151).map(str),
-                                                                           st.floats(-100, 100), max_size=2),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1),
+    "top_k": st.integers(-1, 50),
+    "seed": st.integers(0, 2**31),
+    "stream": st.booleans(),
+    "stop": st.lists(plain_text, max_size=2),
+    "min_tokens": st.integers(0, 2),
+    "ignore_eos": st.booleans(),
+    "presence_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 49151).map(str), st.floats(-100, 100), max_size=2),
 }
 
 
@@ -156,9 +228,14 @@ def test_fuzz_http_api_never_500_and_leaves_nothing_behind(server, base_url):
     started = time.monotonic()
     statuses: dict[int, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=datetime.timedelta(seconds=20), derandomize=not RANDOM, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-              print_blob=True)
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=datetime.timedelta(seconds=20),
+        derandomize=not RANDOM,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        print_blob=True,
+    )
     @given(requests())
     def one(req):
         path, raw = req
@@ -173,5 +250,7 @@ def test_fuzz_http_api_never_500_and_leaves_nothing_behind(server, base_url):
     assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0
     assert server.serving().num_in_flight == 0
     assert ENGINE_KW["max_model_len"] == server.llm.max_model_len  # the fuzzed server is the configured one
-    print(f"fuzz: {EXAMPLES} examples in {time.monotonic() - started:.1f}s, statuses {sorted(statuses.items())}")
+    print(
+        f"fuzz: {EXAMPLES} examples in {time.monotonic() - started:.1f}s, statuses {sorted(statuses.items())}"
+    )
     assert statuses.get(200, 0) >= EXAMPLES // 5  # enough of them get through to the engine

@@ -5,6 +5,7 @@ Dummy Llama-3.2-1B weights (token-id prompts: the preset may have no tokenizer).
 to $OUT/server-bench-1b-process.json when $OUT is set. Run on the GPU machine with
 `PYTHONSAFEPATH=1 python3 -m pytest -q -s -m gpu tests/server/test_gpu_engine_process.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,20 +51,48 @@ def test_engine_process_on_gpu_same_outputs_and_load(servers, tmp_path):
     for srv in (proc, thread):
         c = openai.OpenAI(base_url=srv.urls["main"] + "/v1", api_key="x", max_retries=0, timeout=300)
         model = c.models.list().data[0].id
-        got.append([c.completions.create(model=model, prompt=p, max_tokens=24, temperature=0, logprobs=1,
-                                         extra_body={"ignore_eos": True}).choices[0] for p in prompts])
+        got.append(
+            [
+                c.completions.create(
+                    model=model,
+                    prompt=p,
+                    max_tokens=24,
+                    temperature=0,
+                    logprobs=1,
+                    extra_body={"ignore_eos": True},
+                ).choices[0]
+                for p in prompts
+            ]
+        )
     for a, b in zip(*got):
         assert a.logprobs.tokens == b.logprobs.tokens  # same greedy tokens, one by one
         assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-3)
     url = proc.urls["main"]
     out = os.path.join(os.environ.get("OUT") or str(tmp_path), "server-bench-1b-process.json")
-    rc = cli.main(["bench", "serve", "--base-url", url, "--num-prompts", "256", "--input-len", "256",
-                   "--output-len", "64", "--ignore-eos", "--result-file", out])
+    rc = cli.main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            url,
+            "--num-prompts",
+            "256",
+            "--input-len",
+            "256",
+            "--output-len",
+            "64",
+            "--ignore-eos",
+            "--result-file",
+            out,
+        ]
+    )
     assert rc == 0
     r = json.load(open(out))
     assert r["completed"] == 256 and r["output_lens"] == [64] * 256
-    print(f"\nengine process on GPU: {r['output_throughput']:.0f} output tok/s, TTFT p50 {r['median_ttft_ms']:.0f} ms, "
-          f"TPOT mean {r['mean_tpot_ms']:.1f} ms, ITL p99 {r['p99_itl_ms']:.1f} ms")
+    print(
+        f"\nengine process on GPU: {r['output_throughput']:.0f} output tok/s, TTFT p50 {r['median_ttft_ms']:.0f} ms, "
+        f"TPOT mean {r['mean_tpot_ms']:.1f} ms, ITL p99 {r['p99_itl_ms']:.1f} ms"
+    )
     wait_for_idle(proc)
     m = metric_values(url)
     assert m["vllm:kv_cache_usage_perc"] == 0 and m["vllm:generation_tokens_total"] >= 256 * 64

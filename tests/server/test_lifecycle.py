@@ -1,4 +1,5 @@
 """Lifecycle: SIGTERM drains in-flight streams and exits 0; /health follows the engine loop."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,25 @@ from fleetserve.runtime.validation import RequestLimits
 def _start_server(*extra: str):
     env = dict(os.environ, FLEETSERVE_API_KEY="sigterm-key", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve.runtime.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--max-model-len", "256", "--num-kv-blocks", "128", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.runtime.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-model-len",
+            "256",
+            "--num-kv-blocks",
+            "128",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     lines: list[str] = []
     url = {}
     ready = threading.Event()
@@ -58,12 +75,20 @@ def test_sigterm_drains_streams_refuses_new_and_exits_0():
         for word in ("dtype=", "device=", "KV blocks=", "max concurrency", url):
             assert word in startup, word
         host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({"prompt": "Count slowly:", "max_tokens": 12, "ignore_eos": True, "temperature": 0,
-                           "stream": True}).encode()
+        body = json.dumps(
+            {
+                "prompt": "Count slowly:",
+                "max_tokens": 12,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+            }
+        ).encode()
         sock = socket.create_connection((host, int(port)), timeout=120)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer sigterm-key\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sigterm-key\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         got = b""
         while b"data: {" not in got:
             got += sock.recv(65536)
@@ -77,10 +102,10 @@ def test_sigterm_drains_streams_refuses_new_and_exits_0():
             assert chunk, "stream cut before [DONE]"
             got += chunk
         sock.close()
-        events = [json.loads(l[6:]) for l in got.decode().split("\n") if l.startswith("data: {")]
+        events = [json.loads(ln[6:]) for ln in got.decode().split("\n") if ln.startswith("data: {")]
         assert events[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(timeout=120) == 0
-        assert any("draining" in l for l in lines) and any("server stopped" in l for l in lines)
+        assert any("draining" in ln for ln in lines) and any("server stopped" in ln for ln in lines)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -116,9 +141,16 @@ class _CrashingEngine:
         self.requests = []
 
     def get_stats(self):
-        return SimpleNamespace(num_running=0, num_waiting=len(self.requests), kv_cache_usage=0.0,
-                               num_preemptions_total=0, prefix_cache_queries_total=0, prefix_cache_hits_total=0,
-                               prompt_tokens_total=0, generation_tokens_total=0)
+        return SimpleNamespace(
+            num_running=0,
+            num_waiting=len(self.requests),
+            kv_cache_usage=0.0,
+            num_preemptions_total=0,
+            prefix_cache_queries_total=0,
+            prefix_cache_hits_total=0,
+            prompt_tokens_total=0,
+            generation_tokens_total=0,
+        )
 
     def add_request(self, request_id, prompt, params, arrival_time=None, delta=False):
         self.requests.append(request_id)

@@ -1,4 +1,5 @@
 """/metrics parses with prometheus-client's parser and carries vLLM's names, types and labels."""
+
 from __future__ import annotations
 
 import urllib.request
@@ -31,11 +32,21 @@ EXPECTED = {
     "vllm:request_inference_time_seconds": "histogram",
 }
 # The sample names dashboards and KEDA queries use.
-SAMPLES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-           "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-           "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
-           "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-           "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"]
+SAMPLES = [
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+    "vllm:num_preemptions_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:request_queue_time_seconds_bucket",
+]
 
 
 def _scrape(base_url):
@@ -62,8 +73,9 @@ def test_metrics_move_with_a_request(server, base_url, client, model_name):
     wait_for_idle(server)
     before = metric_values(base_url)
     prompt = "Metrics are counted in tokens, and this prompt has enough of them to fill whole KV blocks. " * 3
-    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=5, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=model_name, prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     wait_for_idle(server)
     after = metric_values(base_url)
 

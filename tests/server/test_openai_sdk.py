@@ -1,4 +1,5 @@
 """The official openai SDK (sync and async) works unchanged against the server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,9 @@ def test_completion_token_ids_prompt_and_batch(client, model_name, tokenizer):
     by_ids = client.completions.create(model=model_name, prompt=ids, max_tokens=4, temperature=0)
     by_text = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
-    batch = client.completions.create(model=model_name, prompt=[PROMPT, "1, 2, 3,"], max_tokens=4, temperature=0)
+    batch = client.completions.create(
+        model=model_name, prompt=[PROMPT, "1, 2, 3,"], max_tokens=4, temperature=0
+    )
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == by_text.choices[0].text
     assert batch.usage.prompt_tokens == len(ids) + len(tokenizer.encode("1, 2, 3,"))
@@ -41,8 +44,16 @@ def test_completion_token_ids_prompt_and_batch(client, model_name, tokenizer):
 
 def test_completion_stream_matches_non_stream(client, model_name):
     full = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=6, temperature=0)
-    chunks = list(client.completions.create(model=model_name, prompt=PROMPT, max_tokens=6, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=model_name,
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full.choices[0].text
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -57,11 +68,19 @@ def test_chat_completion_and_stream(client, model_name, tokenizer):
     assert r.object == "chat.completion"
     msg = r.choices[0].message
     assert msg.role == "assistant" and msg.content
-    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                                  add_special_tokens=False)
+    prompt_ids = tokenizer.encode(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )
     assert r.usage.prompt_tokens == len(prompt_ids)
-    stream = client.chat.completions.create(model=model_name, messages=messages, max_tokens=6, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model_name,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
@@ -77,8 +96,14 @@ def test_n2_and_seed_reproducible(client, model_name):
     assert sorted(c.index for c in a.choices) == [0, 1]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert a.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in a.choices)
-    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=4, n=2, seed=7, temperature=1.0)
+    chat = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        n=2,
+        seed=7,
+        temperature=1.0,
+    )
     assert sorted(c.index for c in chat.choices) == [0, 1]
     streamed = list(client.completions.create(**kw, stream=True))
     texts = {0: "", 1: ""}
@@ -95,14 +120,23 @@ def test_logprobs(client, model_name):
     assert "".join(lp.tokens) == r.choices[0].text
     for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and tok in top and len(top) >= 3
-        assert max(top.values()) == pytest.approx(val, abs=1e-4)  # greedy: the chosen token is the most likely
-    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+        assert max(top.values()) == pytest.approx(
+            val, abs=1e-4
+        )  # greedy: the chosen token is the most likely
+    chat = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
-    echo = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2, temperature=0, logprobs=1,
-                                     echo=True)
+    echo = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=2, temperature=0, logprobs=1, echo=True
+    )
     assert echo.choices[0].text.startswith(PROMPT)
     assert echo.choices[0].logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
 
@@ -117,23 +151,44 @@ def test_stop_strings(client, model_name):
 
 
 def test_vllm_extras_through_extra_body(client, model_name):
-    r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=5, temperature=0,
-                                  extra_body={"ignore_eos": True, "min_tokens": 5, "top_k": 5, "min_p": 0.0,
-                                              "repetition_penalty": 1.1, "skip_special_tokens": True})
+    r = client.completions.create(
+        model=model_name,
+        prompt=PROMPT,
+        max_tokens=5,
+        temperature=0,
+        extra_body={
+            "ignore_eos": True,
+            "min_tokens": 5,
+            "top_k": 5,
+            "min_p": 0.0,
+            "repetition_penalty": 1.1,
+            "skip_special_tokens": True,
+        },
+    )
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
 def test_unknown_field_ignored_unsupported_rejected_by_sdk(client, model_name):
     # Unknown fields are ignored (vLLM behaviour, #13); a known field asking for what we lack is a 400 naming it.
-    r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"not_a_field": 1})
+    r = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"not_a_field": 1}
+    )
     assert r.choices[0].finish_reason
     with pytest.raises(openai.BadRequestError) as e:  # deprecated functions: not served (tools are)
-        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                       functions=[{"name": "f", "parameters": {}}])
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=2,
+            functions=[{"name": "f", "parameters": {}}],
+        )
     assert e.value.body["param"] == "functions"
     with pytest.raises(openai.BadRequestError) as e:  # tools with tool_choice "auto" need a tool-call parser
-        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}], max_tokens=2,
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=2,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
     assert e.value.body["param"] == "tool_choice"
 
 
@@ -143,8 +198,13 @@ def test_async_client(base_url, model_name):
         try:
             r = await client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, temperature=0)
             chunks = []
-            stream = await client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
-                                                          max_tokens=4, temperature=0, stream=True)
+            stream = await client.chat.completions.create(
+                model=model_name,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+            )
             async for c in stream:
                 chunks.append(c)
             models = await client.models.list()

@@ -3,6 +3,7 @@
 The SDK example sets neither temperature nor max_tokens: the embedded model's defaults (greedy, at most
 256 tokens for a chat without max_tokens; docs/server.md says why not the card's temperature 0.2) make it
 answer briefly and sensibly, the same every time. Only the base URL is pointed at the test server (the README's 127.0.0.1:8000)."""
+
 from __future__ import annotations
 
 import contextlib

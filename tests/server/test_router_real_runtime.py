@@ -1,6 +1,7 @@
 """The router in front of the real runtime server (the embedded SmolLM2 on CPU, real HTTP on loopback):
 what passes through is exactly what the replica says, streamed or not, and a client that goes away
 through the router frees the engine's request. The official openai client on the client side."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,21 +33,26 @@ async def router_for(base_url: str):
 
 
 async def test_answers_through_the_router_are_the_replicas_own(server, base_url, model_name):
-    messages = [{"role": "system", "content": "Answer in one word."},
-                {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     async with router_for(base_url) as url:
         direct = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         routed = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        want = await direct.chat.completions.create(model=model_name, messages=messages, max_tokens=12,
-                                                    temperature=0)
-        raw = await routed.chat.completions.with_raw_response.create(model=model_name, messages=messages,
-                                                                     max_tokens=12, temperature=0)
+        want = await direct.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=12, temperature=0
+        )
+        raw = await routed.chat.completions.with_raw_response.create(
+            model=model_name, messages=messages, max_tokens=12, temperature=0
+        )
         got = raw.parse()
         assert raw.headers[BACKEND_HEADER] == "runtime-0"
         assert got.choices[0].message.content == want.choices[0].message.content
         assert "paris" in got.choices[0].message.content.lower()
-        stream = await routed.chat.completions.create(model=model_name, messages=messages, max_tokens=12,
-                                                      temperature=0, stream=True)
+        stream = await routed.chat.completions.create(
+            model=model_name, messages=messages, max_tokens=12, temperature=0, stream=True
+        )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == want.choices[0].message.content
         # The replica's own errors pass through in the OpenAI shape (the API key is checked by the replica).
@@ -69,8 +75,13 @@ async def test_answers_through_the_router_are_the_replicas_own(server, base_url,
 
 async def test_client_gone_mid_stream_through_the_router_frees_the_engine(server, base_url, model_name, auth):
     async with router_for(base_url) as url:
-        body = {"model": model_name, "stream": True, "max_tokens": 400, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "Count to a thousand."}]}
+        body = {
+            "model": model_name,
+            "stream": True,
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count to a thousand."}],
+        }
         async with aiohttp.ClientSession() as s:
             resp = await s.post(f"{url}/v1/chat/completions", json=body, headers=auth)
             assert resp.status == 200

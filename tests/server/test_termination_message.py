@@ -1,6 +1,7 @@
 """A runtime that fails at start-up says why in its termination message (what Kubernetes shows in the pod's
 status and the operator copies into the InferenceService's conditions): the file named by
 $FLEETSERVE_TERMINATION_LOG here, /dev/termination-log in a pod."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,13 @@ import pytest
 def _serve(tmp_path, *args):
     log = tmp_path / "termination-log"
     env = dict(os.environ, FLEETSERVE_TERMINATION_LOG=str(log))
-    proc = subprocess.run([sys.executable, "-m", "fleetserve.runtime.cli", "serve", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetserve.runtime.cli", "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, (log.read_text() if log.exists() else None)
 
 
@@ -23,7 +29,9 @@ def test_bad_model_path_is_the_termination_message(tmp_path, mode):
     """The spawned engine core fails to start (EngineStartError), or the in-thread load fails: same message."""
     proc, message = _serve(tmp_path, "/models/nope", "--port", "0", mode)
     assert proc.returncode == 1
-    assert message.startswith("fleetserve serve failed to start: ModelLoadError: model '/models/nope' not found")
+    assert message.startswith(
+        "fleetserve serve failed to start: ModelLoadError: model '/models/nope' not found"
+    )
     assert "model '/models/nope' not found" in proc.stderr  # and in the log, with the traceback
 
 

@@ -1,5 +1,6 @@
 """Tool-call and reasoning parsers on text (no server): final parse, and streaming one character
 at a time reassembles to exactly the final parse (content, call names, argument text)."""
+
 from __future__ import annotations
 
 import json
@@ -28,18 +29,35 @@ def _stream(parser, text, forced=None):
 
 
 CASES = [
-    ("hermes", 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "n": [1, 2]}}\n</tool_call>\n'
-               '<tool_call>\n{"name": "f2", "arguments": {}}\n</tool_call>',
-     "Sure.", [("get_weather", '{"city": "Paris", "n": [1, 2]}'), ("f2", "{}")]),
+    (
+        "hermes",
+        'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "n": [1, 2]}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "f2", "arguments": {}}\n</tool_call>',
+        "Sure.",
+        [("get_weather", '{"city": "Paris", "n": [1, 2]}'), ("f2", "{}")],
+    ),
     ("hermes", "No tools here.", "No tools here.", []),
-    ("hermes", 'a < b and <tool_ca', 'a < b and <tool_ca', []),
-    ("llama3_json", '{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {"y": "}"}}', None,
-     [("a", '{"x": 1}'), ("b", '{"y": "}"}')]),
-    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": "\\"q"}}', None, [("a", '{"x": "\\"q"}')]),
+    ("hermes", "a < b and <tool_ca", "a < b and <tool_ca", []),
+    (
+        "llama3_json",
+        '{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {"y": "}"}}',
+        None,
+        [("a", '{"x": 1}'), ("b", '{"y": "}"}')],
+    ),
+    (
+        "llama3_json",
+        '<|python_tag|>{"name": "a", "parameters": {"x": "\\"q"}}',
+        None,
+        [("a", '{"x": "\\"q"}')],
+    ),
     ("llama3_json", "Hello {there}", "Hello {there}", []),
     ("llama3_json", "  {not a call}", "  {not a call}", []),
-    ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {"q": "w"}}]', None,
-     [("a", '{"x": 1}'), ("b", '{"q": "w"}')]),
+    (
+        "mistral",
+        '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {"q": "w"}}]',
+        None,
+        [("a", '{"x": 1}'), ("b", '{"q": "w"}')],
+    ),
     ("mistral", 'Let me see. [TOOL_CALLS] [{"name": "a", "arguments": {}}]', "Let me see.", [("a", "{}")]),
 ]
 
@@ -67,8 +85,12 @@ def test_unknown_parser():
 def test_forced_constraints():
     from fleetserve.runtime.server.protocol import ChatTool, NamedToolChoice
 
-    tools = [ChatTool.model_validate({"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}}),
-             ChatTool.model_validate({"type": "function", "function": {"name": "b"}})]
+    tools = [
+        ChatTool.model_validate(
+            {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}}
+        ),
+        ChatTool.model_validate({"type": "function", "function": {"name": "b"}}),
+    ]
     so = forced_constraint(tools, "required", False)
     schema = so.json_schema
     assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
@@ -79,14 +101,17 @@ def test_forced_constraints():
     json.dumps(schema)
 
 
-@pytest.mark.parametrize("name, text, reasoning, answer", [
-    ("deepseek_r1", "Let me think.\n</think>\n\nThe answer is 4.", "Let me think.\n", "The answer is 4."),
-    ("deepseek_r1", "<think>hmm</think>ok", "hmm", "ok"),
-    ("deepseek_r1", "still thinking </thi", "still thinking </thi", ""),
-    ("qwen3", "plain answer", None, "plain answer"),
-    ("qwen3", "<think>a</think>\n\nb", "a", "b"),
-    ("qwen3", "<thinking is a word", None, "<thinking is a word"),
-])
+@pytest.mark.parametrize(
+    "name, text, reasoning, answer",
+    [
+        ("deepseek_r1", "Let me think.\n</think>\n\nThe answer is 4.", "Let me think.\n", "The answer is 4."),
+        ("deepseek_r1", "<think>hmm</think>ok", "hmm", "ok"),
+        ("deepseek_r1", "still thinking </thi", "still thinking </thi", ""),
+        ("qwen3", "plain answer", None, "plain answer"),
+        ("qwen3", "<think>a</think>\n\nb", "a", "b"),
+        ("qwen3", "<thinking is a word", None, "<thinking is a word"),
+    ],
+)
 def test_reasoning_split_and_stream(name, text, reasoning, answer):
     r = ReasoningParser(name)
     assert r.split(text) == (reasoning, answer)
@@ -100,6 +125,8 @@ def test_reasoning_split_and_stream(name, text, reasoning, answer):
 
 
 def test_reasoning_ended_in_prompt():
-    assert ReasoningParser("qwen3").reasoning_ended_in_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ReasoningParser("qwen3").reasoning_ended_in_prompt(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert not ReasoningParser("deepseek_r1").reasoning_ended_in_prompt("<｜Assistant｜><think>\n")
     assert not ReasoningParser("deepseek_r1").reasoning_ended_in_prompt("no block")
