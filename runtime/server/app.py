@@ -124,6 +124,17 @@ def describe_engine(llm: AsyncLLM) -> dict:
     }
 
 
+def _engine_in_own_process(server_config: ServerConfig, engine_config: EngineConfig) -> bool:
+    """ServerConfig.engine_process, or when unset: its own process on CUDA, a thread on CPU."""
+    if server_config.engine_process is not None:
+        return server_config.engine_process
+    if engine_config.device != "auto":
+        return engine_config.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def create_app(
     engine_config: EngineConfig | None = None,
     server_config: ServerConfig | None = None,
@@ -143,7 +154,7 @@ def create_app(
         owned = llm is None
         if llm is not None:
             engine = llm
-        elif server_config.engine_process:
+        elif _engine_in_own_process(server_config, engine_config):
             # Spawned from the loop's thread (it outlives start-up); the model loads in the core meanwhile.
             client = AsyncLLM.spawn_core(engine_config, server_config.log_level)
             try:

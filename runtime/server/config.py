@@ -37,8 +37,8 @@ class ServerConfig(BaseModel):
     """Logging level of the fleetserve loggers."""
     disable_log_requests: bool = True
     """Do not log one line per finished request."""
-    engine_process: bool = True
-    """Run the engine loop (scheduler, KV cache, model) in its own process, so per-token HTTP work (detokenization, SSE) does not compete with it for the GIL; --no-engine-process runs it in a thread of the server."""
+    engine_process: bool | None = None
+    """Run the engine loop (scheduler, KV cache, model) in its own process, so per-token HTTP work (detokenization, SSE) does not compete with it for the GIL; --no-engine-process runs it in a thread of the server. Default: its own process on CUDA, a thread on CPU (where both share the same cores and a second process costs a second copy of torch's memory: the embedded model's 2 GiB pod was OOM-killed)."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice "auto", the default with tools); needs tool_call_parser."""
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None

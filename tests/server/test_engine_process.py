@@ -417,6 +417,7 @@ def _serve(*extra: str):
             "256",
             "--num-kv-blocks",
             "64",
+            "--engine-process",  # the default on CUDA only
             *extra,
         ],
         stdout=subprocess.DEVNULL,
@@ -540,7 +541,16 @@ def test_sigterm_stops_the_core_and_server_kill_leaves_no_orphan():
 def test_engine_start_failure_exits_1_with_the_cause(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [sys.executable, "-m", "fleetserve.runtime.cli", "serve", str(tmp_path / "missing"), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.runtime.cli",
+            "serve",
+            str(tmp_path / "missing"),
+            "--port",
+            "0",
+            "--engine-process",
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -549,3 +559,14 @@ def test_engine_start_failure_exits_1_with_the_cause(tmp_path):
     assert r.returncode == 1
     assert "the engine did not start: ModelLoadError" in r.stderr and "not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_engine_process_default_is_a_process_on_cuda_and_a_thread_on_cpu():
+    from fleetserve.runtime.config import EngineConfig
+    from fleetserve.runtime.server.app import _engine_in_own_process
+    from fleetserve.runtime.server.config import ServerConfig
+
+    assert _engine_in_own_process(ServerConfig(), EngineConfig(device="cuda")) is True
+    assert _engine_in_own_process(ServerConfig(), EngineConfig(device="cpu")) is False
+    assert _engine_in_own_process(ServerConfig(engine_process=True), EngineConfig(device="cpu")) is True
+    assert _engine_in_own_process(ServerConfig(engine_process=False), EngineConfig(device="cuda")) is False
