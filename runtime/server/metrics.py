@@ -220,34 +220,26 @@ class RequestMetricsObserver:
             "Histogram of time spent in RUNNING phase for request.",
             REQUEST_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = hist(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
-            ln,
-            buckets=TTFT_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.itl = Histogram(
+            TTFT_BUCKETS,
+        )
+        self.itl = hist(
             "vllm:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
-            ln,
-            buckets=ITL_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.e2e = Histogram(
+            ITL_BUCKETS,
+        )
+        self.e2e = hist(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
-            ln,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.queue = Histogram(
+            REQUEST_BUCKETS,
+        )
+        self.queue = hist(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
-            ln,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
+            REQUEST_BUCKETS,
+        )
         self.success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
