@@ -14,6 +14,8 @@ import torch
 
 from fleetserve.runtime import LLM, SamplingParams
 
+from .test_engine import hf_greedy
+
 transformers = pytest.importorskip("transformers")
 
 COMMON = dict(
@@ -96,20 +98,6 @@ def build_hf(cfg_name, kw, path):
                     proj.bias.normal_(0, 0.5)
     model.save_pretrained(path)
     return model
-
-
-def hf_greedy(model, prompt, n):
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
