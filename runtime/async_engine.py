@@ -314,8 +314,14 @@ class AsyncLLM:
             obs.on_outputs(progress, now)
         for rid, out in deliver:
             q = self._streams.get(rid)
-            if q is not None:  # None: the consumer left and the request was aborted
-                q.put_nowait(out)
+            if q is None:  # the consumer left and the request was aborted
+                continue
+            if self._stopping and out.finished and all(c.finish_reason == "abort" for c in out.outputs):
+                # Aborted by the shutdown, not by its consumer: that is an engine failure to the consumer,
+                # whichever of this output and the stop notice it happens to read first.
+                q.put_nowait(EngineDeadError("engine is shut down"))
+                continue
+            q.put_nowait(out)
 
     def _on_stopped(self, reason: str, crashed: bool) -> None:
         if crashed:
