@@ -86,7 +86,9 @@ def run(batch: int, steps: int, prompt_len: int, sampling: str) -> dict:
     runner.sampler = sampler
     # The runner's named host stages (absent in older versions of the runner).
     stages = {}
-    if hasattr(runner, "prepare_inputs"):
+    if hasattr(runner, "plan_step"):  # prepare_inputs = plan_step (host arrays) + stage_inputs
+        stages["prepare_inputs"] = runner.plan_step = _Timer(runner.plan_step)
+    elif hasattr(runner, "prepare_inputs"):
         stages["prepare_inputs"] = runner.prepare_inputs = _Timer(runner.prepare_inputs)
     build = _Timer(SamplingTensors.build)
     SamplingTensors.build = build  # type: ignore[method-assign]

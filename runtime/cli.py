@@ -64,6 +64,10 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
+# Short spellings vLLM users type (the long flag is generated from the field name).
+FLAG_ALIASES = {"tensor_parallel_size": ("-tp",)}
+
+
 def _unwrap_optional(ann):
     origin = typing.get_origin(ann)
     if origin in (Union, getattr(types, "UnionType", Union)):
@@ -104,7 +108,7 @@ def add_model_flags(
             kw["type"] = ann
         else:
             raise TypeError(f"no CLI mapping for {model.__name__}.{name}: {field.annotation}")
-        group.add_argument(flag, **kw)
+        group.add_argument(flag, *FLAG_ALIASES.get(name, ()), **kw)
 
 
 def _fields(ns: argparse.Namespace, model: type[BaseModel]) -> dict:

@@ -33,6 +33,8 @@ class EngineConfig(BaseModel):
     """Where the model runs; auto picks cuda when available."""
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     """How weights are read; dummy builds random weights of the model's config (benchmarks)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """Ranks one model is split over (Megatron-style tensor parallelism): one GPU each on CUDA, gloo processes on CPU; must divide the model's attention heads. Rank 0 runs in the engine process, the others in worker processes."""
     max_model_len: int | None = Field(None, ge=16)
     """Maximum prompt + output length per request; defaults to the model's max_position_embeddings."""
     block_size: int = Field(16, ge=1, le=1024)

@@ -58,13 +58,16 @@ class ThreadCoreClient:
     def start(self, on_batch: OnBatch, on_stopped: OnStopped) -> None:
         self._loop = asyncio.get_running_loop()
         core = EngineCore(self.engine, self._ops, lambda batch: self._post(on_batch, batch))
+        if hasattr(self.engine, "on_fatal"):  # a dead tensor-parallel worker ends the loop
+            self.engine.on_fatal(lambda message: self._ops.put(("fatal", message)))
 
         def run():
             try:
                 core.run()
             except BaseException as e:  # the engine is broken: fail every request, health turns 503
                 logger.exception("engine loop crashed")
-                self._post(on_stopped, f"engine loop crashed: {type(e).__name__}", True)
+                detail = f": {e}" if str(e) else ""
+                self._post(on_stopped, f"engine loop crashed: {type(e).__name__}{detail}", True)
                 return
             self._post(on_stopped, "engine is shut down", False)
 

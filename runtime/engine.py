@@ -18,8 +18,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +38,10 @@ from .scheduler import Scheduler
 from .stop import StopChecker
 from .utils import cdiv
 from .validation import InvalidRequestError, RequestLimits, validate
+
+if TYPE_CHECKING:
+    from .parallel import ParallelContext
+    from .tp_worker import WorkerGroup
 
 logger = logging.getLogger("fleetserve.engine")
 
@@ -93,14 +99,50 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        self.config = config
+        self.workers: WorkerGroup | None = None  # tensor-parallel ranks 1..N-1 (runtime/tp_worker.py)
+        try:
+            self._start(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_tensor_parallel(self, config: EngineConfig) -> ParallelContext | None:
+        """N > 1: check the split on the model's config (no weights read yet), then spawn the
+        workers of ranks 1..N-1, which load their shards while rank 0 loads its own."""
+        n = config.tensor_parallel_size
+        if n == 1:
+            return None
+        from .loader import peek_model_config
+        from .parallel import ParallelContext, check_devices, check_tensor_parallel
+        from .tp_worker import WorkerGroup
+
+        model_config, source = peek_model_config(config)
+        check_tensor_parallel(model_config, n)
+        visible = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        check_devices(n, self.device.type, visible)
+        # A Hub name is resolved once, here: the workers read the same cached snapshot.
+        worker_config = config if source == config.model else config.model_copy(update={"model": source})
+        self.workers = WorkerGroup(worker_config, n, self.device.type)
+        self._finalizer = weakref.finalize(self, self.workers.close)
+        tp = ParallelContext(0, n, self.device)
+        tp.store = self.workers.store
+        tp.on_error = lambda e: self.workers.failure_or(cause=e)  # type: ignore[union-attr]
+        return tp
+
+    def _start(self, config: EngineConfig) -> None:
         from .loader import load_model
 
-        self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
-        loaded = load_model(config, self.device, self.dtype)
+        tp = self._start_tensor_parallel(config)
+        loaded = load_model(config, self.device, self.dtype, tp=tp)
+        worker_blocks: list[int | None] = []
+        if tp is not None and self.workers is not None:
+            worker_blocks = self.workers.wait_loaded()
+            tp.connect(self.workers.host, self.workers.port)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or loaded.model_name
@@ -119,7 +161,10 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or limit
         self.block_size = config.block_size
-        self.num_kv_blocks = self._num_kv_blocks(loaded.model)
+        # Per rank: each holds its KV heads; the smallest rank's budget sizes the shared block table.
+        self.num_kv_blocks = min(
+            [self._num_kv_blocks(loaded.model)] + [b for b in worker_blocks if b is not None]
+        )
         capacity = self.num_kv_blocks * self.block_size
         if capacity < self.max_model_len:  # one full-length sequence must always fit (vLLM refuses to start)
             if config.max_model_len is not None:
@@ -139,8 +184,18 @@ class LLMEngine:
         )
         # The one owner of stop decisions; it reads stop strings from the sequence's detokenizer.
         self._stop = StopChecker(self.eos_token_ids, self._detokenizer_of)
+        if self.workers is not None:
+            self.workers.init(self.num_kv_blocks, self.eos_token_ids)
         self.runner = ModelRunner(
-            loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size, self.eos_token_ids
+            loaded.model,
+            mc,
+            self.device,
+            self.dtype,
+            self.num_kv_blocks,
+            self.block_size,
+            self.eos_token_ids,
+            tp=tp,
+            workers=self.workers,
         )
         if self.device.type == "cuda" and not config.enforce_eager:
             secs = self.runner.capture_decode_graphs(min(config.max_num_seqs, 512), self.max_model_len)
@@ -173,6 +228,7 @@ class LLMEngine:
         self.async_scheduling = (
             config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         )
+        self.runner.share_samples = tp is not None and self.async_scheduling
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # False: no text and no stop strings here (the caller detokenizes, as the server's
@@ -182,7 +238,7 @@ class LLMEngine:
             self._warmup()
         logger.info(
             "model %s loaded in %.1fs: dtype=%s device=%s, KV cache %d blocks x %d tokens "
-            "(max concurrency %.1fx at %d tokens)",
+            "(max concurrency %.1fx at %d tokens)%s",
             self.model_name,
             time.perf_counter() - t0,
             str(self.dtype).replace("torch.", ""),
@@ -191,7 +247,23 @@ class LLMEngine:
             self.block_size,
             self.max_concurrency,
             self.max_model_len,
+            ""
+            if tp is None
+            else f"; tensor parallel over {tp.world_size} ranks, per rank: {tp.layout.num_heads} of "
+            f"{mc.num_heads} query heads, {tp.layout.num_kv_heads} of {mc.num_kv_heads} KV heads, "
+            f"{self.num_kv_blocks} KV blocks ({self.num_kv_blocks * kv_bytes_per_block(mc, self.block_size, self.dtype, tp.world_size) / 2**20:.1f} MiB)",
         )
+
+    def shutdown(self) -> None:
+        """Stop and join the tensor-parallel workers (a no-op without them); idempotent."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.close()
+
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """callback(message) runs (on a monitor thread) when a tensor-parallel worker dies."""
+        if self.workers is not None:
+            self.workers.on_failure.append(callback)
 
     def _warmup(self) -> None:
         """Run a prefill step, a mixed prefill+decode step, decode steps and a sampled row once,
@@ -222,7 +294,9 @@ class LLMEngine:
     # -- sizing -------------------------------------------------------------
     def _num_kv_blocks(self, model) -> int:
         cfg = self.config
-        per_block = kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(
+            self.model_config, self.block_size, self.dtype, cfg.tensor_parallel_size
+        )
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
         elif cfg.kv_cache_memory is not None:
@@ -240,19 +314,7 @@ class LLMEngine:
         return int(n)
 
     def _profile_cuda_blocks(self, model, per_block: int) -> int:
-        """Blocks that fit in gpu_memory_utilization of the card after weights and a peak-activation forward."""
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        free, total = torch.cuda.mem_get_info()
-        used_before = total - free
-        # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
-        budget_tokens = self.config.max_num_batched_tokens or 8192
-        act = (
-            budget_tokens * (self.model_config.hidden_size * 12 + self.model_config.intermediate_size * 6) * 2
-        )
-        act += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
-        avail = total * self.config.gpu_memory_utilization - used_before - act
-        return max(int(avail // per_block), 0)
+        return cuda_kv_blocks(self.config, self.model_config, per_block)
 
     # -- requests -------------------------------------------------------------
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -421,6 +483,11 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.workers is not None and self.workers.failure is not None:
+            raise self.workers.failure
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         """Run one engine step; returns the outputs of requests that progressed.
 
         With async scheduling (default on CUDA) the step is pipelined: the next step is
@@ -618,6 +685,21 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
         )
+
+
+def cuda_kv_blocks(config: EngineConfig, model_config, per_block: int) -> int:
+    """Blocks that fit in gpu_memory_utilization of this process's card after its weights and a
+    peak-activation forward (each tensor-parallel rank sizes its own card; the engine takes the minimum)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    free, total = torch.cuda.mem_get_info()
+    used_before = total - free
+    # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
+    budget_tokens = config.max_num_batched_tokens or 8192
+    act = budget_tokens * (model_config.hidden_size * 12 + model_config.intermediate_size * 6) * 2
+    act += config.max_num_seqs * model_config.vocab_size * 4 * 4
+    avail = total * config.gpu_memory_utilization - used_before - act
+    return max(int(avail // per_block), 0)
 
 
 def _valid_generation_defaults(raw: dict) -> dict:

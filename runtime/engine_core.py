@@ -130,6 +130,10 @@ def _metrics_tuple(m) -> tuple | None:
     )
 
 
+class EngineFatalError(RuntimeError):
+    """Something outside the loop (a tensor-parallel worker's death) ended the engine."""
+
+
 class EngineCore:
     """Drives one engine: applies queued operations between steps and emits batches.
 
@@ -191,6 +195,8 @@ class EngineCore:
                         pass  # already finished
             elif kind == "shutdown":
                 stop = True
+            elif kind == "fatal":  # ("fatal", message): posted by the engine's worker monitor
+                raise EngineFatalError(op[1])
         return errors, aborted, stop
 
     # ------------------------------------------------------------ outputs
@@ -352,6 +358,23 @@ def core_process_main(
             if op[0] == "shutdown":
                 return
 
+    def fatal(message: str) -> None:
+        # A tensor-parallel worker died: the loop raises on this op at once if it is idle or between
+        # steps; if it is stuck in a collective (NCCL does not notice a dead peer), exit from here.
+        ops.put(("fatal", message))
+
+        def hard_exit() -> None:
+            send(("dead", message))
+            out_q.put(None)
+            wt.join(2)
+            os._exit(1)
+
+        timer = threading.Timer(5.0, hard_exit)
+        timer.daemon = True
+        timer.start()
+
+    if hasattr(engine, "on_fatal"):
+        engine.on_fatal(fatal)
     core = EngineCore(engine, ops, lambda batch: send(("batch", batch)))
     send(("ready", EngineInfo.of(engine), stats_dict(engine.get_stats()), engine.tokenizer))
     threading.Thread(target=reader, name="core-reader", daemon=True).start()
@@ -360,8 +383,18 @@ def core_process_main(
         core.run()
     except BaseException as e:
         logger.exception("engine core loop crashed")
-        send(("dead", f"engine loop crashed: {type(e).__name__}"))
+        send(("dead", f"engine loop crashed: {type(e).__name__}" + (f": {e}" if str(e) else "")))
+        _shutdown_engine(engine)
         finish(1)
         return
     logger.info("engine core process %d stopped", os.getpid())
+    _shutdown_engine(engine)
     finish(0)
+
+
+def _shutdown_engine(engine) -> None:
+    try:
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()  # stops and joins the tensor-parallel workers
+    except Exception:
+        logger.exception("engine shutdown failed")

@@ -25,10 +25,21 @@ if TYPE_CHECKING:
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         """Keyword arguments are EngineConfig fields (dtype, device, max_model_len, block_size,
-        num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed, ...)."""
+        num_kv_blocks, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, load_format, seed,
+        tensor_parallel_size, ...)."""
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self._counter = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers (also done when the LLM is garbage collected)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

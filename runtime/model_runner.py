@@ -38,7 +38,9 @@ from .utils import cdiv
 
 if TYPE_CHECKING:
     from .models import ModelConfig
+    from .parallel import ParallelContext
     from .protocols import CausalLM
+    from .tp_worker import WorkerGroup
 
 # (token ids [K+1], logprobs [K+1], rank of column 0) for one position; column 0 is the
 # sampled (or, for prompts, the actual next) token.
@@ -55,9 +57,15 @@ class RunnerOutput:
     """seq_id -> (first prompt position covered, entries for the next prompt tokens)."""
 
 
-def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(
+    model_config: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1
+) -> int:
+    """Bytes of one KV block on one rank (a rank holds only its KV heads)."""
+    from .parallel import kv_heads_per_rank
+
     elt = torch.empty((), dtype=dtype).element_size()
-    return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elt
+    heads = kv_heads_per_rank(model_config, tensor_parallel_size)
+    return 2 * model_config.num_layers * block_size * heads * model_config.head_dim * elt
 
 
 class ModelRunner:
@@ -70,8 +78,17 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         eos_token_ids: set[int],
+        tp: ParallelContext | None = None,
+        workers: WorkerGroup | None = None,
     ):
         self.model = model
+        # Tensor parallelism: this rank's context; on rank 0 (the driver) also the worker group that
+        # gets every step's StepPlan before the forward pass (whose collectives need every rank).
+        self.tp = tp
+        self.workers = workers
+        # Async scheduling: rank 0 broadcasts each step's sampled tokens so every rank can fill the
+        # next step's placeholders on its own device (set by the engine).
+        self.share_samples = False
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
@@ -84,7 +101,7 @@ class ModelRunner:
                 2,
                 num_blocks,
                 block_size,
-                model_config.num_kv_heads,
+                model_config.num_kv_heads if tp is None else tp.layout.num_kv_heads,
                 model_config.head_dim,
                 dtype=dtype,
                 device=device,
@@ -105,6 +122,8 @@ class ModelRunner:
         """Capture the decode forward for padded batch sizes up to max_batch; returns seconds spent."""
         import time
 
+        if self.workers is not None:  # every rank captures the same graphs: their all_reduces pair up
+            self.workers.send(("capture", max_batch, max_model_len))
         t0 = time.perf_counter()
         sizes = sorted(
             {b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch}
@@ -127,6 +146,9 @@ class ModelRunner:
                 self.model(*args)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
+            # With tensor parallelism the layers' all_reduces (ProcessGroupNCCL) are captured too: NCCL
+            # kernels recorded on the capture stream, replayed in lockstep by every rank; the warm-up
+            # above ran them eagerly first, so the communicator exists before capture.
             with torch.cuda.graph(g, pool=pool):
                 out = self.model(*args)
             self._graphs[b] = (g, out)
@@ -189,19 +211,47 @@ class ModelRunner:
         """
         if self._staging is not None:
             self._staging.begin_step()
-        self._copy_blocks(sched.block_copies)
-        inputs = self.prepare_inputs(sched)
+        plan = self.plan_step(sched)
+        if self.workers is not None:  # before the forward pass: its collectives need every rank
+            self.workers.send(("step", plan))
+        self._copy_blocks(plan.block_copies)
+        inputs = self.stage_inputs(plan)
         hidden = self.forward(inputs)
         step = _LaunchedStep(sched)
-        self._launch_prompt_logprobs(sched.scheduled, inputs, hidden, step)
-        sample_idx = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        self._launch_prompt_logprobs(sched.scheduled, plan, hidden, step)
+        sample_idx = plan.sample_idx
         if sample_idx:
             step.seq_ids = [sched.scheduled[i].seq.seq_id for i in sample_idx]
             self._prev_rows = {sid: r for r, sid in enumerate(step.seq_ids)}
-            step._pending = (sample_idx, self.compute_logits(sample_idx, inputs, hidden))
+            step._pending = (sample_idx, self._logits(hidden, plan.logit_rows[-1], inputs.num_tokens))
         if not defer_sample:
             self.finish_launch(step)
         return step
+
+    @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan) -> None:
+        """Tensor-parallel ranks other than 0: the same step on this rank's shard. The logits are
+        gathered on rank 0 and sampled there; with share_samples the sampled tokens come back by
+        broadcast (for the placeholders of the next step)."""
+        if self._staging is not None:
+            self._staging.begin_step()
+        self._copy_blocks(plan.block_copies)
+        inputs = self.stage_inputs(plan)
+        hidden = self.forward(inputs)
+        for rows in plan.logit_rows:
+            self._logits(hidden, rows, inputs.num_tokens)
+        if plan.sample_idx and plan.share_samples:
+            assert self.tp is not None
+            buf = torch.empty(len(plan.sample_idx), dtype=torch.int64, device=self.device)
+            self._prev_sampled = self.tp.broadcast_from_driver(buf)
+        if self._staging is not None:
+            self._staging.end_step()
+
+    def _logits(self, hidden: torch.Tensor, rows: np.ndarray | None, num_tokens: int) -> torch.Tensor:
+        """compute_logits of hidden's rows (None: the first num_tokens rows)."""
+        if rows is None:
+            return self.model.compute_logits(hidden[:num_tokens])
+        return self.model.compute_logits(hidden[self._stage([rows])[0]])
 
     @torch.inference_mode()
     def finish_launch(self, step: _LaunchedStep) -> None:
@@ -215,6 +265,8 @@ class ModelRunner:
             step._pending = None
             st = self.prepare_sampling(step.sched, sample_idx)
             res = self.sampler(logits, st, self.prepare_token_mask(step.sched, sample_idx))
+            if self.tp is not None and self.share_samples:
+                self.tp.broadcast_from_driver(res.token_ids)
             step.sampled = res.token_ids
             step.logprobs = res.logprobs
             step.num_logprobs = st.num_logprobs
@@ -223,11 +275,11 @@ class ModelRunner:
             self._staging.end_step()
         step.start_readback()
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write KV block copies, before the forward pass writes into them."""
-        if not copies:
+    def _copy_blocks(self, copies: np.ndarray | None) -> None:
+        """Copy-on-write KV block copies ([2, C]: src, dst), before the forward pass writes into them."""
+        if copies is None:
             return
-        src, dst = self._stage([np.array(copies, dtype=np.int64).T.copy()])[0]
+        src, dst = self._stage([copies])[0]
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
@@ -239,6 +291,11 @@ class ModelRunner:
         last token was sampled there but not yet appended on the host) are gathered on the
         device from that launch's sampled-token tensor.
         """
+        return self.stage_inputs(self.plan_step(sched))
+
+    def plan_step(self, sched: SchedulerOutput) -> StepPlan:
+        """The step's inputs as host arrays (the part of prepare_inputs that needs no device),
+        plus which rows need logits: what tensor parallelism sends to every rank."""
         items = sched.scheduled
         B, bs = len(items), self.block_size
         q_lens = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=B)
@@ -285,9 +342,34 @@ class ModelRunner:
         arrays = [tokens, positions, slots, qsl.astype(np.int32), seq_lens.astype(np.int32), block_tables]
         if placeholder_dst:
             arrays.append(np.array([placeholder_dst, placeholder_src], dtype=np.int64))
-        dev = self._stage(arrays)
+        sample_idx = [i for i, s in enumerate(items) if s.sample]
+        prompt_rows = self._prompt_logprob_rows(items, qsl)
+        # Rows of each compute_logits call of the step, in order: prompt logprobs, then the sampled
+        # rows (None: every token, a pure decode step).
+        logit_rows: list[np.ndarray | None] = [r[3] for r in prompt_rows]
+        if sample_idx:
+            logit_rows.append(None if len(sample_idx) == T else qsl[1:][sample_idx] - 1)
+        copies = sched.block_copies
+        return StepPlan(
+            arrays=arrays,
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()),
+            num_seqs=B,
+            num_tokens=T,
+            graph_batch=self._graph_size(B, max_query_len),
+            query_start_loc=qsl,
+            block_copies=np.array(copies, dtype=np.int64).T.copy() if copies else None,
+            sample_idx=sample_idx,
+            prompt_rows=prompt_rows,
+            logit_rows=logit_rows,
+            share_samples=self.share_samples,
+        )
+
+    def stage_inputs(self, plan: StepPlan) -> StepInputs:
+        """A plan's arrays on the device (one staged copy per dtype), placeholders gathered."""
+        dev = self._stage(plan.arrays)
         input_ids = dev[0]
-        if placeholder_dst:
+        if len(dev) > 6:
             dst, src = dev[6]
             assert self._prev_sampled is not None
             input_ids.index_copy_(0, dst, self._prev_sampled.index_select(0, src))
@@ -296,32 +378,42 @@ class ModelRunner:
             query_start_loc=dev[3],
             seq_lens=dev[4],
             block_tables=dev[5],
-            max_query_len=max_query_len,
-            max_seq_len=int(seq_lens.max()),
+            max_query_len=plan.max_query_len,
+            max_seq_len=plan.max_seq_len,
         )
         return StepInputs(
             input_ids=input_ids,
             positions=dev[1],
             attn=attn,
-            num_seqs=B,
-            num_tokens=T,
-            graph_batch=self._graph_size(B, max_query_len),
-            query_start_loc=qsl,
+            num_seqs=plan.num_seqs,
+            num_tokens=plan.num_tokens,
+            graph_batch=plan.graph_batch,
+            query_start_loc=plan.query_start_loc,
         )
+
+    @staticmethod
+    def _prompt_logprob_rows(items: list[ScheduledSeq], qsl: np.ndarray) -> list[tuple]:
+        """(item index, first prompt position, k, token rows) of each sequence asking for prompt logprobs."""
+        out = []
+        for i, s in enumerate(items):
+            seq = s.seq
+            k = seq.params.prompt_logprobs
+            if k is None or s.start >= seq.num_prompt_tokens:
+                continue
+            first = s.start
+            last = min(
+                first + s.num_new_tokens, seq.num_prompt_tokens - 1
+            )  # positions with a next prompt token
+            if last <= first:
+                continue
+            out.append((i, first, k, np.arange(int(qsl[i]), int(qsl[i]) + last - first, dtype=np.int64)))
+        return out
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H] (or more rows: a CUDA graph's padded batch) of the step's tokens."""
         if inputs.graph_batch is not None:
             return self._run_graph(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
-
-    def compute_logits(self, sample_idx: list[int], inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the rows that sample: the last scheduled token of each."""
-        T = inputs.num_tokens
-        if len(sample_idx) == T:  # pure decode: every token is sampled
-            return self.model.compute_logits(hidden[:T])
-        last = self._stage([inputs.query_start_loc[1:][sample_idx] - 1])[0]
-        return self.model.compute_logits(hidden[last])
 
     def prepare_sampling(self, sched: SchedulerOutput, sample_idx: list[int]) -> SamplingTensors:
         """SamplingTensors of the rows that sample."""
@@ -378,24 +470,41 @@ class ModelRunner:
         return out
 
     def _launch_prompt_logprobs(
-        self, items: list[ScheduledSeq], inputs: StepInputs, hidden: torch.Tensor, step: _LaunchedStep
+        self, items: list[ScheduledSeq], plan: StepPlan, hidden: torch.Tensor, step: _LaunchedStep
     ) -> None:
-        qsl = inputs.query_start_loc
-        for i, s in enumerate(items):
-            seq = s.seq
-            k = seq.params.prompt_logprobs
-            if k is None or s.start >= seq.num_prompt_tokens:
-                continue
-            first = s.start
-            last = min(
-                first + s.num_new_tokens, seq.num_prompt_tokens - 1
-            )  # positions with a next prompt token
-            if last <= first:
-                continue
-            rows = torch.arange(int(qsl[i]), int(qsl[i]) + last - first, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
+        for i, first, k, rows in plan.prompt_rows:
+            seq = items[i].seq
+            logits = self.model.compute_logits(hidden[self._stage([rows])[0]])
+            last = first + len(rows)
             targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=self.device)
             step.prompt_logprobs.append((seq.seq_id, first, k, compute_prompt_logprobs(logits, targets, k)))
+
+
+@dataclass
+class StepPlan:
+    """One step's model inputs as host arrays (plan_step): what rank 0 stages and, with tensor
+    parallelism, pickles once per step to every other rank (a few KB: no Seq objects)."""
+
+    arrays: list[np.ndarray]
+    """tokens, positions, slots (int64), query_start_loc, seq_lens (int32), block tables (int32)
+    [, placeholders [2, P] int64: (token index, row of the previous step's sampled tokens)]."""
+    max_query_len: int
+    max_seq_len: int
+    num_seqs: int
+    num_tokens: int
+    graph_batch: int | None
+    query_start_loc: np.ndarray
+    """[B+1] int64."""
+    block_copies: np.ndarray | None
+    """[2, C] int64 (src, dst) copy-on-write copies, or None."""
+    sample_idx: list[int]
+    """Indices (into the scheduled sequences) of the rows that sample."""
+    prompt_rows: list[tuple]
+    """(item index, first position, k, token rows) per sequence asking for prompt logprobs."""
+    logit_rows: list[np.ndarray | None]
+    """Token rows of each compute_logits call, in order (prompt logprobs, then sampling)."""
+    share_samples: bool = False
+    """Rank 0 broadcasts the sampled tokens after sampling (async scheduling)."""
 
 
 @dataclass

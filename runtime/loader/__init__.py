@@ -5,6 +5,20 @@ runtime/loader/loader.py resolves the source and owns the dummy initialiser;
 safetensors_loader.py and gguf_loader.py read the two file formats.
 """
 
-from .loader import LoadedModel, ModelLoadError, embedded_model_path, init_dummy_weights, load_model
+from .loader import (
+    LoadedModel,
+    ModelLoadError,
+    embedded_model_path,
+    init_dummy_weights,
+    load_model,
+    peek_model_config,
+)
 
-__all__ = ["LoadedModel", "ModelLoadError", "embedded_model_path", "init_dummy_weights", "load_model"]
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "embedded_model_path",
+    "init_dummy_weights",
+    "load_model",
+    "peek_model_config",
+]

@@ -24,6 +24,7 @@ from fleetserve.kernels import KernelOps, get_ops
 
 from ..models import PRESETS, ModelConfig, UnsupportedModelError, build_model
 from ..models.layers import CausalLM
+from ..parallel import ParallelContext, ShardLayout, shard_weights
 from ..protocols import LoadSettings
 from ..tokenizer import Tokenizer, TokenizerLoadError
 from .errors import ModelLoadError
@@ -89,9 +90,12 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     ops: KernelOps | None = None,
+    tp: ParallelContext | None = None,
 ) -> LoadedModel:
     """Build and fill the model engine_config names. device/dtype/ops default from engine_config
-    (auto: cuda + bfloat16 + triton when CUDA is available, else cpu + float32 + torch)."""
+    (auto: cuda + bfloat16 + triton when CUDA is available, else cpu + float32 + torch).
+    tp: build and read only that tensor-parallel rank's share (runtime/parallel.py); the split is
+    checked against the model's config before any weight is read."""
     device = torch.device(device or _resolve_device(engine_config))
     dtype = dtype or _resolve_dtype(engine_config.dtype, device)
     ops = ops or get_ops(_resolve_backend(engine_config.attention_backend, device))
@@ -113,16 +117,16 @@ def load_model(
                 model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
             )
         if model_arg is None:
-            model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed)
+            model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed, tp)
             gen_defaults = dict(EMBEDDED_GENERATION_DEFAULTS)
         elif model_arg in PRESETS:
             if load_format not in ("auto", "dummy"):
                 raise ModelLoadError(f"preset {model_arg!r} has no weights: use load_format='dummy'")
             cfg = PRESETS[model_arg]
-            model = _dummy_model(cfg, device, dtype, ops, seed)
+            model = _dummy_model(cfg, device, dtype, ops, seed, tp)
             tok = _preset_tokenizer()
         elif os.path.isdir(model_arg):
-            model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed)
+            model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed, tp)
             gen_defaults = generation_defaults_of_dir(model_arg)
         elif os.path.isfile(model_arg):
             if not (model_arg.endswith(".gguf") or load_format == "gguf"):
@@ -130,7 +134,7 @@ def load_model(
                     f"model file {model_arg!r} is not a .gguf file; "
                     "pass a Hugging Face model directory, a .gguf file or a preset"
                 )
-            model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed)
+            model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed, tp)
         else:
             raise ModelLoadError(
                 f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
@@ -148,6 +152,45 @@ def load_model(
             )
         tok.chat_template = read_chat_template(template)
     return LoadedModel(model, cfg, tok, name, gen_defaults)
+
+
+def peek_model_config(engine_config: LoadSettings) -> tuple[ModelConfig, str | None]:
+    """The model's config without reading weights (config.json, GGUF metadata, a preset), and the
+    local source a worker should load (a Hub name resolved to its cached snapshot). Tensor
+    parallelism checks the split on it before any rank starts loading."""
+    model_arg = engine_config.model
+    try:
+        if (
+            model_arg is not None
+            and model_arg not in PRESETS
+            and not os.path.exists(model_arg)
+            and parse_repo_id(model_arg) is not None
+        ):
+            model_arg = resolve_hub_model(
+                model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
+            )
+        if model_arg is None:
+            return GGUFFile(embedded_model_path()).model_config(), None
+        if model_arg in PRESETS:
+            return PRESETS[model_arg], model_arg
+        path = model_arg
+        if os.path.isdir(path):
+            cfg_file = os.path.join(path, "config.json")
+            if os.path.isfile(cfg_file):
+                name = os.path.basename(os.path.normpath(path))
+                return ModelConfig.from_hf_config(read_json(cfg_file), name=name), model_arg
+            ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+            if len(ggufs) != 1:
+                raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
+            path = os.path.join(path, ggufs[0])
+        if os.path.isfile(path):
+            return GGUFFile(path).model_config(), model_arg
+        raise ModelLoadError(
+            f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
+            f"({', '.join(sorted(PRESETS))}), nor a Hub name (org/name)"
+        )
+    except UnsupportedModelError as e:
+        raise ModelLoadError(f"{model_arg or EMBEDDED_MODEL_NAME}: {e}") from e
 
 
 def read_chat_template(value: str) -> str:
@@ -172,22 +215,26 @@ def read_chat_template(value: str) -> str:
     return text
 
 
-def _load_dir(path, device, dtype, ops, load_format, seed):
+def _load_dir(path, device, dtype, ops, load_format, seed, tp=None):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
         if len(ggufs) == 1:
-            return _load_gguf(os.path.join(path, ggufs[0]), device, dtype, ops, load_format, seed)
+            return _load_gguf(os.path.join(path, ggufs[0]), device, dtype, ops, load_format, seed, tp)
         raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
     hf = read_json(cfg_file)
     cfg = ModelConfig.from_hf_config(hf, name=os.path.basename(os.path.normpath(path)))
     eos = tuple(dict.fromkeys(cfg.eos_token_ids + tuple(eos_ids_of_dir(path))))
     cfg = cfg.with_(eos_token_ids=eos)
+    layout = _split(cfg, tp)
     if load_format == "dummy":
-        model = _dummy_model(cfg, device, dtype, ops, seed)
+        model = _dummy_model(cfg, device, dtype, ops, seed, tp)
     elif load_format in ("auto", "safetensors"):
-        model = build_model(cfg, ops, dtype, device)
-        _fill(model, iter_safetensors(safetensors_files(path)), path)
+        model = build_model(cfg, ops, dtype, device, tp=tp)
+        # A rank reads only its slices: lazy tensors, cut by shard_weights before they are read.
+        _fill(
+            model, shard_weights(iter_safetensors(safetensors_files(path), lazy=tp is not None), layout), path
+        )
     else:
         raise ModelLoadError(f"load_format {load_format!r} does not fit the directory {path}")
     tok = None
@@ -198,16 +245,18 @@ def _load_dir(path, device, dtype, ops, load_format, seed):
     return model, cfg, tok
 
 
-def _load_gguf(path, device, dtype, ops, load_format, seed):
+def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None):
     if load_format not in ("auto", "gguf", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} does not fit the GGUF file {path}")
     f = GGUFFile(path)
     cfg = f.model_config()
+    layout = _split(cfg, tp)
     if load_format == "dummy":
-        model = _dummy_model(cfg, device, dtype, ops, seed)
+        model = _dummy_model(cfg, device, dtype, ops, seed, tp)
     else:
-        model = build_model(cfg, ops, dtype, device)
-        _fill(model, f.iter_weights(cfg), path)
+        model = build_model(cfg, ops, dtype, device, tp=tp)
+        # GGUF tensors are dequantized one at a time, then cut to this rank's slice.
+        _fill(model, shard_weights(f.iter_weights(cfg), layout), path)
     return model, cfg, Tokenizer.from_gguf_metadata(f.meta, extra_eos_token_ids=cfg.eos_token_ids)
 
 
@@ -224,8 +273,14 @@ def _fill(model, weights, source: str) -> None:
         raise ModelLoadError(f"{source} is missing weights: {', '.join(missing[:5])}{more}")
 
 
-def _dummy_model(cfg, device, dtype, ops, seed) -> CausalLM:
-    model = build_model(cfg, ops, dtype, device)
+def _split(cfg: ModelConfig, tp: ParallelContext | None) -> ShardLayout | None:
+    """This rank's layout (checks the split before any weight is read); None without tensor parallelism."""
+    return None if tp is None else tp.set_model(cfg)
+
+
+def _dummy_model(cfg, device, dtype, ops, seed, tp=None) -> CausalLM:
+    _split(cfg, tp)
+    model = build_model(cfg, ops, dtype, device, tp=tp)
     init_dummy_weights(model, seed)
     return model
 

@@ -42,9 +42,15 @@ def safetensors_files(model_dir: str) -> list[str]:
     return files
 
 
-def iter_safetensors(files: list[str], desc: str = "Loading weights") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, CPU tensor) of every tensor, file by file, with a progress bar over tensors."""
+def iter_safetensors(
+    files: list[str], desc: str = "Loading weights", lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, CPU tensor) of every tensor, file by file, with a progress bar over tensors.
+    lazy: yield runtime.parallel.LazySlice objects instead (nothing read until indexed; valid
+    until the next item), so that a tensor-parallel rank reads only its slice."""
     from safetensors import safe_open
+
+    from ..parallel import LazySlice
 
     def opened(path):
         try:
@@ -61,7 +67,7 @@ def iter_safetensors(files: list[str], desc: str = "Loading weights") -> Iterato
             with opened(path) as f:
                 for name in f.keys():
                     try:
-                        tensor = f.get_tensor(name)
+                        tensor = LazySlice(f.get_slice(name), name, path) if lazy else f.get_tensor(name)
                     except Exception as e:  # truncated data section
                         raise ModelLoadError(f"corrupt safetensors file {path}: tensor {name!r}: {e}") from e
                     yield name, tensor

@@ -17,7 +17,7 @@ fixed at build time. Tokens of all sequences of a step are packed: [T, ...].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +214,9 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+        # Tensor parallelism (runtime/parallel.py) sets this: the LM head then holds a slice of the
+        # vocabulary and this gathers the logits on rank 0 (None on the other ranks).
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg), persistent=False)
         if cfg.local_rope_theta is not None:
             self.register_buffer("cos_sin_cache_local", rope_cos_sin_cache(cfg, local=True), persistent=False)
@@ -245,9 +248,15 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] (only the rows to sample) -> float32 logits [N, V] (soft-capped if configured)."""
+        """hidden [N, H] (only the rows to sample) -> float32 logits [N, V] (soft-capped if configured);
+        with tensor parallelism None on every rank but 0."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, w).float()
+        logits = F.linear(hidden, w)
+        if self.gather_logits is not None:
+            logits = self.gather_logits(logits)
+            if logits is None:
+                return None  # type: ignore[return-value]
+        logits = logits.float()
         cap = self.config.final_logit_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -293,10 +302,18 @@ class CausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         cfg = self.config
-        sizes_of = {
-            "qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
-            "gate_up_proj": [cfg.intermediate_size] * 2,
-        }
+        # Sizes from the built modules: tensor parallelism shrinks them to one rank's share.
+        attn = getattr(self.model.layers[0], "self_attn", None)
+        q, kv = (cfg.q_size, cfg.kv_size) if attn is None else (attn.q_size, attn.kv_size)
+        inter = next(
+            (
+                layer.mlp.gate_up_proj.out_features // 2
+                for layer in self.model.layers
+                if isinstance(getattr(layer, "mlp", None), GatedMLP)
+            ),
+            cfg.intermediate_size,
+        )
+        sizes_of = {"qkv_proj": [q, kv, kv], "gate_up_proj": [inter] * 2}
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
         for stored_name, tensor in weights:
@@ -339,15 +356,21 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     model_cls: type | None = None,
+    tp=None,
 ) -> CausalLM:
     """An uninitialised model of the config's family (weights empty) in `dtype` on `device`; fill it
-    with load_weights or runtime.loader's dummy initialiser. The RoPE tables are ready, in float32."""
+    with load_weights or runtime.loader's dummy initialiser. The RoPE tables are ready, in float32.
+    tp: a runtime.parallel.ParallelContext: only that rank's share is allocated."""
     from .registry import family
 
     model_config.validate()
     cls = model_cls or family(model_config.arch).model_cls
     with torch.device("meta"):  # no host allocation or init kernels for weights about to be overwritten
         model = cls(model_config, ops).to(dtype)
+        if tp is not None:
+            from ..parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, tp)
     model = model.to_empty(device=device)
     model.reset_rope_cache()
     return model.eval().requires_grad_(False)

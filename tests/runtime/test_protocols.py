@@ -30,8 +30,8 @@ def test_engine_satisfies_engine_core():
         "max_model_len",
         "limits",
     }
-    # the four attributes are set in LLMEngine.__init__
-    src = LLMEngine.__init__.__code__.co_names
+    # the four attributes are set in LLMEngine.__init__ (its body is _start, so that a failed start stops the workers)
+    src = LLMEngine.__init__.__code__.co_names + LLMEngine._start.__code__.co_names
     assert {"tokenizer", "model_name", "max_model_len", "limits"} <= set(src)
 
 
@@ -52,4 +52,4 @@ def test_core_clients_satisfy_core_client():
     assert _members(protocols.CoreInfo) <= {f.name for f in dataclasses.fields(EngineInfo)}
     # the core loop turns detokenization off: the engine must have the switch
     assert "detokenize" in protocols.EngineCore.__annotations__
-    assert "detokenize" in LLMEngine.__init__.__code__.co_names
+    assert "detokenize" in LLMEngine._start.__code__.co_names
