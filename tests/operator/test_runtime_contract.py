@@ -91,6 +91,8 @@ _NOT_EXPOSED = {
     "grammar_compile_threads",
     "grammar_cache_size",
     "max_grammar_bytes",
+    # Set by the operator from resources.gpus (issue #16, operator side).
+    "tensor_parallel_size",
 }
 _CONSTRAINTS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 

@@ -272,3 +272,77 @@ def test_each_rank_reads_only_its_slices(tmp_path):
     kv = 2 * 2 * (16 * 48 + 16)  # 2 layers x (k, v) x (weight + bias)
     for rank in range(4):
         assert read[rank] < full / 4 + kv + 97 * 48  # + at most one padded vocabulary shard
+
+
+# ---------------------------------------------------------------- the sharded model alone, ranks as threads
+def _run_ranks(n: int, fn):
+    """fn(ctx) on n ranks at once, as threads of this process joined by gloo; returns rank 0's result."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from fleetserve.runtime.parallel import ParallelContext
+
+    master = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def rank_main(r):
+        try:
+            store = master if r == 0 else dist.TCPStore("127.0.0.1", master.port, None, False)
+            ctx = ParallelContext(r, n, torch.device("cpu"), store=store)
+            results[r] = fn(ctx)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(datetime.timedelta(minutes=2).total_seconds())
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize(
+    "case", ["qwen3-gqa2-d32-tied", "mistral-gqa2-d32-sliding", "llama-gqa2-d64-tied-llama3"]
+)
+def test_sharded_model_matches_transformers(case, n):
+    """Families beyond the engine tests' two (Qwen3 q/k norms, Mistral's sliding window, llama3
+    RoPE with tied embeddings): every rank's shard in one forward, rank 0's logits vs transformers."""
+    from fleetserve.kernels import get_ops
+    from fleetserve.runtime.attention import AttentionMetadata
+    from fleetserve.runtime.models import ModelConfig, build_model
+    from fleetserve.runtime.parallel import shard_weights
+
+    from .test_models import CASES, make_hf_model
+
+    hf = make_hf_model(*CASES[case])
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+
+    def rank(ctx):
+        ctx.set_model(cfg)
+        model = build_model(cfg, get_ops("torch"), torch.float32, "cpu", tp=ctx)
+        assert model.load_weights(shard_weights(hf.state_dict().items(), ctx.layout)) == model.weight_names()
+        ctx.connect("127.0.0.1", 0)
+        bs, T = 4, len(ids)
+        kv = [torch.zeros(2, 8, bs, ctx.layout.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+        attn = AttentionMetadata(
+            slot_mapping=torch.arange(T),
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32),
+            seq_lens=torch.tensor([T], dtype=torch.int32),
+            block_tables=torch.arange(8, dtype=torch.int32)[None],
+            max_query_len=T,
+            max_seq_len=T,
+        )
+        with torch.no_grad():
+            hidden = model(torch.tensor(ids), torch.arange(T), attn, kv)
+            return model.compute_logits(hidden)
+
+    logits = _run_ranks(n, rank)
+    torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
