@@ -29,6 +29,9 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 57)), [61], [7, 7, 7, 8, 20, 11, 3, 19, 42, 60]]
 NEW = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+# Seeded sampling of n=2 forks (copy-on-write block copies on every rank) with logprobs and
+# prompt logprobs (their logits gathered on rank 0 too).
+EXTRAS = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=6, logprobs=2, prompt_logprobs=2)
 # 4 sequences of up to 33 tokens need 36 blocks of 4: with 16 they cannot all stay resident.
 SMALL_KV = 16
 
@@ -39,10 +42,10 @@ MODELS = {
 }
 
 
-def build_hf(name: str, path) -> torch.nn.Module:
+def build_hf(name: str, path, **over) -> torch.nn.Module:
     cfg_cls, cls, heads, kv, tied, bias = MODELS[name]
     torch.manual_seed(0)
-    cfg = getattr(transformers, cfg_cls)(
+    kw = dict(
         vocab_size=97,
         hidden_size=48,
         intermediate_size=40,
@@ -58,6 +61,7 @@ def build_hf(name: str, path) -> torch.nn.Module:
         eos_token_id=2,
         pad_token_id=0,
     )
+    cfg = getattr(transformers, cfg_cls)(**{**kw, **over})
     model = getattr(transformers, cls)(cfg).float().eval()
     if bias:  # random biases so that a wrongly split bias changes tokens
         with torch.no_grad():
@@ -90,7 +94,8 @@ def tiny(request, tmp_path_factory):
     refs = [hf_greedy(hf, p, NEW) for p in PROMPTS]
     one = LLM(model=str(path), device="cpu", block_size=4, num_kv_blocks=256)
     tp1 = [o.outputs[0].token_ids for o in one.generate(_prompts(PROMPTS), GREEDY)]
-    return request.param, str(path), refs, tp1
+    extras = one.generate(_prompts(PROMPTS[:2]), EXTRAS)
+    return request.param, str(path), refs, tp1, extras
 
 
 def _prompts(ps):
@@ -119,7 +124,7 @@ def _wait_no_workers(timeout: float = 10.0) -> list:
 # tokens that the next step's placeholders need) alternate over the cases.
 @pytest.mark.parametrize("n,pipelined", [(2, False), (4, True)], ids=["tp2-sync", "tp4-async"])
 def test_greedy_matches_tp1_and_transformers_with_and_without_preemption(tiny, n, pipelined):
-    name, path, refs, tp1 = tiny
+    name, path, refs, tp1, extras = tiny
     assert tp1 == refs  # the TP=1 engine agrees with transformers
     pipelined = pipelined if name == "llama-gqa" else not pipelined
     with LLM(
@@ -139,7 +144,23 @@ def test_greedy_matches_tp1_and_transformers_with_and_without_preemption(tiny, n
         assert outs == refs
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.scheduler.kv.num_free_blocks == SMALL_KV
+        _same_extras(llm.generate(_prompts(PROMPTS[:2]), EXTRAS), extras)
     assert _wait_no_workers() == []
+
+
+def _same_extras(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert [c.token_ids for c in g.outputs] == [c.token_ids for c in w.outputs]
+        for gc, wc in zip(g.outputs, w.outputs):
+            for gp, wp in zip(gc.logprobs, wc.logprobs, strict=True):
+                assert gp.keys() == wp.keys()
+                for t in gp:
+                    assert gp[t].logprob == pytest.approx(wp[t].logprob, abs=1e-4)
+        for gp, wp in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:], strict=True):
+            assert gp.keys() == wp.keys()
+            assert [x.logprob for x in gp.values()] == pytest.approx(
+                [x.logprob for x in wp.values()], abs=1e-4
+            )
 
 
 def test_killed_worker_ends_the_engine_naming_its_rank_and_leaves_no_process(tmp_path):
@@ -346,3 +367,39 @@ def test_sharded_model_matches_transformers(case, n):
 
     logits = _run_ranks(n, rank)
     torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_sharded_gguf_matches_transformers(tmp_path, n):
+    """GGUF with tensor parallelism: each tensor dequantized, llama.cpp's q/k row permutation undone,
+    then cut to the rank's slice (ranks as threads, rank 0's logits vs transformers)."""
+    pytest.importorskip("gguf")
+    from fleetserve.runtime.attention import AttentionMetadata
+    from fleetserve.runtime.loader import load_model
+
+    from .test_loader import write_gguf
+
+    hf = build_hf("llama-gqa", tmp_path / "hf", hidden_size=64)  # GGUF: head_dim = hidden / heads
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf)
+    ids = [5, 17, 33, 2, 9, 61, 7]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+
+    def rank(ctx):
+        loaded = load_model(EngineConfig(model=str(path), device="cpu"), "cpu", torch.float32, tp=ctx)
+        ctx.connect("127.0.0.1", 0)
+        cfg, T = loaded.model_config, len(ids)
+        kv = [torch.zeros(2, 4, 4, ctx.layout.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+        attn = AttentionMetadata(
+            slot_mapping=torch.arange(T),
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32),
+            seq_lens=torch.tensor([T], dtype=torch.int32),
+            block_tables=torch.arange(4, dtype=torch.int32)[None],
+            max_query_len=T,
+            max_seq_len=T,
+        )
+        with torch.no_grad():
+            return loaded.model.compute_logits(loaded.model(torch.tensor(ids), torch.arange(T), attn, kv))
+
+    torch.testing.assert_close(_run_ranks(n, rank), ref, atol=2e-5, rtol=1e-4)
