@@ -277,9 +277,12 @@ def apply_tensor_parallel(model: nn.Module, tp: ParallelContext) -> nn.Module:
             m.down_proj.tp = tp
     backbone = model.model
     old = backbone.embed_tokens
-    emb = VocabParallelEmbedding(
+    rows = torch.empty(
         lay.vocab_per_rank, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype
     )
+    emb = VocabParallelEmbedding(
+        lay.vocab_per_rank, old.embedding_dim, _weight=rows
+    )  # no init (see Backbone)
     emb.tp = tp
     backbone.embed_tokens = emb
     if model.lm_head is not None:

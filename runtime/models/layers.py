@@ -181,7 +181,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_cls):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: skip nn.Embedding's random init, which on the meta device imports torch._dynamo
+        # (seconds per process: every tensor-parallel worker paid it); weights are filled later anyway.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(layer_cls(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -217,9 +221,17 @@ class CausalLM(nn.Module):
         # Tensor parallelism (runtime/parallel.py) sets this: the LM head then holds a slice of the
         # vocabulary and this gathers the logits on rank 0 (None on the other ranks).
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
-        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg), persistent=False)
+        self.register_buffer("cos_sin_cache", self._rope_init(cfg), persistent=False)
         if cfg.local_rope_theta is not None:
-            self.register_buffer("cos_sin_cache_local", rope_cos_sin_cache(cfg, local=True), persistent=False)
+            self.register_buffer("cos_sin_cache_local", self._rope_init(cfg, local=True), persistent=False)
+
+    @staticmethod
+    def _rope_init(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+        # Built on the meta device (build_model), the tables are placeholders that reset_rope_cache
+        # fills once the model has its device: computing them on meta imports torch._dynamo (seconds).
+        if torch.get_default_device().type == "meta":
+            return torch.empty(cfg.max_position_embeddings, cfg.head_dim)
+        return rope_cos_sin_cache(cfg, local=local)
 
     def _rope_buffers(self) -> list[str]:
         return ["cos_sin_cache"] + (
@@ -371,6 +383,8 @@ def build_model(
             from ..parallel import apply_tensor_parallel
 
             apply_tensor_parallel(model, tp)
-    model = model.to_empty(device=device)
+    # to_empty(device) without its empty_like on meta tensors, whose reference implementation imports
+    # torch._dynamo (seconds in every process: each tensor-parallel worker paid it).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.reset_rope_cache()
     return model.eval().requires_grad_(False)
