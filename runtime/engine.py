@@ -127,7 +127,8 @@ class LLMEngine:
         self._finalizer = weakref.finalize(self, self.workers.close)
         tp = ParallelContext(0, n, self.device)
         tp.store = self.workers.store
-        tp.on_error = lambda e: self.workers.failure_or(cause=e)  # type: ignore[union-attr]
+        workers = self.workers
+        tp.on_error = lambda e: workers.failure_or(cause=e)
         return tp
 
     def _start(self, config: EngineConfig) -> None:

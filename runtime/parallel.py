@@ -190,7 +190,9 @@ class ParallelContext:
             self.store = dist.TCPStore(host, port, None, False, timeout=timeout)
         store = dist.PrefixStore("fleetserve-tp", self.store)
         if self.device.type == "cuda":
-            self.group = dist.ProcessGroupNCCL(store, self.rank, self.world_size, timeout=timeout)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(store, self.rank, self.world_size, opts)
         else:
             self.group = dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
 
@@ -252,12 +254,21 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
 
 
-def _resize_linear(lin: nn.Linear, out_f: int, in_f: int, cls: type = nn.Linear) -> nn.Linear:
-    new = cls(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+def _resize_linear(lin: nn.Linear, out_f: int, in_f: int) -> nn.Linear:
+    return nn.Linear(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def _row_parallel(lin: nn.Linear, in_f: int, tp: ParallelContext) -> RowParallelLinear:
+    if lin.bias is not None:  # would be added once per rank by the all_reduce
+        raise UnsupportedModelError("row-parallel projections with a bias are not supported")
+    new = RowParallelLinear(
+        in_f, lin.out_features, bias=False, device=lin.weight.device, dtype=lin.weight.dtype
+    )
+    new.tp = tp
     return new
 
 
-def apply_tensor_parallel(model: nn.Module, tp: ParallelContext) -> nn.Module:
+def apply_tensor_parallel(model: Any, tp: ParallelContext) -> Any:
     """Shrink a (meta-device) model of a TP_FAMILIES family to rank tp.rank's share, in place."""
     from .models.layers import Attention, GatedMLP
 
@@ -268,21 +279,18 @@ def apply_tensor_parallel(model: nn.Module, tp: ParallelContext) -> nn.Module:
             m.num_heads, m.num_kv_heads = lay.num_heads, lay.num_kv_heads
             m.q_size, m.kv_size = lay.num_heads * d, lay.num_kv_heads * d
             m.qkv_proj = _resize_linear(m.qkv_proj, m.q_size + 2 * m.kv_size, m.qkv_proj.in_features)
-            m.o_proj = _resize_linear(m.o_proj, m.o_proj.out_features, m.q_size, RowParallelLinear)
-            m.o_proj.tp = tp
+            m.o_proj = _row_parallel(m.o_proj, m.q_size, tp)
         elif isinstance(m, GatedMLP):
             hidden = m.gate_up_proj.in_features
             m.gate_up_proj = _resize_linear(m.gate_up_proj, 2 * lay.intermediate, hidden)
-            m.down_proj = _resize_linear(m.down_proj, hidden, lay.intermediate, RowParallelLinear)
-            m.down_proj.tp = tp
+            m.down_proj = _row_parallel(m.down_proj, lay.intermediate, tp)
     backbone = model.model
     old = backbone.embed_tokens
+    # _weight: no random init (see Backbone)
     rows = torch.empty(
         lay.vocab_per_rank, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype
     )
-    emb = VocabParallelEmbedding(
-        lay.vocab_per_rank, old.embedding_dim, _weight=rows
-    )  # no init (see Backbone)
+    emb = VocabParallelEmbedding(lay.vocab_per_rank, old.embedding_dim, _weight=rows)
     emb.tp = tp
     backbone.embed_tokens = emb
     if model.lm_head is not None:

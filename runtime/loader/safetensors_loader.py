@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
@@ -44,7 +44,7 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 def iter_safetensors(
     files: list[str], desc: str = "Loading weights", lazy: bool = False
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, Any]]:
     """Yields (name, CPU tensor) of every tensor, file by file, with a progress bar over tensors.
     lazy: yield runtime.parallel.LazySlice objects instead (nothing read until indexed; valid
     until the next item), so that a tensor-parallel rank reads only its slice."""

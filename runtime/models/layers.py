@@ -265,9 +265,10 @@ class CausalLM(nn.Module):
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, w)
         if self.gather_logits is not None:
-            logits = self.gather_logits(logits)
-            if logits is None:
+            gathered = self.gather_logits(logits)
+            if gathered is None:
                 return None  # type: ignore[return-value]
+            logits = gathered
         logits = logits.float()
         cap = self.config.final_logit_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
@@ -316,15 +317,9 @@ class CausalLM(nn.Module):
         cfg = self.config
         # Sizes from the built modules: tensor parallelism shrinks them to one rank's share.
         attn = getattr(self.model.layers[0], "self_attn", None)
-        q, kv = (cfg.q_size, cfg.kv_size) if attn is None else (attn.q_size, attn.kv_size)
-        inter = next(
-            (
-                layer.mlp.gate_up_proj.out_features // 2
-                for layer in self.model.layers
-                if isinstance(getattr(layer, "mlp", None), GatedMLP)
-            ),
-            cfg.intermediate_size,
-        )
+        q, kv = (cfg.q_size, cfg.kv_size) if attn is None else (int(attn.q_size), int(attn.kv_size))
+        mlps = [m for layer in self.model.layers if isinstance(m := getattr(layer, "mlp", None), GatedMLP)]
+        inter = mlps[0].gate_up_proj.out_features // 2 if mlps else cfg.intermediate_size
         sizes_of = {"qkv_proj": [q, kv, kv], "gate_up_proj": [inter] * 2}
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
