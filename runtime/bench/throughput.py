@@ -127,6 +127,8 @@ def _llm_kwargs(args) -> dict:
         seed=args.seed,
         max_model_len=args.input_len + args.output_len + 16,
     )
+    if args.tensor_parallel_size != 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tokenizer:
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks (GPUs) per model")
     ap.add_argument(
         "--baseline",
         choices=["none", "hf"],
