@@ -99,6 +99,13 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        self._closed = False
+        # Device memory this process's tensors held before this engine loaded anything (another
+        # engine not closed, a test's leftovers): named in the error when the KV cache does not fit.
+        self._held_before = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self._held_before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         loaded = load_model(config, self.device, self.dtype)
         self.model_config = loaded.model_config
@@ -239,20 +246,80 @@ class LLMEngine:
             )
         return int(n)
 
+    # Device memory kept free beside the KV cache when the card is shared (CUDA graphs' pool,
+    # cuBLAS workspaces, the allocator's fragmentation): the budget of gpu_memory_utilization
+    # leaves more than this whenever the engine is alone on the card.
+    _FREE_MARGIN_BYTES = 1 << 30
+
     def _profile_cuda_blocks(self, model, per_block: int) -> int:
-        """Blocks that fit in gpu_memory_utilization of the card after weights and a peak-activation forward."""
+        """KV blocks for this engine: gpu_memory_utilization is this engine's share of the card
+        (as in vLLM: two engines on one card can take 0.45 each), less its weights and a
+        peak-activation estimate; and no more than is free now, less the activations and a margin.
+
+        Memory the caching allocator keeps but no tensor uses (an engine closed earlier in this
+        process) is given back to the driver first, so that it counts as free."""
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        used_before = total - free
+        held = self._held_before
+        weights = torch.cuda.memory_allocated() - held
         # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
         budget_tokens = self.config.max_num_batched_tokens or 8192
         act = (
             budget_tokens * (self.model_config.hidden_size * 12 + self.model_config.intermediate_size * 6) * 2
         )
         act += self.config.max_num_seqs * self.model_config.vocab_size * 4 * 4
-        avail = total * self.config.gpu_memory_utilization - used_before - act
-        return max(int(avail // per_block), 0)
+        share = total * self.config.gpu_memory_utilization - weights - act
+        room = free - act - self._FREE_MARGIN_BYTES
+        n = max(int(min(share, room) // per_block), 0)
+        if room < share:
+            gib = 1 << 30
+            others = total - free - torch.cuda.memory_reserved()
+            msg = (
+                f"{free / gib:.1f} GiB of {total / gib:.1f} GiB free after loading the weights "
+                f"({weights / gib:.1f} GiB): {held / gib:.1f} GiB held by something else in this "
+                f"process (an engine not closed? LLM.close() frees one), {max(others, 0) / gib:.1f} GiB "
+                f"by the CUDA context and other processes; {act / gib:.1f} GiB kept for activations"
+            )
+            if n < cdiv(16, self.block_size):
+                raise ValueError(f"KV cache too small: {n} blocks of {self.block_size} tokens fit: {msg}")
+            logger.warning(
+                "KV cache limited to %d blocks by free memory (gpu_memory_utilization=%s allows %d): %s",
+                n,
+                self.config.gpu_memory_utilization,
+                int(share // per_block),
+                msg,
+            )
+        return n
+
+    # -- lifecycle --------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the engine holds on the device (weights, KV cache, CUDA graphs and their
+        memory pool, staging buffers) and stop the grammar compiler's threads. Requests not
+        finished are dropped without outputs. The engine is unusable afterwards; closing twice
+        is a no-op. Without close() the memory lives until the garbage collector breaks the
+        engine's reference cycles (bound methods it hands out), i.e. at no predictable time."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inflight = None
+        self._requests.clear()
+        self._pending_outputs.clear()
+        self._grammar_waiting.clear()
+        if self._structured is not None:
+            self._structured.shutdown()
+        self.runner.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # give the blocks back to the driver: the next engine sizes from it
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine was closed: create a new one")
 
     # -- requests -------------------------------------------------------------
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -292,6 +359,7 @@ class LLMEngine:
         saves building an output object for every request in every step. delta: each output
         holds only what is new since the request's previous output (token ids, logprobs, text,
         prompt logprobs), so no cumulative list is copied per step."""
+        self._check_open()
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -430,6 +498,7 @@ class LLMEngine:
         repetition/presence/frequency penalties need every token on the host before
         sampling: while any is running, steps run one at a time.
         """
+        self._check_open()
         if self._grammar_waiting:
             self._admit_compiled()
         outputs, self._pending_outputs = self._pending_outputs, []

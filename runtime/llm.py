@@ -5,6 +5,8 @@
     outputs = llm.chat(messages, SamplingParams(...))       # chat template of the model
 
 It owns one LLMEngine and runs its loop until every submitted request finished.
+`llm.close()` (or `with LLM(...) as llm:`) releases the engine's device memory (weights,
+KV cache, CUDA graphs) at once, so that another engine can be built in the same process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ class LLM:
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self._counter = itertools.count()
+
+    def close(self) -> None:
+        """Release the model, the KV cache and the CUDA graphs now (see LLMEngine.close); this
+        LLM cannot generate afterwards. Closing twice is a no-op."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

@@ -94,10 +94,26 @@ class ModelRunner:
         self.sampler = Sampler()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
+        self._static: dict[str, torch.Tensor] = {}
         self._prev_sampled: torch.Tensor | None = None  # last launch's sampled tokens (device)
         self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
         # CUDA: reused pinned buffers for every host->device copy. CPU: arrays are used in place.
         self._staging = HostStaging(device, pin=True) if device.type == "cuda" else None
+
+    def close(self) -> None:
+        """Drop every device tensor the runner holds: CUDA graphs (their private memory pool is
+        released with the last graph and its output tensors), the graphs' static inputs, the KV
+        cache, the weights, the staging buffers and the last step's sampled tokens. The runner is
+        unusable afterwards."""
+        self._graphs.clear()
+        self._graph_sizes = []
+        self._static = {}
+        self.kv_caches = []
+        self._prev_sampled = None
+        self._prev_rows = {}
+        self._staging = None
+        self.sampler = Sampler()  # the old one may hold compiled functions with cached buffers
+        del self.model
 
     # -- CUDA graphs ------------------------------------------------------------
     @torch.inference_mode()
