@@ -12,7 +12,13 @@ import pytest
 from fleetserve.runtime import LLM, SamplingParams
 
 TINY = dict(
-    num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512
+    num_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    vocab_size=512,
 )
 
 
