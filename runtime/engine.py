@@ -173,7 +173,8 @@ class LLMEngine:
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
         # count of running ones (while any runs, pipelined steps sample only after the previous
         # step was processed: their masks need its tokens; see step()).
-        self._grammar_waiting: list[tuple[_RequestState, cf.Future]] = []
+        # (state, compile future, monotonic deadline of the compile)
+        self._grammar_waiting: list[tuple[_RequestState, cf.Future, float]] = []
         self._num_grammar_requests = 0
         self._structured = None
         self._structured_lock = threading.Lock()
@@ -412,7 +413,9 @@ class LLMEngine:
             self._num_penalty_requests += 1
         self.prompt_tokens_total += len(ids)
         if grammar_future is not None and not grammar_future.done():
-            self._grammar_waiting.append((state, grammar_future))  # scheduled once compiled (step())
+            # scheduled once compiled (step()); refused past the compile time limit
+            deadline = time.monotonic() + self.config.grammar_compile_timeout
+            self._grammar_waiting.append((state, grammar_future, deadline))
             return
         if grammar_future is not None:
             self._attach_grammar(state, grammar_future.result())
@@ -451,18 +454,28 @@ class LLMEngine:
         """Schedule requests whose grammar finished compiling; fail those whose compile failed.
         With nothing else to run, wait a little for one instead of spinning."""
         if not self.scheduler.has_unfinished() and self._inflight is None:
-            cf.wait([f for _, f in self._grammar_waiting], timeout=0.05, return_when=cf.FIRST_COMPLETED)
+            cf.wait([f for _, f, _ in self._grammar_waiting], timeout=0.05, return_when=cf.FIRST_COMPLETED)
         still = []
-        for state, fut in self._grammar_waiting:
+        now = time.monotonic()
+        for state, fut, deadline in self._grammar_waiting:
             if state.request_id not in self._requests:
                 continue  # aborted while compiling
-            if not fut.done():
-                still.append((state, fut))
-            elif fut.exception() is not None:
-                logger.warning("request %s: %s", state.request_id, fut.exception())
+            error = fut.exception() if fut.done() else None
+            if not fut.done() and now > deadline:
+                # the same limit as the server's check (the compile goes on; its result is cached)
+                so = state.params.structured_outputs
+                kind = so.kind.replace("_schema", "") if so is not None else "grammar"
+                error = GrammarTimeout(
+                    f"the {kind} constraint did not compile within {self.config.grammar_compile_timeout:g}s: "
+                    "simplify it"
+                )
+            if not fut.done() and error is None:
+                still.append((state, fut, deadline))
+            elif error is not None:
+                logger.warning("request %s: %s", state.request_id, error)
                 self._forget(state.request_id)
                 for s in state.seqs:  # never scheduled: nothing to free, but finish() is the one way to end
-                    self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED, str(fut.exception()))
+                    self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED, str(error))
                 state.metrics.finished_time = time.time()
                 self._pending_outputs.append(self._make_output(state))
             else:
@@ -520,7 +533,7 @@ class LLMEngine:
         # Grammar masks need the previous step's tokens: queue this step's forward pass, read
         # back and process the previous step while it runs, then fill the masks and sample.
         defer = self._inflight is not None and self._num_grammar_requests > 0
-        launched = self.runner.launch(sched, defer_sample=defer)
+        launched = self.runner.launch(sched, defer_sample=defer, structured=self._num_grammar_requests > 0)
         if self._inflight is not None:
             outputs += self._process(self._inflight)
         if defer:
@@ -687,6 +700,10 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
         )
+
+
+class GrammarTimeout(InvalidRequestError):
+    """A request's grammar did not compile within grammar_compile_timeout."""
 
 
 def _valid_generation_defaults(raw: dict) -> dict:

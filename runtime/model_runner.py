@@ -195,8 +195,13 @@ class ModelRunner:
 
     # -- one step: prepare inputs -> forward -> prepare sampling -> sample ----------
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> _LaunchedStep:
+    def launch(
+        self, sched: SchedulerOutput, defer_sample: bool = False, structured: bool = True
+    ) -> _LaunchedStep:
         """Queue one step on the device and return without waiting for it.
+
+        structured: some scheduled sequence may have a grammar (False: the per-row search for
+        grammar masks is skipped; the engine knows whether any structured request runs).
 
         defer_sample: queue only the forward pass and the logits; `finish_launch` queues the
         sampling. Structured outputs use this: the engine reads back the previous step and
@@ -208,7 +213,7 @@ class ModelRunner:
         self._copy_blocks(sched.block_copies)
         inputs = self.prepare_inputs(sched)
         hidden = self.forward(inputs)
-        step = _LaunchedStep(sched)
+        step = _LaunchedStep(sched, structured=structured)
         self._launch_prompt_logprobs(sched.scheduled, inputs, hidden, step)
         sample_idx = [i for i, s in enumerate(sched.scheduled) if s.sample]
         if sample_idx:
@@ -230,7 +235,8 @@ class ModelRunner:
             sample_idx, logits = step._pending
             step._pending = None
             st = self.prepare_sampling(step.sched, sample_idx)
-            res = self.sampler(logits, st, self.prepare_token_mask(step.sched, sample_idx))
+            mask = self.prepare_token_mask(step.sched, sample_idx) if step.structured else None
+            res = self.sampler(logits, st, mask)
             step.sampled = res.token_ids
             step.logprobs = res.logprobs
             step.num_logprobs = st.num_logprobs
@@ -441,6 +447,7 @@ class _LaunchedStep:
     """A step queued on the device: what collect() needs to read its results."""
 
     sched: SchedulerOutput
+    structured: bool = True  # a scheduled sequence may have a grammar: masks are looked for
     seq_ids: list[int] = field(default_factory=list)
     sampled: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, ...] | None = None
