@@ -335,22 +335,19 @@ class OpenAIServing:
             raise to_bad_request(e) from None
 
     def _make_compiler(self):
-        """The engine's own GrammarCompiler when it runs in this process (one cache for both);
-        with the engine core in its own process, a compiler of this process built the same way:
-        the check here gives the 400 before admission, the core compiles its own copy for the
-        matchers (off its loop; the request waits for it there)."""
+        """The engine's own GrammarCompiler when it runs in this process (one cache for both:
+        the engine finds the grammar compiled); with the engine core in its own process, a
+        ConstraintChecker: the parse-only check here gives the 400 before admission, and the
+        grammar is compiled once, in the core (off its loop; the request waits for it there)."""
         engine = self.llm.engine
         if hasattr(engine, "structured"):
             return engine.structured
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer; this model has none")
-        from ..structured.grammar import GrammarCompiler
+        from ..structured.grammar import ConstraintChecker
 
         cfg = engine.config
-        return GrammarCompiler(
-            self.tokenizer,
-            self.vocab_size,
-            engine.eos_token_ids,
+        return ConstraintChecker(
             cache_size=cfg.grammar_cache_size,
             max_threads=cfg.grammar_compile_threads,
             compile_timeout=cfg.grammar_compile_timeout,
