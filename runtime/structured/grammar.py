@@ -278,10 +278,12 @@ class ConstraintChecker:
                 fut.set_result(None)
                 return fut
         fut = self._pool.submit(check_constraint, so, self.max_spec_bytes)
-        fut.add_done_callback(lambda f: f.exception() is None and self._passed(key))
+        fut.add_done_callback(lambda f: self._passed(key, f))
         return fut
 
-    def _passed(self, key) -> None:
+    def _passed(self, key, fut: cf.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
         with self._lock:
             self._ok[key] = True
             while len(self._ok) > self._cache_size:
