@@ -76,3 +76,32 @@ def test_dropped_engine_is_collected_not_kept_by_globals(tiny_preset):
     del llm
     gc.collect()
     assert engine() is None and all(r() is None for r in refs)
+
+
+def test_async_llm_shutdown_closes_the_engine_it_created(tiny_preset):
+    """AsyncLLM.from_config owns its engine: shutdown() stops the loop and frees the tensors; an
+    engine handed in by the caller stays the caller's (left open)."""
+    import asyncio
+
+    from fleetserve.runtime.async_engine import AsyncLLM
+    from fleetserve.runtime.config import EngineConfig
+    from fleetserve.runtime.engine import LLMEngine
+
+    cfg = EngineConfig(
+        model=tiny_preset, load_format="dummy", device="cpu", dtype="float32", num_kv_blocks=64, block_size=4
+    )
+
+    async def main():
+        owned = await asyncio.to_thread(AsyncLLM.from_config, cfg)
+        owned.start()
+        refs = _refs(owned)
+        await asyncio.to_thread(owned.shutdown)
+        assert owned.engine.closed and all(r() is None for r in refs)
+        engine = LLMEngine(cfg)
+        lent = AsyncLLM(engine)
+        lent.start()
+        await asyncio.to_thread(lent.shutdown)
+        assert not engine.closed
+        engine.close()
+
+    asyncio.run(main())
