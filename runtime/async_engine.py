@@ -89,14 +89,17 @@ class AsyncLLM:
         *,
         observers: tuple[OutputObserver, ...] = (),
         client: CoreClient | None = None,
+        owns_engine: bool = False,
     ):
         """engine: an LLMEngine (or any EngineCore) to run in a thread of this process; or client: a
-        started core client (ProcessCoreClient.wait_ready() done). `engine` then is the core's EngineInfo."""
+        started core client (ProcessCoreClient.wait_ready() done). `engine` then is the core's EngineInfo.
+        owns_engine: shutdown() also closes the engine (frees its device memory); from_config sets it."""
         if client is None:
             from .core_client import ThreadCoreClient
 
             client = ThreadCoreClient(engine)
         self._client = client
+        self._owns_engine = owns_engine and engine is not None
         info = client.info
         self.engine: Any = engine if engine is not None else info
         self.tokenizer = client.tokenizer
@@ -133,7 +136,7 @@ class AsyncLLM:
             return cls(client=client, **kw)
         from .engine import LLMEngine
 
-        return cls(LLMEngine.from_config(config), **kw)
+        return cls(LLMEngine.from_config(config), owns_engine=True, **kw)
 
     @staticmethod
     def spawn_core(config, log_level: str = "info"):
@@ -156,6 +159,9 @@ class AsyncLLM:
         """Stops the engine loop; requests still in it are aborted. Blocking: call it off the event loop."""
         self._stopping = True
         self._client.shutdown(timeout)
+        close = getattr(self.engine, "close", None)
+        if self._owns_engine and close is not None and not self._client.is_running:
+            close()  # the engine loop has ended: nothing else touches the engine now
 
     @property
     def is_alive(self) -> bool:

@@ -44,7 +44,9 @@ class EngineConfig(BaseModel):
     kv_cache_memory: int | None = Field(None, ge=1)
     """Bytes to reserve for the KV cache; by default derived from gpu_memory_utilization (GPU) or 1 GiB (CPU)."""
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    """Fraction of GPU memory the engine may use for weights, activations and KV cache."""
+    """Fraction of the card's total memory this engine may use for weights, activations and KV
+    cache (per engine, as in vLLM: two engines on one card can take 0.45 each); the KV cache never
+    takes more than is free at start-up."""
     max_num_seqs: int = Field(256, ge=1)
     """Maximum number of sequences in the running batch."""
     max_num_batched_tokens: int | None = Field(None, ge=1)

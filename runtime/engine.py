@@ -137,6 +137,13 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        self._closed = False
+        # Device memory this process's tensors held before this engine loaded anything (another
+        # engine not closed, a test's leftovers): named in the error when the KV cache does not fit.
+        self._held_before = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self._held_before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         tp = self._start_tensor_parallel(config)
         loaded = load_model(config, self.device, self.dtype, tp=tp)
@@ -222,7 +229,8 @@ class LLMEngine:
         # Structured outputs: requests whose grammar is still compiling (off this thread), and the
         # count of running ones (while any runs, pipelined steps sample only after the previous
         # step was processed: their masks need its tokens; see step()).
-        self._grammar_waiting: list[tuple[_RequestState, cf.Future]] = []
+        # (state, compile future, monotonic deadline of the compile)
+        self._grammar_waiting: list[tuple[_RequestState, cf.Future, float]] = []
         self._num_grammar_requests = 0
         self._structured = None
         self._structured_lock = threading.Lock()
@@ -315,7 +323,38 @@ class LLMEngine:
         return int(n)
 
     def _profile_cuda_blocks(self, model, per_block: int) -> int:
-        return cuda_kv_blocks(self.config, self.model_config, per_block)
+        """KV blocks for this engine (see cuda_kv_blocks)."""
+        return cuda_kv_blocks(self.config, self.model_config, per_block, held_before=self._held_before)
+
+    # -- lifecycle --------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the engine holds on the device (weights, KV cache, CUDA graphs and their
+        memory pool, staging buffers) and stop the grammar compiler's threads. Requests not
+        finished are dropped without outputs. The engine is unusable afterwards; closing twice
+        is a no-op. Without close() the memory lives until the garbage collector breaks the
+        engine's reference cycles (bound methods it hands out), i.e. at no predictable time."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inflight = None
+        self._requests.clear()
+        self._pending_outputs.clear()
+        self._grammar_waiting.clear()
+        self.shutdown()
+        if self._structured is not None:
+            self._structured.shutdown()
+        self.runner.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # give the blocks back to the driver: the next engine sizes from it
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine was closed: create a new one")
 
     # -- requests -------------------------------------------------------------
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -355,6 +394,7 @@ class LLMEngine:
         saves building an output object for every request in every step. delta: each output
         holds only what is new since the request's previous output (token ids, logprobs, text,
         prompt logprobs), so no cumulative list is copied per step."""
+        self._check_open()
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -407,7 +447,9 @@ class LLMEngine:
             self._num_penalty_requests += 1
         self.prompt_tokens_total += len(ids)
         if grammar_future is not None and not grammar_future.done():
-            self._grammar_waiting.append((state, grammar_future))  # scheduled once compiled (step())
+            # scheduled once compiled (step()); refused past the compile time limit
+            deadline = time.monotonic() + self.config.grammar_compile_timeout
+            self._grammar_waiting.append((state, grammar_future, deadline))
             return
         if grammar_future is not None:
             self._attach_grammar(state, grammar_future.result())
@@ -446,18 +488,28 @@ class LLMEngine:
         """Schedule requests whose grammar finished compiling; fail those whose compile failed.
         With nothing else to run, wait a little for one instead of spinning."""
         if not self.scheduler.has_unfinished() and self._inflight is None:
-            cf.wait([f for _, f in self._grammar_waiting], timeout=0.05, return_when=cf.FIRST_COMPLETED)
+            cf.wait([f for _, f, _ in self._grammar_waiting], timeout=0.05, return_when=cf.FIRST_COMPLETED)
         still = []
-        for state, fut in self._grammar_waiting:
+        now = time.monotonic()
+        for state, fut, deadline in self._grammar_waiting:
             if state.request_id not in self._requests:
                 continue  # aborted while compiling
-            if not fut.done():
-                still.append((state, fut))
-            elif fut.exception() is not None:
-                logger.warning("request %s: %s", state.request_id, fut.exception())
+            error = fut.exception() if fut.done() else None
+            if not fut.done() and now > deadline:
+                # the same limit as the server's check (the compile goes on; its result is cached)
+                so = state.params.structured_outputs
+                kind = so.kind.replace("_schema", "") if so is not None else "grammar"
+                error = GrammarTimeout(
+                    f"the {kind} constraint did not compile within {self.config.grammar_compile_timeout:g}s: "
+                    "simplify it"
+                )
+            if not fut.done() and error is None:
+                still.append((state, fut, deadline))
+            elif error is not None:
+                logger.warning("request %s: %s", state.request_id, error)
                 self._forget(state.request_id)
                 for s in state.seqs:  # never scheduled: nothing to free, but finish() is the one way to end
-                    self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED, str(fut.exception()))
+                    self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED, str(error))
                 state.metrics.finished_time = time.time()
                 self._pending_outputs.append(self._make_output(state))
             else:
@@ -498,6 +550,7 @@ class LLMEngine:
         repetition/presence/frequency penalties need every token on the host before
         sampling: while any is running, steps run one at a time.
         """
+        self._check_open()
         if self._grammar_waiting:
             self._admit_compiled()
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -519,7 +572,7 @@ class LLMEngine:
         # Grammar masks need the previous step's tokens: queue this step's forward pass, read
         # back and process the previous step while it runs, then fill the masks and sample.
         defer = self._inflight is not None and self._num_grammar_requests > 0
-        launched = self.runner.launch(sched, defer_sample=defer)
+        launched = self.runner.launch(sched, defer_sample=defer, structured=self._num_grammar_requests > 0)
         if self._inflight is not None:
             outputs += self._process(self._inflight)
         if defer:
@@ -688,19 +741,55 @@ class LLMEngine:
         )
 
 
-def cuda_kv_blocks(config: EngineConfig, model_config, per_block: int) -> int:
-    """Blocks that fit in gpu_memory_utilization of this process's card after its weights and a
-    peak-activation forward (each tensor-parallel rank sizes its own card; the engine takes the minimum)."""
+# Device memory kept free beside the KV cache when the card is shared (CUDA graphs' pool, cuBLAS
+# workspaces, the allocator's fragmentation): the budget of gpu_memory_utilization leaves more than
+# this whenever the engine is alone on the card.
+_FREE_MARGIN_BYTES = 1 << 30
+
+
+def cuda_kv_blocks(config: EngineConfig, model_config, per_block: int, held_before: int = 0) -> int:
+    """KV blocks for this engine on this process's card (each tensor-parallel rank sizes its own
+    card; the engine takes the minimum): gpu_memory_utilization is this engine's share of the card
+    (as in vLLM: two engines on one card can take 0.45 each), less its weights and a peak-activation
+    estimate; and no more than is free now, less the activations and a margin.
+
+    held_before: device memory this process's tensors held before the engine loaded anything.
+    Memory the caching allocator keeps but no tensor uses (an engine closed earlier in this
+    process) is given back to the driver first, so that it counts as free."""
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
-    used_before = total - free
+    weights = torch.cuda.memory_allocated() - held_before
     # Peak activations of the largest step: logits of up to max_num_seqs rows dominate besides the MLP.
     budget_tokens = config.max_num_batched_tokens or 8192
     act = budget_tokens * (model_config.hidden_size * 12 + model_config.intermediate_size * 6) * 2
     act += config.max_num_seqs * model_config.vocab_size * 4 * 4
-    avail = total * config.gpu_memory_utilization - used_before - act
-    return max(int(avail // per_block), 0)
+    share = total * config.gpu_memory_utilization - weights - act
+    room = free - act - _FREE_MARGIN_BYTES
+    n = max(int(min(share, room) // per_block), 0)
+    if room < share:
+        gib = 1 << 30
+        others = total - free - torch.cuda.memory_reserved()
+        msg = (
+            f"{free / gib:.1f} GiB of {total / gib:.1f} GiB free after loading the weights "
+            f"({weights / gib:.1f} GiB): {held_before / gib:.1f} GiB held by something else in this "
+            f"process (an engine not closed? LLM.close() frees one), {max(others, 0) / gib:.1f} GiB "
+            f"by the CUDA context and other processes; {act / gib:.1f} GiB kept for activations"
+        )
+        if n < cdiv(16, config.block_size):
+            raise ValueError(f"KV cache too small: {n} blocks of {config.block_size} tokens fit: {msg}")
+        logger.warning(
+            "KV cache limited to %d blocks by free memory (gpu_memory_utilization=%s allows %d): %s",
+            n,
+            config.gpu_memory_utilization,
+            int(share // per_block),
+            msg,
+        )
+    return n
+
+
+class GrammarTimeout(InvalidRequestError):
+    """A request's grammar did not compile within grammar_compile_timeout."""
 
 
 def _valid_generation_defaults(raw: dict) -> dict:

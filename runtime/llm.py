@@ -5,6 +5,8 @@
     outputs = llm.chat(messages, SamplingParams(...))       # chat template of the model
 
 It owns one LLMEngine and runs its loop until every submitted request finished.
+`llm.close()` (or `with LLM(...) as llm:`) releases the engine's device memory (weights,
+KV cache, CUDA graphs) at once, so that another engine can be built in the same process.
 """
 
 from __future__ import annotations
@@ -32,14 +34,20 @@ class LLM:
         self._counter = itertools.count()
 
     def shutdown(self) -> None:
-        """Stop the engine's tensor-parallel workers (also done when the LLM is garbage collected)."""
+        """Stop the engine's tensor-parallel workers (also done by close() and when the LLM is garbage
+        collected); the engine keeps its device memory until close()."""
         self.engine.shutdown()
+
+    def close(self) -> None:
+        """Release the model, the KV cache and the CUDA graphs now (see LLMEngine.close); this
+        LLM cannot generate afterwards. Closing twice is a no-op."""
+        self.engine.close()
 
     def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+        self.close()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

@@ -111,10 +111,26 @@ class ModelRunner:
         self.sampler = Sampler()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
+        self._static: dict[str, torch.Tensor] = {}
         self._prev_sampled: torch.Tensor | None = None  # last launch's sampled tokens (device)
         self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
         # CUDA: reused pinned buffers for every host->device copy. CPU: arrays are used in place.
         self._staging = HostStaging(device, pin=True) if device.type == "cuda" else None
+
+    def close(self) -> None:
+        """Drop every device tensor the runner holds: CUDA graphs (their private memory pool is
+        released with the last graph and its output tensors), the graphs' static inputs, the KV
+        cache, the weights, the staging buffers and the last step's sampled tokens. The runner is
+        unusable afterwards."""
+        self._graphs.clear()
+        self._graph_sizes = []
+        self._static = {}
+        self.kv_caches = []
+        self._prev_sampled = None
+        self._prev_rows = {}
+        self._staging = None
+        self.sampler = Sampler()  # the old one may hold compiled functions with cached buffers
+        del self.model
 
     # -- CUDA graphs ------------------------------------------------------------
     @torch.inference_mode()
@@ -201,8 +217,13 @@ class ModelRunner:
 
     # -- one step: prepare inputs -> forward -> prepare sampling -> sample ----------
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, defer_sample: bool = False) -> _LaunchedStep:
+    def launch(
+        self, sched: SchedulerOutput, defer_sample: bool = False, structured: bool = True
+    ) -> _LaunchedStep:
         """Queue one step on the device and return without waiting for it.
+
+        structured: some scheduled sequence may have a grammar (False: the per-row search for
+        grammar masks is skipped; the engine knows whether any structured request runs).
 
         defer_sample: queue only the forward pass and the logits; `finish_launch` queues the
         sampling. Structured outputs use this: the engine reads back the previous step and
@@ -217,7 +238,7 @@ class ModelRunner:
         self._copy_blocks(plan.block_copies)
         inputs = self.stage_inputs(plan)
         hidden = self.forward(inputs)
-        step = _LaunchedStep(sched)
+        step = _LaunchedStep(sched, structured=structured)
         self._launch_prompt_logprobs(sched.scheduled, plan, hidden, step)
         sample_idx = plan.sample_idx
         if sample_idx:
@@ -264,7 +285,8 @@ class ModelRunner:
             sample_idx, logits = step._pending
             step._pending = None
             st = self.prepare_sampling(step.sched, sample_idx)
-            res = self.sampler(logits, st, self.prepare_token_mask(step.sched, sample_idx))
+            mask = self.prepare_token_mask(step.sched, sample_idx) if step.structured else None
+            res = self.sampler(logits, st, mask)
             if self.tp is not None and self.share_samples:
                 self.tp.broadcast_from_driver(res.token_ids)
             step.sampled = res.token_ids
@@ -534,6 +556,7 @@ class _LaunchedStep:
     """A step queued on the device: what collect() needs to read its results."""
 
     sched: SchedulerOutput
+    structured: bool = True  # a scheduled sequence may have a grammar: masks are looked for
     seq_ids: list[int] = field(default_factory=list)
     sampled: torch.Tensor | None = None
     logprobs: tuple[torch.Tensor, ...] | None = None

@@ -113,18 +113,24 @@ class StopChecker:
         self._text_of = text_of
 
     def check(self, seq: Seq, token: int) -> StopDecision | None:
-        """Decide for `seq`, whose last token (`token`) was just appended."""
+        """Decide for `seq`, whose last token (`token`) was just appended. Called for every
+        sequence of every step: the common case (no stop, no text) costs no extra calls."""
         p = seq.params
+        n = len(seq.token_ids)
         by_token: StopDecision | None = None
-        if seq.num_output_tokens > p.min_tokens:
+        if n - seq.num_prompt_tokens > p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
-                by_token = StopDecision(SeqStatus.FINISHED_STOPPED, None)
-            elif token in p.stop_token_ids:
+                by_token = _STOP_EOS
+            elif p.stop_token_ids and token in p.stop_token_ids:
                 by_token = StopDecision(SeqStatus.FINISHED_STOPPED, token)
-        at_length = seq.num_tokens >= seq.max_len
+        at_length = n >= seq.max_len
         text = self._text_of(seq) if self._text_of is not None else None
-        matched = None
-        if text is not None:
-            # An EOS / stop token ends the completion; its own text is left out (vLLM).
-            matched = match_stop_string(text, token, by_token is not None, at_length)
+        if text is None:  # rules 1 and 3 only
+            return by_token if by_token is not None else _LENGTH if at_length else None
+        # An EOS / stop token ends the completion; its own text is left out (vLLM).
+        matched = match_stop_string(text, token, by_token is not None, at_length)
         return resolve(by_token, matched, at_length)
+
+
+_STOP_EOS = StopDecision(SeqStatus.FINISHED_STOPPED, None)
+_LENGTH = StopDecision(SeqStatus.FINISHED_LENGTH, None)

@@ -62,7 +62,7 @@ from .protocol import (
     chat_template_args,
     random_id,
 )
-from .reasoning import ReasoningParser
+from .reasoning import ReasoningParser, ReasoningStream
 from .tools import RequiredParser, ToolCallStream, call_id, forced_constraint, get_parser
 
 logger = logging.getLogger("fleetserve.server")
@@ -155,31 +155,25 @@ class _StreamTally:
 
 
 class _ParsedStream:
-    """One streamed chat choice under a reasoning parser and / or tool calls: turns the text so far
-    into reasoning, answer and tool-call deltas (None when there is nothing new)."""
+    """One streamed chat choice under a reasoning parser and / or tool calls: turns each new piece
+    of text into reasoning, answer and tool-call deltas (None when there is nothing new). The
+    parsers keep their own state and read each piece about once (no re-parse of the whole text)."""
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallStream | None):
-        self.reasoning = reasoning
+        self.reasoning = ReasoningStream(reasoning) if reasoning is not None else None
         self.tools = tools
-        self.reasoning_sent = 0
-        self.answer_sent = 0
 
     @property
     def num_calls(self) -> int:
         return self.tools.num_calls if self.tools is not None else 0
 
-    def update(self, text: str, finished: bool) -> DeltaMessage | None:
-        reasoning, answer = (
-            self.reasoning.split(text, finished) if self.reasoning is not None else (None, text)
-        )
-        r_delta = (reasoning or "")[self.reasoning_sent :]
-        self.reasoning_sent += len(r_delta)
+    def update(self, new: str, finished: bool) -> DeltaMessage | None:
+        r_delta, answer = self.reasoning.feed(new, finished) if self.reasoning is not None else ("", new)
         calls = []
         if self.tools is None:
-            c_delta = answer[self.answer_sent :]
-            self.answer_sent += len(c_delta)
+            c_delta = answer
         else:
-            c_delta, tool_deltas = self.tools.update(answer, finished)
+            c_delta, tool_deltas = self.tools.feed(answer, finished)
             for index, cid, name, frag in tool_deltas:
                 if cid is not None:
                     calls.append(
@@ -341,22 +335,19 @@ class OpenAIServing:
             raise to_bad_request(e) from None
 
     def _make_compiler(self):
-        """The engine's own GrammarCompiler when it runs in this process (one cache for both);
-        with the engine core in its own process, a compiler of this process built the same way:
-        the check here gives the 400 before admission, the core compiles its own copy for the
-        matchers (off its loop; the request waits for it there)."""
+        """The engine's own GrammarCompiler when it runs in this process (one cache for both:
+        the engine finds the grammar compiled); with the engine core in its own process, a
+        ConstraintChecker: the parse-only check here gives the 400 before admission, and the
+        grammar is compiled once, in the core (off its loop; the request waits for it there)."""
         engine = self.llm.engine
         if hasattr(engine, "structured"):
             return engine.structured
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer; this model has none")
-        from ..structured.grammar import GrammarCompiler
+        from ..structured.grammar import ConstraintChecker
 
         cfg = engine.config
-        return GrammarCompiler(
-            self.tokenizer,
-            self.vocab_size,
-            engine.eos_token_ids,
+        return ConstraintChecker(
             cache_size=cfg.grammar_cache_size,
             max_threads=cfg.grammar_compile_threads,
             compile_timeout=cfg.grammar_compile_timeout,
@@ -877,7 +868,6 @@ class OpenAIServing:
         parsed = None
         if mode is not None or self.reasoning is not None:
             parsed = {j: _ParsedStream(self.reasoning, self._stream_tools(mode)) for j in range(req.n)}
-        texts: dict[int, str] = {}  # choice -> its text so far (the parsers read the whole text)
         dump_kw = {} if req.include_usage else {"exclude": {"usage"}}
 
         def chunk(choice: ChatStreamChoice) -> bytes:
@@ -912,8 +902,7 @@ class OpenAIServing:
                             )
                         )
                 else:  # reasoning and / or tool calls: deltas of the parsed views of the text so far
-                    texts[j] = texts.get(j, "") + c.text
-                    d = parsed[j].update(texts[j], finished)
+                    d = parsed[j].update(c.text, finished)
                     if d is not None or logprobs is not None:
                         await resp.write(
                             chunk(

@@ -66,17 +66,15 @@ def _prompts(n=8, seed=0):
 
 
 def test_triton_graphs_match_torch_reference_fp32(small_preset, capsys):
-    import torch
 
     prompts = _prompts()
     tri = _engine(small_preset, "triton", "float32", eager=False)
     assert tri.engine.runner._graphs
     got = _greedy(tri, prompts)
-    del tri
-    gc.collect()
-    torch.cuda.empty_cache()
+    tri.close()
     ref = _engine(small_preset, "torch", "float32", eager=True)
     want = _greedy(ref, prompts)
+    ref.close()
     equal = sum(a == b for a, b in zip(got, want))
     with capsys.disabled():
         print(f"\n[{small_preset} fp32] triton+graphs vs torch reference: {equal}/{len(want)} prompts equal")
@@ -118,6 +116,7 @@ def test_no_triton_compile_after_startup(small_preset):
         ]
         llm.generate(prompts, params)
     after = _compiled_kernels()
+    llm.close()
     assert after == before, f"compiled after start-up: { {k: after[k] - before.get(k, 0) for k in after} }"
 
 

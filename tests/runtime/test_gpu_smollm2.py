@@ -47,7 +47,6 @@ TOP = 5
 
 def _ours(dtype: str):
     """Token ids of the prompts (half chat-formatted, half raw text), our greedy tokens and top-5 sets."""
-    import torch
 
     from fleetserve.runtime import LLM, SamplingParams
 
@@ -70,9 +69,7 @@ def _ours(dtype: str):
         ]
         for o in outs
     ]
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    llm.close()
     return prompts, tokens, tops
 
 

@@ -85,3 +85,4 @@ def test_constrained_engine_on_cuda():
             if c.finish_reason == "stop":
                 obj = json.loads(c.text)
                 assert set(obj) == {"a", "b"} and 0 <= obj["a"] <= 99
+    llm.close()

@@ -155,6 +155,99 @@ def test_compile_time_and_size_are_bounded(compiler, monkeypatch):
     assert time.perf_counter() - t0 < 0.9
 
 
+# A moderate JSON schema (~1 KB: nested object, arrays, enums, patterns, bounds).
+MODERATE = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 64},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string", "pattern": "^[a-z0-9._]+@[a-z0-9.]+\\.[a-z]{2,}$"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c", "d"]}, "maxItems": 8},
+        "address": {
+            "type": "object",
+            "properties": {
+                "street": {"type": "string"},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "country": {"enum": ["US", "FR", "DE", "JP"]},
+            },
+            "required": ["street", "country"],
+            "additionalProperties": False,
+        },
+        "orders": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"id": {"type": "integer"}, "status": {"enum": ["new", "paid", "shipped"]}},
+                "required": ["id", "status"],
+                "additionalProperties": False,
+            },
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "address", "active"],
+    "additionalProperties": False,
+}
+
+BAD_CONSTRAINTS = [
+    dict(json={"type": "object", "properties": {"a": {"type": "no-such-type"}}}),
+    dict(json={"type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}}),
+    dict(json={"type": "string", "minLength": 5, "maxLength": 2}),
+    dict(json={"$ref": "#/defs/missing"}),
+    dict(regex="[0-9"),
+    dict(regex="(?<=a)b"),
+    dict(grammar='root ::= "a" | undefined_rule'),
+    dict(grammar='root ::= "a" | '),
+]
+
+
+@pytest.mark.parametrize("so", BAD_CONSTRAINTS)
+def test_parse_only_check_refuses_what_the_compile_refuses(compiler, so):
+    """The HTTP side of a split server checks constraints without a vocabulary (check_constraint):
+    the same error (message and field) as the compile the core would run."""
+    from fleetserve.runtime.structured.grammar import check_constraint
+
+    params = StructuredOutputsParams(**so)
+    with pytest.raises(GrammarError) as compiled:
+        compiler.compile(params)
+    with pytest.raises(GrammarError) as checked:
+        check_constraint(params, compiler.max_spec_bytes)
+    assert (str(checked.value), checked.value.param) == (str(compiled.value), compiled.value.param)
+
+
+def test_parse_only_check_accepts_and_is_cheap(compiler):
+    """Good constraints pass; a moderate schema checks >= 20x faster than it compiles (measured
+    here on SmolLM2's vocabulary: ~0.3 ms against ~110 ms), which is why the core alone compiles."""
+    from fleetserve.runtime.structured.grammar import ConstraintChecker, check_constraint
+
+    good = [
+        StructuredOutputsParams(json=MODERATE),
+        StructuredOutputsParams(regex="[a-z]+@[a-z]+"),
+        StructuredOutputsParams(choice=["yes", "no"]),
+        StructuredOutputsParams(grammar='root ::= "a" | "b"'),
+        StructuredOutputsParams(json_object=True),
+    ]
+    for so in good:
+        check_constraint(so, compiler.max_spec_bytes)
+    with pytest.raises(GrammarError, match="bytes"):
+        check_constraint(StructuredOutputsParams(regex="a" * 2000), 1024)
+    so = StructuredOutputsParams(json=MODERATE, disable_any_whitespace=True)
+    t0 = time.perf_counter()
+    check_constraint(so, compiler.max_spec_bytes)
+    check_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiler.compile(so)
+    compile_s = time.perf_counter() - t0
+    assert check_s * 20 < compile_s, f"check {check_s * 1e3:.1f} ms vs compile {compile_s * 1e3:.1f} ms"
+    checker = ConstraintChecker(max_spec_bytes=compiler.max_spec_bytes)
+    try:
+        assert checker.submit(so).result(5) is None
+        assert checker.submit(so).done()  # remembered: no second parse
+        with pytest.raises(GrammarError):
+            checker.submit(StructuredOutputsParams(regex="[0-9")).result(5)
+    finally:
+        checker.shutdown()
+
+
 # ----------------------------------------------------------------- the engine
 
 
@@ -395,6 +488,33 @@ def test_engine_abort_while_compiling(engine, monkeypatch):
     hits = c.hits
     c.compile(so)
     assert c.hits == hits + 1
+
+
+def test_engine_refuses_a_grammar_past_the_compile_time_limit(engine, monkeypatch):
+    """The core enforces grammar_compile_timeout itself (with the engine core in its own process the
+    server only parses the constraint): a compile that takes longer ends the request (abort, with the
+    reason), the engine does not wait for it, and other requests run. The slow compile is a stand-in
+    (mock): a sleep before the real one."""
+    c = engine.structured
+    real = c._compile
+    monkeypatch.setattr(c, "_compile", lambda so: (time.sleep(1.5), real(so))[1])
+    monkeypatch.setattr(engine.config, "grammar_compile_timeout", 0.3)
+    so = StructuredOutputsParams(regex=r"too slow[0-9]{4}")
+    t0 = time.perf_counter()
+    done = _run(
+        engine,
+        [
+            ("slow", _chat(engine, "hi"), SamplingParams(max_tokens=4, structured_outputs=so)),
+            ("plain", _chat(engine, "hi"), SamplingParams(max_tokens=4, temperature=0.0)),
+        ],
+    )
+    took = time.perf_counter() - t0
+    slow = done["slow"].outputs[0]
+    assert slow.finish_reason == "abort" and "did not compile within 0.3s" in str(slow.stop_reason)
+    assert done["plain"].outputs[0].finish_reason == "length"
+    assert took < 1.4, f"the engine waited {took:.2f}s for a compile past its limit"
+    assert engine.scheduler.kv.usage == 0 and engine._num_grammar_requests == 0
+    time.sleep(1.3)  # the compile finishes in its worker and is cached
 
 
 @pytest.mark.parametrize("choices", [["café", "naïve 😀"], ['say "hi"', "back\\slash", "new\nline"], ["a"]])

@@ -44,6 +44,10 @@ class ServerThread:
         if self.loop and self._stop:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(60)
+        # The engine (through llm and the apps' handlers) must not outlive the server: a GPU test
+        # after this one sizes its KV cache from the memory left.
+        self.llm = None
+        self.apps = {}
 
     def _main(self):
         try:

@@ -244,9 +244,10 @@ _PERSON = {
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_json_schema_across_the_split(stream, client, proc_client, model_name):
+def test_json_schema_across_the_split(stream, client, proc_client, proc_server, model_name):
     """response_format json_schema with the engine core in its own process: the constraint pickles
-    across, the grammar (matchers, bitmasks) runs in the core, and the answer is the thread server's."""
+    across, the grammar (matchers, bitmasks) runs in the core, and the answer is the thread server's.
+    The HTTP side only parses the constraint (no vocabulary tables, no second compile)."""
     pytest.importorskip("xgrammar")
     kw = dict(
         messages=[{"role": "user", "content": "Make up a person. Answer in JSON with name and age."}],
@@ -262,7 +263,10 @@ def test_json_schema_across_the_split(stream, client, proc_client, model_name):
     assert set(obj) == {"name", "age"} and isinstance(obj["age"], int) and 0 <= obj["age"] <= 99, obj
     import openai
 
-    with pytest.raises(openai.BadRequestError) as e:  # checked (compiled) HTTP-side before admission
+    from fleetserve.runtime.structured.grammar import ConstraintChecker
+
+    assert isinstance(proc_server.serving()._grammar_compiler, ConstraintChecker)
+    with pytest.raises(openai.BadRequestError) as e:  # checked (parsed) HTTP-side before admission
         proc_client.completions.create(
             model=model_name,
             prompt="hi",

@@ -15,26 +15,31 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-ENGINE = dict(model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=2048)
+# Two engines share the card (the core process's and the thread server's): each takes its share.
+ENGINE = dict(
+    model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=2048, gpu_memory_utilization=0.4
+)
 
 
 @pytest.fixture(scope="module")
-def servers():
+def servers(cuda_released):
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.server.config import ServerConfig
 
     from .conftest import ServerThread
 
     cfg = {"main": ServerConfig(max_waiting_requests=100_000)}
-    proc = ServerThread(EngineConfig(**ENGINE), cfg, engine_process=True).start(timeout=600)
-    try:
-        thread = ServerThread(EngineConfig(**ENGINE), cfg).start(timeout=600)
-    except BaseException:
+    with cuda_released("the servers fixture"):
+        proc = ServerThread(EngineConfig(**ENGINE), cfg, engine_process=True).start(timeout=600)
+        try:
+            thread = ServerThread(EngineConfig(**ENGINE), cfg).start(timeout=600)
+        except BaseException:
+            proc.stop()
+            raise
+        yield proc, thread
+        thread.stop()
         proc.stop()
-        raise
-    yield proc, thread
-    thread.stop()
-    proc.stop()
+        del proc, thread
 
 
 def test_engine_process_on_gpu_same_outputs_and_load(servers, tmp_path):

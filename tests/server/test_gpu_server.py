@@ -16,18 +16,20 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def gpu_server():
+def gpu_server(cuda_released):
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.server.config import ServerConfig
 
     from .conftest import ServerThread
 
-    srv = ServerThread(
-        EngineConfig(model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=2048),
-        {"main": ServerConfig(max_waiting_requests=100_000)},
-    ).start(timeout=600)
-    yield srv
-    srv.stop()
+    with cuda_released("the gpu_server fixture"):
+        srv = ServerThread(
+            EngineConfig(model="llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=2048),
+            {"main": ServerConfig(max_waiting_requests=100_000)},
+        ).start(timeout=600)
+        yield srv
+        srv.stop()
+        del srv
 
 
 def test_bench_serve_on_gpu(gpu_server, tmp_path):
