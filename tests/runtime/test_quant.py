@@ -23,6 +23,7 @@ from fleetserve.runtime.loader import ModelLoadError, load_model
 from fleetserve.runtime.loader.gguf_loader import GGUFTensor
 from fleetserve.runtime.models.quant import (
     COMPUTE_DTYPE,
+    DENSE_MIN_ROWS,
     ConcatWeight,
     Int4GroupWeight,
     Int8ChannelWeight,
@@ -86,8 +87,9 @@ def test_packed_matmul_equals_reference_and_gguf(qtype, rows):
     assert float(err.norm() / exact.norm()) < 4e-3 if not isinstance(fmt, Int8ChannelWeight) else True
 
     # the kernel computes the reference: x rounded to bf16, fp32 accumulation, a bf16 result
+    # (at DENSE_MIN_ROWS rows and more, int4 weights expanded to bf16 for a dense matmul)
     torch.manual_seed(0)
-    for m in (1, 5):
+    for m in (1, 5, DENSE_MIN_ROWS):
         x = torch.randn(m, cols)
         y = fmt.linear(x)
         ref = F.linear(x.to(COMPUTE_DTYPE).float(), w)
