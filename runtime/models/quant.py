@@ -102,8 +102,7 @@ class Int4GroupWeight(WeightFormat):
         if K % group_size or scales.shape != (N, K // group_size) or zeros.shape != scales.shape:
             raise ValueError(f"int4 weight {N}x{K}: scales/zeros must be [N, K/{group_size}]")
         pad = -N % _INT4_BLOCK_N
-        codes = F.pad(codes.to(torch.int32), (0, 0, 0, pad))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+        packed = pack_int4_cpu(F.pad(codes.to(torch.uint8), (0, 0, 0, pad)))
         sz = torch.stack([F.pad(scales.float(), (0, 0, 0, pad)), F.pad(zeros.float(), (0, 0, 0, pad))], -1)
         return cls(packed, sz.transpose(0, 1).contiguous().to(COMPUTE_DTYPE), (N, K), group_size)
 
@@ -159,6 +158,15 @@ class Int4GroupWeight(WeightFormat):
         self.packed, self.scale_zeros = fn(self.packed), fn(self.scale_zeros)
 
 
+def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] uint8 in [0, 15], N a multiple of 64 -> torch's CPU int4 layout [N, K/2], as
+    `_convert_weight_to_int4pack_for_cpu` writes it (checked in tests), without its int32 input
+    (4 bytes per weight: 226 MB for SmolLM2's LM head)."""
+    N, K = codes.shape
+    c = codes.reshape(N // _INT4_BLOCK_N, 2, _INT4_BLOCK_N // 2, K)  # [block, half, j, k]
+    return (c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).reshape(N, K // 2).contiguous()
+
+
 class Int8GroupWeight(WeightFormat):
     """Signed 8-bit codes with one scale per row and group of 32 inputs (GGUF Q8_0), exactly, as
     4-bit halves: q = 16 h + l with h in [-8, 7], l in [0, 15], so w = s q = 16 s h + s l, and
@@ -174,9 +182,9 @@ class Int8GroupWeight(WeightFormat):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:
         """codes [N, K] int8; scales [N, K / group_size]: w = q * s."""
-        q = codes.to(torch.int32)
+        q = codes.to(torch.int8)
         s = scales.float()
-        hi, lo = (q >> 4) + 8, q & 15  # arithmetic shift: q = 16 * (hi - 8) + lo
+        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)  # arithmetic shift: q = 16 (hi - 8) + lo
         inner = Int4GroupWeight.from_codes(
             torch.cat([hi, lo], dim=1),
             torch.cat([16.0 * s, s], dim=1),

@@ -31,6 +31,7 @@ from fleetserve.runtime.models.quant import (
     PackedEmbedding,
     PackedLinear,
     concat_rows,
+    pack_int4_cpu,
 )
 from fleetserve.runtime.sampling_params import SamplingParams
 
@@ -104,11 +105,15 @@ def test_packed_matmul_equals_reference_and_gguf(qtype, rows):
     torch.testing.assert_close(fmt.rows(ids), w[ids], rtol=0, atol=0)
 
 
-def test_int4_layout_is_read_back():
-    """codes() inverts torch's CPU int4 packing (the layout dequantize() and rows() rely on)."""
+def test_int4_layout_is_torchs_and_is_read_back():
+    """Our packing writes what torch's own converter writes, and codes() inverts it (the layout
+    dequantize() and rows() rely on)."""
     g = torch.Generator().manual_seed(1)
     for n, k in ((64, 64), (192, 96), (16, 32)):
         codes = torch.randint(0, 16, (n, k), generator=g)
+        if n % 64 == 0:
+            theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+            assert torch.equal(pack_int4_cpu(codes.to(torch.uint8)), theirs)
         fmt = Int4GroupWeight.from_codes(codes, torch.ones(n, k // 32), torch.zeros(n, k // 32), 32)
         assert torch.equal(fmt.codes().long(), codes)
 
