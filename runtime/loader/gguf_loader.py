@@ -24,7 +24,6 @@ Q6_K, Q2_K, Q3_K) rounded to int8 with one scale per row (Int8ChannelWeight: the
 per-16 scales have no place in torch's int8 kernel).
 """
 
-
 from __future__ import annotations
 
 import math

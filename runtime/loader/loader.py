@@ -115,9 +115,7 @@ def load_model(
                 model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
             )
         if model_arg is None:
-            model, cfg, tok = _load_gguf(
-                embedded_model_path(), device, dtype, ops, load_format, seed, packed
-            )
+            model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed, packed)
             gen_defaults = dict(EMBEDDED_GENERATION_DEFAULTS)
         elif model_arg in PRESETS:
             if load_format not in ("auto", "dummy"):

@@ -20,7 +20,6 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fleetserve.kernels import KernelOps
@@ -359,7 +358,8 @@ class CausalLM(nn.Module):
             module = self.get_submodule(path)
         except AttributeError:
             raise KeyError(f"unexpected weight {name!r}") from None
-        if type(module) not in (nn.Linear, nn.Embedding):
+        # exactly these classes (a subclass may use its weight differently); isinstance narrows for mypy
+        if type(module) not in (nn.Linear, nn.Embedding) or not isinstance(module, (nn.Linear, nn.Embedding)):
             return None
         shape = tuple(module.weight.shape)
         expected = shape if fused is None else (sizes_of[fused[0]][fused[1]], shape[1])

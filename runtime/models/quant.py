@@ -89,7 +89,9 @@ class Int4GroupWeight(WeightFormat):
     one); `scale_zeros` is [K / group_size, N_pad, 2]. Rows are padded to a multiple of 64 with
     zero codes and scales."""
 
-    def __init__(self, packed: torch.Tensor, scale_zeros: torch.Tensor, shape: tuple[int, int], group_size: int):
+    def __init__(
+        self, packed: torch.Tensor, scale_zeros: torch.Tensor, shape: tuple[int, int], group_size: int
+    ):
         self.packed, self.scale_zeros = packed, scale_zeros
         self.shape, self.group_size = (int(shape[0]), int(shape[1])), int(group_size)
 
@@ -184,7 +186,8 @@ class Int8GroupWeight(WeightFormat):
         """codes [N, K] int8; scales [N, K / group_size]: w = q * s."""
         q = codes.to(torch.int8)
         s = scales.float()
-        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)  # arithmetic shift: q = 16 (hi - 8) + lo
+        # arithmetic shift: q = 16 (hi - 8) + lo
+        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
         inner = Int4GroupWeight.from_codes(
             torch.cat([hi, lo], dim=1),
             torch.cat([16.0 * s, s], dim=1),
@@ -281,9 +284,8 @@ def concat_rows(parts: Sequence[WeightFormat]) -> WeightFormat:
     if len(parts) == 1:
         return parts[0]
     if all(isinstance(p, Int8ChannelWeight) for p in parts):
-        return Int8ChannelWeight(
-            torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts])  # type: ignore[attr-defined]
-        )
+        codes = torch.cat([p.codes for p in parts])  # type: ignore[attr-defined]
+        return Int8ChannelWeight(codes, torch.cat([p.scales for p in parts]))  # type: ignore[attr-defined]
     if all(isinstance(p, Int4GroupWeight) for p in parts) and len({p.group_size for p in parts}) == 1:  # type: ignore[attr-defined]
         if all(p.shape[0] % _INT4_BLOCK_N == 0 for p in parts):  # no padding inside: the layout stacks
             return Int4GroupWeight(
@@ -365,4 +367,6 @@ def head_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x @ W.T for an LM head that is an nn.Linear, an nn.Embedding (tied) or a packed one."""
     if isinstance(module, (PackedLinear, PackedEmbedding)):
         return module.fmt.linear(x)
-    return F.linear(x, module.weight)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return F.linear(x, weight)

@@ -145,7 +145,9 @@ def test_concat_rows_merges_same_formats_and_stacks_mixed_ones():
     a, b = int4(64), int4(128)
     merged = concat_rows([a, b])
     assert isinstance(merged, Int4GroupWeight) and merged.shape == (192, 64)
-    torch.testing.assert_close(merged.dequantize(), torch.cat([a.dequantize(), b.dequantize()]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        merged.dequantize(), torch.cat([a.dequantize(), b.dequantize()]), rtol=0, atol=0
+    )
     c = Int8ChannelWeight.quantize(torch.randn(32, 64))
     mixed = concat_rows([a, c])
     assert isinstance(mixed, ConcatWeight) and mixed.shape == (96, 64)
@@ -203,7 +205,10 @@ def write_mixed_gguf(path, hf, layer_qtype, embed_qtype, v_qtype=None, sharpen=4
 
 def greedy_tokens(path, mode, prompts, n=12):
     llm = LLM(str(path), device="cpu", gguf_weights=mode, num_kv_blocks=16, block_size=16, seed=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+    )
     return llm, [list(o.outputs[0].token_ids) for o in outs]
 
 
