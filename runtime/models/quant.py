@@ -32,11 +32,6 @@ from torch import nn
 COMPUTE_DTYPE = torch.bfloat16
 """Activation dtype of the packed CPU kernels (see the module docstring)."""
 _INT4_BLOCK_N = 64  # rows per block of torch's CPU int4 layout (AVX-512 build); N is padded to it
-DENSE_MIN_ROWS = 96
-"""From this many input rows on (prefill chunks), int4 matrices are expanded to bf16 for the call
-and multiplied densely: torch's int4 kernel costs grow with the rows faster than a bf16 matmul's
-(SmolLM2's gate|up, one core: 57 us vs 108 us at 1 row, but 2.9 ms vs 1.0 ms at 128 rows and
-27 ms vs 4.1 ms at 512, while the expansion costs 0.9 ms)."""
 
 
 class WeightFormat(ABC):
@@ -133,24 +128,13 @@ class Int4GroupWeight(WeightFormat):
         z = sz[..., 1].t().repeat_interleave(g, dim=1)
         return ((q.float() - 8.0) * s + z).reshape(*ids.shape, K)
 
-    def dense_t(self) -> torch.Tensor:
-        """W.T [K, N_pad] in bf16 straight from the packed layout (the fast expansion for large
-        calls; `dequantize` is the reference)."""
-        K, g = self.shape[1], self.group_size
-        b = self.packed.reshape(-1, K, _INT4_BLOCK_N // 2)
-        q = torch.cat([b & 15, b >> 4], dim=2).permute(1, 0, 2).reshape(K // g, g, -1).float()
-        # [K/g, 1, N_pad]: broadcast over each group's g inputs (fp32 math: faster here than bf16)
-        s = self.scale_zeros[..., 0].float().unsqueeze(1)
-        z = self.scale_zeros[..., 1].float().unsqueeze(1)
-        return q.sub_(8.0).mul_(s).add_(z).reshape(K, -1).to(COMPUTE_DTYPE)
-
     def _linear_cpu(self, x):
-        if x.shape[0] >= DENSE_MIN_ROWS:
-            y = torch.mm(x.to(COMPUTE_DTYPE), self.dense_t())
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scale_zeros
-            )
+        # The kernel's rows do not depend on how many rows a call has (checked in tests): batched
+        # and single requests get the same tokens. A bf16 expansion + dense matmul for large calls
+        # was 7x faster at 512 rows, but switching kernels by row count broke that.
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scale_zeros
+        )
         return y if y.shape[-1] == self.shape[0] else y[:, : self.shape[0]]
 
     def tensors(self):

@@ -23,7 +23,6 @@ from fleetserve.runtime.loader import ModelLoadError, load_model
 from fleetserve.runtime.loader.gguf_loader import GGUFTensor
 from fleetserve.runtime.models.quant import (
     COMPUTE_DTYPE,
-    DENSE_MIN_ROWS,
     ConcatWeight,
     Int4GroupWeight,
     Int8ChannelWeight,
@@ -88,9 +87,8 @@ def test_packed_matmul_equals_reference_and_gguf(qtype, rows):
     assert float(err.norm() / exact.norm()) < 4e-3 if not isinstance(fmt, Int8ChannelWeight) else True
 
     # the kernel computes the reference: x rounded to bf16, fp32 accumulation, a bf16 result
-    # (at DENSE_MIN_ROWS rows and more, int4 weights expanded to bf16 for a dense matmul)
     torch.manual_seed(0)
-    for m in (1, 5, DENSE_MIN_ROWS):
+    for m in (1, 5, 130):
         x = torch.randn(m, cols)
         y = fmt.linear(x)
         ref = F.linear(x.to(COMPUTE_DTYPE).float(), w)
@@ -103,6 +101,16 @@ def test_packed_matmul_equals_reference_and_gguf(qtype, rows):
 
     ids = torch.tensor([[0, rows - 1, 33], [64 % rows, 5, 5]])
     torch.testing.assert_close(fmt.rows(ids), w[ids], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K], ids=lambda q: q.name)
+def test_rows_do_not_depend_on_the_batch(qtype):
+    """A row's result is the same whatever else is in the call (batched = single request)."""
+    fmt = GGUFTensor(qtype.name, random_blocks(qtype, 192, 256), (192, 256)).pack()
+    x = torch.randn(300, 256)
+    one = fmt.linear(x[:1])
+    for m in (2, 7, 16, 64, 97, 128, 300):
+        assert torch.equal(fmt.linear(x[:m])[:1], one), m
 
 
 def test_int4_layout_is_torchs_and_is_read_back():
