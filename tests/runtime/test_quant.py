@@ -266,11 +266,13 @@ def test_packed_model_greedy_equals_dequantized(tmp_path, case):
     assert compared >= total // 2, f"only {compared} of {total} greedy tokens equal before a near-tie"
 
 
-def test_packed_is_the_cpu_default_and_refused_on_cuda(tmp_path):
+def test_packed_is_opt_in_on_cpu_and_refused_on_cuda(tmp_path):
     hf = _tl.tiny_hf_model(tied=True)
     path = tmp_path / "m.gguf"
     write_mixed_gguf(path, hf, Q.Q4_0, Q.Q8_0)
     model = load_model(EngineConfig(model=str(path), device="cpu")).model
+    assert isinstance(model.model.layers[1].mlp.gate_up_proj, torch.nn.Linear)
+    model = load_model(EngineConfig(model=str(path), device="cpu", gguf_weights="packed")).model
     assert isinstance(model.model.layers[1].mlp.gate_up_proj, PackedLinear)
     assert isinstance(model.model.embed_tokens.fmt, Int8GroupWeight)
     with pytest.raises(ModelLoadError, match="gguf_weights='packed' needs device cpu"):

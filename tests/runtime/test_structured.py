@@ -346,10 +346,6 @@ def test_engine_pipelined_steps_give_the_same_tokens(smollm2_path):
                 max_num_seqs=8,
                 seed=0,
                 async_scheduling=async_scheduling,
-                # The packed CPU default casts activations to bf16 before each matmul: the fp32
-                # ulp differences that the two schedules' different step shapes leave in the
-                # shared ops then flip bf16 roundings, and sampled tokens at temperature 1 (#19).
-                gguf_weights="dequantize",
             )
         )
         prompt = _chat(eng, "Describe a person as JSON with name and age.")
