@@ -35,6 +35,8 @@ class EngineConfig(BaseModel):
     """How weights are read; dummy builds random weights of the model's config (benchmarks)."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """Ranks one model is split over (Megatron-style tensor parallelism): one GPU each on CUDA, gloo processes on CPU; must divide the model's attention heads. Rank 0 runs in the engine process, the others in worker processes."""
+    gguf_weights: Literal["auto", "packed", "dequantize"] = "auto"
+    """How a GGUF file's quantized matrices are held: packed keeps them quantized in memory and runs the matmuls on torch's int4/int8 CPU kernels (bf16 activations); dequantize expands them to the model dtype at load (the reference path). auto: dequantize for now (packed flips greedy near-ties and makes logprobs depend on the batch's shape at the 1e-2 level, #19); packed is refused on GPU (no kernels yet)."""
     max_model_len: int | None = Field(None, ge=16)
     """Maximum prompt + output length per request; defaults to the model's max_position_embeddings."""
     block_size: int = Field(16, ge=1, le=1024)

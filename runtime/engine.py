@@ -114,11 +114,16 @@ class LLMEngine:
         if n == 1:
             return None
         from .loader import peek_model_config
-        from .parallel import ParallelContext, check_devices, check_tensor_parallel
+        from .parallel import ParallelContext, TensorParallelError, check_devices, check_tensor_parallel
         from .tp_worker import WorkerGroup
 
         model_config, source = peek_model_config(config)
         check_tensor_parallel(model_config, n)
+        if config.gguf_weights == "packed":
+            raise TensorParallelError(
+                f"tensor_parallel_size={n} with gguf_weights='packed': packed weights are not split "
+                "across ranks yet; use gguf_weights='dequantize' (or 'auto')"
+            )
         visible = torch.cuda.device_count() if self.device.type == "cuda" else 0
         check_devices(n, self.device.type, visible)
         # A Hub name is resolved once, here: the workers read the same cached snapshot.

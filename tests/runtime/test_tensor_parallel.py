@@ -255,6 +255,18 @@ def test_bad_tensor_parallel_size_is_refused_before_loading(tmp_path, monkeypatc
     assert _workers() == []  # nothing was spawned
 
 
+def test_packed_gguf_weights_are_refused_with_tensor_parallelism(tmp_path, monkeypatch):
+    import fleetserve.runtime.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded before the setting was checked")
+
+    monkeypatch.setattr(loader, "load_model", no_load)
+    with pytest.raises(ValueError, match="gguf_weights='packed'"):
+        LLM(model=_config_dir(tmp_path), device="cpu", tensor_parallel_size=2, gguf_weights="packed")
+    assert _workers() == []
+
+
 def test_config_field_cli_flag_and_gpu_count():
     from pydantic import ValidationError
 

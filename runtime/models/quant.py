@@ -1,0 +1,356 @@
+"""Packed (quantized) weight matrices and the modules that run matmuls on them.
+
+Owns three things:
+- weight formats: how one quantized [out_features, in_features] matrix is held in memory. Each
+  format has a pure-torch reference, `dequantize()`, and a fast `linear(x)` per backend (today
+  the CPU kernels of torch: `_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`); a backend a
+  format has no kernel for runs the reference. GPTQ/AWQ (group-wise int4 with scale and zero,
+  the same shape of data as Int4GroupWeight) and GPU kernels slot in as a constructor and a
+  `_linear_<device type>` method.
+- `QuantizedTensor`: what a loader yields instead of a float tensor for a weight it leaves
+  packed (runtime/loader/gguf_loader.py's GGUFTensor). `CausalLM.load_weights` turns it into a
+  format (`pack()`), or into floats (`dequantize()`) where a parameter has no packed form.
+- `PackedLinear` / `PackedEmbedding`: the nn.Linear / nn.Embedding stand-ins holding a format.
+
+Why bf16 activations: the CPU int4/int8 kernels are fast only for bf16 inputs (measured on
+SmolLM2's shapes: fp32 and fp16 inputs are 30-50x slower than bf16), so the packed path casts x
+to bf16, accumulates in fp32 inside the kernel, and casts the result back to x's dtype. Scales
+and zeros are stored in bf16 for the same reason (the kernels take them in the input's dtype).
+
+Everything here lives on the weights' device; nothing is kept between steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COMPUTE_DTYPE = torch.bfloat16
+"""Activation dtype of the packed CPU kernels (see the module docstring)."""
+_INT4_BLOCK_N = 64  # rows per block of torch's CPU int4 layout (AVX-512 build); N is padded to it
+
+
+class WeightFormat(ABC):
+    """A packed [out_features, in_features] matrix: `dequantize()` is the reference, `linear()`
+    the fast path, `rows()` the embedding lookup."""
+
+    shape: tuple[int, int]
+
+    @abstractmethod
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The matrix [out, in] as floats, computed with plain torch ops (the reference)."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold the matrix (moved by `map_tensors`, counted by `nbytes`)."""
+
+    @abstractmethod
+    def map_tensors(self, fn) -> None:
+        """Replace each held tensor t by fn(t) (device moves)."""
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W.T -> [..., out] in x's dtype, on the backend of x's device."""
+        kernel = getattr(self, f"_linear_{x.device.type}", None)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = kernel(x2) if kernel is not None else self.reference_linear(x2)
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """What the kernels compute, in plain torch: x rounded to COMPUTE_DTYPE, then fp32 math."""
+        return F.linear(x.to(COMPUTE_DTYPE).float(), self.dequantize(torch.float32))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the matrix as float32 (an embedding lookup); formats with random access
+        to rows override this so the whole matrix is never expanded."""
+        return self.dequantize(torch.float32)[ids]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class Int4GroupWeight(WeightFormat):
+    """4-bit codes q in [0, 15] and, per row and group of `group_size` inputs, a bf16 scale s and
+    offset z: w = (q - 8) * s + z, torch's `_weight_int4pack_mm_for_cpu` convention (checked
+    against this class's reference in tests/runtime/test_quant.py).
+
+    `packed` is torch's CPU int4 layout ([N_pad, K/2] uint8; per block of 64 rows, byte
+    k * 32 + j holds row j's code at input k in the low nibble and row 32 + j's in the high
+    one); `scale_zeros` is [K / group_size, N_pad, 2]. Rows are padded to a multiple of 64 with
+    zero codes and scales."""
+
+    def __init__(
+        self, packed: torch.Tensor, scale_zeros: torch.Tensor, shape: tuple[int, int], group_size: int
+    ):
+        self.packed, self.scale_zeros = packed, scale_zeros
+        self.shape, self.group_size = (int(shape[0]), int(shape[1])), int(group_size)
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    ) -> Int4GroupWeight:
+        """codes [N, K] integers in [0, 15]; scales, zeros [N, K / group_size] (w = (q - 8) * s + z)."""
+        N, K = codes.shape
+        if K % group_size or scales.shape != (N, K // group_size) or zeros.shape != scales.shape:
+            raise ValueError(f"int4 weight {N}x{K}: scales/zeros must be [N, K/{group_size}]")
+        pad = -N % _INT4_BLOCK_N
+        packed = pack_int4_cpu(F.pad(codes.to(torch.uint8), (0, 0, 0, pad)))
+        sz = torch.stack([F.pad(scales.float(), (0, 0, 0, pad)), F.pad(zeros.float(), (0, 0, 0, pad))], -1)
+        return cls(packed, sz.transpose(0, 1).contiguous().to(COMPUTE_DTYPE), (N, K), group_size)
+
+    def codes(self) -> torch.Tensor:
+        """The codes [N, K] (uint8) read back from the packed layout."""
+        n_pad, K = self.packed.shape[0], self.shape[1]
+        b = self.packed.reshape(n_pad // _INT4_BLOCK_N, K, _INT4_BLOCK_N // 2)
+        q = torch.cat([b & 15, b >> 4], dim=2)  # [block, k, 64]
+        return q.permute(0, 2, 1).reshape(n_pad, K)[: self.shape[0]]
+
+    def dequantize(self, dtype=torch.float32):
+        N, g = self.shape[0], self.group_size
+        sz = self.scale_zeros[:, :N].float()  # [K/g, N, 2]
+        s = sz[..., 0].t().repeat_interleave(g, dim=1)
+        z = sz[..., 1].t().repeat_interleave(g, dim=1)
+        return ((self.codes().float() - 8.0) * s + z).to(dtype)
+
+    def rows(self, ids):
+        K, g, half = self.shape[1], self.group_size, _INT4_BLOCK_N // 2
+        flat = ids.reshape(-1)
+        b = self.packed.reshape(-1, K, half)
+        byte = b[flat // _INT4_BLOCK_N, :, flat % half]  # [n, K]
+        q = torch.where((flat % _INT4_BLOCK_N >= half).unsqueeze(-1), byte >> 4, byte & 15)
+        sz = self.scale_zeros[:, flat].float()  # [K/g, n, 2]
+        s = sz[..., 0].t().repeat_interleave(g, dim=1)
+        z = sz[..., 1].t().repeat_interleave(g, dim=1)
+        return ((q.float() - 8.0) * s + z).reshape(*ids.shape, K)
+
+    def _linear_cpu(self, x):
+        # The kernel's rows do not depend on how many rows a call has (checked in tests): batched
+        # and single requests get the same tokens. A bf16 expansion + dense matmul for large calls
+        # was 7x faster at 512 rows, but switching kernels by row count broke that.
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scale_zeros
+        )
+        return y if y.shape[-1] == self.shape[0] else y[:, : self.shape[0]]
+
+    def tensors(self):
+        return {"packed": self.packed, "scale_zeros": self.scale_zeros}
+
+    def map_tensors(self, fn):
+        self.packed, self.scale_zeros = fn(self.packed), fn(self.scale_zeros)
+
+
+def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] uint8 in [0, 15], N a multiple of 64 -> torch's CPU int4 layout [N, K/2], as
+    `_convert_weight_to_int4pack_for_cpu` writes it (checked in tests), without its int32 input
+    (4 bytes per weight: 226 MB for SmolLM2's LM head)."""
+    N, K = codes.shape
+    c = codes.reshape(N // _INT4_BLOCK_N, 2, _INT4_BLOCK_N // 2, K)  # [block, half, j, k]
+    return (c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).reshape(N, K // 2).contiguous()
+
+
+class Int8GroupWeight(WeightFormat):
+    """Signed 8-bit codes with one scale per row and group of 32 inputs (GGUF Q8_0), exactly, as
+    4-bit halves: q = 16 h + l with h in [-8, 7], l in [0, 15], so w = s q = 16 s h + s l, and
+    x @ W.T is one int4 matmul of [x | x] against [H | L] (an Int4GroupWeight [N, 2K]: H with
+    scale 16 s, zero 0; L with scale s, zero 8 s). torch's int8 kernel takes one scale per row
+    only: rounding Q8_0 to it cost 1.4% relative error on SmolLM2's LM head, this 0.2% (the bf16
+    scales), for a kernel twice as wide (measured: 1.9 ms vs 1.6 ms on one core)."""
+
+    def __init__(self, inner: Int4GroupWeight):
+        self.inner = inner
+        self.shape = (inner.shape[0], inner.shape[1] // 2)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:
+        """codes [N, K] int8; scales [N, K / group_size]: w = q * s."""
+        q = codes.to(torch.int8)
+        s = scales.float()
+        # arithmetic shift: q = 16 (hi - 8) + lo
+        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
+        inner = Int4GroupWeight.from_codes(
+            torch.cat([hi, lo], dim=1),
+            torch.cat([16.0 * s, s], dim=1),
+            torch.cat([torch.zeros_like(s), 8.0 * s], dim=1),
+            group_size,
+        )
+        return cls(inner)
+
+    def dequantize(self, dtype=torch.float32):
+        w = self.inner.dequantize(torch.float32)
+        K = self.shape[1]
+        return (w[:, :K] + w[:, K:]).to(dtype)
+
+    def rows(self, ids):
+        w = self.inner.rows(ids)
+        K = self.shape[1]
+        return w[..., :K] + w[..., K:]
+
+    def _linear_cpu(self, x):
+        return self.inner._linear_cpu(torch.cat([x, x], dim=-1))
+
+    def tensors(self):
+        return self.inner.tensors()
+
+    def map_tensors(self, fn):
+        self.inner.map_tensors(fn)
+
+
+class Int8ChannelWeight(WeightFormat):
+    """int8 codes [N, K] and one bf16 scale per row: w = q * s (torch's `_weight_int8pack_mm`).
+    Rows are plain, so an embedding lookup reads only the rows it needs."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        self.codes, self.scales = codes, scales
+        self.shape = (int(codes.shape[0]), int(codes.shape[1]))
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8ChannelWeight:
+        """Round a float matrix [N, K] to int8 per row (scale = the row's max |w| / 127, in bf16).
+        The error per element is at most half the row's scale (plus the bf16 rounding of the scale)."""
+        w = w.float()
+        s = (w.abs().amax(dim=1) / 127.0).to(COMPUTE_DTYPE)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.round(w / s.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+        return cls(q, s)
+
+    def dequantize(self, dtype=torch.float32):
+        return (self.codes.float() * self.scales.float()[:, None]).to(dtype)
+
+    def rows(self, ids):
+        return self.codes[ids].float() * self.scales[ids].float().unsqueeze(-1)
+
+    def _linear_cpu(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), self.codes, self.scales)
+
+    def tensors(self):
+        return {"codes": self.codes, "scales": self.scales}
+
+    def map_tensors(self, fn):
+        self.codes, self.scales = fn(self.codes), fn(self.scales)
+
+
+class ConcatWeight(WeightFormat):
+    """Row blocks of different formats stacked along the output dimension (a fused q|k|v or
+    gate|up projection whose parts were quantized differently, as in Q4_K_M files)."""
+
+    def __init__(self, parts: Sequence[WeightFormat]):
+        self.parts = list(parts)
+        k = {p.shape[1] for p in self.parts}
+        if len(k) != 1:
+            raise ValueError(f"row blocks with different input sizes: {sorted(k)}")
+        self.shape = (sum(p.shape[0] for p in self.parts), k.pop())
+
+    def dequantize(self, dtype=torch.float32):
+        return torch.cat([p.dequantize(dtype) for p in self.parts], dim=0)
+
+    def linear(self, x):
+        return torch.cat([p.linear(x) for p in self.parts], dim=-1)
+
+    def rows(self, ids):
+        return self.dequantize()[ids]
+
+    def tensors(self):
+        return {f"{i}.{k}": t for i, p in enumerate(self.parts) for k, t in p.tensors().items()}
+
+    def map_tensors(self, fn):
+        for p in self.parts:
+            p.map_tensors(fn)
+
+
+def concat_rows(parts: Sequence[WeightFormat]) -> WeightFormat:
+    """One format for row blocks stacked in order: merged into a single matrix of the same format
+    where they share it (one kernel call), else a ConcatWeight."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, Int8ChannelWeight) for p in parts):
+        codes = torch.cat([p.codes for p in parts])  # type: ignore[attr-defined]
+        return Int8ChannelWeight(codes, torch.cat([p.scales for p in parts]))  # type: ignore[attr-defined]
+    if all(isinstance(p, Int4GroupWeight) for p in parts) and len({p.group_size for p in parts}) == 1:  # type: ignore[attr-defined]
+        if all(p.shape[0] % _INT4_BLOCK_N == 0 for p in parts):  # no padding inside: the layout stacks
+            return Int4GroupWeight(
+                torch.cat([p.packed for p in parts]),  # type: ignore[attr-defined]
+                torch.cat([p.scale_zeros for p in parts], dim=1),  # type: ignore[attr-defined]
+                (sum(p.shape[0] for p in parts), parts[0].shape[1]),
+                parts[0].group_size,  # type: ignore[attr-defined]
+            )
+    return ConcatWeight(parts)
+
+
+class QuantizedTensor(ABC):
+    """A checkpoint tensor a loader left quantized: a [rows, cols] matrix in its file's encoding."""
+
+    shape: tuple[int, int]
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The tensor as float32 (the dequantize-at-load path; also the reference)."""
+
+    @abstractmethod
+    def pack(self) -> WeightFormat:
+        """The tensor repacked into the WeightFormat the kernels want."""
+
+
+class _PackedModule(nn.Module):
+    """Holds a WeightFormat outside the parameter/buffer registry, so that `model.to(dtype)`
+    never casts codes or scales; device moves still apply to it."""
+
+    def __init__(self, fmt: WeightFormat):
+        super().__init__()
+        self.fmt = fmt
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return t.to(moved.device) if moved.dtype != t.dtype else moved
+
+        self.fmt.map_tensors(move)
+        return self
+
+
+class PackedLinear(_PackedModule):
+    """y = x @ W.T (+ bias) with W a packed WeightFormat; the bias stays a float parameter."""
+
+    def __init__(self, fmt: WeightFormat, bias: torch.Tensor | None = None):
+        super().__init__(fmt)
+        self.in_features, self.out_features = fmt.shape[1], fmt.shape[0]
+        # the nn.Linear's own bias Parameter is kept, so a loader holding it still fills this one
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+
+    def forward(self, x):
+        y = self.fmt.linear(x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={type(self.fmt).__name__}"
+
+
+class PackedEmbedding(_PackedModule):
+    """Embedding rows gathered from a packed matrix (only the looked-up rows are expanded); with
+    tied word embeddings it is also the LM head (`linear`)."""
+
+    def __init__(self, fmt: WeightFormat, dtype: torch.dtype = torch.float32):
+        super().__init__(fmt)
+        self.num_embeddings, self.embedding_dim = fmt.shape
+        self.dtype = dtype
+
+    def forward(self, ids):
+        return self.fmt.rows(ids).to(self.dtype)
+
+    def linear(self, x):
+        return self.fmt.linear(x)
+
+
+def head_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for an LM head that is an nn.Linear, an nn.Embedding (tied) or a packed one."""
+    if isinstance(module, (PackedLinear, PackedEmbedding)):
+        return module.fmt.linear(x)
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return F.linear(x, weight)
