@@ -409,6 +409,7 @@ def router_env(name: str, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
         "QUEUE_TIMEOUT": r.queueTimeoutSeconds,
         "QUEUE_SIZE": r.maxQueuedRequests,
         "LOAD_FACTOR": r.loadFactor,
+        "LOAD_SLACK": r.loadSlack,
         "MAX_WAITING": r.saturationQueueDepth,
     }
     env = [

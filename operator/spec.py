@@ -273,7 +273,14 @@ class Router(_Model):
 
     loadFactor: float = Field(1.25, ge=1.0, le=10.0)
     """Bounded-load factor: a replica takes requests for its prefixes while it carries fewer than
-    loadFactor x the mean outstanding requests; above that they spill to the next replica on the ring."""
+    loadFactor x the mean outstanding requests (or fewer than loadSlack more than the least loaded replica);
+    above that they spill to the next replica on the ring."""
+
+    loadSlack: int = Field(4, ge=0, le=100000)
+    """Bounded load spills only from a replica that also carries at least this many more outstanding
+    requests than the least loaded one: at low concurrency a conversation stays on the replica holding its
+    history (moving it recomputes the history; one more sequence in a batch is cheap). 0: the relative
+    rule alone."""
 
     saturationQueueDepth: int = Field(8, ge=1)
     """A replica with this many waiting requests (vllm:num_requests_waiting) gets no new ones while another
