@@ -64,19 +64,21 @@ def main(argv):
         return hits, queries
 
     lock = threading.Lock()
-    out = {"requests": 0, "errors": 0, "error_kinds": {}, "backends_per_conversation": []}
+    out = {"requests": 0, "prompt_tokens": 0, "errors": 0, "error_kinds": {}, "backends_per_conversation": []}
 
     def conversation(i):
         rng = random.Random(f"{tag}-{i}")
         msgs = [{"role": "system", "content": systems[i % len(systems)]}]
         backends = set()
         for t in range(turns):
+            # The conversation's own words come first: nothing but the system prompt (and the chat
+            # template around it) is shared between conversations.
             if t == 0:
                 text = " ".join(rng.choice(WORDS) for _ in range(opening_words))
-                content = f"[{tag} conversation {i}] Here is my text: {text}. What is it about?"
+                content = f"{text.capitalize()}. What is this text about? ({i})"
             else:
                 follow = " ".join(rng.choice(WORDS) for _ in range(8))
-                content = f"[{tag} conversation {i} turn {t}] And what about {follow}?"
+                content = f"And what about {follow}? ({i}.{t})"
             msgs.append({"role": "user", "content": content})
             body = json.dumps({"model": model, "messages": msgs, "max_tokens": 8, "temperature": 0.0})
             with lock:
@@ -84,10 +86,12 @@ def main(argv):
             req = urllib.request.Request(base + "/v1/chat/completions", body.encode(), headers)
             try:
                 with urllib.request.urlopen(req, timeout=600) as r:
-                    answer = json.loads(r.read())["choices"][0]["message"]["content"]
+                    reply = json.loads(r.read())
                     backends.add(r.headers.get("X-Fleetserve-Backend") or base)
+                answer = reply["choices"][0]["message"]["content"]
                 with lock:
                     out["requests"] += 1
+                    out["prompt_tokens"] += reply["usage"]["prompt_tokens"]
             except Exception as e:
                 with lock:
                     out["errors"] += 1

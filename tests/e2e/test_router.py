@@ -228,7 +228,8 @@ def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
     results = {}
     for phase, service in (("service", NAME), ("router", f"{NAME}-router")):
         args = [f"http://{ip(ns, service)}", NAME, metric_urls, str(w["conversations"]), str(w["turns"])]
-        args += [str(w["workers"]), f"{phase}-{time.time():.0f}", str(w["opening_words"])]
+        # A short fresh tag in the system prompts: new prompts per phase, a shared prefix of about one block.
+        args += [str(w["workers"]), f"{phase}-{os.urandom(2).hex()}", str(w["opening_words"])]
         results[phase] = ClientPod(ns, CHAT_SCRIPT, args, deadline_s=2400).result(timeout=2500)
         print(f"{phase}: " + json.dumps(results[phase]))
     plain, routed = results["service"]["hit_rate"], results["router"]["hit_rate"]
