@@ -107,9 +107,21 @@ async def test_client_gone_mid_stream_through_the_router_frees_the_engine(server
 
 # --- issue 14's prefix-cache acceptance workload over three real replicas ---------------------------------
 
-# The e2e test's shape (tests/e2e/test_router.py HIT_RATE_WORKLOAD); FLEETSERVE_HITRATE_* override it here.
+# The e2e test's shape (tests/e2e/test_router.py HIT_RATE_WORKLOAD) with half its conversations, to keep this
+# CI test at a few minutes; FLEETSERVE_HITRATE_* override it (CONVERSATIONS=48 REPEATS=3 FLOOR=0 measures).
+#
+# Measured with 48 conversations (the e2e size) on the shared 2-core machine, 2026-12-01, each run one
+# random phase then one router phase, fresh prompts each (k = conversations whose second turn the random
+# spreading happened to send to their first turn's replica, expected 16 of 48):
+#   before the workload's shared prefix was cut to the system prompt: 2.11x (0.518 vs 0.245, k=15),
+#   2.15x (0.513 vs 0.239, k=17);
+#   this workload: 2.32x (0.512 vs 0.220, k=19), 3.12x (0.514 vs 0.165, k=13), RUN3.
+# The router's rate is the same every run (0.51: all of each second turn's history, the system prompt's
+# block of each first turn); the random rate follows k: about 0.046 + 0.0092 k here, so the ratio is about
+# 2.65x at k=16, below 2.0x from k=23 (P(k >= 23) ~ 2% for binomial(48, 1/3)) and below 1.8x from k=27
+# (~0.1%). With 24 conversations (the default here) the 1.6x floor fails from k=15 of 24 (~0.3%).
 HIT_RATE = {
-    "conversations": int(os.environ.get("FLEETSERVE_HITRATE_CONVERSATIONS", "36")),
+    "conversations": int(os.environ.get("FLEETSERVE_HITRATE_CONVERSATIONS", "24")),
     "turns": int(os.environ.get("FLEETSERVE_HITRATE_TURNS", "2")),
     "workers": int(os.environ.get("FLEETSERVE_HITRATE_WORKERS", "3")),
     "opening_words": int(os.environ.get("FLEETSERVE_HITRATE_OPENING_WORDS", "250")),
@@ -181,6 +193,5 @@ async def test_prefix_cache_hit_rate_router_vs_random_spreading_over_three_real_
         assert all(n == 1 for n in results["router"]["backends_per_conversation"]), results["router"]
         ratios.append(routed / max(plain, 1e-9))
     print(f"ratios: {[round(r, 2) for r in ratios]}")
-    # See tests/e2e/chat_workload.py: about 2.5x expected for this shape; the floor leaves room for the
-    # random phase's luck (binomial) at the default size.
+    # Without prefix affinity both sides would be ~1x; see the measurements above HIT_RATE for the floor.
     assert min(ratios) >= HIT_RATE_FLOOR, ratios
