@@ -115,7 +115,7 @@ async def test_client_gone_mid_stream_through_the_router_frees_the_engine(server
 # spreading happened to send to their first turn's replica, expected 16 of 48):
 #   before the workload's shared prefix was cut to the system prompt: 2.11x (0.518 vs 0.245, k=15),
 #   2.15x (0.513 vs 0.239, k=17);
-#   this workload: 2.32x (0.512 vs 0.220, k=19), 3.12x (0.514 vs 0.165, k=13), RUN3.
+#   this workload: 2.32x (0.512 vs 0.220, k=19), 3.12x (0.514 vs 0.165, k=13), 2.65x (0.513 vs 0.193, k=16).
 # The router's rate is the same every run (0.51: all of each second turn's history, the system prompt's
 # block of each first turn); the random rate follows k: about 0.046 + 0.0092 k here, so the ratio is about
 # 2.65x at k=16, below 2.0x from k=23 (P(k >= 23) ~ 2% for binomial(48, 1/3)) and below 1.8x from k=27
