@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 from fleetserve.operator.settings import OperatorSettings
-from fleetserve.operator.spec import GROUP, InferenceServiceSpec
+from fleetserve.operator.spec import GROUP, TP_FLAG, InferenceServiceSpec
 
 PORT = 8000
 CACHE_MOUNT = "/models"
@@ -146,6 +146,9 @@ def serve_args(name: str, spec: InferenceServiceSpec) -> list[str]:
     ):
         if value is not None:
             args += [flag, str(value)]
+    # One rank is the runtime's default: left out so single-GPU pods keep their arguments (and template).
+    if spec.tensor_parallel_size() > 1:
+        args += [TP_FLAG, str(spec.tensor_parallel_size())]
     args.append("--enable-prefix-caching" if e.enablePrefixCaching else "--no-enable-prefix-caching")
     return args + list(e.extraArgs)
 
@@ -203,10 +206,9 @@ def _volumes(name: str, spec: InferenceServiceSpec) -> tuple[list[dict[str, Any]
             {"name": "model-source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}}
         )
         mounts.append({"name": "model-source", "mountPath": SOURCE_MOUNT, "readOnly": True})
-    if spec.resources.shmSize:
-        volumes.append(
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shmSize}}
-        )
+    shm = spec.shm_size()
+    if shm:  # NCCL between ranks needs more than the container runtime's 64Mi /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
@@ -407,6 +409,7 @@ def router_env(name: str, spec: InferenceServiceSpec) -> list[dict[str, Any]]:
         "QUEUE_TIMEOUT": r.queueTimeoutSeconds,
         "QUEUE_SIZE": r.maxQueuedRequests,
         "LOAD_FACTOR": r.loadFactor,
+        "LOAD_SLACK": r.loadSlack,
         "MAX_WAITING": r.saturationQueueDepth,
     }
     env = [

@@ -37,6 +37,7 @@ MODEL_URI_PATTERN = (
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+TP_FLAG = "--tensor-parallel-size"
 
 
 class _Model(BaseModel):
@@ -90,6 +91,12 @@ class EngineSettings(_Model):
     gpuMemoryUtilization: float | None = Field(None, gt=0.0, le=1.0)
     """Fraction of GPU memory the runtime may use (`--gpu-memory-utilization`)."""
 
+    tensorParallelSize: int | None = Field(None, ge=1, le=64)
+    """Ranks one model is split across (`--tensor-parallel-size`, one per GPU); default: resources.gpus
+    (1 without GPUs). At most resources.gpus on GPU pods; on CPU pods (gpus 0) the ranks are processes.
+    Whether the model's heads divide by it is checked by the runtime at start-up (its error then shows
+    in the Degraded condition)."""
+
     shutdownTimeoutSeconds: int = Field(30, ge=0, le=3600)
     """How long the server drains in-flight requests after SIGTERM (`--shutdown-timeout`);
     the pod's termination grace period is derived from it."""
@@ -109,7 +116,9 @@ class Resources(_Model):
     """Memory request and limit per pod."""
 
     shmSize: str | None = Field(None, pattern=QUANTITY_PATTERN)
-    """Size of the in-memory /dev/shm volume; none by default."""
+    """Size limit of the memory-backed /dev/shm volume (its pages count against `memory`). Default: 1Gi per
+    tensor-parallel rank when the runtime runs more than one rank (NCCL and the rank processes exchange
+    data through /dev/shm, and the container runtime's own 64Mi is too small); none with one rank."""
 
 
 class Toleration(_Model):
@@ -264,7 +273,14 @@ class Router(_Model):
 
     loadFactor: float = Field(1.25, ge=1.0, le=10.0)
     """Bounded-load factor: a replica takes requests for its prefixes while it carries fewer than
-    loadFactor x the mean outstanding requests; above that they spill to the next replica on the ring."""
+    loadFactor x the mean outstanding requests (or fewer than loadSlack more than the least loaded replica);
+    above that they spill to the next replica on the ring."""
+
+    loadSlack: int = Field(4, ge=0, le=100000)
+    """Bounded load spills only from a replica that also carries at least this many more outstanding
+    requests than the least loaded one: at low concurrency a conversation stays on the replica holding its
+    history (moving it recomputes the history; one more sequence in a batch is cheap). 0: the relative
+    rule alone."""
 
     saturationQueueDepth: int = Field(8, ge=1)
     """A replica with this many waiting requests (vllm:num_requests_waiting) gets no new ones while another
@@ -330,7 +346,26 @@ class InferenceServiceSpec(_Model):
             raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0")
         if self.resources.gpus == 0 and self.engine.device == "cuda":
             raise ValueError("engine.device is cuda but resources.gpus is 0")
+        tp, gpus = self.engine.tensorParallelSize, self.resources.gpus
+        if tp is not None and gpus and tp > gpus:
+            raise ValueError(
+                f"engine.tensorParallelSize ({tp}) is greater than resources.gpus ({gpus}): "
+                "each rank needs its own GPU"
+            )
+        if any(a == TP_FLAG or a.startswith(TP_FLAG + "=") for a in self.engine.extraArgs):
+            raise ValueError(f"engine.extraArgs may not set {TP_FLAG}: use engine.tensorParallelSize")
         return self
+
+    def tensor_parallel_size(self) -> int:
+        """Ranks of the runtime: engine.tensorParallelSize, else one per GPU (at least 1)."""
+        return self.engine.tensorParallelSize or max(self.resources.gpus, 1)
+
+    def shm_size(self) -> str | None:
+        """The /dev/shm size limit: resources.shmSize, else 1Gi per rank with more than one rank."""
+        if self.resources.shmSize:
+            return self.resources.shmSize
+        tp = self.tensor_parallel_size()
+        return f"{tp}Gi" if tp > 1 else None
 
     def router_enabled(self) -> bool:
         """spec.router.enabled, or by default: whenever there can be more than one replica or none."""

@@ -14,8 +14,13 @@ The rule, per request:
    stable order; the first that is neither saturated nor at capacity takes it. Capacity is the
    bounded-load rule of consistent hashing (Mirrokni, Thorup, Zadimoghaddam 2018):
    outstanding < ceil(load_factor * (total outstanding + 1) / replicas), so a hot prefix
-   spills to its next replicas instead of queueing on one. Taking the first replica of the
-   order is an `affinity_hit`, a later one a `load_fallback`.
+   spills to its next replicas instead of queueing on one. A replica is only at capacity when it
+   also carries at least `load_slack` more outstanding requests than the least loaded one: at low
+   concurrency the relative rule alone would move a conversation whenever two others happen to
+   hash to its replica (3 in flight over 3 replicas: capacity 2), and a moved conversation
+   recomputes its whole history elsewhere, while one more sequence in a continuous batch costs
+   little (a replica that really queues is caught by the saturation rule). Taking the first
+   replica of the order is an `affinity_hit`, a later one a `load_fallback`.
 3. Every replica saturated or full: the least outstanding replica (preferring unsaturated
    ones), also a `load_fallback`. Requests without a prompt (no key) always go to the least
    outstanding replica: `least_loaded`.
@@ -108,8 +113,10 @@ class Balancer:
         virtual_nodes: int = 100,
         max_waiting: float = 8,
         max_kv_usage: float = 0.95,
+        load_slack: int = 4,
     ) -> None:
         self.load_factor = load_factor
+        self.load_slack = load_slack
         self.virtual_nodes = virtual_nodes
         self.max_waiting = max_waiting
         self.max_kv_usage = max_kv_usage
@@ -166,10 +173,12 @@ class Balancer:
             return None, ""
         if key is not None:
             cap = self.capacity(len(self.backends))
+            floor = min(b.outstanding for b in self.backends.values())
             order = [a for a in self.ring_order(key) if a not in excluded]
             for i, address in enumerate(order):
                 b = self.backends[address]
-                if b.outstanding < cap and not self.saturated(b):
+                full = b.outstanding >= cap and b.outstanding - floor >= self.load_slack
+                if not full and not self.saturated(b):
                     return b, AFFINITY_HIT if i == 0 else LOAD_FALLBACK
         fresh = [b for b in candidates if not self.saturated(b)] or candidates
         best = min(fresh, key=lambda b: (b.outstanding, b.waiting, b.address))

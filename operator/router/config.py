@@ -55,6 +55,11 @@ class RouterConfig:
     """Bounded load: a replica takes an affine request only while its outstanding requests are below
     ceil(load_factor * (total + 1) / replicas) (env FLEETSERVE_ROUTER_LOAD_FACTOR)."""
 
+    load_slack: int = 4
+    """Bounded load spills a replica's requests only while it also carries at least this many more
+    outstanding requests than the least loaded replica, so conversations stay put at low concurrency
+    (env FLEETSERVE_ROUTER_LOAD_SLACK)."""
+
     virtual_nodes: int = 100
     """Points per replica on the consistent-hash ring (env FLEETSERVE_ROUTER_VIRTUAL_NODES)."""
 

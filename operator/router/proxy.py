@@ -163,7 +163,9 @@ class Router:
 
     def __init__(self, cfg: RouterConfig, demand: DemandSignal | None = None):
         self.cfg = cfg
-        self.balancer = Balancer(cfg.load_factor, cfg.virtual_nodes, cfg.max_waiting, cfg.max_kv_usage)
+        self.balancer = Balancer(
+            cfg.load_factor, cfg.virtual_nodes, cfg.max_waiting, cfg.max_kv_usage, cfg.load_slack
+        )
         self.metrics = RouterMetrics()
         self.demand = demand or DemandSignal(None, cfg)
         self._change = asyncio.Event()

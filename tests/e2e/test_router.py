@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from e2e_helpers import HELM, ClientPod, apply, events, kget, kubectl, run, wait_until
@@ -29,9 +30,8 @@ SPEC = {
     "engine": {"device": "cpu", "dtype": "float32", "maxModelLen": 2048, "maxNumSeqs": 8, "blockSize": 16},
     "resources": {"cpu": "250m", "memory": "2Gi"},
     "autoscaling": {"minReplicas": 3, "maxReplicas": 3},
-    # A looser bounded load than the default 1.25: with only 3 clients in flight the default would spill
-    # a conversation off its replica whenever two others happen to share it.
-    "router": {"loadFactor": 2.0, "queueTimeoutSeconds": 600},
+    # The default bounded load (loadFactor 1.25, loadSlack 4) keeps conversations on their replica.
+    "router": {"queueTimeoutSeconds": 600},
 }
 
 
@@ -140,59 +140,14 @@ def ask(ns: str, base: str, timeout: float = 120) -> dict:
     return ClientPod(ns, ASK_SCRIPT, [base, NAME, str(timeout)], deadline_s=int(timeout) + 120).result()
 
 
-# Multi-turn chats with a few shared system prompts; before and after, the prefix-cache counters of
-# every runtime pod are read, so the result is the hit rate of exactly this workload.
-CHAT_SCRIPT = r"""
-import json, random, sys, threading, urllib.request
-url, model, metric_urls, n_conv, turns, workers, tag = sys.argv[1:8]
-metric_urls, n_conv, turns, workers = metric_urls.split(","), int(n_conv), int(turns), int(workers)
-WORDS = ("river stone lamp orbit cedar violet signal harbor quartz meadow falcon copper lantern pixel "
-         "tundra saffron glacier ember marble nectar canyon willow beacon thistle cobalt prairie").split()
-SYSTEMS = [f"[{tag}] You are assistant {k}. Be brief." for k in range(3)]
-def counters():
-    hits = queries = 0.0
-    for m in metric_urls:
-        for line in urllib.request.urlopen(m, timeout=30).read().decode().splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"): hits += float(line.split()[-1])
-            elif line.startswith("vllm:prefix_cache_queries_total"): queries += float(line.split()[-1])
-    return hits, queries
-lock = threading.Lock()
-out = {"requests": 0, "errors": 0, "error_kinds": {}, "backends_per_conversation": []}
-def conversation(i):
-    rng = random.Random(f"{tag}-{i}")
-    msgs = [{"role": "system", "content": SYSTEMS[i % len(SYSTEMS)]}]
-    backends = set()
-    for t in range(turns):
-        text = " ".join(rng.choice(WORDS) for _ in range(70))
-        msgs.append({"role": "user", "content": f"[{tag} conversation {i} turn {t}] Summarise: {text}"})
-        body = json.dumps({"model": model, "messages": msgs, "max_tokens": 8, "temperature": 0.0}).encode()
-        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                answer = json.loads(r.read())["choices"][0]["message"]["content"]
-                backends.add(r.headers.get("X-Fleetserve-Backend") or "?")
-            with lock: out["requests"] += 1
-        except Exception as e:
-            with lock:
-                out["errors"] += 1
-                out["error_kinds"][type(e).__name__] = out["error_kinds"].get(type(e).__name__, 0) + 1
-            answer = ""
-        msgs.append({"role": "assistant", "content": answer})
-    with lock: out["backends_per_conversation"].append(len(backends))
-h0, q0 = counters()
-todo = list(range(n_conv))
-def worker():
-    while True:
-        with lock:
-            if not todo: return
-            i = todo.pop(0)
-        conversation(i)
-ts = [threading.Thread(target=worker) for _ in range(workers)]
-[t.start() for t in ts]; [t.join() for t in ts]
-h1, q1 = counters()
-out.update(hits=h1 - h0, queries=q1 - q0, hit_rate=(h1 - h0) / max(q1 - q0, 1.0))
-print(json.dumps(out), flush=True)
-"""
+# Issue 14's multi-turn chat workload (tests/e2e/chat_workload.py: its docstring says why this shape), run
+# in a client pod; tests/server/test_router_real_runtime.py runs the same script on loopback.
+CHAT_SCRIPT = (Path(__file__).resolve().parent / "chat_workload.py").read_text()
+# 48 two-turn conversations with a 250-word opening, 3 at a time. Expected ratio about 2.6x (at most 3x for
+# the conversations' own history, less the system prompts cached everywhere); the plain Service's rate moves
+# with how many second turns kube-proxy happens to send to their first turn's replica (binomial(48, 1/3)).
+# Measured on loopback with the same script and size: tests/server/test_router_real_runtime.py.
+HIT_RATE_WORKLOAD = {"conversations": 48, "turns": 2, "workers": 3, "opening_words": 250}
 
 
 # Streaming requests from `workers` threads for `seconds`; each outcome is classified by whether any byte
@@ -270,27 +225,28 @@ def test_prefix_cache_hit_rate_router_vs_plain_service(ns):
     pods = runtime_pods(ns)
     assert len(pods) == 3
     metric_urls = ",".join(f"http://{p['status']['podIP']}:8000/metrics" for p in pods)
+    w = HIT_RATE_WORKLOAD
     results = {}
     for phase, service in (("service", NAME), ("router", f"{NAME}-router")):
-        # 12 conversations of 3 turns, 3 at a time. With 3 turns random spreading finds a turn's history on
-        # the chosen replica 1/3 of the time (turn 3: or turn 1's part of it), the router always: ~2.4x
-        # expected. More turns lower that ratio (partial hits on earlier replicas add up).
-        args = [f"http://{ip(ns, service)}", NAME, metric_urls, "12", "3", "3", f"{phase}-{time.time():.0f}"]
-        results[phase] = ClientPod(ns, CHAT_SCRIPT, args, deadline_s=1500).result(timeout=1600)
+        args = [f"http://{ip(ns, service)}", NAME, metric_urls, str(w["conversations"]), str(w["turns"])]
+        # A short fresh tag in the system prompts: new prompts per phase, a shared prefix of about one block.
+        args += [str(w["workers"]), f"{phase}-{os.urandom(2).hex()}", str(w["opening_words"])]
+        results[phase] = ClientPod(ns, CHAT_SCRIPT, args, deadline_s=2400).result(timeout=2500)
         print(f"{phase}: " + json.dumps(results[phase]))
     plain, routed = results["service"]["hit_rate"], results["router"]["hit_rate"]
     print(
         f"prefix-cache hit rate: plain Service {plain:.3f}, router {routed:.3f} ({routed / max(plain, 1e-9):.2f}x)"
     )
     assert results["service"]["errors"] == 0 and results["router"]["errors"] == 0, results
-    # Bounded load moves a conversation off a replica that holds more than its share of outstanding requests
-    # (by design): most conversations, not all, stay on one replica (2026-12-01: 9 of 12).
+    # Bounded load spills only from a replica loadSlack (4) requests above the least loaded one: with 3
+    # conversations in flight no conversation leaves the replica holding its history.
     per_conv = results["router"]["backends_per_conversation"]
-    assert sum(n == 1 for n in per_conv) >= 0.75 * len(per_conv), results["router"]
-    # Issue #14 asks for >= 2x; measured 2.10x (0.486 vs 0.232) and 1.60x (0.535 vs 0.336) in two runs on
-    # 2026-12-01: the plain Service's rate moves with where kube-proxy happens to put each conversation. The
-    # bar here is a regression floor: a router without prefix affinity lands near 1x.
-    assert routed >= 1.25 * plain, results
+    assert all(n == 1 for n in per_conv), results["router"]
+    # Issue #14 asks for >= 2x: expected about 2.6x, and every loopback run of this workload gave more than 2x
+    # (tests/server/test_router_real_runtime.py). A floor of 2.0 would still fail about 2% of runs on
+    # kube-proxy's luck alone (23 or more of 48 second turns sent to their first turn's replica, expected 16);
+    # below 1.8x it must have sent 27 or more (about 0.1%). The ratio is printed above.
+    assert routed >= 1.8 * plain, results
 
 
 def test_replica_deleted_under_load_loses_no_unstarted_request(ns):

@@ -73,6 +73,12 @@ SPECS: dict[str, dict[str, Any]] = {
     },
     "hf-no-cache": {"model": {"uri": "hf://org/model"}, "modelCache": {"enabled": False}},
     "pvc-source": {"model": {"uri": "pvc://weights/llama/8b"}},
+    # Tensor parallelism: ranks from the GPU count, or fewer by override; /dev/shm sized per rank.
+    "gpu-tensor-parallel": {"resources": {"gpus": 4, "memory": "64Gi"}},
+    "gpu-tensor-parallel-override": {
+        "resources": {"gpus": 4, "memory": "64Gi"},
+        "engine": {"tensorParallelSize": 2},
+    },
     "file-gguf": {"model": {"uri": "file:///opt/models/tiny.gguf"}},
     "scale-to-zero-router": {
         "replicas": 0,
@@ -230,6 +236,8 @@ def test_example_crs_validate_against_crd_schema_and_models():
         {"model": {"uri": "pvc://Bad_Claim/x"}},
         {"engine": {"dtype": "int8"}},
         {"engine": {"gpuMemoryUtilization": 1.5}},
+        {"engine": {"tensorParallelSize": 0}},
+        {"engine": {"tensorParallelSize": 65}},
         {"autoscaling": {"targetQueueDepth": 0}},
         {"autoscaling": {"minReplicas": -1}},
         {"resources": {"memory": "lots"}},

@@ -148,6 +148,33 @@ def test_bounded_load_and_saturation_rules():
     assert bal.choose(key) == (bal.backends[primary], AFFINITY_HIT)
 
 
+def test_bounded_load_keeps_conversations_in_place_at_low_concurrency():
+    """3 conversations in flight over 3 replicas, two of them hashed to the same replica: the relative rule
+    alone (load_slack 0) would move the third one away from its history (capacity ceil(1.25 * 3 / 3) = 2);
+    with the slack it stays. A hot prefix under real load still spills (the test above, and below)."""
+    members = [("a:1", ""), ("b:1", ""), ("c:1", "")]
+    keys = [affinity_key("/v1/chat/completions", {"messages": conversation(0, 1, "s")[0]})]
+    for slack, stays in ((0, False), (4, True)):
+        bal = Balancer(load_factor=1.25, load_slack=slack)
+        bal.set_backends(members)
+        home = bal.ring_order(keys[0])[0]
+        bal.backends[home].outstanding = 2  # two other conversations' turns in flight there
+        b, decision = bal.choose(keys[0])
+        assert (b.address == home) is stays and decision == (AFFINITY_HIT if stays else LOAD_FALLBACK)
+    # With the slack, a replica spills only once it is both over loadFactor x the mean and `slack` above the
+    # least loaded replica.
+    bal = Balancer(load_factor=1.25, load_slack=4)
+    bal.set_backends(members)
+    home = bal.ring_order(keys[0])[0]
+    others = [a for a in bal.backends if a != home]
+    bal.backends[home].outstanding, bal.backends[others[0]].outstanding = 5, 1  # 5 - 0 >= 4, 5 >= cap 3
+    assert bal.choose(keys[0]) != (bal.backends[home], AFFINITY_HIT)
+    bal.backends[others[1]].outstanding = 2  # 5 - 1 = 4: still over both
+    assert bal.choose(keys[0])[0].address != home
+    bal.backends[others[0]].outstanding = 2  # 5 - 2 = 3 < 4: stays
+    assert bal.choose(keys[0]) == (bal.backends[home], AFFINITY_HIT)
+
+
 def test_config_from_env():
     cfg = RouterConfig.from_env(
         {
@@ -156,6 +183,7 @@ def test_config_from_env():
             "FLEETSERVE_ROUTER_QUEUE_SIZE": "3",
             "FLEETSERVE_ROUTER_NAMESPACE": "ns",
             "FLEETSERVE_ROUTER_DISCOVERY": "v1beta1",
+            "FLEETSERVE_ROUTER_LOAD_SLACK": "6",
         }
     )
     assert (cfg.service, cfg.queue_timeout, cfg.queue_size, cfg.namespace, cfg.discovery) == (
@@ -165,6 +193,7 @@ def test_config_from_env():
         "ns",
         "v1beta1",
     )
+    assert cfg.load_slack == 6 and RouterConfig().load_slack == 4
     with pytest.raises(ValueError, match="DISCOVERY"):
         RouterConfig.from_env({"FLEETSERVE_ROUTER_DISCOVERY": "v2"})
 

@@ -100,6 +100,7 @@ def test_router_rendering():
     assert env["FLEETSERVE_ROUTER_SERVICE"] == "llm" and env["FLEETSERVE_ROUTER_INFERENCE_SERVICE"] == "llm"
     assert (env["FLEETSERVE_ROUTER_QUEUE_TIMEOUT"], env["FLEETSERVE_ROUTER_QUEUE_SIZE"]) == ("60", "10")
     assert (env["FLEETSERVE_ROUTER_LOAD_FACTOR"], env["FLEETSERVE_ROUTER_MAX_WAITING"]) == ("1.5", "3")
+    assert env["FLEETSERVE_ROUTER_LOAD_SLACK"] == "4"  # the default
     assert c["resources"] == {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"memory": "128Mi"}}
     assert (
         c["readinessProbe"]["httpGet"]["path"] == "/healthz"
