@@ -25,37 +25,14 @@ def _all_specs():
     ]
 
 
-# Operator fields whose runtime counterpart lands from another branch (#16: tensor parallelism in the
-# runtime). While the runtime lacks it, the checks below cover the operator's side only.
-# TODO(#16): drop this once EngineConfig.tensor_parallel_size is on main (the checks then run in full).
-_PENDING_IN_RUNTIME = {"tensorParallelSize": {"type": "integer", "minimum": 1, "maximum": 64}}
-
-
-def _runtime_has(rt_name: str) -> bool:
-    config = pytest.importorskip("fleetserve.runtime.config")
-    return rt_name in config.EngineConfig.model_fields
-
-
-def _without_pending_flags(args: list[str]) -> list[str]:
-    """The argument list minus flags of settings the runtime does not have yet (see _PENDING_IN_RUNTIME)."""
-    if _runtime_has("tensor_parallel_size"):
-        return args
-    out = list(args)
-    if render.TP_FLAG in out:
-        i = out.index(render.TP_FLAG)
-        del out[i : i + 2]
-    return out
-
-
 @pytest.mark.parametrize("raw", _all_specs())
 def test_rendered_serve_args_parse_with_the_runtime_cli(raw):
     cli = pytest.importorskip("fleetserve.runtime.cli")
     spec = parse_spec(raw)
     args = render.serve_args("svc", spec)
-    ns = cli.build_parser().parse_args(["serve", *_without_pending_flags(args)])
-    if _runtime_has("tensor_parallel_size"):
-        # Left out for one rank (the runtime's default; absent flags are absent from the namespace).
-        assert getattr(ns, "tensor_parallel_size", 1) == spec.tensor_parallel_size()
+    ns = cli.build_parser().parse_args(["serve", *args])
+    # Left out for one rank (the runtime's default; absent flags are absent from the namespace).
+    assert getattr(ns, "tensor_parallel_size", 1) == spec.tensor_parallel_size()
     assert ns.command == "serve"
     assert ns.port == render.PORT and ns.served_model_name == render.served_model_name("svc", spec)
     assert float(ns.shutdown_timeout) == spec.engine.shutdownTimeoutSeconds
@@ -118,8 +95,8 @@ _NOT_EXPOSED = {
     "grammar_compile_threads",
     "grammar_cache_size",
     "max_grammar_bytes",
-    # Set by the operator from resources.gpus (issue #16, operator side).
-    "tensor_parallel_size",
+    # How a GGUF's quantized matrices are held (packed is CPU-only and opt-in, #19): through extraArgs.
+    "gguf_weights",
 }
 _CONSTRAINTS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
@@ -142,17 +119,10 @@ def test_engine_settings_have_the_runtime_config_bounds_and_choices():
         "server": server_config.ServerConfig.model_json_schema(),
     }
     assert set(ours["properties"]) == set(_ENGINE_FIELDS) | _OPERATOR_ONLY
-    pending = {op for op, (which, rt) in _ENGINE_FIELDS.items() if rt not in theirs[which]["properties"]}
-    assert pending <= set(_PENDING_IN_RUNTIME), (
-        f"runtime fields missing for {pending - set(_PENDING_IN_RUNTIME)}"
-    )
     for op_name, (which, rt_name) in _ENGINE_FIELDS.items():
-        if op_name in pending:
-            assert _field_schema(ours, op_name) == _PENDING_IN_RUNTIME[op_name], op_name
-            continue
         want = {**_field_schema(theirs[which], rt_name), **_STRICTER.get(op_name, {})}
         assert _field_schema(ours, op_name) == want, op_name
-    exposed = {rt for op, (which, rt) in _ENGINE_FIELDS.items() if which == "engine" and op not in pending}
+    exposed = {rt for op, (which, rt) in _ENGINE_FIELDS.items() if which == "engine"}
     assert set(config.EngineConfig.model_fields) == exposed | _NOT_EXPOSED, (
         "a new EngineConfig field: expose it in operator/spec.py EngineSettings or list it in _NOT_EXPOSED"
     )
@@ -176,8 +146,6 @@ def test_every_engine_setting_reaches_its_runtime_flag():
     spec = parse_spec({"engine": values})
     args = render.serve_args("svc", spec)
     assert args[args.index(render.TP_FLAG) + 1] == "2"
-    ns = cli.build_parser().parse_args(["serve", *_without_pending_flags(args)])
+    ns = cli.build_parser().parse_args(["serve", *args])
     for op_name, (_, rt_name) in _ENGINE_FIELDS.items():
-        if op_name in _PENDING_IN_RUNTIME and not _runtime_has(rt_name):
-            continue
         assert getattr(ns, rt_name) == values[op_name], op_name
