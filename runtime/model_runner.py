@@ -60,6 +60,25 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.
     return 2 * model_config.num_layers * block_size * model_config.num_kv_heads * model_config.head_dim * elt
 
 
+def _allocate_kv_caches(
+    model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One zeroed [2, num_blocks, block_size, Hkv, D] tensor per layer.
+
+    On the CPU all layers are views of one calloc'd buffer (numpy's zeros): the kernel hands out
+    zero pages lazily, so a block's memory becomes resident only once a sequence first writes it,
+    and the resident size after load is the weights', not the KV cache's (torch.zeros would write
+    every page at start-up)."""
+    shape = (2, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    L = model_config.num_layers
+    if device.type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L)]
+    per_layer = 2 * num_blocks * block_size * model_config.num_kv_heads * model_config.head_dim
+    elt = torch.empty((), dtype=dtype).element_size()
+    flat = torch.from_numpy(np.zeros(L * per_layer * elt, dtype=np.uint8)).view(dtype)
+    return [flat[i * per_layer : (i + 1) * per_layer].view(shape) for i in range(L)]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -79,18 +98,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = model_config.vocab_size
-        self.kv_caches = [
-            torch.zeros(
-                2,
-                num_blocks,
-                block_size,
-                model_config.num_kv_heads,
-                model_config.head_dim,
-                dtype=dtype,
-                device=device,
-            )
-            for _ in range(model_config.num_layers)
-        ]
+        self.kv_caches = _allocate_kv_caches(model_config, num_blocks, block_size, dtype, device)
         self.sampler = Sampler()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []

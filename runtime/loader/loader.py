@@ -264,4 +264,4 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _resolve_backend(name: str, device: torch.device) -> str:
-    return ("triton" if device.type == "cuda" else "torch") if name == "auto" else name
+    return ("triton" if device.type == "cuda" else "cpu") if name == "auto" else name
