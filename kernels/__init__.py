@@ -53,10 +53,10 @@ def get_ops(backend: str = "torch") -> KernelOps:
         # the references, with the fused torch forms measured faster on CPU (docs/cpu.md)
         return KernelOps(
             "cpu",
-            norm.rms_norm_ref,
-            rotary.rotary_embedding_ref,
+            norm.rms_norm_cpu,
+            rotary.rotary_embedding_cpu,
             activation.silu_and_mul_ref,
-            cache.write_kv_cache_ref,
+            cache.write_kv_cache_cpu,
             attention.paged_attention_sdpa,
             moe.fused_moe_ref,
             gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref,

@@ -133,10 +133,14 @@ def paged_attention_sdpa(
     if max_query_len == 1 and T == B:
         # decode: every sequence has its one query at seq_len - 1
         qq = q.view(B, Hkv, G, D).to(kv.dtype)
-        mask = kpos[None, :] < seq_lens[:, None]  # [B, S]
-        if sliding_window:
-            mask &= kpos[None, :] > seq_lens[:, None] - 1 - sliding_window
-        out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        full = B == 1 and not sliding_window and dev.type == "cpu" and int(seq_lens[0]) == max_seq_len
+        mask = None
+        if not full:  # (one stream sees all S keys: no mask; SDPA converts a mask at some cost)
+            mask = kpos[None, :] < seq_lens[:, None]  # [B, S]
+            if sliding_window:
+                mask &= kpos[None, :] > seq_lens[:, None] - 1 - sliding_window
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale)
         return out.reshape(T, Hq, D).to(q.dtype)
     qsl = query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
