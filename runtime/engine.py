@@ -46,6 +46,20 @@ CPU_KV_MEMORY_FRACTION = 0.125
 """CPU default KV capacity cap, as a fraction of the memory available at start-up."""
 
 
+def _release_freed_heap() -> None:
+    """Give the heap that loading freed (dequantization and metadata temporaries) back to the OS:
+    glibc keeps freed small-chunk memory resident otherwise (measured: ~60 MiB after loading the
+    embedded GGUF). A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def available_memory() -> int:
     """Bytes of memory the system can give without swapping: Linux's MemAvailable, else psutil's
     figure, else half the physical memory."""
@@ -166,6 +180,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             loaded.model, mc, self.device, self.dtype, self.num_kv_blocks, self.block_size, self.eos_token_ids
         )
+        del loaded
+        if self.device.type == "cpu":
+            _release_freed_heap()
         if self.device.type == "cuda" and not config.enforce_eager:
             secs = self.runner.capture_decode_graphs(min(config.max_num_seqs, 512), self.max_model_len)
             logger.info(
