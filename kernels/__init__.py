@@ -3,7 +3,9 @@
 Each op lives in its own module with a pure-torch reference (`<op>_ref`) and a
 Triton implementation (`<op>_triton`) of the same signature beside it; tests
 compare the two. `get_ops(backend)` returns the set a model runs with: "torch"
-(references; the CPU path) or "triton" (GPU, or CPU under TRITON_INTERPRET=1).
+(the references, the tests' oracle), "cpu" (the CPU engine's path: the references
+with fused torch forms such as SDPA attention where those measured faster, each
+tested against its reference) or "triton" (GPU, or CPU under TRITON_INTERPRET=1).
 On CUDA use "triton": each Triton kernel measured faster than its reference on
 an H100, and the attention and cache references sync with the host, so they
 cannot run inside CUDA graphs (benchmarks/results/kernels-2026-11-24.md).
@@ -47,6 +49,18 @@ def get_ops(backend: str = "torch") -> KernelOps:
             moe.fused_moe_ref,
             gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref,
         )
+    if backend == "cpu":
+        # the references, with the fused torch forms measured faster on CPU (docs/cpu.md)
+        return KernelOps(
+            "cpu",
+            norm.rms_norm_cpu,
+            rotary.rotary_embedding_cpu,
+            activation.silu_and_mul_ref,
+            cache.write_kv_cache_cpu,
+            attention.paged_attention_sdpa,
+            moe.fused_moe_ref,
+            gelu_tanh_and_mul=activation.gelu_tanh_and_mul_ref,
+        )
     if backend == "triton":
         return KernelOps(
             "triton",
@@ -58,4 +72,4 @@ def get_ops(backend: str = "torch") -> KernelOps:
             moe.fused_moe_triton,
             gelu_tanh_and_mul=activation.gelu_tanh_and_mul_triton,
         )
-    raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")
+    raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch', 'cpu' or 'triton')")

@@ -35,6 +35,7 @@ the device. Output rows of tokens past query_start_loc[-1] are left unwritten.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import cdiv, jit, next_pow2, num_sms, tl
 
@@ -90,6 +91,80 @@ def paged_attention_ref(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, vals).reshape(B, max_query_len, Hq, D)
     return out[qmask].to(q.dtype)
+
+
+def paged_attention_sdpa(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Same contract as `paged_attention_ref`, through torch's fused
+    `scaled_dot_product_attention` (the CPU engine's fast path; tests compare it to the reference).
+
+    Each sequence's K/V are gathered from the cache with one index_select per step, not copied
+    per KV head: the G query heads of a group are folded into SDPA's query-length axis
+    ([B, Hkv, Mq*G, D] against [B, Hkv, S, D]), so nothing repeats K/V for grouped-query attention.
+    Soft-capped scores (Gemma 2) have no SDPA form: they take the reference.
+    """
+    if softcap:
+        return paged_attention_ref(
+            q, kv_cache, query_start_loc, seq_lens, block_tables, max_query_len, max_seq_len, scale,
+            sliding_window, softcap,
+        )  # fmt: skip
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    _, _, bs, Hkv, _ = kv_cache.shape
+    G = Hq // Hkv
+    dev = q.device
+    nblk = (max_seq_len + bs - 1) // bs
+    ids = block_tables[:, :nblk].reshape(-1)
+    # [2, B*nblk, bs, Hkv, D] -> K, V as [B, Hkv, S, D] (strided views of one gathered copy)
+    kv = kv_cache.index_select(1, ids).view(2, B, nblk * bs, Hkv, D)[:, :, :max_seq_len]
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    kpos = torch.arange(max_seq_len, device=dev)
+    seq_lens = seq_lens.long()
+    if max_query_len == 1 and T == B:
+        # decode: every sequence has its one query at seq_len - 1
+        qq = q.view(B, Hkv, G, D).to(kv.dtype)
+        full = B == 1 and not sliding_window and dev.type == "cpu" and int(seq_lens[0]) == max_seq_len
+        mask = None
+        if not full:  # (one stream sees all S keys: no mask; SDPA converts a mask at some cost)
+            mask = kpos[None, :] < seq_lens[:, None]  # [B, S]
+            if sliding_window:
+                mask &= kpos[None, :] > seq_lens[:, None] - 1 - sliding_window
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(T, Hq, D).to(q.dtype)
+    qsl = query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    ctx_lens = seq_lens - q_lens
+    Mq = max_query_len
+    ar_q = torch.arange(Mq, device=dev)
+    qmask = ar_q[None, :] < q_lens[:, None]  # [B, Mq]
+    if B == 1:
+        qq = q[:Mq]
+    else:
+        qq = q[(qsl[:-1, None] + ar_q[None, :]).clamp(max=max(T - 1, 0))]  # [B, Mq, Hq, D] padded
+    # [B, Mq, Hkv, G, D] -> [B, Hkv, Mq*G, D]: row m*G + g is query token m, head g of the group
+    qq = qq.reshape(B, Mq, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Mq * G, D).to(kv.dtype)
+    qpos = ctx_lens[:, None] + ar_q[None, :]  # [B, Mq]
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < seq_lens[:, None, None])
+    if sliding_window:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - sliding_window
+    # padding query rows see key 0, so no row is all -inf (their outputs are dropped below)
+    mask[:, :, 0] |= ~qmask
+    mask = mask.repeat_interleave(G, dim=1)[:, None]  # [B, 1, Mq*G, S]
+    out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale)
+    out = out.view(B, Hkv, Mq, G, D).permute(0, 2, 1, 3, 4).reshape(B, Mq, Hq, D)
+    out = out[0] if B == 1 else out[qmask]
+    return out.to(q.dtype)
 
 
 _LOG2E = 1.4426950408889634

@@ -4,7 +4,8 @@ Cache layout (one tensor per layer): kv_cache[2, num_blocks, block_size, num_kv_
 index 0 keys, 1 values. A token's slot is block_id * block_size + offset; slot -1
 marks a padding token (CUDA-graph padding) whose K/V are dropped.
 
-Owns the torch reference and the Triton kernel (one program per token, all of its
+Owns the torch reference, its CPU form (`write_kv_cache_cpu`, two index copies) and the
+Triton kernel (one program per token, all of its
 heads; 64-bit slot arithmetic, since block_id * block_size * Hkv * D passes 2^31
 in caches of a few GB).
 """
@@ -25,6 +26,19 @@ def write_kv_cache_ref(
     slots = slot_mapping[valid].long()
     flat[0, slots] = k[valid].to(kv_cache.dtype)
     flat[1, slots] = v[valid].to(kv_cache.dtype)
+
+
+def write_kv_cache_cpu(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """`write_kv_cache_ref` as two index_copy_ calls (the CPU engine's path): CPU steps carry no
+    padding slots; a step with any -1 slot takes the reference."""
+    if kv_cache.device.type != "cpu" or bool((slot_mapping < 0).any()):
+        return write_kv_cache_ref(k, v, kv_cache, slot_mapping)
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    slots = slot_mapping.long()
+    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
 
 
 @jit

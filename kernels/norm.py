@@ -1,6 +1,6 @@
 """RMSNorm, optionally fused with the residual add that precedes it.
 
-Owns the torch reference (`rms_norm_ref`, the CPU path) and the Triton kernel
+Owns the torch reference (`rms_norm_ref`), its two-op CPU form (`rms_norm_cpu`) and the Triton kernel
 (`rms_norm_triton`): one program per row, one read of x (and residual) and one
 write of y (and x + residual), where torch's eager version makes ~6 passes.
 """
@@ -8,6 +8,7 @@ write of y (and x + residual), where torch's eager version makes ~6 passes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import jit, next_pow2, tl
 
@@ -25,6 +26,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = weight * y.to(x.dtype)
     return y if residual is None else (y, residual)
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`rms_norm_ref` in two ops for float32 (the add, torch's fused rms_norm): the CPU engine's path.
+    Other dtypes take the reference (it rounds the normalised value before the weight multiply)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm_ref(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), x
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 @jit

@@ -4,7 +4,8 @@
 the second half sin, of the per-pair frequencies (llama3 or other scaling is
 applied by whoever builds the cache).
 
-Owns the torch reference and the Triton kernel: one program per token rotates all
+Owns the torch reference, its CPU form with fewer ops (`rotary_embedding_cpu`) and the
+Triton kernel: one program per token rotates all
 of its q and k heads, reading the token's cos/sin row once.
 """
 
@@ -28,6 +29,35 @@ def rotary_embedding_ref(
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
+
+
+def rotary_embedding_cpu(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+):
+    """`rotary_embedding_ref` with fewer ops (the CPU engine's path): when q and k are neighbouring
+    head views of one buffer (the fused qkv projection's output), both rotate in one pass."""
+    T, Hq, D = q.shape
+    Hkv, h = k.shape[1], D // 2
+    cs = cos_sin_cache.index_select(0, positions)
+    cos, sin = cs[:, None, :h], cs[:, None, h:]
+    x = q
+    joint = (
+        q.dtype == k.dtype
+        and q.stride()[1:] == k.stride()[1:] == (D, 1)
+        and (T == 1 or q.stride(0) == k.stride(0))
+        and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+        and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()
+    )
+    if joint:  # [T, Hq + Hkv, D] over the same memory
+        x = q.as_strided((T, Hq + Hkv, D), q.stride())
+    xf = x.float()
+    x1, x2 = xf[..., :h], xf[..., h:]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
+    if joint:
+        return out[:, :Hq], out[:, Hq:]
+    kf = k.float()
+    k1, k2 = kf[..., :h], kf[..., h:]
+    return out, torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(k.dtype)
 
 
 @jit

@@ -44,7 +44,7 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     """Exact number of KV cache blocks; overrides the memory-based sizing."""
     kv_cache_memory: int | None = Field(None, ge=1)
-    """Bytes to reserve for the KV cache; by default derived from gpu_memory_utilization (GPU) or 1 GiB (CPU)."""
+    """Bytes to reserve for the KV cache; by default derived from gpu_memory_utilization (GPU), or on CPU room for 4 sequences of max_model_len tokens, at most 1/8 of the available memory (committed lazily as blocks are used)."""
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     """Fraction of the card's total memory this engine may use for weights, activations and KV
     cache (per engine, as in vLLM: two engines on one card can take 0.45 each); the KV cache never
@@ -59,8 +59,8 @@ class EngineConfig(BaseModel):
     """Never capture CUDA graphs."""
     async_scheduling: bool | None = None
     """Schedule and queue the next step before reading back the previous one (overlaps host and device work); default on for CUDA."""
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    """Kernel implementation: triton on CUDA, the torch reference on CPU, unless forced."""
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    """Kernel implementation: triton on CUDA, cpu (torch's fused SDPA attention and the other torch ops) on CPU, unless forced; torch = the pure references."""
     seed: int = 0
     """Seed for weights of dummy models and for requests that bring no seed of their own."""
     max_logprobs: int = Field(20, ge=0)

@@ -6,7 +6,11 @@ copy bandwidth and bf16 matmul rate are measured in the same process and give
 the roofline time of the workload (the formulas are `roofline_seconds` below); with
 `--baseline hf` the Hugging Face transformers static-batch `generate` runs the
 same workload on the same dummy-weight architecture in the same process, so
-the ratio is measured side by side. Prints JSON lines and writes one JSON file.
+the ratio is measured side by side. With `--device cpu` on a GGUF (the embedded
+SmolLM2 when no model is given) it runs the CPU suite of runtime/bench/cpu.py instead:
+fleetserve and llama.cpp on the same file (prompt processing, single-stream decode,
+N concurrent streams, load time, resident memory; `--latency`: single stream only).
+Prints JSON lines and writes one JSON file.
 """
 
 from __future__ import annotations
@@ -429,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--model",
-        default="llama-3.2-1b",
-        help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf",
+        default=None,
+        help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf "
+        "(default: llama-3.2-1b; with --device cpu the embedded SmolLM2 GGUF, run beside llama.cpp)",
     )
     ap.add_argument(
         "--load-format",
@@ -438,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "safetensors", "gguf", "dummy"],
         help="dummy = random weights of the model's architecture",
     )
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=None, help="default 256 (CPU GGUF suite: 16)")
+    ap.add_argument("--input-len", type=int, default=None, help="default 512 (CPU GGUF suite: 128)")
+    ap.add_argument("--output-len", type=int, default=None, help="default 256 (CPU GGUF suite: 128)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -477,13 +482,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="json-schema: run the batch with and without a JSON-schema constraint (alternating) and "
         "report the throughput ratio",
     )
-    ap.add_argument("--repeats", type=int, default=2, help="--structured: timed runs of each kind")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs of each kind: --structured (default 2), CPU GGUF suite (3)",
+    )
+    ap.add_argument(
+        "--latency",
+        action="store_true",
+        help="CPU GGUF suite: only the single-stream latency run (TTFT, decode tok/s), both engines",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU GGUF suite: threads of both engines (default $OMP_NUM_THREADS or all cores)",
+    )
     ap.add_argument("--output-json", default=None, help="write all records to this file")
     return ap
 
 
+def _is_cpu_gguf_suite(args) -> bool:
+    """--device cpu on a GGUF (the embedded default when no model is given): fleetserve beside llama.cpp."""
+    return (
+        args.device == "cpu"
+        and args.structured == "none"
+        and (args.model is None or args.model.endswith(".gguf"))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cpu_suite = _is_cpu_gguf_suite(args)
+    for name, gpu_default, cpu_default in (
+        ("num_prompts", 256, 16),
+        ("input_len", 512, 128),
+        ("output_len", 256, 128),
+        ("repeats", 2, 3),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, cpu_default if cpu_suite else gpu_default)
+    if cpu_suite:
+        return _main_cpu_suite(args)
+    if args.model is None:
+        args.model = "llama-3.2-1b"
     import torch
 
     records: list[dict] = []
@@ -554,6 +597,42 @@ def main(argv: list[str] | None = None) -> int:
             },
             records,
         )
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
+
+
+def _main_cpu_suite(args) -> int:
+    import os
+
+    from . import cpu
+
+    args.threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    records: list[dict] = []
+    versions: dict[str, Any] = {
+        "what": "versions",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
+    try:
+        from importlib.metadata import version
+
+        versions["torch"] = version("torch")
+        versions["fleetserve"] = version("fleetserve")
+    except Exception:
+        pass
+    _log(versions, records)
+    for rec in cpu.run(args.model, args):
+        if rec["what"] in ("fleetserve", "llama.cpp"):
+            rec.update(
+                num_prompts=args.num_prompts,
+                input_len=args.input_len,
+                output_len=args.output_len,
+                repeats=args.repeats,
+                latency_only=args.latency,
+            )
+        _log(rec, records)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(records, f, indent=2)

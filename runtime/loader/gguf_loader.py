@@ -97,11 +97,11 @@ class GGUFFile:
     """An opened GGUF file: metadata as plain Python values and its tensor records."""
 
     def __init__(self, path: str):
-        import gguf
+        from .gguf_fast import FastGGUFReader
 
         self.path = path
         try:
-            self.reader = gguf.GGUFReader(path, "r")
+            self.reader = FastGGUFReader(path, "r")
         except Exception as e:  # bad magic, truncated header, out-of-range offsets...
             raise ModelLoadError(f"corrupt or unreadable GGUF file {path}: {e}") from e
         self.meta: dict[str, Any] = {}

@@ -336,4 +336,4 @@ def _resolve_packed(name: str, device: torch.device) -> bool:
 
 
 def _resolve_backend(name: str, device: torch.device) -> str:
-    return ("triton" if device.type == "cuda" else "torch") if name == "auto" else name
+    return ("triton" if device.type == "cuda" else "cpu") if name == "auto" else name

@@ -16,6 +16,7 @@ fixed at build time. Tokens of all sequences of a step are packed: [T, ...].
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -76,6 +77,15 @@ def rope_cos_sin_cache(cfg: ModelConfig, device=None, *, local: bool = False) ->
             freqs[orig:] = torch.outer(t[orig:], rope_inv_freq(cfg, device, long=True))
         mscale = s["attention_factor"]
     return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1)
+
+
+def _rope_table(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """The RoPE table on the default device; under build_model's meta device only its shape (meta
+    arange/outer run through torch's Python references, whose first call imports torch._dynamo:
+    ~1 s at start-up), which reset_rope_cache fills once the model is on its device."""
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(cfg.max_position_embeddings, cfg.head_dim, dtype=torch.float32)
+    return rope_cos_sin_cache(cfg, local=local)
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -221,17 +231,9 @@ class CausalLM(nn.Module):
         # Tensor parallelism (runtime/parallel.py) sets this: the LM head then holds a slice of the
         # vocabulary and this gathers the logits on rank 0 (None on the other ranks).
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
-        self.register_buffer("cos_sin_cache", self._rope_init(cfg), persistent=False)
+        self.register_buffer("cos_sin_cache", _rope_table(cfg), persistent=False)
         if cfg.local_rope_theta is not None:
-            self.register_buffer("cos_sin_cache_local", self._rope_init(cfg, local=True), persistent=False)
-
-    @staticmethod
-    def _rope_init(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-        # Built on the meta device (build_model), the tables are placeholders that reset_rope_cache
-        # fills once the model has its device: computing them on meta imports torch._dynamo (seconds).
-        if torch.get_default_device().type == "meta":
-            return torch.empty(cfg.max_position_embeddings, cfg.head_dim)
-        return rope_cos_sin_cache(cfg, local=local)
+            self.register_buffer("cos_sin_cache_local", _rope_table(cfg, local=True), persistent=False)
 
     def _rope_buffers(self) -> list[str]:
         return ["cos_sin_cache"] + (
@@ -413,6 +415,26 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _no_param_init():
+    """Modules' reset_parameters() become no-ops (as transformers' no_init_weights does). On meta
+    tensors torch runs init ops through its Python references, whose first call imports
+    torch._dynamo, sympy and triton: ~900 modules, ~1 s and ~85 MiB at start-up (measured
+    2026-12-01, CPU torch 2.13), for values that load_weights overwrites anyway."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(
     model_config: ModelConfig,
     ops: KernelOps,
@@ -428,14 +450,15 @@ def build_model(
 
     model_config.validate()
     cls = model_cls or family(model_config.arch).model_cls
-    with torch.device("meta"):  # no host allocation or init kernels for weights about to be overwritten
+    # meta: no host allocation or init kernels for weights about to be overwritten
+    with torch.device("meta"), _no_param_init():
         model = cls(model_config, ops).to(dtype)
         if tp is not None:
             from ..parallel import apply_tensor_parallel
 
             apply_tensor_parallel(model, tp)
-    # to_empty(device) without its empty_like on meta tensors, whose reference implementation imports
-    # torch._dynamo (seconds in every process: each tensor-parallel worker paid it).
+    # = to_empty(device), without its empty_like of meta tensors, whose Python reference imports
+    # torch._dynamo and sympy (seconds in every process: each tensor-parallel worker paid it).
     model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.reset_rope_cache()
     return model.eval().requires_grad_(False)
