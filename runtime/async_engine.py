@@ -331,11 +331,14 @@ class AsyncLLM:
 
     def _on_stopped(self, reason: str, crashed: bool) -> None:
         if crashed:
+            logger.error("%s", reason)  # the whole reason (a dead rank, its signal) goes to the log...
             self._error = reason
             if self.died is not None:
                 self.died.set()
         self._stopped_reason = reason
-        exc = EngineDeadError(reason)
+        # ...and clients see only its kind ("engine loop crashed: RuntimeError"): an exception's message
+        # may carry paths, tensor shapes or a worker's pid that are none of a client's business.
+        exc = EngineDeadError(": ".join(reason.split(": ")[:2]) if crashed else reason)
         for q in self._streams.values():
             q.put_nowait(exc)
         self._processor.requests.clear()
