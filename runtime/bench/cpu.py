@@ -80,13 +80,14 @@ def child_main(spec: dict) -> dict:
     from fleetserve.runtime import LLM, SamplingParams
 
     t_import = time.time()
-    llm = LLM(model=spec["model"], device="cpu", seed=0)
+    llm = LLM(model=spec["model"], device="cpu", seed=0, gguf_weights=spec.get("gguf_weights", "auto"))
     t_loaded = time.time()
     rss_load = _rss_mib()
     first = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8))
     t_first = time.time()
     res: dict[str, Any] = {
         "what": "fleetserve",
+        "gguf_weights": spec.get("gguf_weights", "auto"),
         "import_s": t_import - spec["started"],
         "load_s": t_loaded - t_import,
         "load_to_first_answer_s": t_first - spec["started"],
@@ -153,6 +154,7 @@ def run_fleetserve(model: str | None, args) -> dict:
         "num_prompts": args.num_prompts,
         "repeats": args.repeats,
         "latency": args.latency,
+        "gguf_weights": getattr(args, "gguf_weights", "auto"),
         "started": time.time(),
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

@@ -456,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks (GPUs) per model")
     ap.add_argument(
+        "--gguf-weights",
+        default="auto",
+        choices=["auto", "packed", "dequantize"],
+        help="CPU GGUF suite: hold the quantized matrices packed (int4/int8 kernels) or dequantized",
+    )
+    ap.add_argument(
         "--baseline",
         choices=["none", "hf"],
         default="none",
