@@ -24,6 +24,8 @@ import torch
 from fleetserve.runtime import LLM, SamplingParams
 from fleetserve.runtime.config import EngineConfig
 
+from .test_engine import hf_greedy
+
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[5, 17, 33, 2, 9], list(range(40, 57)), [61], [7, 7, 7, 8, 20, 11, 3, 19, 42, 60]]
@@ -70,20 +72,6 @@ def build_hf(name: str, path, **over) -> torch.nn.Module:
                     p.bias.normal_(0, 0.5)
     model.save_pretrained(path)
     return model
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
