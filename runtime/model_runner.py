@@ -18,6 +18,14 @@ size (1, 2, 4, 8, then multiples of 16 up to max_num_seqs): the step's inputs ar
 copied into static buffers, padding rows get slot -1 (their K/V are dropped) and
 a context of one token, and attention is captured with max_seq_len =
 max_model_len so one graph serves every context length.
+
+Steps with prefill work of up to cuda_graph_max_tokens tokens replay "mixed" graphs,
+captured once per padded token count (multiples of 64 to 1024, of 128 beyond) over
+max_num_seqs sequence slots: padding tokens get slot -1 and belong to no sequence,
+padding sequences get no tokens (query_start_loc repeats the step's token count), so
+the attention kernel's grid, which depends only on the shapes, is the same for every
+step of that size. Eagerly, such a step is bound by launching its ~10 kernels per
+layer from Python (~20 ms for the 8B shape on the H200, for ~10 ms of GPU work).
 """
 
 from __future__ import annotations
@@ -102,6 +110,15 @@ def _allocate_kv_caches(
     return [flat[i * per_layer : (i + 1) * per_layer].view(shape) for i in range(L)]
 
 
+def mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Padded token counts of the mixed-step graphs: multiples of 64 to 1024, of 128 beyond."""
+    sizes = [t for t in range(64, min(max_tokens, 1024) + 1, 64)]
+    sizes += [t for t in range(1024 + 128, max_tokens + 1, 128)]
+    if max_tokens >= 64 and sizes[-1] != max_tokens:
+        sizes.append(max_tokens)
+    return sizes
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -136,6 +153,11 @@ class ModelRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
         self._static: dict[str, torch.Tensor] = {}
+        # mixed (prefill + decode) steps: padded token count -> graph; its own static buffers
+        self._mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mixed_sizes: list[int] = []
+        self._mixed_static: dict[str, torch.Tensor] = {}
+        self._mixed_seqs = 0
         self._prev_sampled: torch.Tensor | None = None  # last launch's sampled tokens (device)
         self._prev_rows: dict[int, int] = {}  # seq_id -> row in _prev_sampled
         # CUDA: reused pinned buffers for every host->device copy. CPU: arrays are used in place.
@@ -149,6 +171,9 @@ class ModelRunner:
         self._graphs.clear()
         self._graph_sizes = []
         self._static = {}
+        self._mixed_graphs.clear()
+        self._mixed_sizes = []
+        self._mixed_static = {}
         self.kv_caches = []
         self._prev_sampled = None
         self._prev_rows = {}
@@ -158,12 +183,14 @@ class ModelRunner:
 
     # -- CUDA graphs ------------------------------------------------------------
     @torch.inference_mode()
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> float:
-        """Capture the decode forward for padded batch sizes up to max_batch; returns seconds spent."""
+    def capture_graphs(self, max_batch: int, max_model_len: int, max_mixed_tokens: int = 0) -> float:
+        """Capture the decode forward for padded batch sizes up to max_batch and the mixed forward
+        for padded token counts up to max_mixed_tokens (over max_batch sequence slots); returns
+        seconds spent."""
         import time
 
         if self.workers is not None:  # every rank captures the same graphs: their all_reduces pair up
-            self.workers.send(("capture", max_batch, max_model_len))
+            self.workers.send(("capture", max_batch, max_model_len, max_mixed_tokens))
         t0 = time.perf_counter()
         sizes = sorted(
             {b for b in [1, 2, 4, 8] + list(range(16, max_batch + 16, 16)) if b <= max_batch} | {max_batch}
@@ -180,8 +207,13 @@ class ModelRunner:
         )
         self._graph_max_seq_len = max_model_len
         pool = torch.cuda.graph_pool_handle()
-        for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
-            args = self._static_args(b)
+        mixed = mixed_graph_sizes(max_mixed_tokens)
+        if mixed:
+            self._mixed_static = self._mixed_buffers(mixed[-1], max_batch, max_blocks)
+            self._mixed_seqs = max_batch
+        # largest first, so smaller graphs reuse its memory
+        for kind, size in [("mixed", t) for t in reversed(mixed)] + [("decode", b) for b in reversed(sizes)]:
+            args = self._mixed_args(size) if kind == "mixed" else self._static_args(size)
             for _ in range(2):  # warm up (Triton autotuning / compilation happens outside the capture)
                 self.model(*args)
             torch.cuda.synchronize()
@@ -191,10 +223,69 @@ class ModelRunner:
             # above ran them eagerly first, so the communicator exists before capture.
             with torch.cuda.graph(g, pool=pool):
                 out = self.model(*args)
-            self._graphs[b] = (g, out)
+            (self._mixed_graphs if kind == "mixed" else self._graphs)[size] = (g, out)
         torch.cuda.synchronize()
         self._graph_sizes = sizes
+        self._mixed_sizes = mixed
         return time.perf_counter() - t0
+
+    def _mixed_buffers(self, max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
+        """Static inputs of the mixed graphs: every token slot padding, every sequence empty."""
+        dev = self.device
+        return dict(
+            input_ids=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            positions=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.zeros(max_seqs, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=dev),
+        )
+
+    def _mixed_args(
+        self, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+        st, b = self._mixed_static, self._mixed_seqs
+        attn = AttentionMetadata(
+            st["slot_mapping"][:tokens],
+            st["query_start_loc"][: b + 1],
+            st["seq_lens"][:b],
+            st["block_tables"][:b],
+            2,  # any value > 1: the prefill kernel, whose grid needs only the shapes
+            self._graph_max_seq_len,
+        )
+        return st["input_ids"][:tokens], st["positions"][:tokens], attn, self.kv_caches
+
+    def fill_mixed_static(self, inputs: StepInputs) -> None:
+        """Copy a mixed step into the mixed graphs' static buffers, padded to inputs.graph_tokens
+        tokens and to every sequence slot (tokens past the step's own: slot -1, no sequence;
+        sequences past its own: no tokens, so their attention programs return at once)."""
+        st, attn = self._mixed_static, inputs.attn
+        b, t, padded = inputs.num_seqs, inputs.num_tokens, inputs.graph_tokens
+        assert padded is not None
+        st["input_ids"][:t].copy_(inputs.input_ids)
+        st["positions"][:t].copy_(inputs.positions)
+        st["slot_mapping"][:t].copy_(attn.slot_mapping)
+        st["slot_mapping"][t:padded].fill_(-1)
+        st["query_start_loc"][: b + 1].copy_(attn.query_start_loc)
+        st["query_start_loc"][b + 1 :].fill_(t)
+        st["seq_lens"][:b].copy_(attn.seq_lens)
+        st["seq_lens"][b:].fill_(0)
+        bt = attn.block_tables
+        st["block_tables"][:b, : bt.shape[1]].copy_(bt)
+
+    def _run_mixed_graph(self, inputs: StepInputs) -> torch.Tensor:
+        self.fill_mixed_static(inputs)
+        assert inputs.graph_tokens is not None
+        graph, out = self._mixed_graphs[inputs.graph_tokens]
+        graph.replay()
+        return out
+
+    def _mixed_graph_size(self, batch: int, num_tokens: int, max_query_len: int) -> int | None:
+        if max_query_len == 1 or not self._mixed_sizes or num_tokens > self._mixed_sizes[-1]:
+            return None
+        if batch > self._mixed_seqs:
+            return None
+        return next(s for s in self._mixed_sizes if s >= num_tokens)
 
     def _static_args(
         self, b: int
@@ -403,6 +494,7 @@ class ModelRunner:
             num_seqs=B,
             num_tokens=T,
             graph_batch=self._graph_size(B, max_query_len),
+            graph_tokens=self._mixed_graph_size(B, T, max_query_len),
             query_start_loc=qsl,
             block_copies=np.array(copies, dtype=np.int64).T.copy() if copies else None,
             sample_idx=sample_idx,
@@ -434,6 +526,7 @@ class ModelRunner:
             num_seqs=plan.num_seqs,
             num_tokens=plan.num_tokens,
             graph_batch=plan.graph_batch,
+            graph_tokens=plan.graph_tokens,
             query_start_loc=plan.query_start_loc,
         )
 
@@ -459,6 +552,8 @@ class ModelRunner:
         """Hidden states [T, H] (or more rows: a CUDA graph's padded batch) of the step's tokens."""
         if inputs.graph_batch is not None:
             return self._run_graph(inputs)
+        if inputs.graph_tokens is not None:
+            return self._run_mixed_graph(inputs)
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches)
 
     def prepare_sampling(self, sched: SchedulerOutput, sample_idx: list[int]) -> SamplingTensors:
@@ -539,6 +634,7 @@ class StepPlan:
     num_seqs: int
     num_tokens: int
     graph_batch: int | None
+    graph_tokens: int | None
     query_start_loc: np.ndarray
     """[B+1] int64."""
     block_copies: np.ndarray | None
@@ -570,7 +666,9 @@ class StepInputs:
     num_tokens: int
     """T: tokens in the step."""
     graph_batch: int | None
-    """Padded batch size of the CUDA graph that runs this step; None = eager forward."""
+    """Padded batch size of the decode CUDA graph that runs this step; None = no decode graph."""
+    graph_tokens: int | None
+    """Padded token count of the mixed CUDA graph that runs this step; None = no mixed graph."""
     query_start_loc: np.ndarray
     """Host copy of attn.query_start_loc ([B+1] int64)."""
 

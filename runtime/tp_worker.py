@@ -13,7 +13,7 @@ only run the forward pass of their shard.
             arrays of the step's inputs: a few KB); nothing comes back, the sampled
             tokens stay on rank 0 (with async scheduling rank 0 broadcasts them on the
             device so that every rank can fill the next step's placeholders)
-  graphs    driver -> ("capture", max_batch, max_model_len): every rank captures together
+  graphs    driver -> ("capture", max_batch, max_model_len, max_mixed_tokens): every rank captures together
   stop      driver -> ("shutdown",); a worker also stops when its pipe closes
   failure   worker -> ("error", type, message) before it exits on an exception
 All tensors cross through the process group (ParallelContext, runtime/parallel.py).
@@ -309,6 +309,6 @@ def _serve(config, rank, world_size, device_type, host, port, conn) -> None:
         if kind == "step":
             runner.execute_plan(msg[1])
         elif kind == "capture":
-            runner.capture_decode_graphs(msg[1], msg[2])
+            runner.capture_graphs(msg[1], msg[2], msg[3])
         elif kind == "shutdown":
             return

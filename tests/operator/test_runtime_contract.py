@@ -78,6 +78,7 @@ _NOT_EXPOSED = {
     "num_kv_blocks",
     "kv_cache_memory",
     "enforce_eager",
+    "cuda_graph_max_tokens",
     "async_scheduling",
     "attention_backend",
     "seed",

@@ -44,6 +44,7 @@ def _engine(backend, dtype, eager):
         llm.engine.runner.model.model.embed_tokens.weight.mul_(8.0)
     if not eager:  # graphs captured before the rescale stay valid: they read the weights in place
         assert llm.engine.runner._graphs, "decode CUDA graphs were not captured"
+        assert llm.engine.runner._mixed_graphs, "mixed-step CUDA graphs were not captured"
     return llm
 
 
