@@ -474,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)",
     )
     ap.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="the HF baseline generates for only the first N prompts (default: all); its rate is per "
+        "static batch, so one batch is enough where HF is slow (transformers' MoE expert loop)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="cProfile the timed run (prints the top functions)"
     )
     ap.add_argument(
@@ -591,8 +598,10 @@ def main(argv: list[str] | None = None) -> int:
             "cuda" if fs["device"].startswith("cuda") else "cpu"
         )  # where fleetserve ran (CPU: a smoke test)
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
-        hf = run_hf_static(mc, prompts, args.output_len, bsz, args.seed, device)
+        hf_prompts = prompts[: args.hf_num_prompts] if args.hf_num_prompts else prompts
+        hf = run_hf_static(mc, hf_prompts, args.output_len, bsz, args.seed, device)
         hf["model"] = args.model
+        hf["num_prompts"] = len(hf_prompts)
         _log(hf, records)
         _log(
             {
