@@ -1,8 +1,10 @@
 """Gated activations of the dense MLPs: SiLU-and-multiply (Llama, Qwen, Phi-3) and
 GELU(tanh)-and-multiply (Gemma 2/3).
 
-Owns the torch references and the Triton kernels: one read of [gate | up], one
-write of the product (torch's eager version writes act(gate) out first).
+Owns the torch references, their CPU forms for bf16 or float32 input (`silu_and_mul_cpu`,
+`gelu_tanh_and_mul_cpu`: the packed matmuls return bf16, upcast here inside the first op) and the
+Triton kernels: one read of [gate | up], one write of the product (torch's eager version writes
+act(gate) out first).
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2*I] holding [gate | up] -> silu(gate) * up, [T, I]."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    """`silu_and_mul_ref(x.float())` bit for bit, for x [T, 2*I] float32 or bf16 (a packed matmul's
+    output), as a float32 [T, I]; the product goes into SiLU's output instead of a new tensor. The
+    upcast copies all of x, not only the gate: torch's vectorised SiLU rounds differently from its
+    scalar loop tail, so its input must be laid out as the reference's is."""
+    h = x.float()
+    d = h.shape[-1] // 2
+    return F.silu(h[..., :d]).mul_(h[..., d:])
 
 
 @jit
@@ -51,6 +63,14 @@ def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2*I] holding [gate | up] -> gelu_tanh(gate) * up (transformers' `gelu_pytorch_tanh`), [T, I]."""
     d = x.shape[-1] // 2
     return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
+def gelu_tanh_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh_and_mul_ref(x.float())` bit for bit, for x [T, 2*I] float32 or bf16, as a float32
+    [T, I] (see silu_and_mul_cpu)."""
+    h = x.float()
+    d = h.shape[-1] // 2
+    return F.gelu(h[..., :d], approximate="tanh").mul_(h[..., d:])
 
 
 @jit

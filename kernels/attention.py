@@ -13,8 +13,10 @@ Per-layer options (Python numbers, fixed per layer, so CUDA graphs keep them):
 - `softcap` c: scores s = scale * q.k become c * tanh(s / c) before the softmax
   (Gemma 2's attention-logit soft-capping); None = no capping.
 
-Owns the torch reference (`paged_attention_ref`, the CPU path and the tests' oracle)
-and the Triton kernels behind `paged_attention_triton`:
+Owns the torch reference (`paged_attention_ref`, the CPU path and the tests' oracle), its SDPA
+forms for the CPU (`paged_attention_sdpa`; for decode steps of the lean CPU forward,
+`SdpaDecodeStep` once per step + `paged_attention_sdpa_decode` per layer) and the Triton kernels
+behind `paged_attention_triton`:
 - decode (max_query_len == 1): flash-decoding. One program per (sequence, KV head,
   split) loads each KV tile once for all G query heads of its group (G rows padded
   to 16 for tl.dot); with few programs for the GPU, each sequence's context is cut
@@ -33,6 +35,8 @@ the device. Output rows of tokens past query_start_loc[-1] are left unwritten.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +169,89 @@ def paged_attention_sdpa(
     out = out.view(B, Hkv, Mq, G, D).permute(0, 2, 1, 3, 4).reshape(B, Mq, Hq, D)
     out = out[0] if B == 1 else out[qmask]
     return out.to(q.dtype)
+
+
+@dataclass
+class SdpaDecodeStep:
+    """What `paged_attention_sdpa` derives from a decode step's metadata (every sequence has one
+    query token), derived once per step for all layers: which cache blocks hold the sequences'
+    K/V, and the key masks per sliding window. Build it with `decode_step`."""
+
+    num_seqs: int
+    max_seq_len: int
+    num_blocks: int
+    """Blocks per sequence read (ceil(max_seq_len / block_size))."""
+    blocks: slice | torch.Tensor
+    """One stream whose blocks are consecutive: their range (attention reads a view of the cache,
+    no copy); otherwise the block ids of all sequences, [B * num_blocks] (one index_select per layer)."""
+    seq_lens: torch.Tensor
+    """[B] int64."""
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def decode_step(
+        cls, seq_lens: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int, block_size: int
+    ) -> SdpaDecodeStep:
+        B = seq_lens.shape[0]
+        nblk = (max_seq_len + block_size - 1) // block_size
+        ids = block_tables[:, :nblk]
+        blocks: slice | torch.Tensor = ids.reshape(-1)
+        if B == 1 and ids.device.type == "cpu":  # a host tensor: reading it costs no sync
+            first = int(ids[0, 0])
+            if nblk == 1 or torch.equal(ids[0], torch.arange(first, first + nblk, dtype=ids.dtype)):
+                blocks = slice(first, first + nblk)
+        return cls(B, max_seq_len, nblk, blocks, seq_lens.long())
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """The [B, 1, 1, S] key mask of `paged_attention_sdpa`'s decode path (None: one stream that
+        sees all S keys)."""
+        if sliding_window in self._masks:
+            return self._masks[sliding_window]
+        seq_lens, S = self.seq_lens, self.max_seq_len
+        mask = None
+        if not (self.num_seqs == 1 and not sliding_window and int(seq_lens[0]) == S):
+            kpos = torch.arange(S, device=seq_lens.device)
+            mask = kpos[None, :] < seq_lens[:, None]
+            if sliding_window:
+                mask &= kpos[None, :] > seq_lens[:, None] - 1 - sliding_window
+            mask = mask[:, None, None, :]
+        self._masks[sliding_window] = mask
+        return mask
+
+
+def paged_attention_sdpa_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    step: SdpaDecodeStep,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention_sdpa` of a decode step (q [B, Hq, D], one token per sequence; no soft-cap)
+    with the per-step work in `step`; the same SDPA call on the same values. One stream on
+    consecutive blocks reads K/V as a view of the cache instead of a gathered copy (at context
+    1,000 the copy is 1.5 MB per layer for SmolLM2)."""
+    T, Hq, D = q.shape
+    _, _, bs, Hkv, _ = kv_cache.shape
+    B, S, nblk = step.num_seqs, step.max_seq_len, step.num_blocks
+    blocks = step.blocks
+    if isinstance(blocks, slice) and kv_cache.is_contiguous():
+        # K and V [1, Hkv, S, D] straight from the cache (tokens of consecutive blocks are evenly
+        # strided): two views in two ops, where slicing, selecting and transposing take eight
+        s_kv, s_blk, s_tok, s_head = kv_cache.stride()[:4]
+        base = kv_cache.storage_offset() + blocks.start * s_blk
+        size, stride = (1, Hkv, S, D), (S * s_tok, s_head, s_tok, 1)
+        k = kv_cache.as_strided(size, stride, base)
+        v = kv_cache.as_strided(size, stride, base + s_kv)
+    else:
+        kv = kv_cache[:, blocks] if isinstance(blocks, slice) else kv_cache.index_select(1, blocks)
+        kv = kv.view(2, B, nblk * bs, Hkv, D)[:, :, :S]
+        k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    qq = q.view(B, Hkv, Hq // Hkv, D)
+    if qq.dtype != kv_cache.dtype:
+        qq = qq.to(kv_cache.dtype)
+    out = F.scaled_dot_product_attention(qq, k, v, attn_mask=step.mask(sliding_window), scale=scale)
+    out = out.reshape(T, Hq, D)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 _LOG2E = 1.4426950408889634

@@ -4,7 +4,8 @@ Cache layout (one tensor per layer): kv_cache[2, num_blocks, block_size, num_kv_
 index 0 keys, 1 values. A token's slot is block_id * block_size + offset; slot -1
 marks a padding token (CUDA-graph padding) whose K/V are dropped.
 
-Owns the torch reference, its CPU form (`write_kv_cache_cpu`, two index copies) and the
+Owns the torch reference, its CPU forms (`write_kv_cache_cpu`, two index copies;
+`write_kv_cache_fused_cpu`, one copy of K and V side by side) and the
 Triton kernel (one program per token, all of its
 heads; 64-bit slot arithmetic, since block_id * block_size * Hkv * D passes 2^31
 in caches of a few GB).
@@ -39,6 +40,14 @@ def write_kv_cache_cpu(
     slots = slot_mapping.long()
     flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+def write_kv_cache_fused_cpu(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """`write_kv_cache_ref` of k = kv[0] and v = kv[1], kv [2, T, Hkv, D] (e.g. a strided view of the
+    fused qkv output's K|V tail), in one index_copy_. The lean CPU forward checks once per step
+    that no slot is -1 (a -1 here raises: index_copy_ bounds-checks)."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[-2], kv_cache.shape[-1])
+    flat.index_copy_(1, slot_mapping, kv if kv.dtype == kv_cache.dtype else kv.to(kv_cache.dtype))
 
 
 @jit

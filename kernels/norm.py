@@ -30,8 +30,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """`rms_norm_ref` in two ops for float32 (the add, torch's fused rms_norm): the CPU engine's path.
-    Other dtypes take the reference (it rounds the normalised value before the weight multiply)."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+    x may also be bf16 with a float32 residual (a packed matmul's output: the add upcasts it exactly,
+    as the reference's does). Other dtypes take the reference (it rounds the normalised value before
+    the weight multiply)."""
+    xdt = (
+        x.dtype
+        if residual is None or x.dtype == residual.dtype
+        else torch.promote_types(x.dtype, residual.dtype)
+    )
+    if xdt != torch.float32 or weight.dtype != torch.float32:
         return rms_norm_ref(x, weight, eps, residual)
     if residual is not None:
         x = x + residual

@@ -4,9 +4,9 @@
 the second half sin, of the per-pair frequencies (llama3 or other scaling is
 applied by whoever builds the cache).
 
-Owns the torch reference, its CPU form with fewer ops (`rotary_embedding_cpu`) and the
-Triton kernel: one program per token rotates all
-of its q and k heads, reading the token's cos/sin row once.
+Owns the torch reference, its CPU forms with fewer ops (`rotary_embedding_cpu`; and for the lean
+CPU forward, `rotary_factors_cpu` once per step + `rotary_inplace_cpu` per layer) and the Triton
+kernel: one program per token rotates all of its q and k heads, reading the token's cos/sin row once.
 """
 
 from __future__ import annotations
@@ -58,6 +58,27 @@ def rotary_embedding_cpu(
     kf = k.float()
     k1, k2 = kf[..., :h], kf[..., h:]
     return out, torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(k.dtype)
+
+
+def rotary_factors_cpu(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step input of `rotary_inplace_cpu`, shared by every layer of a step: C = [cos | cos]
+    and S = [-sin | sin] of the tokens' positions, [T, 1, D] float32."""
+    cs = cos_sin_cache.index_select(0, positions)
+    cos, sin = cs.chunk(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
+
+
+def rotary_inplace_cpu(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Rotate x [T, H, D] float32 in place (q and k heads side by side, e.g. a view of the fused qkv
+    output; rows may be strided) with `rotary_factors_cpu`'s (C, S): the values `rotary_embedding_ref`
+    returns, in four ops. x * C + roll(x, D/2) * S is [x1 cos + x2 (-sin) | x2 cos + x1 sin], and
+    a + b * (-c) rounds exactly as a - b * c, so the result is the reference's bit for bit."""
+    c, s = factors
+    r = x.roll(x.shape[-1] // 2, -1)  # [x2 | x1]
+    r.mul_(s)
+    x.mul_(c).add_(r)
 
 
 @jit

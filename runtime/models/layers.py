@@ -219,11 +219,15 @@ class CausalLM(nn.Module):
     """
 
     layer_cls: type[nn.Module] = DecoderLayer
+    cpu_fast_forward: bool = True
+    """With the "cpu" op set, plain float32 layers run runtime/models/cpu_forward.py (the same
+    values in fewer ops); False: every layer runs its module forward (tests compare the two)."""
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps):
         super().__init__()
         self.config = cfg
         self.ops = ops
+        self._cpu_plans: list | None = None  # cpu_forward's per-layer plans; None = (re)build
         self.model = Backbone(cfg, ops, self.layer_cls)
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -256,10 +260,29 @@ class CausalLM(nn.Module):
         """input_ids, positions: [T]; kv_caches: one [2, N, block_size, Hkv, D] per layer -> hidden [T, H]."""
         x, residual = self.embed(input_ids), None
         rope = self.rope_tables()
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(positions, x, residual, attn, kv_cache, rope)
+        if (
+            self.ops.name == "cpu"
+            and self.cpu_fast_forward
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+        ):
+            from .cpu_forward import run_layers
+
+            x, residual = run_layers(self, positions, x, attn, kv_caches, rope)
+        else:
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x, residual = layer(positions, x, residual, attn, kv_cache, rope)
         x, _ = self.model.norm(x, residual)
         return x
+
+    def cpu_layer_plans(self) -> list:
+        """cpu_forward's plan of each layer (None: the layer runs its module forward), built on
+        first use and again after load_weights or a move (they may replace modules or tensors)."""
+        if self._cpu_plans is None:
+            from .cpu_forward import layer_plan
+
+            self._cpu_plans = [layer_plan(layer) for layer in self.model.layers]
+        return self._cpu_plans
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (only the rows to sample) -> float32 logits [N, V] (soft-capped if configured);
@@ -278,6 +301,7 @@ class CausalLM(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(dtype)/.half() must not round the RoPE tables: rebuild them in float32 where they landed.
         super()._apply(fn, recurse)
+        self._cpu_plans = None
         for name in self._rope_buffers():
             cache = getattr(self, name)
             if cache.dtype != torch.float32 and cache.device.type != "meta":
@@ -318,6 +342,7 @@ class CausalLM(nn.Module):
         module by a PackedLinear / PackedEmbedding once all its shards came (models/quant.py);
         anywhere else it is dequantized and copied like a float tensor.
         """
+        self._cpu_plans = None
         params = dict(self.named_parameters())
         cfg = self.config
         # Sizes from the built modules: tensor parallelism shrinks them to one rank's share.

@@ -54,11 +54,16 @@ class WeightFormat(ABC):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out] in x's dtype, on the backend of x's device."""
-        kernel = getattr(self, f"_linear_{x.device.type}", None)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = kernel(x2) if kernel is not None else self.reference_linear(x2)
+        y = self.linear_uncast(x.reshape(-1, x.shape[-1]))
         return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def linear_uncast(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ W.T -> [M, out] in the dtype the backend computes in (COMPUTE_DTYPE for the
+        CPU kernels, float32 for the reference): `linear` without the cast back, for a caller whose
+        next op upcasts the result anyway (the lean CPU forward, runtime/models/cpu_forward.py)."""
+        kernel = getattr(self, f"_linear_{x.device.type}", None)
+        return kernel(x) if kernel is not None else self.reference_linear(x)
 
     def reference_linear(self, x: torch.Tensor) -> torch.Tensor:
         """What the kernels compute, in plain torch: x rounded to COMPUTE_DTYPE, then fp32 math."""
@@ -250,6 +255,9 @@ class ConcatWeight(WeightFormat):
 
     def linear(self, x):
         return torch.cat([p.linear(x) for p in self.parts], dim=-1)
+
+    def linear_uncast(self, x):
+        return self.linear(x)  # the parts may compute in different dtypes: each casts back to x's
 
     def rows(self, ids):
         return self.dequantize()[ids]

@@ -3,7 +3,8 @@
 CPU, fp32 (and bf16, the CPU's half type): decode, prefill, chunked and mixed batches, GQA
 with a non-power-of-2 group, padding sequences, loose max_seq_len bounds, sliding windows
 (decode and prefill) and the soft-cap fallback. Tolerances are relative Frobenius errors
-vs the float32 reference.
+vs the float32 reference. paged_attention_sdpa_decode (the lean CPU forward's decode attention,
+its per-step work in an SdpaDecodeStep) must equal paged_attention_sdpa bit for bit.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fleetserve.kernels.attention import paged_attention_ref, paged_attention_sdpa
+from fleetserve.kernels.attention import (
+    SdpaDecodeStep,
+    paged_attention_ref,
+    paged_attention_sdpa,
+    paged_attention_sdpa_decode,
+)
 
 HEADS = [(4, 4, 32), (8, 2, 64), (9, 3, 64), (6, 2, 48)]  # MHA; GQA 4:1; SmolLM2's 3:1; odd head_dim
 CASES = {
@@ -66,3 +72,25 @@ def test_sdpa_padding_sequences_and_loose_bound(kt):
 def test_sdpa_bf16(kt, case):
     b = kt.PagedBatch(*CASES[case], 9, 3, 64, page=16, dtype=torch.bfloat16, device="cpu")
     _check(kt, b, tol=1e-2)
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 48)])
+@pytest.mark.parametrize("case", ["one-stream-consecutive", "one-stream-shuffled", "batch"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_sdpa_decode_step_equals_sdpa_bitwise(kt, heads, case, window):
+    Hq, Hkv, D = heads
+    ctx = [150] if case.startswith("one") else [0, 17, 64, 150]
+    b = kt.PagedBatch([1] * len(ctx), ctx, Hq, Hkv, D, page=16, device="cpu", seed=len(case), table_cols=12)
+    if case == "one-stream-consecutive":  # as a fresh engine allocates them: a view of the cache, no copy
+        b.block_tables[0] = torch.arange(2, 14, dtype=torch.int32)
+    # q as the lean forward passes it: a strided head view of the fused qkv buffer
+    buf = torch.randn(b.T, Hq + 2 * Hkv, D, generator=torch.Generator().manual_seed(3))
+    q = buf[:, :Hq]
+    args = (b.query_start_loc, b.seq_lens, b.block_tables, b.max_query_len, b.max_seq_len, b.scale)
+    step = SdpaDecodeStep.decode_step(b.seq_lens, b.block_tables, b.max_seq_len, 16)
+    assert isinstance(step.blocks, slice) == (case == "one-stream-consecutive")
+    out = paged_attention_sdpa_decode(q, b.kv_cache, step, b.scale, window)
+    assert torch.equal(out, paged_attention_sdpa(q.contiguous(), b.kv_cache, *args, sliding_window=window))
+    ref = paged_attention_ref(q, b.kv_cache, *args, sliding_window=window)
+    assert kt.rel_err(out, ref) < 1e-5
+    assert torch.equal(paged_attention_sdpa_decode(q, b.kv_cache, step, b.scale, window), out)  # mask reused
