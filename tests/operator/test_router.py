@@ -215,7 +215,10 @@ async def test_conversations_stick_to_one_replica_and_spread_over_all():
         await client.close()
         assert all(len(s) == 1 for s in served.values()), served
         per_replica = {r.name: sum(1 for s in served.values() if r.name in s) for r in reps}
-        assert all(n >= 3 for n in per_replica.values()), per_replica
+        # Ring points hash the replicas' (random) ports, so the split varies by run: 24 conversations
+        # over 3 equal shares leave a replica with <= 2 about 2% of the time (it failed so once),
+        # with none about 0.02%; a router that ignored the ring would put them all on one.
+        assert all(n >= 1 for n in per_replica.values()), per_replica
         text = await router_metrics(url)
         assert metric(text, "fleetserve_router_routing_decisions_total", decision="affinity_hit") == 72
         assert metric(text, "fleetserve_router_requests_total", code="200") == 72
