@@ -197,23 +197,19 @@ class ModelRunner:
         )
         B, dev = sizes[-1], self.device
         max_blocks = cdiv(max_model_len, self.block_size)
-        self._static = dict(
-            input_ids=torch.zeros(B, dtype=torch.int64, device=dev),
-            positions=torch.zeros(B, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=dev),
-            query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(B, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(B, max_blocks, dtype=torch.int32, device=dev),
-        )
+        # decode graphs: one token per sequence, replays write only tokens, slots, lengths and tables
+        self._static = self._graph_buffers(B, B, max_blocks)
+        self._static["query_start_loc"].copy_(torch.arange(B + 1, dtype=torch.int32, device=dev))
+        self._static["seq_lens"].fill_(1)
         self._graph_max_seq_len = max_model_len
         pool = torch.cuda.graph_pool_handle()
         mixed = mixed_graph_sizes(max_mixed_tokens)
         if mixed:
-            self._mixed_static = self._mixed_buffers(mixed[-1], max_batch, max_blocks)
+            self._mixed_static = self._graph_buffers(mixed[-1], max_batch, max_blocks)
             self._mixed_seqs = max_batch
         # largest first, so smaller graphs reuse its memory
         for kind, size in [("mixed", t) for t in reversed(mixed)] + [("decode", b) for b in reversed(sizes)]:
-            args = self._mixed_args(size) if kind == "mixed" else self._static_args(size)
+            args = self._mixed_args(size) if kind == "mixed" else self._decode_args(size)
             for _ in range(2):  # warm up (Triton autotuning / compilation happens outside the capture)
                 self.model(*args)
             torch.cuda.synchronize()
@@ -229,8 +225,8 @@ class ModelRunner:
         self._mixed_sizes = mixed
         return time.perf_counter() - t0
 
-    def _mixed_buffers(self, max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
-        """Static inputs of the mixed graphs: every token slot padding, every sequence empty."""
+    def _graph_buffers(self, max_tokens: int, max_seqs: int, max_blocks: int) -> dict[str, torch.Tensor]:
+        """Static inputs of a set of graphs: every token slot padding, every sequence empty."""
         dev = self.device
         return dict(
             input_ids=torch.zeros(max_tokens, dtype=torch.int64, device=dev),
@@ -241,19 +237,26 @@ class ModelRunner:
             block_tables=torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=dev),
         )
 
-    def _mixed_args(
-        self, tokens: int
+    def _graph_args(
+        self, st: dict[str, torch.Tensor], tokens: int, seqs: int, max_query_len: int
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
-        st, b = self._mixed_static, self._mixed_seqs
+        """The model's arguments as views of static buffers: `tokens` token rows, `seqs` sequences."""
         attn = AttentionMetadata(
             st["slot_mapping"][:tokens],
-            st["query_start_loc"][: b + 1],
-            st["seq_lens"][:b],
-            st["block_tables"][:b],
-            2,  # any value > 1: the prefill kernel, whose grid needs only the shapes
+            st["query_start_loc"][: seqs + 1],
+            st["seq_lens"][:seqs],
+            st["block_tables"][:seqs],
+            max_query_len,
             self._graph_max_seq_len,
         )
         return st["input_ids"][:tokens], st["positions"][:tokens], attn, self.kv_caches
+
+    def _decode_args(self, b: int):
+        return self._graph_args(self._static, b, b, 1)
+
+    def _mixed_args(self, tokens: int):
+        # max_query_len: any value > 1 takes the prefill kernel, whose grid needs only the shapes
+        return self._graph_args(self._mixed_static, tokens, self._mixed_seqs, 2)
 
     def fill_mixed_static(self, inputs: StepInputs) -> None:
         """Copy a mixed step into the mixed graphs' static buffers, padded to inputs.graph_tokens
@@ -286,20 +289,6 @@ class ModelRunner:
         if batch > self._mixed_seqs:
             return None
         return next(s for s in self._mixed_sizes if s >= num_tokens)
-
-    def _static_args(
-        self, b: int
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
-        st = self._static
-        attn = AttentionMetadata(
-            st["slot_mapping"][:b],
-            st["query_start_loc"][: b + 1],
-            st["seq_lens"][:b],
-            st["block_tables"][:b],
-            1,
-            self._graph_max_seq_len,
-        )
-        return st["input_ids"][:b], st["positions"][:b], attn, self.kv_caches
 
     def _graph_size(self, batch: int, max_query_len: int) -> int | None:
         if max_query_len != 1 or not self._graph_sizes or batch > self._graph_sizes[-1]:

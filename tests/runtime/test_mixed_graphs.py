@@ -51,7 +51,7 @@ class _EagerReplay:
 
 def _install_mixed_graphs(runner: ModelRunner, sizes: list[int], seqs: int, max_model_len: int):
     runner._graph_max_seq_len = max_model_len
-    runner._mixed_static = runner._mixed_buffers(sizes[-1], seqs, cdiv(max_model_len, runner.block_size))
+    runner._mixed_static = runner._graph_buffers(sizes[-1], seqs, cdiv(max_model_len, runner.block_size))
     # stale junk in every static row: padding must never read or write through it
     runner._mixed_static["input_ids"].random_(3, 200)
     runner._mixed_static["positions"].random_(0, 50)
