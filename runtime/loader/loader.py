@@ -109,15 +109,7 @@ def load_model(
     gen_defaults: dict = {}
     packed = _resolve_packed(engine_config.gguf_weights, device)
     try:
-        if (
-            model_arg is not None
-            and model_arg not in PRESETS
-            and not os.path.exists(model_arg)
-            and parse_repo_id(model_arg) is not None
-        ):
-            model_arg = resolve_hub_model(
-                model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
-            )
+        model_arg = _local_source(model_arg, engine_config)
         if model_arg is None:
             model, cfg, tok = _load_gguf(
                 embedded_model_path(), device, dtype, ops, load_format, seed, tp, packed
@@ -158,21 +150,28 @@ def load_model(
     return LoadedModel(model, cfg, tok, name, gen_defaults)
 
 
+def _local_source(model_arg: str | None, engine_config: LoadSettings) -> str | None:
+    """A Hugging Face Hub name becomes its cached snapshot's path (downloaded if needed); presets,
+    local paths and None (the embedded model) stay as they are."""
+    if (
+        model_arg is not None
+        and model_arg not in PRESETS
+        and not os.path.exists(model_arg)
+        and parse_repo_id(model_arg) is not None
+    ):
+        return resolve_hub_model(
+            model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
+        )
+    return model_arg
+
+
 def peek_model_config(engine_config: LoadSettings) -> tuple[ModelConfig, str | None]:
     """The model's config without reading weights (config.json, GGUF metadata, a preset), and the
     local source a worker should load (a Hub name resolved to its cached snapshot). Tensor
     parallelism checks the split on it before any rank starts loading."""
     model_arg = engine_config.model
     try:
-        if (
-            model_arg is not None
-            and model_arg not in PRESETS
-            and not os.path.exists(model_arg)
-            and parse_repo_id(model_arg) is not None
-        ):
-            model_arg = resolve_hub_model(
-                model_arg, engine_config.revision, engine_config.download_dir, engine_config.gguf_file
-            )
+        model_arg = _local_source(model_arg, engine_config)
         if model_arg is None:
             return GGUFFile(embedded_model_path()).model_config(), None
         if model_arg in PRESETS:
