@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: tests (the whole tier; tests-runtime, tests-kernels, tests-server: its parts), bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
+#   steps: decode-profile, bench-8b-long; tests (the whole tier; tests-runtime, tests-kernels, tests-server: its parts), bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
 #   bench-qwen3moe, bench-mixtral; engine-process: the engine core process on CUDA
 #   (tests/server/test_gpu_engine_process.py, not in the default list); structured-tests, structured-8b (carry
 #   .bench/smollm2-tokenizer, made by benchmarks/export_tokenizer.py, and the xgrammar + apache-tvm-ffi cp312 wheels
@@ -14,7 +14,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the wheels travel in the first call of a warm machine; later calls find them installed in /tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
 steps=${*:-tests bench-1b bench-8b}
@@ -47,6 +50,10 @@ for step in $steps; do
     bench-qwen3moe) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model qwen3-30b-a3b ${MOE_BASELINE---baseline hf --hf-batch-size 64 --hf-num-prompts 64} --output-json "$OUT/bench-qwen3-30b-a3b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b ${MOE_BASELINE---baseline hf --hf-batch-size 64 --hf-num-prompts 64} --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    # the third offline workload of issue #15 (HF static on its first 256 prompts, batch 256)
+    bench-8b-long) timeout 400 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 1024 --input-len 1024 --output-len 512 --baseline hf --hf-batch-size 256 --hf-num-prompts 256 --output-json "$OUT/bench-8b-long.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    # where a decode step's time goes, kernel by kernel (DP_MODEL: preset, default llama-3.1-8b)
+    decode-profile) timeout 300 python3 benchmarks/decode_profile.py --model ${DP_MODEL:-llama-3.1-8b} ${DP_ARGS:-} --out "$OUT/decode-profile-${DP_MODEL:-llama-3.1-8b}.json" 2>&1 | grep -v Warning | tail -60 ;;
     bench-qwen3-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model qwen3-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-qwen3-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     structured-8b) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 64 --input-len 512 --output-len 256 --structured json-schema --tokenizer .bench/smollm2-tokenizer --output-json "$OUT/bench-structured-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -8 ;;
     # -- issue #15: one engine under the online workload (no HTTP), steps binned, GPU busy fraction; 1B host stages --
