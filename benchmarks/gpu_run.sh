@@ -48,7 +48,7 @@ for step in $steps; do
     moe-kernel) timeout 400 python3 benchmarks/moe_bench.py 2>&1 | grep -v Warning | tee "$OUT/moe-kernel.log" ;;
     moe-sweep) timeout 580 python3 benchmarks/moe_bench.py --sweep --tokens 1,64,256,8192 2>&1 | grep -v Warning | tee "$OUT/moe-sweep.log" | tail -60 ;;
     bench-qwen3moe) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model qwen3-30b-a3b ${MOE_BASELINE---baseline hf --hf-batch-size 64 --hf-num-prompts 64} --output-json "$OUT/bench-qwen3-30b-a3b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
-    bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b ${MOE_BASELINE---baseline hf --hf-batch-size 64 --hf-num-prompts 64} --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-mixtral) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b ${MOE_BASELINE---baseline hf --hf-batch-size 64 --hf-num-prompts 64 --hf-experts-impl grouped_mm} --output-json "$OUT/bench-mixtral-8x7b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-8b) timeout 300 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     # the third offline workload of issue #15 (HF static on its first 256 prompts, batch 256)
     bench-8b-long) timeout 400 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b --num-prompts 1024 --input-len 1024 --output-len 512 --baseline hf --hf-batch-size 256 --hf-num-prompts 256 --output-json "$OUT/bench-8b-long.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;

@@ -355,11 +355,21 @@ class _StepTimeline:
         }
 
 
-def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, device: str = "cuda") -> dict:
+def run_hf_static(
+    mc,
+    prompts,
+    output_len: int,
+    batch_size: int,
+    seed: int,
+    device: str = "cuda",
+    experts_implementation: str | None = None,
+) -> dict:
     """transformers' own model class of the same architecture (any registered family, built from
     `hf_config_dict`) with dummy weights, static-batch `generate`: bf16 on CUDA, fp32 on CPU. Built
     in that dtype directly on the device: Mixtral-8x7B is 93 GB in bf16 and would not fit built in
-    float32 first."""
+    float32 first. experts_implementation: transformers' MoE expert kernel ("grouped_mm", "batched_mm",
+    "eager"; None: its default, batched_mm on CUDA, which gathers every routed token's expert weights and
+    runs out of memory on Mixtral-8x7B's prefill)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -368,15 +378,19 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
     d = hf_config_dict(mc)
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     cfg._attn_implementation = "sdpa"
+    if experts_implementation:
+        cfg._experts_implementation = experts_implementation
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+            kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
+            model = AutoModelForCausalLM.from_config(cfg, **kw).to(dtype).eval()
     finally:
         torch.set_default_dtype(default)
+    experts_used = getattr(model.config, "_experts_implementation", None)  # what from_config settled on
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
@@ -406,6 +420,7 @@ def run_hf_static(mc, prompts, output_len: int, batch_size: int, seed: int, devi
         "generated": generated,
         "batch_size": batch_size,
         "hf_class": (cfg.architectures or ["?"])[0],
+        "experts_implementation": experts_used,
         "out_tok_s": generated / elapsed,
         "total_tok_s": (generated + ids.numel()) / elapsed,
     }
@@ -472,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="static batch size of the HF baseline (default: 128 for models under 3B params, else 64)",
+    )
+    ap.add_argument(
+        "--hf-experts-impl",
+        default=None,
+        choices=["grouped_mm", "batched_mm", "eager"],
+        help="MoE shapes: transformers' expert kernel for the HF baseline (default: its own default)",
     )
     ap.add_argument(
         "--hf-num-prompts",
@@ -599,7 +620,18 @@ def main(argv: list[str] | None = None) -> int:
         )  # where fleetserve ran (CPU: a smoke test)
         bsz = args.hf_batch_size or (128 if mc.num_params() < 3e9 else 64)
         hf_prompts = prompts[: args.hf_num_prompts] if args.hf_num_prompts else prompts
-        hf = run_hf_static(mc, hf_prompts, args.output_len, bsz, args.seed, device)
+        if args.output_json:  # the engine's record survives an HF baseline that fails
+            with open(args.output_json, "w") as f:
+                json.dump(records, f, indent=2)
+        hf = run_hf_static(
+            mc,
+            hf_prompts,
+            args.output_len,
+            bsz,
+            args.seed,
+            device,
+            experts_implementation=args.hf_experts_impl,
+        )
         hf["model"] = args.model
         hf["num_prompts"] = len(hf_prompts)
         _log(hf, records)

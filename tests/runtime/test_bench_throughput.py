@@ -57,6 +57,49 @@ def test_baseline_hf_runs_a_qwen3_shape_on_cpu(monkeypatch, tmp_path):
     assert records["ratio"]["fleetserve_over_hf"] > 0
 
 
+def _tiny_mixtral(monkeypatch):
+    tiny = PRESETS["mixtral-8x7b"].with_(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        name="mixtral-tiny",
+    )
+    monkeypatch.setitem(PRESETS, "mixtral-tiny", tiny)
+    return ["--model", "mixtral-tiny", "--baseline", "hf", "--device", "cpu", "--num-prompts", "2"]
+
+
+_SMALL = ["--input-len", "8", "--output-len", "4", "--max-num-seqs", "4"]
+
+
+def test_baseline_hf_uses_the_asked_experts_implementation(monkeypatch, tmp_path):
+    # transformers' default on CPU is grouped_mm: asking for eager must reach the built model
+    out = tmp_path / "bench.json"
+    args = [*_tiny_mixtral(monkeypatch), *_SMALL, "--hf-experts-impl", "eager", "--output-json", str(out)]
+    assert main(args) == 0
+    records = {r["what"]: r for r in json.loads(out.read_text())}
+    assert records["hf_static"]["hf_class"] == "MixtralForCausalLM"
+    assert records["hf_static"]["experts_implementation"] == "eager"
+
+
+def test_engine_record_survives_a_failing_hf_baseline(monkeypatch, tmp_path):
+    from fleetserve.runtime.bench import throughput
+
+    def oom(*a, **k):
+        raise MemoryError("HF baseline out of memory")
+
+    monkeypatch.setattr(throughput, "run_hf_static", oom)
+    out = tmp_path / "bench.json"
+    with pytest.raises(MemoryError):
+        main([*_tiny_mixtral(monkeypatch), *_SMALL, "--output-json", str(out)])
+    records = {r["what"]: r for r in json.loads(out.read_text())}
+    assert records["fleetserve"]["generated"] == 8 and "hf_static" not in records
+
+
 def test_visible_pairs():
     assert _visible_pairs(5, None) == 15 == sum(i + 1 for i in range(5))
     assert _visible_pairs(5, 2) == 1 + 2 * 4 == sum(min(i + 1, 2) for i in range(5))
