@@ -58,7 +58,30 @@ def measure_device(torch) -> dict:
     flops = 2 * 8192**3 / ((time.perf_counter() - t) / 20)
     del a, b
     torch.cuda.empty_cache()
-    return {"bandwidth_Bps": bw, "matmul_flops": flops}
+    rates = {"bandwidth_Bps": bw, "matmul_flops": flops}
+    if torch.cuda.device_count() > 1:
+        rates["link_bandwidth_Bps"] = _measure_link(torch)
+    return rates
+
+
+def _measure_link(torch) -> float:
+    """One-way copy bandwidth GPU 0 -> GPU 1 (NVLink where present): what a ring all-reduce's
+    per-GPU traffic moves at."""
+    x = torch.empty(512 * 1024**2 // 2, dtype=torch.bfloat16, device="cuda:0")
+    y = torch.empty_like(x, device="cuda:1")
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    bw = x.numel() * 2 / ((time.perf_counter() - t) / 10)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
 
 
 def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:
@@ -94,29 +117,57 @@ def roofline_seconds(
     bytes_per_param: int,
     bandwidth: float,
     flops: float,
+    tp: int = 1,
+    link_bandwidth: float | None = None,
 ) -> dict:
     """Lower bound on the workload's time: prefill is compute-bound, each decode step reads
     the weights its batch uses (MoE: only the experts hit) plus every sequence's KV (or is
     compute-bound, whichever is slower). Compute counts active parameters (MoE: top-k experts).
-    A sliding-window layer reads (and attends over) at most its window of each sequence's KV."""
+    A sliding-window layer reads (and attends over) at most its window of each sequence's KV.
+
+    tp = N GPUs (tensor parallelism, runtime/parallel.py's layout): the weights and the KV cache
+    are read once across the GPUs (each its shard; KV heads replicated when fewer than N), the
+    FLOPs split N ways, and every forward adds its collectives over the link, not overlapped:
+    2 all-reduces per layer + 1 for the vocabulary-parallel embedding of T x hidden values (a ring
+    moves 2 (N - 1) / N of each per GPU) and the gather of the sampled rows' logit slices on GPU 0."""
     P = mc.num_active_params()
-    W = step_weight_bytes(mc, num_prompts, bytes_per_param)
+    W = step_weight_bytes(mc, num_prompts, bytes_per_param) / tp
+    kv_share = max(1, mc.num_kv_heads // tp) / mc.num_kv_heads if tp > 1 else 1.0
     windows = [mc.layer_window(i) for i in range(mc.num_layers)]
-    kv_per_token_layer = 2 * mc.num_kv_heads * mc.head_dim * bytes_per_param
+    kv_per_token_layer = 2 * mc.num_kv_heads * mc.head_dim * bytes_per_param * kv_share
     pair_flops = 2 * 2 * mc.num_heads * mc.head_dim  # q.k and p.v, multiply-add each
     attn_prefill = pair_flops * sum(_visible_pairs(input_len, w) for w in windows)
-    prefill = num_prompts * (2 * P * input_len + attn_prefill) / flops
+    rate = flops * tp
+
+    def comm(tokens: int, sampled: int) -> float:
+        if tp == 1:
+            return 0.0
+        if not link_bandwidth:
+            raise ValueError("a tensor-parallel roofline needs the measured link bandwidth")
+        reduce = (2 * mc.num_layers + 1) * tokens * mc.hidden_size * bytes_per_param * 2 * (tp - 1) / tp
+        gather = sampled * mc.vocab_size * bytes_per_param * (tp - 1) / tp
+        return (reduce + gather) / link_bandwidth
+
+    prefill = num_prompts * (2 * P * input_len + attn_prefill) / rate + comm(
+        num_prompts * input_len, num_prompts
+    )
+    comm_s = comm(num_prompts * input_len, num_prompts)
     decode = 0.0
     for j in range(1, output_len):  # the first output token comes out of the prefill
         ctx = input_len + j
         kv = num_prompts * kv_per_token_layer * sum(min(ctx, w or ctx) for w in windows)
-        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / flops)
-    return {
+        c = comm(num_prompts, num_prompts)
+        comm_s += c
+        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / rate) + c
+    out = {
         "prefill_s": prefill,
         "decode_s": decode,
         "total_s": prefill + decode,
-        "decode_step_weight_GB": W / 1e9,
+        "decode_step_weight_GB": W / 1e9,  # per GPU
     }
+    if tp > 1:
+        out.update(gpus=tp, collectives_s=comm_s, link_bandwidth_Bps=link_bandwidth)
+    return out
 
 
 def _llm_kwargs(args) -> dict:
@@ -449,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model",
         default=None,
-        help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b), HF dir or .gguf "
+        help="preset name (llama-3.2-1b, llama-3.1-8b, qwen3-8b, mixtral-8x7b, qwen3-30b-a3b, llama-3.1-70b), HF dir or .gguf "
         "(default: llama-3.2-1b; with --device cpu the embedded SmolLM2 GGUF, run beside llama.cpp)",
     )
     ap.add_argument(
@@ -469,7 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks (GPUs) per model")
+    ap.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="ranks (GPUs) per model; several sizes (e.g. 1 2) run one after the other in this call, "
+        "each against its own N-GPU roofline, with their speed-ups in a tp_scaling record",
+    )
     ap.add_argument(
         "--gguf-weights",
         default="auto",
@@ -548,6 +607,8 @@ def _is_cpu_gguf_suite(args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sizes: list[int] = list(args.tensor_parallel_size)
+    args.tensor_parallel_size = sizes[0]  # every path but the engine runs below takes one size
     cpu_suite = _is_cpu_gguf_suite(args)
     for name, gpu_default, cpu_default in (
         ("num_prompts", 256, 16),
@@ -591,29 +652,49 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output_json, "w") as f:
                 json.dump(records, f, indent=2)
         return 0
-    fs, mc, prompts = run_fleetserve(args)
-    if device_rates:
-        bpp = 2 if fs["dtype"] in ("bfloat16", "float16") else 4
-        roof = roofline_seconds(
-            mc,
-            args.num_prompts,
-            args.input_len,
-            args.output_len,
-            bpp,
-            device_rates["bandwidth_Bps"],
-            device_rates["matmul_flops"],
+    runs = []
+    for tp in sizes:
+        args.tensor_parallel_size = tp
+        fs, mc, prompts = run_fleetserve(args)
+        if device_rates:
+            bpp = 2 if fs["dtype"] in ("bfloat16", "float16") else 4
+            roof = roofline_seconds(
+                mc,
+                args.num_prompts,
+                args.input_len,
+                args.output_len,
+                bpp,
+                device_rates["bandwidth_Bps"],
+                device_rates["matmul_flops"],
+                tp=tp,
+                link_bandwidth=device_rates.get("link_bandwidth_Bps"),
+            )
+            fs["roofline"] = roof
+            fs["fraction_of_roofline"] = roof["total_s"] / fs["seconds"]
+        fs.update(
+            model=args.model,
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            params=mc.num_params(),
+            active_params=mc.num_active_params(),
+            tensor_parallel_size=tp,
         )
-        fs["roofline"] = roof
-        fs["fraction_of_roofline"] = roof["total_s"] / fs["seconds"]
-    fs.update(
-        model=args.model,
-        num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        params=mc.num_params(),
-        active_params=mc.num_active_params(),
-    )
-    _log(fs, records)
+        _log(fs, records)
+        runs.append(fs)
+    if len(runs) > 1:
+        _log(
+            {
+                "what": "tp_scaling",
+                "model": args.model,
+                "tensor_parallel_sizes": sizes,
+                "out_tok_s": [r["out_tok_s"] for r in runs],
+                "speedup_over_first": [r["out_tok_s"] / runs[0]["out_tok_s"] for r in runs],
+                "fraction_of_roofline": [r.get("fraction_of_roofline") for r in runs],
+            },
+            records,
+        )
+    fs = runs[0]
     if args.baseline == "hf":
         device = (
             "cuda" if fs["device"].startswith("cuda") else "cpu"
@@ -641,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
                 "model": args.model,
                 "fleetserve_over_hf": fs["out_tok_s"] / hf["out_tok_s"],
                 "fraction_of_roofline": fs.get("fraction_of_roofline"),
+                "fleetserve_over_hf_by_tp": {
+                    r["tensor_parallel_size"]: r["out_tok_s"] / hf["out_tok_s"] for r in runs
+                },
             },
             records,
         )

@@ -121,3 +121,60 @@ def test_roofline_of_the_new_shapes():
     slid = q3.with_(sliding_window=64, layer_types=("sliding_attention", "full_attention") * 18)
     r2 = roofline_seconds(slid, 256, 512, 256, 2, bandwidth=4e12, flops=8e14)
     assert r2["decode_s"] < r["decode_s"] and r2["prefill_s"] < r["prefill_s"]
+
+
+def test_roofline_on_several_gpus():
+    m = PRESETS["llama-3.1-8b"]
+    one = roofline_seconds(m, 256, 512, 256, 2, bandwidth=4e12, flops=8e14)
+    # a link of unbounded speed: weights, KV and FLOPs split evenly over 2 GPUs halve every term
+    ideal = roofline_seconds(
+        m, 256, 512, 256, 2, bandwidth=4e12, flops=8e14, tp=2, link_bandwidth=float("inf")
+    )
+    assert ideal["decode_s"] == pytest.approx(one["decode_s"] / 2)
+    assert ideal["prefill_s"] == pytest.approx(one["prefill_s"] / 2)
+    assert ideal["collectives_s"] == 0 and ideal["gpus"] == 2
+    # a real link adds each forward's collectives: (2 layers + 1) all-reduces of T x hidden bf16 values,
+    # a ring moving 2 (N - 1) / N of each per GPU, and GPU 0 gathering the other half of the logits
+    r = roofline_seconds(m, 256, 512, 256, 2, bandwidth=4e12, flops=8e14, tp=2, link_bandwidth=4e11)
+
+    def comm(tokens):
+        return ((2 * 32 + 1) * tokens * 4096 * 2 * 2 * 0.5 + 256 * 128256 * 2 * 0.5) / 4e11
+
+    assert r["collectives_s"] == pytest.approx(comm(256 * 512) + 255 * comm(256))
+    assert r["total_s"] == pytest.approx(ideal["total_s"] + r["collectives_s"])
+    with pytest.raises(ValueError, match="link bandwidth"):
+        roofline_seconds(m, 256, 512, 256, 2, bandwidth=4e12, flops=8e14, tp=2)
+    # more GPUs than KV heads: each keeps (reads) one KV head, replicated, so KV reads stop shrinking
+    kv16 = roofline_seconds(m, 256, 512, 256, 2, 4e12, 8e14, tp=16, link_bandwidth=float("inf"))
+    kv8 = roofline_seconds(m, 256, 512, 256, 2, 4e12, 8e14, tp=8, link_bandwidth=float("inf"))
+    kv_8 = 255 * 256 * 2 * 32 * 128 * 2 * (512 + 128) / 4e12  # one KV head per GPU, mean context 640
+    assert kv16["decode_s"] - kv_8 == pytest.approx((kv8["decode_s"] - kv_8) / 2, rel=1e-2)
+
+
+def test_several_tensor_parallel_sizes_in_one_call(tmp_path):
+    # -tp 1 2: both engines run one after the other (gloo ranks on CPU), with a tp_scaling record;
+    # the worker processes read the model from a directory (a monkeypatched preset stays in this one)
+    from fleetserve.runtime.models import hf_config_dict
+
+    tiny = PRESETS["llama-3.1-8b"].with_(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
+    model_dir = tmp_path / "llama-tiny"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(hf_config_dict(tiny)))
+    out = tmp_path / "bench.json"
+    args = ["--model", str(model_dir), "--device", "cpu", "--num-prompts", "2", *_SMALL, "-tp", "1", "2"]
+    assert main([*args, "--output-json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    runs = [r for r in records if r["what"] == "fleetserve"]
+    assert [r["tensor_parallel_size"] for r in runs] == [1, 2]
+    assert all(r["generated"] == r["expected"] == 8 for r in runs)
+    scaling = next(r for r in records if r["what"] == "tp_scaling")
+    assert scaling["tensor_parallel_sizes"] == [1, 2] and scaling["speedup_over_first"][0] == 1.0

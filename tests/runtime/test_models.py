@@ -297,7 +297,8 @@ def test_config_parsing_and_errors():
 
 
 @pytest.mark.parametrize(
-    "name,params", [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9)]
+    "name,params",
+    [("llama-3.2-1b", 1.236e9), ("llama-3.1-8b", 8.03e9), ("qwen3-8b", 8.19e9), ("llama-3.1-70b", 70.55e9)],
 )
 def test_presets_have_real_sizes(name, params):
     assert PRESETS[name].num_params() == pytest.approx(params, rel=0.01)
