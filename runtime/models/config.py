@@ -389,27 +389,6 @@ PRESETS: dict[str, ModelConfig] = {
         torch_dtype="bfloat16",
         name="llama-3.1-8b",
     ),
-    # meta-llama/Llama-3.1-70B config.json (shared/bench/vllm_peer/config-llama-3.1-70b.json): 141 GB in bf16,
-    # so tensor-parallel only on one H200 (issue #18).
-    "llama-3.1-70b": ModelConfig(
-        arch="llama",
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_ids=(128001, 128008, 128009),
-        torch_dtype="bfloat16",
-        name="llama-3.1-70b",
-    ),
     # Qwen/Qwen3-8B config.json: 36 layers, 32 q / 8 kv heads of 128, q/k norms, untied embeddings.
     "qwen3-8b": ModelConfig(
         arch="qwen3",
@@ -477,3 +456,8 @@ PRESETS: dict[str, ModelConfig] = {
         name="qwen3-30b-a3b",
     ),
 }
+# meta-llama/Llama-3.1-70B config.json (shared/bench/vllm_peer/config-llama-3.1-70b.json): the 8B's layer with
+# 8,192 hidden, 28,672 MLP, 64 query heads (8 KV), 80 layers; 141 GB in bf16, so only tensor-parallel on H200s (#18).
+PRESETS["llama-3.1-70b"] = PRESETS["llama-3.1-8b"].with_(
+    hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, name="llama-3.1-70b"
+)

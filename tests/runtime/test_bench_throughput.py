@@ -13,20 +13,14 @@ from fleetserve.runtime.models import PRESETS
 pytest.importorskip("transformers")
 
 
+def _shrunk(preset: str, **kw):
+    """A preset's architecture at a size both engines run on this CPU in seconds."""
+    dims = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
+    return PRESETS[preset].with_(**dims, num_kv_heads=2, head_dim=16, max_position_embeddings=128, **kw)
+
+
 def test_baseline_hf_runs_a_qwen3_shape_on_cpu(monkeypatch, tmp_path):
-    # the qwen3-8b preset, shrunk so that both engines run it on this CPU in seconds
-    tiny = PRESETS["qwen3-8b"].with_(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        name="qwen3-tiny",
-    )
-    monkeypatch.setitem(PRESETS, "qwen3-tiny", tiny)
+    monkeypatch.setitem(PRESETS, "qwen3-tiny", _shrunk("qwen3-8b", name="qwen3-tiny"))
     out = tmp_path / "bench.json"
     rc = main(
         [
@@ -58,18 +52,7 @@ def test_baseline_hf_runs_a_qwen3_shape_on_cpu(monkeypatch, tmp_path):
 
 
 def _tiny_mixtral(monkeypatch):
-    tiny = PRESETS["mixtral-8x7b"].with_(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        name="mixtral-tiny",
-    )
-    monkeypatch.setitem(PRESETS, "mixtral-tiny", tiny)
+    monkeypatch.setitem(PRESETS, "mixtral-tiny", _shrunk("mixtral-8x7b", name="mixtral-tiny"))
     return ["--model", "mixtral-tiny", "--baseline", "hf", "--device", "cpu", "--num-prompts", "2"]
 
 
@@ -156,16 +139,7 @@ def test_several_tensor_parallel_sizes_in_one_call(tmp_path):
     # the worker processes read the model from a directory (a monkeypatched preset stays in this one)
     from fleetserve.runtime.models import hf_config_dict
 
-    tiny = PRESETS["llama-3.1-8b"].with_(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-    )
+    tiny = _shrunk("llama-3.1-8b")
     model_dir = tmp_path / "llama-tiny"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(hf_config_dict(tiny)))

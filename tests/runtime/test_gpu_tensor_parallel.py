@@ -9,6 +9,7 @@ import torch
 
 from fleetserve.runtime import LLM, SamplingParams
 
+from .test_gpu_engine import _prefix_match
 from .test_tensor_parallel import PROMPTS, _prompts, _wait_no_workers, build_hf
 
 pytestmark = pytest.mark.gpu
@@ -36,15 +37,6 @@ def test_tp2_cuda_graphs_match_eager_and_tp1(two_gpus, tmp_path, name):
             got = [o.outputs[0].token_ids for o in llm.generate(_prompts(PROMPTS), params)]
             assert got == ref, f"enforce_eager={eager}"
     assert _wait_no_workers() == []
-
-
-def _prefix_match(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_tp2_bf16_agreement_reported(two_gpus, tmp_path, capsys):
