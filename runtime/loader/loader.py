@@ -107,7 +107,7 @@ def load_model(
     name = engine_config.served_model_name or model_arg or EMBEDDED_MODEL_NAME
 
     gen_defaults: dict = {}
-    packed = _resolve_packed(engine_config.gguf_weights, device)
+    packed = _resolve_packed(engine_config.gguf_weights, device, tp)
     try:
         model_arg = _local_source(model_arg, engine_config)
         if model_arg is None:
@@ -322,15 +322,17 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _resolve_packed(name: str, device: torch.device) -> bool:
+def _resolve_packed(name: str, device: torch.device, tp: ParallelContext | None = None) -> bool:
     if name == "packed" and device.type != "cpu":
         raise ModelLoadError(
             f"gguf_weights='packed' needs device cpu (no {device.type} kernels for packed weights yet): "
             "use gguf_weights='dequantize' or 'auto'"
         )
-    # auto stays on the dequantize path for now: the packed path's bf16 activations flip greedy
-    # near-ties (the README's "capital of France" chat no longer answers Paris) and make logprobs
-    # depend on the batch's shape at the 1e-2 level (#19)
+    if name == "auto":
+        # packed on one CPU rank: the LM head's top logits are recomputed in float32 from the file's
+        # rows (models/quant.py head_linear), which keeps greedy answers those of float32 math except
+        # at near-ties of the float32 path itself (docs/cpu.md); no GPU kernels, no split across ranks
+        return device.type == "cpu" and tp is None
     return name == "packed"
 
 

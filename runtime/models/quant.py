@@ -17,6 +17,17 @@ SmolLM2's shapes: fp32 and fp16 inputs are 30-50x slower than bf16), so the pack
 to bf16, accumulates in fp32 inside the kernel, and casts the result back to x's dtype. Scales
 and zeros are stored in bf16 for the same reason (the kernels take them in the input's dtype).
 
+Why the LM head's top logits are recomputed (`head_linear`): the bf16 rounding of the head's input
+and output moves a logit by up to ~0.1-0.2 on SmolLM2 (logits ~40: a bf16 step is 0.125 there), which
+flips greedy choices between near-equal tokens (the README's "What is the capital of France?" chat
+answered "L'Étoile, ..." instead of "The capital of France is Paris."). The embedding / LM head
+formats are packed with `exact_rows=True`: they keep the checkpoint's scales in float32 beside the
+kernel's bf16 ones and the largest row norm. From the kernel's logits and a bound on their error,
+`head_linear` finds every token that can still be the largest and recomputes those logits in float32
+from the exact rows (a few per row, ~6 on average on SmolLM2): the greedy token is the one of float32
+math on the file's values, whatever the roundings of the kernel. The embedding lookup reads the exact
+rows too.
+
 Everything here lives on the weights' device; nothing is kept between steps.
 """
 
@@ -39,10 +50,14 @@ class WeightFormat(ABC):
     the fast path, `rows()` the embedding lookup."""
 
     shape: tuple[int, int]
+    row_norm_max: float | None = None
+    """max_n ||w_n||_2 of the exact rows, where the format was packed with exact_rows=True (the
+    error bound of `head_linear`); None otherwise."""
 
     @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The matrix [out, in] as floats, computed with plain torch ops (the reference)."""
+        """The matrix [out, in] as floats, computed with plain torch ops (the reference of the kernel:
+        bf16-rounded scales)."""
 
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -70,8 +85,9 @@ class WeightFormat(ABC):
         return F.linear(x.to(COMPUTE_DTYPE).float(), self.dequantize(torch.float32))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the matrix as float32 (an embedding lookup); formats with random access
-        to rows override this so the whole matrix is never expanded."""
+        """Rows `ids` of the matrix as float32 (an embedding lookup): the checkpoint's exact values
+        where the format was packed with exact_rows=True, else `dequantize()`'s. Formats with random
+        access to rows override this so the whole matrix is never expanded."""
         return self.dequantize(torch.float32)[ids]
 
     @property
@@ -87,26 +103,51 @@ class Int4GroupWeight(WeightFormat):
     `packed` is torch's CPU int4 layout ([N_pad, K/2] uint8; per block of 64 rows, byte
     k * 32 + j holds row j's code at input k in the low nibble and row 32 + j's in the high
     one); `scale_zeros` is [K / group_size, N_pad, 2]. Rows are padded to a multiple of 64 with
-    zero codes and scales."""
+    zero codes and scales. `exact` (exact_rows=True only) is the unrounded float32 scales and zeros
+    [N, K / group_size, 2], read by `rows()`."""
 
     def __init__(
-        self, packed: torch.Tensor, scale_zeros: torch.Tensor, shape: tuple[int, int], group_size: int
+        self,
+        packed: torch.Tensor,
+        scale_zeros: torch.Tensor,
+        shape: tuple[int, int],
+        group_size: int,
+        exact: torch.Tensor | None = None,
+        row_norm_max: float | None = None,
     ):
-        self.packed, self.scale_zeros = packed, scale_zeros
+        self.packed, self.scale_zeros, self.exact = packed, scale_zeros, exact
         self.shape, self.group_size = (int(shape[0]), int(shape[1])), int(group_size)
+        self.row_norm_max = row_norm_max
 
     @classmethod
     def from_codes(
-        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        exact_rows: bool = False,
     ) -> Int4GroupWeight:
-        """codes [N, K] integers in [0, 15]; scales, zeros [N, K / group_size] (w = (q - 8) * s + z)."""
+        """codes [N, K] integers in [0, 15]; scales, zeros [N, K / group_size] (w = (q - 8) * s + z).
+        exact_rows: also keep scales and zeros unrounded (8 bytes per group) for `rows()`."""
         N, K = codes.shape
         if K % group_size or scales.shape != (N, K // group_size) or zeros.shape != scales.shape:
             raise ValueError(f"int4 weight {N}x{K}: scales/zeros must be [N, K/{group_size}]")
         pad = -N % _INT4_BLOCK_N
         packed = pack_int4_cpu(F.pad(codes.to(torch.uint8), (0, 0, 0, pad)))
         sz = torch.stack([F.pad(scales.float(), (0, 0, 0, pad)), F.pad(zeros.float(), (0, 0, 0, pad))], -1)
-        return cls(packed, sz.transpose(0, 1).contiguous().to(COMPUTE_DTYPE), (N, K), group_size)
+        exact = norm = None
+        if exact_rows:
+            exact = torch.stack([scales.float(), zeros.float()], -1).contiguous()
+            # of |s| |q - 8| + |z| >= |w|: it also bounds the bf16 scales' error, 2^-9 of it
+            norm = _row_norm_max(
+                lambda a, b: (
+                    (codes[a:b].float() - 8.0).abs() * exact[a:b, :, 0].abs().repeat_interleave(group_size, 1)
+                    + exact[a:b, :, 1].abs().repeat_interleave(group_size, 1)
+                ),
+                N,
+            )
+        return cls(packed, sz.transpose(0, 1).contiguous().to(COMPUTE_DTYPE), (N, K), group_size, exact, norm)
 
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (uint8) read back from the packed layout."""
@@ -122,12 +163,25 @@ class Int4GroupWeight(WeightFormat):
         z = sz[..., 1].t().repeat_interleave(g, dim=1)
         return ((self.codes().float() - 8.0) * s + z).to(dtype)
 
+    def row_codes(self, flat: torch.Tensor) -> torch.Tensor:
+        """The codes [n, K] (uint8) of rows `flat` [n], read from the packed layout."""
+        K, half = self.shape[1], _INT4_BLOCK_N // 2
+        # byte (block, k, j) of the [blocks, K, 32] layout, gathered with one take
+        start = (flat // _INT4_BLOCK_N) * (K * half) + flat % half
+        byte = torch.take(
+            self.packed, start.unsqueeze(1) + torch.arange(0, K * half, half, device=flat.device)
+        )
+        shift = (flat % _INT4_BLOCK_N >= half).to(torch.uint8) * 4  # rows 32..63 of a block: high nibbles
+        return (byte >> shift.unsqueeze(1)) & 15
+
     def rows(self, ids):
-        K, g, half = self.shape[1], self.group_size, _INT4_BLOCK_N // 2
+        K, g = self.shape[1], self.group_size
         flat = ids.reshape(-1)
-        b = self.packed.reshape(-1, K, half)
-        byte = b[flat // _INT4_BLOCK_N, :, flat % half]  # [n, K]
-        q = torch.where((flat % _INT4_BLOCK_N >= half).unsqueeze(-1), byte >> 4, byte & 15)
+        q = self.row_codes(flat)
+        if self.exact is not None:
+            sz = self.exact[flat]  # [n, K/g, 2]
+            w = (q.float() - 8.0).view(-1, K // g, g) * sz[..., :1] + sz[..., 1:]
+            return w.reshape(*ids.shape, K)
         sz = self.scale_zeros[:, flat].float()  # [K/g, n, 2]
         s = sz[..., 0].t().repeat_interleave(g, dim=1)
         z = sz[..., 1].t().repeat_interleave(g, dim=1)
@@ -143,10 +197,19 @@ class Int4GroupWeight(WeightFormat):
         return y if y.shape[-1] == self.shape[0] else y[:, : self.shape[0]]
 
     def tensors(self):
-        return {"packed": self.packed, "scale_zeros": self.scale_zeros}
+        held = {"packed": self.packed, "scale_zeros": self.scale_zeros}
+        return held if self.exact is None else {**held, "exact": self.exact}
 
     def map_tensors(self, fn):
         self.packed, self.scale_zeros = fn(self.packed), fn(self.scale_zeros)
+        if self.exact is not None:
+            self.exact = fn(self.exact)
+
+
+def _row_norm_max(rows_of, n: int, chunk: int = 4096) -> float:
+    """max over rows of ||w_n||_2, with rows_of(a, b) the float32 rows a..b (in chunks: the whole
+    float matrix of an LM head is ~110 MB)."""
+    return max(float(rows_of(a, min(a + chunk, n)).norm(dim=1).max()) for a in range(0, n, chunk))
 
 
 def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
@@ -164,15 +227,22 @@ class Int8GroupWeight(WeightFormat):
     x @ W.T is one int4 matmul of [x | x] against [H | L] (an Int4GroupWeight [N, 2K]: H with
     scale 16 s, zero 0; L with scale s, zero 8 s). torch's int8 kernel takes one scale per row
     only: rounding Q8_0 to it cost 1.4% relative error on SmolLM2's LM head, this 0.2% (the bf16
-    scales), for a kernel twice as wide (measured: 1.9 ms vs 1.6 ms on one core)."""
+    scales), for a kernel twice as wide (measured: 1.9 ms vs 1.6 ms on one core). `scales`
+    (exact_rows=True only) are the unrounded float32 scales [N, K / group_size], read by `rows()`."""
 
-    def __init__(self, inner: Int4GroupWeight):
-        self.inner = inner
+    def __init__(
+        self, inner: Int4GroupWeight, scales: torch.Tensor | None = None, row_norm_max: float | None = None
+    ):
+        self.inner, self.scales = inner, scales
         self.shape = (inner.shape[0], inner.shape[1] // 2)
+        self.row_norm_max = row_norm_max
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:
-        """codes [N, K] int8; scales [N, K / group_size]: w = q * s."""
+    def from_codes(
+        cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int = 32, exact_rows: bool = False
+    ) -> Int8GroupWeight:
+        """codes [N, K] int8; scales [N, K / group_size]: w = q * s. exact_rows: also keep the
+        scales unrounded (4 bytes per group) for `rows()`."""
         q = codes.to(torch.int8)
         s = scales.float()
         # arithmetic shift: q = 16 (hi - 8) + lo
@@ -183,7 +253,13 @@ class Int8GroupWeight(WeightFormat):
             torch.cat([torch.zeros_like(s), 8.0 * s], dim=1),
             group_size,
         )
-        return cls(inner)
+        if not exact_rows:
+            return cls(inner)
+        exact = s.contiguous()
+        norm = _row_norm_max(
+            lambda a, b: q[a:b].float() * exact[a:b].repeat_interleave(group_size, 1), q.shape[0]
+        )
+        return cls(inner, exact, norm)
 
     def dequantize(self, dtype=torch.float32):
         w = self.inner.dequantize(torch.float32)
@@ -191,18 +267,27 @@ class Int8GroupWeight(WeightFormat):
         return (w[:, :K] + w[:, K:]).to(dtype)
 
     def rows(self, ids):
-        w = self.inner.rows(ids)
         K = self.shape[1]
-        return w[..., :K] + w[..., K:]
+        if self.scales is None:
+            w = self.inner.rows(ids)
+            return w[..., :K] + w[..., K:]
+        flat = ids.reshape(-1)
+        c = self.inner.row_codes(flat).float()  # [n, 2K]: hi + 8, lo
+        q = torch.addcmul(c[:, K:], c[:, :K] - 8.0, torch.tensor(16.0))  # exact: small integers
+        G = self.scales.shape[1]
+        return (q.view(-1, G, K // G) * self.scales[flat].unsqueeze(-1)).reshape(*ids.shape, K)
 
     def _linear_cpu(self, x):
         return self.inner._linear_cpu(torch.cat([x, x], dim=-1))
 
     def tensors(self):
-        return self.inner.tensors()
+        held = self.inner.tensors()
+        return held if self.scales is None else {**held, "scales": self.scales}
 
     def map_tensors(self, fn):
         self.inner.map_tensors(fn)
+        if self.scales is not None:
+            self.scales = fn(self.scales)
 
 
 class Int8ChannelWeight(WeightFormat):
@@ -214,14 +299,19 @@ class Int8ChannelWeight(WeightFormat):
         self.shape = (int(codes.shape[0]), int(codes.shape[1]))
 
     @classmethod
-    def quantize(cls, w: torch.Tensor) -> Int8ChannelWeight:
+    def quantize(cls, w: torch.Tensor, exact_rows: bool = False) -> Int8ChannelWeight:
         """Round a float matrix [N, K] to int8 per row (scale = the row's max |w| / 127, in bf16).
-        The error per element is at most half the row's scale (plus the bf16 rounding of the scale)."""
+        The error per element is at most half the row's scale (plus the bf16 rounding of the scale).
+        exact_rows: nothing more is exact, but `row_norm_max` lets `head_linear` recompute the top
+        logits of these rows in float32."""
         w = w.float()
         s = (w.abs().amax(dim=1) / 127.0).to(COMPUTE_DTYPE)
         s = torch.where(s == 0, torch.ones_like(s), s)
         q = torch.round(w / s.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-        return cls(q, s)
+        fmt = cls(q, s)
+        if exact_rows:
+            fmt.row_norm_max = _row_norm_max(lambda a, b: fmt.rows(torch.arange(a, b)), q.shape[0])
+        return fmt
 
     def dequantize(self, dtype=torch.float32):
         return (self.codes.float() * self.scales.float()[:, None]).to(dtype)
@@ -278,7 +368,8 @@ def concat_rows(parts: Sequence[WeightFormat]) -> WeightFormat:
     if all(isinstance(p, Int8ChannelWeight) for p in parts):
         codes = torch.cat([p.codes for p in parts])  # type: ignore[attr-defined]
         return Int8ChannelWeight(codes, torch.cat([p.scales for p in parts]))  # type: ignore[attr-defined]
-    if all(isinstance(p, Int4GroupWeight) for p in parts) and len({p.group_size for p in parts}) == 1:  # type: ignore[attr-defined]
+    same_int4 = all(isinstance(p, Int4GroupWeight) and p.exact is None for p in parts)
+    if same_int4 and len({p.group_size for p in parts}) == 1:  # type: ignore[attr-defined]
         if all(p.shape[0] % _INT4_BLOCK_N == 0 for p in parts):  # no padding inside: the layout stacks
             return Int4GroupWeight(
                 torch.cat([p.packed for p in parts]),  # type: ignore[attr-defined]
@@ -299,8 +390,10 @@ class QuantizedTensor(ABC):
         """The tensor as float32 (the dequantize-at-load path; also the reference)."""
 
     @abstractmethod
-    def pack(self) -> WeightFormat:
-        """The tensor repacked into the WeightFormat the kernels want."""
+    def pack(self, exact_rows: bool = False) -> WeightFormat:
+        """The tensor repacked into the WeightFormat the kernels want; exact_rows (the embedding and
+        LM head): the format's `rows()` return the file's values exactly where it can (see the
+        module docstring)."""
 
 
 class _PackedModule(nn.Module):
@@ -356,9 +449,37 @@ class PackedEmbedding(_PackedModule):
 
 
 def head_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ W.T for an LM head that is an nn.Linear, an nn.Embedding (tied) or a packed one."""
+    """x @ W.T for an LM head that is an nn.Linear, an nn.Embedding (tied) or a packed one (float32,
+    its top logits recomputed exactly: `refined_linear`)."""
     if isinstance(module, (PackedLinear, PackedEmbedding)):
-        return module.fmt.linear(x)
+        return refined_linear(module.fmt, x)
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     return F.linear(x, weight)
+
+
+# |kernel - exact| per logit, relative to ||x|| max_n ||w_n|| (Cauchy-Schwarz bounds sum_k |x_k w_nk|):
+# 2^-9 for x's bf16 rounding, 2^-9 for the bf16 scales (|w^ - w| <= 2^-9 |w|), 1/16 of that for the
+# float32 accumulation and the rounding of the bound itself; and 2^-9 |y| for the bf16 result.
+_INPUT_ERR = 2.0**-8 * (1 + 2.0**-4)
+_OUTPUT_ERR = 2.0**-9 * (1 + 2.0**-4)
+
+
+def refined_linear(fmt: WeightFormat, x: torch.Tensor) -> torch.Tensor:
+    """Logits x [M, K] @ W.T -> [M, N] float32 from the packed kernel, with every logit that can be
+    its row's largest recomputed in float32 from the exact rows (formats with `row_norm_max`; the
+    others return the kernel's logits). With e a bound on the kernel's error of any logit of a row
+    and m the row's largest kernel logit, the exact largest logit is >= m - e, so a token whose
+    kernel logit is below m - 2e cannot be the greedy one. Rows are refined independently: a row's
+    result does not depend on the others in the call."""
+    y = fmt.linear(x).float()
+    norm = fmt.row_norm_max
+    if norm is None or y.numel() == 0:
+        return y
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    flat = y.reshape(-1, y.shape[-1])
+    low, top = flat.aminmax(dim=1)
+    err = _INPUT_ERR * norm * x32.norm(dim=1) + _OUTPUT_ERR * torch.maximum(top, -low)
+    r, c = torch.nonzero(flat >= (top - 2.0 * err).unsqueeze(1), as_tuple=True)
+    flat[r, c] = (fmt.rows(c) * x32[r]).sum(dim=1)
+    return y
