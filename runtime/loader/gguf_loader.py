@@ -326,6 +326,16 @@ class GGUFTensor(QuantizedTensor):
         return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(self.shape))
 
     def pack(self, exact_rows: bool = False) -> WeightFormat:
+        if self.qtype in (
+            "Q4_0",
+            "Q4_1",
+        ):  # d (, m): fp16, 16 bytes of nibbles; w = d q + m = d (q - 8) + (m + 8 d)
+            size = 18 if self.qtype == "Q4_0" else 20
+            b = _blocks(self.raw, self.shape, 32, size)
+            d = torch.from_numpy(_f16(b[..., :2]))
+            z = torch.zeros(d.shape) if size == 18 else torch.from_numpy(_f16(b[..., 2:4])) + 8.0 * d
+            qs = torch.from_numpy(np.ascontiguousarray(b[..., size - 16 :]))
+            return Int4GroupWeight.from_nibbles(qs, d, z, exact_rows=exact_rows)
         if self.qtype in _INT4_TYPES:
             codes, scales, zeros = _INT4_TYPES[self.qtype](self.raw, self.shape)
             return Int4GroupWeight.from_codes(codes, scales, zeros, 32, exact_rows=exact_rows)

@@ -149,6 +149,30 @@ class Int4GroupWeight(WeightFormat):
             )
         return cls(packed, sz.transpose(0, 1).contiguous().to(COMPUTE_DTYPE), (N, K), group_size, exact, norm)
 
+    @classmethod
+    def from_nibbles(
+        cls, qs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, exact_rows: bool = False
+    ) -> Int4GroupWeight:
+        """Group-32 codes in GGUF's Q4_0 / Q4_1 byte order, qs [N, K / 32, 16] uint8 (byte i of a
+        group holds code i in its low nibble and code 16 + i in its high one), N a multiple of 64:
+        repacked without the [N, K] codes as an intermediate (1.5 -> 0.5 ms per SmolLM2 matrix).
+        Rows j and 32 + j of a block share the layout's bytes: their low nibbles make the bytes of
+        codes 0..15 of a group, their high nibbles those of codes 16..31."""
+        N, G, _ = qs.shape
+        if N % _INT4_BLOCK_N or exact_rows:
+            return cls.from_codes(
+                torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, G * 32), scales, zeros, 32, exact_rows
+            )
+        half = _INT4_BLOCK_N // 2
+        u = qs.view(N // _INT4_BLOCK_N, 2, half, G, 16)
+        a, b = u[:, 0], u[:, 1]
+        packed = torch.empty(N // _INT4_BLOCK_N, G, 2, 16, half, dtype=torch.uint8)  # [block, k, j]
+        packed[:, :, 0].copy_(((a & 15) | (b << 4)).permute(0, 2, 3, 1))
+        packed[:, :, 1].copy_(((a >> 4) | (b & 0xF0)).permute(0, 2, 3, 1))
+        sz = torch.empty(G, N, 2, dtype=COMPUTE_DTYPE)
+        sz[..., 0], sz[..., 1] = scales.t(), zeros.t()
+        return cls(packed.view(N, G * 16), sz, (N, G * 32), 32)
+
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (uint8) read back from the packed layout."""
         n_pad, K = self.packed.shape[0], self.shape[1]
@@ -209,7 +233,30 @@ class Int4GroupWeight(WeightFormat):
 def _row_norm_max(rows_of, n: int, chunk: int = 4096) -> float:
     """max over rows of ||w_n||_2, with rows_of(a, b) the float32 rows a..b (in chunks: the whole
     float matrix of an LM head is ~110 MB)."""
-    return max(float(rows_of(a, min(a + chunk, n)).norm(dim=1).max()) for a in range(0, n, chunk))
+    return _ROUND_UP * max(float(rows_of(a, min(a + chunk, n)).norm(dim=1).max()) for a in range(0, n, chunk))
+
+
+_ROUND_UP = 1 + 2.0**-16  # a float32 norm may come out an ulp or two low: the bound must not
+
+
+def _int8_halves(q: torch.Tensor, s: torch.Tensor, group_size: int) -> Int4GroupWeight:
+    """Int8GroupWeight's [H | L] int4 matrix built straight from the int8 codes [N, K] (N a multiple
+    of 64), without the codes of H and L as intermediates: 4x faster on SmolLM2's LM head (180 ->
+    40 ms of load time). Rows j and 32 + j of a block share a byte (low and high nibble); with a, b
+    their code bytes, H's byte is the two high nibbles with the sign bit flipped (hi + 8 = nibble ^ 8)
+    and L's the two low ones. Equal to the general route's layout (tested)."""
+    N, K = q.shape
+    G, half = K // group_size, _INT4_BLOCK_N // 2
+    u = q.view(torch.uint8).view(N // _INT4_BLOCK_N, 2, half, K)
+    a, b = u[:, 0], u[:, 1]
+    packed = torch.empty(N // _INT4_BLOCK_N, 2 * K, half, dtype=torch.uint8)
+    packed[:, :K].copy_((((a >> 4) | (b & 0xF0)) ^ 0x88).transpose(1, 2))
+    packed[:, K:].copy_(((a & 15) | (b << 4)).transpose(1, 2))
+    sz = torch.empty(2 * G, N, 2, dtype=COMPUTE_DTYPE)
+    st = s.t()
+    sz[:G, :, 0], sz[:G, :, 1] = st * 16.0, 0.0
+    sz[G:, :, 0], sz[G:, :, 1] = st, st * 8.0
+    return Int4GroupWeight(packed.view(N, K), sz, (N, 2 * K), group_size)
 
 
 def pack_int4_cpu(codes: torch.Tensor) -> torch.Tensor:
@@ -245,21 +292,28 @@ class Int8GroupWeight(WeightFormat):
         scales unrounded (4 bytes per group) for `rows()`."""
         q = codes.to(torch.int8)
         s = scales.float()
-        # arithmetic shift: q = 16 (hi - 8) + lo
-        hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
-        inner = Int4GroupWeight.from_codes(
-            torch.cat([hi, lo], dim=1),
-            torch.cat([16.0 * s, s], dim=1),
-            torch.cat([torch.zeros_like(s), 8.0 * s], dim=1),
-            group_size,
-        )
+        N, K = q.shape
+        if N % _INT4_BLOCK_N == 0 and K % group_size == 0 and s.shape == (N, K // group_size):
+            inner = _int8_halves(q, s, group_size)
+        else:  # the general route (rows padded to the int4 layout's blocks)
+            # arithmetic shift: q = 16 (hi - 8) + lo
+            hi, lo = ((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)
+            inner = Int4GroupWeight.from_codes(
+                torch.cat([hi, lo], dim=1),
+                torch.cat([16.0 * s, s], dim=1),
+                torch.cat([torch.zeros_like(s), 8.0 * s], dim=1),
+                group_size,
+            )
         if not exact_rows:
             return cls(inner)
         exact = s.contiguous()
-        norm = _row_norm_max(
-            lambda a, b: q[a:b].float() * exact[a:b].repeat_interleave(group_size, 1), q.shape[0]
-        )
-        return cls(inner, exact, norm)
+        G = K // group_size
+        # ||w_n||^2 = sum over groups of s^2 ||q_group||^2, in chunks of rows
+        norm = 0.0
+        for a in range(0, N, 4096):
+            g = torch.linalg.vector_norm(q[a : a + 4096].float().view(-1, G, group_size), dim=-1)
+            norm = max(norm, float((g * exact[a : a + 4096]).square().sum(-1).max()))
+        return cls(inner, exact, norm**0.5 * _ROUND_UP)
 
     def dequantize(self, dtype=torch.float32):
         w = self.inner.dequantize(torch.float32)

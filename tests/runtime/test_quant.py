@@ -205,6 +205,35 @@ def test_int8_group_is_exact_with_bf16_scales():
     torch.testing.assert_close(fmt.linear(x), F.linear(x.bfloat16().float(), exact), rtol=2**-7, atol=1e-4)
 
 
+def test_int8_halves_fast_route_is_the_general_layout():
+    """Int8GroupWeight builds [H | L] straight from the int8 bytes when rows fill whole int4 blocks;
+    that layout equals the one of the general route (H and L codes through Int4GroupWeight)."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-128, 128, (128, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(128, 2, generator=g) * 0.01
+    fast = Int8GroupWeight.from_codes(q, s, 32).inner
+    general = Int4GroupWeight.from_codes(
+        torch.cat([((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)], dim=1),
+        torch.cat([16.0 * s, s], dim=1),
+        torch.cat([torch.zeros_like(s), 8.0 * s], dim=1),
+        32,
+    )
+    assert torch.equal(fast.packed, general.packed) and torch.equal(fast.scale_zeros, general.scale_zeros)
+    padded = Int8GroupWeight.from_codes(q[:80], s[:80], 32)  # 80 rows: the general route
+    assert torch.equal(padded.dequantize(), Int8GroupWeight.from_codes(q, s, 32).dequantize()[:80])
+
+
+def test_int4_from_nibbles_is_the_codes_layout():
+    """Q4_0 / Q4_1 bytes repacked directly equal the codes' route (low nibbles: codes 0..15 of a
+    group, high nibbles: 16..31)."""
+    g = torch.Generator().manual_seed(5)
+    qs = torch.randint(0, 256, (128, 3, 16), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(128, 3, generator=g), torch.rand(128, 3, generator=g)
+    fast = Int4GroupWeight.from_nibbles(qs, s, z)
+    general = Int4GroupWeight.from_codes(torch.cat([qs & 15, qs >> 4], -1).reshape(128, 96), s, z, 32)
+    assert torch.equal(fast.packed, general.packed) and torch.equal(fast.scale_zeros, general.scale_zeros)
+
+
 def test_int8_channel_rounding_bound():
     w = torch.randn(40, 64)
     fmt = Int8ChannelWeight.quantize(w)
