@@ -136,7 +136,8 @@ def test_exact_rows_are_the_files_values(qtype):
         torch.testing.assert_close(got, ref[ids], rtol=2**-20, atol=2**-20 * float(ref.abs().max()))
     if qtype != Q.Q6_K:  # ... where the bf16-scale rows are off
         assert not torch.equal(plain.rows(ids), ref[ids])
-    assert exact.row_norm_max >= float(exact.rows(torch.arange(rows)).norm(dim=1).max())
+    true_norms = exact.rows(torch.arange(rows)).norm(dim=1)
+    assert bool((exact.row_norms >= true_norms).all()) and exact.row_norm_max >= float(true_norms.max())
     assert plain.row_norm_max is None
     x = torch.randn(3, cols)
     assert torch.equal(exact.linear(x), plain.linear(x))
@@ -171,7 +172,7 @@ def test_refined_head_logits_pick_float32_greedy():
     top = refined.argmax(-1, keepdim=True)
     torch.testing.assert_close(refined.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
     changed = refined != plain
-    assert 1 <= changed.sum(-1).float().mean() < 20
+    assert 1 <= changed.sum(-1).float().mean() < 4  # the second stage's own bounds keep few
     # a row's logits do not depend on the other rows of the call
     for m in (1, 3, 17):
         assert torch.equal(refined_linear(fmt, x[:m]), refined[:m])
