@@ -36,7 +36,7 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """Ranks one model is split over (Megatron-style tensor parallelism): one GPU each on CUDA, gloo processes on CPU; must divide the model's attention heads. Rank 0 runs in the engine process, the others in worker processes."""
     gguf_weights: Literal["auto", "packed", "dequantize"] = "auto"
-    """How a GGUF file's quantized matrices are held: packed keeps them quantized in memory and runs the matmuls on torch's int4/int8 CPU kernels (bf16 activations); dequantize expands them to the model dtype at load (the reference path). auto: dequantize for now (packed flips greedy near-ties and makes logprobs depend on the batch's shape at the 1e-2 level, #19); packed is refused on GPU (no kernels yet)."""
+    """How a GGUF file's quantized matrices are held: packed keeps them quantized in memory (~4.5 bits a weight) and runs the matmuls on torch's int4/int8 CPU kernels (bf16 activations, float32 accumulation; the LM head's top logits recomputed in float32 from the file's values, so greedy picks what float32 math picks except at its own near-ties); dequantize expands them to the model dtype at load (the reference path, ~4x the memory). auto: packed on CPU without tensor parallelism, else dequantize; packed is refused on GPU (no kernels yet) and with tensor_parallel_size > 1."""
     max_model_len: int | None = Field(None, ge=16)
     """Maximum prompt + output length per request; defaults to the model's max_position_embeddings."""
     block_size: int = Field(16, ge=1, le=1024)

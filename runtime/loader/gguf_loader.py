@@ -325,15 +325,26 @@ class GGUFTensor(QuantizedTensor):
         arr = gguf.quants.dequantize(np.ascontiguousarray(self.raw), gguf.GGMLQuantizationType[self.qtype])
         return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(self.shape))
 
-    def pack(self) -> WeightFormat:
+    def pack(self, exact_rows: bool = False) -> WeightFormat:
+        if self.qtype in (
+            "Q4_0",
+            "Q4_1",
+        ):  # d (, m): fp16, 16 bytes of nibbles; w = d q + m = d (q - 8) + (m + 8 d)
+            size = 18 if self.qtype == "Q4_0" else 20
+            b = _blocks(self.raw, self.shape, 32, size)
+            d = torch.from_numpy(_f16(b[..., :2]))
+            z = torch.zeros(d.shape) if size == 18 else torch.from_numpy(_f16(b[..., 2:4])) + 8.0 * d
+            qs = torch.from_numpy(np.ascontiguousarray(b[..., size - 16 :]))
+            return Int4GroupWeight.from_nibbles(qs, d, z, exact_rows=exact_rows)
         if self.qtype in _INT4_TYPES:
             codes, scales, zeros = _INT4_TYPES[self.qtype](self.raw, self.shape)
-            return Int4GroupWeight.from_codes(codes, scales, zeros, 32)
+            return Int4GroupWeight.from_codes(codes, scales, zeros, 32, exact_rows=exact_rows)
         if self.qtype == "Q8_0":  # d: fp16, 32 int8 codes; w = d * q
             b = _blocks(self.raw, self.shape, 32, 34)
             q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(self.shape)
-            return Int8GroupWeight.from_codes(torch.from_numpy(q), torch.from_numpy(_f16(b[..., :2])), 32)
-        return Int8ChannelWeight.quantize(self.dequantize())
+            d = torch.from_numpy(_f16(b[..., :2]))
+            return Int8GroupWeight.from_codes(torch.from_numpy(q), d, 32, exact_rows=exact_rows)
+        return Int8ChannelWeight.quantize(self.dequantize(), exact_rows=exact_rows)
 
 
 def _blocks(raw: np.ndarray, shape: tuple[int, int], block: int, size: int) -> np.ndarray:

@@ -13,6 +13,7 @@ Every failure is a ModelLoadError that names the path or file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -107,7 +108,7 @@ def load_model(
     name = engine_config.served_model_name or model_arg or EMBEDDED_MODEL_NAME
 
     gen_defaults: dict = {}
-    packed = _resolve_packed(engine_config.gguf_weights, device)
+    packed = _resolve_packed(engine_config.gguf_weights, device, tp)
     try:
         model_arg = _local_source(model_arg, engine_config)
         if model_arg is None:
@@ -251,6 +252,11 @@ def _load_dir(path, device, dtype, ops, load_format, seed, tp=None, packed=False
 def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None, packed=False):
     if load_format not in ("auto", "gguf", "dummy"):
         raise ModelLoadError(f"load_format {load_format!r} does not fit the GGUF file {path}")
+    with _no_gc():
+        return _read_gguf(path, device, dtype, ops, load_format, seed, tp, packed)
+
+
+def _read_gguf(path, device, dtype, ops, load_format, seed, tp, packed):
     f = GGUFFile(path)
     cfg = f.model_config()
     layout = _split(cfg, tp)
@@ -260,8 +266,40 @@ def _load_gguf(path, device, dtype, ops, load_format, seed, tp=None, packed=Fals
         model = build_model(cfg, ops, dtype, device, tp=tp)
         # GGUF tensors are dequantized (or repacked) one at a time; with tensor parallelism each is
         # then cut to this rank's slice (packed weights are refused with more than one rank).
-        _fill(model, shard_weights(f.iter_weights(cfg, packed=packed), layout), path)
+        with _one_thread(packed):
+            _fill(model, shard_weights(f.iter_weights(cfg, packed=packed), layout), path)
     return model, cfg, Tokenizer.from_gguf_metadata(f.meta, extra_eos_token_ids=cfg.eos_token_ids)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No cyclic garbage collection while a GGUF file is read: its metadata are ~100k small objects
+    (two memoryviews per tokenizer string), and the collections their creation triggered took
+    0.2 of the 0.25 s that reading SmolLM2's metadata took. The engine collects once after loading."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool):
+    """Repack GGUF blocks on one intra-op thread: the repacking is hundreds of small torch ops,
+    which two OpenMP threads made 10x slower whenever the other core was busy (measured on the
+    2-core machine: 11 ms vs 0.7 ms for one 1536 x 576 Q4_1 matrix, a 1 s load became 10 s)."""
+    before = torch.get_num_threads()
+    if enabled and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _fill(model, weights, source: str) -> None:
@@ -322,15 +360,17 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _resolve_packed(name: str, device: torch.device) -> bool:
+def _resolve_packed(name: str, device: torch.device, tp: ParallelContext | None = None) -> bool:
     if name == "packed" and device.type != "cpu":
         raise ModelLoadError(
             f"gguf_weights='packed' needs device cpu (no {device.type} kernels for packed weights yet): "
             "use gguf_weights='dequantize' or 'auto'"
         )
-    # auto stays on the dequantize path for now: the packed path's bf16 activations flip greedy
-    # near-ties (the README's "capital of France" chat no longer answers Paris) and make logprobs
-    # depend on the batch's shape at the 1e-2 level (#19)
+    if name == "auto":
+        # packed on one CPU rank: the LM head's top logits are recomputed in float32 from the file's
+        # rows (models/quant.py head_linear), which keeps greedy answers those of float32 math except
+        # at near-ties of the float32 path itself (docs/cpu.md); no GPU kernels, no split across ranks
+        return device.type == "cpu" and tp is None
     return name == "packed"
 
 

@@ -417,7 +417,8 @@ class CausalLM(nn.Module):
         if tuple(tensor.shape) != expected:
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         if fused is None:
-            shards = {0: tensor.pack()}
+            # the embedding and LM head keep their exact rows (lookups, the head's refined top logits)
+            shards = {0: tensor.pack(exact_rows=isinstance(module, nn.Embedding) or path == "lm_head")}
         else:
             shards = pending.setdefault(path, {})
             shards[fused[1]] = tensor.pack()

@@ -104,3 +104,33 @@ def test_async_scheduling_gives_the_same_text(llm):
     got = pipelined.chat(messages, greedy(max_tokens=16))[0].outputs[0]
     assert (got.text, got.finish_reason) == (want.text, want.finish_reason) and got.finish_reason == "stop"
     assert pipelined.engine.scheduler.kv.num_free_blocks == pipelined.engine.num_kv_blocks
+
+
+README_CHATS = [  # the README's chat example, and the three questions benchmarks/cpu_decode_step.py checks
+    "What is the capital of France?",
+    "What is the capital of Germany?",
+    "What is 2+2?",
+]
+
+
+def test_packed_default_answers_as_float32(llm):
+    """The default on CPU keeps the GGUF weights packed (int4/int8 kernels, bf16 activations); its
+    greedy answers to the README's questions are the float32 dequantize-at-load path's, word for
+    word (the bf16 LM head alone answered "L'Étoile, la Marseillaise, ..." to the first one)."""
+    from fleetserve.runtime.models.quant import PackedEmbedding, PackedLinear
+
+    model = llm.engine.runner.model
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(model.model.embed_tokens, PackedEmbedding)
+    ref = LLM(max_model_len=1024, num_kv_blocks=64, gguf_weights="dequantize")
+    p = greedy(max_tokens=24)
+    for q in README_CHATS:
+        ours = llm.chat([{"role": "user", "content": q}], p)[0].outputs[0].text
+        theirs = ref.chat([{"role": "user", "content": q}], p)[0].outputs[0].text
+        assert ours == theirs, (q, ours, theirs)
+    assert "Paris" in llm.chat([{"role": "user", "content": README_CHATS[0]}], p)[0].outputs[0].text
+    prompt = "The capital of France is"
+    assert (
+        llm.generate(prompt, greedy(max_tokens=8))[0].outputs[0].text
+        == ref.generate(prompt, greedy(max_tokens=8))[0].outputs[0].text
+    )
