@@ -132,7 +132,7 @@ def roofline_seconds(
     moves 2 (N - 1) / N of each per GPU) and the gather of the sampled rows' logit slices on GPU 0."""
     P = mc.num_active_params()
     W = step_weight_bytes(mc, num_prompts, bytes_per_param) / tp
-    kv_share = max(1, mc.num_kv_heads // tp) / mc.num_kv_heads if tp > 1 else 1.0
+    kv_share = max(1, mc.num_kv_heads // tp) / mc.num_kv_heads
     windows = [mc.layer_window(i) for i in range(mc.num_layers)]
     kv_per_token_layer = 2 * mc.num_kv_heads * mc.head_dim * bytes_per_param * kv_share
     pair_flops = 2 * 2 * mc.num_heads * mc.head_dim  # q.k and p.v, multiply-add each
@@ -148,17 +148,14 @@ def roofline_seconds(
         gather = sampled * mc.vocab_size * bytes_per_param * (tp - 1) / tp
         return (reduce + gather) / link_bandwidth
 
-    prefill = num_prompts * (2 * P * input_len + attn_prefill) / rate + comm(
-        num_prompts * input_len, num_prompts
-    )
-    comm_s = comm(num_prompts * input_len, num_prompts)
+    prefill_comm, step_comm = comm(num_prompts * input_len, num_prompts), comm(num_prompts, num_prompts)
+    prefill = num_prompts * (2 * P * input_len + attn_prefill) / rate + prefill_comm
     decode = 0.0
     for j in range(1, output_len):  # the first output token comes out of the prefill
         ctx = input_len + j
         kv = num_prompts * kv_per_token_layer * sum(min(ctx, w or ctx) for w in windows)
-        c = comm(num_prompts, num_prompts)
-        comm_s += c
-        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / rate) + c
+        decode += max((W + kv) / bandwidth, 2 * P * num_prompts / rate) + step_comm
+    comm_s = prefill_comm + (output_len - 1) * step_comm
     out = {
         "prefill_s": prefill,
         "decode_s": decode,
@@ -429,8 +426,6 @@ def run_hf_static(
     d = hf_config_dict(mc)
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     cfg._attn_implementation = "sdpa"
-    if experts_implementation:
-        cfg._experts_implementation = experts_implementation
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
