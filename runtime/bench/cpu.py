@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,15 +207,35 @@ def _run_measured(cmd: list[str]) -> tuple[str, str, float, float]:
     return out, err, wall, usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def run_llamacpp(gguf: str, args) -> dict:
+def llamacpp_unusable(gguf: str) -> str | None:
+    """Why the llama.cpp build can't be the peer here (None when it can): it is missing, or a tiny
+    run of it dies on a signal, as a GGML_NATIVE build does with SIGILL on a VM whose CPU lists
+    instructions (AMX, say) the hypervisor traps. Other failures are errors, not reasons to skip."""
     bin_dir = llamacpp_bin_dir()
     exe = os.path.join(bin_dir, "llama-batched-bench")
     if not os.access(exe, os.X_OK):
-        return {
-            "what": "llama.cpp",
-            "skipped": f"no llama.cpp build at {bin_dir}: run bash ../shared/bench/llamacpp_peer/build.sh "
-            "(or set FLEETSERVE_LLAMACPP_BIN)",
-        }
+        return (
+            f"no llama.cpp build at {bin_dir}: run bash ../shared/bench/llamacpp_peer/build.sh "
+            "(or set FLEETSERVE_LLAMACPP_BIN)"
+        )
+    cmd = [exe, "-m", gguf, "-t", "1", "-c", "256", "-npp", "8", "-ntg", "2", "-npl", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        return (
+            f"the llama.cpp build at {bin_dir} dies with {sig} on this CPU (a native build for "
+            "instructions this machine traps?): rebuild it with -DGGML_NATIVE=OFF or point "
+            "FLEETSERVE_LLAMACPP_BIN at a build that runs here"
+        )
+    return None
+
+
+def run_llamacpp(gguf: str, args) -> dict:
+    bin_dir = llamacpp_bin_dir()
+    exe = os.path.join(bin_dir, "llama-batched-bench")
+    reason = llamacpp_unusable(gguf)
+    if reason:
+        return {"what": "llama.cpp", "skipped": reason}
     n_in, n_out, t = args.input_len, args.output_len, str(args.threads)
     npl = "1" if args.latency else f"1,{args.num_prompts}"
     ctx = max(4096, (args.num_prompts if not args.latency else 1) * (n_in + n_out) + 64)

@@ -5,7 +5,6 @@ llama.cpp beside it when its build is present (skipped with a reason in the reco
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -51,11 +50,30 @@ def test_cpu_suite_tiny_without_llamacpp(smollm2_path, tmp_path, monkeypatch):
     assert "ratio" not in rec and rec["cpu"]["gguf"].endswith(".gguf")
 
 
-@pytest.mark.skipif(
-    not os.access(os.path.join(cpu.llamacpp_bin_dir(), "llama-batched-bench"), os.X_OK),
-    reason="no llama.cpp build (bash ../shared/bench/llamacpp_peer/build.sh makes one)",
-)
+def test_cpu_suite_peer_dying_on_a_signal_is_skipped_with_the_reason(smollm2_path, tmp_path, monkeypatch):
+    # a native llama.cpp build on a VM that traps an instruction its CPU lists: SIGILL
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "llama-batched-bench"
+    exe.write_text("#!/bin/sh\nkill -ILL $$\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("FLEETSERVE_LLAMACPP_BIN", str(bin_dir))
+    assert "dies with SIGILL" in cpu.llamacpp_unusable(smollm2_path)
+    out = tmp_path / "lat.json"
+    assert main([*TINY, "--latency", "--output-json", str(out)]) == 0
+    rec = _records(out)
+    assert "SIGILL" in rec["llama.cpp"]["skipped"] and "ratio" not in rec
+    # a build that fails without a signal is an error, not a reason to skip
+    exe.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
+    assert cpu.llamacpp_unusable(smollm2_path) is None
+    with pytest.raises(RuntimeError, match="rc 3"):
+        main([*TINY, "--latency", "--output-json", str(out)])
+
+
 def test_cpu_suite_latency_mode_with_llamacpp(smollm2_path, tmp_path):
+    reason = cpu.llamacpp_unusable(smollm2_path)
+    if reason:
+        pytest.skip(reason)
     out = tmp_path / "lat.json"
     assert main([*TINY, "--latency", "--output-json", str(out)]) == 0
     rec = _records(out)
