@@ -6,7 +6,7 @@ its top: a folder named `operator` that is a regular package would shadow the
 standard library module of that name whenever the repo root is on sys.path.
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOTS = {"fleetserve.runtime": "runtime", "fleetserve.kernels": "kernels", "fleetserve.operator": "operator"}
 
@@ -16,4 +16,20 @@ for name, folder in ROOTS.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
 
-setup(packages=packages, package_dir=package_dir, package_data={"fleetserve.runtime": ["py.typed"]})
+# The CPU kernels (kernels/cpu_int4.c, kernels/cpu_attention.c): one plain C shared library loaded with
+# ctypes (kernels/_native.py; no Python or torch headers at build time). optional: where no C compiler is
+# at hand (a slim image) the install goes on and the CPU runs torch's int4 kernel and SDPA.
+cpu_native = Extension(
+    "fleetserve.kernels._cpu_native",
+    sources=["kernels/cpu_int4.c", "kernels/cpu_attention.c"],
+    extra_compile_args=["-O3", "-std=gnu11", "-fopenmp"],
+    extra_link_args=["-fopenmp"],  # libgomp.so.1: at run time the one torch loaded (kernels/cpu_int4.c)
+    optional=True,
+)
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"fleetserve.runtime": ["py.typed"]},
+    ext_modules=[cpu_native],
+)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_attention
 from ._triton import cdiv, jit, next_pow2, num_sms, tl
 
 
@@ -124,6 +125,10 @@ def paged_attention_sdpa(
         )  # fmt: skip
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
+    if max_query_len == 1 and T == B and cpu_attention.usable(q, kv_cache):
+        # decode on the CPU: K/V read in place (kernels/cpu_attention.c), no gathered copy
+        out = cpu_attention.paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
     _, _, bs, Hkv, _ = kv_cache.shape
     G = Hq // Hkv
     dev = q.device
@@ -186,6 +191,9 @@ class SdpaDecodeStep:
     no copy); otherwise the block ids of all sequences, [B * num_blocks] (one index_select per layer)."""
     seq_lens: torch.Tensor
     """[B] int64."""
+    block_tables: torch.Tensor | None = None
+    """[B, num_blocks] int32, contiguous, where the C decode kernel reads the cache in place
+    (kernels/cpu_attention.py); None otherwise."""
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
@@ -200,7 +208,10 @@ class SdpaDecodeStep:
             first = int(ids[0, 0])
             if nblk == 1 or torch.equal(ids[0], torch.arange(first, first + nblk, dtype=ids.dtype)):
                 blocks = slice(first, first + nblk)
-        return cls(B, max_seq_len, nblk, blocks, seq_lens.long())
+        tables = None
+        if ids.device.type == "cpu" and cpu_attention.available():
+            tables = ids.to(torch.int32).contiguous()
+        return cls(B, max_seq_len, nblk, blocks, seq_lens.long().contiguous(), tables)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """The [B, 1, 1, S] key mask of `paged_attention_sdpa`'s decode path (None: one stream that
@@ -230,6 +241,10 @@ def paged_attention_sdpa_decode(
     with the per-step work in `step`; the same SDPA call on the same values. One stream on
     consecutive blocks reads K/V as a view of the cache instead of a gathered copy (at context
     1,000 the copy is 1.5 MB per layer for SmolLM2)."""
+    if step.block_tables is not None and cpu_attention.usable(q, kv_cache):
+        # K/V read in place (kernels/cpu_attention.c): the same kernel as paged_attention_sdpa's decode
+        out = cpu_attention.paged_decode(q, kv_cache, step.block_tables, step.seq_lens, scale, sliding_window)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
     T, Hq, D = q.shape
     _, _, bs, Hkv, _ = kv_cache.shape
     B, S, nblk = step.num_seqs, step.max_seq_len, step.num_blocks

@@ -2,8 +2,9 @@
 
 Owns three things:
 - weight formats: how one quantized [out_features, in_features] matrix is held in memory. Each
-  format has a pure-torch reference, `dequantize()`, and a fast `linear(x)` per backend (today
-  the CPU kernels of torch: `_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`); a backend a
+  format has a pure-torch reference, `dequantize()`, and a fast `linear(x)` per backend (today the
+  CPU int4 kernel of kernels/cpu_int4.c where it is built and the CPU has AVX-512 BF16, else
+  torch's `_weight_int4pack_mm_for_cpu`; torch's `_weight_int8pack_mm`); a backend a
   format has no kernel for runs the reference. GPTQ/AWQ (group-wise int4 with scale and zero,
   the same shape of data as Int4GroupWeight) and GPU kernels slot in as a constructor and a
   `_linear_<device type>` method.
@@ -39,6 +40,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fleetserve.kernels import cpu_int4
 
 COMPUTE_DTYPE = torch.bfloat16
 """Activation dtype of the packed CPU kernels (see the module docstring)."""
@@ -145,7 +148,7 @@ class Int4GroupWeight(WeightFormat):
         exact = norm = None
         if exact_rows:
             exact = torch.stack([scales.float(), zeros.float()], -1).contiguous()
-            # of |s| |q - 8| + |z| >= |w|: it also bounds the bf16 scales' error, 2^-9 of it
+            # of |s| |q - 8| + |z| >= |w|: it also bounds the bf16 scales' error, 2^-8 of it
             norm = _row_norms(
                 lambda a, b: (
                     (codes[a:b].float() - 8.0).abs() * exact[a:b, :, 0].abs().repeat_interleave(group_size, 1)
@@ -221,6 +224,8 @@ class Int4GroupWeight(WeightFormat):
         # The kernel's rows do not depend on how many rows a call has (checked in tests): batched
         # and single requests get the same tokens. A bf16 expansion + dense matmul for large calls
         # was 7x faster at 512 rows, but switching kernels by row count broke that.
+        if cpu_int4.available():  # ours (kernels/cpu_int4.c): each tile expanded once for all rows
+            return cpu_int4.int4_mm(x, self.packed, self.scale_zeros, self.group_size, self.shape[0])
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scale_zeros
         )
@@ -531,10 +536,13 @@ def head_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # |kernel - exact| per logit, relative to ||x|| max_n ||w_n|| (Cauchy-Schwarz bounds sum_k |x_k w_nk|):
-# 2^-9 for x's bf16 rounding, 2^-9 for the bf16 scales (|w^ - w| <= 2^-9 |w|), 1/16 of that for the
-# float32 accumulation and the rounding of the bound itself; and 2^-9 |y| for the bf16 result.
-_INPUT_ERR = 2.0**-8 * (1 + 2.0**-4)
-_OUTPUT_ERR = 2.0**-9 * (1 + 2.0**-4)
+# bf16's unit roundoff is 2^-8 (8 significant bits): 2^-8 for x's bf16 rounding (torch's kernel; the
+# C kernel's two-part int8 x is within sqrt(K) / 65,024 <= 2^-8 for K <= 4,000), 2^-8 for the bf16
+# scales (|w^ - w| <= 2^-8 (|s| |q - 8| + |z|)), 1/16 of that for the float32 accumulation and the
+# rounding of the bound itself; and 2^-8 |y| for the bf16 result. (Until 2026-12-02 these were
+# half as large, which holds only for values just under a power of two.)
+_INPUT_ERR = 2.0**-7 * (1 + 2.0**-4)
+_OUTPUT_ERR = 2.0**-8 * (1 + 2.0**-4)
 
 
 def refined_linear(fmt: WeightFormat, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""The C kernels' shared library (kernels/cpu_int4.c, kernels/cpu_attention.c), built at install
+time by setup.py (optional: no compiler, no library) and loaded with ctypes once.
+
+`lib()` is None where it was not built, on another architecture, or with
+`FLEETSERVE_CPU_KERNELS=torch` (torch's kernels and SDPA run instead); each kernel module checks
+its own CPU features on top (`fs_*_supported`). torch is imported first: the library's libgomp.so.1
+is then the one torch loaded, so the kernels share torch's OpenMP threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import torch  # noqa: F401  (loads torch's libgomp.so.1 before the library asks for it)
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    if os.environ.get("FLEETSERVE_CPU_KERNELS", "").lower() == "torch":
+        return None
+    spec = importlib.util.find_spec("fleetserve.kernels._cpu_native")
+    if spec is None or not spec.origin:
+        return None
+    return ctypes.CDLL(spec.origin)
