@@ -16,12 +16,12 @@ for name, folder in ROOTS.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
 
-# The CPU kernels (kernels/cpu_int4.c, kernels/cpu_attention.c): one plain C shared library loaded with
+# The CPU kernels (kernels/cpu_int4.c, cpu_attention.c, cpu_norm.c): one plain C shared library loaded with
 # ctypes (kernels/_native.py; no Python or torch headers at build time). optional: where no C compiler is
 # at hand (a slim image) the install goes on and the CPU runs torch's int4 kernel and SDPA.
 cpu_native = Extension(
     "fleetserve.kernels._cpu_native",
-    sources=["kernels/cpu_int4.c", "kernels/cpu_attention.c"],
+    sources=["kernels/cpu_int4.c", "kernels/cpu_attention.c", "kernels/cpu_norm.c"],
     extra_compile_args=["-O3", "-std=gnu11", "-fopenmp"],
     extra_link_args=["-fopenmp"],  # libgomp.so.1: at run time the one torch loaded (kernels/cpu_int4.c)
     optional=True,

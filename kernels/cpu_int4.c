@@ -1,6 +1,6 @@
 /* The CPU int4 matmul of fleetserve's packed weights (kernels/cpu_int4.py loads it with ctypes).
 
-y[m, n] = bf16( sum_k x[m, k] * w[n, k] ),  w[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n],  g = k / gs
+y[m, n] = sum_k x[m, k] * w[n, k]  (float32),  w[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n],  g = k / gs
 
 on torch's CPU int4 layout (`_weight_int4pack_mm_for_cpu`'s: per block of 64 rows, byte k * 32 + j
 holds row j's code at input k in its low nibble and row 32 + j's in its high one; scale_zeros
@@ -9,11 +9,12 @@ holds row j's code at input k in its low nibble and row 32 + j's in its high one
 The products run as AVX-512 VNNI integer dot products (vpdpbusd: 64 byte multiply-adds per
 instruction, ~1.5x the multiply-adds per second of vdpbf16ps on the CPUs measured, and 4x fp32
 FMAs). x is split per row and group into two int8 parts, x ~ c (256 h + l) with c = max|x| / 127 /
-256: 16 bits of each group's range (error <= max|x| / 65,000 per element, below bf16's 2^-9 of the
+256: 16 bits of each group's range (error <= max|x| / 65,000 per element, below bf16's 2^-8 of the
 larger elements). Per group the code sums D = sum q (256 h + l) are exact int32 arithmetic, so
 their order is free: a row's result does not depend on the other rows of the call, on the tiling
 or on the threads. Then y += s c (D - 8 sum(256 h + l)) + z sum(x), in float32, the same
-operations for every row; the result is rounded to bf16 (nearest even) as torch's kernel returns it.
+operations for every row. The result stays float32 (torch's kernel rounds it to bf16, which every
+consumer upcast again: four copies per layer).
 
 Each group's codes are expanded once per call into an L1 buffer used by every tile of rows (one
 row: in registers). Compiled with AVX-512 F/BW/VNNI code behind function attributes only:
@@ -28,7 +29,7 @@ torch's own thread pool: a second pool (pthreads, tried first) spun beside torch
 #if !defined(__x86_64__)
 int fs_int4_supported(void) { return 0; }
 void fs_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scale_zeros,
-                int64_t n_pad, int64_t gs, uint16_t *y, int64_t N, int64_t ldy, int threads) {
+                int64_t n_pad, int64_t gs, float *y, int64_t N, int64_t ldy, int threads) {
     (void)x, (void)M, (void)K, (void)packed, (void)scale_zeros, (void)n_pad, (void)gs, (void)y, (void)N;
     (void)ldy, (void)threads;
 }
@@ -57,7 +58,7 @@ typedef struct {
     int64_t M, K, gs, n_pad, N, ldy;
     const uint8_t *packed;
     const uint32_t *sz; /* [K / gs, n_pad] pairs (s | z << 16) of bf16 */
-    uint16_t *y;        /* [M, ldy] bf16 */
+    float *y;           /* [M, ldy] */
 } job_t;
 
 /* 16 bf16 (s, z) pairs -> two float32 vectors */
@@ -82,19 +83,12 @@ AVX512 static inline void expand_quad(const uint8_t *b, __m512i *w) {
     }
 }
 
-/* float32 -> bf16, round to nearest even (finite values), stored for the first `valid` lanes */
-AVX512 static inline void store_bf16(uint16_t *dst, __m512 v, int valid) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-    if (valid >= 16) {
-        _mm256_storeu_si256((__m256i *)dst, h);
-    } else if (valid > 0) {
-        uint16_t tmp[16];
-        _mm256_storeu_si256((__m256i *)tmp, h);
-        memcpy(dst, tmp, (size_t)valid * 2);
-    }
+/* the first `valid` lanes of v to dst */
+AVX512 static inline void store_valid(float *dst, __m512 v, int64_t valid) {
+    if (valid >= 16)
+        _mm512_storeu_ps(dst, v);
+    else if (valid > 0)
+        _mm512_mask_storeu_ps(dst, (__mmask16)((1u << valid) - 1), v);
 }
 
 /* rows m0 .. m0 + mt of x against group g of one block: the exact integer sums, then the group's
@@ -196,7 +190,7 @@ AVX512 static void block(const job_t *j, int64_t blk, __m512i *buf, float *part)
     for (int64_t m = 0; m < j->M; m++)
         for (int v = 0; v < 4; v++) {
             int64_t n = blk * BLOCK_N + 16 * v;
-            store_bf16(j->y + m * j->ldy + n, _mm512_load_ps(part + m * 64 + 16 * v), (int)(j->N - n));
+            store_valid(j->y + m * j->ldy + n, _mm512_load_ps(part + m * 64 + 16 * v), j->N - n);
         }
 }
 
@@ -214,11 +208,11 @@ static void part_range(int64_t nblk, int parts, int i, int64_t *a, int64_t *b) {
     *b = nblk * (i + 1) / parts;
 }
 
-/* x [M, K] float32; packed [n_pad, K / 2]; scale_zeros [K / gs, n_pad, 2] bf16; y [M, ldy] bf16,
+/* x [M, K] float32; packed [n_pad, K / 2]; scale_zeros [K / gs, n_pad, 2] bf16; y [M, ldy] float32,
    its first N columns written; gs a multiple of 16; threads: OpenMP threads to split the rows'
    blocks over. */
 void fs_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scale_zeros,
-                int64_t n_pad, int64_t gs, uint16_t *y, int64_t N, int64_t ldy, int threads) {
+                int64_t n_pad, int64_t gs, float *y, int64_t N, int64_t ldy, int threads) {
     const int64_t G = K / gs;
     int8_t *xq = malloc((size_t)(2 * M * K));
     float *xf = malloc((size_t)(2 * M * G) * sizeof(float));

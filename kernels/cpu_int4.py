@@ -45,21 +45,14 @@ def available() -> bool:
     return _lib() is not None
 
 
-def int4_mm(
-    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int
-) -> torch.Tensor:
-    """x [M, K] (as float32) @ W.T -> [M, n] bf16. packed [N_pad, K / 2] uint8, scale_zeros
-    [K / group_size, N_pad, 2] bf16, N_pad = n rounded up to BLOCK_N, group_size a multiple of 16.
-    Only with `available()`."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the CPU int4 kernel is not available (fleetserve.kernels.cpu_int4.available())")
-    x = x.to(torch.float32).contiguous()
-    M, K = x.shape
-    n_pad = packed.shape[0]
+def prepare(packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int) -> tuple:
+    """The weight's half of an `int4_mm` call, checked once (a packed format caches it: per call the
+    checks cost ~4 us, more than the kernel on a small matrix). packed [N_pad, K / 2] uint8,
+    scale_zeros [K / group_size, N_pad, 2] bf16, N_pad = n rounded up to BLOCK_N, group_size a
+    multiple of 16. The tensors must stay alive and unmoved while it is used."""
+    n_pad, K = packed.shape[0], packed.shape[1] * 2
     if (
         packed.dtype != torch.uint8
-        or packed.shape[1] * 2 != K
         or n_pad % BLOCK_N
         or n > n_pad
         or group_size % 16
@@ -69,25 +62,36 @@ def int4_mm(
         or not (packed.is_contiguous() and scale_zeros.is_contiguous())
     ):
         raise ValueError(
-            f"int4_mm: x {tuple(x.shape)}, packed {tuple(packed.shape)} {packed.dtype}, scale_zeros "
-            f"{tuple(scale_zeros.shape)} {scale_zeros.dtype}, group {group_size}, n {n}: not one layout"
+            f"int4_mm: packed {tuple(packed.shape)} {packed.dtype}, scale_zeros {tuple(scale_zeros.shape)} "
+            f"{scale_zeros.dtype}, group {group_size}, n {n}: not one layout"
         )
-    y = torch.empty(M, n, dtype=torch.bfloat16)
+    return (K, packed.data_ptr(), scale_zeros.data_ptr(), n_pad, group_size, n)
+
+
+def int4_mm_prepared(x: torch.Tensor, prepared: tuple) -> torch.Tensor:
+    """x [M, K] (as float32) @ W.T -> [M, n] float32, W from `prepare`. Only with `available()`."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the CPU int4 kernel is not available (fleetserve.kernels.cpu_int4.available())")
+    K, packed, sz, n_pad, group_size, n = prepared
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"int4_mm: x {tuple(x.shape)} against a weight of {K} inputs: not one layout")
+    M = x.shape[0]
+    y = torch.empty(M, n, dtype=torch.float32)
     if M:
         lib.fs_int4_mm(
-            x.data_ptr(),
-            M,
-            K,
-            packed.data_ptr(),
-            scale_zeros.data_ptr(),
-            n_pad,
-            group_size,
-            y.data_ptr(),
-            n,
-            n,
-            torch.get_num_threads(),
+            x.data_ptr(), M, K, packed, sz, n_pad, group_size, y.data_ptr(), n, n, torch.get_num_threads()
         )
     return y
+
+
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int
+) -> torch.Tensor:
+    """x [M, K] (as float32) @ W.T -> [M, n] float32 (`prepare`'s layout). Only with `available()`."""
+    return int4_mm_prepared(x, prepare(packed, scale_zeros, group_size, n))
 
 
 def int4_mm_ref(
@@ -95,7 +99,7 @@ def int4_mm_ref(
 ) -> torch.Tensor:
     """What `int4_mm` approximates, in plain torch (float32 result, exact x): the codes read back
     from the layout, w = (q - 8) * s + z. The kernel's x carries 16 bits of each group's range:
-    |x_k - x^_k| <= max_group |x| / 65,024 (`input_error_bound`), and its result is bf16."""
+    |x_k - x^_k| <= max_group |x| / 65,024 (`input_error_bound`)."""
     n_pad, K = packed.shape[0], packed.shape[1] * 2
     b = packed.reshape(n_pad // BLOCK_N, K, BLOCK_N // 2)
     q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n_pad, K)[:n].float()
@@ -106,8 +110,8 @@ def int4_mm_ref(
 
 
 def input_error_bound(x: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A bound [M, N] on |int4_mm - int4_mm_ref| before the bf16 rounding of the result, from x's
-    two-part int8 form: sum_k |w_nk| max_{group of k} |x_mk| / 65,024, plus float32 rounding."""
+    """A bound [M, N] on |int4_mm - int4_mm_ref|, from x's two-part int8 form:
+    sum_k |w_nk| max_{group of k} |x_mk| / 65,024, plus float32 rounding."""
     M, K = x.shape
     amax = x.float().abs().view(M, K // group_size, group_size).amax(-1).repeat_interleave(group_size, 1)
     return (amax / 65024.0 + 2.0**-20 * x.float().abs()) @ w.abs().t()

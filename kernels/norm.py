@@ -7,9 +7,13 @@ write of y (and x + residual), where torch's eager version makes ~6 passes.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from . import _native
 from ._triton import jit, next_pow2, tl
 
 
@@ -42,8 +46,40 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         return rms_norm_ref(x, weight, eps, residual)
     if residual is not None:
         x = x + residual
-        return F.rms_norm(x, (x.shape[-1],), weight, eps), x
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return rms_norm_rows(x, weight, eps), x
+    return rms_norm_rows(x, weight, eps)
+
+
+@functools.cache
+def _norm_lib() -> ctypes.CDLL | None:
+    lib = _native.lib()
+    if lib is None or not lib.fs_norm_supported():
+        return None
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.fs_rms_norm.argtypes = [vp, vp, ctypes.c_float, vp, i64, i64]
+    lib.fs_rms_norm.restype = None
+    return lib
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (H,), weight, eps): in C (kernels/cpu_norm.c) for contiguous float32 CPU rows
+    with H a multiple of 16 where the library is built (one call instead of torch's ~8 ops: ~4 vs
+    ~20 us per SmolLM2 row), else torch's."""
+    H = x.shape[-1]
+    lib = _norm_lib()
+    if (
+        lib is None
+        or H % 16
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or not weight.is_contiguous()
+    ):
+        return F.rms_norm(x, (H,), weight, eps)
+    y = torch.empty_like(x)
+    lib.fs_rms_norm(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel() // H, H)
+    return y
 
 
 @jit

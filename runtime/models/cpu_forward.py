@@ -28,6 +28,7 @@ from torch import nn
 from fleetserve.kernels.activation import gelu_tanh_and_mul_cpu, silu_and_mul_cpu
 from fleetserve.kernels.attention import SdpaDecodeStep, paged_attention_sdpa_decode
 from fleetserve.kernels.cache import write_kv_cache_fused_cpu
+from fleetserve.kernels.norm import rms_norm_rows
 from fleetserve.kernels.rotary import rotary_factors_cpu, rotary_inplace_cpu
 
 from ..attention import AttentionMetadata
@@ -150,7 +151,7 @@ def _layer(
         residual = x
     else:
         residual = x + residual
-    h = F.rms_norm(residual, (H,), p.ln1, p.eps1)
+    h = rms_norm_rows(residual, p.ln1, p.eps1)
     # qkv -> one float32 buffer [T, (Hq + 2 Hkv) * D]: q|k rotated in place, k|v copied into the
     # cache; its head views are made with one as_strided each (a view and a slice would be two ops)
     Hq, Hkv, D = p.heads, p.kv_heads, p.head_dim
@@ -174,7 +175,7 @@ def _layer(
     y = _linear(p.o, o.reshape(T, Hq * D))
     # post-attention norm with its residual add, then the MLP
     residual = y + residual
-    h = F.rms_norm(residual, (H,), p.ln2, p.eps2)
+    h = rms_norm_rows(residual, p.ln2, p.eps2)
     gu = _linear(p.gate_up, h)
     act = gelu_tanh_and_mul_cpu(gu) if p.gelu else silu_and_mul_cpu(gu)
     return _linear(p.down, act), residual

@@ -83,8 +83,8 @@ class WeightFormat(ABC):
         return y.to(x.dtype).reshape(*lead, self.shape[0])
 
     def linear_uncast(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, in] @ W.T -> [M, out] in the dtype the backend computes in (COMPUTE_DTYPE for the
-        CPU kernels, float32 for the reference): `linear` without the cast back, for a caller whose
+        """x [M, in] @ W.T -> [M, out] in the dtype the backend computes in (float32 for the C kernel
+        and the reference, COMPUTE_DTYPE for torch's CPU kernels): `linear` without the cast back, for a caller whose
         next op upcasts the result anyway (the lean CPU forward, runtime/models/cpu_forward.py)."""
         kernel = getattr(self, f"_linear_{x.device.type}", None)
         return kernel(x) if kernel is not None else self.reference_linear(x)
@@ -126,6 +126,7 @@ class Int4GroupWeight(WeightFormat):
     ):
         self.packed, self.scale_zeros, self.exact = packed, scale_zeros, exact
         self.shape, self.group_size = (int(shape[0]), int(shape[1])), int(group_size)
+        self._c_args: tuple | None = None  # the C kernel's checked weight arguments (cpu_int4.prepare)
         self._set_row_norms(row_norms)
 
     @classmethod
@@ -224,8 +225,10 @@ class Int4GroupWeight(WeightFormat):
         # The kernel's rows do not depend on how many rows a call has (checked in tests): batched
         # and single requests get the same tokens. A bf16 expansion + dense matmul for large calls
         # was 7x faster at 512 rows, but switching kernels by row count broke that.
-        if cpu_int4.available():  # ours (kernels/cpu_int4.c): each tile expanded once for all rows
-            return cpu_int4.int4_mm(x, self.packed, self.scale_zeros, self.group_size, self.shape[0])
+        if cpu_int4.available():  # ours (kernels/cpu_int4.c): VNNI, the codes expanded once for all rows
+            if self._c_args is None:
+                self._c_args = cpu_int4.prepare(self.packed, self.scale_zeros, self.group_size, self.shape[0])
+            return cpu_int4.int4_mm_prepared(x, self._c_args)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(COMPUTE_DTYPE), self.packed, self.group_size, self.scale_zeros
         )
@@ -236,6 +239,7 @@ class Int4GroupWeight(WeightFormat):
         return held if self.exact is None else {**held, "exact": self.exact, "row_norms": self.row_norms}
 
     def map_tensors(self, fn):
+        self._c_args = None  # the tensors may move
         self.packed, self.scale_zeros = fn(self.packed), fn(self.scale_zeros)
         if self.exact is not None:
             self.exact, self.row_norms = fn(self.exact), fn(self.row_norms)

@@ -153,3 +153,17 @@ def test_gated_activations_cpu_equal_reference_of_float32_input(dtype, ops):
     assert out.dtype == torch.float32 and out.shape == (4, 48)
     assert torch.equal(out, ref(x.float()))
     assert torch.equal(x, before)  # input untouched (the float32 gate is not activated in place)
+
+
+@pytest.mark.parametrize("H", [576, 40])
+def test_rms_norm_rows(H):
+    # the C kernel (H a multiple of 16, where it is built) or torch's fused op: torch's values, each row
+    # on its own
+    from fleetserve.kernels.norm import rms_norm_rows
+
+    x = torch.randn(5, H, generator=_g(7)) * 3
+    w = torch.randn(H, generator=_g(8))
+    y = rms_norm_rows(x, w, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (H,), w, 1e-5), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, rms_norm_ref(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    assert torch.equal(rms_norm_rows(x[2:3], w, 1e-5), y[2:3])

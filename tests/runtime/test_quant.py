@@ -167,7 +167,8 @@ def test_refined_head_logits_pick_float32_greedy():
     exact = x @ w.T
     plain = fmt.linear(x).float()
     refined = refined_linear(fmt, x)
-    assert int((plain.argmax(-1) != exact.argmax(-1)).sum()) > 20  # the kernel alone does pick wrong
+    # the kernel alone does pick wrong (torch's bf16 kernel on >20 of these rows, the C kernel on a few)
+    assert int((plain.argmax(-1) != exact.argmax(-1)).sum()) > 0
     assert torch.equal(refined.argmax(-1), exact.argmax(-1))
     # the recomputed logits are float32's; the others are the kernel's
     top = refined.argmax(-1, keepdim=True)
