@@ -9,7 +9,10 @@ tested against its reference) or "triton" (GPU, or CPU under TRITON_INTERPRET=1)
 On CUDA use "triton": each Triton kernel measured faster than its reference on
 an H100, and the attention and cache references sync with the host, so they
 cannot run inside CUDA graphs (benchmarks/results/kernels-2026-11-24.md).
-Triton is optional: without it the references still import and run.
+Triton is optional: without it the references still import and run. The CPU's
+hot ops also have C forms (cpu_int4.c, cpu_attention.c, cpu_norm.c: one optional
+library, kernels/_native.py), each beside its torch reference and used where it is
+built and the CPU has the AVX-512 features it needs.
 
 This package never imports fleetserve.runtime.
 """

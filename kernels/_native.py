@@ -13,6 +13,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch  # noqa: F401  (loads torch's libgomp.so.1 before the library asks for it)
 
@@ -25,3 +26,23 @@ def lib() -> ctypes.CDLL | None:
     if spec is None or not spec.origin:
         return None
     return ctypes.CDLL(spec.origin)
+
+
+I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+"""The argument types of the kernels' signatures (`kernel`)."""
+
+
+@functools.cache
+def _kernel(supported: str, name: str, argtypes: tuple) -> Callable[..., None] | None:
+    so = lib()
+    if so is None or not getattr(so, supported)():
+        return None
+    fn = getattr(so, name)
+    fn.argtypes, fn.restype = list(argtypes), None
+    return fn
+
+
+def kernel(supported: str, name: str, *argtypes) -> Callable[..., None] | None:
+    """The library's function `name` (returning void) with its argument types, where the library is
+    loaded and its feature check `supported()` passes on this CPU; else None."""
+    return _kernel(supported, name, argtypes)

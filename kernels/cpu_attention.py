@@ -10,34 +10,27 @@ the library is built (kernels/_native.py), the CPU has AVX-512F, head size a mul
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 
 from . import _native
 
 
-@functools.cache
-def _lib() -> ctypes.CDLL | None:
-    lib = _native.lib()
-    if lib is None or not lib.fs_attention_supported():
-        return None
-    i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.fs_paged_decode.argtypes = [vp, i64, i64, i64, i64, vp, i64, i64, i64, i64, vp, i64, vp, i64, i64]
-    lib.fs_paged_decode.argtypes += [ctypes.c_float, vp, ctypes.c_int]
-    lib.fs_paged_decode.restype = None
-    return lib
+def _decode():
+    I64, PTR = _native.I64, _native.PTR
+    return _native.kernel(
+        "fs_attention_supported", "fs_paged_decode",
+        PTR, I64, I64, I64, I64, PTR, I64, I64, I64, I64, PTR, I64, PTR, I64, I64, _native.FLOAT, PTR, _native.INT,
+    )  # fmt: skip
 
 
 def available() -> bool:
     """Whether the C kernel is built and this CPU runs it (AVX-512F)."""
-    return _lib() is not None
+    return _decode() is not None
 
 
 def usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether `paged_decode` takes this decode step (else the caller runs SDPA)."""
-    if _lib() is None or q.device.type != "cpu" or kv_cache.device.type != "cpu":
+    if _decode() is None or q.device.type != "cpu" or kv_cache.device.type != "cpu":
         return False
     D, Hq, Hkv = q.shape[-1], q.shape[-2], kv_cache.shape[3]
     return (
@@ -62,8 +55,8 @@ def paged_decode(
     """q [B, Hq, D] (each sequence's one query, at position seq_lens - 1), kv_cache [2, blocks, bs,
     Hkv, D], block_tables [B, >= ceil(max seq_len / bs)], seq_lens [B] -> [B, Hq, D] float32: the
     softmax over the keys in the sliding window (None: all). Only where `usable`."""
-    lib = _lib()
-    assert lib is not None and usable(q, kv_cache), "paged_decode: not usable here (check usable())"
+    decode = _decode()
+    assert decode is not None and usable(q, kv_cache), "paged_decode: not usable here (check usable())"
     q = q.contiguous()
     B, Hq, D = q.shape
     _, _, bs, Hkv, _ = kv_cache.shape
@@ -78,7 +71,7 @@ def paged_decode(
     out = torch.empty(B, Hq, D, dtype=torch.float32)
     s_kv, s_blk, s_tok, s_head = kv_cache.stride()[:4]
     base = kv_cache.data_ptr()  # data_ptr includes the storage offset
-    lib.fs_paged_decode(
+    decode(
         q.data_ptr(), B, Hq, Hkv, D, base, s_kv, s_blk, s_tok, s_head,
         bt.data_ptr(), bt.stride(0), sl.data_ptr(), bs, window or 0, scale, out.data_ptr(),
         torch.get_num_threads(),

@@ -17,9 +17,6 @@ This module never imports fleetserve.runtime.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -29,20 +26,16 @@ BLOCK_N = 64
 """Rows per block of the layout (torch's AVX-512 build): the packed matrix has N padded to it."""
 
 
-@functools.cache
-def _lib() -> ctypes.CDLL | None:
-    lib = _native.lib()
-    if lib is None or not lib.fs_int4_supported():
-        return None
-    i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.fs_int4_mm.argtypes = [vp, i64, i64, vp, vp, i64, i64, vp, i64, i64, ctypes.c_int]
-    lib.fs_int4_mm.restype = None
-    return lib
+def _mm():
+    I64, PTR = _native.I64, _native.PTR
+    return _native.kernel(
+        "fs_int4_supported", "fs_int4_mm", PTR, I64, I64, PTR, PTR, I64, I64, PTR, I64, I64, _native.INT
+    )
 
 
 def available() -> bool:
     """Whether the C kernel was built and this CPU can run it (AVX-512 F/BW/VNNI)."""
-    return _lib() is not None
+    return _mm() is not None
 
 
 def prepare(packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int) -> tuple:
@@ -70,8 +63,8 @@ def prepare(packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n:
 
 def int4_mm_prepared(x: torch.Tensor, prepared: tuple) -> torch.Tensor:
     """x [M, K] (as float32) @ W.T -> [M, n] float32, W from `prepare`. Only with `available()`."""
-    lib = _lib()
-    if lib is None:
+    mm = _mm()
+    if mm is None:
         raise RuntimeError("the CPU int4 kernel is not available (fleetserve.kernels.cpu_int4.available())")
     K, packed, sz, n_pad, group_size, n = prepared
     if x.dtype != torch.float32 or not x.is_contiguous():
@@ -81,9 +74,7 @@ def int4_mm_prepared(x: torch.Tensor, prepared: tuple) -> torch.Tensor:
     M = x.shape[0]
     y = torch.empty(M, n, dtype=torch.float32)
     if M:
-        lib.fs_int4_mm(
-            x.data_ptr(), M, K, packed, sz, n_pad, group_size, y.data_ptr(), n, n, torch.get_num_threads()
-        )
+        mm(x.data_ptr(), M, K, packed, sz, n_pad, group_size, y.data_ptr(), n, n, torch.get_num_threads())
     return y
 
 

@@ -7,9 +7,6 @@ write of y (and x + residual), where torch's eager version makes ~6 passes.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -50,15 +47,9 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return rms_norm_rows(x, weight, eps)
 
 
-@functools.cache
-def _norm_lib() -> ctypes.CDLL | None:
-    lib = _native.lib()
-    if lib is None or not lib.fs_norm_supported():
-        return None
-    i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.fs_rms_norm.argtypes = [vp, vp, ctypes.c_float, vp, i64, i64]
-    lib.fs_rms_norm.restype = None
-    return lib
+def _norm_rows():
+    I64, PTR = _native.I64, _native.PTR
+    return _native.kernel("fs_norm_supported", "fs_rms_norm", PTR, PTR, _native.FLOAT, PTR, I64, I64)
 
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,9 +57,9 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     with H a multiple of 16 where the library is built (one call instead of torch's ~8 ops: ~4 vs
     ~20 us per SmolLM2 row), else torch's."""
     H = x.shape[-1]
-    lib = _norm_lib()
+    norm = _norm_rows()
     if (
-        lib is None
+        norm is None
         or H % 16
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
@@ -78,7 +69,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     ):
         return F.rms_norm(x, (H,), weight, eps)
     y = torch.empty_like(x)
-    lib.fs_rms_norm(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel() // H, H)
+    norm(x.data_ptr(), weight.data_ptr(), eps, y.data_ptr(), x.numel() // H, H)
     return y
 
 
