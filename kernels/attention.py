@@ -125,10 +125,19 @@ def paged_attention_sdpa(
         )  # fmt: skip
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
-    if max_query_len == 1 and T == B and cpu_attention.usable(q, kv_cache):
-        # decode on the CPU: K/V read in place (kernels/cpu_attention.c), no gathered copy
-        out = cpu_attention.paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window)
-        return out if out.dtype == q.dtype else out.to(q.dtype)
+    if cpu_attention.usable(q, kv_cache):
+        if max_query_len == 1 and T == B:
+            # decode on the CPU: K/V read in place (kernels/cpu_attention.c), no gathered copy
+            out = cpu_attention.paged_decode(q, kv_cache, block_tables, seq_lens, scale, sliding_window)
+            return out if out.dtype == q.dtype else out.to(q.dtype)
+        if B > 1:
+            qlen = query_start_loc[1:] - query_start_loc[:-1]
+            one = qlen == 1
+            if bool(one.any()):
+                return _split_single_queries(
+                    q, kv_cache, query_start_loc, seq_lens, block_tables, max_query_len, scale, sliding_window,
+                    qlen, one,
+                )  # fmt: skip
     _, _, bs, Hkv, _ = kv_cache.shape
     G = Hq // Hkv
     dev = q.device
@@ -174,6 +183,31 @@ def paged_attention_sdpa(
     out = out.view(B, Hkv, Mq, G, D).permute(0, 2, 1, 3, 4).reshape(B, Mq, Hq, D)
     out = out[0] if B == 1 else out[qmask]
     return out.to(q.dtype)
+
+
+def _split_single_queries(
+    q, kv_cache, query_start_loc, seq_lens, block_tables, max_query_len, scale, sliding_window, qlen, one
+) -> torch.Tensor:
+    """A mixed step on the CPU: its one-query sequences (decodes) through the C decode kernel, as in a
+    pure decode step, the others through SDPA: a decode token's attention does not depend on whether
+    a prefill shared its step (the engine batches differently from run to run)."""
+    rows = query_start_loc[:-1].long()[one]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out[rows] = cpu_attention.paged_decode(
+        q[rows], kv_cache, block_tables[one], seq_lens[one], scale, sliding_window
+    )
+    many = qlen > 1  # (sequences with nothing scheduled have no tokens)
+    if not bool(many.any()):
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+    tokens = torch.repeat_interleave(many, qlen.long())
+    lens = qlen[many]
+    qsl = torch.zeros(lens.shape[0] + 1, dtype=query_start_loc.dtype, device=q.device)
+    torch.cumsum(lens, 0, out=qsl[1:])
+    sl = seq_lens[many]
+    out[tokens] = paged_attention_sdpa(
+        q[tokens], kv_cache, qsl, sl, block_tables[many], max_query_len, int(sl.max()), scale, sliding_window
+    ).float()
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 @dataclass

@@ -75,3 +75,26 @@ def test_usable_only_for_what_it_computes():
     assert not cpu_attention.usable(
         torch.randn(2, 34, 64), torch.randn(2, 4, 16, 2, 64)
     )  # 17 heads per group
+
+
+def test_a_decode_in_a_mixed_step_is_the_pure_decode_result():
+    # the engine may put a sequence's decode beside another's prefill or not: the same attention either way
+    from fleetserve.kernels.attention import paged_attention_sdpa
+
+    _, kv, blocks, _ = _case(3, 9, 3, 64, seed=4)
+    seq_lens = torch.tensor([40, 23, 57])
+    qlen = torch.tensor([1, 5, 1])  # decode, a 5-token prefill chunk, decode
+    q = torch.randn(int(qlen.sum()), 9, 64, generator=torch.Generator().manual_seed(5))
+    qsl = torch.tensor([0, 1, 6, 7], dtype=torch.int32)
+    mixed = paged_attention_sdpa(q, kv, qsl, seq_lens, blocks, 5, 57, 0.125)
+    for b, row in ((0, 0), (2, 6)):
+        alone = cpu_attention.paged_decode(
+            q[row : row + 1], kv, blocks[b : b + 1], seq_lens[b : b + 1], 0.125
+        )
+        assert torch.equal(mixed[row : row + 1], alone)
+    chunk = paged_attention_sdpa(
+        q[1:6], kv, torch.tensor([0, 5], dtype=torch.int32), seq_lens[1:2], blocks[1:2], 5, 23, 0.125
+    )
+    assert torch.equal(mixed[1:6], chunk)
+    ref = paged_attention_ref(q, kv, qsl, seq_lens, blocks, 5, 57, 0.125)
+    torch.testing.assert_close(mixed, ref, rtol=2e-5, atol=2e-6)
