@@ -32,17 +32,13 @@ I64, PTR, INT, FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_f
 """The argument types of the kernels' signatures (`kernel`)."""
 
 
-@functools.cache
-def _kernel(supported: str, name: str, argtypes: tuple) -> Callable[..., None] | None:
+def kernel(supported: str, name: str, *argtypes) -> Callable[..., None] | None:
+    """The library's function `name` (returning void) with its argument types, where the library is
+    loaded and its feature check `supported()` passes on this CPU; else None. Look it up once (the
+    kernel modules cache it): this is not for the per-call path."""
     so = lib()
     if so is None or not getattr(so, supported)():
         return None
     fn = getattr(so, name)
     fn.argtypes, fn.restype = list(argtypes), None
     return fn
-
-
-def kernel(supported: str, name: str, *argtypes) -> Callable[..., None] | None:
-    """The library's function `name` (returning void) with its argument types, where the library is
-    loaded and its feature check `supported()` passes on this CPU; else None."""
-    return _kernel(supported, name, argtypes)

@@ -10,11 +10,14 @@ the library is built (kernels/_native.py), the CPU has AVX-512F, head size a mul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _native
 
 
+@functools.cache
 def _decode():
     I64, PTR = _native.I64, _native.PTR
     return _native.kernel(
@@ -54,9 +57,10 @@ def paged_decode(
 ) -> torch.Tensor:
     """q [B, Hq, D] (each sequence's one query, at position seq_lens - 1), kv_cache [2, blocks, bs,
     Hkv, D], block_tables [B, >= ceil(max seq_len / bs)], seq_lens [B] -> [B, Hq, D] float32: the
-    softmax over the keys in the sliding window (None: all). Only where `usable`."""
+    softmax over the keys in the sliding window (None: all). Only where `usable` (the callers check it)."""
     decode = _decode()
-    assert decode is not None and usable(q, kv_cache), "paged_decode: not usable here (check usable())"
+    if decode is None:
+        raise RuntimeError("the CPU decode attention kernel is not available (cpu_attention.usable())")
     q = q.contiguous()
     B, Hq, D = q.shape
     _, _, bs, Hkv, _ = kv_cache.shape

@@ -17,6 +17,8 @@ This module never imports fleetserve.runtime.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,7 @@ BLOCK_N = 64
 """Rows per block of the layout (torch's AVX-512 build): the packed matrix has N padded to it."""
 
 
+@functools.cache
 def _mm():
     I64, PTR = _native.I64, _native.PTR
     return _native.kernel(
@@ -85,19 +88,28 @@ def int4_mm(
     return int4_mm_prepared(x, prepare(packed, scale_zeros, group_size, n))
 
 
+def int4_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The codes [n, K] (uint8) read back from the layout (per block of 64 rows, byte k * 32 + j holds
+    row j's code at input k in its low nibble and row 32 + j's in its high one)."""
+    n_pad, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.reshape(n_pad // BLOCK_N, K, BLOCK_N // 2)
+    return torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n_pad, K)[:n]  # [block, k, 64] -> rows
+
+
+def int4_dequantize(packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int) -> torch.Tensor:
+    """The matrix [n, K] float32 of the layout: w = (q - 8) * s + z."""
+    sz = scale_zeros[:, :n].float()  # [K / group_size, n, 2]
+    s = sz[..., 0].t().repeat_interleave(group_size, dim=1)
+    z = sz[..., 1].t().repeat_interleave(group_size, dim=1)
+    return (int4_codes(packed, n).float() - 8.0) * s + z
+
+
 def int4_mm_ref(
     x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int, n: int
 ) -> torch.Tensor:
-    """What `int4_mm` approximates, in plain torch (float32 result, exact x): the codes read back
-    from the layout, w = (q - 8) * s + z. The kernel's x carries 16 bits of each group's range:
-    |x_k - x^_k| <= max_group |x| / 65,024 (`input_error_bound`)."""
-    n_pad, K = packed.shape[0], packed.shape[1] * 2
-    b = packed.reshape(n_pad // BLOCK_N, K, BLOCK_N // 2)
-    q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n_pad, K)[:n].float()
-    sz = scale_zeros[:, :n].float()
-    s = sz[..., 0].t().repeat_interleave(group_size, dim=1)
-    z = sz[..., 1].t().repeat_interleave(group_size, dim=1)
-    return F.linear(x.float(), (q - 8.0) * s + z)
+    """What `int4_mm` approximates, in plain torch (float32 result, exact x). The kernel's x carries
+    16 bits of each group's range: |x_k - x^_k| <= max_group |x| / 65,024 (`input_error_bound`)."""
+    return F.linear(x.float(), int4_dequantize(packed, scale_zeros, group_size, n))
 
 
 def input_error_bound(x: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Owns three things:
 - weight formats: how one quantized [out_features, in_features] matrix is held in memory. Each
   format has a pure-torch reference, `dequantize()`, and a fast `linear(x)` per backend (today the
-  CPU int4 kernel of kernels/cpu_int4.c where it is built and the CPU has AVX-512 BF16, else
+  CPU int4 kernel of kernels/cpu_int4.c where it is built and the CPU has AVX-512 VNNI, else
   torch's `_weight_int4pack_mm_for_cpu`; torch's `_weight_int8pack_mm`); a backend a
   format has no kernel for runs the reference. GPTQ/AWQ (group-wise int4 with scale and zero,
   the same shape of data as Int4GroupWeight) and GPU kernels slot in as a constructor and a
@@ -185,17 +185,12 @@ class Int4GroupWeight(WeightFormat):
 
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (uint8) read back from the packed layout."""
-        n_pad, K = self.packed.shape[0], self.shape[1]
-        b = self.packed.reshape(n_pad // _INT4_BLOCK_N, K, _INT4_BLOCK_N // 2)
-        q = torch.cat([b & 15, b >> 4], dim=2)  # [block, k, 64]
-        return q.permute(0, 2, 1).reshape(n_pad, K)[: self.shape[0]]
+        return cpu_int4.int4_codes(self.packed, self.shape[0])
 
     def dequantize(self, dtype=torch.float32):
-        N, g = self.shape[0], self.group_size
-        sz = self.scale_zeros[:, :N].float()  # [K/g, N, 2]
-        s = sz[..., 0].t().repeat_interleave(g, dim=1)
-        z = sz[..., 1].t().repeat_interleave(g, dim=1)
-        return ((self.codes().float() - 8.0) * s + z).to(dtype)
+        return cpu_int4.int4_dequantize(self.packed, self.scale_zeros, self.group_size, self.shape[0]).to(
+            dtype
+        )
 
     def row_codes(self, flat: torch.Tensor) -> torch.Tensor:
         """The codes [n, K] (uint8) of rows `flat` [n], read from the packed layout."""
