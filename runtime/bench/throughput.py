@@ -16,6 +16,7 @@ Prints JSON lines and writes one JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -416,8 +417,8 @@ def run_hf_static(
     `hf_config_dict`) with dummy weights, static-batch `generate`: bf16 on CUDA, fp32 on CPU. Built
     in that dtype directly on the device: Mixtral-8x7B is 93 GB in bf16 and would not fit built in
     float32 first. experts_implementation: transformers' MoE expert kernel ("grouped_mm", "batched_mm",
-    "eager"; None: its default, batched_mm on CUDA, which gathers every routed token's expert weights and
-    runs out of memory on Mixtral-8x7B's prefill)."""
+    "eager"), kept through decode; None: transformers' default, which on CUDA decodes with batched_mm. That
+    gathers every routed token's expert weights and runs out of memory on Mixtral-8x7B at batch 64."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -437,12 +438,26 @@ def run_hf_static(
     finally:
         torch.set_default_dtype(default)
     experts_used = getattr(model.config, "_experts_implementation", None)  # what from_config settled on
+    if experts_implementation:
+        # generate() switches grouped_mm to batched_mm for its decode steps on GPU (transformers 5.17,
+        # `_optimize_model_for_decode`), and batched_mm gathers each routed token's expert weights: 14 GiB a
+        # layer at batch 64 on Mixtral-8x7B, out of memory. An implementation asked for is kept throughout.
+        model._optimize_model_for_decode = contextlib.nullcontext
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" not in n:
                 p.normal_(0, 0.02)
     ids = torch.tensor(prompts)
+    decoded_with: set[str] = set()  # what the expert modules dispatch to inside generate (prefill and decode)
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _: decoded_with.add(str(mod.config._experts_implementation)))
+        for m in model.modules()
+        if type(m).__name__.endswith("Experts")
+        and hasattr(getattr(m, "config", None), "_experts_implementation")
+    ]
     model.generate(ids[:2].to(device), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    for h in hooks:
+        h.remove()
     _sync()
     t = time.perf_counter()
     generated = 0
@@ -467,6 +482,7 @@ def run_hf_static(
         "batch_size": batch_size,
         "hf_class": (cfg.architectures or ["?"])[0],
         "experts_implementation": experts_used,
+        "experts_implementation_in_generate": sorted(decoded_with),
         "out_tok_s": generated / elapsed,
         "total_tok_s": (generated + ids.numel()) / elapsed,
     }

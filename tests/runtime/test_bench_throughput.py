@@ -67,6 +67,39 @@ def test_baseline_hf_uses_the_asked_experts_implementation(monkeypatch, tmp_path
     records = {r["what"]: r for r in json.loads(out.read_text())}
     assert records["hf_static"]["hf_class"] == "MixtralForCausalLM"
     assert records["hf_static"]["experts_implementation"] == "eager"
+    assert records["hf_static"]["experts_implementation_in_generate"] == ["eager"]
+
+
+@pytest.mark.parametrize("asked", [None, "grouped_mm"])
+def test_baseline_hf_keeps_the_asked_experts_implementation_through_decode(monkeypatch, tmp_path, asked):
+    """On GPU, transformers' generate() swaps grouped_mm for batched_mm in its decode steps
+    (`_optimize_model_for_decode`), which runs Mixtral-8x7B out of memory. That swap only happens
+    off the CPU, so here it is stood in for by a fake of the same shape (a mock, named as one):
+    an implementation asked for must still be what the experts run; without one, the swap shows."""
+    import contextlib
+
+    from transformers.generation.utils import GenerationMixin
+
+    @contextlib.contextmanager
+    def gpu_like_switch(self):
+        before = self.get_experts_implementation()
+        self.set_experts_implementation(
+            {k: "batched_mm" if v == "grouped_mm" else v for k, v in before.items()}
+        )
+        try:
+            yield
+        finally:
+            self.set_experts_implementation(before)
+
+    monkeypatch.setattr(GenerationMixin, "_optimize_model_for_decode", gpu_like_switch)
+    out = tmp_path / "bench.json"
+    args = [*_tiny_mixtral(monkeypatch), *_SMALL, "--output-json", str(out)]
+    if asked:
+        args += ["--hf-experts-impl", asked]
+    assert main(args) == 0
+    records = {r["what"]: r for r in json.loads(out.read_text())}
+    swapped = ["batched_mm", "grouped_mm"]  # prefill grouped, decode batched
+    assert records["hf_static"]["experts_implementation_in_generate"] == ([asked] if asked else swapped)
 
 
 def test_engine_record_survives_a_failing_hf_baseline(monkeypatch, tmp_path):
