@@ -301,6 +301,11 @@ def moe_launch_config(num_pairs: int, num_experts: int, N: int, K: int) -> dict:
     if bn == 128 and min(num_experts, max(num_pairs, 1)) * cdiv(N, 128) < 264:
         bn = 64
     bk = 64 if K >= 64 else max(16, next_pow2(K))
+    if bm == 64 and per_expert > 48 and N >= 4096 and K >= 4096:
+        # large experts (Mixtral's 4096 x 14336) at 49-96 rows each, i.e. decode at batch 196-384: 128 x 256
+        # tiles with 8 warps took 780 us for the whole fused call at 256 tokens against 876 us for the 64 x 128
+        # tiles below (benchmarks/moe_bench.py --sweep on one H200, 2026-12-02: 0.86 vs 0.76 of its roofline)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     if bm >= 128:
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(

@@ -35,6 +35,8 @@ SHAPES = [  # T, H, I, E, K
 ]
 ROUTINGS = ["random", "empty-expert", "all-on-one", "k-equals-e"]
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=2, num_stages=1)
+# the tiles moe_launch_config picks for Mixtral-sized experts in decode (larger than every test shape here)
+LARGE_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 def routed(T, E, K, routing, gen):
@@ -80,6 +82,25 @@ def test_fused_moe_matches_reference(kt, dtype, shape, routing, tiles):
     T, H, I, E, K = shape
     args = case(T, H, I, E, K, routing, dtype, kt.DEVICE, seed=hash((shape, routing)) % 1000)
     check(kt, args, dtype, SMALL_TILES if tiles == "small" else None)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-H{}-I{}-E{}-K{}".format(*s))
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_fused_moe_large_tiles_match_reference(kt, shape, routing):
+    """Tiles wider and taller than the whole problem: every row, column and K step masked."""
+    T, H, I, E, K = shape
+    args = case(T, H, I, E, K, routing, torch.float32, kt.DEVICE, seed=hash((shape, routing, 1)) % 1000)
+    check(kt, args, torch.float32, LARGE_TILES)
+
+
+def test_launch_config_large_experts_in_decode():
+    """Mixtral's experts at 256 decode tokens (64 rows each) take the tiles tuned on the H200."""
+    from fleetserve.kernels.moe import moe_launch_config
+
+    assert moe_launch_config(256 * 2, 8, 28672, 4096) == LARGE_TILES
+    assert moe_launch_config(256 * 2, 8, 4096, 14336) == LARGE_TILES
+    assert moe_launch_config(64 * 2, 8, 28672, 4096)["BLOCK_M"] == 32  # 16 rows each: unchanged
+    assert moe_launch_config(256 * 8, 128, 1536, 2048)["BLOCK_M"] == 32  # Qwen3-30B-A3B: unchanged
 
 
 def test_routing_cases_are_what_they_say():
