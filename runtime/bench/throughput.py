@@ -448,7 +448,9 @@ def run_hf_static(
             if "norm" not in n:
                 p.normal_(0, 0.02)
     ids = torch.tensor(prompts)
-    decoded_with: set[str] = set()  # what the expert modules dispatch to inside generate (prefill and decode)
+    # what the expert modules dispatch to inside the warm-up generate (its prefill and decode steps run the
+    # same code path as the timed calls)
+    decoded_with: set[str] = set()
     hooks = [
         m.register_forward_pre_hook(lambda mod, _: decoded_with.add(str(mod.config._experts_implementation)))
         for m in model.modules()
