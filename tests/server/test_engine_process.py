@@ -54,12 +54,17 @@ def test_core_runs_in_another_process(proc_server, server):
 
 # ---------------------------------------------------------------- same outputs
 
+# How far two runs' logprobs may drift when their batches differ: the embedded 135M model in fp32
+# has been seen 1.7e-4 apart across its 30 layers (CI, 2026-12-02); a wrong logprob (another
+# token's, an unscaled or unnormalised one) is off by 1e-2 or more.
+LOGPROB_TOL = 1e-3
+
 
 def _same(a, b, path="") -> None:
-    """Equal, except floats (logprobs) within 1e-4: fp32 sums differ in the last bits when the two
-    servers happen to batch concurrent prompts differently; tokens and text must be identical."""
+    """Equal, except floats (logprobs) within LOGPROB_TOL: fp32 sums differ in the last bits when the
+    two servers happen to batch concurrent prompts differently; tokens and text must be identical."""
     if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1e-4, f"{path}: {a} != {b}"
+        assert abs(a - b) <= LOGPROB_TOL, f"{path}: {a} != {b}"
     elif isinstance(a, dict) and isinstance(b, dict):
         assert a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
         for k in a:
@@ -226,7 +231,7 @@ def test_offline_llm_matches_the_servers(proc_client, client, model_name):
             if kw.get("logprobs"):
                 for g, w in zip(got, want):
                     assert g.logprobs.token_logprobs == pytest.approx(
-                        [d[t].logprob for t, d in zip(w.token_ids, w.logprobs)], abs=1e-4
+                        [d[t].logprob for t, d in zip(w.token_ids, w.logprobs)], abs=LOGPROB_TOL
                     )
 
 
