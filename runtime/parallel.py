@@ -9,15 +9,22 @@ rank's share and swaps in subclasses whose forward adds the collective:
                 read (when there are fewer KV heads than ranks, each rank keeps the one
                 KV head its query heads need: replicated across N / Hkv ranks); biases too
   o_proj        row-parallel (its input columns are this rank's heads), then all_reduce
-  gate_up_proj  column-parallel ([gate | up] rows of this rank's intermediate slice)
+  gate_up_proj  column-parallel ([gate | up] rows of this rank's slice of the MLP width)
   down_proj     row-parallel, then all_reduce
+  experts       every routed expert split the same way (a slice of each expert's width, all
+                experts on every rank: no expert parallelism); the router is replicated and
+                the MoE block all_reduces once, after the routed experts and the shared
+                expert (Qwen2-MoE, split like a dense MLP) have added their partial sums
   embed_tokens  vocabulary-parallel: ceil(V / N) rows per rank (zero rows past V); ids
                 outside the rank's range embed to 0, then all_reduce
   LM head       vocabulary-parallel (the same rows: tied embeddings just work); each rank
                 computes its slice of the logits, gathered on rank 0 only (others get None)
-  norms, RoPE   replicated
+  norms, RoPE   replicated (Gemma's embedding scale and soft-caps are elementwise: unchanged)
 
-`shard_weights` maps a checkpoint's (name, tensor) stream to this rank's slices. A
+`shard_weights` maps a checkpoint's (name, tensor) stream to this rank's slices: per
+projection (q/k/v, gate/up, down; Mixtral's w1/w3/w2), fused ones as checkpoints store them
+(Phi-3's qkv_proj and gate_up_proj, transformers 5.x's stacked experts), MLP widths read
+from each tensor's own shape (a shared expert and a dense layer differ from the experts). A
 safetensors tensor arrives as a lazy slice (safe_open().get_slice), so a rank reads only
 its rows or columns from the file, never the whole model. GGUF tensors are dequantized
 one at a time and then sliced (quantized blocks are not cut).
@@ -32,7 +39,7 @@ model's config before any weight is read.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +48,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.config import ModelConfig
+from .models.moe import SparseMoeBlock
 from .models.registry import UnsupportedModelError
 from .utils import cdiv
 
-TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-"""Model families whose layers apply_tensor_parallel knows how to split."""
-NOT_YET_SPLIT = ("gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe")
-"""Registered families that only run with tensor_parallel_size=1 (named in the error)."""
+TP_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
+)
+"""Model families whose layers apply_tensor_parallel knows how to split (tests check every
+registered family is here or refused by name)."""
 
 
 class TensorParallelError(ValueError):
@@ -63,8 +81,7 @@ def check_tensor_parallel(cfg: ModelConfig, n: int) -> None:
     if cfg.arch not in TP_FAMILIES:
         raise UnsupportedModelError(
             f"tensor_parallel_size={n}: the {cfg.arch} family ({name}) cannot be split yet; "
-            f"tensor parallelism supports {', '.join(TP_FAMILIES)} "
-            f"(not yet: {', '.join(NOT_YET_SPLIT)})"
+            f"tensor parallelism supports {', '.join(TP_FAMILIES)}"
         )
     if cfg.num_heads % n:
         raise TensorParallelError(
@@ -75,10 +92,24 @@ def check_tensor_parallel(cfg: ModelConfig, n: int) -> None:
             f"tensor_parallel_size={n} and num_key_value_heads={cfg.num_kv_heads} of {name}: one must "
             "divide the other (KV heads are split, or replicated when there are fewer than ranks)"
         )
-    if cfg.intermediate_size % n:
-        raise TensorParallelError(
-            f"tensor_parallel_size={n} does not divide intermediate_size={cfg.intermediate_size} of {name}"
-        )
+    for field_name, width in mlp_widths(cfg).items():
+        if width % n:
+            raise TensorParallelError(
+                f"tensor_parallel_size={n} does not divide {field_name}={width} of {name}"
+            )
+
+
+def mlp_widths(cfg: ModelConfig) -> dict[str, int]:
+    """The MLP widths a split cuts, by config field: the dense MLP's (when some layer has one), the
+    routed experts' and the shared expert's."""
+    widths = {}
+    if not cfg.is_moe or cfg.dense_layers:
+        widths["intermediate_size"] = cfg.intermediate_size
+    if cfg.is_moe:
+        widths["moe_intermediate_size"] = cfg.moe_intermediate_size
+    if cfg.shared_expert_intermediate_size:
+        widths["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    return widths
 
 
 def check_devices(n: int, device_type: str, visible: int) -> None:
@@ -103,8 +134,9 @@ class ShardLayout:
     num_kv_heads: int
     """KV heads on this rank (1 when replicated)."""
     head_dim: int
-    intermediate: int
-    """This rank's slice of the MLP width."""
+    total_heads: int
+    total_kv_heads: int
+    """The model's query and KV heads (the rows of a fused qkv_proj are [q | k | v] of all of them)."""
     vocab_per_rank: int
     """ceil(V / N): rows of the embedding / LM head per rank (zero-padded past V)."""
     vocab_size: int
@@ -124,7 +156,8 @@ class ShardLayout:
             kv_head_start=kv_start,
             num_kv_heads=kv_loc,
             head_dim=cfg.head_dim,
-            intermediate=cfg.intermediate_size // n,
+            total_heads=cfg.num_heads,
+            total_kv_heads=hkv,
             vocab_per_rank=cdiv(cfg.vocab_size, n),
             vocab_size=cfg.vocab_size,
         )
@@ -134,7 +167,7 @@ class ShardLayout:
         return self.rank * self.vocab_per_rank
 
     def row_range(self, proj: str) -> tuple[int, int]:
-        """[start, end) of the checkpoint rows (column-parallel) or columns (row-parallel) of proj."""
+        """[start, end) of the checkpoint rows (q/k/v_proj) or columns (o_proj) of proj."""
         d = self.head_dim
         if proj in ("q_proj", "o_proj"):
             a = self.rank * self.num_heads * d
@@ -142,15 +175,27 @@ class ShardLayout:
         if proj in ("k_proj", "v_proj"):
             a = self.kv_head_start * d
             return a, a + self.num_kv_heads * d
-        if proj in ("gate_proj", "up_proj", "down_proj"):
-            a = self.rank * self.intermediate
-            return a, a + self.intermediate
         raise KeyError(proj)
 
+    def qkv_rows(self) -> list[tuple[int, int]]:
+        """This rank's [start, end) row ranges of a fused [q | k | v] checkpoint tensor (Phi-3)."""
+        q, kv = self.total_heads * self.head_dim, self.total_kv_heads * self.head_dim
+        (qa, qb), (ka, kb) = self.row_range("q_proj"), self.row_range("k_proj")
+        return [(qa, qb), (q + ka, q + kb), (q + kv + ka, q + kv + kb)]
 
-_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split rows (and biases)
-_ROW = ("o_proj", "down_proj")  # split input columns
-_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+    def width_range(self, width: int, name: str) -> tuple[int, int]:
+        """[start, end) of this rank's even share of an MLP width (of a dense MLP, an expert or a
+        shared expert: each tensor says its own)."""
+        if width % self.world_size:
+            raise ValueError(f"weight {name!r}: width {width} does not split over {self.world_size} ranks")
+        per = width // self.world_size
+        return self.rank * per, (self.rank + 1) * per
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")  # split rows by heads (and biases)
+_MLP_COLUMN = ("gate_proj", "up_proj", "w1", "w3")  # split rows: a slice of the width
+_MLP_ROW = ("down_proj", "w2")  # split input columns
+_VOCAB = ("embed_tokens.weight", "lm_head.weight")  # name endings (multimodal checkpoints add prefixes)
 
 
 def kv_heads_per_rank(cfg: ModelConfig, n: int) -> int:
@@ -254,6 +299,16 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
 
 
+class ParallelSparseMoeBlock(SparseMoeBlock):
+    """The MoE block over this rank's slice of every expert (and of the shared expert): the
+    partial sums of both, then one all_reduce."""
+
+    tp: ParallelContext
+
+    def forward(self, x):
+        return self.tp.all_reduce(super().forward(x))
+
+
 def _resize_linear(lin: nn.Linear, out_f: int, in_f: int) -> nn.Linear:
     return nn.Linear(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
 
@@ -268,22 +323,49 @@ def _row_parallel(lin: nn.Linear, in_f: int, tp: ParallelContext) -> RowParallel
     return new
 
 
+def _split_mlp(m: Any, tp: ParallelContext, reduce: bool) -> None:
+    """A gated MLP down to this rank's slice of its own width; reduce=False leaves the all_reduce
+    to the block around it (a shared expert)."""
+    inter = m.down_proj.in_features // tp.world_size
+    m.gate_up_proj = _resize_linear(m.gate_up_proj, 2 * inter, m.gate_up_proj.in_features)
+    m.down_proj = (
+        _row_parallel(m.down_proj, inter, tp)
+        if reduce
+        else _resize_linear(m.down_proj, m.down_proj.out_features, inter)
+    )
+
+
+def _new_param(old: torch.Tensor, *shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=old.device, dtype=old.dtype), requires_grad=False)
+
+
 def apply_tensor_parallel(model: Any, tp: ParallelContext) -> Any:
     """Shrink a (meta-device) model of a TP_FAMILIES family to rank tp.rank's share, in place."""
     from .models.layers import Attention, GatedMLP
 
     lay = tp.layout
     d = lay.head_dim
+    inside_moe: set[int] = set()  # shared experts: their block reduces once for them
     for m in list(model.modules()):
         if isinstance(m, Attention):
             m.num_heads, m.num_kv_heads = lay.num_heads, lay.num_kv_heads
             m.q_size, m.kv_size = lay.num_heads * d, lay.num_kv_heads * d
             m.qkv_proj = _resize_linear(m.qkv_proj, m.q_size + 2 * m.kv_size, m.qkv_proj.in_features)
             m.o_proj = _row_parallel(m.o_proj, m.q_size, tp)
-        elif isinstance(m, GatedMLP):
-            hidden = m.gate_up_proj.in_features
-            m.gate_up_proj = _resize_linear(m.gate_up_proj, 2 * lay.intermediate, hidden)
-            m.down_proj = _row_parallel(m.down_proj, lay.intermediate, tp)
+        elif isinstance(m, SparseMoeBlock):
+            m.__class__ = ParallelSparseMoeBlock
+            assert isinstance(m, ParallelSparseMoeBlock)
+            m.tp = tp
+            e = m.experts
+            num_experts, two_inter, hidden = e.gate_up_proj.shape
+            inter = two_inter // 2 // tp.world_size
+            e.gate_up_proj = _new_param(e.gate_up_proj, num_experts, 2 * inter, hidden)
+            e.down_proj = _new_param(e.down_proj, num_experts, hidden, inter)
+            if m.shared_expert is not None:
+                _split_mlp(m.shared_expert, tp, reduce=False)
+                inside_moe.add(id(m.shared_expert))
+        elif isinstance(m, GatedMLP) and id(m) not in inside_moe:
+            _split_mlp(m, tp, reduce=True)
     backbone = model.model
     old = backbone.embed_tokens
     # _weight: no random init (see Backbone)
@@ -327,31 +409,56 @@ def _read(t, index=None) -> torch.Tensor:
 
 
 def shard_weights(
-    weights: Iterable[tuple[str, Any]], layout: ShardLayout | None
+    weights: Iterable[tuple[str, Any]],
+    layout: ShardLayout | None,
+    rename: Callable[[str], str | None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor or LazySlice) -> (name, this rank's part as a tensor); layout None = whole."""
+    """(checkpoint name, tensor or LazySlice) -> (name, this rank's part as a tensor); layout None =
+    whole. rename: the model's checkpoint_name (a stored name -> its HF causal-LM name, None = not
+    the model's: skipped unread, e.g. a multimodal checkpoint's vision tower); the name yielded is
+    the stored one."""
     for name, t in weights:
+        key = name if rename is None else rename(name)
+        if key is None:
+            continue
         if layout is None:
             yield name, _read(t)
-            continue
-        parts = name.split(".")
-        proj = parts[-2] if len(parts) >= 2 else ""
-        if name in _VOCAB:
-            a = layout.vocab_start
-            b = min(a + layout.vocab_per_rank, layout.vocab_size)
-            rows = _read(t, slice(a, b)) if a < b else None
-            pad = layout.vocab_per_rank - (b - a if a < b else 0)
-            hidden = t.shape[1]
-            if rows is None:
-                rows = torch.zeros(pad, hidden)
-            elif pad:
-                rows = torch.cat([rows, rows.new_zeros(pad, hidden)])
-            yield name, rows
-        elif proj in _COLUMN:
-            a, b = layout.row_range(proj)
-            yield name, _read(t, slice(a, b))
-        elif proj in _ROW and parts[-1] == "weight":
-            a, b = layout.row_range(proj)
-            yield name, _read(t, (slice(None), slice(a, b)))
         else:
-            yield name, _read(t)
+            yield name, _shard(key, t, layout)
+
+
+def _shard(name: str, t: Any, layout: ShardLayout) -> torch.Tensor:
+    parts = name.split(".")
+    leaf = parts[-1]
+    proj = parts[-2] if len(parts) >= 2 else ""
+    if name.endswith(_VOCAB):
+        a = layout.vocab_start
+        b = min(a + layout.vocab_per_rank, layout.vocab_size)
+        rows = _read(t, slice(a, b)) if a < b else None
+        pad = layout.vocab_per_rank - (b - a if a < b else 0)
+        hidden = t.shape[1]
+        if rows is None:
+            return torch.zeros(pad, hidden)
+        return torch.cat([rows, rows.new_zeros(pad, hidden)]) if pad else rows
+    if proj in _QKV:
+        return _read(t, slice(*layout.row_range(proj)))
+    if proj == "qkv_proj":  # fused [q | k | v] rows (Phi-3), weight or bias
+        return torch.cat([_read(t, slice(a, b)) for a, b in layout.qkv_rows()])
+    if proj == "o_proj" and leaf == "weight":
+        return _read(t, (slice(None), slice(*layout.row_range(proj))))
+    if proj == "gate_up_proj" or (proj == "experts" and leaf == "gate_up_proj"):
+        # fused [gate | up] rows: [2I, H] (Phi-3), or [E, 2I, H] stacked experts (transformers 5.x)
+        dim = len(t.shape) - 2
+        inter = t.shape[dim] // 2
+        a, b = layout.width_range(inter, name)
+        lead = (slice(None),) * dim
+        return torch.cat(
+            [_read(t, (*lead, slice(a, b))), _read(t, (*lead, slice(inter + a, inter + b)))], dim
+        )
+    if proj == "experts" and leaf == "down_proj":  # stacked [E, H, I]
+        return _read(t, (slice(None), slice(None), slice(*layout.width_range(t.shape[2], name))))
+    if proj in _MLP_COLUMN:
+        return _read(t, slice(*layout.width_range(t.shape[0], name)))
+    if proj in _MLP_ROW and leaf == "weight":
+        return _read(t, (slice(None), slice(*layout.width_range(t.shape[1], name))))
+    return _read(t)

@@ -237,7 +237,11 @@ def _load_dir(path, device, dtype, ops, load_format, seed, tp=None, packed=False
         model = build_model(cfg, ops, dtype, device, tp=tp)
         # A rank reads only its slices: lazy tensors, cut by shard_weights before they are read.
         _fill(
-            model, shard_weights(iter_safetensors(safetensors_files(path), lazy=tp is not None), layout), path
+            model,
+            shard_weights(
+                iter_safetensors(safetensors_files(path), lazy=tp is not None), layout, model.checkpoint_name
+            ),
+            path,
         )
     else:
         raise ModelLoadError(f"load_format {load_format!r} does not fit the directory {path}")
@@ -267,7 +271,9 @@ def _read_gguf(path, device, dtype, ops, load_format, seed, tp, packed):
         # GGUF tensors are dequantized (or repacked) one at a time; with tensor parallelism each is
         # then cut to this rank's slice (packed weights are refused with more than one rank).
         with _one_thread(packed):
-            _fill(model, shard_weights(f.iter_weights(cfg, packed=packed), layout), path)
+            _fill(
+                model, shard_weights(f.iter_weights(cfg, packed=packed), layout, model.checkpoint_name), path
+            )
     return model, cfg, Tokenizer.from_gguf_metadata(f.meta, extra_eos_token_ids=cfg.eos_token_ids)
 
 

@@ -104,7 +104,11 @@ class MoeForCausalLM(CausalLM):
         cfg = self.config
         gate, up, down = self.expert_projections
         shard_of = {gate: 0, up: 1, down: None}
-        inter, shared = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        # widths from the built modules: tensor parallelism holds one rank's slice of each
+        blocks = [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+        inter = blocks[0].experts.down_proj.shape[2] if blocks else cfg.moe_intermediate_size
+        shared_mlp = blocks[0].shared_expert if blocks else None
+        shared = shared_mlp.down_proj.in_features if shared_mlp is not None else 0
         seen: dict[str, set] = {}
         need: dict[str, int] = {}
 

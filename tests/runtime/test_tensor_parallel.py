@@ -211,22 +211,31 @@ def _config_dir(tmp_path, **over):
         ),
         (dict(intermediate_size=42), 4, "does not divide intermediate_size=42"),
         (
-            dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2"),
-            2,
-            "the gemma2 family",
-        ),
-        (
             dict(
                 architectures=["MixtralForCausalLM"],
                 model_type="mixtral",
                 num_local_experts=4,
                 num_experts_per_tok=2,
+                intermediate_size=42,
             ),
-            2,
-            "the mixtral family",
+            4,
+            "does not divide moe_intermediate_size=42",
+        ),
+        (
+            dict(
+                architectures=["Qwen2MoeForCausalLM"],
+                model_type="qwen2_moe",
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=18,
+                intermediate_size=42,  # no layer is dense: not a width to split
+            ),
+            4,
+            "does not divide shared_expert_intermediate_size=18",
         ),
     ],
-    ids=["heads", "kv-heads", "intermediate", "gemma2", "mixtral-moe"],
+    ids=["heads", "kv-heads", "intermediate", "mixtral-experts", "qwen2moe-shared-expert"],
 )
 def test_bad_tensor_parallel_size_is_refused_before_loading(tmp_path, monkeypatch, over, n, message):
     import fleetserve.runtime.loader as loader
@@ -236,10 +245,8 @@ def test_bad_tensor_parallel_size_is_refused_before_loading(tmp_path, monkeypatc
 
     monkeypatch.setattr(loader, "load_model", no_load)
     # config.json only: reading any weight would fail with a missing-safetensors error instead
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(ValueError, match=message):
         LLM(model=_config_dir(tmp_path, **over), device="cpu", tensor_parallel_size=n)
-    if "family" in message:
-        assert "supports llama, mistral, qwen2, qwen3" in str(err.value)
     assert _workers() == []  # nothing was spawned
 
 
@@ -326,21 +333,54 @@ def _run_ranks(n: int, fn):
     return results[0]
 
 
+def test_every_registered_family_splits_and_an_unknown_one_is_refused_by_name(tmp_path):
+    from fleetserve.runtime.models import ModelConfig
+    from fleetserve.runtime.models.registry import FAMILIES, UnsupportedModelError
+    from fleetserve.runtime.parallel import TP_FAMILIES, check_tensor_parallel
+
+    assert set(FAMILIES) == set(TP_FAMILIES)  # a new family must say how it splits
+    _config_dir(tmp_path)
+    cfg = ModelConfig.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
+    check_tensor_parallel(cfg, 2)
+    with pytest.raises(
+        UnsupportedModelError, match="the future family .* cannot be split yet; .* supports llama"
+    ):
+        check_tensor_parallel(cfg.with_(arch="future"), 2)
+
+
+# Dense families beyond the engine tests' two: Qwen3 q/k norms, Mistral's sliding window, llama3 RoPE
+# with tied embeddings; Gemma 2 (soft-caps, sliding/global layers, scaled embeddings, 1 + w norms),
+# Gemma 3 (q/k norms, local/global RoPE), Phi-3 (fused qkv_proj and gate_up_proj tensors, longrope).
+DENSE_CASES = [
+    "qwen3-gqa2-d32-tied",
+    "mistral-gqa2-d32-sliding",
+    "llama-gqa2-d64-tied-llama3",
+    "gemma2-gqa2-d32-softcap-sliding",
+    "gemma3-gqa2-d32-sliding-local-rope",
+    "phi3-gqa2-d32-longrope-sliding",
+]
+# MoE: Mixtral (w1/w3/w2 experts), Qwen3-MoE with a dense layer (two MLP widths), Qwen2-MoE's
+# shared expert and its gate; transformers 5.x state dicts hold the experts stacked [E, 2I, H].
+MOE_CASES = ["mixtral-e4-k2", "qwen3moe-e8-k3-dense-layer-tied", "qwen2moe-e6-k2-shared"]
+
+
 @pytest.mark.parametrize("n", [2, 4])
-@pytest.mark.parametrize(
-    "case", ["qwen3-gqa2-d32-tied", "mistral-gqa2-d32-sliding", "llama-gqa2-d64-tied-llama3"]
-)
+@pytest.mark.parametrize("case", DENSE_CASES + MOE_CASES)
 def test_sharded_model_matches_transformers(case, n):
-    """Families beyond the engine tests' two (Qwen3 q/k norms, Mistral's sliding window, llama3
-    RoPE with tied embeddings): every rank's shard in one forward, rank 0's logits vs transformers."""
+    """Every rank's shard in one forward (ranks as threads), rank 0's logits vs transformers."""
     from fleetserve.kernels import get_ops
     from fleetserve.runtime.attention import AttentionMetadata
     from fleetserve.runtime.models import ModelConfig, build_model
     from fleetserve.runtime.parallel import shard_weights
 
-    from .test_models import CASES, make_hf_model
+    if case in MOE_CASES:
+        from .test_moe_models import make_hf_model as make_moe
 
-    hf = make_hf_model(*CASES[case])
+        hf = make_moe(case)
+    else:
+        from .test_models import CASES, make_hf_model
+
+        hf = make_hf_model(*CASES[case])
     cfg = ModelConfig.from_hf_config(hf.config.to_dict())
     ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
