@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, run the GPU test tier, then the throughput
 # benchmark side by side with the HF static baseline for the two anchor shapes.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh [steps...]
-#   steps: decode-profile, bench-8b-long; tests-tp, bench-8b-tp, bench-70b-tp2 (2+ GPUs); tests (the whole tier; tests-runtime, tests-kernels, tests-server: its parts), bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
+#   steps: decode-profile, bench-8b-long; tests-tp, bench-8b-tp, bench-mixtral-tp, bench-70b-tp2 (2+ GPUs); tests (the whole tier; tests-runtime, tests-kernels, tests-server: its parts), bench-1b, bench-8b, bench-qwen3-8b (default: tests bench-1b bench-8b); moe-kernel, moe-sweep,
 #   bench-qwen3moe, bench-mixtral; engine-process: the engine core process on CUDA
 #   (tests/server/test_gpu_engine_process.py, not in the default list); structured-tests, structured-8b (carry
 #   .bench/smollm2-tokenizer, made by benchmarks/export_tokenizer.py, and the xgrammar + apache-tvm-ffi cp312 wheels
@@ -57,6 +57,7 @@ for step in $steps; do
     #    TP=1, no HF); vLLM beside: TP=2 bash .vllm-peer/c/run_on_gpu.sh llama-3.1-{8b,70b} 256 512 256
     tests-tp) PYTHONSAFEPATH=1 timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -v -s -m gpu -p no:cacheprovider -p no:logging --tb=short tests/runtime/test_gpu_tensor_parallel.py 2>&1 | grep -v -i warn | tail -30 | tee "$OUT/gpu-tests-tp.log" ;;
     bench-8b-tp) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-8b -tp 1 2 --baseline hf --hf-batch-size 256 --output-json "$OUT/bench-8b-tp.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
+    bench-mixtral-tp) timeout 580 python3 -m fleetserve.runtime.bench.throughput --model mixtral-8x7b -tp 1 2 --output-json "$OUT/bench-mixtral-8x7b-tp.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     bench-70b-tp2) timeout 500 python3 -m fleetserve.runtime.bench.throughput --model llama-3.1-70b -tp ${TP70:-2} --output-json "$OUT/bench-70b-tp${TP70:-2}.json" 2>&1 | grep -v Warning | tee "$OUT/$step.log" | tail -12 ;;
     # where a decode step's time goes, kernel by kernel (DP_MODEL: preset, default llama-3.1-8b)
     decode-profile) timeout 300 python3 benchmarks/decode_profile.py --model ${DP_MODEL:-llama-3.1-8b} ${DP_ARGS:-} --out "$OUT/decode-profile-${DP_MODEL:-llama-3.1-8b}.json" 2>&1 | grep -v Warning | tail -60 ;;
