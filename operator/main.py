@@ -556,11 +556,18 @@ async def demand_signalled(
     if spec is None or not spec.autoscaling.enabled or not _demand(body, memo.settings):
         return
     decision = autoscaler.wake_from_zero(spec.replicas, spec.autoscaling, demand=True)
-    if decision is None or memo.woken_from_generation == body.metadata.get("generation"):
+    generation = body.metadata.get("generation")
+    if decision is None or memo.woken_from_generation == generation:
         return
-    await _scale(name, namespace, body, memo, decision, logger)
-    # The timer may still hold the body of before the scale: it must not wake (and announce) it again.
-    memo.woken_from_generation = body.metadata.get("generation")
+    # Claimed before the patch, with no await in between: the timer runs concurrently (it may tick while
+    # the patch is in flight, or later with the body of before the scale) and must not wake (and
+    # announce) it again.
+    before, memo.woken_from_generation = memo.woken_from_generation, generation
+    try:
+        await _scale(name, namespace, body, memo, decision, logger)
+    except BaseException:
+        memo.woken_from_generation = before
+        raise
     autoscaler.record_change(memo.history, time.monotonic())
 
 
@@ -631,15 +638,17 @@ async def observe(
             if decision.current == 0 and memo.woken_from_generation == meta.get("generation"):
                 decision = autoscaler.Decision(0, decision.recommended, 0, "already scaling up from zero")
             if decision.changes:
+                before = memo.woken_from_generation
+                if decision.current == 0:  # claimed before the patch, as demand_signalled does
+                    memo.woken_from_generation = meta.get("generation")
                 try:
                     await _scale(name, namespace, body, memo, decision, logger)
                 except ApiException as exc:  # e.g. a conflicting writer: decide again next tick
+                    memo.woken_from_generation = before
                     logger.warning(
                         "scaling to %d failed: %s %s", decision.desired, exc.status, _api_message(exc)
                     )
                 else:
                     autoscaler.record_change(history, now)
                     new["lastScaleTime"] = status_mod.now_iso()
-                    if decision.current == 0:
-                        memo.woken_from_generation = meta.get("generation")
     _write_status(patch, status, new, meta)

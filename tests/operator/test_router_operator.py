@@ -202,3 +202,28 @@ async def test_router_demand_scales_up_from_zero(operator, caplog):
     await eventually(lambda: get(operator, ISVC_RES, "llm")["status"].get("lastDemandTime") == demand)
     await asyncio.sleep(1.0)
     assert len(events(operator, "ScaledUp")) == 1 and get(operator, ISVC_RES, "llm")["spec"]["replicas"] == 1
+
+
+async def test_demand_while_the_scale_patch_is_in_flight_wakes_it_once(operator, monkeypatch):
+    """The demand handler and the metrics timer (0.3 s here) run concurrently: with the scale patch slow,
+    the timer ticks while it is in flight, and the other path must not scale (and announce) it again.
+    CI saw two ScaledUp events when the two raced (2026-12-02)."""
+    from kubernetes import client
+
+    original = client.CustomObjectsApi.patch_namespaced_custom_object_scale
+
+    def slow(self, *args, **kwargs):
+        time.sleep(1.2)  # in the operator's worker thread
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(client.CustomObjectsApi, "patch_namespaced_custom_object_scale", slow)
+    await create(operator, isvc("llm", ZERO))
+    await eventually(
+        lambda: (get(operator, ISVC_RES, "llm").get("status") or {}).get("phase") == "ScaledToZero"
+    )
+    await patch(operator, isvc_path("llm"), {"metadata": {"annotations": {DEMAND_ANNOTATION: _now()}}})
+    await eventually(lambda: get(operator, ISVC_RES, "llm")["spec"]["replicas"] == 1, timeout=10)
+    await asyncio.sleep(2.0)
+    assert [e["message"] for e in events(operator, "ScaledUp")] == [
+        "replicas 0 -> 1: requests are waiting at the router (scale from zero)"
+    ]
