@@ -64,8 +64,8 @@ TP_FAMILIES = (
     "qwen3_moe",
     "qwen2_moe",
 )
-"""Model families whose layers apply_tensor_parallel knows how to split (tests check every
-registered family is here or refused by name)."""
+"""Model families whose layers apply_tensor_parallel knows how to split; any other is refused by
+name (a test checks that every registered family is listed, so a new one must decide)."""
 
 
 class TensorParallelError(ValueError):
